@@ -1,0 +1,7 @@
+"""sparsecse: sparse contrastive learning of sentence embeddings (An, Zhang & Song 2023)."""
+
+__version__ = "0.1.0"
+
+
+class SparseCSEError(Exception):
+    """A user-facing error: the CLI prints its one-line message and exits with code 2."""

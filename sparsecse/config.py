@@ -1,0 +1,260 @@
+"""Typed, frozen run configuration: one YAML per run (model/data/train/score/eval/sweep/ray sections).
+
+`load_config(path, overrides)` reads the YAML, applies `--set section.key=value` overrides and
+validates everything before any compute starts; a bad key or value raises SparseCSEError naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+import yaml
+
+from . import SparseCSEError
+
+Pooler = Literal["cls", "cls_before_pooler", "avg"]
+STS_TASKS = ("STS12", "STS13", "STS14", "STS15", "STS16", "STSBenchmark", "SICKRelatedness")
+TRANSFER_TASKS = ("MR", "CR", "SUBJ", "MPQA", "SST2", "TREC", "MRPC")
+# The paper's grid (§3.1): sparsity 0 (rewound SimCSE control), 1..10 %, 20..50 %; λ ∈ {0.25, 0.5, 0.75}.
+PAPER_SPARSITIES = (0.0,) + tuple(round(0.01 * i, 2) for i in range(1, 11)) + (0.2, 0.3, 0.4, 0.5)
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise SparseCSEError(f"config {key}: {msg}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "minilm"  # "minilm" = packaged all-MiniLM-L6-v2; or a hub name / local directory
+    pooler: Pooler = "cls"  # training pooler: CLS + MLP (SimCSE)
+    eval_pooler: Pooler = "cls_before_pooler"  # evaluation pooler: CLS without MLP (SimCSE)
+
+    def __post_init__(self):
+        _check(bool(self.name), "model.name", "must name a model (e.g. minilm, bert-base-uncased or a directory)")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dir: str | None = None  # data dir: --data-dir, then SPARSECSE_DATA_DIR, then ~/.cache/sparsecse/data
+    train_file: str = "wiki/wiki1m_sample.txt"  # relative to the data dir, or absolute
+    max_train_sentences: int | None = None
+
+    def __post_init__(self):
+        _check(self.max_train_sentences is None or self.max_train_sentences > 0, "data.max_train_sentences",
+               "must be a positive integer or null")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 64
+    max_len: int = 32
+    lr: float = 3e-5
+    epochs: int = 1
+    max_steps: int | None = None  # cap on optimizer steps (budgets on CPU)
+    temperature: float = 0.05
+    eval_steps: int = 125  # STS-B dev evaluation every N steps (and at the end)
+    eval_max_pairs: int | None = None  # subsample STS-B dev for selection (None = all 1,500 pairs)
+    seed: int = 42
+    weight_decay: float = 0.0
+    dropout: float | None = None  # None keeps the backbone's own dropout
+    threads: int | None = None
+
+    def __post_init__(self):
+        _check(self.batch_size >= 2, "train.batch_size", f"must be >= 2 (got {self.batch_size}); contrastive "
+               "learning needs in-batch negatives")
+        _check(self.max_len >= 4, "train.max_len", "must be >= 4")
+        _check(self.lr > 0 and math.isfinite(self.lr), "train.lr", "must be a positive number")
+        _check(self.epochs >= 1, "train.epochs", "must be >= 1")
+        _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", "must be >= 1 or null")
+        _check(self.temperature > 0, "train.temperature", "must be > 0")
+        _check(self.eval_steps >= 1, "train.eval_steps", "must be >= 1")
+        _check(self.eval_max_pairs is None or self.eval_max_pairs >= 10, "train.eval_max_pairs", "must be >= 10 or null")
+        _check(self.dropout is None or 0 <= self.dropout < 1, "train.dropout", "must be in [0, 1) or null")
+        _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    split: Literal["train", "dev", "test"] = "train"  # STS-B split the importance scores are computed on
+    batch_size: int = 64  # pairs per batch
+    max_pairs: int | None = None
+    positive_threshold: float = 4.0  # STS-B pairs with gold >= this are positives for L_align (SimCSE §5)
+    seed: int = 0
+
+    def __post_init__(self):
+        _check(self.batch_size >= 2, "score.batch_size", "must be >= 2")
+        _check(self.max_pairs is None or self.max_pairs >= 2, "score.max_pairs", "must be >= 2 or null")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    tasks: tuple[str, ...] = STS_TASKS
+    batch_size: int = 128
+    max_len: int | None = None  # None: no truncation beyond the model's limit (SentEval protocol)
+    transfer: bool = False  # also run the 7 transfer tasks on baseline + selected model in the sweep report
+
+    def __post_init__(self):
+        for t in self.tasks:
+            _check(t in STS_TASKS or t in TRANSFER_TASKS, "eval.tasks",
+                   f"unknown task {t!r}; choose from {', '.join(STS_TASKS + TRANSFER_TASKS)}")
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    sparsities: tuple[float, ...] = PAPER_SPARSITIES
+    lams: tuple[float, ...] = (0.25, 0.5, 0.75)
+    seeds: tuple[int, ...] = (42,)
+    trial_cpus: float = 1.0
+    trial_gpus: float = 0.0
+    max_concurrent_trials: int | None = None
+    max_failures: int = 1
+    scheduler: Literal["none", "asha"] = "none"
+    export_best: bool = True
+
+    def __post_init__(self):
+        _check(len(self.sparsities) > 0, "sweep.sparsities", "needs at least one value")
+        for s in self.sparsities:
+            _check(0 <= s < 1, "sweep.sparsities", f"{s} is outside [0, 1); sparsity is the fraction removed")
+        _check(len(self.lams) > 0, "sweep.lams", "needs at least one value")
+        for lam in self.lams:
+            _check(0 <= lam <= 1, "sweep.lams", f"{lam} is outside [0, 1]")
+        _check(len(self.seeds) > 0, "sweep.seeds", "needs at least one seed")
+        _check(self.trial_cpus > 0, "sweep.trial_cpus", "must be > 0")
+        _check(self.trial_gpus >= 0, "sweep.trial_gpus", "must be >= 0")
+        _check(self.max_failures >= 0, "sweep.max_failures", "must be >= 0")
+        _check(self.max_concurrent_trials is None or self.max_concurrent_trials >= 1,
+               "sweep.max_concurrent_trials", "must be >= 1 or null")
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    num_workers: int = 1  # Ray Train data-parallel workers for stage 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 1  # Ray Train FailureConfig for stage 1
+    num_cpus: int | None = None  # local Ray only: CPUs to give the embedded cluster
+
+    def __post_init__(self):
+        _check(self.num_workers >= 1, "ray.num_workers", "must be >= 1")
+        _check(self.cpus_per_worker > 0, "ray.cpus_per_worker", "must be > 0")
+        _check(self.max_failures >= 0, "ray.max_failures", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def to_dict(self) -> dict:
+        def conv(v):
+            if isinstance(v, tuple):
+                return [conv(x) for x in v]
+            return v
+        return {f.name: {k: conv(v) for k, v in dataclasses.asdict(getattr(self, f.name)).items()}
+                for f in fields(self)}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def replace(self, **sections) -> "Config":
+        return dataclasses.replace(self, **sections)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = get_origin(tp)
+    if origin is Literal:
+        _check(value in get_args(tp), key, f"{value!r} is not one of {', '.join(map(str, get_args(tp)))}")
+        return value
+    if origin in (tuple,):
+        inner = get_args(tp)[0]
+        if isinstance(value, (int, float, str)):
+            value = [value]
+        _check(isinstance(value, (list, tuple)), key, "must be a list")
+        return tuple(_coerce(v, inner, key) for v in value)
+    args = get_args(tp)
+    if args and type(None) in args:  # Optional[X]
+        if value is None:
+            return None
+        return _coerce(value, next(a for a in args if a is not type(None)), key)
+    if tp is bool:
+        _check(isinstance(value, bool), key, f"must be true or false (got {value!r})")
+        return value
+    if tp is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), key, f"must be an integer (got {value!r})")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key,
+               f"must be a number (got {value!r})")
+        return float(value)
+    if tp is str:
+        _check(isinstance(value, str), key, f"must be a string (got {value!r})")
+        return value
+    return value
+
+
+def _section_from_dict(cls, data: dict, section: str):
+    hints = get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    _check(isinstance(data, dict), section, "must be a mapping")
+    for k in data:
+        _check(k in names, f"{section}.{k}", f"unknown key; valid keys: {', '.join(sorted(names))}")
+    kwargs = {k: _coerce(v, hints[k], f"{section}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict | None) -> Config:
+    data = data or {}
+    _check(isinstance(data, dict), "<root>", "the YAML must be a mapping of sections")
+    hints = get_type_hints(Config)
+    names = [f.name for f in fields(Config)]
+    for k in data:
+        _check(k in names, k, f"unknown section; valid sections: {', '.join(names)}")
+    return Config(**{k: _section_from_dict(hints[k], v or {}, k) for k, v in data.items()})
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `section.key=value` overrides (value parsed as YAML) to a raw config dict."""
+    data = {k: dict(v or {}) for k, v in (data or {}).items()}
+    for ov in overrides or []:
+        if "=" not in ov or "." not in ov.split("=", 1)[0]:
+            raise SparseCSEError(f"--set {ov!r}: expected section.key=value, e.g. --set train.lr=3e-5")
+        key, raw = ov.split("=", 1)
+        section, name = key.split(".", 1)
+        data.setdefault(section, {})[name] = yaml.safe_load(raw) if raw != "" else None
+    return data
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Config:
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise SparseCSEError(f"{p}: config file not found; pass a YAML such as sweeps/quickstart.yaml")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise SparseCSEError(f"{p}:{where} invalid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
+        if not isinstance(data, dict):
+            raise SparseCSEError(f"{p}: the YAML must be a mapping of sections (model, data, train, ...)")
+    try:
+        return config_from_dict(apply_overrides(data, overrides or []))
+    except SparseCSEError as e:
+        raise SparseCSEError(f"{path or '--set'}: {e}") from None

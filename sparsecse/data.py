@@ -1,0 +1,198 @@
+"""Data: the unlabeled training corpus (wiki1m format) and the SentEval-layout STS sets.
+
+STS loaders follow SentEval (and SimCSE's fork of it) line by line: files read with `splitlines()`,
+sentences whitespace-split and re-joined, pairs with an empty gold line dropped. Bad files raise
+SparseCSEError naming the file and line.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import SparseCSEError
+
+# SentEval's subsets per year (SMT for STS13 is licensed and absent, as in SentEval).
+STS_SUBSETS = {
+    "STS12": ["MSRpar", "MSRvid", "SMTeuroparl", "surprise.OnWN", "surprise.SMTnews"],
+    "STS13": ["FNWN", "headlines", "OnWN"],
+    "STS14": ["deft-forum", "deft-news", "headlines", "images", "OnWN", "tweet-news"],
+    "STS15": ["answers-forums", "answers-students", "belief", "headlines", "images"],
+    "STS16": ["answer-answer", "headlines", "plagiarism", "postediting", "question-question"],
+}
+
+
+def resolve_data_dir(explicit: str | os.PathLike | None = None) -> Path:
+    """--data-dir, then $SPARSECSE_DATA_DIR, then ~/.cache/sparsecse/data."""
+    if explicit:
+        d = Path(explicit)
+    elif os.environ.get("SPARSECSE_DATA_DIR"):
+        d = Path(os.environ["SPARSECSE_DATA_DIR"])
+    else:
+        d = Path.home() / ".cache" / "sparsecse" / "data"
+    if not d.is_dir():
+        raise SparseCSEError(f"data dir {d} does not exist; pass --data-dir, set SPARSECSE_DATA_DIR, "
+                             "or run `sparsecse data fetch`")
+    return d.resolve()
+
+
+def _read_lines(path: Path) -> list[str]:
+    if not path.is_file():
+        raise SparseCSEError(f"{path}: file not found; check --data-dir or run `sparsecse data fetch`")
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise SparseCSEError(f"{path}: not UTF-8 text (byte {e.start}); is this a binary file?") from None
+
+
+def _float(value: str, path: Path, lineno: int, what: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise SparseCSEError(f"{path}:{lineno}: {what} {value!r} is not a number; fix or remove the line") from None
+    if not np.isfinite(x):
+        raise SparseCSEError(f"{path}:{lineno}: {what} {value!r} is not finite")
+    return x
+
+
+def _norm(sentence: str) -> str:
+    # SentEval splits on whitespace; SimCSE's batcher joins the tokens with single spaces.
+    return " ".join(sentence.split())
+
+
+@dataclass(frozen=True)
+class Pairs:
+    """Scored sentence pairs: s1[i], s2[i], gold[i]."""
+
+    s1: list[str]
+    s2: list[str]
+    gold: np.ndarray  # (N,) float
+
+    def __len__(self) -> int:
+        return len(self.s1)
+
+    def subset(self, idx) -> "Pairs":
+        idx = list(idx)
+        return Pairs([self.s1[i] for i in idx], [self.s2[i] for i in idx], self.gold[idx])
+
+
+def load_sts_year(data_dir: Path, year: str) -> dict[str, Pairs]:
+    """STS12–16: {subset: Pairs}, unscored pairs (empty gold line) dropped as SentEval does."""
+    base = Path(data_dir) / "senteval" / "STS" / f"{year}-en-test"
+    out = {}
+    for subset in STS_SUBSETS[year]:
+        ipath, gpath = base / f"STS.input.{subset}.txt", base / f"STS.gs.{subset}.txt"
+        inputs, golds = _read_lines(ipath), _read_lines(gpath)
+        if len(inputs) != len(golds):
+            raise SparseCSEError(f"{gpath}: {len(golds)} lines but {ipath.name} has {len(inputs)}; "
+                                 "the gold file must have one line per pair")
+        s1, s2, gold = [], [], []
+        for i, (line, g) in enumerate(zip(inputs, golds), start=1):
+            parts = line.split("\t")
+            if len(parts) != 2:
+                raise SparseCSEError(f"{ipath}:{i}: expected 2 tab-separated sentences, found {len(parts)} columns")
+            if g == "":
+                continue
+            gold.append(_float(g, gpath, i, "gold score"))
+            s1.append(_norm(parts[0]))
+            s2.append(_norm(parts[1]))
+        out[subset] = Pairs(s1, s2, np.asarray(gold, dtype=np.float64))
+    return out
+
+
+def load_stsb(data_dir: Path, split: str) -> Pairs:
+    path = Path(data_dir) / "senteval" / "STS" / "STSBenchmark" / f"sts-{split}.csv"
+    s1, s2, gold = [], [], []
+    for i, line in enumerate(_read_lines(path), start=1):
+        cols = line.strip().split("\t")
+        if len(cols) < 7:
+            raise SparseCSEError(f"{path}:{i}: expected >= 7 tab-separated columns (score in 5, sentences in 6-7), "
+                                 f"found {len(cols)}")
+        gold.append(_float(cols[4], path, i, "score"))
+        s1.append(_norm(cols[5]))
+        s2.append(_norm(cols[6]))
+    return Pairs(s1, s2, np.asarray(gold, dtype=np.float64))
+
+
+def load_sick(data_dir: Path, split: str) -> Pairs:
+    name = {"train": "SICK_train.txt", "dev": "SICK_trial.txt", "test": "SICK_test_annotated.txt"}[split]
+    path = Path(data_dir) / "senteval" / "SICK" / name
+    s1, s2, gold = [], [], []
+    for i, line in enumerate(_read_lines(path), start=1):
+        if i == 1:  # header row
+            continue
+        cols = line.strip().split("\t")
+        if len(cols) < 4:
+            raise SparseCSEError(f"{path}:{i}: expected >= 4 tab-separated columns (relatedness in 4), found {len(cols)}")
+        gold.append(_float(cols[3], path, i, "relatedness score"))
+        s1.append(_norm(cols[1]))
+        s2.append(_norm(cols[2]))
+    return Pairs(s1, s2, np.asarray(gold, dtype=np.float64))
+
+
+def load_sts_task(data_dir: Path, task: str) -> dict[str, Pairs]:
+    """The pairs a task is scored on: all subsets for STS12–16, the test split for STS-B and SICK-R."""
+    if task in STS_SUBSETS:
+        return load_sts_year(data_dir, task)
+    if task == "STSBenchmark":
+        return {"test": load_stsb(data_dir, "test")}
+    if task == "SICKRelatedness":
+        return {"test": load_sick(data_dir, "test")}
+    if task == "STSBenchmark-dev":
+        return {"dev": load_stsb(data_dir, "dev")}
+    raise SparseCSEError(f"unknown STS task {task!r}")
+
+
+# --------------------------------------------------------------------------- training corpus
+
+def check_text_file(path: Path) -> None:
+    """Refuse a missing, empty or binary corpus before tokenising it."""
+    if not path.is_file():
+        raise SparseCSEError(f"{path}: training corpus not found; set data.train_file or --data-dir")
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    if not head.strip():
+        raise SparseCSEError(f"{path}: training corpus is empty; it needs one sentence a line")
+    if b"\x00" in head:
+        raise SparseCSEError(f"{path}: looks binary (NUL bytes); the corpus must be UTF-8 text, one sentence a line")
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 4:  # a multi-byte char cut at the chunk end is fine
+            raise SparseCSEError(f"{path}: not UTF-8 text (byte {e.start}); the corpus must be UTF-8") from None
+
+
+def load_corpus(path: str | os.PathLike, tokenizer, max_len: int, max_sentences: int | None = None):
+    """Tokenised unlabeled corpus as a `datasets.Dataset` with input_ids (no padding; Arrow-cached)."""
+    import datasets
+
+    path = Path(path)
+    check_text_file(path)
+    datasets.disable_progress_bars()
+    ds = datasets.load_dataset("text", data_files=str(path), split="train")
+    ds = ds.filter(lambda b: [bool(t.strip()) for t in b["text"]], batched=True)
+    if max_sentences is not None:
+        ds = ds.select(range(min(max_sentences, len(ds))))
+    if len(ds) == 0:
+        raise SparseCSEError(f"{path}: training corpus has no non-empty lines")
+    ds = ds.map(lambda b: tokenizer(b["text"], truncation=True, max_length=max_len), batched=True,
+                remove_columns=["text"])
+    keep = [c for c in ("input_ids", "attention_mask", "token_type_ids") if c in ds.column_names]
+    return ds.select_columns(keep)
+
+
+def collate(features: list[dict], pad_token_id: int) -> dict:
+    """Dynamic padding to the longest sequence in the batch."""
+    import torch
+
+    n = max(len(f["input_ids"]) for f in features)
+    ids = torch.full((len(features), n), pad_token_id, dtype=torch.long)
+    att = torch.zeros((len(features), n), dtype=torch.long)
+    for i, f in enumerate(features):
+        L = len(f["input_ids"])
+        ids[i, :L] = torch.as_tensor(f["input_ids"])
+        att[i, :L] = 1
+    return {"input_ids": ids, "attention_mask": att}

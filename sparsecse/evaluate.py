@@ -1,0 +1,124 @@
+"""STS evaluation under the SentEval protocol (as SimCSE runs it), plus alignment/uniformity.
+
+Each unique sentence is encoded once (length-sorted batches); cosine similarity per pair; Spearman ×100.
+STS12–16: one Spearman over all subsets of the year concatenated (SimCSE's "all"); STS-B, SICK-R: test split.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import STS_TASKS
+from .data import Pairs, load_stsb, load_sts_task
+from .losses import alignment, uniformity
+
+SHORT = {"STS12": "STS12", "STS13": "STS13", "STS14": "STS14", "STS15": "STS15", "STS16": "STS16",
+         "STSBenchmark": "STS-B", "SICKRelatedness": "SICK-R"}
+
+
+def rankdata(x: np.ndarray) -> np.ndarray:
+    """Average ranks (1-based), ties share the mean rank."""
+    x = np.asarray(x, dtype=np.float64)
+    order = np.argsort(x, kind="mergesort")
+    xs = x[order]
+    ranks = np.empty(len(x), dtype=np.float64)
+    bounds = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1], True])
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        ranks[order[a:b]] = (a + b + 1) / 2.0
+    return ranks
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman's ρ: Pearson correlation of average ranks."""
+    rx, ry = rankdata(x), rankdata(y)
+    rx -= rx.mean()
+    ry -= ry.mean()
+    denom = np.sqrt((rx * rx).sum() * (ry * ry).sum())
+    return float((rx * ry).sum() / denom) if denom > 0 else float("nan")
+
+
+def aggregate_all(sys_by_subset: dict[str, np.ndarray], gold_by_subset: dict[str, np.ndarray]) -> float:
+    """SimCSE's "all": one Spearman over every subset's pairs concatenated."""
+    keys = list(gold_by_subset)
+    return spearman(np.concatenate([sys_by_subset[k] for k in keys]), np.concatenate([gold_by_subset[k] for k in keys]))
+
+
+@torch.no_grad()
+def encode(enc, sentences: list[str], batch_size: int = 128, max_len: int | None = None,
+           pooler: str | None = None, progress: bool = False) -> dict[str, torch.Tensor]:
+    """{sentence: (D,) embedding}, each unique sentence encoded once, batches sorted by length."""
+    uniq = sorted(set(sentences), key=lambda s: (len(s.split()), len(s)))
+    was_training = enc.training
+    enc.eval()
+    device = next(enc.parameters()).device
+    out: dict[str, torch.Tensor] = {}
+    batches = range(0, len(uniq), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+        batches = tqdm(batches, desc="encode", unit="batch", leave=False)
+    for i in batches:
+        chunk = uniq[i:i + batch_size]
+        b = enc.tokenize(chunk, max_len)
+        emb = enc(b["input_ids"].to(device), b["attention_mask"].to(device), pooler=pooler).float().cpu()
+        out.update(zip(chunk, emb))
+    enc.train(was_training)
+    return out
+
+
+def cosine_scores(emb: dict[str, torch.Tensor], pairs: Pairs) -> np.ndarray:
+    a = torch.stack([emb[s] for s in pairs.s1])
+    b = torch.stack([emb[s] for s in pairs.s2])
+    return F.cosine_similarity(a, b, dim=-1).double().numpy()
+
+
+def evaluate_sts(enc, data_dir: Path, tasks=STS_TASKS, batch_size: int = 128, max_len: int | None = None,
+                 pooler: str | None = None, progress: bool = False) -> dict[str, float]:
+    """{task: Spearman×100, ..., "avg": mean over the tasks}; all tasks' sentences encoded in one pass."""
+    loaded = {t: load_sts_task(data_dir, t) for t in tasks}
+    sentences = [s for subsets in loaded.values() for p in subsets.values() for s in (*p.s1, *p.s2)]
+    emb = encode(enc, sentences, batch_size=batch_size, max_len=max_len, pooler=pooler, progress=progress)
+    res = {}
+    for task, subsets in loaded.items():
+        sys = {k: cosine_scores(emb, p) for k, p in subsets.items()}
+        res[task] = 100.0 * aggregate_all(sys, {k: p.gold for k, p in subsets.items()})
+    res["avg"] = float(np.mean([res[t] for t in tasks]))
+    return res
+
+
+def evaluate_pairs(enc, pairs: Pairs, batch_size: int = 128, max_len: int | None = None, pooler: str | None = None) -> float:
+    emb = encode(enc, pairs.s1 + pairs.s2, batch_size=batch_size, max_len=max_len, pooler=pooler)
+    return 100.0 * spearman(cosine_scores(emb, pairs), pairs.gold)
+
+
+@torch.no_grad()
+def align_uniform(enc, data_dir: Path, split: str = "test", threshold: float = 4.0, batch_size: int = 128,
+                  pooler: str | None = None) -> dict[str, float]:
+    """SimCSE §5: alignment on STS-B pairs with gold ≥ 4, uniformity over all STS-B sentences."""
+    pairs = load_stsb(data_dir, split)
+    emb = encode(enc, pairs.s1 + pairs.s2, batch_size=batch_size, pooler=pooler)
+    pos = pairs.gold >= threshold
+    a = torch.stack([emb[s] for s, k in zip(pairs.s1, pos) if k])
+    b = torch.stack([emb[s] for s, k in zip(pairs.s2, pos) if k])
+    allv = torch.stack([emb[s] for s in dict.fromkeys(pairs.s1 + pairs.s2)])
+    return {"align": float(alignment(a, b)), "uniform": float(uniformity(allv))}
+
+
+def format_table(results: dict[str, float], tasks=STS_TASKS, title: str = "") -> str:
+    """The paper's Table 1 layout: STS12 … SICK-R, Avg."""
+    cols = [SHORT.get(t, t) for t in tasks] + ["Avg."]
+    vals = [f"{results[t]:.2f}" for t in tasks] + [f"{results['avg']:.2f}"]
+    w = [max(len(c), len(v)) for c, v in zip(cols, vals)]
+    head = " | ".join(c.rjust(n) for c, n in zip(cols, w))
+    line = " | ".join(v.rjust(n) for v, n in zip(vals, w))
+    return (f"{title}\n" if title else "") + head + "\n" + "-+-".join("-" * n for n in w) + "\n" + line
+
+
+def timed(fn, *args, **kwargs):
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - t0

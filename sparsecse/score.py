@@ -1,0 +1,170 @@
+"""Importance scores for heads (ξ) and FFN neurons (ν) from alignment and uniformity (SparseCSE §2.2).
+
+L_score = λ·L_align + (1−λ)·L_uniform, importance = E_batches |∂L_score/∂mask| (Molchanov et al. 2019).
+One pass serves every λ exactly: per batch we store g_align = ∂L_align/∂mask and g_uniform = ∂L_uniform/∂mask,
+and the score for any λ is mean_b |λ·g_align,b + (1−λ)·g_uniform,b| (`combine`), no model needed.
+Stored as Parquet (long format, one row per batch × unit) with fingerprints in the schema metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import SparseCSEError, __version__
+from .data import Pairs
+from .io import atomic_write_bytes
+from .losses import alignment, uniformity
+from .model import Encoder, weights_fingerprint
+
+HEAD, NEURON = 0, 1
+
+
+def combine(g_align: np.ndarray, g_uniform: np.ndarray, lam: float) -> np.ndarray:
+    """(nb, ...) per-batch gradients -> (...) importance: mean_b |λ·g_align,b + (1−λ)·g_uniform,b|."""
+    if not 0.0 <= lam <= 1.0:
+        raise SparseCSEError(f"λ={lam} is outside [0, 1]")
+    return np.abs(lam * g_align + (1.0 - lam) * g_uniform).mean(axis=0)
+
+
+def score_loss(x: torch.Tensor, y: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L_align over positive pairs — 0 if the batch has none —, L_uniform over all 2B sentences)."""
+    l_align = alignment(x[pos], y[pos], log=True) if bool(pos.any()) else x.sum() * 0.0
+    l_unif = uniformity(torch.cat([x, y], dim=0))
+    return l_align, l_unif
+
+
+@dataclass(frozen=True)
+class Scores:
+    g_align_head: np.ndarray  # (nb, L, H)
+    g_uniform_head: np.ndarray  # (nb, L, H)
+    g_align_neuron: np.ndarray  # (nb, L, I)
+    g_uniform_neuron: np.ndarray  # (nb, L, I)
+    meta: dict
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        _, L, H = self.g_align_head.shape
+        return L, H, self.g_align_neuron.shape[2]
+
+    def importance(self, lam: float) -> tuple[np.ndarray, np.ndarray]:
+        """(head (L, H), neuron (L, I)) importance at λ."""
+        return (combine(self.g_align_head, self.g_uniform_head, lam),
+                combine(self.g_align_neuron, self.g_uniform_neuron, lam))
+
+
+def data_fingerprint(pairs: Pairs) -> str:
+    h = hashlib.sha256()
+    for a, b, g in zip(pairs.s1, pairs.s2, pairs.gold):
+        h.update(f"{a}\t{b}\t{g!r}\n".encode())
+    return h.hexdigest()
+
+
+def compute_scores(enc: Encoder, pairs: Pairs, batch_size: int = 64, threshold: float = 4.0, seed: int = 0,
+                   max_pairs: int | None = None, pooler: str | None = None, max_len: int | None = None,
+                   progress: bool = False) -> Scores:
+    """Per-batch ∂L_align/∂(ξ, ν) and ∂L_uniform/∂(ξ, ν) on STS pairs (dropout off)."""
+    order = np.random.default_rng(seed).permutation(len(pairs))
+    if max_pairs is not None:
+        order = order[:max_pairs]
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = [b for b in batches if len(b) >= 2]
+    if not batches:
+        raise SparseCSEError(f"scoring needs at least 2 pairs (got {len(order)})")
+    device = next(enc.parameters()).device
+    was_training = enc.training
+    enc.eval()
+    ga_h, gu_h, ga_n, gu_n = [], [], [], []
+    it = batches
+    if progress:
+        from tqdm.auto import tqdm
+        it = tqdm(batches, desc="score", unit="batch")
+    t0 = time.perf_counter()
+    with enc.mask_grads() as (hm, nm):
+        for b in it:
+            s1 = [pairs.s1[i] for i in b]
+            s2 = [pairs.s2[i] for i in b]
+            tok = enc.tokenize(s1 + s2, max_len)
+            z = enc(tok["input_ids"].to(device), tok["attention_mask"].to(device), pooler=pooler)  # (2B, D)
+            pos = torch.as_tensor(pairs.gold[b] >= threshold, device=device)
+            l_align, l_unif = score_loss(z[:len(b)], z[len(b):], pos)
+            ga = torch.autograd.grad(l_align, [hm, nm], retain_graph=True, allow_unused=True)
+            gu = torch.autograd.grad(l_unif, [hm, nm], allow_unused=True)
+            ga = [torch.zeros_like(m) if g is None else g for g, m in zip(ga, (hm, nm))]
+            gu = [torch.zeros_like(m) if g is None else g for g, m in zip(gu, (hm, nm))]
+            ga_h.append(ga[0].double().cpu().numpy())
+            ga_n.append(ga[1].double().cpu().numpy())
+            gu_h.append(gu[0].double().cpu().numpy())
+            gu_n.append(gu[1].double().cpu().numpy())
+    enc.train(was_training)
+    L, H = enc.head_mask.shape
+    meta = {"model_fingerprint": weights_fingerprint(enc), "data_fingerprint": data_fingerprint(pairs),
+            "init_fingerprint": (getattr(enc, "meta", None) or {}).get("init_fingerprint"),
+            "batch_size": batch_size, "seed": seed, "threshold": threshold, "max_pairs": max_pairs,
+            "num_batches": len(batches), "backbone": enc.source, "pooler": pooler or enc.pooler,
+            "layers": int(L), "heads": int(H), "intermediate": int(enc.neuron_mask.shape[1]),
+            "version": __version__, "seconds": round(time.perf_counter() - t0, 3)}
+    return Scores(np.stack(ga_h), np.stack(gu_h), np.stack(ga_n), np.stack(gu_n), meta)
+
+
+def save_scores(scores: Scores, path: str | os.PathLike) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cols = {k: [] for k in ("batch", "unit", "layer", "index", "g_align", "g_uniform")}
+    for unit, ga, gu in ((HEAD, scores.g_align_head, scores.g_uniform_head),
+                         (NEURON, scores.g_align_neuron, scores.g_uniform_neuron)):
+        nb, L, n = ga.shape
+        bb, ll, ii = np.meshgrid(np.arange(nb), np.arange(L), np.arange(n), indexing="ij")
+        cols["batch"].append(bb.ravel().astype(np.int32))
+        cols["unit"].append(np.full(bb.size, unit, dtype=np.int8))
+        cols["layer"].append(ll.ravel().astype(np.int16))
+        cols["index"].append(ii.ravel().astype(np.int32))
+        cols["g_align"].append(ga.ravel())
+        cols["g_uniform"].append(gu.ravel())
+    table = pa.table({k: np.concatenate(v) for k, v in cols.items()})
+    table = table.replace_schema_metadata({"sparsecse": json.dumps(scores.meta, sort_keys=True)})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
+
+def load_scores(path: str | os.PathLike, expect_fingerprint: str | None = None) -> Scores:
+    """Read a scores file; refuse a truncated/corrupt file or one computed on another model."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if not path.is_file():
+        raise SparseCSEError(f"{path}: scores file not found; create it with `sparsecse score`")
+    try:
+        table = pq.read_table(path)
+        meta = json.loads(table.schema.metadata[b"sparsecse"])
+    except Exception as e:  # pyarrow raises several types for truncated/corrupt files
+        raise SparseCSEError(f"{path}: not a readable sparsecse scores file ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else 'corrupt'}); re-run `sparsecse score`") from None
+    if expect_fingerprint is not None and meta.get("model_fingerprint") != expect_fingerprint:
+        raise SparseCSEError(f"{path}: scores were computed on another model (fingerprint "
+                             f"{str(meta.get('model_fingerprint'))[:12]}… ≠ {expect_fingerprint[:12]}…); "
+                             "re-run `sparsecse score` on this model")
+    L, H, inter, nb = meta["layers"], meta["heads"], meta["intermediate"], meta["num_batches"]
+    c = {k: table.column(k).to_numpy() for k in ("batch", "unit", "layer", "index", "g_align", "g_uniform")}
+    out = []
+    for unit, n in ((HEAD, H), (NEURON, inter)):
+        sel = c["unit"] == unit
+        if sel.sum() != nb * L * n:
+            raise SparseCSEError(f"{path}: expected {nb * L * n} rows for unit {unit}, found {int(sel.sum())}; "
+                                 "the file is incomplete — re-run `sparsecse score`")
+        for g in ("g_align", "g_uniform"):
+            arr = np.zeros((nb, L, n))
+            arr[c["batch"][sel], c["layer"][sel], c["index"][sel]] = c[g][sel]
+            out.append(arr)
+    return Scores(out[0], out[1], out[2], out[3], meta)
