@@ -57,10 +57,10 @@ def zero_pruned_weights(enc: Encoder) -> None:
             a.get(layer, "ffn_out").weight[:, dead] = 0
 
 
-def rewind(pretrained: str, head_mask: torch.Tensor, neuron_mask: torch.Tensor, pooler: str = "cls",
+def rewind(pretrained: "str | Encoder", head_mask: torch.Tensor, neuron_mask: torch.Tensor, pooler: str = "cls",
            dropout: float | None = None) -> Encoder:
     """Every remaining weight back to its pre-trained value, masks fixed, pruned units' weights zero (§2.3)."""
-    enc = load_encoder(pretrained, pooler=pooler, dropout=dropout)
+    enc = pretrained if isinstance(pretrained, Encoder) else load_encoder(pretrained, pooler=pooler, dropout=dropout)
     enc.set_masks(head_mask, neuron_mask)
     zero_pruned_weights(enc)
     return enc

@@ -19,6 +19,14 @@ class _NoHeads(nn.Module):
 
 
 def _shrink(model, config):
+    import warnings
+
+    with warnings.catch_warnings():  # nn.Linear warns when a layer has 0 heads/neurons left
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+        _shrink_layers(model, config)
+
+
+def _shrink_layers(model, config):
     hidden = config.hidden_size
     d = hidden // config.num_attention_heads
     heads = config.heads_per_layer or [config.num_attention_heads] * config.num_hidden_layers

@@ -25,7 +25,7 @@ from .data import collate, load_corpus, load_stsb
 from .evaluate import evaluate_pairs
 from .io import atomic_write_bytes, atomic_write_text, verify_manifest
 from .losses import info_nce
-from .model import Encoder, load_encoder, save_encoder
+from .model import Encoder, load_encoder, save_encoder, weights_fingerprint
 
 
 @dataclass
@@ -110,6 +110,12 @@ def train_simcse(cfg: Config, out_dir: str | os.PathLike, data_dir: Path, *, ini
         enc = load_encoder(start_from or cfg.model.name, pooler=cfg.model.pooler, dropout=tc.dropout)
     if head_mask is not None or neuron_mask is not None:
         enc.set_masks(head_mask, neuron_mask)
+    meta = dict(meta or {})
+    if resume_dir is None:
+        meta.setdefault("init_fingerprint", weights_fingerprint(enc))
+    elif (out_dir / "best" / "sparsecse.json").exists():
+        meta.setdefault("init_fingerprint", json.loads((out_dir / "best" / "sparsecse.json").read_text()).get("init_fingerprint"))
+    meta.setdefault("eval_pooler", cfg.model.eval_pooler)
     enc.to(device).train()
     model = wrap(enc) if wrap else enc
 
@@ -186,7 +192,7 @@ def train_simcse(cfg: Config, out_dir: str | os.PathLike, data_dir: Path, *, ini
                 rec["stsb_dev"] = dev_score
                 if dev_score > best_dev:
                     best_dev = dev_score
-                    best_dir = save_encoder(enc, out_dir / "best", {**(meta or {}), "step": step, "stsb_dev": dev_score,
+                    best_dir = save_encoder(enc, out_dir / "best", {**meta, "step": step, "stsb_dev": dev_score,
                                                                     "config": cfg.to_dict()})
                 rec["best_stsb_dev"] = best_dev
                 history.append(rec)

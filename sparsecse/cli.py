@@ -1,0 +1,291 @@
+"""`sparsecse` command line: train, eval, score, prune, export, sweep, data fetch, bench.
+
+Every user error is one line on stderr and exit code 2 (no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from . import SparseCSEError, __version__
+from .config import STS_TASKS, TRANSFER_TASKS
+
+
+def _tasks(spec: list[str] | None) -> tuple[list[str], list[str]]:
+    names = []
+    for s in spec or ["sts"]:
+        names += [t for t in s.split(",") if t]
+    sts, transfer = [], []
+    for t in names:
+        if t == "sts":
+            sts += list(STS_TASKS)
+        elif t == "transfer":
+            transfer += list(TRANSFER_TASKS)
+        elif t == "all":
+            sts += list(STS_TASKS)
+            transfer += list(TRANSFER_TASKS)
+        elif t in STS_TASKS:
+            sts.append(t)
+        elif t in TRANSFER_TASKS:
+            transfer.append(t)
+        else:
+            raise SparseCSEError(f"--tasks: unknown task {t!r}; use sts, transfer, all or one of "
+                                 f"{', '.join(STS_TASKS + TRANSFER_TASKS)}")
+    return list(dict.fromkeys(sts)), list(dict.fromkeys(transfer))
+
+
+def check_out_dir(path: Path, markers: tuple[str, ...]) -> None:
+    """Refuse to write into a non-empty directory that holds something other than our own output."""
+    if path.exists() and not path.is_dir():
+        raise SparseCSEError(f"--out {path}: is a file; choose a directory path")
+    if path.is_dir() and any(path.iterdir()) and not any((path / m).exists() for m in markers):
+        raise SparseCSEError(f"--out {path}: directory holds something else; choose an empty or new directory")
+
+
+def _threads(n: int | None) -> None:
+    import torch
+
+    if n:
+        torch.set_num_threads(n)
+
+
+def cmd_train(a) -> int:
+    from .config import load_config
+    from .data import resolve_data_dir
+    from .train import train_simcse
+
+    cfg = load_config(a.config, a.set)
+    data_dir = resolve_data_dir(a.data_dir or cfg.data.dir)
+    out = Path(a.out)
+    check_out_dir(out, ("config.yaml", "best", "latest"))
+    res = train_simcse(cfg, out, data_dir, tb_dir=out / "tensorboard")
+    print(f"trained {res.steps} steps; best STS-B dev {res.best_dev:.2f} -> {res.best_dir}")
+    return 0
+
+
+def cmd_eval(a) -> int:
+    import numpy as np
+
+    from .data import resolve_data_dir
+    from .evaluate import format_table, evaluate_sts
+    from .io import atomic_write_json
+    from .model import load_encoder
+
+    _threads(a.threads)
+    sts, transfer = _tasks(a.tasks)
+    data_dir = resolve_data_dir(a.data_dir)
+    enc = load_encoder(a.model, pooler=a.pooler)
+    results: dict[str, float] = {}
+    if sts:
+        r = evaluate_sts(enc, data_dir, tasks=tuple(sts), batch_size=a.batch_size, pooler=a.pooler, progress=True)
+        print(format_table(r, tuple(sts), title=f"{a.model} ({a.pooler or enc.pooler})"))
+        results.update({t: r[t] for t in sts})
+        results["avg"] = r["avg"]
+    if transfer:
+        from .transfer import evaluate_transfer, format_transfer_table
+
+        tr = evaluate_transfer(enc, data_dir, tasks=tuple(transfer), pooler=a.pooler, progress=True)
+        print(format_transfer_table(tr, tuple(transfer)))
+        results.update({k: v for k, v in tr.items()})
+        if not sts:
+            results["avg"] = float(np.mean([tr[t] for t in transfer]))
+        else:
+            results["transfer_avg"] = tr["avg"]
+    if a.json:
+        atomic_write_json(a.json, results)
+    return 0
+
+
+def cmd_score(a) -> int:
+    from .data import load_stsb, resolve_data_dir
+    from .model import load_encoder
+    from .score import compute_scores, save_scores
+
+    _threads(a.threads)
+    data_dir = resolve_data_dir(a.data_dir)
+    enc = load_encoder(a.model)
+    pairs = load_stsb(data_dir, a.split)
+    scores = compute_scores(enc, pairs, batch_size=a.batch_size, max_pairs=a.max_pairs, seed=a.seed,
+                            pooler=a.pooler or (getattr(enc, "meta", {}) or {}).get("eval_pooler", "cls_before_pooler"),
+                            progress=True)
+    save_scores(scores, a.out)
+    print(f"scored {scores.meta['num_batches']} batches -> {a.out}")
+    return 0
+
+
+def cmd_prune(a) -> int:
+    from .config import load_config
+    from .data import resolve_data_dir
+    from .model import load_encoder, weights_fingerprint
+    from .prune import check_compatible, rewind, select_masks
+    from .score import load_scores
+
+    if not 0.0 <= a.sparsity < 1.0:
+        raise SparseCSEError(f"--sparsity {a.sparsity}: must be in [0, 1) (the fraction of heads/neurons removed)")
+    if not 0.0 <= a.lam <= 1.0:
+        raise SparseCSEError(f"--lam {a.lam}: must be in [0, 1]")
+    cfg = load_config(a.config, a.set)
+    out = Path(a.out)
+    check_out_dir(out, ("config.yaml", "best", "latest", "masked"))
+    expect = weights_fingerprint(load_encoder(a.trained)) if a.trained else None
+    scores = load_scores(a.scores, expect_fingerprint=expect)
+    pre = load_encoder(a.pretrained, pooler=cfg.model.pooler, dropout=cfg.train.dropout)
+    check_compatible(scores.meta, pre, a.scores)
+    init_fp = scores.meta.get("init_fingerprint")
+    if init_fp and init_fp != weights_fingerprint(pre):
+        raise SparseCSEError(f"{a.scores}: scores come from a model trained from a different pre-trained checkpoint "
+                             f"than --pretrained {a.pretrained}; rewind to the checkpoint training started from")
+    head, neuron = scores.importance(a.lam)
+    enc = rewind(pre, *select_masks(head, neuron, a.sparsity))
+    meta = {"sparsity": a.sparsity, "lam": a.lam, "pretrained": a.pretrained, "scores": str(a.scores),
+            "scores_fingerprint": scores.meta.get("model_fingerprint"), "eval_pooler": cfg.model.eval_pooler}
+    if a.retrain:
+        from .train import train_simcse
+
+        data_dir = resolve_data_dir(a.data_dir or cfg.data.dir)
+        res = train_simcse(cfg, out, data_dir, init=enc, meta=meta, tb_dir=out / "tensorboard")
+        print(f"rewound + retrained {res.steps} steps at sparsity {a.sparsity}, λ={a.lam}; "
+              f"best STS-B dev {res.best_dev:.2f} -> {res.best_dir}")
+    else:
+        from .model import save_encoder
+
+        save_encoder(enc, out / "masked", meta)
+        print(f"masked (rewound, not retrained) model -> {out / 'masked'}")
+    return 0
+
+
+def cmd_export(a) -> int:
+    from .export import export_model
+
+    src = Path(a.source)
+    if (src / "best").is_dir():  # a training/trial directory: export its best checkpoint
+        src = src / "best"
+    results = json.loads(Path(a.results).read_text()) if a.results else None
+    out = export_model(str(src), a.out, pooler=a.pooler, results=results)
+    print(f"exported dense -> {out}, physically pruned -> {out / 'pruned'}")
+    return 0
+
+
+def cmd_sweep(a) -> int:
+    from .sweep import run_sweep
+
+    run_sweep(a.config, overrides=a.set, resume=a.resume, address=a.address, out=a.out, data_dir=a.data_dir)
+    return 0
+
+
+def cmd_fetch(a) -> int:
+    from .fetch import DEFAULT_BASE_URL, fetch
+
+    data_dir = Path(a.data_dir or os.environ.get("SPARSECSE_DATA_DIR") or Path.home() / ".cache/sparsecse/data")
+    for p in fetch(data_dir, base_url=a.base_url or DEFAULT_BASE_URL, progress=not a.quiet):
+        print(f"ok {p}")
+    return 0
+
+
+def cmd_bench(a) -> int:
+    from .bench import run_bench
+
+    run_bench(a)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sparsecse", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"sparsecse {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    poolers = ["cls", "cls_before_pooler", "avg"]
+
+    t = sub.add_parser("train", help="train unsupervised SimCSE")
+    t.add_argument("--config", required=True)
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    t.add_argument("--out", required=True)
+    t.add_argument("--data-dir")
+    t.set_defaults(fn=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate an encoder on STS (and transfer) tasks")
+    e.add_argument("--model", required=True)
+    e.add_argument("--pooler", choices=poolers)
+    e.add_argument("--tasks", nargs="+", help="sts (default), transfer, all, or task names")
+    e.add_argument("--data-dir")
+    e.add_argument("--json")
+    e.add_argument("--batch-size", type=int, default=128)
+    e.add_argument("--threads", type=int)
+    e.set_defaults(fn=cmd_eval)
+
+    s = sub.add_parser("score", help="alignment/uniformity importance gradients of heads and neurons")
+    s.add_argument("--model", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--data-dir")
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--max-pairs", type=int)
+    s.add_argument("--split", default="train", choices=["train", "dev", "test"])
+    s.add_argument("--pooler", choices=poolers)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threads", type=int)
+    s.set_defaults(fn=cmd_score)
+
+    r = sub.add_parser("prune", help="select masks at a sparsity, rewind, optionally retrain")
+    r.add_argument("--pretrained", required=True)
+    r.add_argument("--scores", required=True)
+    r.add_argument("--sparsity", type=float, required=True)
+    r.add_argument("--lam", type=float, required=True)
+    r.add_argument("--out", required=True)
+    r.add_argument("--retrain", action="store_true")
+    r.add_argument("--trained", help="the scored model, to verify the scores' fingerprint")
+    r.add_argument("--config")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    r.add_argument("--data-dir")
+    r.set_defaults(fn=cmd_prune)
+
+    x = sub.add_parser("export", help="export dense + physically pruned checkpoints")
+    x.add_argument("source")
+    x.add_argument("--out", required=True)
+    x.add_argument("--pooler", choices=poolers)
+    x.add_argument("--results", help="JSON of evaluation results for the model card")
+    x.set_defaults(fn=cmd_export)
+
+    w = sub.add_parser("sweep", help="the whole SparseCSE study on Ray")
+    w.add_argument("config")
+    w.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    w.add_argument("--resume", action="store_true")
+    w.add_argument("--address")
+    w.add_argument("--out", help="run directory (default runs/<config name>)")
+    w.add_argument("--data-dir")
+    w.set_defaults(fn=cmd_sweep)
+
+    d = sub.add_parser("data", help="data management")
+    dsub = d.add_subparsers(dest="data_cmd", required=True)
+    f = dsub.add_parser("fetch", help="download the SentEval bundle and wiki1m")
+    f.add_argument("--data-dir")
+    f.add_argument("--base-url")
+    f.add_argument("--quiet", action="store_true")
+    f.set_defaults(fn=cmd_fetch)
+
+    b = sub.add_parser("bench", help="benchmarks against peers (writes BENCHMARKS rows)")
+    b.add_argument("which", nargs="+", choices=["train", "eval", "inference", "sweep", "all"])
+    b.add_argument("--data-dir")
+    b.add_argument("--reps", type=int, default=5)
+    b.add_argument("--out", default="bench-results")
+    b.add_argument("--threads", type=int)
+    b.set_defaults(fn=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except SparseCSEError as e:
+        print(f"sparsecse: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sparsecse: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
