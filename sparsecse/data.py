@@ -7,6 +7,8 @@ SparseCSEError naming the file and line.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,6 +167,14 @@ def check_text_file(path: Path) -> None:
             raise SparseCSEError(f"{path}: not UTF-8 text (byte {e.start}); the corpus must be UTF-8") from None
 
 
+def _non_empty(batch: dict) -> list[bool]:
+    return [bool(t.strip()) for t in batch["text"]]
+
+
+def _tokenize(batch: dict, tokenizer, max_len: int) -> dict:
+    return tokenizer(batch["text"], truncation=True, max_length=max_len)
+
+
 def load_corpus(path: str | os.PathLike, tokenizer, max_len: int, max_sentences: int | None = None):
     """Tokenised unlabeled corpus as a `datasets.Dataset` with input_ids (no padding; Arrow-cached)."""
     import datasets
@@ -173,13 +183,17 @@ def load_corpus(path: str | os.PathLike, tokenizer, max_len: int, max_sentences:
     check_text_file(path)
     datasets.disable_progress_bars()
     ds = datasets.load_dataset("text", data_files=str(path), split="train")
-    ds = ds.filter(lambda b: [bool(t.strip()) for t in b["text"]], batched=True)
+    # explicit fingerprints: datasets would otherwise hash the functions (slow and noisy under Ray)
+    st = path.stat()
+    key = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}:{getattr(tokenizer, 'name_or_path', '')}:{max_len}"
+    fp = hashlib.sha256(key.encode()).hexdigest()[:16]
+    ds = ds.filter(_non_empty, batched=True, new_fingerprint=f"nonempty-{fp}")
     if max_sentences is not None:
         ds = ds.select(range(min(max_sentences, len(ds))))
     if len(ds) == 0:
         raise SparseCSEError(f"{path}: training corpus has no non-empty lines")
-    ds = ds.map(lambda b: tokenizer(b["text"], truncation=True, max_length=max_len), batched=True,
-                remove_columns=["text"])
+    ds = ds.map(functools.partial(_tokenize, tokenizer=tokenizer, max_len=max_len), batched=True,
+                remove_columns=["text"], new_fingerprint=f"tok-{fp}-{max_sentences}")
     keep = [c for c in ("input_ids", "attention_mask", "token_type_ids") if c in ds.column_names]
     return ds.select_columns(keep)
 

@@ -76,17 +76,30 @@ def cosine_scores(emb: dict[str, torch.Tensor], pairs: Pairs) -> np.ndarray:
     return F.cosine_similarity(a, b, dim=-1).double().numpy()
 
 
-def evaluate_sts(enc, data_dir: Path, tasks=STS_TASKS, batch_size: int = 128, max_len: int | None = None,
-                 pooler: str | None = None, progress: bool = False) -> dict[str, float]:
-    """{task: Spearman×100, ..., "avg": mean over the tasks}; all tasks' sentences encoded in one pass."""
-    loaded = {t: load_sts_task(data_dir, t) for t in tasks}
-    sentences = [s for subsets in loaded.values() for p in subsets.values() for s in (*p.s1, *p.s2)]
-    emb = encode(enc, sentences, batch_size=batch_size, max_len=max_len, pooler=pooler, progress=progress)
+def sts_from_embeddings(emb: dict[str, torch.Tensor], loaded: dict[str, dict[str, Pairs]]) -> dict[str, float]:
     res = {}
     for task, subsets in loaded.items():
         sys = {k: cosine_scores(emb, p) for k, p in subsets.items()}
         res[task] = 100.0 * aggregate_all(sys, {k: p.gold for k, p in subsets.items()})
-    res["avg"] = float(np.mean([res[t] for t in tasks]))
+    res["avg"] = float(np.mean([res[t] for t in loaded]))
+    return res
+
+
+def evaluate_sts(enc, data_dir: Path, tasks=STS_TASKS, batch_size: int = 128, max_len: int | None = None,
+                 pooler: str | None = None, progress: bool = False, alignment_uniformity: bool = False) -> dict[str, float]:
+    """{task: Spearman×100, ..., "avg": mean over the tasks}; all tasks' sentences encoded in one pass.
+
+    With `alignment_uniformity`, also "align"/"uniform" on STS-B test from the same embeddings.
+    """
+    loaded = {t: load_sts_task(data_dir, t) for t in tasks}
+    sentences = [s for subsets in loaded.values() for p in subsets.values() for s in (*p.s1, *p.s2)]
+    stsb = load_stsb(data_dir, "test") if alignment_uniformity else None
+    if stsb is not None:
+        sentences += stsb.s1 + stsb.s2
+    emb = encode(enc, sentences, batch_size=batch_size, max_len=max_len, pooler=pooler, progress=progress)
+    res = sts_from_embeddings(emb, loaded)
+    if stsb is not None:
+        res.update(align_uniform_from_embeddings(emb, stsb))
     return res
 
 
@@ -95,17 +108,20 @@ def evaluate_pairs(enc, pairs: Pairs, batch_size: int = 128, max_len: int | None
     return 100.0 * spearman(cosine_scores(emb, pairs), pairs.gold)
 
 
-@torch.no_grad()
-def align_uniform(enc, data_dir: Path, split: str = "test", threshold: float = 4.0, batch_size: int = 128,
-                  pooler: str | None = None) -> dict[str, float]:
-    """SimCSE §5: alignment on STS-B pairs with gold ≥ 4, uniformity over all STS-B sentences."""
-    pairs = load_stsb(data_dir, split)
-    emb = encode(enc, pairs.s1 + pairs.s2, batch_size=batch_size, pooler=pooler)
+def align_uniform_from_embeddings(emb: dict[str, torch.Tensor], pairs: Pairs, threshold: float = 4.0) -> dict[str, float]:
+    """SimCSE §5: alignment on pairs with gold ≥ 4, uniformity over all the pairs' unique sentences."""
     pos = pairs.gold >= threshold
     a = torch.stack([emb[s] for s, k in zip(pairs.s1, pos) if k])
     b = torch.stack([emb[s] for s, k in zip(pairs.s2, pos) if k])
     allv = torch.stack([emb[s] for s in dict.fromkeys(pairs.s1 + pairs.s2)])
     return {"align": float(alignment(a, b)), "uniform": float(uniformity(allv))}
+
+
+def align_uniform(enc, data_dir: Path, split: str = "test", threshold: float = 4.0, batch_size: int = 128,
+                  pooler: str | None = None) -> dict[str, float]:
+    pairs = load_stsb(data_dir, split)
+    emb = encode(enc, pairs.s1 + pairs.s2, batch_size=batch_size, pooler=pooler)
+    return align_uniform_from_embeddings(emb, pairs, threshold)
 
 
 def format_table(results: dict[str, float], tasks=STS_TASKS, title: str = "") -> str:

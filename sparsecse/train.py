@@ -83,6 +83,20 @@ def _save_state(path: Path, opt, sched, step: int, best_dev: float, history: lis
     atomic_write_bytes(path, buf.getvalue())
 
 
+def _save_latest(out_dir: Path, enc: Encoder, opt, sched, step: int, best_dev: float, history: list) -> Path:
+    """`latest/` = {model/, trainer_state.pt, best/}: everything needed to resume, written atomically."""
+    import shutil
+
+    from .io import atomic_dir
+
+    with atomic_dir(out_dir / "latest") as tmp:
+        save_encoder(enc, tmp / "model", {"step": step})
+        _save_state(tmp / "trainer_state.pt", opt, sched, step, best_dev, history)
+        if (out_dir / "best").is_dir():
+            shutil.copytree(out_dir / "best", tmp / "best")
+    return out_dir / "latest"
+
+
 def train_simcse(cfg: Config, out_dir: str | os.PathLike, data_dir: Path, *, init: str | Encoder | None = None,
                  head_mask: torch.Tensor | None = None, neuron_mask: torch.Tensor | None = None,
                  dist: Dist | None = None, device: str | torch.device = "cpu",
@@ -136,6 +150,11 @@ def train_simcse(cfg: Config, out_dir: str | os.PathLike, data_dir: Path, *, ini
     step, best_dev, history = 0, -math.inf, []
     if resume_dir is not None:
         verify_manifest(resume_dir / "model")
+        if (resume_dir / "best").is_dir() and resume_dir.resolve() != (out_dir / "latest").resolve():
+            import shutil
+
+            shutil.rmtree(out_dir / "best", ignore_errors=True)
+            shutil.copytree(resume_dir / "best", out_dir / "best")
         st = torch.load(resume_dir / "trainer_state.pt", map_location="cpu", weights_only=True)
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
@@ -196,11 +215,9 @@ def train_simcse(cfg: Config, out_dir: str | os.PathLike, data_dir: Path, *, ini
                                                                     "config": cfg.to_dict()})
                 rec["best_stsb_dev"] = best_dev
                 history.append(rec)
-                ckpt = save_encoder(enc, out_dir / "latest" / "model", {"step": step})
-                _save_state(out_dir / "latest" / "trainer_state.pt", opt, sched, step, best_dev, history)
+                ckpt = _save_latest(out_dir, enc, opt, sched, step, best_dev, history)
                 if writer:
                     writer.add_scalar("eval/stsb_dev", dev_score, step)
-                ckpt = out_dir / "latest"
             dist.barrier()
             if report:
                 report(rec, ckpt)

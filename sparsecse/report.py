@@ -1,0 +1,193 @@
+"""Selection on STS-B dev and the sweep report (results.{parquet,json}, report.{md,html}, figures)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from pathlib import Path
+
+import numpy as np
+
+from .config import STS_TASKS, Config
+from .evaluate import SHORT
+from .io import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+
+def select(rows: list[dict]) -> dict | None:
+    """The (sparsity, λ) with the highest STS-B dev Spearman averaged over seeds — never test.
+
+    Only finished trials count; pruned points (sparsity > 0) are preferred over the rewound control when any exist.
+    Ties go to the lower sparsity, then the lower λ.
+    """
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        m = r["metrics"]
+        if r["error"] or not m.get("done") or not math.isfinite(m.get("best_stsb_dev", float("nan"))):
+            continue
+        groups.setdefault((r["config"]["sparsity"], r["config"]["lam"]), []).append(r)
+    if not groups:
+        return None
+    pruned = {k: v for k, v in groups.items() if k[0] > 0} or groups
+    key = max(pruned, key=lambda k: (np.mean([r["metrics"]["best_stsb_dev"] for r in pruned[k]]), -k[0], -k[1]))
+    members = pruned[key]
+    best_seed = max(members, key=lambda r: r["metrics"]["best_stsb_dev"])
+    test = {t: float(np.mean([r["metrics"][f"test/{t}"] for r in members])) for t in _test_keys(members)}
+    return {"sparsity": key[0], "lam": key[1], "dev_mean": float(np.mean([r["metrics"]["best_stsb_dev"] for r in members])),
+            "seeds": [r["config"]["seed"] for r in members], "test": test,
+            "test_std": {t: float(np.std([r["metrics"][f"test/{t}"] for r in members])) for t in _test_keys(members)},
+            "trial_dir": str(Path(best_seed["trial_dir"]))}
+
+
+def _test_keys(rows) -> list[str]:
+    keys = [k[5:] for k in rows[0]["metrics"] if k.startswith("test/")]
+    return [t for t in STS_TASKS if t in keys] + (["avg"] if "avg" in keys else [])
+
+
+def _table(rows: list[tuple[str, dict]], tasks: list[str]) -> str:
+    head = "| Model | " + " | ".join(SHORT.get(t, "Avg." if t == "avg" else t) for t in tasks) + " |"
+    sep = "|---|" + "---:|" * len(tasks)
+    body = ["| " + name + " | " + " | ".join(f"{v[t]:.2f}" if t in v else "—" for t in tasks) + " |" for name, v in rows]
+    return "\n".join([head, sep, *body])
+
+
+def _figures(run: Path, rows: list[dict], tasks: list[str]) -> dict[str, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig_dir = run / "figures"
+    fig_dir.mkdir(exist_ok=True)
+    done = [r for r in rows if not r["error"] and r["metrics"].get("done")]
+    lams = sorted({r["config"]["lam"] for r in done if r["config"]["sparsity"] > 0})
+    ctrl = [r for r in done if r["config"]["sparsity"] == 0]
+    out = {}
+
+    def curve(ax, task):
+        for lam in lams:
+            pts = {}
+            for r in done:
+                if r["config"]["lam"] == lam or r["config"]["sparsity"] == 0:
+                    pts.setdefault(r["config"]["sparsity"], []).append(r["metrics"].get(f"test/{task}", np.nan))
+            xs = sorted(pts)
+            ax.plot([100 * x for x in xs], [np.mean(pts[x]) for x in xs], marker="o", label=f"λ={lam}")
+        if ctrl:
+            ax.axhline(np.mean([r["metrics"].get(f"test/{task}", np.nan) for r in ctrl]), color="grey", ls="--",
+                       lw=1, label="rewound SimCSE (s=0)")
+        ax.set_xlabel("sparsity (%)")
+        ax.set_title(SHORT.get(task, "STS average" if task == "avg" else task))
+        ax.grid(alpha=0.3)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    curve(ax, "avg")
+    ax.set_ylabel("Spearman × 100")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out["avg"] = fig_dir / "sts_avg_vs_sparsity.png"
+    fig.savefig(out["avg"], dpi=110)
+    plt.close(fig)
+    per = [t for t in tasks if t != "avg"]
+    if per:
+        n = len(per)
+        cols = min(4, n)
+        fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(3.4 * cols, 2.8 * ((n + cols - 1) // cols)),
+                                 squeeze=False)
+        for ax, t in zip(axes.flat, per):
+            curve(ax, t)
+        for ax in list(axes.flat)[n:]:
+            ax.axis("off")
+        axes.flat[0].legend(fontsize=7)
+        fig.tight_layout()
+        out["tasks"] = fig_dir / "sts_tasks_vs_sparsity.png"
+        fig.savefig(out["tasks"], dpi=110)
+        plt.close(fig)
+    return out
+
+
+def write_report(run: Path, cfg: Config, rows: list[dict], simcse_dir: Path, data_dir: Path) -> dict:
+    """Evaluate the SimCSE baseline, select on dev, write results and the report; returns the summary."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .evaluate import evaluate_sts
+    from .model import load_encoder
+
+    from .sweep import point_name
+
+    for r in rows:
+        r["trial_dir"] = str(run / "trials" / point_name(r["config"])) if r["config"] else ""
+    sts_tasks = tuple(t for t in cfg.eval.tasks if t in STS_TASKS)
+    base = load_encoder(str(simcse_dir), pooler=cfg.model.eval_pooler)
+    baseline = evaluate_sts(base, data_dir, tasks=sts_tasks, batch_size=cfg.eval.batch_size, pooler=cfg.model.eval_pooler,
+                            alignment_uniformity=True)
+    selected = select(rows)
+    tasks = list(sts_tasks) + ["avg"]
+
+    # machine-readable results: one row per trial
+    flat = []
+    for r in rows:
+        flat.append({**{k: r["config"].get(k) for k in ("sparsity", "lam", "seed")}, "trial": point_name(r["config"]),
+                     "status": "error" if r["error"] else ("done" if r["metrics"].get("done") else "incomplete"),
+                     "error": r["error"] or "", "best_stsb_dev": r["metrics"].get("best_stsb_dev"),
+                     **{f"test/{t}": r["metrics"].get(f"test/{t}") for t in tasks},
+                     "align": r["metrics"].get("align"), "uniform": r["metrics"].get("uniform"),
+                     "steps": r["metrics"].get("step")})
+    flat.sort(key=lambda x: (x["sparsity"], x["lam"], x["seed"]))
+    import io as _io
+
+    buf = _io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(flat), buf)
+    atomic_write_bytes(run / "results.parquet", buf.getvalue())
+    transfer = None
+    if cfg.eval.transfer and selected:
+        from .transfer import evaluate_transfer
+
+        transfer = {"SimCSE": evaluate_transfer(base, data_dir, pooler=cfg.model.eval_pooler),
+                    "SparseCSE": evaluate_transfer(load_encoder(str(Path(selected["trial_dir"]) / "best"),
+                                                                pooler=cfg.model.eval_pooler), data_dir,
+                                                   pooler=cfg.model.eval_pooler)}
+    summary = {"baseline": baseline, "selected": selected, "num_trials": len(rows),
+               "failed": [{"trial": x["trial"], "error": x["error"]} for x in flat if x["status"] == "error"],
+               "transfer": transfer}
+    atomic_write_json(run / "results.json", {"trials": flat, **summary})
+
+    # the paper's Table 1: baseline, dev-selected SparseCSE, and the test-selected best-per-task row
+    done = [r for r in rows if not r["error"] and r["metrics"].get("done")]
+    trow = [("SimCSE (stage 1, " + cfg.model.name + ")", baseline)]
+    if selected:
+        trow.append((f"SparseCSE, dev-selected (s={selected['sparsity']:.0%}, λ={selected['lam']})", selected["test"]))
+    if done:
+        best_per = {t: max(r["metrics"].get(f"test/{t}", -1e9) for r in done) for t in tasks}
+        trow.append(("best per task over the grid (test-selected, for reference only)", best_per))
+    figs = _figures(run, rows, tasks) if done else {}
+    md = [f"# SparseCSE sweep report — {run.name}", "",
+          f"Backbone `{cfg.model.name}`; grid sparsity {list(cfg.sweep.sparsities)} × λ {list(cfg.sweep.lams)} × "
+          f"seeds {list(cfg.sweep.seeds)} ({len(rows)} trials, {len(summary['failed'])} failed). "
+          "Selection uses STS-B **dev** (mean over seeds); test figures are reported, never used to choose.", "",
+          "## Test results (Spearman × 100)", "", _table(trow, tasks), ""]
+    if selected and len(selected["seeds"]) > 1:
+        md += [f"Selected point over seeds {selected['seeds']}: mean ± std", "",
+               _table([("SparseCSE ± std", {t: selected["test_std"][t] for t in selected["test_std"]})], tasks), ""]
+    md += ["## Alignment / uniformity (STS-B test; lower is better)", "",
+           f"SimCSE: align {baseline['align']:.4f}, uniform {baseline['uniform']:.4f}", ""]
+    md += ["## All trials", "", "| sparsity | λ | seed | status | STS-B dev | test avg | align | uniform |",
+           "|---:|---:|---:|---|---:|---:|---:|---:|"]
+    for x in flat:
+        f = lambda v: "—" if v is None else f"{v:.2f}"  # noqa: E731
+        g = lambda v: "—" if v is None else f"{v:.4f}"  # noqa: E731
+        md.append(f"| {x['sparsity']:.2f} | {x['lam']} | {x['seed']} | {x['status']} {x['error'][:60]} | "
+                  f"{f(x['best_stsb_dev'])} | {f(x['test/avg'])} | {g(x['align'])} | {g(x['uniform'])} |")
+    if transfer:
+        from .transfer import format_transfer_markdown
+
+        md += ["", "## Transfer tasks (accuracy)", "", format_transfer_markdown(transfer)]
+    for k, p in figs.items():
+        md += ["", f"![{k}](figures/{p.name})"]
+    md_text = "\n".join(md) + "\n"
+    atomic_write_text(run / "report.md", md_text)
+    imgs = "".join(f'<img src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}" alt="{k}"><br>'
+                   for k, p in figs.items())
+    atomic_write_text(run / "report.html", "<!doctype html><meta charset=utf-8><title>SparseCSE report</title>"
+                      f"<pre style='font:14px monospace'>{html.escape(md_text)}</pre>{imgs}")
+    return summary
