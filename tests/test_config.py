@@ -1,0 +1,55 @@
+import dataclasses
+
+import pytest
+
+from sparsecse import SparseCSEError
+from sparsecse.config import Config, config_from_dict, load_config
+
+
+def test_round_trip_through_yaml(tmp_path):
+    cfg = load_config(None, ["train.lr=1e-4", "sweep.sparsities=[0, 0.1]", "model.pooler=avg"])
+    p = tmp_path / "c.yaml"
+    p.write_text(cfg.to_yaml())
+    again = load_config(p)
+    assert again == cfg
+    assert again.train.lr == 1e-4 and again.sweep.sparsities == (0.0, 0.1)
+
+
+def test_configs_are_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Config().train.lr = 1.0
+
+
+def test_repository_sweep_configs_load():
+    from pathlib import Path
+
+    files = sorted(Path(__file__).resolve().parents[1].glob("sweeps/*.yaml"))
+    assert {f.stem for f in files} >= {"quickstart", "minilm-full", "paper-bert-base", "paper-bert-large", "paper-roberta-base"}
+    for f in files:
+        load_config(f)
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("train.lrr=1", "train.lrr: unknown key"),
+    ("bogus.x=1", "bogus: unknown section"),
+    ("sweep.sparsities=[0.1, 1.0]", "sweep.sparsities"),
+    ("sweep.lams=[1.5]", "sweep.lams"),
+    ("train.batch_size=0", "train.batch_size"),
+    ("model.pooler=max", "model.pooler"),
+    ("train.lr=abc", "train.lr"),
+])
+def test_bad_values_name_the_key(override, needle):
+    with pytest.raises(SparseCSEError, match=needle.replace("[", r"\[").replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_invalid_yaml_names_file_and_line(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("train:\n  lr: [1,\n")
+    with pytest.raises(SparseCSEError, match="bad.yaml"):
+        load_config(p)
+
+
+def test_from_dict_rejects_non_mapping():
+    with pytest.raises(SparseCSEError):
+        config_from_dict({"train": 3})

@@ -1,0 +1,81 @@
+"""Pure math: InfoNCE, alignment/uniformity, Spearman and the 'all' aggregation, score combination, mask selection."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy import stats
+
+from sparsecse import SparseCSEError
+from sparsecse.evaluate import aggregate_all, spearman
+from sparsecse.losses import alignment, info_nce, uniformity
+from sparsecse.prune import count_pruned, lowest_mask, select_masks
+from sparsecse.score import combine
+
+
+def test_info_nce_equals_hand_built_cross_entropy():
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g)
+    tau = 0.05
+    loss = info_nce(z1, z2, tau)
+    manual = 0.0
+    for i in range(6):
+        sims = torch.stack([F.cosine_similarity(z1[i], z2[j], dim=0) / tau for j in range(6)])
+        manual += -(sims[i] - torch.logsumexp(sims, 0))
+    assert torch.allclose(loss, manual / 6, atol=1e-5)
+
+
+def test_alignment_and_uniformity_equal_brute_force():
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(5, 4, generator=g), torch.randn(5, 4, generator=g)
+    xn, yn = F.normalize(x, dim=-1), F.normalize(y, dim=-1)
+    brute_a = sum(((xn[i] - yn[i]) ** 2).sum() for i in range(5)) / 5
+    assert torch.allclose(alignment(x, y), brute_a, atol=1e-6)
+    assert torch.allclose(alignment(x, y, log=True), brute_a.log(), atol=1e-6)
+    terms = [torch.exp(-2 * ((xn[i] - xn[j]) ** 2).sum()) for i in range(5) for j in range(i + 1, 5)]
+    assert torch.allclose(uniformity(x), torch.stack(terms).mean().log(), atol=1e-6)
+
+
+def test_spearman_matches_scipy_with_ties():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        x = rng.integers(0, 6, size=50).astype(float)  # many ties
+        y = x + rng.normal(size=50)
+        assert spearman(x, y) == pytest.approx(stats.spearmanr(x, y).correlation, abs=1e-12)
+
+
+def test_all_aggregation_is_one_spearman_over_concatenated_subsets():
+    rng = np.random.default_rng(1)
+    sys = {k: rng.normal(size=n) for k, n in (("a", 30), ("b", 17), ("c", 44))}
+    gold = {k: v + rng.normal(size=len(v)) for k, v in sys.items()}
+    expected = stats.spearmanr(np.concatenate(list(sys.values())), np.concatenate(list(gold.values()))).correlation
+    assert aggregate_all(sys, gold) == pytest.approx(expected, abs=1e-12)
+    mean_of_subsets = np.mean([stats.spearmanr(sys[k], gold[k]).correlation for k in sys])
+    assert aggregate_all(sys, gold) != pytest.approx(mean_of_subsets, abs=1e-6)
+
+
+def test_combine_is_mean_abs_of_lambda_mix():
+    rng = np.random.default_rng(2)
+    ga, gu = rng.normal(size=(7, 3, 4)), rng.normal(size=(7, 3, 4))
+    for lam in (0.0, 0.25, 0.5, 1.0):
+        direct = np.mean([np.abs(lam * ga[b] + (1 - lam) * gu[b]) for b in range(7)], axis=0)
+        assert np.allclose(combine(ga, gu, lam), direct)
+    with pytest.raises(SparseCSEError):
+        combine(ga, gu, 1.5)
+
+
+@pytest.mark.parametrize("s,n,k", [(0.0, 72, 0), (0.02, 72, 1), (0.3, 72, 22), (0.5, 9216, 4608), (0.25, 2, 1)])
+def test_exact_pruned_counts(s, n, k):
+    assert count_pruned(s, n) == k
+    m = lowest_mask(np.arange(n, dtype=float)[::-1].copy(), s)
+    assert int((m == 0).sum()) == k
+    assert bool((m[n - k:] == 0).all())  # the lowest scores are the last ones here
+
+
+def test_ties_are_broken_by_index_and_selection_is_global_across_layers():
+    heads = np.array([[1.0, 1.0, 5.0], [1.0, 9.0, 9.0]])
+    hm, nm = select_masks(heads, np.array([[3.0, 1.0], [2.0, 4.0]]), 0.5)
+    assert hm.tolist() == [[0, 0, 1], [0, 1, 1]]
+    assert nm.tolist() == [[1, 0], [0, 1]]
+    with pytest.raises(SparseCSEError):
+        lowest_mask(heads, 1.0)
