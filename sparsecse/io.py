@@ -107,12 +107,3 @@ def atomic_dir(dest: str | os.PathLike, *, overwrite: bool = True) -> Iterator[P
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def confine(root: str | os.PathLike, rel: str | os.PathLike, what: str) -> Path:
-    """Resolve an output path from a config inside `root`; refuse escapes through '..' or absolute paths."""
-    root = Path(root).resolve()
-    p = (root / rel).resolve()
-    if p != root and root not in p.parents:
-        raise SparseCSEError(f"{what}={rel!s}: output paths must stay inside {root}; use a relative path without '..'")
-    return p

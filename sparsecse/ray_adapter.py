@@ -21,6 +21,7 @@ def connect(address: str | None, num_cpus: int | None, dashboard: bool) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "token")  # token authentication for the local cluster we start
     address = address or os.environ.get("RAY_ADDRESS")
     # workers import sparsecse from wherever this process does (editable install or a job's working dir)
     pkg_root = str(Path(__file__).resolve().parents[1])
@@ -146,10 +147,10 @@ def tune_checkpoint_dir() -> Path | None:
     return Path(ckpt.to_directory(tempfile.mkdtemp(prefix="sparsecse-trial-")))
 
 
-def trial_name() -> str:
-    from ray import tune
+def node_id() -> str:
+    import ray
 
-    return tune.get_context().get_trial_name()
+    return ray.get_runtime_context().get_node_id()
 
 
 def run_tuner(trial_fn: Callable[[dict], None], points: list[dict], *, storage: Path, name: str, cpus: float,

@@ -135,7 +135,8 @@ def make_trial(run_dir: str, data_dir: str, cfg_dict: dict):
         init = None if resume else rewind(cfg.model.name, hm, nm, pooler=cfg.model.pooler, dropout=cfg.train.dropout)
         meta = {"sparsity": p["sparsity"], "lam": p["lam"], "seed": p["seed"], "pretrained": cfg.model.name,
                 "scores": str(run / "scores.parquet"), "scores_fingerprint": scores.meta["model_fingerprint"]}
-        base = {"sparsity": p["sparsity"], "lam": p["lam"], "seed": p["seed"], "trial": name, "done": False}
+        base = {"sparsity": p["sparsity"], "lam": p["lam"], "seed": p["seed"], "trial": name, "done": False,
+                "node_id": ra.node_id()}
 
         def report(rec: dict, ckpt):
             if fault and fault == name and not (out / ".fault-fired").exists():

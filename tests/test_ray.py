@@ -1,0 +1,171 @@
+"""Ray: the end-to-end sweep on the tiny model, resume, a crashed trial retried, 2-worker = 1-worker training,
+and a real two-node local cluster running a sweep submitted with `ray job submit`. Slow (tens of seconds each)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _write_cfg(path: Path, model_dir: Path, sparsities=(0.1, 0.3), lams=(0.25, 0.75), extra: str = "") -> Path:
+    path.write_text(f"""
+model: {{name: {model_dir}}}
+data: {{max_train_sentences: 64}}
+train: {{batch_size: 8, max_len: 16, lr: 1.0e-3, max_steps: 4, eval_steps: 2, eval_max_pairs: 40}}
+score: {{max_pairs: 24, batch_size: 8}}
+eval: {{tasks: [STSBenchmark, SICKRelatedness], batch_size: 64}}
+sweep: {{sparsities: {list(sparsities)}, lams: {list(lams)}, seeds: [1], trial_cpus: 1, max_concurrent_trials: 2,
+         max_failures: 1}}
+ray: {{num_workers: 1, cpus_per_worker: 1, num_cpus: 2}}
+{extra}
+""")
+    return path
+
+
+def _sweep(cfg: Path, out: Path, data: Path, *extra, env=None) -> subprocess.CompletedProcess:
+    e = {**os.environ, "SPARSECSE_DASHBOARD": "0", "RAY_ADDRESS": "", **(env or {})}
+    e.pop("RAY_ADDRESS")
+    return subprocess.run([sys.executable, "-m", "sparsecse", "sweep", str(cfg), "--out", str(out),
+                           "--data-dir", str(data), *extra], capture_output=True, text=True, env=e, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(tmp_path_factory, tiny_model_dir, tiny_data_dir):
+    d = tmp_path_factory.mktemp("sweep")
+    cfg = _write_cfg(d / "tiny.yaml", tiny_model_dir)
+    r = _sweep(cfg, d / "run", tiny_data_dir, env={"SPARSECSE_FAULT_TRIAL": "s0.300_l0.75_seed1"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return cfg, d / "run"
+
+
+def test_sweep_reports_every_point_once_and_selects_the_dev_argmax(finished_sweep):
+    _, run = finished_sweep
+    res = json.loads((run / "results.json").read_text())
+    points = sorted((t["sparsity"], t["lam"]) for t in res["trials"])
+    assert points == [(0.1, 0.25), (0.1, 0.75), (0.3, 0.25), (0.3, 0.75)]
+    assert all(t["status"] == "done" for t in res["trials"])
+    best = max(res["trials"], key=lambda t: t["best_stsb_dev"])
+    assert (res["selected"]["sparsity"], res["selected"]["lam"]) == (best["sparsity"], best["lam"])
+    assert res["selected"]["test"]["STSBenchmark"] == pytest.approx(best["test/STSBenchmark"])
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["stage_runs"] == {"train": 1, "score": 1}
+    for f in ("report.md", "report.html", "results.parquet", "figures/sts_avg_vs_sparsity.png",
+              "export/pruned/config.json", "export/README.md", "scores.parquet", "simcse/best/manifest.json"):
+        assert (run / f).exists(), f
+    assert "dev-selected" in (run / "report.md").read_text()
+    tb = list((run / "tensorboard").rglob("events.out.tfevents*"))
+    assert len({p.parent.name for p in tb}) == 5  # stage 1 + four trials
+
+
+def test_crashed_trial_was_retried_from_its_checkpoint(finished_sweep):
+    _, run = finished_sweep
+    crashed = run / "trials" / "s0.300_l0.75_seed1"
+    assert (crashed / ".fault-fired").exists()  # the trial process died once (os._exit) ...
+    res = json.loads((run / "results.json").read_text())
+    row = next(t for t in res["trials"] if (t["sparsity"], t["lam"]) == (0.3, 0.75))
+    assert row["status"] == "done" and row["steps"] == 4  # ... and was retried to completion
+
+
+def test_resume_reruns_nothing_finished(finished_sweep, tiny_data_dir):
+    cfg, run = finished_sweep
+    before = {p: p.stat().st_mtime_ns for p in (run / "trials").rglob("best/model.safetensors")}
+    sel_before = json.loads((run / "results.json").read_text())["selected"]
+    r = _sweep(cfg, run, tiny_data_dir, "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "stage 1 skipped" in r.stdout and "stage 2 skipped" in r.stdout
+    after = {p: p.stat().st_mtime_ns for p in (run / "trials").rglob("best/model.safetensors")}
+    assert before == after and len(after) == 4
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["stage_runs"] == {"train": 1, "score": 1}
+    assert json.loads((run / "results.json").read_text())["selected"] == sel_before
+    # a second sweep into the same directory without --resume is refused
+    r = _sweep(cfg, run, tiny_data_dir)
+    assert r.returncode == 2 and "already holds a sweep" in r.stderr
+
+
+def test_two_worker_ray_train_equals_one_worker(tmp_path, tiny_model_dir, tiny_data_dir):
+    from sparsecse import ray_adapter as ra
+    from sparsecse.config import load_config
+    from sparsecse.model import load_encoder
+    from sparsecse.sweep import stage1_loop
+
+    cfg = load_config(_write_cfg(tmp_path / "c.yaml", tiny_model_dir), ["train.dropout=0.0", "train.max_steps=3",
+                                                                       "train.eval_steps=3"])
+    ra.connect(None, 2, dashboard=False)
+    try:
+        outs = {}
+        for n in (1, 2):
+            ckpt = ra.run_torch_trainer(stage1_loop, {"config": cfg.to_dict(), "data_dir": str(tiny_data_dir),
+                                                      "work_dir": str(tmp_path / f"w{n}"), "tb_dir": str(tmp_path / "tb"),
+                                                      "cpus_per_worker": 1},
+                                        num_workers=n, use_gpu=False, cpus_per_worker=1, storage=tmp_path, name=f"n{n}",
+                                        max_failures=0)
+            outs[n] = load_encoder(str(ckpt / "model")).backbone.state_dict()
+    finally:
+        ra.shutdown()
+    init = load_encoder(str(tiny_model_dir)).backbone.state_dict()
+    moved = 0
+    for k in outs[1]:
+        assert torch.allclose(outs[1][k], outs[2][k], atol=2e-5), k
+        moved += int(not torch.equal(outs[1][k], init[k]))
+    assert moved > 10  # training did change the weights
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_node_cluster_job_submit(tmp_path, tiny_model_dir, tiny_data_dir):
+    """`ray start --head` + a second `ray start --address` node on this machine; a sweep via `ray job submit`."""
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    port, dash = _free_port(), _free_port()
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    env.pop("RAY_ADDRESS")
+    temp = Path("/tmp") / f"sparsecse-ray-{os.getpid()}"
+
+    def ray(*args, check=True):
+        return subprocess.run([ray_bin, *args], capture_output=True, text=True, env=env, timeout=300, check=check)
+
+    try:
+        ray("start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+            f"--temp-dir={temp}", "--disable-usage-stats")
+        ray("start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", "--num-cpus=1")
+        cfg = _write_cfg(tmp_path / "job.yaml", tiny_model_dir, sparsities=(0.1, 0.2), lams=(0.5,))
+        out = tmp_path / "run"
+        r = subprocess.run([ray_bin, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--",
+                            sys.executable, "-m", "sparsecse", "sweep", str(cfg), "--out", str(out),
+                            "--data-dir", str(tiny_data_dir), "--set", "ray.num_cpus=null"],
+                           capture_output=True, text=True, env=env, timeout=900)
+        assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+        assert "succeeded" in (r.stdout + r.stderr).lower()
+        res = json.loads((out / "results.json").read_text())
+        assert sorted(t["sparsity"] for t in res["trials"]) == [0.1, 0.2]
+        nodes = set()
+        for p in (out / "tune").rglob("result.json"):
+            for line in p.read_text().splitlines():
+                if line.strip():
+                    nodes.add(json.loads(line).get("node_id"))
+        nodes.discard(None)
+        assert len(nodes) == 2, nodes  # trials were placed on both nodes
+        # nothing listens on a public interface by default: the dashboard is bound to 127.0.0.1
+        listen = subprocess.run(["ss", "-ltn"], capture_output=True, text=True).stdout if shutil.which("ss") else ""
+        assert f"0.0.0.0:{dash}" not in listen and f"*:{dash}" not in listen
+    finally:
+        ray("stop", "--force", check=False)
+        shutil.rmtree(temp, ignore_errors=True)
