@@ -271,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--reps", type=int, default=5)
     b.add_argument("--out", default="bench-results")
     b.add_argument("--threads", type=int)
+    b.add_argument("--tasks", nargs="+", default=list(STS_TASKS), help="STS tasks for the eval row")
+    b.add_argument("--run", default="runs/quickstart", help="finished sweep directory for the sweep row")
     b.set_defaults(fn=cmd_bench)
     return p
 

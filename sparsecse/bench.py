@@ -1,0 +1,232 @@
+"""`sparsecse bench`: speed against a peer measured in the same run, A/B alternating, median of N after warm-up.
+
+Rows: train (ours vs sentence-transformers' SimCSE recipe, MNRL on [s, s]), eval (ours vs a straightforward
+SentEval-protocol evaluation encoding each subset on its own), inference (physically pruned export vs dense),
+sweep (wall time vs the ideal from a finished run). Results: BENCH_DIR/<row>.json, plus a markdown row printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .io import atomic_write_json
+
+
+def machine() -> str:
+    return f"{platform.machine()} {os.cpu_count()} CPU threads, torch {torch.__version__}, {torch.get_num_threads()} torch threads"
+
+
+def matmul_peak_gflops(n: int = 1024, reps: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        ts.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / min(ts) / 1e9
+
+
+def ab(fa, fb, reps: int) -> tuple[list[float], list[float]]:
+    """Alternate A and B `reps` times after one warm-up each; returns the two lists of timings/figures."""
+    fa(), fb()
+    ra, rb = [], []
+    for _ in range(reps):
+        ra.append(fa())
+        rb.append(fb())
+    return ra, rb
+
+
+def _sentences(data_dir: Path, n: int) -> list[str]:
+    lines = (data_dir / "wiki" / "wiki1m_sample.txt").read_text(encoding="utf-8").splitlines()
+    return [s for s in lines if s.strip()][:n]
+
+
+def train_flops_per_step(cfg, batch_tokens: int, seq: int) -> float:
+    """Matmul FLOPs of one SimCSE step (forward + backward ≈ 3× forward) over `batch_tokens` tokens."""
+    h, inter, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    per_token_fwd = L * (2 * 4 * h * h + 2 * 2 * h * inter + 2 * 2 * seq * h)
+    return 3.0 * per_token_fwd * batch_tokens
+
+
+def bench_train(data_dir: Path, reps: int, steps: int = 3, batch: int = 64, max_len: int = 32) -> dict:
+    from sentence_transformers import SentenceTransformer, losses
+    from sentence_transformers.models import Pooling, Transformer
+
+    from .data import collate
+    from .losses import info_nce
+    from .model import default_model_path, load_encoder
+
+    sents = _sentences(data_dir, batch * steps)
+    batches = [sents[i * batch:(i + 1) * batch] for i in range(steps)]
+    enc = load_encoder("minilm", pooler="cls").train()
+    opt = torch.optim.AdamW([p for p in enc.parameters() if p.requires_grad], lr=3e-5)
+    toks = [enc.tokenizer(b, truncation=True, max_length=max_len) for b in batches]
+    feats = [collate([{"input_ids": ids} for ids in t["input_ids"]], enc.tokenizer.pad_token_id) for t in toks]
+    ntok = sum(int(f["attention_mask"].sum()) * 2 for f in feats)
+    seq = max(f["input_ids"].shape[1] for f in feats)
+
+    def ours():
+        t0 = time.perf_counter()
+        for f in feats:
+            ids, att = f["input_ids"].repeat(2, 1), f["attention_mask"].repeat(2, 1)
+            z = enc(ids, att)
+            loss = info_nce(z[:len(ids) // 2], z[len(ids) // 2:], 0.05)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return time.perf_counter() - t0
+
+    tr = Transformer(default_model_path(), max_seq_length=max_len)
+    st = SentenceTransformer(modules=[tr, Pooling(tr.get_word_embedding_dimension(), "cls")], device="cpu")
+    st.train()
+    mnrl = losses.MultipleNegativesRankingLoss(st, scale=20.0)  # scale 20 = 1/τ with τ = 0.05
+    st_opt = torch.optim.AdamW(st.parameters(), lr=3e-5)
+    st_feats = [st.tokenize(b) for b in batches]
+
+    def peer():
+        t0 = time.perf_counter()
+        for f in st_feats:
+            loss = mnrl([dict(f), dict(f)], None)  # the SimCSE recipe: (s, s) pairs, in-batch negatives
+            st_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            st_opt.step()
+        return time.perf_counter() - t0
+
+    a, b = ab(ours, peer, reps)
+    n = batch * steps
+    peak = matmul_peak_gflops()
+    flops = train_flops_per_step(enc.backbone.config, ntok // steps, seq) * steps
+    return {"row": "train", "ours_sent_s": n / statistics.median(a), "peer_sent_s": n / statistics.median(b),
+            "ratio": statistics.median(b) / statistics.median(a), "ours_gflops": flops / statistics.median(a) / 1e9,
+            "matmul_peak_gflops": peak, "batch": batch, "max_len": max_len, "steps_per_rep": steps,
+            "ours_s": a, "peer_s": b}
+
+
+def bench_eval(data_dir: Path, reps: int, tasks: tuple[str, ...]) -> dict:
+    from .data import load_sts_task
+    from .evaluate import aggregate_all, evaluate_sts
+    from .model import load_encoder
+
+    enc = load_encoder("minilm", pooler="avg").eval()
+    res = {}
+
+    def ours():
+        t0 = time.perf_counter()
+        res["ours"] = evaluate_sts(enc, data_dir, tasks=tasks, pooler="avg")
+        return time.perf_counter() - t0
+
+    @torch.no_grad()
+    def senteval_style():
+        # SentEval: per subset, pairs sorted by (len(s1), len(s2)), batches of 64 pairs, both sides encoded
+        t0 = time.perf_counter()
+        out = {}
+        for t in tasks:
+            sys, gold = {}, {}
+            for k, p in load_sts_task(data_dir, t).items():
+                order = sorted(range(len(p)), key=lambda i: (len(p.s1[i].split()), len(p.s2[i].split()), p.gold[i]))
+                scores = []
+                for i in range(0, len(order), 64):
+                    idx = order[i:i + 64]
+                    e1 = enc(**enc.tokenize([p.s1[j] for j in idx]))
+                    e2 = enc(**enc.tokenize([p.s2[j] for j in idx]))
+                    scores.append(torch.nn.functional.cosine_similarity(e1, e2).numpy())
+                inv = np.empty(len(order), dtype=int)
+                inv[order] = np.arange(len(order))
+                sys[k] = np.concatenate(scores)[inv]
+                gold[k] = p.gold
+            out[t] = 100 * aggregate_all(sys, gold)
+        out["avg"] = float(np.mean([out[t] for t in tasks]))
+        res["peer"] = out
+        return time.perf_counter() - t0
+
+    a, b = ab(ours, senteval_style, reps)
+    diff = max(abs(res["ours"][t] - res["peer"][t]) for t in tasks)
+    return {"row": "eval", "tasks": list(tasks), "ours_s": statistics.median(a), "peer_s": statistics.median(b),
+            "ratio": statistics.median(b) / statistics.median(a), "max_abs_diff": diff, "ours": res["ours"],
+            "peer": res["peer"], "ours_all": a, "peer_all": b}
+
+
+def bench_inference(data_dir: Path, reps: int, sparsities=(0.1, 0.3, 0.5), n: int = 512, work: Path | None = None) -> dict:
+    from .evaluate import encode
+    from .export import export_model
+    from .model import load_encoder
+    from .prune import rewind, select_masks
+
+    sents = _sentences(data_dir, n)
+    dense = load_encoder("minilm", pooler="cls_before_pooler").eval()
+    rng = np.random.default_rng(0)  # speed does not depend on which units go; masks from fixed random scores
+    L, H = dense.head_mask.shape
+    inter = dense.neuron_mask.shape[1]
+    hs, ns = rng.random((L, H)), rng.random((L, inter))
+    work = work or Path("bench-results") / "inference"
+    out = {"row": "inference", "n_sentences": n, "points": []}
+    for s in sparsities:
+        enc = rewind(load_encoder("minilm", pooler="cls_before_pooler"), *select_masks(hs, ns, s))
+        exp = export_model(enc, work / f"s{int(s * 100)}")
+        pruned = load_encoder(str(exp / "pruned"), pooler="cls_before_pooler").eval()
+
+        def run(m):
+            def f():
+                t0 = time.perf_counter()
+                encode(m, sents, batch_size=64, max_len=128)
+                return time.perf_counter() - t0
+            return f
+
+        a, b = ab(run(pruned), run(dense), reps)
+        out["points"].append({"sparsity": s, "pruned_sent_s": n / statistics.median(a), "dense_sent_s": n / statistics.median(b),
+                              "speedup": statistics.median(b) / statistics.median(a),
+                              "params_pruned": sum(p.numel() for p in pruned.backbone.parameters()),
+                              "params_dense": sum(p.numel() for p in dense.backbone.parameters())})
+    return out
+
+
+def bench_sweep(run: Path) -> dict:
+    """Overhead of a finished sweep: stage-3 wall time vs Σ trial time ÷ concurrency; stage counts from the run."""
+    summary = json.loads((run / "summary.json").read_text())
+    cfg = json.loads((run / "sweep.json").read_text())["config"]
+    times = []
+    for p in (run / "tune").rglob("result.json"):
+        last = [json.loads(x) for x in p.read_text().splitlines() if x.strip()][-1]
+        times.append(last["time_total_s"])
+    conc = cfg["sweep"]["max_concurrent_trials"] or max(1, int(os.cpu_count() // cfg["sweep"]["trial_cpus"]))
+    ideal = sum(times) / min(conc, len(times))
+    wall = summary["timings"]["tune_s"]
+    return {"row": "sweep", "trials": len(times), "concurrency": conc, "sum_trial_s": sum(times), "ideal_s": ideal,
+            "tune_wall_s": wall, "overhead": wall / ideal - 1, "stage_runs": summary["stage_runs"],
+            "timings": summary["timings"]}
+
+
+def run_bench(a) -> None:
+    from .data import resolve_data_dir
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    which = {"train", "eval", "inference", "sweep"} if "all" in a.which else set(a.which)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data_dir = resolve_data_dir(a.data_dir)
+    header = {"date": str(date.today()), "machine": machine(), "reps": a.reps}
+    for row in ("train", "eval", "inference", "sweep"):
+        if row not in which:
+            continue
+        if row == "train":
+            r = bench_train(data_dir, a.reps)
+        elif row == "eval":
+            r = bench_eval(data_dir, a.reps, tuple(a.tasks))
+        elif row == "inference":
+            r = bench_inference(data_dir, a.reps, work=out / "inference")
+        else:
+            r = bench_sweep(Path(a.run))
+        r.update(header)
+        atomic_write_json(out / f"{row}.json", r)
+        print(json.dumps({k: v for k, v in r.items() if not isinstance(v, list)}, indent=1, default=str))

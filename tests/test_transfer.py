@@ -1,0 +1,67 @@
+"""Transfer tasks: the classifier protocol on synthetic data, loaders on slices of the real files, bad files."""
+
+import numpy as np
+import pytest
+
+from sparsecse import SparseCSEError
+from sparsecse.transfer import (C_GRID, choose_c, cv_accuracy, dev_test_accuracy, load_task, train_test_scores)
+
+
+def _blobs(n, sep, seed):
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 2
+    X = rng.normal(size=(n, 5))
+    X[:, 0] += sep * (2 * y - 1)
+    return X, y
+
+
+def test_cv_accuracy_on_separable_and_random_data():
+    X, y = _blobs(200, 6.0, 0)
+    assert cv_accuracy(X, y, k=5, inner_k=3) == 100.0
+    rng = np.random.default_rng(1)
+    Xr, yr = rng.normal(size=(200, 5)), rng.integers(0, 2, 200)
+    acc = cv_accuracy(Xr, yr, k=5, inner_k=3)
+    assert 30.0 < acc < 70.0  # chance level on labels unrelated to the features
+
+
+def test_results_repeat_exactly_and_c_comes_from_the_grid():
+    X, y = _blobs(120, 0.7, 2)
+    assert cv_accuracy(X, y, k=5, inner_k=3) == cv_accuracy(X, y, k=5, inner_k=3)
+    assert choose_c(X, y, k=3) in C_GRID
+
+
+def test_dev_selected_and_train_test_protocols():
+    X, y = _blobs(300, 3.0, 3)
+    acc = dev_test_accuracy(X[:200], y[:200], X[200:250], y[200:250], X[250:], y[250:])
+    assert acc >= 90.0
+    acc, f1 = train_test_scores(X[:200], y[:200], X[200:], y[200:], k=3)
+    assert acc >= 90.0 and 0 < f1 <= 100
+
+
+def test_real_loaders_have_senteval_sizes(data_dir):
+    sizes = {t: {s: len(v[1]) for s, v in load_task(data_dir, t).data.items()}
+             for t in ("MR", "CR", "SUBJ", "MPQA", "SST2", "TREC", "MRPC")}
+    assert sizes == {"MR": {"all": 10662}, "CR": {"all": 3775}, "SUBJ": {"all": 10000}, "MPQA": {"all": 10606},
+                     "SST2": {"train": 67349, "dev": 872, "test": 1821}, "TREC": {"train": 5452, "test": 500},
+                     "MRPC": {"train": 4076, "test": 1725}}
+    trec = load_task(data_dir, "TREC")
+    assert set(trec.data["train"][1].tolist()) == set(range(6))
+
+
+def test_malformed_transfer_files_name_file_and_line(tmp_path):
+    sst = tmp_path / "senteval" / "SST" / "binary"
+    sst.mkdir(parents=True)
+    for split in ("train", "dev", "test"):
+        (sst / f"sentiment-{split}").write_text("good movie\t1\nbad movie\t7\n")
+    with pytest.raises(SparseCSEError, match=r"sentiment-train:2"):
+        load_task(tmp_path, "SST2")
+    trec = tmp_path / "senteval" / "TREC"
+    trec.mkdir(parents=True)
+    (trec / "train_5500.label").write_text("DESC:manner How does it work ?\nXYZ:foo what ?\n")
+    with pytest.raises(SparseCSEError, match=r"train_5500.label:2"):
+        load_task(tmp_path, "TREC")
+    mrpc = tmp_path / "senteval" / "MRPC"
+    mrpc.mkdir(parents=True)
+    (mrpc / "msr_paraphrase_train.txt").write_text("Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t1\t2\tonly one\n")
+    with pytest.raises(SparseCSEError, match=r"msr_paraphrase_train.txt:2"):
+        load_task(tmp_path, "MRPC")
