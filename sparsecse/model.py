@@ -82,7 +82,7 @@ class _HeadMaskHook:
 
     def __call__(self, module, args):
         m = self.owner.head_mask[self.li]  # (H,)
-        if not m.requires_grad and bool(m.all()):
+        if not m.requires_grad and bool((m == 1).all()):
             return None
         x = args[0]  # (B, T, H·d)
         lead = x.shape[:-1]
@@ -98,7 +98,7 @@ class _NeuronMaskHook:
 
     def __call__(self, module, args, out):
         m = self.owner.neuron_mask[self.li]  # (I,)
-        if not m.requires_grad and bool(m.all()):
+        if not m.requires_grad and bool((m == 1).all()):
             return None
         return out * m.to(out.dtype)  # (B, T, I)
 

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -65,6 +66,25 @@ def preflight(cfg: Config, address: str | None) -> None:
                              f"ray.num_workers={cfg.ray.num_workers}")
 
 
+def _faults() -> dict[str, str]:
+    """Fault injection for the reliability tests: SPARSECSE_FAULT="kind:arg,..." with kinds
+    stage1-kill:STEP (SIGKILL the rank-0 Ray Train worker once, after the checkpoint at STEP),
+    trial-exit:TRIAL (the trial process dies once mid-trial), trial-nan:TRIAL (that trial's loss diverges)."""
+    out = {}
+    for spec in filter(None, os.environ.get("SPARSECSE_FAULT", "").split(",")):
+        kind, _, arg = spec.partition(":")
+        out[kind] = arg
+    return out
+
+
+def _fire_once(marker: Path) -> bool:
+    if marker.exists():
+        return False
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text("fired\n")
+    return True
+
+
 def _threads(n: float) -> None:
     import torch
 
@@ -84,8 +104,15 @@ def stage1_loop(loop_config: dict) -> None:
     _threads(loop_config["cpus_per_worker"])
     resume = ra.train_checkpoint_dir()
     out = Path(loop_config["work_dir"]) / f"rank{rank}"
+    kill_at = _faults().get("stage1-kill")
+    report = ra.train_report
+    if kill_at and rank == 0:
+        def report(metrics, ckpt):
+            ra.train_report(metrics, ckpt)
+            if metrics["step"] >= int(kill_at) and _fire_once(Path(loop_config["work_dir"]).parent / ".fault-stage1-killed"):
+                os.kill(os.getpid(), signal.SIGKILL)
     train_simcse(cfg, out, Path(loop_config["data_dir"]), dist=Dist(rank, world), device=ra.train_device(),
-                 wrap=ra.prepare_ddp if world > 1 else None, report=ra.train_report, resume_dir=resume,
+                 wrap=ra.prepare_ddp if world > 1 else None, report=report, resume_dir=resume,
                  tb_dir=Path(loop_config["tb_dir"]) if rank == 0 else None, progress=False)
 
 
@@ -127,7 +154,9 @@ def make_trial(run_dir: str, data_dir: str, cfg_dict: dict):
         run = Path(run_dir)
         name = point_name(p)
         out = run / "trials" / name
-        fault = os.environ.get("SPARSECSE_FAULT_TRIAL")  # test hook: crash a trial's first attempt once
+        faults = _faults()
+        if faults.get("trial-nan") == name:
+            cfg = cfg.replace(train=type(cfg.train)(**{**cfg.to_dict()["train"], "lr": 1e30}))
         scores = load_scores(run / "scores.parquet")
         head, neuron = scores.importance(p["lam"])
         hm, nm = select_masks(head, neuron, p["sparsity"])
@@ -139,9 +168,8 @@ def make_trial(run_dir: str, data_dir: str, cfg_dict: dict):
                 "node_id": ra.node_id()}
 
         def report(rec: dict, ckpt):
-            if fault and fault == name and not (out / ".fault-fired").exists():
-                (out / ".fault-fired").write_text("1")
-                os._exit(17)  # simulate a trial process dying mid-trial
+            if faults.get("trial-exit") == name and _fire_once(out / ".fault-fired"):
+                os._exit(17)  # the trial process dies mid-trial
             ra.tune_report({**base, **rec}, ckpt)
 
         res = train_simcse(cfg, out, Path(data_dir), init=init, head_mask=hm, neuron_mask=nm, report=report,
@@ -225,6 +253,7 @@ def run_sweep(config_path: str, overrides=None, resume: bool = False, address: s
             tmp = run / "simcse.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(ckpt / "best", tmp / "best")
+            shutil.copyfile(ckpt / "history.json", tmp / "history.json")  # dev curve + where it resumed after faults
             os.replace(tmp, run / "simcse")
             shutil.rmtree(run / "stage1-work", ignore_errors=True)
             state["train_fp"] = fp1

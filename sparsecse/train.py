@@ -79,12 +79,14 @@ def _save_state(path: Path, opt, sched, step: int, best_dev: float, history: lis
 
     buf = _io.BytesIO()
     torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
-                "best_dev": best_dev, "history_json": json.dumps(history)}, buf)
+                "best_dev": best_dev, "history_json": json.dumps(history),
+                "rng": torch.get_rng_state()}, buf)  # dropout stream: a resumed run continues it exactly
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _save_latest(out_dir: Path, enc: Encoder, opt, sched, step: int, best_dev: float, history: list) -> Path:
-    """`latest/` = {model/, trainer_state.pt, best/}: everything needed to resume, written atomically."""
+def _save_latest(out_dir: Path, enc: Encoder, opt, sched, step: int, best_dev: float, history: list,
+                 resumes: list) -> Path:
+    """`latest/` = {model/, trainer_state.pt, history.json, best/}: everything needed to resume, written atomically."""
     import shutil
 
     from .io import atomic_dir
@@ -92,6 +94,7 @@ def _save_latest(out_dir: Path, enc: Encoder, opt, sched, step: int, best_dev: f
     with atomic_dir(out_dir / "latest") as tmp:
         save_encoder(enc, tmp / "model", {"step": step})
         _save_state(tmp / "trainer_state.pt", opt, sched, step, best_dev, history)
+        (tmp / "history.json").write_text(json.dumps({"history": history, "resumed_at": resumes}, indent=1))
         if (out_dir / "best").is_dir():
             shutil.copytree(out_dir / "best", tmp / "best")
     return out_dir / "latest"
@@ -147,7 +150,7 @@ def train_simcse(cfg: Config, out_dir: str | os.PathLike, data_dir: Path, *, ini
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / total))  # linear decay, no warmup
-    step, best_dev, history = 0, -math.inf, []
+    step, best_dev, history, resumes = 0, -math.inf, [], []
     if resume_dir is not None:
         verify_manifest(resume_dir / "model")
         if (resume_dir / "best").is_dir() and resume_dir.resolve() != (out_dir / "latest").resolve():
@@ -159,6 +162,9 @@ def train_simcse(cfg: Config, out_dir: str | os.PathLike, data_dir: Path, *, ini
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
         step, best_dev, history = int(st["step"]), float(st["best_dev"]), json.loads(st["history_json"])
+        torch.set_rng_state(st["rng"])
+        hist_file = resume_dir / "history.json"
+        resumes = (json.loads(hist_file.read_text())["resumed_at"] if hist_file.exists() else []) + [step]
 
     writer = None
     if tb_dir is not None and dist.rank == 0:
@@ -215,7 +221,7 @@ def train_simcse(cfg: Config, out_dir: str | os.PathLike, data_dir: Path, *, ini
                                                                     "config": cfg.to_dict()})
                 rec["best_stsb_dev"] = best_dev
                 history.append(rec)
-                ckpt = _save_latest(out_dir, enc, opt, sched, step, best_dev, history)
+                ckpt = _save_latest(out_dir, enc, opt, sched, step, best_dev, history, resumes)
                 if writer:
                     writer.add_scalar("eval/stsb_dev", dev_score, step)
             dist.barrier()

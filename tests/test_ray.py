@@ -46,7 +46,7 @@ def _sweep(cfg: Path, out: Path, data: Path, *extra, env=None) -> subprocess.Com
 def finished_sweep(tmp_path_factory, tiny_model_dir, tiny_data_dir):
     d = tmp_path_factory.mktemp("sweep")
     cfg = _write_cfg(d / "tiny.yaml", tiny_model_dir)
-    r = _sweep(cfg, d / "run", tiny_data_dir, env={"SPARSECSE_FAULT_TRIAL": "s0.300_l0.75_seed1"})
+    r = _sweep(cfg, d / "run", tiny_data_dir, env={"SPARSECSE_FAULT": "trial-exit:s0.300_l0.75_seed1"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return cfg, d / "run"
 

@@ -1,0 +1,96 @@
+"""Reliability: faults survived, failures reported, nothing half-written (issue: reliability and security).
+
+Faults are injected through SPARSECSE_FAULT (see sparsecse.sweep._faults); each test runs a real sweep of the
+tiny model on a local Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from test_ray import _sweep, _write_cfg
+
+pytestmark = pytest.mark.slow
+
+
+def test_ray_train_worker_killed_resumes_from_checkpoint(tmp_path, tiny_model_dir, tiny_data_dir):
+    cfg = _write_cfg(tmp_path / "c.yaml", tiny_model_dir, sparsities=(0.1,), lams=(0.5,),
+                     extra="").read_text().replace("max_steps: 4, eval_steps: 2", "max_steps: 6, eval_steps: 2")
+    (tmp_path / "c.yaml").write_text(cfg)
+    r = _sweep(tmp_path / "c.yaml", tmp_path / "run", tiny_data_dir, env={"SPARSECSE_FAULT": "stage1-kill:2"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run = tmp_path / "run"
+    assert (run / ".fault-stage1-killed").exists()  # the rank-0 worker was SIGKILLed after the step-2 checkpoint
+    hist = json.loads((run / "simcse" / "history.json").read_text())
+    assert hist["resumed_at"] == [2]  # ... and the restarted worker group resumed from it, not from scratch
+    steps = [h["step"] for h in hist["history"]]
+    assert steps == [2, 4, 6]  # the step counter never went backwards
+    assert (run / "simcse" / "best" / "manifest.json").exists() and (run / "export" / "manifest.json").exists()
+
+
+def test_ray_train_worker_killed_without_retries_fails_cleanly(tmp_path, tiny_model_dir, tiny_data_dir):
+    _write_cfg(tmp_path / "c.yaml", tiny_model_dir, sparsities=(0.1,), lams=(0.5,))
+    r = _sweep(tmp_path / "c.yaml", tmp_path / "run", tiny_data_dir, "--set", "ray.max_failures=0",
+               env={"SPARSECSE_FAULT": "stage1-kill:2"})
+    assert r.returncode == 2
+    assert "stage-1 training failed" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "run" / "export").exists() and not (tmp_path / "run" / "simcse").exists()
+
+
+def test_non_finite_trial_is_marked_failed_and_never_chosen(tmp_path, tiny_model_dir, tiny_data_dir):
+    _write_cfg(tmp_path / "c.yaml", tiny_model_dir, sparsities=(0.1, 0.3), lams=(0.5,))
+    r = _sweep(tmp_path / "c.yaml", tmp_path / "run", tiny_data_dir, env={"SPARSECSE_FAULT": "trial-nan:s0.100_l0.50_seed1"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    bad = next(t for t in res["trials"] if t["sparsity"] == 0.1)
+    assert bad["status"] == "error" and "non-finite" in bad["error"]
+    assert res["selected"]["sparsity"] == 0.3
+    assert "non-finite" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_driver_killed_then_resume_reruns_nothing_finished(tmp_path, tiny_model_dir, tiny_data_dir):
+    cfg = _write_cfg(tmp_path / "c.yaml", tiny_model_dir, sparsities=(0.1, 0.2, 0.3), lams=(0.5,))
+    run = tmp_path / "run"
+    env = {**os.environ, "SPARSECSE_DASHBOARD": "0"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "sparsecse", "sweep", str(cfg), "--out", str(run), "--data-dir",
+                             str(tiny_data_dir)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    finished = []
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        finished = [p for p in (run / "tune").rglob("result.json")
+                    if any(json.loads(x).get("done") for x in p.read_text().splitlines() if x.strip())]
+        if finished:
+            break
+        time.sleep(0.5)
+    assert finished and proc.poll() is None, "no trial finished before the sweep ended"
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started die at once
+    proc.wait()
+    subprocess.run([str(os.path.join(os.path.dirname(sys.executable), "ray")), "stop", "--force"], capture_output=True)
+    done_models = {p.parent.parent.name: p.stat().st_mtime_ns for p in (run / "trials").rglob("best/model.safetensors")
+                   if any(f.parent.name.startswith("trial_") for f in finished)}
+    before = {}
+    for f in finished:
+        last = [json.loads(x) for x in f.read_text().splitlines() if x.strip()][-1]
+        before[last["trial"]] = (run / "trials" / last["trial"] / "best" / "model.safetensors").stat().st_mtime_ns
+    assert done_models
+    r = _sweep(cfg, run, tiny_data_dir, "--resume")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for name, mtime in before.items():
+        assert (run / "trials" / name / "best" / "model.safetensors").stat().st_mtime_ns == mtime, name
+    res = json.loads((run / "results.json").read_text())
+    assert sorted(t["sparsity"] for t in res["trials"]) == [0.1, 0.2, 0.3]
+    assert all(t["status"] == "done" for t in res["trials"])
+    # the same study without interruption chooses the same point with the same metrics
+    r2 = _sweep(cfg, tmp_path / "ref", tiny_data_dir)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    ref = json.loads((tmp_path / "ref" / "results.json").read_text())
+    assert (res["selected"]["sparsity"], res["selected"]["lam"]) == (ref["selected"]["sparsity"], ref["selected"]["lam"])
+    assert res["selected"]["dev_mean"] == pytest.approx(ref["selected"]["dev_mean"], abs=1e-6)
