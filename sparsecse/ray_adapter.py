@@ -21,7 +21,6 @@ def connect(address: str | None, num_cpus: int | None, dashboard: bool) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "token")  # token authentication for the local cluster we start
     address = address or os.environ.get("RAY_ADDRESS")
     # workers import sparsecse from wherever this process does (editable install or a job's working dir)
     pkg_root = str(Path(__file__).resolve().parents[1])
@@ -29,8 +28,9 @@ def connect(address: str | None, num_cpus: int | None, dashboard: bool) -> None:
                         "TOKENIZERS_PARALLELISM": "false"}}
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+    else:  # Ray ≥ 2.59 turns token authentication on by default for the local cluster it starts
+        # address="local": always a fresh local cluster, never a stale one left by `ray start` on this machine
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
                  runtime_env=env, log_to_driver=True)
 
 

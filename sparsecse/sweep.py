@@ -108,9 +108,12 @@ def stage1_loop(loop_config: dict) -> None:
     report = ra.train_report
     if kill_at and rank == 0:
         def report(metrics, ckpt):
-            ra.train_report(metrics, ckpt)
-            if metrics["step"] >= int(kill_at) and _fire_once(Path(loop_config["work_dir"]).parent / ".fault-stage1-killed"):
+            # die mid-training: at the first report after step `kill_at`, before reporting it, so the
+            # checkpoint at `kill_at` is the latest one Ray knows
+            if metrics["step"] > int(kill_at) and _fire_once(Path(loop_config["work_dir"]).parent / ".fault-stage1-killed"):
+                time.sleep(5)  # Ray Train's controller registers reports by polling: let it see the last one
                 os.kill(os.getpid(), signal.SIGKILL)
+            ra.train_report(metrics, ckpt)
     train_simcse(cfg, out, Path(loop_config["data_dir"]), dist=Dist(rank, world), device=ra.train_device(),
                  wrap=ra.prepare_ddp if world > 1 else None, report=report, resume_dir=resume,
                  tb_dir=Path(loop_config["tb_dir"]) if rank == 0 else None, progress=False)

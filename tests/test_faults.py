@@ -26,7 +26,7 @@ def test_ray_train_worker_killed_resumes_from_checkpoint(tmp_path, tiny_model_di
     r = _sweep(tmp_path / "c.yaml", tmp_path / "run", tiny_data_dir, env={"SPARSECSE_FAULT": "stage1-kill:2"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     run = tmp_path / "run"
-    assert (run / ".fault-stage1-killed").exists()  # the rank-0 worker was SIGKILLed after the step-2 checkpoint
+    assert (run / ".fault-stage1-killed").exists()  # the rank-0 worker was SIGKILLed mid-training (after the step-2 checkpoint)
     hist = json.loads((run / "simcse" / "history.json").read_text())
     assert hist["resumed_at"] == [2]  # ... and the restarted worker group resumed from it, not from scratch
     steps = [h["step"] for h in hist["history"]]
@@ -39,7 +39,9 @@ def test_ray_train_worker_killed_without_retries_fails_cleanly(tmp_path, tiny_mo
     r = _sweep(tmp_path / "c.yaml", tmp_path / "run", tiny_data_dir, "--set", "ray.max_failures=0",
                env={"SPARSECSE_FAULT": "stage1-kill:2"})
     assert r.returncode == 2
-    assert "stage-1 training failed" in r.stderr and "Traceback" not in r.stderr
+    # Ray's own worker logs are forwarded to stderr; sparsecse's last word is one line, no traceback of ours
+    assert r.stderr.strip().splitlines()[-1].startswith("sparsecse: error: stage-1 training failed")
+    assert 'sparsecse/__main__.py", line' not in r.stderr
     assert not (tmp_path / "run" / "export").exists() and not (tmp_path / "run" / "simcse").exists()
 
 

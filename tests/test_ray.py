@@ -81,12 +81,12 @@ def test_crashed_trial_was_retried_from_its_checkpoint(finished_sweep):
 
 def test_resume_reruns_nothing_finished(finished_sweep, tiny_data_dir):
     cfg, run = finished_sweep
-    before = {p: p.stat().st_mtime_ns for p in (run / "trials").rglob("best/model.safetensors")}
+    before = {p: p.stat().st_mtime_ns for p in (run / "trials").glob("*/best/model.safetensors")}
     sel_before = json.loads((run / "results.json").read_text())["selected"]
     r = _sweep(cfg, run, tiny_data_dir, "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "stage 1 skipped" in r.stdout and "stage 2 skipped" in r.stdout
-    after = {p: p.stat().st_mtime_ns for p in (run / "trials").rglob("best/model.safetensors")}
+    after = {p: p.stat().st_mtime_ns for p in (run / "trials").glob("*/best/model.safetensors")}
     assert before == after and len(after) == 4
     summary = json.loads((run / "summary.json").read_text())
     assert summary["stage_runs"] == {"train": 1, "score": 1}

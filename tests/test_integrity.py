@@ -1,0 +1,62 @@
+"""Nothing half-written, nothing unsafe: crashes mid-write keep the previous version; no pickles anywhere."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from sparsecse.model import load_encoder, save_encoder
+
+PKG = Path(__file__).resolve().parents[1] / "sparsecse"
+
+
+def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tiny_model_dir, tmp_path, monkeypatch):
+    enc = load_encoder(str(tiny_model_dir))
+    d = save_encoder(enc, tmp_path / "best", {"step": 1})
+    before = (d / "manifest.json").read_text()
+
+    def boom(*a, **k):
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(enc.tokenizer, "save_pretrained", boom)
+    with pytest.raises(OSError):
+        save_encoder(enc, tmp_path / "best", {"step": 2})
+    assert (d / "manifest.json").read_text() == before
+    assert load_encoder(str(d)).meta["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+
+
+def test_crash_while_writing_scores_keeps_the_previous_file(tiny, tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    from sparsecse.score import compute_scores, load_scores, save_scores
+    from test_pipeline_tiny import PAIRS
+
+    sc = compute_scores(tiny, PAIRS, batch_size=3, pooler="cls_before_pooler")
+    path = save_scores(sc, tmp_path / "scores.parquet")
+    data = path.read_bytes()
+
+    def half_write(table, where, **k):
+        where.write(b"PAR1 partial")
+        raise OSError("killed")
+
+    monkeypatch.setattr(pq, "write_table", half_write)
+    with pytest.raises(OSError):
+        save_scores(sc, path)
+    assert path.read_bytes() == data
+    assert load_scores(path).meta == sc.meta
+    assert [p.name for p in tmp_path.iterdir()] == ["scores.parquet"]
+
+
+def test_no_pickle_loading_in_the_library():
+    src = {p.name: p.read_text() for p in PKG.glob("*.py")}
+    for name, text in src.items():
+        assert "import pickle" not in text and "cloudpickle" not in text, name
+        for call in re.findall(r"torch\.load\([^)]*\)", text):
+            assert "weights_only=True" in call, (name, call)
+        assert "yaml.load(" not in text and "yaml.unsafe_load" not in text, name
+
+
+def test_cluster_config_enables_token_auth_and_loopback_dashboard():
+    cluster = (PKG.parent / "cluster" / "gpu-cluster.yaml").read_text()
+    assert "RAY_AUTH_MODE=token" in cluster and "--dashboard-host=127.0.0.1" in cluster
