@@ -2,8 +2,9 @@
 
 Protocol (SentEval, sklearn path): logistic regression with the L2 strength C chosen from 2^-2 … 2^3;
 MR/CR/SUBJ/MPQA: 10-fold stratified CV with an inner k-fold choosing C; SST-2: C chosen on dev, test accuracy;
-TREC and MRPC: C chosen by k-fold CV on train, test accuracy (MRPC also F1), MRPC features [|u−v|, u·v]
-(SentEval's MRPCEval). Seeds fixed (1111, SentEval's), so results repeat exactly. Each unique sentence is
+TREC and MRPC: C chosen by k-fold CV on train, test accuracy (MRPC also F1). MRPC pair features are
+[u, v, |u−v|, u·v] by default (`mrpc_features="full"`); SentEval's MRPCEval itself uses [|u−v|, u·v]
+(`mrpc_features="senteval"`). Seeds fixed (1111, SentEval's), so results repeat exactly. Each unique sentence is
 encoded once and reused across folds.
 """
 
@@ -152,9 +153,16 @@ def train_test_scores(Xtr, ytr, Xte, yte, k: int = 10) -> tuple[float, float]:
 
 # --------------------------------------------------------------------------- evaluation
 
+def pair_features(u: np.ndarray, v: np.ndarray, kind: str = "full") -> np.ndarray:
+    """(N, D) × 2 -> [u, v, |u−v|, u·v] (N, 4D), or SentEval's MRPC [|u−v|, u·v] (N, 2D)."""
+    if kind == "senteval":
+        return np.c_[np.abs(u - v), u * v]
+    return np.c_[u, v, np.abs(u - v), u * v]
+
+
 def evaluate_transfer(enc, data_dir: Path, tasks=TRANSFER_TASKS, pooler: str | None = None, batch_size: int = 128,
                       k: int = 10, inner_k: int = 10, max_examples: int | None = None,
-                      progress: bool = False) -> dict[str, float]:
+                      mrpc_features: str = "full", progress: bool = False) -> dict[str, float]:
     """{task: accuracy ×100, "MRPC_f1": F1, "avg": mean accuracy}."""
     from .evaluate import encode
 
@@ -184,7 +192,7 @@ def evaluate_transfer(enc, data_dir: Path, tasks=TRANSFER_TASKS, pooler: str | N
         else:
             def pf(pair):
                 u, v = feats(pair[0]), feats(pair[1])
-                return np.c_[np.abs(u - v), u * v]
+                return pair_features(u, v, mrpc_features)
             (a, ya), (c, yc) = task.data["train"], task.data["test"]
             res[t], res[f"{t}_f1"] = train_test_scores(pf(a), ya, pf(c), yc, inner_k)
     res["avg"] = float(np.mean([res[t] for t in tasks]))

@@ -65,3 +65,22 @@ def test_malformed_transfer_files_name_file_and_line(tmp_path):
     (mrpc / "msr_paraphrase_train.txt").write_text("Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t1\t2\tonly one\n")
     with pytest.raises(SparseCSEError, match=r"msr_paraphrase_train.txt:2"):
         load_task(tmp_path, "MRPC")
+
+
+def test_pair_features():
+    from sparsecse.transfer import pair_features
+
+    u, v = np.array([[1.0, -2.0]]), np.array([[3.0, 1.0]])
+    assert pair_features(u, v).tolist() == [[1, -2, 3, 1, 2, 3, 3, -2]]
+    assert pair_features(u, v, "senteval").tolist() == [[2, 3, 3, -2]]
+
+
+def test_transfer_evaluation_end_to_end_on_tiny_model(tiny, data_dir):
+    from sparsecse.transfer import evaluate_transfer, format_transfer_markdown, format_transfer_table
+
+    r = evaluate_transfer(tiny, data_dir, tasks=("MRPC", "SST2", "CR"), max_examples=120, k=3, inner_k=3)
+    assert set(r) == {"MRPC", "MRPC_f1", "SST2", "CR", "avg"}
+    assert all(0 <= r[t] <= 100 for t in ("MRPC", "SST2", "CR"))
+    assert r == evaluate_transfer(tiny, data_dir, tasks=("MRPC", "SST2", "CR"), max_examples=120, k=3, inner_k=3)
+    assert "SST" in format_transfer_table(r, ("MRPC", "SST2", "CR"))
+    assert "| base |" in format_transfer_markdown({"base": r})
