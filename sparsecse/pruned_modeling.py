@@ -92,8 +92,12 @@ def load(path, dropout=None):
     with open(os.path.join(path, "config.json")) as f:
         mtype = json.load(f)["model_type"]
     cfg_cls, model_cls = {c.model_type: (c, m) for c, m in CLASSES.values()}[mtype]
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     cfg = cfg_cls.from_pretrained(path)
     if dropout is not None:
         cfg.hidden_dropout_prob = dropout
         cfg.attention_probs_dropout_prob = dropout
-    return model_cls.from_pretrained(path, config=cfg), AutoTokenizer.from_pretrained(path)
+    # the tokenizer is a stock one: pass the config so transformers never looks for remote code
+    return model_cls.from_pretrained(path, config=cfg), AutoTokenizer.from_pretrained(path, config=cfg)
