@@ -64,11 +64,15 @@ def test_driver_killed_then_resume_reruns_nothing_finished(tmp_path, tiny_model_
     proc = subprocess.Popen([sys.executable, "-m", "sparsecse", "sweep", str(cfg), "--out", str(run), "--data-dir",
                              str(tiny_data_dir)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
-    finished = []
+    finished: dict[str, int] = {}  # trial name -> its best model's mtime, read before the kill
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
-        finished = [p for p in (run / "tune").rglob("result.json")
-                    if any(json.loads(x).get("done") for x in p.read_text().splitlines() if x.strip())]
+        for p in (run / "tune").rglob("result.json"):
+            recs = [json.loads(x) for x in p.read_text().splitlines() if x.strip().endswith("}")]
+            done = [r for r in recs if r.get("done")]
+            if done:
+                best = run / "trials" / done[-1]["trial"] / "best" / "model.safetensors"
+                finished[done[-1]["trial"]] = best.stat().st_mtime_ns
         if finished:
             break
         time.sleep(0.5)
@@ -76,13 +80,7 @@ def test_driver_killed_then_resume_reruns_nothing_finished(tmp_path, tiny_model_
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started die at once
     proc.wait()
     subprocess.run([str(os.path.join(os.path.dirname(sys.executable), "ray")), "stop", "--force"], capture_output=True)
-    done_models = {p.parent.parent.name: p.stat().st_mtime_ns for p in (run / "trials").rglob("best/model.safetensors")
-                   if any(f.parent.name.startswith("trial_") for f in finished)}
-    before = {}
-    for f in finished:
-        last = [json.loads(x) for x in f.read_text().splitlines() if x.strip()][-1]
-        before[last["trial"]] = (run / "trials" / last["trial"] / "best" / "model.safetensors").stat().st_mtime_ns
-    assert done_models
+    before = finished
     r = _sweep(cfg, run, tiny_data_dir, "--resume")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     for name, mtime in before.items():
