@@ -6,7 +6,6 @@ STS12–16: one Spearman over all subsets of the year concatenated (SimCSE's "al
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -132,9 +131,3 @@ def format_table(results: dict[str, float], tasks=STS_TASKS, title: str = "") ->
     head = " | ".join(c.rjust(n) for c, n in zip(cols, w))
     line = " | ".join(v.rjust(n) for v, n in zip(vals, w))
     return (f"{title}\n" if title else "") + head + "\n" + "-+-".join("-" * n for n in w) + "\n" + line
-
-
-def timed(fn, *args, **kwargs):
-    t0 = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - t0

@@ -37,7 +37,6 @@ class Adapter:
     query: str = "attention.self.query"
     key: str = "attention.self.key"
     value: str = "attention.self.value"
-    attn_self: str = "attention.self"
     attn_out: str = "attention.output.dense"
     intermediate: str = "intermediate"  # output = act(dense(x)), (B, T, I)
     inter_dense: str = "intermediate.dense"
