@@ -31,12 +31,34 @@ def select(rows: list[dict]) -> dict | None:
     pruned = {k: v for k, v in groups.items() if k[0] > 0} or groups
     key = max(pruned, key=lambda k: (np.mean([r["metrics"]["best_stsb_dev"] for r in pruned[k]]), -k[0], -k[1]))
     members = pruned[key]
+    return {"sparsity": key[0], "lam": key[1], **_seed_stats(members)}
+
+
+def _seed_stats(members: list[dict]) -> dict:
+    """Mean and population std over seeds of the dev score and every test task of one grid point's trials."""
     best_seed = max(members, key=lambda r: r["metrics"]["best_stsb_dev"])
     test = {t: float(np.mean([r["metrics"][f"test/{t}"] for r in members])) for t in _test_keys(members)}
-    return {"sparsity": key[0], "lam": key[1], "dev_mean": float(np.mean([r["metrics"]["best_stsb_dev"] for r in members])),
+    return {"dev_mean": float(np.mean([r["metrics"]["best_stsb_dev"] for r in members])),
             "seeds": [r["config"]["seed"] for r in members], "test": test,
             "test_std": {t: float(np.std([r["metrics"][f"test/{t}"] for r in members])) for t in _test_keys(members)},
             "trial_dir": str(Path(best_seed["trial_dir"]))}
+
+
+def control(rows: list[dict]) -> dict | None:
+    """The rewound SimCSE control (sparsity 0, retrained per seed) over its finished seeds: SimCSE's seed spread."""
+    members = [r for r in rows if not r["error"] and r["metrics"].get("done") and r["config"]["sparsity"] == 0
+               and math.isfinite(r["metrics"].get("best_stsb_dev", float("nan")))]
+    if not members:
+        return None
+    # one control per seed: with several λ values in the grid the s = 0 point is run once per seed
+    by_seed: dict = {}
+    for r in sorted(members, key=lambda r: r["config"]["lam"]):
+        by_seed.setdefault(r["config"]["seed"], r)
+    return _seed_stats(list(by_seed.values()))
+
+
+def _pm(mean: dict, std: dict, tasks: list[str]) -> dict:
+    return {t: f"{mean[t]:.2f} ± {std[t]:.2f}" for t in tasks if t in mean and t in std}
 
 
 def _test_keys(rows) -> list[str]:
@@ -47,7 +69,8 @@ def _test_keys(rows) -> list[str]:
 def _table(rows: list[tuple[str, dict]], tasks: list[str]) -> str:
     head = "| Model | " + " | ".join(SHORT.get(t, "Avg." if t == "avg" else t) for t in tasks) + " |"
     sep = "|---|" + "---:|" * len(tasks)
-    body = ["| " + name + " | " + " | ".join(f"{v[t]:.2f}" if t in v else "—" for t in tasks) + " |" for name, v in rows]
+    cell = lambda v: v if isinstance(v, str) else f"{v:.2f}"  # noqa: E731
+    body = ["| " + name + " | " + " | ".join(cell(v[t]) if t in v else "—" for t in tasks) + " |" for name, v in rows]
     return "\n".join([head, sep, *body])
 
 
@@ -147,7 +170,8 @@ def write_report(run: Path, cfg: Config, rows: list[dict], simcse_dir: Path, dat
                     "SparseCSE": evaluate_transfer(load_encoder(str(Path(selected["trial_dir"]) / "best"),
                                                                 pooler=cfg.model.eval_pooler), data_dir,
                                                    pooler=cfg.model.eval_pooler)}
-    summary = {"baseline": baseline, "selected": selected, "num_trials": len(rows),
+    ctrl = control(rows)
+    summary = {"baseline": baseline, "selected": selected, "control": ctrl, "num_trials": len(rows),
                "failed": [{"trial": x["trial"], "error": x["error"]} for x in flat if x["status"] == "error"],
                "transfer": transfer}
     atomic_write_json(run / "results.json", {"trials": flat, **summary})
@@ -167,8 +191,15 @@ def write_report(run: Path, cfg: Config, rows: list[dict], simcse_dir: Path, dat
           "Selection uses STS-B **dev** (mean over seeds); test figures are reported, never used to choose.", "",
           "## Test results (Spearman × 100)", "", _table(trow, tasks), ""]
     if selected and len(selected["seeds"]) > 1:
-        md += [f"Selected point over seeds {selected['seeds']}: mean ± std", "",
-               _table([("SparseCSE ± std", {t: selected["test_std"][t] for t in selected["test_std"]})], tasks), ""]
+        seeds_rows = []
+        if ctrl:
+            seeds_rows.append((f"SimCSE (rewound control s=0, seeds {ctrl['seeds']})", _pm(ctrl["test"], ctrl["test_std"], tasks)))
+        seeds_rows.append((f"SparseCSE dev-selected (s={selected['sparsity']:.0%}, λ={selected['lam']}, seeds "
+                           f"{selected['seeds']})", _pm(selected["test"], selected["test_std"], tasks)))
+        md += ["## Over seeds: mean ± std (test Spearman × 100)", "",
+               "Both rows retrain from the pre-trained weights with each seed under the same budget; the control keeps "
+               "every head and neuron (sparsity 0), so the difference is the effect of the mask.", "",
+               _table(seeds_rows, tasks), ""]
     md += ["## Alignment / uniformity (STS-B test; lower is better)", "",
            f"SimCSE: align {baseline['align']:.4f}, uniform {baseline['uniform']:.4f}", ""]
     md += ["## All trials", "", "| sparsity | λ | seed | status | STS-B dev | test avg | align | uniform |",

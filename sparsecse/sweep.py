@@ -172,7 +172,7 @@ def make_trial(run_dir: str, data_dir: str, cfg_dict: dict):
 
         def report(rec: dict, ckpt):
             if faults.get("trial-exit") == name and _fire_once(out / ".fault-fired"):
-                os._exit(17)  # the trial process dies mid-trial
+                os.kill(os.getpid(), signal.SIGKILL)  # the trial process is killed mid-trial
             ra.tune_report({**base, **rec}, ckpt)
 
         res = train_simcse(cfg, out, Path(data_dir), init=init, head_mask=hm, neuron_mask=nm, report=report,

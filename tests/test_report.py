@@ -1,0 +1,44 @@
+"""Selection and the over-seeds table: dev-only choice, mean ± std per grid point, the s = 0 control per seed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sparsecse.report import _pm, _table, control, select
+
+
+def _row(s, lam, seed, dev, test_b, error=None, done=True):
+    return {"config": {"sparsity": s, "lam": lam, "seed": seed}, "error": error, "trial_dir": f"/t/{s}_{lam}_{seed}",
+            "metrics": {"done": done, "best_stsb_dev": dev, "test/STSBenchmark": test_b, "test/avg": test_b - 1}}
+
+
+def test_select_averages_dev_over_seeds_and_reports_test_mean_std():
+    rows = [_row(0.0, 0.25, k, 80.0, 70.0 + k) for k in (1, 2, 3)]
+    rows += [_row(0.0, 0.75, k, 80.0, 99.0) for k in (1, 2, 3)]  # a second s=0 entry per seed is not double-counted
+    rows += [_row(0.1, 0.25, k, d, t) for k, d, t in ((1, 79.0, 71.0), (2, 83.0, 72.0), (3, 80.0, 76.0))]
+    rows += [_row(0.3, 0.25, k, d, 90.0) for k, d in ((1, 81.5, ), (2, 81.5), (3, 81.4))]
+    rows.append(_row(0.5, 0.25, 1, float("nan"), 99.0))  # non-finite: never chosen
+    rows.append(_row(0.5, 0.75, 1, 99.0, 99.0, error="boom"))  # failed: never chosen
+    sel = select(rows)
+    # mean dev: s=0.1 → 80.667, s=0.3 → 81.467: the higher mean wins although s=0.1 has the single best seed
+    assert (sel["sparsity"], sel["lam"]) == (0.3, 0.25)
+    assert sel["dev_mean"] == pytest.approx(np.mean([81.5, 81.5, 81.4]))
+    assert sel["seeds"] == [1, 2, 3] and sel["test"]["STSBenchmark"] == pytest.approx(90.0)
+    assert sel["trial_dir"] == "/t/0.3_0.25_1"  # the best-dev seed of the chosen point is exported
+    ctrl = control(rows)
+    assert ctrl["seeds"] == [1, 2, 3]
+    # the λ=0.75 duplicate of the control (99.0) is dropped in favour of the first λ per seed
+    assert ctrl["test"]["STSBenchmark"] == pytest.approx(72.0)
+    assert ctrl["test_std"]["STSBenchmark"] == pytest.approx(np.std([71.0, 72.0, 73.0]))
+    cells = _pm(ctrl["test"], ctrl["test_std"], ["STSBenchmark", "avg"])
+    assert cells == {"STSBenchmark": "72.00 ± 0.82", "avg": "71.00 ± 0.82"}
+    md = _table([("ctrl", cells)], ["STSBenchmark", "avg"])
+    assert md.splitlines()[-1] == "| ctrl | 72.00 ± 0.82 | 71.00 ± 0.82 |"
+
+
+def test_select_prefers_pruned_points_and_handles_nothing_finished():
+    rows = [_row(0.0, 0.5, 1, 90.0, 80.0), _row(0.2, 0.5, 1, 70.0, 60.0)]
+    assert select(rows)["sparsity"] == 0.2
+    assert select([_row(0.2, 0.5, 1, 70.0, 60.0, done=False)]) is None
+    assert control([_row(0.2, 0.5, 1, 70.0, 60.0)]) is None
