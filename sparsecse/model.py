@@ -38,6 +38,9 @@ class Adapter:
     key: str = "attention.self.key"
     value: str = "attention.self.value"
     attn_out: str = "attention.output.dense"
+    attn_self: str = "attention.self"  # has query/key/value, num_attention_heads, attention_head_size, scaling, dropout
+    attn_output: str = "attention.output"  # forward(context, residual) = LayerNorm(dropout(dense(context)) + residual)
+    ffn_output: str = "output"  # forward(intermediate, residual), same shape as attn_output
     intermediate: str = "intermediate"  # output = act(dense(x)), (B, T, I)
     inter_dense: str = "intermediate.dense"
     ffn_out: str = "output.dense"
@@ -124,6 +127,7 @@ class Encoder(nn.Module):
             self.mlp[0].bias.zero_()
         self.layers = list(self.adapter.get(backbone, "layers"))
         self.physical = getattr(cfg, "heads_per_layer", None) is not None
+        self.packed = True  # padding-free forward (see _packed_forward); False runs the backbone's own forward
         self._hooks = []
         if not self.physical:
             L, H, inter = len(self.layers), cfg.num_attention_heads, cfg.intermediate_size
@@ -169,12 +173,64 @@ class Encoder(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooler: str | None = None) -> torch.Tensor:
         pooler = pooler or self.pooler
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, D)
+        if self.packed and not self.physical:
+            out = self._packed_forward(input_ids, attention_mask, cls_only=pooler != "avg")
+            if pooler != "avg":
+                return self.mlp(out) if pooler == "cls" else out
+        else:
+            out = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, D)
         if pooler == "avg":
             m = attention_mask.unsqueeze(-1).to(out.dtype)
             return (out * m).sum(1) / m.sum(1)
         cls = out[:, 0]
         return self.mlp(cls) if pooler == "cls" else cls
+
+    def _packed_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cls_only: bool) -> torch.Tensor:
+        """The backbone's encoder on real tokens only; returns CLS states (B, D) or, for avg, padded (B, T, D).
+
+        The same modules and weights as `backbone(...)` (mask hooks included), but the per-token work — Q/K/V and
+        output projections, FFN, LayerNorms — runs on the N real tokens instead of B·T padded slots, and with
+        `cls_only` the last layer computes its query, output projection and FFN for the CLS token alone (nothing
+        else reaches a CLS pooler). Only attention itself sees the padded (B, heads, T, d) layout. Equal to the
+        padded forward up to float rounding (tested), and to dropout's random draws.
+        """
+        import torch.nn.functional as F
+
+        B, T = input_ids.shape
+        valid = attention_mask.bool()
+        idx = valid.reshape(-1).nonzero().squeeze(1)  # packed slot -> flat padded position
+        lengths = valid.sum(1)
+        starts = torch.cumsum(lengths, 0) - lengths  # packed index of each sentence's first (CLS) token
+        x = self.backbone.embeddings(input_ids=input_ids)  # (B, T, D): word + position + type, LayerNorm, dropout
+        D = x.shape[-1]
+        x = x.reshape(B * T, D).index_select(0, idx)  # (N, D)
+        key_mask = valid[:, None, None, :]  # (B, 1, 1, T): attend to real tokens only
+        ad = self.adapter
+
+        for li, layer in enumerate(self.layers):
+            sa = ad.get(layer, "attn_self")
+            nh, d = sa.num_attention_heads, sa.attention_head_size
+
+            def padded(t: torch.Tensor) -> torch.Tensor:  # (N, nh·d) -> (B, nh, T, d), zeros at padding
+                buf = t.new_zeros(B * T, t.shape[-1]).index_copy(0, idx, t)
+                return buf.view(B, T, nh, d).transpose(1, 2)
+
+            last = cls_only and li == len(self.layers) - 1
+            k, v = padded(sa.key(x)), padded(sa.value(x))  # every real token is a key/value
+            if last:
+                x = x.index_select(0, starts)  # (B, D): from here on, the residual stream of CLS only
+                q = sa.query(x).view(B, 1, nh, d).transpose(1, 2)
+            else:
+                q = padded(sa.query(x))
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, scale=sa.scaling,
+                                                 dropout_p=sa.dropout.p if sa.training else 0.0)
+            ctx = ctx.transpose(1, 2).reshape(B, -1, nh * d)  # (B, T or 1, nh·d)
+            ctx = ctx[:, 0] if last else ctx.reshape(B * T, nh * d).index_select(0, idx)
+            a = ad.get(layer, "attn_output")(ctx, x)
+            x = ad.get(layer, "ffn_output")(ad.get(layer, "intermediate")(a), a)
+        if cls_only:
+            return x
+        return x.new_zeros(B * T, D).index_copy(0, idx, x).view(B, T, D)
 
     def tokenize(self, sentences: list[str], max_len: int | None = None) -> dict:
         enc = self.tokenizer(sentences, padding=True, truncation=True,
