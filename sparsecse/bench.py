@@ -46,6 +46,17 @@ def ab(fa, fb, reps: int) -> tuple[list[float], list[float]]:
     return ra, rb
 
 
+def abn(arms: dict, reps: int) -> dict[str, list[float]]:
+    """Like `ab` for any number of arms: one warm-up each, then `reps` rounds running every arm once per round."""
+    for f in arms.values():
+        f()
+    out = {k: [] for k in arms}
+    for _ in range(reps):
+        for k, f in arms.items():
+            out[k].append(f())
+    return out
+
+
 def _sentences(data_dir: Path, n: int) -> list[str]:
     lines = (data_dir / "wiki" / "wiki1m_sample.txt").read_text(encoding="utf-8").splitlines()
     return [s for s in lines if s.strip()][:n]
@@ -59,37 +70,44 @@ def train_flops_per_step(cfg, batch_tokens: int, seq: int) -> float:
 
 
 def bench_train(data_dir: Path, reps: int, steps: int = 3, batch: int = 64, max_len: int = 32) -> dict:
-    from sentence_transformers import SentenceTransformer, losses
-    from sentence_transformers.models import Pooling, Transformer
+    """Three arms, alternating: ours (train.py's step: padding-free forward, fused AdamW), ours as it was before
+    profiling (the backbone's padded forward, foreach AdamW), and the sentence-transformers peer."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
 
     from .data import collate
-    from .losses import info_nce
     from .model import default_model_path, load_encoder
+    from .train import make_optimizer, simcse_loss
 
     sents = _sentences(data_dir, batch * steps)
     batches = [sents[i * batch:(i + 1) * batch] for i in range(steps)]
     enc = load_encoder("minilm", pooler="cls").train()
-    opt = torch.optim.AdamW([p for p in enc.parameters() if p.requires_grad], lr=3e-5)
+    params = [p for p in enc.parameters() if p.requires_grad]
+    opts = {True: make_optimizer(params, 3e-5, 0.0, "cpu"), False: torch.optim.AdamW(params, lr=3e-5, foreach=True)}
     toks = [enc.tokenizer(b, truncation=True, max_length=max_len) for b in batches]
     feats = [collate([{"input_ids": ids} for ids in t["input_ids"]], enc.tokenizer.pad_token_id) for t in toks]
-    ntok = sum(int(f["attention_mask"].sum()) * 2 for f in feats)
+    real = sum(int(f["attention_mask"].sum()) * 2 for f in feats)  # real tokens, both views
+    slots = sum(f["attention_mask"].numel() * 2 for f in feats)  # padded slots, both views
     seq = max(f["input_ids"].shape[1] for f in feats)
 
-    def ours():
-        t0 = time.perf_counter()
-        for f in feats:
-            ids, att = f["input_ids"].repeat(2, 1), f["attention_mask"].repeat(2, 1)
-            z = enc(ids, att)
-            loss = info_nce(z[:len(ids) // 2], z[len(ids) // 2:], 0.05)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        return time.perf_counter() - t0
+    def ours_arm(packed: bool):
+        def run():
+            enc.packed = packed
+            opt = opts[packed]
+            t0 = time.perf_counter()
+            for f in feats:
+                loss = simcse_loss(enc, f, 0.05)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            return time.perf_counter() - t0
+        return run
 
     tr = Transformer(default_model_path(), max_seq_length=max_len)
-    st = SentenceTransformer(modules=[tr, Pooling(tr.get_word_embedding_dimension(), "cls")], device="cpu")
+    st = SentenceTransformer(modules=[tr, Pooling(tr.get_embedding_dimension(), "cls")], device="cpu")
     st.train()
-    mnrl = losses.MultipleNegativesRankingLoss(st, scale=20.0)  # scale 20 = 1/τ with τ = 0.05
+    mnrl = MultipleNegativesRankingLoss(st, scale=20.0)  # scale 20 = 1/τ with τ = 0.05
     st_opt = torch.optim.AdamW(st.parameters(), lr=3e-5)
     st_feats = [st.tokenize(b) for b in batches]
 
@@ -102,17 +120,29 @@ def bench_train(data_dir: Path, reps: int, steps: int = 3, batch: int = 64, max_
             st_opt.step()
         return time.perf_counter() - t0
 
-    a, b = ab(ours, peer, reps)
+    arms = abn({"ours": ours_arm(True), "ours_before": ours_arm(False), "peer": peer}, reps)
+    enc.packed = True
+    med = {k: statistics.median(v) for k, v in arms.items()}
     n = batch * steps
     peak = matmul_peak_gflops()
-    flops = train_flops_per_step(enc.backbone.config, ntok // steps, seq) * steps
-    return {"row": "train", "ours_sent_s": n / statistics.median(a), "peer_sent_s": n / statistics.median(b),
-            "ratio": statistics.median(b) / statistics.median(a), "ours_gflops": flops / statistics.median(a) / 1e9,
+    cfg = enc.backbone.config
+    model_flops = train_flops_per_step(cfg, real // steps, seq) * steps  # the full encoder on every real token
+    padded_flops = train_flops_per_step(cfg, slots // steps, seq) * steps  # what the padded forward computes
+    return {"row": "train", "ours_sent_s": n / med["ours"], "before_sent_s": n / med["ours_before"],
+            "peer_sent_s": n / med["peer"], "ratio": med["peer"] / med["ours"],
+            "ratio_before": med["peer"] / med["ours_before"], "speedup_vs_before": med["ours_before"] / med["ours"],
+            "padding_fraction": 1 - real / slots,
+            "ours_model_gflops": model_flops / med["ours"] / 1e9,
+            "before_executed_gflops": padded_flops / med["ours_before"] / 1e9,
+            "peer_executed_gflops": padded_flops / med["peer"] / 1e9,
             "matmul_peak_gflops": peak, "batch": batch, "max_len": max_len, "steps_per_rep": steps,
-            "ours_s": a, "peer_s": b}
+            **{f"{k}_s": v for k, v in arms.items()}}
 
 
-def bench_eval(data_dir: Path, reps: int, tasks: tuple[str, ...]) -> dict:
+def bench_eval(data_dir: Path, reps: int, tasks: tuple[str, ...], before: bool = False) -> dict:
+    """Ours (every unique sentence once, length-sorted, padding-free forward) vs the SentEval protocol run the
+    straightforward way (each subset on its own, the model's own padded forward, as SimCSE's evaluation does);
+    `before` adds our evaluator with the padded forward."""
     from .data import load_sts_task
     from .evaluate import aggregate_all, evaluate_sts
     from .model import load_encoder
@@ -120,14 +150,18 @@ def bench_eval(data_dir: Path, reps: int, tasks: tuple[str, ...]) -> dict:
     enc = load_encoder("minilm", pooler="avg").eval()
     res = {}
 
-    def ours():
-        t0 = time.perf_counter()
-        res["ours"] = evaluate_sts(enc, data_dir, tasks=tasks, pooler="avg")
-        return time.perf_counter() - t0
+    def ours_arm(packed: bool, key: str):
+        def run():
+            enc.packed = packed
+            t0 = time.perf_counter()
+            res[key] = evaluate_sts(enc, data_dir, tasks=tasks, pooler="avg")
+            return time.perf_counter() - t0
+        return run
 
     @torch.no_grad()
     def senteval_style():
         # SentEval: per subset, pairs sorted by (len(s1), len(s2)), batches of 64 pairs, both sides encoded
+        enc.packed = False
         t0 = time.perf_counter()
         out = {}
         for t in tasks:
@@ -149,11 +183,17 @@ def bench_eval(data_dir: Path, reps: int, tasks: tuple[str, ...]) -> dict:
         res["peer"] = out
         return time.perf_counter() - t0
 
-    a, b = ab(ours, senteval_style, reps)
-    diff = max(abs(res["ours"][t] - res["peer"][t]) for t in tasks)
-    return {"row": "eval", "tasks": list(tasks), "ours_s": statistics.median(a), "peer_s": statistics.median(b),
-            "ratio": statistics.median(b) / statistics.median(a), "max_abs_diff": diff, "ours": res["ours"],
-            "peer": res["peer"], "ours_all": a, "peer_all": b}
+    arms = {"ours": ours_arm(True, "ours"), "peer": senteval_style}
+    if before:
+        arms["ours_before"] = ours_arm(False, "ours_before")
+    t = abn(arms, reps)
+    enc.packed = True
+    med = {k: statistics.median(v) for k, v in t.items()}
+    diff = max(abs(res[k][task] - res["peer"][task]) for task in tasks for k in res if k != "peer")
+    return {"row": "eval", "tasks": list(tasks), "ours_s": med["ours"], "peer_s": med["peer"],
+            "ratio": med["peer"] / med["ours"], "before_s": med.get("ours_before"),
+            "speedup_vs_before": med["ours_before"] / med["ours"] if before else None,
+            "max_abs_diff": diff, **{k: v for k, v in res.items()}, **{f"{k}_all": v for k, v in t.items()}}
 
 
 def bench_inference(data_dir: Path, reps: int, sparsities=(0.1, 0.3, 0.5), n: int = 512, work: Path | None = None) -> dict:
@@ -222,7 +262,7 @@ def run_bench(a) -> None:
         if row == "train":
             r = bench_train(data_dir, a.reps)
         elif row == "eval":
-            r = bench_eval(data_dir, a.reps, tuple(a.tasks))
+            r = bench_eval(data_dir, a.reps, tuple(a.tasks), before=a.before)
         elif row == "inference":
             r = bench_inference(data_dir, a.reps, work=out / "inference")
         else:

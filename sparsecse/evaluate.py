@@ -1,6 +1,6 @@
 """STS evaluation under the SentEval protocol (as SimCSE runs it), plus alignment/uniformity.
 
-Each unique sentence is encoded once (length-sorted batches); cosine similarity per pair; Spearman ×100.
+Each unique sentence is encoded once (batches sorted by token count); cosine similarity per pair; Spearman ×100.
 STS12–16: one Spearman over all subsets of the year concatenated (SimCSE's "all"); STS-B, SICK-R: test split.
 """
 
@@ -50,21 +50,31 @@ def aggregate_all(sys_by_subset: dict[str, np.ndarray], gold_by_subset: dict[str
 @torch.no_grad()
 def encode(enc, sentences: list[str], batch_size: int = 128, max_len: int | None = None,
            pooler: str | None = None, progress: bool = False) -> dict[str, torch.Tensor]:
-    """{sentence: (D,) embedding}, each unique sentence encoded once, batches sorted by length."""
-    uniq = sorted(set(sentences), key=lambda s: (len(s.split()), len(s)))
+    """{sentence: (D,) embedding}, each unique sentence encoded once.
+
+    All unique sentences are tokenized in one call, then batched in order of token count, so a batch holds
+    sentences of (almost) the same length and the padded attention wastes next to nothing.
+    """
+    from .data import collate
+
+    uniq = list(dict.fromkeys(sentences))
+    limit = max_len or min(enc.tokenizer.model_max_length, 512)
+    ids = enc.tokenizer(uniq, truncation=True, max_length=limit)["input_ids"]
+    order = sorted(range(len(uniq)), key=lambda i: (len(ids[i]), i))
+    pad = enc.tokenizer.pad_token_id or 0
     was_training = enc.training
     enc.eval()
     device = next(enc.parameters()).device
     out: dict[str, torch.Tensor] = {}
-    batches = range(0, len(uniq), batch_size)
+    batches = range(0, len(order), batch_size)
     if progress:
         from tqdm.auto import tqdm
         batches = tqdm(batches, desc="encode", unit="batch", leave=False)
     for i in batches:
-        chunk = uniq[i:i + batch_size]
-        b = enc.tokenize(chunk, max_len)
+        chunk = order[i:i + batch_size]
+        b = collate([{"input_ids": ids[j]} for j in chunk], pad)
         emb = enc(b["input_ids"].to(device), b["attention_mask"].to(device), pooler=pooler).float().cpu()
-        out.update(zip(chunk, emb))
+        out.update(zip((uniq[j] for j in chunk), emb))
     enc.train(was_training)
     return out
 

@@ -173,7 +173,7 @@ class Encoder(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooler: str | None = None) -> torch.Tensor:
         pooler = pooler or self.pooler
-        if self.packed and not self.physical:
+        if self.packed:
             out = self._packed_forward(input_ids, attention_mask, cls_only=pooler != "avg")
             if pooler != "avg":
                 return self.mlp(out) if pooler == "cls" else out
@@ -209,13 +209,18 @@ class Encoder(nn.Module):
 
         for li, layer in enumerate(self.layers):
             sa = ad.get(layer, "attn_self")
+            last = cls_only and li == len(self.layers) - 1
+            if not hasattr(sa, "query"):  # a physically pruned layer with no heads left: empty context
+                x = x.index_select(0, starts) if last else x
+                a = ad.get(layer, "attn_output")(x.new_zeros(x.shape[0], 0), x)
+                x = ad.get(layer, "ffn_output")(ad.get(layer, "intermediate")(a), a)
+                continue
             nh, d = sa.num_attention_heads, sa.attention_head_size
 
             def padded(t: torch.Tensor) -> torch.Tensor:  # (N, nh·d) -> (B, nh, T, d), zeros at padding
                 buf = t.new_zeros(B * T, t.shape[-1]).index_copy(0, idx, t)
                 return buf.view(B, T, nh, d).transpose(1, 2)
 
-            last = cls_only and li == len(self.layers) - 1
             k, v = padded(sa.key(x)), padded(sa.value(x))  # every real token is a key/value
             if last:
                 x = x.index_select(0, starts)  # (B, D): from here on, the residual stream of CLS only

@@ -168,7 +168,9 @@ def run_tuner(trial_fn: Callable[[dict], None], points: list[dict], *, storage: 
         tuner = tune.Tuner(
             trainable,
             param_space={"point": tune.grid_search(points)},
-            tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, scheduler=sched),
+            # reuse_actors: a finished trial's process takes the next point (no new process, no re-import of
+            # torch/transformers per trial); a crashed one is replaced as usual
+            tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, scheduler=sched, reuse_actors=True),
             run_config=tune.RunConfig(name=name, storage_path=str(storage),
                                       failure_config=tune.FailureConfig(max_failures=max_failures),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=1),

@@ -100,6 +100,24 @@ def _save_latest(out_dir: Path, enc: Encoder, opt, sched, step: int, best_dev: f
     return out_dir / "latest"
 
 
+def make_optimizer(params, lr: float, weight_decay: float, device) -> torch.optim.Optimizer:
+    """AdamW; the fused kernel (one pass over all tensors, ~5× faster than foreach on CPU) where torch has it."""
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=torch.device(device).type in ("cpu", "cuda"))
+    except (RuntimeError, ValueError):  # a device type without a fused AdamW
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def simcse_loss(model, batch: dict, temperature: float, device="cpu", gather=lambda z: z) -> torch.Tensor:
+    """Unsupervised SimCSE on one (local) batch: both dropout views in one doubled forward, InfoNCE over the
+    global batch (`gather` concatenates the views of every data-parallel rank, keeping this rank's gradients)."""
+    ids = batch["input_ids"].repeat(2, 1).to(device)  # (2b, T): two dropout views in one forward
+    att = batch["attention_mask"].repeat(2, 1).to(device)
+    z = model(ids, att)  # (2b, D)
+    b = batch["input_ids"].shape[0]
+    return info_nce(gather(z[:b]), gather(z[b:]), temperature)
+
+
 def train_simcse(cfg: Config, out_dir: str | os.PathLike, data_dir: Path, *, init: str | Encoder | None = None,
                  head_mask: torch.Tensor | None = None, neuron_mask: torch.Tensor | None = None,
                  dist: Dist | None = None, device: str | torch.device = "cpu",
@@ -148,7 +166,7 @@ def train_simcse(cfg: Config, out_dir: str | os.PathLike, data_dir: Path, *, ini
     dev = dev_pairs(data_dir, tc.eval_max_pairs)
 
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    opt = make_optimizer(params, tc.lr, tc.weight_decay, device)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / total))  # linear decay, no warmup
     step, best_dev, history, resumes = 0, -math.inf, [], []
     if resume_dir is not None:
@@ -186,12 +204,7 @@ def train_simcse(cfg: Config, out_dir: str | os.PathLike, data_dir: Path, *, ini
         t0 = time.perf_counter()
         local = gb[lo * len(gb) // tc.batch_size: hi * len(gb) // tc.batch_size]
         batch = collate([corpus[int(j)] for j in local], pad)
-        ids = batch["input_ids"].repeat(2, 1).to(device)  # (2b, T): two dropout views in one forward
-        att = batch["attention_mask"].repeat(2, 1).to(device)
-        z = model(ids, att)  # (2b, D)
-        b = len(local)
-        z1, z2 = dist.gather(z[:b]), dist.gather(z[b:])  # (B, D) global views
-        loss = info_nce(z1, z2, tc.temperature)
+        loss = simcse_loss(model, batch, tc.temperature, device, dist.gather)
         if not torch.isfinite(loss):
             raise SparseCSEError(f"training loss became non-finite ({loss.item()}) at step {step}; "
                                  "lower train.lr or check the data")

@@ -94,3 +94,25 @@ def test_packed_forward_trains_with_dropout(tiny):
     ids, att = _batch(tiny)
     a, b = tiny(ids, att), tiny(ids, att)
     assert torch.isfinite(a).all() and not torch.allclose(a, b)
+
+
+@pytest.mark.parametrize("pooler", ["cls_before_pooler", "avg"])
+def test_packed_forward_on_a_physically_pruned_model(tiny, pooler):
+    """Narrower layers and a layer with no heads left (the export's shapes) run padding-free too."""
+    from sparsecse.export import physical_prune
+    from sparsecse.prune import zero_pruned_weights
+
+    hm = torch.ones_like(tiny.head_mask)
+    hm[0] = 0  # layer 0 loses every head
+    hm[1, 1] = 0
+    nm = torch.ones_like(tiny.neuron_mask)
+    nm[1, :20] = 0
+    tiny.set_masks(hm, nm)
+    zero_pruned_weights(tiny)
+    pruned = Encoder(physical_prune(tiny), tiny.tokenizer, pooler="cls_before_pooler").eval()
+    assert pruned.physical and pruned.backbone.config.heads_per_layer == [0, 3]
+    ids, att = _batch(tiny)
+    (y0, _), (y1, _) = _both(pruned, ids, att, pooler)
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
+    tiny.eval()
+    torch.testing.assert_close(y1, tiny(ids, att, pooler).detach(), rtol=1e-4, atol=1e-5)  # = the masked model

@@ -1,0 +1,34 @@
+"""`sparsecse bench` rows run end to end at toy sizes (the real rows are in BENCHMARKS.md, not in CI's pass/fail):
+every arm runs, figures are finite and positive, and the peers compute the same STS numbers as ours."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from sparsecse import bench
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_train_three_arms(tiny_data_dir):
+    r = bench.bench_train(tiny_data_dir, reps=1, steps=1, batch=4, max_len=16)
+    assert len(r["ours_s"]) == len(r["ours_before_s"]) == len(r["peer_s"]) == 1
+    for k in ("ours_sent_s", "before_sent_s", "peer_sent_s", "ratio", "speedup_vs_before", "ours_model_gflops",
+              "matmul_peak_gflops"):
+        assert math.isfinite(r[k]) and r[k] > 0, k
+    assert 0 <= r["padding_fraction"] < 1
+
+
+def test_bench_eval_peer_and_ours_agree(tiny_data_dir):
+    r = bench.bench_eval(tiny_data_dir, reps=1, tasks=("STSBenchmark", "SICKRelatedness"), before=True)
+    assert r["max_abs_diff"] < 0.02  # the protocol requirement: same numbers to ±0.02
+    assert set(r["ours"]) == set(r["peer"]) == {"STSBenchmark", "SICKRelatedness", "avg"}
+    assert r["ours_s"] > 0 and r["peer_s"] > 0 and r["before_s"] > 0
+
+
+def test_bench_inference_pruned_vs_dense(tiny_data_dir, tmp_path):
+    r = bench.bench_inference(tiny_data_dir, reps=1, sparsities=(0.3,), n=16, work=tmp_path)
+    (pt,) = r["points"]
+    assert pt["params_pruned"] < pt["params_dense"] and pt["speedup"] > 0
