@@ -74,3 +74,37 @@ def tiny_data_dir(tmp_path_factory, data_dir) -> Path:
 def make_batch(enc, sentences=("a man is playing a guitar .", "the cat sleeps", "stocks fell sharply on monday .")):
     b = enc.tokenize(list(sentences))
     return b["input_ids"], b["attention_mask"]
+
+
+def process_table() -> dict[int, tuple[int, str]]:
+    """{pid: (parent pid, command line)} of every process, from /proc."""
+    import contextlib
+
+    procs = {}
+    for d in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            args = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            procs[int(d.name)] = (int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]), args)
+    return procs
+
+
+def kill_processes_mentioning(marker: str) -> int:
+    """SIGKILL every process whose command line contains `marker` (a Ray temp dir), and their descendants.
+
+    Tests stop the Ray instances they started this way, never with `ray stop`, which would also kill any other
+    Ray running on the machine (a user's sweep, a parallel test run)."""
+    import contextlib
+    import os
+    import signal
+
+    procs = process_table()
+    doomed = {pid for pid, (_, args) in procs.items() if marker in args and pid != os.getpid()}
+    grew = True
+    while grew:
+        more = {pid for pid, (ppid, _) in procs.items() if ppid in doomed} - doomed - {os.getpid()}
+        doomed |= more
+        grew = bool(more)
+    for pid in doomed:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    return len(doomed)

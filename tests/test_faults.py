@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
+from conftest import kill_processes_mentioning
 from test_ray import _sweep, _write_cfg
 
 pytestmark = pytest.mark.slow
@@ -59,7 +62,8 @@ def test_non_finite_trial_is_marked_failed_and_never_chosen(tmp_path, tiny_model
 def test_driver_killed_then_resume_reruns_nothing_finished(tmp_path, tiny_model_dir, tiny_data_dir):
     cfg = _write_cfg(tmp_path / "c.yaml", tiny_model_dir, sparsities=(0.1, 0.2, 0.3), lams=(0.5,))
     run = tmp_path / "run"
-    env = {**os.environ, "SPARSECSE_DASHBOARD": "0"}
+    ray_tmp = Path("/tmp") / f"scse-drv-{os.getpid()}"  # the driver's local Ray lives here (short: socket paths)
+    env = {**os.environ, "SPARSECSE_DASHBOARD": "0", "RAY_TMPDIR": str(ray_tmp)}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen([sys.executable, "-m", "sparsecse", "sweep", str(cfg), "--out", str(run), "--data-dir",
                              str(tiny_data_dir)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -79,7 +83,8 @@ def test_driver_killed_then_resume_reruns_nothing_finished(tmp_path, tiny_model_
     assert finished and proc.poll() is None, "no trial finished before the sweep ended"
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started die at once
     proc.wait()
-    subprocess.run([str(os.path.join(os.path.dirname(sys.executable), "ray")), "stop", "--force"], capture_output=True)
+    kill_processes_mentioning(str(ray_tmp))  # its orphaned Ray (never `ray stop`: other Rays may be running)
+    shutil.rmtree(ray_tmp, ignore_errors=True)
     before = finished
     r = _sweep(cfg, run, tiny_data_dir, "--resume")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

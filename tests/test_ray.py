@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import kill_processes_mentioning, process_table
+
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 
@@ -156,14 +158,17 @@ def local_cluster(tmp_path: Path):
         return subprocess.run([RAY_BIN, *args], capture_output=True, text=True, env=env, timeout=300, check=check)
 
     try:
+        # every fixed default port chosen free, so a Ray already running here (a user's, a parallel run) can't
+        # collide: the job API needs the head's dashboard agent, whose default port 52365 another Ray may hold
         ray("start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+            f"--dashboard-agent-listen-port={_free_port()}", f"--ray-client-server-port={_free_port()}",
             f"--temp-dir={temp}", "--disable-usage-stats")
         ray("start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-            f"--node-manager-port={wport}")
+            f"--node-manager-port={wport}", f"--dashboard-agent-listen-port={_free_port()}")
         yield env, f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", wport
-    finally:
-        ray("stop", "--force", check=False)
+    finally:  # this cluster only (`ray stop` would take down every Ray on the machine)
+        kill_processes_mentioning(str(temp))
         shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -183,10 +188,14 @@ def test_two_node_cluster_job_submit(tmp_path, tiny_model_dir, tiny_data_dir):
     with local_cluster(tmp_path) as (env, _, dashboard, _):
         cfg = _write_cfg(tmp_path / "job.yaml", tiny_model_dir, sparsities=(0.1, 0.2), lams=(0.5,))
         out = tmp_path / "run"
-        r = subprocess.run([RAY_BIN, "job", "submit", f"--address={dashboard}", "--",
-                            sys.executable, "-m", "sparsecse", "sweep", str(cfg), "--out", str(out),
-                            "--data-dir", str(tiny_data_dir), "--set", "ray.num_cpus=null"],
-                           capture_output=True, text=True, env=env, timeout=900)
+        cmd = [RAY_BIN, "job", "submit", f"--address={dashboard}", "--", sys.executable, "-m", "sparsecse", "sweep",
+               str(cfg), "--out", str(out), "--data-dir", str(tiny_data_dir), "--set", "ray.num_cpus=null"]
+        deadline = time.time() + 180
+        while True:  # right after `ray start` the head's job agent may not be up yet: the job is not created then
+            r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+            if r.returncode == 0 or "No available agent to submit job" not in r.stderr or time.time() > deadline:
+                break
+            time.sleep(3)
         assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
         assert "succeeded" in (r.stdout + r.stderr).lower()
         res = json.loads((out / "results.json").read_text())
@@ -200,12 +209,7 @@ def test_two_node_cluster_job_submit(tmp_path, tiny_model_dir, tiny_data_dir):
 
 def _node_processes(manager_port: int) -> tuple[str, list[int]]:
     """The node id and the pids (raylet + its descendants) of the node whose raylet listens on manager_port."""
-    procs = []
-    for d in Path("/proc").iterdir():
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            args = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            procs.append((int(d.name), ppid, args))
+    procs = [(pid, ppid, args) for pid, (ppid, args) in process_table().items()]
     raylet = next((pid, args) for pid, _, args in procs
                   if "raylet/raylet" in args and f"--node_manager_port={manager_port} " in args)
     node_id = next(t.split("=", 1)[1] for t in raylet[1].split() if t.startswith("--node_id="))
