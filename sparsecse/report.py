@@ -54,7 +54,7 @@ def control(rows: list[dict]) -> dict | None:
     by_seed: dict = {}
     for r in sorted(members, key=lambda r: r["config"]["lam"]):
         by_seed.setdefault(r["config"]["seed"], r)
-    return _seed_stats(list(by_seed.values()))
+    return _seed_stats([by_seed[k] for k in sorted(by_seed)])
 
 
 def _pm(mean: dict, std: dict, tasks: list[str]) -> dict:
@@ -94,7 +94,9 @@ def _figures(run: Path, rows: list[dict], tasks: list[str]) -> dict[str, Path]:
                 if r["config"]["lam"] == lam or r["config"]["sparsity"] == 0:
                     pts.setdefault(r["config"]["sparsity"], []).append(r["metrics"].get(f"test/{task}", np.nan))
             xs = sorted(pts)
-            ax.plot([100 * x for x in xs], [np.mean(pts[x]) for x in xs], marker="o", label=f"λ={lam}")
+            # mean over seeds; the bar is ± one std over seeds (none with a single seed)
+            ax.errorbar([100 * x for x in xs], [np.mean(pts[x]) for x in xs], yerr=[np.std(pts[x]) for x in xs],
+                        marker="o", capsize=3, label=f"λ={lam}")
         if ctrl:
             ax.axhline(np.mean([r["metrics"].get(f"test/{task}", np.nan) for r in ctrl]), color="grey", ls="--",
                        lw=1, label="rewound SimCSE (s=0)")
