@@ -37,19 +37,19 @@ def matmul_peak_gflops(n: int = 1024, reps: int = 5) -> float:
 
 
 def ab(fa, fb, reps: int) -> tuple[list[float], list[float]]:
-    """Alternate A and B `reps` times after one warm-up each; returns the two lists of timings/figures."""
-    fa(), fb()
-    ra, rb = [], []
-    for _ in range(reps):
-        ra.append(fa())
-        rb.append(fb())
-    return ra, rb
+    """A and B alternating `reps` times after the warm-up; returns the two lists of timings/figures."""
+    r = abn({"a": fa, "b": fb}, reps)
+    return r["a"], r["b"]
+
+
+WARMUP = 1  # runs of each arm discarded before timing (`--warmup`; 0 for rows whose single run takes minutes)
 
 
 def abn(arms: dict, reps: int) -> dict[str, list[float]]:
-    """Like `ab` for any number of arms: one warm-up each, then `reps` rounds running every arm once per round."""
-    for f in arms.values():
-        f()
+    """Like `ab` for any number of arms: WARMUP rounds, then `reps` rounds running every arm once per round."""
+    for _ in range(WARMUP):
+        for f in arms.values():
+            f()
     out = {k: [] for k in arms}
     for _ in range(reps):
         for k, f in arms.items():
@@ -109,7 +109,7 @@ def bench_train(data_dir: Path, reps: int, steps: int = 3, batch: int = 64, max_
     st.train()
     mnrl = MultipleNegativesRankingLoss(st, scale=20.0)  # scale 20 = 1/τ with τ = 0.05
     st_opt = torch.optim.AdamW(st.parameters(), lr=3e-5)
-    st_feats = [st.tokenize(b) for b in batches]
+    st_feats = [st.preprocess(b) for b in batches]
 
     def peer():
         t0 = time.perf_counter()
@@ -249,13 +249,15 @@ def bench_sweep(run: Path) -> dict:
 def run_bench(a) -> None:
     from .data import resolve_data_dir
 
+    global WARMUP
     if a.threads:
         torch.set_num_threads(a.threads)
+    WARMUP = a.warmup
     which = {"train", "eval", "inference", "sweep"} if "all" in a.which else set(a.which)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     data_dir = resolve_data_dir(a.data_dir)
-    header = {"date": str(date.today()), "machine": machine(), "reps": a.reps}
+    header = {"date": str(date.today()), "machine": machine(), "reps": a.reps, "warmup": a.warmup}
     for row in ("train", "eval", "inference", "sweep"):
         if row not in which:
             continue

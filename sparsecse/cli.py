@@ -269,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("which", nargs="+", choices=["train", "eval", "inference", "sweep", "all"])
     b.add_argument("--data-dir")
     b.add_argument("--reps", type=int, default=5)
+    b.add_argument("--warmup", type=int, default=1, help="untimed runs of each arm first (eval, train, inference rows)")
     b.add_argument("--out", default="bench-results")
     b.add_argument("--threads", type=int)
     b.add_argument("--tasks", nargs="+", default=list(STS_TASKS), help="STS tasks for the eval row")
