@@ -139,6 +139,32 @@ def bench_train(data_dir: Path, reps: int, steps: int = 3, batch: int = 64, max_
             **{f"{k}_s": v for k, v in arms.items()}}
 
 
+def eval_token_work(enc, data_dir: Path, tasks: tuple[str, ...]) -> dict:
+    """How much the two eval arms must compute: token slots through the encoder. The peer encodes both sides of
+    every pair, padded to the longest in its 64-pair batch; ours encodes each unique sentence once, real tokens
+    only. Their ratio bounds the speed-up either arm can get at equal GFLOP/s (attention aside)."""
+    from .data import load_sts_task
+
+    pairs = [p for t in tasks for p in load_sts_task(data_dir, t).values()]
+    lens = {}
+    for p in pairs:
+        for x in (*p.s1, *p.s2):
+            lens.setdefault(x, None)
+    sents = list(lens)
+    cap = min(enc.tokenizer.model_max_length, 512)
+    n_tok = [len(ids) for ids in enc.tokenizer(sents, truncation=True, max_length=cap)["input_ids"]]
+    lens = dict(zip(sents, n_tok))
+    peer_slots = 0
+    for p in pairs:
+        order = sorted(range(len(p)), key=lambda i: (len(p.s1[i].split()), len(p.s2[i].split()), p.gold[i]))
+        for i in range(0, len(order), 64):
+            idx = order[i:i + 64]
+            peer_slots += len(idx) * (max(lens[p.s1[j]] for j in idx) + max(lens[p.s2[j]] for j in idx))
+    ours = sum(n_tok)
+    return {"encodes_peer": 2 * sum(len(p) for p in pairs), "encodes_ours": len(sents),
+            "token_slots_peer": peer_slots, "tokens_ours": ours, "work_ratio": peer_slots / ours}
+
+
 def bench_eval(data_dir: Path, reps: int, tasks: tuple[str, ...], before: bool = False) -> dict:
     """Ours (every unique sentence once, length-sorted, padding-free forward) vs the SentEval protocol run the
     straightforward way (each subset on its own, the model's own padded forward, as SimCSE's evaluation does);
@@ -183,6 +209,7 @@ def bench_eval(data_dir: Path, reps: int, tasks: tuple[str, ...], before: bool =
         res["peer"] = out
         return time.perf_counter() - t0
 
+    work = eval_token_work(enc, data_dir, tasks)
     arms = {"ours": ours_arm(True, "ours"), "peer": senteval_style}
     if before:
         arms["ours_before"] = ours_arm(False, "ours_before")
@@ -193,7 +220,7 @@ def bench_eval(data_dir: Path, reps: int, tasks: tuple[str, ...], before: bool =
     return {"row": "eval", "tasks": list(tasks), "ours_s": med["ours"], "peer_s": med["peer"],
             "ratio": med["peer"] / med["ours"], "before_s": med.get("ours_before"),
             "speedup_vs_before": med["ours_before"] / med["ours"] if before else None,
-            "max_abs_diff": diff, **{k: v for k, v in res.items()}, **{f"{k}_all": v for k, v in t.items()}}
+            "max_abs_diff": diff, **work, **{k: v for k, v in res.items()}, **{f"{k}_all": v for k, v in t.items()}}
 
 
 def bench_inference(data_dir: Path, reps: int, sparsities=(0.1, 0.3, 0.5), n: int = 512, work: Path | None = None) -> dict:
@@ -230,20 +257,48 @@ def bench_inference(data_dir: Path, reps: int, sparsities=(0.1, 0.3, 0.5), n: in
     return out
 
 
+def list_schedule(durations: list[float], slots: int) -> float:
+    """Makespan of running `durations` in the given order on `slots` slots, each job on the first free slot, no gaps."""
+    free = [0.0] * max(1, slots)
+    for d in durations:
+        i = min(range(len(free)), key=free.__getitem__)
+        free[i] += d
+    return max(free)
+
+
 def bench_sweep(run: Path) -> dict:
-    """Overhead of a finished sweep: stage-3 wall time vs Σ trial time ÷ concurrency; stage counts from the run."""
+    """Overhead of a finished sweep's stage 3 (the Tune trials), from its own records.
+
+    ideal_s = Σ trial time ÷ concurrency (the issue's definition; it counts a half-empty last round as overhead);
+    schedule_s = the makespan of the same trials, in the order they started, on `concurrency` slots with no gaps —
+    the best any scheduler could do with the grid as given. overhead = wall ÷ ideal − 1; ray_overhead =
+    wall ÷ schedule − 1 isolates what Ray/Tune themselves cost (process start, reporting, checkpoint syncing)."""
+    from . import SparseCSEError
+
+    if not (run / "summary.json").is_file() or not (run / "sweep.json").is_file():
+        raise SparseCSEError(f"--run {run}: not a finished sweep (summary.json/sweep.json missing); "
+                             "point it at the --out directory of a completed `sparsecse sweep`")
     summary = json.loads((run / "summary.json").read_text())
     cfg = json.loads((run / "sweep.json").read_text())["config"]
-    times = []
+    trials = []
     for p in (run / "tune").rglob("result.json"):
-        last = [json.loads(x) for x in p.read_text().splitlines() if x.strip()][-1]
-        times.append(last["time_total_s"])
+        rows = [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
+        if rows:
+            last = rows[-1]
+            trials.append((last["timestamp"] - last["time_total_s"], last["time_total_s"]))
+    if not trials:
+        raise SparseCSEError(f"--run {run}: no trial results under tune/; point --run at a finished sweep directory")
+    trials.sort()
+    times = [d for _, d in trials]
     conc = cfg["sweep"]["max_concurrent_trials"] or max(1, int(os.cpu_count() // cfg["sweep"]["trial_cpus"]))
-    ideal = sum(times) / min(conc, len(times))
+    slots = min(conc, len(times))
+    ideal = sum(times) / slots
+    schedule = list_schedule(times, slots)
     wall = summary["timings"]["tune_s"]
     return {"row": "sweep", "trials": len(times), "concurrency": conc, "sum_trial_s": sum(times), "ideal_s": ideal,
-            "tune_wall_s": wall, "overhead": wall / ideal - 1, "stage_runs": summary["stage_runs"],
-            "timings": summary["timings"]}
+            "schedule_s": schedule, "tune_wall_s": wall, "overhead": wall / ideal - 1,
+            "packing_overhead": schedule / ideal - 1, "ray_overhead": wall / schedule - 1,
+            "stage_runs": summary["stage_runs"], "timings": summary["timings"]}
 
 
 def run_bench(a) -> None:
@@ -256,7 +311,7 @@ def run_bench(a) -> None:
     which = {"train", "eval", "inference", "sweep"} if "all" in a.which else set(a.which)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    data_dir = resolve_data_dir(a.data_dir)
+    data_dir = resolve_data_dir(a.data_dir) if which - {"sweep"} else None
     header = {"date": str(date.today()), "machine": machine(), "reps": a.reps, "warmup": a.warmup}
     for row in ("train", "eval", "inference", "sweep"):
         if row not in which:

@@ -26,6 +26,9 @@ def test_bench_eval_peer_and_ours_agree(tiny_data_dir):
     assert r["max_abs_diff"] < 0.02  # the protocol requirement: same numbers to ±0.02
     assert set(r["ours"]) == set(r["peer"]) == {"STSBenchmark", "SICKRelatedness", "avg"}
     assert r["ours_s"] > 0 and r["peer_s"] > 0 and r["before_s"] > 0
+    # the work accounting: the peer encodes both sides of every pair, padded; ours each unique sentence, unpadded
+    assert r["encodes_ours"] <= r["encodes_peer"] and r["tokens_ours"] < r["token_slots_peer"]
+    assert r["work_ratio"] == pytest.approx(r["token_slots_peer"] / r["tokens_ours"]) and r["work_ratio"] > 1
 
 
 def test_bench_inference_pruned_vs_dense(tiny_data_dir, tmp_path):

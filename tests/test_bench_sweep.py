@@ -1,0 +1,51 @@
+"""The sweep-efficiency row reads a finished sweep's own records: overhead against Σ/concurrency, the packing the
+grid forces, and what is left for Ray/Tune. Synthetic run directories with known trial times."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sparsecse import bench
+from sparsecse.cli import main
+
+
+def fake_run(root, durations, starts, tune_s, conc=2):
+    (root / "tune").mkdir(parents=True)
+    for i, (d, t0) in enumerate(zip(durations, starts)):
+        tdir = root / "tune" / f"trial_{i}"
+        tdir.mkdir()
+        rows = [{"timestamp": t0 + d / 2, "time_total_s": d / 2}, {"timestamp": t0 + d, "time_total_s": d}]
+        (tdir / "result.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "sweep.json").write_text(json.dumps({"config": {"sweep": {"max_concurrent_trials": conc, "trial_cpus": 1}}}))
+    (root / "summary.json").write_text(json.dumps({"timings": {"tune_s": tune_s}, "stage_runs": {"train": 1, "score": 1}}))
+    return root
+
+
+def test_list_schedule():
+    assert bench.list_schedule([10, 10, 10, 10, 10], 2) == 30
+    assert bench.list_schedule([10, 10, 10, 10], 2) == 20
+    assert bench.list_schedule([5, 1, 1, 1, 1, 1], 2) == 5
+    assert bench.list_schedule([3, 4], 1) == 7
+
+
+def test_bench_sweep_separates_packing_from_ray_overhead(tmp_path):
+    # five 100 s trials on two slots, started in rounds; Tune's wall time 310 s
+    run = fake_run(tmp_path / "run", [100] * 5, [0, 1, 101, 102, 202], tune_s=310.0)
+    r = bench.bench_sweep(run)
+    assert r["trials"] == 5 and r["concurrency"] == 2
+    assert r["sum_trial_s"] == pytest.approx(500) and r["ideal_s"] == pytest.approx(250)
+    assert r["schedule_s"] == pytest.approx(300)
+    assert r["overhead"] == pytest.approx(310 / 250 - 1)
+    assert r["packing_overhead"] == pytest.approx(0.2)
+    assert r["ray_overhead"] == pytest.approx(310 / 300 - 1)
+    assert r["stage_runs"] == {"train": 1, "score": 1}
+
+
+def test_bench_sweep_cli_refuses_a_directory_that_is_no_sweep(tmp_path, capsys):
+    (tmp_path / "notasweep").mkdir()
+    rc = main(["bench", "sweep", "--run", str(tmp_path / "notasweep"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "not a finished sweep" in err and "notasweep" in err
+    assert not (tmp_path / "out" / "sweep.json").exists()
