@@ -25,13 +25,23 @@ def machine() -> str:
     return f"{platform.machine()} {os.cpu_count()} CPU threads, torch {torch.__version__}, {torch.get_num_threads()} torch threads"
 
 
-def matmul_peak_gflops(n: int = 1024, reps: int = 5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def sync(device: str = "cpu") -> None:
+    """Wait for queued GPU work, so a timer stops when the work is done (a no-op on the CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak_gflops(n: int | None = None, reps: int = 5, device: str = "cpu", dtype=torch.float32) -> float:
+    """Best-of-`reps` square matmul rate: the machine's attainable peak for the arithmetic the model does."""
+    n = n or (1024 if torch.device(device).type == "cpu" else 8192)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b
+    sync(device)
     ts = []
     for _ in range(reps):
         t0 = time.perf_counter()
         a @ b
+        sync(device)
         ts.append(time.perf_counter() - t0)
     return 2 * n ** 3 / min(ts) / 1e9
 
@@ -69,9 +79,11 @@ def train_flops_per_step(cfg, batch_tokens: int, seq: int) -> float:
     return 3.0 * per_token_fwd * batch_tokens
 
 
-def bench_train(data_dir: Path, reps: int, steps: int = 3, batch: int = 64, max_len: int = 32) -> dict:
+def bench_train(data_dir: Path, reps: int, steps: int = 3, batch: int = 64, max_len: int = 32, device: str = "cpu",
+                precision: str = "fp32") -> dict:
     """Three arms, alternating: ours (train.py's step: padding-free forward, fused AdamW), ours as it was before
-    profiling (the backbone's padded forward, foreach AdamW), and the sentence-transformers peer."""
+    profiling (the backbone's padded forward, foreach AdamW), and the sentence-transformers peer; all on `device`,
+    the forward under bf16 autocast when precision="bf16" (the peer's too)."""
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
     from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
@@ -82,9 +94,11 @@ def bench_train(data_dir: Path, reps: int, steps: int = 3, batch: int = 64, max_
 
     sents = _sentences(data_dir, batch * steps)
     batches = [sents[i * batch:(i + 1) * batch] for i in range(steps)]
-    enc = load_encoder("minilm", pooler="cls").train()
+    enc = load_encoder("minilm", pooler="cls").to(device).train()
     params = [p for p in enc.parameters() if p.requires_grad]
-    opts = {True: make_optimizer(params, 3e-5, 0.0, "cpu"), False: torch.optim.AdamW(params, lr=3e-5, foreach=True)}
+    opts = {True: make_optimizer(params, 3e-5, 0.0, device), False: torch.optim.AdamW(params, lr=3e-5, foreach=True)}
+    bf16 = precision == "bf16"
+    dev_type = torch.device(device).type
     toks = [enc.tokenizer(b, truncation=True, max_length=max_len) for b in batches]
     feats = [collate([{"input_ids": ids} for ids in t["input_ids"]], enc.tokenizer.pad_token_id) for t in toks]
     real = sum(int(f["attention_mask"].sum()) * 2 for f in feats)  # real tokens, both views
@@ -95,36 +109,41 @@ def bench_train(data_dir: Path, reps: int, steps: int = 3, batch: int = 64, max_
         def run():
             enc.packed = packed
             opt = opts[packed]
+            sync(device)
             t0 = time.perf_counter()
             for f in feats:
-                loss = simcse_loss(enc, f, 0.05)
+                loss = simcse_loss(enc, f, 0.05, device, precision=precision)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+            sync(device)
             return time.perf_counter() - t0
         return run
 
     tr = Transformer(default_model_path(), max_seq_length=max_len)
-    st = SentenceTransformer(modules=[tr, Pooling(tr.get_embedding_dimension(), "cls")], device="cpu")
+    st = SentenceTransformer(modules=[tr, Pooling(tr.get_embedding_dimension(), "cls")], device=device)
     st.train()
     mnrl = MultipleNegativesRankingLoss(st, scale=20.0)  # scale 20 = 1/τ with τ = 0.05
     st_opt = torch.optim.AdamW(st.parameters(), lr=3e-5)
-    st_feats = [st.preprocess(b) for b in batches]
+    st_feats = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in st.preprocess(b).items()} for b in batches]
 
     def peer():
+        sync(device)
         t0 = time.perf_counter()
         for f in st_feats:
-            loss = mnrl([dict(f), dict(f)], None)  # the SimCSE recipe: (s, s) pairs, in-batch negatives
+            with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=bf16):
+                loss = mnrl([dict(f), dict(f)], None)  # the SimCSE recipe: (s, s) pairs, in-batch negatives
             st_opt.zero_grad(set_to_none=True)
             loss.backward()
             st_opt.step()
+        sync(device)
         return time.perf_counter() - t0
 
     arms = abn({"ours": ours_arm(True), "ours_before": ours_arm(False), "peer": peer}, reps)
     enc.packed = True
     med = {k: statistics.median(v) for k, v in arms.items()}
     n = batch * steps
-    peak = matmul_peak_gflops()
+    peak = matmul_peak_gflops(device=device, dtype=torch.bfloat16 if bf16 else torch.float32)
     cfg = enc.backbone.config
     model_flops = train_flops_per_step(cfg, real // steps, seq) * steps  # the full encoder on every real token
     padded_flops = train_flops_per_step(cfg, slots // steps, seq) * steps  # what the padded forward computes
@@ -136,6 +155,7 @@ def bench_train(data_dir: Path, reps: int, steps: int = 3, batch: int = 64, max_
             "before_executed_gflops": padded_flops / med["ours_before"] / 1e9,
             "peer_executed_gflops": padded_flops / med["peer"] / 1e9,
             "matmul_peak_gflops": peak, "batch": batch, "max_len": max_len, "steps_per_rep": steps,
+            "device": device, "precision": precision, "mfu": model_flops / med["ours"] / 1e9 / peak,
             **{f"{k}_s": v for k, v in arms.items()}}
 
 
@@ -165,7 +185,7 @@ def eval_token_work(enc, data_dir: Path, tasks: tuple[str, ...]) -> dict:
             "token_slots_peer": peer_slots, "tokens_ours": ours, "work_ratio": peer_slots / ours}
 
 
-def bench_eval(data_dir: Path, reps: int, tasks: tuple[str, ...], before: bool = False) -> dict:
+def bench_eval(data_dir: Path, reps: int, tasks: tuple[str, ...], before: bool = False, device: str = "cpu") -> dict:
     """Ours (every unique sentence once, length-sorted, padding-free forward) vs the SentEval protocol run the
     straightforward way (each subset on its own, the model's own padded forward, as SimCSE's evaluation does);
     `before` adds our evaluator with the padded forward."""
@@ -173,7 +193,7 @@ def bench_eval(data_dir: Path, reps: int, tasks: tuple[str, ...], before: bool =
     from .evaluate import aggregate_all, evaluate_sts
     from .model import load_encoder
 
-    enc = load_encoder("minilm", pooler="avg").eval()
+    enc = load_encoder("minilm", pooler="avg").to(device).eval()
     res = {}
 
     def ours_arm(packed: bool, key: str):
@@ -197,9 +217,11 @@ def bench_eval(data_dir: Path, reps: int, tasks: tuple[str, ...], before: bool =
                 scores = []
                 for i in range(0, len(order), 64):
                     idx = order[i:i + 64]
-                    e1 = enc(**enc.tokenize([p.s1[j] for j in idx]))
-                    e2 = enc(**enc.tokenize([p.s2[j] for j in idx]))
-                    scores.append(torch.nn.functional.cosine_similarity(e1, e2).numpy())
+                    t1 = enc.tokenize([p.s1[j] for j in idx])
+                    t2 = enc.tokenize([p.s2[j] for j in idx])
+                    e1 = enc(**{k: v.to(device) for k, v in t1.items()})
+                    e2 = enc(**{k: v.to(device) for k, v in t2.items()})
+                    scores.append(torch.nn.functional.cosine_similarity(e1, e2).float().cpu().numpy())
                 inv = np.empty(len(order), dtype=int)
                 inv[order] = np.arange(len(order))
                 sys[k] = np.concatenate(scores)[inv]
@@ -217,7 +239,7 @@ def bench_eval(data_dir: Path, reps: int, tasks: tuple[str, ...], before: bool =
     enc.packed = True
     med = {k: statistics.median(v) for k, v in t.items()}
     diff = max(abs(res[k][task] - res["peer"][task]) for task in tasks for k in res if k != "peer")
-    return {"row": "eval", "tasks": list(tasks), "ours_s": med["ours"], "peer_s": med["peer"],
+    return {"row": "eval", "tasks": list(tasks), "device": device, "ours_s": med["ours"], "peer_s": med["peer"],
             "ratio": med["peer"] / med["ours"], "before_s": med.get("ours_before"),
             "speedup_vs_before": med["ours_before"] / med["ours"] if before else None,
             "max_abs_diff": diff, **work, **{k: v for k, v in res.items()}, **{f"{k}_all": v for k, v in t.items()}}
@@ -304,7 +326,15 @@ def bench_sweep(run: Path) -> dict:
 def run_bench(a) -> None:
     from .data import resolve_data_dir
 
+    from . import SparseCSEError
+
     global WARMUP
+    if a.device == "cuda" and not torch.cuda.is_available():
+        raise SparseCSEError("--device cuda: no CUDA GPU is visible to torch here; drop --device or run on a GPU "
+                             "machine with a CUDA build of torch")
+    if a.precision == "bf16" and a.device == "cpu" and not getattr(torch.backends.cpu, "get_cpu_capability",
+                                                                   lambda: "")().startswith("AVX512"):
+        print("sparsecse bench: note: bf16 on a CPU without AVX-512/AMX runs emulated and slower than fp32")
     if a.threads:
         torch.set_num_threads(a.threads)
     WARMUP = a.warmup
@@ -317,9 +347,9 @@ def run_bench(a) -> None:
         if row not in which:
             continue
         if row == "train":
-            r = bench_train(data_dir, a.reps)
+            r = bench_train(data_dir, a.reps, device=a.device, precision=a.precision)
         elif row == "eval":
-            r = bench_eval(data_dir, a.reps, tuple(a.tasks), before=a.before)
+            r = bench_eval(data_dir, a.reps, tuple(a.tasks), before=a.before, device=a.device)
         elif row == "inference":
             r = bench_inference(data_dir, a.reps, work=out / "inference")
         else:

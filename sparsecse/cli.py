@@ -274,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int)
     b.add_argument("--tasks", nargs="+", default=list(STS_TASKS), help="STS tasks for the eval row")
     b.add_argument("--run", default="runs/quickstart", help="finished sweep directory for the sweep row")
+    b.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="train and eval rows: where to run")
+    b.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="train row: the forward under bf16 autocast (ours and the peer)")
     b.add_argument("--before", action="store_true",
                    help="eval row: also time our evaluator with the padded forward (before/after profiling)")
     b.set_defaults(fn=cmd_bench)

@@ -64,8 +64,11 @@ class TrainConfig:
     weight_decay: float = 0.0
     dropout: float | None = None  # None keeps the backbone's own dropout
     threads: int | None = None
+    precision: str = "fp32"  # "bf16": the forward under bfloat16 autocast (GPUs; CPUs with AMX/AVX-512-bf16)
 
     def __post_init__(self):
+        _check(self.precision in ("fp32", "bf16"), "train.precision",
+               f"must be fp32 or bf16 (got {self.precision!r})")
         _check(self.batch_size >= 2, "train.batch_size", f"must be >= 2 (got {self.batch_size}); contrastive "
                "learning needs in-batch negatives")
         _check(self.max_len >= 4, "train.max_len", "must be >= 4")

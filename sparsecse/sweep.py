@@ -91,6 +91,13 @@ def _threads(n: float) -> None:
     torch.set_num_threads(max(1, int(n)))
 
 
+def task_device(gpus: float) -> str:
+    """Where a scoring task or trial computes: the GPU Ray gave it (Ray sets CUDA_VISIBLE_DEVICES), else the CPU."""
+    import torch
+
+    return "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
 # --------------------------------------------------------------------------- stage 1: Ray Train worker loop
 
 def stage1_loop(loop_config: dict) -> None:
@@ -121,7 +128,7 @@ def stage1_loop(loop_config: dict) -> None:
 
 # --------------------------------------------------------------------------- stage 2: scoring task
 
-def score_task(model_dir: str, data_dir: str, cfg_dict: dict, out_path: str, threads: float) -> dict:
+def score_task(model_dir: str, data_dir: str, cfg_dict: dict, out_path: str, threads: float, gpus: float = 0) -> dict:
     from .config import config_from_dict
     from .data import load_stsb
     from .model import load_encoder
@@ -129,7 +136,7 @@ def score_task(model_dir: str, data_dir: str, cfg_dict: dict, out_path: str, thr
 
     _threads(threads)
     cfg = config_from_dict(cfg_dict)
-    enc = load_encoder(model_dir)
+    enc = load_encoder(model_dir).to(task_device(gpus))
     pairs = load_stsb(Path(data_dir), cfg.score.split)
     sc = compute_scores(enc, pairs, batch_size=cfg.score.batch_size, threshold=cfg.score.positive_threshold,
                         seed=cfg.score.seed, max_pairs=cfg.score.max_pairs, pooler=cfg.model.eval_pooler,
@@ -175,9 +182,11 @@ def make_trial(run_dir: str, data_dir: str, cfg_dict: dict):
                 os.kill(os.getpid(), signal.SIGKILL)  # the trial process is killed mid-trial
             ra.tune_report({**base, **rec}, ckpt)
 
+        device = task_device(cfg.sweep.trial_gpus)
         res = train_simcse(cfg, out, Path(data_dir), init=init, head_mask=hm, neuron_mask=nm, report=report,
-                           resume_dir=resume, tb_dir=run / "tensorboard" / name, progress=False, meta=meta)
-        best = load_encoder(str(out / "best"), pooler=cfg.model.eval_pooler)
+                           resume_dir=resume, tb_dir=run / "tensorboard" / name, progress=False, meta=meta,
+                           device=device)
+        best = load_encoder(str(out / "best"), pooler=cfg.model.eval_pooler).to(device)
         sts_tasks = tuple(t for t in cfg.eval.tasks if t in STS_TASKS)
         table = evaluate_sts(best, Path(data_dir), tasks=sts_tasks, batch_size=cfg.eval.batch_size,
                              pooler=cfg.model.eval_pooler, alignment_uniformity=True)
@@ -278,7 +287,7 @@ def run_sweep(config_path: str, overrides=None, resume: bool = False, address: s
             print(f"[sweep] stage 2 skipped ({scores_path} matches the trained model)")
         else:
             t0 = time.perf_counter()
-            ra.run_task(score_task, str(simcse), str(data), cd, str(scores_path), cfg.sweep.trial_cpus,
+            ra.run_task(score_task, str(simcse), str(data), cd, str(scores_path), cfg.sweep.trial_cpus, cfg.sweep.trial_gpus,
                         num_cpus=cfg.sweep.trial_cpus, num_gpus=cfg.sweep.trial_gpus)
             state["score_fp"] = fp2
             state["stage_runs"]["score"] += 1

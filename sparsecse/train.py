@@ -108,12 +108,16 @@ def make_optimizer(params, lr: float, weight_decay: float, device) -> torch.opti
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
-def simcse_loss(model, batch: dict, temperature: float, device="cpu", gather=lambda z: z) -> torch.Tensor:
+def simcse_loss(model, batch: dict, temperature: float, device="cpu", gather=lambda z: z,
+                precision: str = "fp32") -> torch.Tensor:
     """Unsupervised SimCSE on one (local) batch: both dropout views in one doubled forward, InfoNCE over the
-    global batch (`gather` concatenates the views of every data-parallel rank, keeping this rank's gradients)."""
+    global batch (`gather` concatenates the views of every data-parallel rank, keeping this rank's gradients).
+    precision="bf16" runs the encoder under bfloat16 autocast; the similarities and the loss stay fp32."""
     ids = batch["input_ids"].repeat(2, 1).to(device)  # (2b, T): two dropout views in one forward
     att = batch["attention_mask"].repeat(2, 1).to(device)
-    z = model(ids, att)  # (2b, D)
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        z = model(ids, att)  # (2b, D)
+    z = z.float()
     b = batch["input_ids"].shape[0]
     return info_nce(gather(z[:b]), gather(z[b:]), temperature)
 
@@ -204,7 +208,7 @@ def train_simcse(cfg: Config, out_dir: str | os.PathLike, data_dir: Path, *, ini
         t0 = time.perf_counter()
         local = gb[lo * len(gb) // tc.batch_size: hi * len(gb) // tc.batch_size]
         batch = collate([corpus[int(j)] for j in local], pad)
-        loss = simcse_loss(model, batch, tc.temperature, device, dist.gather)
+        loss = simcse_loss(model, batch, tc.temperature, device, dist.gather, tc.precision)
         if not torch.isfinite(loss):
             raise SparseCSEError(f"training loss became non-finite ({loss.item()}) at step {step}; "
                                  "lower train.lr or check the data")

@@ -19,6 +19,14 @@ def test_bench_train_three_arms(tiny_data_dir):
               "matmul_peak_gflops"):
         assert math.isfinite(r[k]) and r[k] > 0, k
     assert 0 <= r["padding_fraction"] < 1
+    assert r["mfu"] == pytest.approx(r["ours_model_gflops"] / r["matmul_peak_gflops"])
+
+
+def test_bench_train_bf16_autocast_runs_every_arm(tiny_data_dir):
+    r = bench.bench_train(tiny_data_dir, reps=1, steps=1, batch=4, max_len=16, precision="bf16")
+    assert r["precision"] == "bf16" and r["device"] == "cpu"
+    for k in ("ours_sent_s", "before_sent_s", "peer_sent_s", "mfu"):
+        assert math.isfinite(r[k]) and r[k] > 0, k
 
 
 def test_bench_eval_peer_and_ours_agree(tiny_data_dir):

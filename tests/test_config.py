@@ -53,3 +53,15 @@ def test_invalid_yaml_names_file_and_line(tmp_path):
 def test_from_dict_rejects_non_mapping():
     with pytest.raises(SparseCSEError):
         config_from_dict({"train": 3})
+
+
+def test_trials_and_scoring_compute_on_the_gpu_ray_gives_them(monkeypatch):
+    import torch
+
+    from sparsecse.sweep import task_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert task_device(0.2) == "cuda" and task_device(1) == "cuda"
+    assert task_device(0) == "cpu"  # a CPU trial stays on the CPU even where a GPU exists
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert task_device(0.2) == "cpu"

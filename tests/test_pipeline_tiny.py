@@ -256,3 +256,29 @@ def test_selected_masks_have_exact_counts_on_real_architecture_shapes():
     rng = np.random.default_rng(0)
     hm, nm = select_masks(rng.random((6, 12)), rng.random((6, 1536)), 0.3)
     assert int((hm == 0).sum()) == 22 and int((nm == 0).sum()) == 2765
+
+
+def test_bf16_precision_trains_under_autocast_and_stays_close_to_fp32(tiny_model_dir, tiny_data_dir, tmp_path):
+    from sparsecse.config import load_config
+    from sparsecse.data import collate
+    from sparsecse.train import simcse_loss, train_simcse
+
+    enc = load_encoder(str(tiny_model_dir), dropout=0.0).train()  # no dropout: the two runs see the same views
+    tok = enc.tokenizer(["a cat sat on the mat", "stocks fell sharply today", "the rain in spain", "hello"],
+                        truncation=True, max_length=16)
+    batch = collate([{"input_ids": ids} for ids in tok["input_ids"]], enc.tokenizer.pad_token_id)
+    lo = {}
+    for prec in ("fp32", "bf16"):
+        enc.zero_grad()
+        loss = simcse_loss(enc, batch, 0.05, precision=prec)
+        loss.backward()
+        lo[prec] = (loss.item(), enc.backbone.encoder.layer[0].intermediate.dense.weight.grad.clone())
+    assert lo["bf16"][0] != lo["fp32"][0]  # autocast really ran the encoder in bf16 ...
+    assert lo["bf16"][0] == pytest.approx(lo["fp32"][0], rel=5e-2)  # ... and the loss stayed close
+    g32, g16 = lo["fp32"][1], lo["bf16"][1]
+    assert torch.isfinite(g16).all() and torch.nn.functional.cosine_similarity(g32.flatten(), g16.flatten(), 0) > 0.5  # bf16 noise, same direction
+    cfg = _tiny_cfg(tiny_model_dir, max_steps=2, precision="bf16")
+    res = train_simcse(cfg, tmp_path / "bf16", tiny_data_dir, progress=False)
+    assert res.steps == 2 and all(np.isfinite(h["stsb_dev"]) for h in res.history)
+    with pytest.raises(SparseCSEError, match=r"train\.precision.*fp32 or bf16"):
+        load_config(None, ["train.precision=fp16"])

@@ -1,5 +1,6 @@
-"""The sweep-efficiency row reads a finished sweep's own records: overhead against Σ/concurrency, the packing the
-grid forces, and what is left for Ray/Tune. Synthetic run directories with known trial times."""
+"""`sparsecse bench` without the heavy rows: the sweep-efficiency arithmetic on synthetic run directories with known
+trial times (overhead against Σ/concurrency, the packing the grid forces, what is left for Ray/Tune), and the
+CLI's refusals."""
 
 from __future__ import annotations
 
@@ -49,3 +50,13 @@ def test_bench_sweep_cli_refuses_a_directory_that_is_no_sweep(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "not a finished sweep" in err and "notasweep" in err
     assert not (tmp_path / "out" / "sweep.json").exists()
+
+
+def test_bench_cli_refuses_cuda_where_there_is_none(tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    rc = main(["bench", "train", "--device", "cuda", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "--device cuda" in err and "no CUDA GPU" in err
+    assert not (tmp_path / "out").exists()
