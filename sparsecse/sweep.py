@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from . import SparseCSEError
-from .config import STS_TASKS, Config, load_config
+from .config import STS_TASKS, Config, config_from_dict, load_config
 from .io import atomic_write_json, atomic_write_text, verify_manifest
 
 SWEEP_FILE = "sweep.json"
@@ -209,6 +209,28 @@ def _save_state(run: Path, state: dict) -> None:
     atomic_write_json(run / SWEEP_FILE, state)
 
 
+def _stage1_fp(cd: dict) -> str:
+    return _fp({k: cd[k] for k in ("model", "data", "train")})
+
+
+def upgrade_state(state: dict, cfg: Config) -> bool:
+    """Whether a saved sweep's config is `cfg`. A sweep.json written by an older sparsecse lacks fields added since;
+    they take their defaults (which reproduce the old behaviour), so the config and the stage-1 fingerprint are
+    carried over to the new form instead of refusing the resume or retraining stage 1."""
+    saved = state["config"]
+    try:
+        upgraded = config_from_dict(saved).to_dict()
+    except SparseCSEError:
+        return False
+    if upgraded != cfg.to_dict():
+        return False
+    if saved != upgraded:
+        if state.get("train_fp") == _stage1_fp(saved):
+            state["train_fp"] = _stage1_fp(upgraded)
+        state["config"] = upgraded
+    return True
+
+
 def run_sweep(config_path: str, overrides=None, resume: bool = False, address: str | None = None,
               out: str | None = None, data_dir: str | None = None) -> dict:
     from .data import resolve_data_dir
@@ -222,7 +244,7 @@ def run_sweep(config_path: str, overrides=None, resume: bool = False, address: s
     if not resume and run.exists() and any(run.iterdir()):
         what = "a sweep" if state else "something else"
         raise SparseCSEError(f"--out {run}: already holds {what}; pass --resume to continue it or choose another --out")
-    if resume and state.get("config") and state["config"] != cfg.to_dict():
+    if resume and state.get("config") and not upgrade_state(state, cfg):
         raise SparseCSEError(f"--resume: {run} was started with a different config; use the same YAML and --set "
                              "values, or start a new sweep with another --out")
     preflight(cfg, address)
@@ -245,7 +267,7 @@ def run_sweep(config_path: str, overrides=None, resume: bool = False, address: s
 
         # ---- stage 1: train once
         cd = cfg.to_dict()
-        fp1 = _fp({k: cd[k] for k in ("model", "data", "train")})
+        fp1 = _stage1_fp(cd)
         simcse = run / "simcse" / "best"
         if state.get("train_fp") == fp1 and (simcse / "manifest.json").exists():
             verify_manifest(simcse)

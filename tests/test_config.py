@@ -65,3 +65,24 @@ def test_trials_and_scoring_compute_on_the_gpu_ray_gives_them(monkeypatch):
     assert task_device(0) == "cpu"  # a CPU trial stays on the CPU even where a GPU exists
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert task_device(0.2) == "cpu"
+
+
+def test_resume_accepts_a_sweep_saved_before_a_defaulted_field_existed():
+    from sparsecse.config import load_config
+    from sparsecse.sweep import _stage1_fp, upgrade_state
+
+    cfg = load_config("sweeps/quickstart.yaml")
+    old = cfg.to_dict()
+    del old["train"]["precision"]  # as sweep.json was written before train.precision was added
+    state = {"config": old, "train_fp": _stage1_fp(old), "score_fp": "x"}
+    assert upgrade_state(state, cfg)
+    assert state["config"] == cfg.to_dict() and state["train_fp"] == _stage1_fp(cfg.to_dict())  # stage 1 kept
+    assert state["score_fp"] == "x"
+    # a saved sweep whose values differ is still a different sweep
+    other = load_config("sweeps/quickstart.yaml", ["train.lr=1e-4"]).to_dict()
+    assert not upgrade_state({"config": other, "train_fp": _stage1_fp(other)}, cfg)
+    # the new field set to a non-default value is a different sweep too
+    assert not upgrade_state({"config": old}, load_config("sweeps/quickstart.yaml", ["train.precision=bf16"]))
+    # a stale stage-1 fingerprint is not blessed by the upgrade
+    stale = {"config": dict(old), "train_fp": "stale"}
+    assert upgrade_state(stale, cfg) and stale["train_fp"] == "stale"
