@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import SparseCSEError
+from .io import atomic_write_text
 
 DEFAULT_BASE_URL = "https://huggingface.co/datasets/princeton-nlp/datasets-for-simcse/resolve/main"
 
@@ -58,9 +59,15 @@ def _download(url: str, dest: Path, progress: bool = True) -> str:
     return h.hexdigest()
 
 
-def _safe_extract(archive: Path, into: Path) -> None:
-    with tarfile.open(archive) as tf:
-        tf.extractall(into, filter="data")  # refuses absolute paths, '..' and links out of the tree
+def _safe_extract(archive: Path, into: Path, url: str) -> None:
+    """Unpack into `into` only: the "data" filter refuses absolute paths, '..', links out of the tree and device
+    files; a refused or unreadable archive is a one-line error and nothing from it is installed."""
+    try:
+        with tarfile.open(archive) as tf:
+            tf.extractall(into, filter="data")
+    except (tarfile.TarError, OSError) as e:
+        raise SparseCSEError(f"{url}: archive refused ({type(e).__name__}: {e}); nothing was installed — "
+                             "check --base-url points at the SentEval bundle") from None
 
 
 def fetch(data_dir: str | os.PathLike, base_url: str = DEFAULT_BASE_URL, sources=SOURCES,
@@ -90,7 +97,7 @@ def fetch(data_dir: str | os.PathLike, base_url: str = DEFAULT_BASE_URL, sources
             target = data_dir / src.dest
             if src.archive:
                 stage = Path(tmpd) / (src.name + ".x")
-                _safe_extract(part, stage)
+                _safe_extract(part, stage, url)
                 root = stage / src.dest if (stage / src.dest).is_dir() else stage
                 if target.exists():
                     shutil.rmtree(target)
@@ -99,5 +106,5 @@ def fetch(data_dir: str | os.PathLike, base_url: str = DEFAULT_BASE_URL, sources
                 target.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(part, target)
             done.append(target)
-    sums_path.write_text("".join(f"{d}  {n}\n" for n, d in sorted(known.items())))
+    atomic_write_text(sums_path, "".join(f"{d}  {n}\n" for n, d in sorted(known.items())))
     return done

@@ -159,3 +159,37 @@ def test_data_fetch_from_local_http_server(tmp_path):
         assert r.returncode == 2 and "download failed" in r.stderr
     finally:
         srv.shutdown()
+
+
+@pytest.mark.parametrize("member", ["../evil.txt", "senteval/../../evil2.txt", "link:senteval/STS/ln"])
+def test_data_fetch_refuses_an_archive_that_writes_outside_the_data_dir(tmp_path, member):
+    from sparsecse.fetch import fetch
+
+    src = tmp_path / "srv"
+    src.mkdir()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name in ("senteval/STS/STSBenchmark/sts-test.csv", member):
+            info = tarfile.TarInfo(name.removeprefix("link:"))
+            if name.startswith("link:"):  # a symlink pointing out of the tree
+                info.type, info.linkname = tarfile.SYMTYPE, "../../../../outside"
+                tf.addfile(info)
+                continue
+            info.size = 4
+            tf.addfile(info, io.BytesIO(b"x\ty\n"))
+    (src / "senteval.tar").write_bytes(buf.getvalue())
+    (src / "wiki1m_for_simcse.txt").write_text("first sentence\n")
+    srv = _serve(src)
+    try:
+        dest = tmp_path / "a" / "data"
+        with pytest.raises(SparseCSEError, match="archive refused.*nothing was installed"):
+            fetch(dest, base_url=f"http://127.0.0.1:{srv.server_address[1]}", progress=False)
+        r = run_cli("data", "fetch", "--data-dir", str(dest), "--base-url",
+                    f"http://127.0.0.1:{srv.server_address[1]}", "--quiet")
+        assert r.returncode == 2 and "archive refused" in r.stderr and "Traceback" not in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+    finally:
+        srv.shutdown()
+    assert not (tmp_path / "a" / "evil.txt").exists() and not (tmp_path / "evil2.txt").exists()
+    assert not (dest / "senteval").exists() and not (dest / "SHA256SUMS").exists()
+    assert [p.name for p in dest.iterdir()] == []  # the staging dir is gone too
