@@ -72,11 +72,15 @@ def _sentences(data_dir: Path, n: int) -> list[str]:
     return [s for s in lines if s.strip()][:n]
 
 
+def fwd_flops(cfg, tokens: int, seq: int) -> float:
+    """Matmul FLOPs of the encoder's forward over `tokens` tokens in sequences of length `seq`."""
+    h, inter, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    return L * (2 * 4 * h * h + 2 * 2 * h * inter + 2 * 2 * seq * h) * tokens
+
+
 def train_flops_per_step(cfg, batch_tokens: int, seq: int) -> float:
     """Matmul FLOPs of one SimCSE step (forward + backward ≈ 3× forward) over `batch_tokens` tokens."""
-    h, inter, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
-    per_token_fwd = L * (2 * 4 * h * h + 2 * 2 * h * inter + 2 * 2 * seq * h)
-    return 3.0 * per_token_fwd * batch_tokens
+    return 3.0 * fwd_flops(cfg, batch_tokens, seq)
 
 
 def bench_train(data_dir: Path, reps: int, steps: int = 3, batch: int = 64, max_len: int = 32, device: str = "cpu",
@@ -174,15 +178,21 @@ def eval_token_work(enc, data_dir: Path, tasks: tuple[str, ...]) -> dict:
     cap = min(enc.tokenizer.model_max_length, 512)
     n_tok = [len(ids) for ids in enc.tokenizer(sents, truncation=True, max_length=cap)["input_ids"]]
     lens = dict(zip(sents, n_tok))
-    peer_slots = 0
+    cfg = enc.backbone.config
+    peer_slots, peer_flops = 0, 0.0
     for p in pairs:
         order = sorted(range(len(p)), key=lambda i: (len(p.s1[i].split()), len(p.s2[i].split()), p.gold[i]))
         for i in range(0, len(order), 64):
             idx = order[i:i + 64]
-            peer_slots += len(idx) * (max(lens[p.s1[j]] for j in idx) + max(lens[p.s2[j]] for j in idx))
+            for side in (p.s1, p.s2):
+                t = max(lens[side[j]] for j in idx)
+                peer_slots += len(idx) * t
+                peer_flops += fwd_flops(cfg, len(idx) * t, t)
     ours = sum(n_tok)
+    ours_flops = sum(fwd_flops(cfg, t, t) for t in n_tok)  # attention over each sentence's own tokens
     return {"encodes_peer": 2 * sum(len(p) for p in pairs), "encodes_ours": len(sents),
-            "token_slots_peer": peer_slots, "tokens_ours": ours, "work_ratio": peer_slots / ours}
+            "token_slots_peer": peer_slots, "tokens_ours": ours, "work_ratio": peer_slots / ours,
+            "flops_peer": peer_flops, "flops_ours": ours_flops}
 
 
 def bench_eval(data_dir: Path, reps: int, tasks: tuple[str, ...], before: bool = False, device: str = "cpu") -> dict:
@@ -242,7 +252,9 @@ def bench_eval(data_dir: Path, reps: int, tasks: tuple[str, ...], before: bool =
     return {"row": "eval", "tasks": list(tasks), "device": device, "ours_s": med["ours"], "peer_s": med["peer"],
             "ratio": med["peer"] / med["ours"], "before_s": med.get("ours_before"),
             "speedup_vs_before": med["ours_before"] / med["ours"] if before else None,
-            "max_abs_diff": diff, **work, **{k: v for k, v in res.items()}, **{f"{k}_all": v for k, v in t.items()}}
+            "max_abs_diff": diff, **work, "ours_model_gflops": work["flops_ours"] / med["ours"] / 1e9,
+            "peer_executed_gflops": work["flops_peer"] / med["peer"] / 1e9,
+            "matmul_peak_gflops": matmul_peak_gflops(device=device), **{k: v for k, v in res.items()}, **{f"{k}_all": v for k, v in t.items()}}
 
 
 def bench_inference(data_dir: Path, reps: int, sparsities=(0.1, 0.3, 0.5), n: int = 512, work: Path | None = None) -> dict:

@@ -37,6 +37,9 @@ def test_bench_eval_peer_and_ours_agree(tiny_data_dir):
     # the work accounting: the peer encodes both sides of every pair, padded; ours each unique sentence, unpadded
     assert r["encodes_ours"] <= r["encodes_peer"] and r["tokens_ours"] < r["token_slots_peer"]
     assert r["work_ratio"] == pytest.approx(r["token_slots_peer"] / r["tokens_ours"]) and r["work_ratio"] > 1
+    assert r["flops_peer"] > r["flops_ours"] > 0
+    assert r["ours_model_gflops"] == pytest.approx(r["flops_ours"] / r["ours_s"] / 1e9)
+    assert 0 < r["peer_executed_gflops"] and 0 < r["matmul_peak_gflops"]
 
 
 def test_bench_inference_pruned_vs_dense(tiny_data_dir, tmp_path):
