@@ -2,7 +2,8 @@
 
 Rows: train (ours vs sentence-transformers' SimCSE recipe, MNRL on [s, s]), eval (ours vs a straightforward
 SentEval-protocol evaluation encoding each subset on its own), inference (physically pruned export vs dense),
-sweep (wall time vs the ideal from a finished run). Results: BENCH_DIR/<row>.json, plus a markdown row printed.
+sweep (wall time vs the ideal from a finished run). Results: BENCH_DIR/<row>.json (every repetition), and the
+row for BENCHMARKS.md printed as markdown.
 """
 
 from __future__ import annotations
@@ -335,10 +336,46 @@ def bench_sweep(run: Path) -> dict:
             "stage_runs": summary["stage_runs"], "timings": summary["timings"]}
 
 
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f} %"
+
+
+def markdown(r: dict) -> str:
+    """The row for BENCHMARKS.md: command, machine and date, then the figures of both arms."""
+    head = [f"`{r['command']}`" if r.get("command") else "", f"{r['machine']}, {r['date']}, median of "
+            f"{r['reps']} after {r['warmup']} warm-up", ""]
+    if r["row"] == "train":
+        rows = ["| sent/s: ours | ours before | peer | ours ÷ peer | model GFLOP/s | matmul peak | MFU |",
+                "|---:|---:|---:|---:|---:|---:|---:|",
+                f"| {r['ours_sent_s']:.1f} | {r['before_sent_s']:.1f} | {r['peer_sent_s']:.1f} | {r['ratio']:.2f}× | "
+                f"{r['ours_model_gflops']:.1f} | {r['matmul_peak_gflops']:.1f} | {_pct(r['mfu'])} |"]
+    elif r["row"] == "eval":
+        before = f"{r['before_s']:.1f} s" if r.get("before_s") else "—"
+        rows = ["| tasks | ours | ours before | peer | peer ÷ ours | work ratio | ours GFLOP/s | peak | max Δ |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+                f"| {' '.join(r['tasks'])} | {r['ours_s']:.1f} s | {before} | {r['peer_s']:.1f} s | {r['ratio']:.2f}× | "
+                f"{r['work_ratio']:.2f}× | {r['ours_model_gflops']:.1f} | {r['matmul_peak_gflops']:.1f} | "
+                f"{r['max_abs_diff']:.1e} |"]
+    elif r["row"] == "inference":
+        rows = ["| sparsity | params pruned / dense | pruned sent/s | dense sent/s | speed-up |",
+                "|---:|---:|---:|---:|---:|"]
+        rows += [f"| {_pct(p['sparsity'])} | {p['params_pruned'] / 1e6:.1f} M / {p['params_dense'] / 1e6:.1f} M | "
+                 f"{p['pruned_sent_s']:.1f} | {p['dense_sent_s']:.1f} | {p['speedup']:.2f}× |" for p in r["points"]]
+    else:
+        rows = ["| trials | stage-3 wall | Σ trial time | ideal | gap-free schedule | overhead | packing | Ray/Tune | "
+                "stage-1 / scoring runs |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+                f"| {r['trials']} | {r['tune_wall_s']:.1f} s | {r['sum_trial_s']:.1f} s | {r['ideal_s']:.1f} s | "
+                f"{r['schedule_s']:.1f} s | {_pct(r['overhead'])} | {_pct(r['packing_overhead'])} | "
+                f"{_pct(r['ray_overhead'])} | {r['stage_runs']['train']} / {r['stage_runs']['score']} |"]
+    return "\n".join(head + rows)
+
+
 def run_bench(a) -> None:
-    from .data import resolve_data_dir
+    import shlex
+    import sys
 
     from . import SparseCSEError
+    from .data import resolve_data_dir
 
     global WARMUP
     if a.device == "cuda" and not torch.cuda.is_available():
@@ -366,6 +403,7 @@ def run_bench(a) -> None:
             r = bench_inference(data_dir, a.reps, work=out / "inference")
         else:
             r = bench_sweep(Path(a.run))
-        r.update(header)
+        r.update(header, command="sparsecse " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "")
         atomic_write_json(out / f"{row}.json", r)
-        print(json.dumps({k: v for k, v in r.items() if not isinstance(v, list)}, indent=1, default=str))
+        print(markdown(r))
+        print(f"(every repetition: {out / (row + '.json')})\n")

@@ -12,6 +12,10 @@ from sparsecse import bench
 pytestmark = pytest.mark.slow
 
 
+def _md(r):
+    return bench.markdown({**r, "machine": "test machine", "date": "today", "reps": 1, "warmup": 0})
+
+
 def test_bench_train_three_arms(tiny_data_dir):
     r = bench.bench_train(tiny_data_dir, reps=1, steps=1, batch=4, max_len=16)
     assert len(r["ours_s"]) == len(r["ours_before_s"]) == len(r["peer_s"]) == 1
@@ -20,6 +24,7 @@ def test_bench_train_three_arms(tiny_data_dir):
         assert math.isfinite(r[k]) and r[k] > 0, k
     assert 0 <= r["padding_fraction"] < 1
     assert r["mfu"] == pytest.approx(r["ours_model_gflops"] / r["matmul_peak_gflops"])
+    assert f"| {r['ours_sent_s']:.1f} | {r['before_sent_s']:.1f} | {r['peer_sent_s']:.1f} | {r['ratio']:.2f}× |" in _md(r)
 
 
 def test_bench_train_bf16_autocast_runs_every_arm(tiny_data_dir):
@@ -40,9 +45,11 @@ def test_bench_eval_peer_and_ours_agree(tiny_data_dir):
     assert r["flops_peer"] > r["flops_ours"] > 0
     assert r["ours_model_gflops"] == pytest.approx(r["flops_ours"] / r["ours_s"] / 1e9)
     assert 0 < r["peer_executed_gflops"] and 0 < r["matmul_peak_gflops"]
+    assert f"| STSBenchmark SICKRelatedness | {r['ours_s']:.1f} s | {r['before_s']:.1f} s | {r['peer_s']:.1f} s |" in _md(r)
 
 
 def test_bench_inference_pruned_vs_dense(tiny_data_dir, tmp_path):
     r = bench.bench_inference(tiny_data_dir, reps=1, sparsities=(0.3,), n=16, work=tmp_path)
     (pt,) = r["points"]
     assert pt["params_pruned"] < pt["params_dense"] and pt["speedup"] > 0
+    assert f"| 30.0 % | {pt['params_pruned'] / 1e6:.1f} M / {pt['params_dense'] / 1e6:.1f} M |" in _md(r)

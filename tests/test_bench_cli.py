@@ -60,3 +60,12 @@ def test_bench_cli_refuses_cuda_where_there_is_none(tmp_path, capsys, monkeypatc
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "--device cuda" in err and "no CUDA GPU" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_bench_sweep_cli_prints_the_benchmarks_row_and_writes_json(tmp_path, capsys):
+    run = fake_run(tmp_path / "run", [100] * 5, [0, 1, 101, 102, 202], tune_s=310.0)
+    assert main(["bench", "sweep", "--run", str(run), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "| 5 | 310.0 s | 500.0 s | 250.0 s | 300.0 s | 24.0 % | 20.0 % | 3.3 % | 1 / 1 |" in out
+    saved = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert saved["overhead"] == pytest.approx(0.24) and saved["machine"] and saved["date"]
