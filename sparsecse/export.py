@@ -109,7 +109,10 @@ def _model_card(meta: dict, results: dict | None, params: dict) -> str:
               "", "## Loading", "", "```python", "from sentence_transformers import SentenceTransformer",
               "model = SentenceTransformer('THIS_DIR')                      # dense, pruned units zeroed",
               "model = SentenceTransformer('THIS_DIR/pruned', trust_remote_code=True)  # physically smaller",
-              "```", ""]
+              "```", "",
+              "With `transformers.AutoModel`, `last_hidden_state[:, 0]` is the embedding evaluated above (CLS, no "
+              "MLP) and `pooler_output` is SimCSE's training-time MLP pooler (stored as `pooler.dense`, as SimCSE's "
+              "released checkpoints do).", ""]
     if results:
         lines += ["## Evaluation (Spearman × 100)", "", "| " + " | ".join(results) + " |",
                   "|" + "---|" * len(results), "| " + " | ".join(f"{v:.2f}" for v in results.values()) + " |", ""]
@@ -119,6 +122,28 @@ def _model_card(meta: dict, results: dict | None, params: dict) -> str:
 def _layer_params(model: nn.Module, layers_attr: str) -> int:
     import operator
     return sum(p.numel() for p in operator.attrgetter(layers_attr)(model).parameters())
+
+
+def _add_mlp_as_hf_pooler(enc: Encoder, d: Path) -> None:
+    """Store SimCSE's MLP pooler (Linear + tanh) as the checkpoint's `pooler.dense`, as SimCSE's released models do:
+    `AutoModel` then loads with no missing weights, `pooler_output` is the training-time pooler and
+    `last_hidden_state[:, 0]` the evaluation embedding. BERT/RoBERTa only (their pooler is dense + tanh)."""
+    if enc.backbone.config.model_type not in ("bert", "roberta"):
+        return
+    from safetensors.torch import load_file, save_file
+
+    extra = {"pooler.dense.weight": enc.mlp[0].weight.detach().contiguous().cpu(),
+             "pooler.dense.bias": enc.mlp[0].bias.detach().contiguous().cpu()}
+    single, index = d / "model.safetensors", d / "model.safetensors.index.json"
+    if single.exists():
+        save_file({**load_file(str(single)), **extra}, str(single), metadata={"format": "pt"})
+    elif index.exists():  # a sharded checkpoint: one more shard, listed in the index
+        save_file(extra, str(d / "model-pooler.safetensors"), metadata={"format": "pt"})
+        idx = json.loads(index.read_text())
+        idx["weight_map"].update({k: "model-pooler.safetensors" for k in extra})
+        index.write_text(json.dumps(idx, indent=2, sort_keys=True))
+    else:
+        raise SparseCSEError(f"{d}: save_pretrained wrote no safetensors weights; cannot add the pooler")
 
 
 def export_model(source: str | Encoder, out: str | os.PathLike, pooler: str | None = None,
@@ -140,6 +165,7 @@ def export_model(source: str | Encoder, out: str | os.PathLike, pooler: str | No
               "layers_pruned": _layer_params(pruned, dense.adapter.layers)}
     with atomic_dir(out) as tmp:
         dense.backbone.save_pretrained(tmp, safe_serialization=True)
+        _add_mlp_as_hf_pooler(dense, tmp)
         dense.tokenizer.save_pretrained(tmp)
         _write_sentence_transformers(dense, tmp, pooler, max_seq_length)
         pdir = tmp / "pruned"

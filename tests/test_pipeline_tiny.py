@@ -199,6 +199,13 @@ def test_export_round_trips_through_automodel_and_sentence_transformers(tiny_mod
         phys = AutoModel.from_pretrained(out / "pruned", trust_remote_code=True).eval()(**tok).last_hidden_state[:, 0]
     assert torch.allclose(dense, ref, atol=1e-5)
     assert torch.nn.functional.cosine_similarity(phys, ref).min() >= 0.9999
+    # the dense export is a complete BertModel: nothing newly initialised, pooler_output = SimCSE's MLP pooler
+    hf, info = AutoModel.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    train_pooler = load_encoder(str(src), pooler="cls").eval()
+    with torch.no_grad():
+        assert torch.allclose(hf.eval()(**tok).pooler_output, train_pooler(tok["input_ids"], tok["attention_mask"]),
+                              atol=1e-5)
     for path, kw in ((out, {}), (out / "pruned", {"trust_remote_code": True})):
         st = SentenceTransformer(str(path), device="cpu", **kw)
         emb = st.encode(sents, convert_to_tensor=True)
