@@ -164,6 +164,12 @@ def bench_train(data_dir: Path, reps: int, steps: int = 3, batch: int = 64, max_
             **{f"{k}_s": v for k, v in arms.items()}}
 
 
+def _senteval_batches(p, size: int = 64) -> list[list[int]]:
+    """SentEval's STS batching: pair indices sorted by (len(s1), len(s2), gold) in words, in batches of `size`."""
+    order = sorted(range(len(p)), key=lambda i: (len(p.s1[i].split()), len(p.s2[i].split()), p.gold[i]))
+    return [order[i:i + size] for i in range(0, len(order), size)]
+
+
 def eval_token_work(enc, data_dir: Path, tasks: tuple[str, ...]) -> dict:
     """How much the two eval arms must compute: token slots through the encoder. The peer encodes both sides of
     every pair, padded to the longest in its 64-pair batch; ours encodes each unique sentence once, real tokens
@@ -171,20 +177,14 @@ def eval_token_work(enc, data_dir: Path, tasks: tuple[str, ...]) -> dict:
     from .data import load_sts_task
 
     pairs = [p for t in tasks for p in load_sts_task(data_dir, t).values()]
-    lens = {}
-    for p in pairs:
-        for x in (*p.s1, *p.s2):
-            lens.setdefault(x, None)
-    sents = list(lens)
+    sents = list(dict.fromkeys(x for p in pairs for x in (*p.s1, *p.s2)))
     cap = min(enc.tokenizer.model_max_length, 512)
     n_tok = [len(ids) for ids in enc.tokenizer(sents, truncation=True, max_length=cap)["input_ids"]]
     lens = dict(zip(sents, n_tok))
     cfg = enc.backbone.config
     peer_slots, peer_flops = 0, 0.0
     for p in pairs:
-        order = sorted(range(len(p)), key=lambda i: (len(p.s1[i].split()), len(p.s2[i].split()), p.gold[i]))
-        for i in range(0, len(order), 64):
-            idx = order[i:i + 64]
+        for idx in _senteval_batches(p):
             for side in (p.s1, p.s2):
                 t = max(lens[side[j]] for j in idx)
                 peer_slots += len(idx) * t
@@ -224,18 +224,16 @@ def bench_eval(data_dir: Path, reps: int, tasks: tuple[str, ...], before: bool =
         for t in tasks:
             sys, gold = {}, {}
             for k, p in load_sts_task(data_dir, t).items():
-                order = sorted(range(len(p)), key=lambda i: (len(p.s1[i].split()), len(p.s2[i].split()), p.gold[i]))
-                scores = []
-                for i in range(0, len(order), 64):
-                    idx = order[i:i + 64]
+                scores, order = [], []
+                for idx in _senteval_batches(p):
+                    order += idx
                     t1 = enc.tokenize([p.s1[j] for j in idx])
                     t2 = enc.tokenize([p.s2[j] for j in idx])
-                    e1 = enc(**{k: v.to(device) for k, v in t1.items()})
-                    e2 = enc(**{k: v.to(device) for k, v in t2.items()})
+                    e1 = enc(**{n: v.to(device) for n, v in t1.items()})
+                    e2 = enc(**{n: v.to(device) for n, v in t2.items()})
                     scores.append(torch.nn.functional.cosine_similarity(e1, e2).float().cpu().numpy())
-                inv = np.empty(len(order), dtype=int)
-                inv[order] = np.arange(len(order))
-                sys[k] = np.concatenate(scores)[inv]
+                sys[k] = np.empty(len(order))
+                sys[k][order] = np.concatenate(scores)  # back to the file's pair order
                 gold[k] = p.gold
             out[t] = 100 * aggregate_all(sys, gold)
         out["avg"] = float(np.mean([out[t] for t in tasks]))
@@ -342,8 +340,9 @@ def _pct(x: float) -> str:
 
 def markdown(r: dict) -> str:
     """The row for BENCHMARKS.md: command, machine and date, then the figures of both arms."""
-    head = [f"`{r['command']}`" if r.get("command") else "", f"{r['machine']}, {r['date']}, median of "
-            f"{r['reps']} after {r['warmup']} warm-up", ""]
+    timing = "read from the finished sweep's records" if r["row"] == "sweep" else \
+        f"median of {r['reps']} after {r['warmup']} warm-up"
+    head = [f"`{r['command']}`" if r.get("command") else "", f"{r['machine']}, {r['date']}, {timing}", ""]
     if r["row"] == "train":
         rows = ["| sent/s: ours | ours before | peer | ours ÷ peer | model GFLOP/s | matmul peak | MFU |",
                 "|---:|---:|---:|---:|---:|---:|---:|",

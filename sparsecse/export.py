@@ -124,26 +124,18 @@ def _layer_params(model: nn.Module, layers_attr: str) -> int:
     return sum(p.numel() for p in operator.attrgetter(layers_attr)(model).parameters())
 
 
-def _add_mlp_as_hf_pooler(enc: Encoder, d: Path) -> None:
-    """Store SimCSE's MLP pooler (Linear + tanh) as the checkpoint's `pooler.dense`, as SimCSE's released models do:
-    `AutoModel` then loads with no missing weights, `pooler_output` is the training-time pooler and
-    `last_hidden_state[:, 0]` the evaluation embedding. BERT/RoBERTa only (their pooler is dense + tanh)."""
-    if enc.backbone.config.model_type not in ("bert", "roberta"):
-        return
-    from safetensors.torch import load_file, save_file
+def _attach_mlp_as_hf_pooler(enc: Encoder) -> None:
+    """Give the backbone its family's pooler (dense + tanh) holding SimCSE's MLP pooler, as SimCSE's released
+    models do, so `save_pretrained` writes `pooler.dense`: `AutoModel` then loads with no missing weights,
+    `pooler_output` is the training-time pooler and `last_hidden_state[:, 0]` the evaluation embedding."""
+    import sys
 
-    extra = {"pooler.dense.weight": enc.mlp[0].weight.detach().contiguous().cpu(),
-             "pooler.dense.bias": enc.mlp[0].bias.detach().contiguous().cpu()}
-    single, index = d / "model.safetensors", d / "model.safetensors.index.json"
-    if single.exists():
-        save_file({**load_file(str(single)), **extra}, str(single), metadata={"format": "pt"})
-    elif index.exists():  # a sharded checkpoint: one more shard, listed in the index
-        save_file(extra, str(d / "model-pooler.safetensors"), metadata={"format": "pt"})
-        idx = json.loads(index.read_text())
-        idx["weight_map"].update({k: "model-pooler.safetensors" for k in extra})
-        index.write_text(json.dumps(idx, indent=2, sort_keys=True))
-    else:
-        raise SparseCSEError(f"{d}: save_pretrained wrote no safetensors weights; cannot add the pooler")
+    bb = enc.backbone
+    pooler_cls = getattr(sys.modules[type(bb).__module__], type(bb).__name__.replace("Model", "Pooler"), None)
+    if pooler_cls is None:  # a family without a BERT-style pooler: nothing to store
+        return
+    bb.pooler = pooler_cls(bb.config)
+    bb.pooler.dense.load_state_dict(enc.mlp[0].state_dict())
 
 
 def export_model(source: str | Encoder, out: str | os.PathLike, pooler: str | None = None,
@@ -164,8 +156,8 @@ def export_model(source: str | Encoder, out: str | os.PathLike, pooler: str | No
               "layers_dense": _layer_params(dense.backbone, dense.adapter.layers),
               "layers_pruned": _layer_params(pruned, dense.adapter.layers)}
     with atomic_dir(out) as tmp:
+        _attach_mlp_as_hf_pooler(dense)  # after physical_prune: the pruned model keeps no pooler
         dense.backbone.save_pretrained(tmp, safe_serialization=True)
-        _add_mlp_as_hf_pooler(dense, tmp)
         dense.tokenizer.save_pretrained(tmp)
         _write_sentence_transformers(dense, tmp, pooler, max_seq_length)
         pdir = tmp / "pruned"

@@ -309,8 +309,8 @@ def run_sweep(config_path: str, overrides=None, resume: bool = False, address: s
             print(f"[sweep] stage 2 skipped ({scores_path} matches the trained model)")
         else:
             t0 = time.perf_counter()
-            ra.run_task(score_task, str(simcse), str(data), cd, str(scores_path), cfg.sweep.trial_cpus, cfg.sweep.trial_gpus,
-                        num_cpus=cfg.sweep.trial_cpus, num_gpus=cfg.sweep.trial_gpus)
+            ra.run_task(score_task, str(simcse), str(data), cd, str(scores_path), cfg.sweep.trial_cpus,
+                        cfg.sweep.trial_gpus, num_cpus=cfg.sweep.trial_cpus, num_gpus=cfg.sweep.trial_gpus)
             state["score_fp"] = fp2
             state["stage_runs"]["score"] += 1
             timings["score_s"] = time.perf_counter() - t0
