@@ -5,3 +5,7 @@ __version__ = "0.1.0"
 
 class SparseCSEError(Exception):
     """A user-facing error: the CLI prints its one-line message and exits with code 2."""
+
+
+class TrialsFailed(SparseCSEError):
+    """A sweep finished and wrote its report, but some trials failed: exit code 1 (not 2, which means bad input)."""

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-from . import SparseCSEError, __version__
+from . import SparseCSEError, TrialsFailed, __version__
 from .config import STS_TASKS, TRANSFER_TASKS
 
 
@@ -159,11 +158,17 @@ def cmd_prune(a) -> int:
 
 
 def cmd_export(a) -> int:
-    from .export import export_model
+    from .export import export_model, export_from_run, is_run
 
+    if is_run(a.source):  # a sweep's run, local or s3://…: its export, copied (or built from the selected trial)
+        out = export_from_run(a.source, a.out, pooler=a.pooler)
+        print(f"exported {a.source} -> {out} (dense) and {out / 'pruned'} (physically pruned)")
+        return 0
     src = Path(a.source)
-    if (src / "best").is_dir():  # a training/trial directory: export its best checkpoint
-        src = src / "best"
+    for sub in ("best", "masked"):  # a training/trial directory, or what `sparsecse prune` wrote
+        if (src / sub).is_dir():
+            src = src / sub
+            break
     results = json.loads(Path(a.results).read_text()) if a.results else None
     out = export_model(str(src), a.out, pooler=a.pooler, results=results)
     print(f"exported dense -> {out}, physically pruned -> {out / 'pruned'}")
@@ -180,7 +185,9 @@ def cmd_sweep(a) -> int:
 def cmd_fetch(a) -> int:
     from .fetch import DEFAULT_BASE_URL, fetch
 
-    data_dir = Path(a.data_dir or os.environ.get("SPARSECSE_DATA_DIR") or Path.home() / ".cache/sparsecse/data")
+    from .data import default_data_dir
+
+    data_dir = default_data_dir(a.data_dir)
     for p in fetch(data_dir, base_url=a.base_url or DEFAULT_BASE_URL, progress=not a.quiet):
         print(f"ok {p}")
     return 0
@@ -242,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(fn=cmd_prune)
 
     x = sub.add_parser("export", help="export dense + physically pruned checkpoints")
-    x.add_argument("source")
+    x.add_argument("source", help="a sweep's run (local path or s3://… URI), a training/prune directory or a model")
     x.add_argument("--out", required=True)
     x.add_argument("--pooler", choices=poolers)
     x.add_argument("--results", help="JSON of evaluation results for the model card")
@@ -289,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except SparseCSEError as e:
         print(f"sparsecse: error: {e}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(e, TrialsFailed) else 2
     except KeyboardInterrupt:
         print("sparsecse: interrupted", file=sys.stderr)
         return 130

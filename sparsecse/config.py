@@ -119,6 +119,7 @@ class SweepConfig:
     max_failures: int = 1
     scheduler: Literal["none", "asha"] = "none"
     export_best: bool = True
+    allow_failed_trials: bool = False  # false: a sweep with failed trials exits 1 (after writing its report)
 
     def __post_init__(self):
         _check(len(self.sparsities) > 0, "sweep.sparsities", "needs at least one value")

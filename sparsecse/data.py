@@ -27,18 +27,36 @@ STS_SUBSETS = {
 }
 
 
-def resolve_data_dir(explicit: str | os.PathLike | None = None) -> Path:
-    """--data-dir, then $SPARSECSE_DATA_DIR, then ~/.cache/sparsecse/data."""
+def default_data_dir(explicit: str | os.PathLike | None = None) -> Path:
+    """--data-dir, then $SPARSECSE_DATA_DIR, then ~/.cache/sparsecse/data (not checked: see resolve_data_dir)."""
     if explicit:
-        d = Path(explicit)
-    elif os.environ.get("SPARSECSE_DATA_DIR"):
-        d = Path(os.environ["SPARSECSE_DATA_DIR"])
-    else:
-        d = Path.home() / ".cache" / "sparsecse" / "data"
+        return Path(explicit).expanduser()
+    if os.environ.get("SPARSECSE_DATA_DIR"):
+        return Path(os.environ["SPARSECSE_DATA_DIR"]).expanduser()
+    return Path.home() / ".cache" / "sparsecse" / "data"
+
+
+def resolve_data_dir(explicit: str | os.PathLike | None = None) -> Path:
+    """The data dir (default_data_dir), which must exist on this machine."""
+    d = default_data_dir(explicit)
     if not d.is_dir():
         raise SparseCSEError(f"data dir {d} does not exist; pass --data-dir, set SPARSECSE_DATA_DIR, "
                              "or run `sparsecse data fetch`")
     return d.resolve()
+
+
+_TASK_PATHS = {**{y: f"senteval/STS/{y}-en-test" for y in STS_SUBSETS},
+               "STSBenchmark": "senteval/STS/STSBenchmark/sts-test.csv",
+               "SICKRelatedness": "senteval/SICK/SICK_test_annotated.txt",
+               "MR": "senteval/MR", "CR": "senteval/CR", "SUBJ": "senteval/SUBJ", "MPQA": "senteval/MPQA",
+               "SST2": "senteval/SST/binary", "TREC": "senteval/TREC", "MRPC": "senteval/MRPC"}
+
+
+def needed_paths(train_file: str, score_split: str, tasks, transfer_tasks=()) -> list[str]:
+    """The files and folders (relative to the data dir, or absolute) a sweep reads: checked on every node first."""
+    paths = [train_file, "senteval/STS/STSBenchmark/sts-dev.csv", f"senteval/STS/STSBenchmark/sts-{score_split}.csv"]
+    paths += [_TASK_PATHS[t] for t in (*tasks, *transfer_tasks) if t in _TASK_PATHS]
+    return list(dict.fromkeys(paths))
 
 
 def _read_lines(path: Path) -> list[str]:

@@ -177,3 +177,37 @@ def export_model(source: str | Encoder, out: str | os.PathLike, pooler: str | No
         (pdir / META_FILE).write_text(json.dumps({**info, "physical": True}, indent=2, sort_keys=True, default=str))
         (tmp / "README.md").write_text(_model_card(meta | {"pooler": pooler}, results, params))
     return out
+
+
+def is_run(source: str) -> bool:
+    """Whether `source` names a sweep's run: a URI (s3://…) or a directory holding sweep.json."""
+    from .storage import is_uri
+
+    return is_uri(source) or (Path(source) / "sweep.json").is_file()
+
+
+def export_from_run(source: str, out: str | os.PathLike, pooler: str | None = None) -> Path:
+    """A local export of a sweep's run on any storage: its export/ copied, or (no export yet, or another pooler
+    asked for) built here from the selected trial's best checkpoint."""
+    from .io import verify_manifest
+    from .stages import fetch_model
+    from .storage import Storage, scratch_dir
+
+    store = Storage(source)
+    if not store.is_file("sweep.json"):
+        raise SparseCSEError(f"{store.uri}: holds no sweep (sweep.json missing); pass a run's --out")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "manifest.json").exists())):
+        raise SparseCSEError(f"--out {out}: exists and is not an export; choose an empty or new directory")
+    if pooler is None and store.is_file("export/manifest.json"):
+        with atomic_dir(out) as tmp:
+            store.download_dir("export", tmp)
+            verify_manifest(tmp)
+        return out
+    selected = (store.read_json("sweep.json").get("summary") or {}).get("selected")
+    if not selected or not selected.get("checkpoint"):
+        raise SparseCSEError(f"{store.uri}: the sweep has not selected a model yet; finish it with `sparsecse sweep "
+                             "… --resume` first")
+    with scratch_dir("export") as tmp:
+        model = fetch_model(store, f"{selected['checkpoint']}/best", tmp)
+        return export_model(str(model), out, pooler=pooler, results=selected.get("test"))

@@ -1,37 +1,61 @@
 """The one place sparsecse touches Ray's API (Ray's example API changed several times: keep it here).
 
-Everything else is plain torch; these helpers connect, run the stage-1 TorchTrainer, run a Ray task,
-and build/restore the Tune sweep.
+Everything else is plain torch; these helpers connect, check every node, run the stage-1 TorchTrainer, run Ray
+tasks, and build/restore the Tune sweep — all with the run's storage (storage.py) as Ray's storage.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from . import SparseCSEError
 
+if TYPE_CHECKING:
+    from .storage import Storage
+
 
 def connect(address: str | None, num_cpus: int | None, dashboard: bool) -> None:
-    """Join a cluster (address, or RAY_ADDRESS as set by `ray job submit`) or start a local one on 127.0.0.1."""
+    """Join a cluster (address, or RAY_ADDRESS as set by `ray job submit`) or start a local one on 127.0.0.1.
+
+    No runtime_env is passed: under `ray job submit --working-dir .` the job's own runtime env (the uploaded
+    checkout, the user's env_vars) is what every worker gets; per-process settings are made in the stages."""
     import ray
 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
     address = address or os.environ.get("RAY_ADDRESS")
-    # workers import sparsecse from wherever this process does (editable install or a job's working dir)
-    pkg_root = str(Path(__file__).resolve().parents[1])
-    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [pkg_root, os.environ.get("PYTHONPATH")])),
-                        "TOKENIZERS_PARALLELISM": "false"}}
     if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True)
     else:  # Ray ≥ 2.59 turns token authentication on by default for the local cluster it starts
         # address="local": always a fresh local cluster, never a stale one left by `ray start` on this machine
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
-                 runtime_env=env, log_to_driver=True)
+                 log_to_driver=True)
+
+
+def compute_nodes() -> list[dict]:
+    """The alive nodes that can run work (CPU or GPU > 0): [{"id", "ip", "resources"}]."""
+    import ray
+
+    return [{"id": n["NodeID"], "ip": n.get("NodeManagerAddress", "?"), "resources": n.get("Resources", {})}
+            for n in ray.nodes() if n.get("Alive") and (n.get("Resources", {}).get("CPU", 0) > 0
+                                                        or n.get("Resources", {}).get("GPU", 0) > 0)]
+
+
+def run_on_each_node(fn: Callable, nodes: list[dict], *args) -> dict[str, Any]:
+    """fn(*args) once on every node (pinned, no resources held, so it runs beside anything); {node id: result}."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    remote = ray.remote(num_cpus=0)(fn)
+    refs = {n["id"]: remote.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["id"], soft=False)).remote(*args)
+            for n in nodes}
+    try:
+        return {k: v for k, v in zip(refs, ray.get(list(refs.values())))}
+    except ray.exceptions.RayTaskError as e:
+        raise SparseCSEError(f"node check failed: {_root_cause(e)}") from None
 
 
 def cluster_resources() -> dict:
@@ -63,14 +87,12 @@ def train_report(metrics: dict, checkpoint_dir: Path | None) -> None:
     ray.train.report(metrics, checkpoint=ckpt)
 
 
-def train_checkpoint_dir() -> Path | None:
-    """The latest reported checkpoint (after a worker failure), materialised locally."""
+def train_checkpoint(local: Path) -> Path | None:
+    """The latest reported checkpoint (after a worker failure), downloaded into `local` (the caller's scratch)."""
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
-    if ckpt is None:
-        return None
-    return Path(ckpt.to_directory(tempfile.mkdtemp(prefix="sparsecse-resume-")))
+    return None if ckpt is None else Path(ckpt.to_directory(str(local)))
 
 
 def prepare_ddp(model):
@@ -86,17 +108,19 @@ def train_device():
 
 
 def run_torch_trainer(loop: Callable[[dict], None], loop_config: dict, *, num_workers: int, use_gpu: bool,
-                      cpus_per_worker: float, storage: Path, name: str, max_failures: int):
-    """Stage 1: data-parallel SimCSE on `num_workers` workers; returns the Result's last checkpoint dir."""
+                      cpus_per_worker: float, storage: "Storage", name: str, max_failures: int) -> str:
+    """Stage 1: data-parallel SimCSE on `num_workers` workers; returns the last checkpoint, relative to `storage`."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    path, fs = storage.ray_storage()
     trainer = TorchTrainer(
         loop, train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=RunConfig(name=name, storage_path=str(storage), failure_config=FailureConfig(max_failures=max_failures),
+        run_config=RunConfig(name=name, storage_path=path, storage_filesystem=fs,
+                             failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
     try:
@@ -107,7 +131,7 @@ def run_torch_trainer(loop: Callable[[dict], None], loop_config: dict, *, num_wo
         raise SparseCSEError(f"stage-1 training failed: {_root_cause(result.error)}")
     if result.checkpoint is None:
         raise SparseCSEError("stage-1 training reported no checkpoint")
-    return Path(result.checkpoint.path)
+    return storage.rel(result.checkpoint.path)
 
 
 def _root_cause(e: BaseException) -> str:
@@ -120,13 +144,20 @@ def _root_cause(e: BaseException) -> str:
 
 # --------------------------------------------------------------------------- Ray task (stage 2)
 
-def run_task(fn: Callable, *args, num_cpus: float = 1, num_gpus: float = 0) -> Any:
+def run_tasks(calls: list[tuple[str, Callable, tuple, dict, float, float]]) -> list[Any]:
+    """Run (what, fn, args, kwargs, cpus, gpus) calls as Ray tasks at once, holding those resources; their results
+    in order. A failure is one line naming the stage."""
     import ray
 
-    try:
-        return ray.get(ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(fn).remote(*args))
-    except ray.exceptions.RayTaskError as e:
-        raise SparseCSEError(f"scoring failed: {_root_cause(e)}") from None
+    refs = [(what, ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=1)(fn).remote(*args, **kwargs))
+            for what, fn, args, kwargs, cpus, gpus in calls]
+    out = []
+    for what, ref in refs:
+        try:
+            out.append(ray.get(ref))
+        except ray.exceptions.RayTaskError as e:
+            raise SparseCSEError(f"{what} failed: {_root_cause(e)}") from None
+    return out
 
 
 # --------------------------------------------------------------------------- Ray Tune (stage 3)
@@ -138,13 +169,12 @@ def tune_report(metrics: dict, checkpoint_dir: Path | None) -> None:
     tune.report(metrics, checkpoint=ckpt)
 
 
-def tune_checkpoint_dir() -> Path | None:
+def tune_checkpoint(local: Path) -> Path | None:
+    """The trial's last checkpoint (when Tune restarts it), downloaded into `local` (the caller's scratch)."""
     from ray import tune
 
     ckpt = tune.get_checkpoint()
-    if ckpt is None:
-        return None
-    return Path(ckpt.to_directory(tempfile.mkdtemp(prefix="sparsecse-trial-")))
+    return None if ckpt is None else Path(ckpt.to_directory(str(local)))
 
 
 def node_id() -> str:
@@ -153,16 +183,18 @@ def node_id() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
-def run_tuner(trial_fn: Callable[[dict], None], points: list[dict], *, storage: Path, name: str, cpus: float,
+def run_tuner(trial_fn: Callable, params: dict, points: list[dict], *, storage: "Storage", name: str, cpus: float,
               gpus: float, max_concurrent: int | None, max_failures: int, scheduler: str, resume: bool):
-    """Grid of trials (one per point); returns the ResultGrid. `resume` restores an interrupted experiment."""
+    """Grid of trials (one per point), `params` shared through the object store; returns the ResultGrid.
+    `resume` restores an interrupted experiment from the run's storage."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    trainable = tune.with_resources(trial_fn, {"cpu": cpus, "gpu": gpus})
-    path = storage / name
-    if resume and tune.Tuner.can_restore(str(path)):
-        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
+    trainable = tune.with_resources(tune.with_parameters(trial_fn, **params), {"cpu": cpus, "gpu": gpus})
+    path, fs = storage.ray_storage()
+    exp = storage.path(name)
+    if resume and tune.Tuner.can_restore(exp, storage_filesystem=fs):
+        tuner = tune.Tuner.restore(exp, trainable=trainable, resume_errored=True, storage_filesystem=fs)
     else:
         sched = (ASHAScheduler(metric="stsb_dev", mode="max", grace_period=1) if scheduler == "asha" else None)
         tuner = tune.Tuner(
@@ -171,20 +203,21 @@ def run_tuner(trial_fn: Callable[[dict], None], points: list[dict], *, storage: 
             # reuse_actors: a finished trial's process takes the next point (no new process, no re-import of
             # torch/transformers per trial); a crashed one is replaced as usual
             tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, scheduler=sched, reuse_actors=True),
-            run_config=tune.RunConfig(name=name, storage_path=str(storage),
+            # num_to_keep=2: Tune forces an experiment-state snapshot whenever a trial has checkpointed num_to_keep
+            # times since the last one; with 1 that is every checkpoint (the "snapshotting" warnings)
+            run_config=tune.RunConfig(name=name, storage_path=path, storage_filesystem=fs,
                                       failure_config=tune.FailureConfig(max_failures=max_failures),
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=1),
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=1),
         )
     return tuner.fit()
 
 
-def grid_rows(grid) -> list[dict]:
-    """One row per trial: its point, last metrics, error (or None) and checkpoint path."""
+def grid_rows(grid, storage: "Storage") -> list[dict]:
+    """One row per trial: its point, last metrics, error (or None) and last checkpoint (relative to the run)."""
     rows = []
     for r in grid:
         cfg = (r.config or {}).get("point", {})
         rows.append({"config": cfg, "metrics": dict(r.metrics or {}),
                      "error": None if r.error is None else _root_cause(r.error),
-                     "checkpoint": r.checkpoint.path if r.checkpoint is not None else None,
-                     "path": r.path})
+                     "checkpoint": storage.rel(r.checkpoint.path) if r.checkpoint is not None else None})
     return rows

@@ -1,17 +1,20 @@
-"""Selection on STS-B dev and the sweep report (results.{parquet,json}, report.{md,html}, figures)."""
+"""Selection on STS-B dev and the sweep report, as pure functions: rows of trial results in, a choice or rendered
+bytes/text out (results table, report.md, report.html, figure PNGs). The driver (sweep.py) writes them to storage.
+
+A row is {"config": {"sparsity", "lam", "seed"}, "metrics": {...last reported...}, "error": str | None,
+"checkpoint": the trial's last checkpoint relative to the run (its best dev model is `<checkpoint>/best`)}."""
 
 from __future__ import annotations
 
 import base64
 import html
 import math
-from pathlib import Path
 
 import numpy as np
 
 from .config import STS_TASKS, Config
 from .evaluate import SHORT
-from .io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from .stages import point_name
 
 
 def select(rows: list[dict]) -> dict | None:
@@ -34,14 +37,20 @@ def select(rows: list[dict]) -> dict | None:
     return {"sparsity": key[0], "lam": key[1], **_seed_stats(members)}
 
 
+def sample_std(xs) -> float | None:
+    """Sample standard deviation (ddof = 1) over seeds; None with fewer than two (no spread to show)."""
+    return float(np.std(xs, ddof=1)) if len(xs) > 1 else None
+
+
 def _seed_stats(members: list[dict]) -> dict:
-    """Mean and population std over seeds of the dev score and every test task of one grid point's trials."""
+    """Mean and sample std over seeds of the dev score and every test task of one grid point's trials; the
+    best-dev seed's checkpoint is the one to export."""
     best_seed = max(members, key=lambda r: r["metrics"]["best_stsb_dev"])
     test = {t: float(np.mean([r["metrics"][f"test/{t}"] for r in members])) for t in _test_keys(members)}
     return {"dev_mean": float(np.mean([r["metrics"]["best_stsb_dev"] for r in members])),
             "seeds": [r["config"]["seed"] for r in members], "test": test,
-            "test_std": {t: float(np.std([r["metrics"][f"test/{t}"] for r in members])) for t in _test_keys(members)},
-            "trial_dir": str(Path(best_seed["trial_dir"]))}
+            "test_std": {t: sample_std([r["metrics"][f"test/{t}"] for r in members]) for t in _test_keys(members)},
+            "trial": point_name(best_seed["config"]), "checkpoint": best_seed.get("checkpoint")}
 
 
 def control(rows: list[dict]) -> dict | None:
@@ -58,7 +67,8 @@ def control(rows: list[dict]) -> dict | None:
 
 
 def _pm(mean: dict, std: dict, tasks: list[str]) -> dict:
-    return {t: f"{mean[t]:.2f} ± {std[t]:.2f}" for t in tasks if t in mean and t in std}
+    return {t: f"{mean[t]:.2f}" + (f" ± {std[t]:.2f}" if std[t] is not None else "")
+            for t in tasks if t in mean and t in std}
 
 
 def _test_keys(rows) -> list[str]:
@@ -74,14 +84,24 @@ def _table(rows: list[tuple[str, dict]], tasks: list[str]) -> str:
     return "\n".join([head, sep, *body])
 
 
-def _figures(run: Path, rows: list[dict], tasks: list[str]) -> dict[str, Path]:
+def _png(fig) -> bytes:
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def render_figures(rows: list[dict], tasks: list[str]) -> dict[str, bytes]:
+    """{file name: PNG}: the STS average, and each task, vs sparsity, one curve per λ (± sample std over seeds)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig_dir = run / "figures"
-    fig_dir.mkdir(exist_ok=True)
     done = [r for r in rows if not r["error"] and r["metrics"].get("done")]
     lams = sorted({r["config"]["lam"] for r in done if r["config"]["sparsity"] > 0})
     ctrl = [r for r in done if r["config"]["sparsity"] == 0]
@@ -94,8 +114,9 @@ def _figures(run: Path, rows: list[dict], tasks: list[str]) -> dict[str, Path]:
                 if r["config"]["lam"] == lam or r["config"]["sparsity"] == 0:
                     pts.setdefault(r["config"]["sparsity"], []).append(r["metrics"].get(f"test/{task}", np.nan))
             xs = sorted(pts)
-            # mean over seeds; the bar is ± one std over seeds (none with a single seed)
-            ax.errorbar([100 * x for x in xs], [np.mean(pts[x]) for x in xs], yerr=[np.std(pts[x]) for x in xs],
+            # mean over seeds; the bar is ± one sample std over seeds (none with a single seed)
+            ax.errorbar([100 * x for x in xs], [np.mean(pts[x]) for x in xs],
+                        yerr=[sample_std(pts[x]) or 0.0 for x in xs],
                         marker="o", capsize=3, label=f"λ={lam}")
         if ctrl:
             ax.axhline(np.mean([r["metrics"].get(f"test/{task}", np.nan) for r in ctrl]), color="grey", ls="--",
@@ -109,9 +130,7 @@ def _figures(run: Path, rows: list[dict], tasks: list[str]) -> dict[str, Path]:
     ax.set_ylabel("Spearman × 100")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    out["avg"] = fig_dir / "sts_avg_vs_sparsity.png"
-    fig.savefig(out["avg"], dpi=110)
-    plt.close(fig)
+    out["sts_avg_vs_sparsity.png"] = _png(fig)
     per = [t for t in tasks if t != "avg"]
     if per:
         n = len(per)
@@ -124,61 +143,43 @@ def _figures(run: Path, rows: list[dict], tasks: list[str]) -> dict[str, Path]:
             ax.axis("off")
         axes.flat[0].legend(fontsize=7)
         fig.tight_layout()
-        out["tasks"] = fig_dir / "sts_tasks_vs_sparsity.png"
-        fig.savefig(out["tasks"], dpi=110)
-        plt.close(fig)
+        out["sts_tasks_vs_sparsity.png"] = _png(fig)
     return out
 
 
-def write_report(run: Path, cfg: Config, rows: list[dict], simcse_dir: Path, data_dir: Path) -> dict:
-    """Evaluate the SimCSE baseline, select on dev, write results and the report; returns the summary."""
+def results_table(rows: list[dict], tasks: list[str]) -> list[dict]:
+    """One flat record per trial (results.parquet / results.json), sorted by (sparsity, λ, seed)."""
+    flat = []
+    for r in rows:
+        m = r["metrics"]
+        flat.append({**{k: r["config"].get(k) for k in ("sparsity", "lam", "seed")}, "trial": point_name(r["config"]),
+                     "status": "error" if r["error"] else ("done" if m.get("done") else "incomplete"),
+                     "error": r["error"] or "", "best_stsb_dev": m.get("best_stsb_dev"),
+                     **{f"test/{t}": m.get(f"test/{t}") for t in tasks},
+                     "align": m.get("align"), "uniform": m.get("uniform"), "steps": m.get("step"),
+                     "node_id": m.get("node_id"), "checkpoint": r.get("checkpoint")})
+    flat.sort(key=lambda x: (x["sparsity"], x["lam"], x["seed"]))
+    return flat
+
+
+def parquet_bytes(flat: list[dict]) -> bytes:
+    import io
+
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from .evaluate import evaluate_sts
-    from .model import load_encoder
-
-    from .sweep import point_name
-
-    for r in rows:
-        r["trial_dir"] = str(run / "trials" / point_name(r["config"])) if r["config"] else ""
-    sts_tasks = tuple(t for t in cfg.eval.tasks if t in STS_TASKS)
-    base = load_encoder(str(simcse_dir), pooler=cfg.model.eval_pooler)
-    baseline = evaluate_sts(base, data_dir, tasks=sts_tasks, batch_size=cfg.eval.batch_size, pooler=cfg.model.eval_pooler,
-                            alignment_uniformity=True)
-    selected = select(rows)
-    tasks = list(sts_tasks) + ["avg"]
-
-    # machine-readable results: one row per trial
-    flat = []
-    for r in rows:
-        flat.append({**{k: r["config"].get(k) for k in ("sparsity", "lam", "seed")}, "trial": point_name(r["config"]),
-                     "status": "error" if r["error"] else ("done" if r["metrics"].get("done") else "incomplete"),
-                     "error": r["error"] or "", "best_stsb_dev": r["metrics"].get("best_stsb_dev"),
-                     **{f"test/{t}": r["metrics"].get(f"test/{t}") for t in tasks},
-                     "align": r["metrics"].get("align"), "uniform": r["metrics"].get("uniform"),
-                     "steps": r["metrics"].get("step")})
-    flat.sort(key=lambda x: (x["sparsity"], x["lam"], x["seed"]))
-    import io as _io
-
-    buf = _io.BytesIO()
+    buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(flat), buf)
-    atomic_write_bytes(run / "results.parquet", buf.getvalue())
-    transfer = None
-    if cfg.eval.transfer and selected:
-        from .transfer import evaluate_transfer
+    return buf.getvalue()
 
-        transfer = {"SimCSE": evaluate_transfer(base, data_dir, pooler=cfg.model.eval_pooler),
-                    "SparseCSE": evaluate_transfer(load_encoder(str(Path(selected["trial_dir"]) / "best"),
-                                                                pooler=cfg.model.eval_pooler), data_dir,
-                                                   pooler=cfg.model.eval_pooler)}
-    ctrl = control(rows)
-    summary = {"baseline": baseline, "selected": selected, "control": ctrl, "num_trials": len(rows),
-               "failed": [{"trial": x["trial"], "error": x["error"]} for x in flat if x["status"] == "error"],
-               "transfer": transfer}
-    atomic_write_json(run / "results.json", {"trials": flat, **summary})
 
-    # the paper's Table 1: baseline, dev-selected SparseCSE, and the test-selected best-per-task row
+def render_markdown(title: str, cfg: Config, rows: list[dict], flat: list[dict], baseline: dict,
+                    transfer: dict | None, figures: list[str]) -> str:
+    """report.md: the paper's Table 1 (baseline, dev-selected SparseCSE, test-selected best per task), the
+    over-seeds table, alignment/uniformity, every trial, transfer, figures."""
+    tasks = [t for t in cfg.eval.tasks if t in STS_TASKS] + ["avg"]
+    selected, ctrl = select(rows), control(rows)
+    failed = sum(x["status"] == "error" for x in flat)
     done = [r for r in rows if not r["error"] and r["metrics"].get("done")]
     trow = [("SimCSE (stage 1, " + cfg.model.name + ")", baseline)]
     if selected:
@@ -186,19 +187,19 @@ def write_report(run: Path, cfg: Config, rows: list[dict], simcse_dir: Path, dat
     if done:
         best_per = {t: max(r["metrics"].get(f"test/{t}", -1e9) for r in done) for t in tasks}
         trow.append(("best per task over the grid (test-selected, for reference only)", best_per))
-    figs = _figures(run, rows, tasks) if done else {}
-    md = [f"# SparseCSE sweep report — {run.name}", "",
+    md = [f"# SparseCSE sweep report — {title}", "",
           f"Backbone `{cfg.model.name}`; grid sparsity {list(cfg.sweep.sparsities)} × λ {list(cfg.sweep.lams)} × "
-          f"seeds {list(cfg.sweep.seeds)} ({len(rows)} trials, {len(summary['failed'])} failed). "
+          f"seeds {list(cfg.sweep.seeds)} ({len(flat)} trials, {failed} failed). "
           "Selection uses STS-B **dev** (mean over seeds); test figures are reported, never used to choose.", "",
           "## Test results (Spearman × 100)", "", _table(trow, tasks), ""]
     if selected and len(selected["seeds"]) > 1:
         seeds_rows = []
         if ctrl:
-            seeds_rows.append((f"SimCSE (rewound control s=0, seeds {ctrl['seeds']})", _pm(ctrl["test"], ctrl["test_std"], tasks)))
+            seeds_rows.append((f"SimCSE (rewound control s=0, seeds {ctrl['seeds']})",
+                               _pm(ctrl["test"], ctrl["test_std"], tasks)))
         seeds_rows.append((f"SparseCSE dev-selected (s={selected['sparsity']:.0%}, λ={selected['lam']}, seeds "
                            f"{selected['seeds']})", _pm(selected["test"], selected["test_std"], tasks)))
-        md += ["## Over seeds: mean ± std (test Spearman × 100)", "",
+        md += [f"## Over seeds: mean ± sample std (ddof = 1, n = {len(selected['seeds'])}; test Spearman × 100)", "",
                "Both rows retrain from the pre-trained weights with each seed under the same budget; the control keeps "
                "every head and neuron (sparsity 0), so the difference is the effect of the mask.", "",
                _table(seeds_rows, tasks), ""]
@@ -206,21 +207,22 @@ def write_report(run: Path, cfg: Config, rows: list[dict], simcse_dir: Path, dat
            f"SimCSE: align {baseline['align']:.4f}, uniform {baseline['uniform']:.4f}", ""]
     md += ["## All trials", "", "| sparsity | λ | seed | status | STS-B dev | test avg | align | uniform |",
            "|---:|---:|---:|---|---:|---:|---:|---:|"]
+    f = lambda v: "—" if v is None else f"{v:.2f}"  # noqa: E731
+    g = lambda v: "—" if v is None else f"{v:.4f}"  # noqa: E731
     for x in flat:
-        f = lambda v: "—" if v is None else f"{v:.2f}"  # noqa: E731
-        g = lambda v: "—" if v is None else f"{v:.4f}"  # noqa: E731
         md.append(f"| {x['sparsity']:.2f} | {x['lam']} | {x['seed']} | {x['status']} {x['error'][:60]} | "
                   f"{f(x['best_stsb_dev'])} | {f(x['test/avg'])} | {g(x['align'])} | {g(x['uniform'])} |")
     if transfer:
         from .transfer import format_transfer_markdown
 
         md += ["", "## Transfer tasks (accuracy)", "", format_transfer_markdown(transfer)]
-    for k, p in figs.items():
-        md += ["", f"![{k}](figures/{p.name})"]
-    md_text = "\n".join(md) + "\n"
-    atomic_write_text(run / "report.md", md_text)
-    imgs = "".join(f'<img src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}" alt="{k}"><br>'
-                   for k, p in figs.items())
-    atomic_write_text(run / "report.html", "<!doctype html><meta charset=utf-8><title>SparseCSE report</title>"
-                      f"<pre style='font:14px monospace'>{html.escape(md_text)}</pre>{imgs}")
-    return summary
+    md += ["" + line for name in figures for line in ("", f"![{name[:-4]}](figures/{name})")]
+    return "\n".join(md) + "\n"
+
+
+def render_html(md_text: str, figures: dict[str, bytes]) -> str:
+    """report.html: the markdown as preformatted text with the figures inlined (one self-contained file)."""
+    imgs = "".join(f'<img src="data:image/png;base64,{base64.b64encode(png).decode()}" alt="{name}"><br>'
+                   for name, png in figures.items())
+    return ("<!doctype html><meta charset=utf-8><title>SparseCSE report</title>"
+            f"<pre style='font:14px monospace'>{html.escape(md_text)}</pre>{imgs}")

@@ -115,7 +115,11 @@ def compute_scores(enc: Encoder, pairs: Pairs, batch_size: int = 64, threshold: 
     return Scores(np.stack(ga_h), np.stack(gu_h), np.stack(ga_n), np.stack(gu_n), meta)
 
 
-def save_scores(scores: Scores, path: str | os.PathLike) -> Path:
+SCORE_COLUMNS = ("batch", "unit", "layer", "index", "g_align", "g_uniform")
+
+
+def scores_to_bytes(scores: Scores) -> bytes:
+    """The Parquet file: one row per (batch, unit, layer, index) with both gradients; metadata in the schema."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -134,29 +138,43 @@ def save_scores(scores: Scores, path: str | os.PathLike) -> Path:
     table = table.replace_schema_metadata({"sparsecse": json.dumps(scores.meta, sort_keys=True)})
     buf = io.BytesIO()
     pq.write_table(table, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def save_scores(scores: Scores, path: str | os.PathLike) -> Path:
+    atomic_write_bytes(path, scores_to_bytes(scores))
     return Path(path)
 
 
-def load_scores(path: str | os.PathLike, expect_fingerprint: str | None = None) -> Scores:
-    """Read a scores file; refuse a truncated/corrupt file or one computed on another model."""
+def load_scores(source: "str | os.PathLike | bytes", expect_fingerprint: str | None = None,
+                name: str | None = None) -> Scores:
+    """Read a scores file (a path, or its bytes as read from a run's storage; `name` is what errors call it);
+    refuse a truncated/corrupt file, one with other columns, or one computed on another model."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    path = Path(path)
-    if not path.is_file():
-        raise SparseCSEError(f"{path}: scores file not found; create it with `sparsecse score`")
+    if isinstance(source, bytes):
+        path, reader = name or "scores.parquet", pa.BufferReader(source)
+    else:
+        path = reader = Path(source)
+        if not path.is_file():
+            raise SparseCSEError(f"{path}: scores file not found; create it with `sparsecse score`")
     try:
-        table = pq.read_table(path)
+        table = pq.read_table(reader)
         meta = json.loads(table.schema.metadata[b"sparsecse"])
     except Exception as e:  # pyarrow raises several types for truncated/corrupt files
         raise SparseCSEError(f"{path}: not a readable sparsecse scores file ({type(e).__name__}: "
                              f"{str(e).splitlines()[0] if str(e) else 'corrupt'}); re-run `sparsecse score`") from None
+    missing = [k for k in SCORE_COLUMNS if k not in table.column_names]
+    if missing or not all(k in meta for k in ("layers", "heads", "intermediate", "num_batches")):
+        raise SparseCSEError(f"{path}: not a sparsecse scores file (missing {', '.join(missing) or 'metadata'}); "
+                             "re-run `sparsecse score` to write it")
     if expect_fingerprint is not None and meta.get("model_fingerprint") != expect_fingerprint:
         raise SparseCSEError(f"{path}: scores were computed on another model (fingerprint "
                              f"{str(meta.get('model_fingerprint'))[:12]}… ≠ {expect_fingerprint[:12]}…); "
                              "re-run `sparsecse score` on this model")
     L, H, inter, nb = meta["layers"], meta["heads"], meta["intermediate"], meta["num_batches"]
-    c = {k: table.column(k).to_numpy() for k in ("batch", "unit", "layer", "index", "g_align", "g_uniform")}
+    c = {k: table.column(k).to_numpy() for k in SCORE_COLUMNS}
     out = []
     for unit, n in ((HEAD, H), (NEURON, inter)):
         sel = c["unit"] == unit

@@ -1,13 +1,15 @@
-"""`sparsecse sweep`: the whole SparseCSE study on Ray (train once, score once, Tune over sparsity × λ × seed,
-select on STS-B dev, report, export). Ray calls live in ray_adapter; this module is the pipeline.
+"""`sparsecse sweep`: the driver. It checks, then orders the stages (stages.py) on Ray (ray_adapter.py) and keeps a
+small typed state; it computes nothing heavy itself, so a CPU-only head with `num-cpus: 0` runs it.
 
-Run directory layout:
-    config.yaml, sweep.json        resolved config; stage fingerprints (resume)
-    simcse/best                    stage-1 SimCSE model (selected on STS-B dev)
-    scores.parquet                 stage-2 alignment/uniformity gradients
-    tune/                          Ray Tune experiment (trial checkpoints, Tune state)
-    trials/<name>/                 each trial's outputs; tensorboard/<name>/ its TensorBoard logs
-    results.{parquet,json}, report.{md,html}, figures/*.png, export/
+Every artifact goes through the run's Storage: `--out` is a local/NFS path or a URI (s3://, gs://, abfs://).
+Run layout (relative to --out):
+    config.yaml, sweep.json        resolved config; stage fingerprints, timings, summary (resume)
+    stage1/                        Ray Train's run of stage 1 (its checkpoints)
+    simcse/best, simcse/history.json   the stage-1 SimCSE model (best STS-B dev) and its dev curve
+    scores.parquet                 stage-2 alignment/uniformity gradients (shared with trials via the object store)
+    tune/                          Ray Tune's experiment: trial checkpoints (…/checkpoint_*/best = best dev model)
+    tensorboard/<name>/            TensorBoard runs: stage 1 ("simcse") and one per trial
+    results.{parquet,json}, summary.json, report.{md,html}, figures/*.png, export/
 """
 
 from __future__ import annotations
@@ -15,20 +17,26 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import signal
+import secrets
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import SparseCSEError
-from .config import STS_TASKS, Config, config_from_dict, load_config
-from .io import atomic_write_json, atomic_write_text, verify_manifest
+from . import SparseCSEError, TrialsFailed
+from . import ray_adapter as ra
+from . import report, stages
+from .config import STS_TASKS, TRANSFER_TASKS, Config, config_from_dict, load_config
+from .storage import Storage
 
 SWEEP_FILE = "sweep.json"
 
 
 def _fp(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _stage1_fp(cd: dict) -> str:
+    return _fp({k: cd[k] for k in ("model", "data", "train")})
 
 
 def grid_points(cfg: Config) -> list[dict]:
@@ -41,177 +49,35 @@ def grid_points(cfg: Config) -> list[dict]:
     return pts
 
 
-def point_name(p: dict) -> str:
-    return f"s{p['sparsity']:.3f}_l{p['lam']:.2f}_seed{p['seed']}"
+@dataclass
+class SweepState:
+    """What sweep.json keeps between runs of the driver (resume)."""
+
+    config: dict
+    train_fp: str | None = None
+    score_fp: str | None = None
+    stage_runs: dict = field(default_factory=lambda: {"train": 0, "score": 0})
+    timings: dict = field(default_factory=dict)
+    summary: dict | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SweepState":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
-def preflight(cfg: Config, address: str | None) -> None:
-    """Config errors that need no Ray: resources on a local machine."""
-    if address or os.environ.get("RAY_ADDRESS"):
-        return
-    import torch
+@dataclass
+class Run:
+    cfg: Config
+    store: Storage
+    data_dir: str
+    state: SweepState
+    resume: bool
 
-    ncpu = cfg.ray.num_cpus or os.cpu_count() or 1
-    if (cfg.ray.use_gpu or cfg.sweep.trial_gpus > 0) and not torch.cuda.is_available():
-        key = "ray.use_gpu" if cfg.ray.use_gpu else "sweep.trial_gpus"
-        raise SparseCSEError(f"config {key}: asks for a GPU but none is available here; set {key}="
-                             f"{'false' if cfg.ray.use_gpu else '0'} or run on a GPU machine/cluster")
-    if cfg.ray.num_workers * cfg.ray.cpus_per_worker > ncpu:
-        raise SparseCSEError(f"config ray.num_workers: {cfg.ray.num_workers} workers × {cfg.ray.cpus_per_worker} CPU "
-                             f"need more than the {ncpu} CPUs here; lower ray.num_workers or ray.cpus_per_worker")
-    if cfg.sweep.trial_cpus > ncpu:
-        raise SparseCSEError(f"config sweep.trial_cpus: {cfg.sweep.trial_cpus} exceeds the {ncpu} CPUs here")
-    if cfg.train.batch_size % cfg.ray.num_workers:
-        raise SparseCSEError(f"config train.batch_size: {cfg.train.batch_size} is not divisible by "
-                             f"ray.num_workers={cfg.ray.num_workers}")
+    def save(self) -> None:
+        self.store.write_json(SWEEP_FILE, asdict(self.state))
 
 
-def _faults() -> dict[str, str]:
-    """Fault injection for the reliability tests: SPARSECSE_FAULT="kind:arg,..." with kinds
-    stage1-kill:STEP (SIGKILL the rank-0 Ray Train worker once, after the checkpoint at STEP),
-    trial-exit:TRIAL (the trial process dies once mid-trial), trial-nan:TRIAL (that trial's loss diverges)."""
-    out = {}
-    for spec in filter(None, os.environ.get("SPARSECSE_FAULT", "").split(",")):
-        kind, _, arg = spec.partition(":")
-        out[kind] = arg
-    return out
-
-
-def _fire_once(marker: Path) -> bool:
-    if marker.exists():
-        return False
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text("fired\n")
-    return True
-
-
-def _threads(n: float) -> None:
-    import torch
-
-    torch.set_num_threads(max(1, int(n)))
-
-
-def task_device(gpus: float) -> str:
-    """Where a scoring task or trial computes: the GPU Ray gave it (Ray sets CUDA_VISIBLE_DEVICES), else the CPU."""
-    import torch
-
-    return "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
-
-
-# --------------------------------------------------------------------------- stage 1: Ray Train worker loop
-
-def stage1_loop(loop_config: dict) -> None:
-    """Runs on every Ray Train worker: SimCSE with the global batch split across workers."""
-    from . import ray_adapter as ra
-    from .config import config_from_dict
-    from .train import Dist, train_simcse
-
-    cfg = config_from_dict(loop_config["config"])
-    rank, world = ra.train_context()
-    _threads(loop_config["cpus_per_worker"])
-    resume = ra.train_checkpoint_dir()
-    out = Path(loop_config["work_dir"]) / f"rank{rank}"
-    kill_at = _faults().get("stage1-kill")
-    report = ra.train_report
-    if kill_at and rank == 0:
-        def report(metrics, ckpt):
-            # die mid-training: at the first report after step `kill_at`, before reporting it, so the
-            # checkpoint at `kill_at` is the latest one Ray knows
-            if metrics["step"] > int(kill_at) and _fire_once(Path(loop_config["work_dir"]).parent / ".fault-stage1-killed"):
-                time.sleep(5)  # Ray Train's controller registers reports by polling: let it see the last one
-                os.kill(os.getpid(), signal.SIGKILL)
-            ra.train_report(metrics, ckpt)
-    train_simcse(cfg, out, Path(loop_config["data_dir"]), dist=Dist(rank, world), device=ra.train_device(),
-                 wrap=ra.prepare_ddp if world > 1 else None, report=report, resume_dir=resume,
-                 tb_dir=Path(loop_config["tb_dir"]) if rank == 0 else None, progress=False)
-
-
-# --------------------------------------------------------------------------- stage 2: scoring task
-
-def score_task(model_dir: str, data_dir: str, cfg_dict: dict, out_path: str, threads: float, gpus: float = 0) -> dict:
-    from .config import config_from_dict
-    from .data import load_stsb
-    from .model import load_encoder
-    from .score import compute_scores, save_scores
-
-    _threads(threads)
-    cfg = config_from_dict(cfg_dict)
-    enc = load_encoder(model_dir).to(task_device(gpus))
-    pairs = load_stsb(Path(data_dir), cfg.score.split)
-    sc = compute_scores(enc, pairs, batch_size=cfg.score.batch_size, threshold=cfg.score.positive_threshold,
-                        seed=cfg.score.seed, max_pairs=cfg.score.max_pairs, pooler=cfg.model.eval_pooler,
-                        max_len=cfg.train.max_len)
-    save_scores(sc, out_path)
-    return sc.meta
-
-
-# --------------------------------------------------------------------------- stage 3: one Tune trial
-
-def make_trial(run_dir: str, data_dir: str, cfg_dict: dict):
-    def trial(config: dict) -> None:
-        from . import ray_adapter as ra
-        from .config import config_from_dict
-        from .evaluate import evaluate_sts
-        from .model import load_encoder
-        from .prune import rewind, select_masks
-        from .score import load_scores
-        from .train import train_simcse
-
-        p = config["point"]
-        cfg = config_from_dict(cfg_dict)
-        cfg = cfg.replace(train=type(cfg.train)(**{**cfg.to_dict()["train"], "seed": p["seed"]}))
-        _threads(cfg.sweep.trial_cpus)
-        run = Path(run_dir)
-        name = point_name(p)
-        out = run / "trials" / name
-        faults = _faults()
-        if faults.get("trial-nan") == name:
-            cfg = cfg.replace(train=type(cfg.train)(**{**cfg.to_dict()["train"], "lr": 1e30}))
-        scores = load_scores(run / "scores.parquet")
-        head, neuron = scores.importance(p["lam"])
-        hm, nm = select_masks(head, neuron, p["sparsity"])
-        resume = ra.tune_checkpoint_dir()
-        init = None if resume else rewind(cfg.model.name, hm, nm, pooler=cfg.model.pooler, dropout=cfg.train.dropout)
-        meta = {"sparsity": p["sparsity"], "lam": p["lam"], "seed": p["seed"], "pretrained": cfg.model.name,
-                "scores": str(run / "scores.parquet"), "scores_fingerprint": scores.meta["model_fingerprint"]}
-        base = {"sparsity": p["sparsity"], "lam": p["lam"], "seed": p["seed"], "trial": name, "done": False,
-                "node_id": ra.node_id()}
-
-        def report(rec: dict, ckpt):
-            if faults.get("trial-exit") == name and _fire_once(out / ".fault-fired"):
-                os.kill(os.getpid(), signal.SIGKILL)  # the trial process is killed mid-trial
-            ra.tune_report({**base, **rec}, ckpt)
-
-        device = task_device(cfg.sweep.trial_gpus)
-        res = train_simcse(cfg, out, Path(data_dir), init=init, head_mask=hm, neuron_mask=nm, report=report,
-                           resume_dir=resume, tb_dir=run / "tensorboard" / name, progress=False, meta=meta,
-                           device=device)
-        best = load_encoder(str(out / "best"), pooler=cfg.model.eval_pooler).to(device)
-        sts_tasks = tuple(t for t in cfg.eval.tasks if t in STS_TASKS)
-        table = evaluate_sts(best, Path(data_dir), tasks=sts_tasks, batch_size=cfg.eval.batch_size,
-                             pooler=cfg.model.eval_pooler, alignment_uniformity=True)
-        au = {k: table.pop(k) for k in ("align", "uniform")}
-        final = {**base, "done": True, "step": res.steps, "stsb_dev": res.best_dev, "best_stsb_dev": res.best_dev,
-                 "sentences_per_s": res.sentences_per_s, **{f"test/{k}": v for k, v in table.items()}, **au}
-        ra.tune_report(final, out / "latest")
-
-    return trial
-
-
-# --------------------------------------------------------------------------- driver
-
-def _load_state(run: Path) -> dict:
-    p = run / SWEEP_FILE
-    return json.loads(p.read_text()) if p.exists() else {}
-
-
-def _save_state(run: Path, state: dict) -> None:
-    atomic_write_json(run / SWEEP_FILE, state)
-
-
-def _stage1_fp(cd: dict) -> str:
-    return _fp({k: cd[k] for k in ("model", "data", "train")})
-
+# --------------------------------------------------------------------------- checks before anything runs
 
 def upgrade_state(state: dict, cfg: Config) -> bool:
     """Whether a saved sweep's config is `cfg`. A sweep.json written by an older sparsecse lacks fields added since;
@@ -231,121 +97,223 @@ def upgrade_state(state: dict, cfg: Config) -> bool:
     return True
 
 
+def check_config(cfg: Config) -> None:
+    """Checks that need no hardware: they hold on a laptop and on a cluster alike."""
+    if cfg.train.batch_size % cfg.ray.num_workers:
+        raise SparseCSEError(f"config train.batch_size: {cfg.train.batch_size} is not divisible by "
+                             f"ray.num_workers={cfg.ray.num_workers}; the global batch is split evenly")
+
+
+def preflight(cfg: Config, ncpu: float, ngpu: float, where: str) -> None:
+    """Resources the config asks for against what the machine/cluster has."""
+    if (cfg.ray.use_gpu or cfg.sweep.trial_gpus > 0) and ngpu <= 0:
+        key = "ray.use_gpu" if cfg.ray.use_gpu else "sweep.trial_gpus"
+        raise SparseCSEError(f"config {key}: asks for a GPU but {where} has none; set {key}="
+                             f"{'false' if cfg.ray.use_gpu else '0'} or run on a GPU machine/cluster")
+    if cfg.ray.num_workers * cfg.ray.cpus_per_worker > ncpu:
+        raise SparseCSEError(f"config ray.num_workers: {cfg.ray.num_workers} workers × {cfg.ray.cpus_per_worker} CPU "
+                             f"need more than the {ncpu:g} CPUs {where} has; lower ray.num_workers or ray.cpus_per_worker")
+    if cfg.sweep.trial_cpus > ncpu:
+        raise SparseCSEError(f"config sweep.trial_cpus: {cfg.sweep.trial_cpus} exceeds the {ncpu:g} CPUs {where} has")
+
+
+def open_run(out: str, cfg: Config, resume: bool) -> tuple[Storage, SweepState]:
+    """The run's storage and state; refuses to overwrite a run or resume one that is not there."""
+    if not ("://" in out) and Path(out).exists() and not Path(out).is_dir():
+        raise SparseCSEError(f"--out {out}: is a file; choose a directory path or a URI such as s3://bucket/run")
+    store = Storage(out)
+    saved = store.read_json(SWEEP_FILE) if store.is_file(SWEEP_FILE) else None
+    if resume and not saved:
+        raise SparseCSEError(f"--resume: {store.uri} holds no sweep ({SWEEP_FILE} missing); drop --resume to start one")
+    if not resume and store.list():
+        what = "a sweep" if saved else "something else"
+        raise SparseCSEError(f"--out {store.uri}: already holds {what}; pass --resume to continue it or choose "
+                             "another --out")
+    if saved and not upgrade_state(saved, cfg):
+        raise SparseCSEError(f"--resume: {store.uri} was started with a different config; use the same YAML and "
+                             "--set values, or start a new sweep with another --out")
+    return store, SweepState.from_dict(saved) if saved else SweepState(config=cfg.to_dict())
+
+
+def check_nodes(run: Run) -> None:
+    """Every node that can run work must read the data, the model and the run's storage — asked on the node."""
+    from .data import needed_paths
+
+    cfg = run.cfg
+    nodes = ra.compute_nodes()
+    marker = f".node-check-{secrets.token_hex(4)}"
+    run.store.write_text(marker, "written by the driver; every node must see it\n")
+    try:
+        paths = needed_paths(cfg.data.train_file, cfg.score.split, cfg.eval.tasks,
+                             TRANSFER_TASKS if cfg.eval.transfer else ())
+        found = ra.run_on_each_node(stages.check_node, nodes, run.store.uri, marker, run.data_dir, paths, cfg.model.name)
+    finally:
+        run.store.delete(marker)
+    for n in nodes:
+        if found[n["id"]]:
+            raise SparseCSEError(f"node {n['ip']} ({n['id'][:8]}) {found[n['id']][0]}")
+    print(f"[sweep] {len(nodes)} node(s) checked: data, model and {run.store.uri} reachable from each")
+
+
+# --------------------------------------------------------------------------- stages, in order
+
+def train_stage(run: Run) -> None:
+    """Stage 1, once: Ray Train SimCSE; its best dev model becomes simcse/best."""
+    cfg, st, store = run.cfg, run.state, run.store
+    fp1 = _stage1_fp(cfg.to_dict())
+    if st.train_fp == fp1 and store.is_file("simcse/best/manifest.json"):
+        print(f"[sweep] stage 1 skipped (trained model {store.url('simcse/best')} matches)")
+        return
+    t0 = time.perf_counter()
+    for stale in ("simcse", "stage1"):
+        store.delete(stale)
+    ckpt = ra.run_torch_trainer(
+        stages.train_loop, {"config": cfg.to_dict(), "data_dir": run.data_dir, "storage": store.uri,
+                            "cpus_per_worker": cfg.ray.cpus_per_worker},
+        num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu, cpus_per_worker=cfg.ray.cpus_per_worker,
+        storage=store, name="stage1", max_failures=cfg.ray.max_failures)
+    if not store.is_file(f"{ckpt}/best/manifest.json"):
+        raise SparseCSEError(f"stage-1 checkpoint {store.url(ckpt)} has no best model")
+    store.write_bytes("simcse/history.json", store.read_bytes(f"{ckpt}/history.json"))  # dev curve + resumes
+    store.copy_dir(f"{ckpt}/best", "simcse/best")  # manifest last: simcse/best counts only once complete
+    st.train_fp, st.score_fp = fp1, None
+    st.stage_runs["train"] += 1
+    st.timings["train_s"] = time.perf_counter() - t0
+    run.save()
+
+
+def score_stage(run: Run):
+    """Stage 2, once: scores.parquet from the stage-1 model; returns the Scores every trial shares."""
+    from .score import load_scores
+
+    cfg, st, store = run.cfg, run.state, run.store
+    model_fp = _fp(store.read_json("simcse/best/manifest.json"))  # identifies the weights without loading them
+    fp2 = _fp({"model": model_fp, "score": cfg.to_dict()["score"], "eval_pooler": cfg.model.eval_pooler,
+               "max_len": cfg.train.max_len})
+    if st.score_fp == fp2 and store.is_file("scores.parquet"):
+        print(f"[sweep] stage 2 skipped ({store.url('scores.parquet')} matches the trained model)")
+    else:
+        t0 = time.perf_counter()
+        ra.run_tasks([("scoring", stages.score_task, (store.uri, "simcse/best", run.data_dir, cfg.to_dict(),
+                                                      cfg.sweep.trial_cpus, cfg.sweep.trial_gpus), {},
+                       cfg.sweep.trial_cpus, cfg.sweep.trial_gpus)])
+        st.score_fp = fp2
+        st.stage_runs["score"] += 1
+        st.timings["score_s"] = time.perf_counter() - t0
+        run.save()
+    return load_scores(store.read_bytes("scores.parquet"), name=store.url("scores.parquet"))
+
+
+def trials_stage(run: Run, scores) -> list[dict]:
+    """Stage 3: one Tune trial per grid point (resumed from storage with --resume); one row per trial."""
+    cfg = run.cfg
+    t0 = time.perf_counter()
+    grid = ra.run_tuner(stages.trial, {"store_uri": run.store.uri, "data_dir": run.data_dir,
+                                       "cfg_dict": cfg.to_dict(), "scores": scores},
+                        grid_points(cfg), storage=run.store, name="tune", cpus=cfg.sweep.trial_cpus,
+                        gpus=cfg.sweep.trial_gpus, max_concurrent=cfg.sweep.max_concurrent_trials,
+                        max_failures=cfg.sweep.max_failures, scheduler=cfg.sweep.scheduler, resume=run.resume)
+    run.state.timings["tune_s"] = time.perf_counter() - t0
+    return ra.grid_rows(grid, run.store)
+
+
+def evaluate_and_export_stage(run: Run, selected: dict | None) -> tuple[dict, dict | None]:
+    """The SimCSE baseline (STS, and transfer when eval.transfer), the selected model's transfer tasks and its
+    export, as Ray tasks at once; returns (baseline STS, transfer table or None)."""
+    cfg, store = run.cfg, run.store
+    res = (cfg.sweep.trial_cpus, cfg.sweep.trial_gpus)
+    common = (run.data_dir, cfg.to_dict())
+    calls = [("baseline evaluation", stages.evaluate_task, (store.uri, "simcse/best", *common),
+              {"sts": True, "transfer": cfg.eval.transfer, "threads": res[0], "gpus": res[1]}, *res)]
+    if selected and cfg.eval.transfer:
+        calls.append(("transfer evaluation", stages.evaluate_task, (store.uri, f"{selected['checkpoint']}/best", *common),
+                      {"sts": False, "transfer": True, "threads": res[0], "gpus": res[1]}, *res))
+    if selected and cfg.sweep.export_best:
+        calls.append(("export", stages.export_task, (store.uri, f"{selected['checkpoint']}/best", cfg.to_dict(),
+                                                     selected.get("test"), res[0]), {}, res[0], 0))
+    t0 = time.perf_counter()
+    out = ra.run_tasks(calls)
+    run.state.timings["evaluate_export_s"] = time.perf_counter() - t0
+    transfer = None
+    if cfg.eval.transfer and selected:
+        transfer = {"SimCSE": out[0]["transfer"], "SparseCSE": out[1]["transfer"]}
+    return out[0]["sts"], transfer
+
+
+def report_stage(run: Run, rows: list[dict], baseline: dict, transfer: dict | None) -> dict:
+    """results.{parquet,json}, figures, report.{md,html}; returns the summary."""
+    cfg, store = run.cfg, run.store
+    tasks = [t for t in cfg.eval.tasks if t in STS_TASKS] + ["avg"]
+    flat = report.results_table(rows, tasks)
+    selected = report.select(rows)
+    summary = {"baseline": baseline, "selected": selected, "control": report.control(rows), "num_trials": len(rows),
+               "failed": [{"trial": x["trial"], "error": x["error"]} for x in flat if x["status"] == "error"],
+               "transfer": transfer, "storage": store.uri,
+               "export": store.url("export") if selected and cfg.sweep.export_best else None}
+    store.write_bytes("results.parquet", report.parquet_bytes(flat))
+    store.write_json("results.json", {"trials": flat, **summary})
+    done = any(not r["error"] and r["metrics"].get("done") for r in rows)
+    figs = report.render_figures(rows, tasks) if done else {}
+    for name, png in figs.items():
+        store.write_bytes(f"figures/{name}", png)
+    md = report.render_markdown(Path(store.root).name, cfg, rows, flat, baseline, transfer, list(figs))
+    store.write_text("report.md", md)
+    store.write_text("report.html", report.render_html(md, figs))
+    return summary
+
+
+def check_failures(summary: dict, cfg: Config) -> None:
+    """A sweep whose trials failed is not a success unless the config says failures are tolerated."""
+    failed = summary["failed"]
+    if failed and not cfg.sweep.allow_failed_trials:
+        raise TrialsFailed(f"{len(failed)} of {summary['num_trials']} trials failed (first: {failed[0]['trial']}: "
+                           f"{failed[0]['error'][:200]}); the report lists them — set sweep.allow_failed_trials=true "
+                           "to accept a sweep with failed trials")
+    if summary["selected"] is None:
+        raise TrialsFailed("no trial finished, so nothing was selected or exported; see the report's trial table")
+
+
+# --------------------------------------------------------------------------- the driver
+
 def run_sweep(config_path: str, overrides=None, resume: bool = False, address: str | None = None,
               out: str | None = None, data_dir: str | None = None) -> dict:
-    from .data import resolve_data_dir
+    from .data import default_data_dir, resolve_data_dir
 
     cfg = load_config(config_path, overrides)
-    data = resolve_data_dir(data_dir or cfg.data.dir)
-    run = Path(out or Path("runs") / Path(config_path).stem).resolve()
-    state = _load_state(run)
-    if resume and not state:
-        raise SparseCSEError(f"--resume: {run} holds no sweep ({SWEEP_FILE} missing); drop --resume to start one")
-    if not resume and run.exists() and any(run.iterdir()):
-        what = "a sweep" if state else "something else"
-        raise SparseCSEError(f"--out {run}: already holds {what}; pass --resume to continue it or choose another --out")
-    if resume and state.get("config") and not upgrade_state(state, cfg):
-        raise SparseCSEError(f"--resume: {run} was started with a different config; use the same YAML and --set "
-                             "values, or start a new sweep with another --out")
-    preflight(cfg, address)
-    run.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run / "config.yaml", cfg.to_yaml())
-    state.setdefault("config", cfg.to_dict())
-    state.setdefault("stage_runs", {"train": 0, "score": 0})
-    _save_state(run, state)
+    check_config(cfg)
+    on_cluster = bool(address or os.environ.get("RAY_ADDRESS"))
+    if not on_cluster:  # a local Ray: this machine is the cluster, check it before starting one
+        import torch
 
-    from . import ray_adapter as ra
-    from .report import write_report
-
+        preflight(cfg, cfg.ray.num_cpus or os.cpu_count() or 1, torch.cuda.device_count(), "this machine")
+    # on a cluster the data dir is read by the nodes, not by the driver: check_nodes asks each of them
+    data = str(default_data_dir(data_dir or cfg.data.dir) if on_cluster else resolve_data_dir(data_dir or cfg.data.dir))
+    store, state = open_run(out or f"runs/{Path(config_path).stem}", cfg, resume)
+    run = Run(cfg, store, data, state, resume)
+    store.write_text("config.yaml", cfg.to_yaml())
+    run.save()
     t_start = time.perf_counter()
     ra.connect(address, cfg.ray.num_cpus, dashboard=os.environ.get("SPARSECSE_DASHBOARD", "1") != "0")
-    timings = state.setdefault("timings", {})
     try:
         res = ra.cluster_resources()
-        if (cfg.ray.use_gpu or cfg.sweep.trial_gpus > 0) and res.get("GPU", 0) <= 0:
-            raise SparseCSEError("config ray.use_gpu/sweep.trial_gpus: asks for GPUs but the Ray cluster has none")
-
-        # ---- stage 1: train once
-        cd = cfg.to_dict()
-        fp1 = _stage1_fp(cd)
-        simcse = run / "simcse" / "best"
-        if state.get("train_fp") == fp1 and (simcse / "manifest.json").exists():
-            verify_manifest(simcse)
-            print(f"[sweep] stage 1 skipped (trained model {simcse} matches)")
-        else:
-            t0 = time.perf_counter()
-            shutil.rmtree(run / "simcse", ignore_errors=True)
-            ckpt = ra.run_torch_trainer(stage1_loop, {"config": cd, "data_dir": str(data), "work_dir": str(run / "stage1-work"),
-                                                      "tb_dir": str(run / "tensorboard" / "simcse"),
-                                                      "cpus_per_worker": cfg.ray.cpus_per_worker},
-                                        num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
-                                        cpus_per_worker=cfg.ray.cpus_per_worker, storage=run, name="stage1",
-                                        max_failures=cfg.ray.max_failures)
-            if not (ckpt / "best").is_dir():
-                raise SparseCSEError(f"stage-1 checkpoint {ckpt} has no best model")
-            verify_manifest(ckpt / "best")
-            tmp = run / "simcse.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(ckpt / "best", tmp / "best")
-            shutil.copyfile(ckpt / "history.json", tmp / "history.json")  # dev curve + where it resumed after faults
-            os.replace(tmp, run / "simcse")
-            shutil.rmtree(run / "stage1-work", ignore_errors=True)
-            state["train_fp"] = fp1
-            state["stage_runs"]["train"] += 1
-            timings["train_s"] = time.perf_counter() - t0
-            state.pop("score_fp", None)
-            _save_state(run, state)
-
-        # ---- stage 2: score once
-        from .model import load_encoder, weights_fingerprint
-
-        model_fp = weights_fingerprint(load_encoder(str(simcse)))
-        fp2 = _fp({"model": model_fp, "score": cd["score"], "eval_pooler": cfg.model.eval_pooler})
-        scores_path = run / "scores.parquet"
-        if state.get("score_fp") == fp2 and scores_path.exists():
-            from .score import load_scores
-
-            load_scores(scores_path, expect_fingerprint=model_fp)
-            print(f"[sweep] stage 2 skipped ({scores_path} matches the trained model)")
-        else:
-            t0 = time.perf_counter()
-            ra.run_task(score_task, str(simcse), str(data), cd, str(scores_path), cfg.sweep.trial_cpus,
-                        cfg.sweep.trial_gpus, num_cpus=cfg.sweep.trial_cpus, num_gpus=cfg.sweep.trial_gpus)
-            state["score_fp"] = fp2
-            state["stage_runs"]["score"] += 1
-            timings["score_s"] = time.perf_counter() - t0
-            _save_state(run, state)
-
-        # ---- stage 3: Tune trials
-        t0 = time.perf_counter()
-        points = grid_points(cfg)
-        grid = ra.run_tuner(make_trial(str(run), str(data), cd), points, storage=run, name="tune",
-                            cpus=cfg.sweep.trial_cpus, gpus=cfg.sweep.trial_gpus,
-                            max_concurrent=cfg.sweep.max_concurrent_trials, max_failures=cfg.sweep.max_failures,
-                            scheduler=cfg.sweep.scheduler, resume=resume)
-        timings["tune_s"] = time.perf_counter() - t0
-        rows = ra.grid_rows(grid)
-
-        # ---- stage 4–6: select, report, export
-        t0 = time.perf_counter()
-        summary = write_report(run, cfg, rows, simcse, data)
-        timings["report_s"] = time.perf_counter() - t0
-        if cfg.sweep.export_best and summary.get("selected"):
-            from .export import export_model
-
-            sel = summary["selected"]
-            export_model(str(Path(sel["trial_dir"]) / "best"), run / "export", pooler=cfg.model.eval_pooler,
-                         results=sel.get("test"))
-            summary["export"] = str(run / "export")
-        timings["total_s"] = time.perf_counter() - t_start
-        state["summary"] = summary
-        _save_state(run, state)
-        atomic_write_json(run / "summary.json", {**summary, "timings": timings, "stage_runs": state["stage_runs"]})
-        print(f"[sweep] done: {run / 'report.md'}")
-        if summary.get("selected"):
-            s = summary["selected"]
-            print(f"[sweep] selected sparsity={s['sparsity']} λ={s['lam']} (STS-B dev {s['dev_mean']:.2f})")
+        preflight(cfg, res.get("CPU", 0), res.get("GPU", 0), "the Ray cluster")
+        check_nodes(run)
+        train_stage(run)
+        scores = score_stage(run)
+        rows = trials_stage(run, scores)
+        selected = report.select(rows)
+        baseline, transfer = evaluate_and_export_stage(run, selected)
+        summary = report_stage(run, rows, baseline, transfer)
+        state.timings["total_s"] = time.perf_counter() - t_start
+        state.summary = summary
+        run.save()
+        store.write_json("summary.json", {**summary, "timings": state.timings, "stage_runs": state.stage_runs})
+        print(f"[sweep] done: {store.url('report.md')}")
+        if selected:
+            print(f"[sweep] selected sparsity={selected['sparsity']} λ={selected['lam']} "
+                  f"(STS-B dev {selected['dev_mean']:.2f}); export: {summary['export']}")
+        check_failures(summary, cfg)
         return summary
     finally:
-        if not (address or os.environ.get("RAY_ADDRESS")):
+        if not on_cluster:
             ra.shutdown()

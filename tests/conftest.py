@@ -108,3 +108,64 @@ def kill_processes_mentioning(marker: str) -> int:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
     return len(doomed)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A local S3 endpoint (moto's standalone server on 127.0.0.1) with one bucket; its variables are set in this
+    process for the session (pyarrow, Ray and boto3 read AWS_ENDPOINT_URL) and handed to subprocesses via .env."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    from types import SimpleNamespace
+
+    port = free_port()
+    server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        deadline = time.time() + 60
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert server.poll() is None and time.time() < deadline, "moto_server did not start"
+            time.sleep(0.2)
+        import boto3
+
+        boto3.client("s3").create_bucket(Bucket="sparsecse-test")
+        yield SimpleNamespace(env=env, bucket="sparsecse-test", port=port)
+    finally:
+        server.kill()
+        server.wait()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def s3_keys(prefix: str) -> dict[str, float]:
+    """{key: last-modified} of every object under s3://sparsecse-test/<prefix>."""
+    import boto3
+
+    out, kw = {}, {"Bucket": "sparsecse-test", "Prefix": prefix}
+    while True:
+        page = boto3.client("s3").list_objects_v2(**kw)
+        out.update({o["Key"]: o["LastModified"].timestamp() for o in page.get("Contents", [])
+                    if not o["Key"].endswith("/")})  # directory markers some clients write are not files
+        if not page.get("IsTruncated"):
+            return out
+        kw["ContinuationToken"] = page["NextContinuationToken"]

@@ -58,7 +58,7 @@ def test_from_dict_rejects_non_mapping():
 def test_trials_and_scoring_compute_on_the_gpu_ray_gives_them(monkeypatch):
     import torch
 
-    from sparsecse.sweep import task_device
+    from sparsecse.stages import task_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert task_device(0.2) == "cuda" and task_device(1) == "cuda"

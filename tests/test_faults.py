@@ -29,7 +29,7 @@ def test_ray_train_worker_killed_resumes_from_checkpoint(tmp_path, tiny_model_di
     r = _sweep(tmp_path / "c.yaml", tmp_path / "run", tiny_data_dir, env={"SPARSECSE_FAULT": "stage1-kill:2"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     run = tmp_path / "run"
-    assert (run / ".fault-stage1-killed").exists()  # the rank-0 worker was SIGKILLed mid-training (after the step-2 checkpoint)
+    assert (run / ".faults" / "stage1-killed").exists()  # the rank-0 worker was SIGKILLed mid-training (after the step-2 checkpoint)
     hist = json.loads((run / "simcse" / "history.json").read_text())
     assert hist["resumed_at"] == [2]  # ... and the restarted worker group resumed from it, not from scratch
     steps = [h["step"] for h in hist["history"]]
@@ -51,7 +51,11 @@ def test_ray_train_worker_killed_without_retries_fails_cleanly(tmp_path, tiny_mo
 def test_non_finite_trial_is_marked_failed_and_never_chosen(tmp_path, tiny_model_dir, tiny_data_dir):
     _write_cfg(tmp_path / "c.yaml", tiny_model_dir, sparsities=(0.1, 0.3), lams=(0.5,))
     r = _sweep(tmp_path / "c.yaml", tmp_path / "run", tiny_data_dir, env={"SPARSECSE_FAULT": "trial-nan:s0.100_l0.50_seed1"})
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    # the sweep finishes (report, export) but does not look like a success: exit 1, one line saying what failed
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("sparsecse: error: 1 of 2 trials failed (first: s0.100_l0.50_seed1") and "non-finite" in last
+    assert (tmp_path / "run" / "export" / "manifest.json").exists()
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     bad = next(t for t in res["trials"] if t["sparsity"] == 0.1)
     assert bad["status"] == "error" and "non-finite" in bad["error"]
@@ -74,9 +78,9 @@ def test_driver_killed_then_resume_reruns_nothing_finished(tmp_path, tiny_model_
         for p in (run / "tune").rglob("result.json"):
             recs = [json.loads(x) for x in p.read_text().splitlines() if x.strip().endswith("}")]
             done = [r for r in recs if r.get("done")]
-            if done:
-                best = run / "trials" / done[-1]["trial"] / "best" / "model.safetensors"
-                finished[done[-1]["trial"]] = best.stat().st_mtime_ns
+            if done:  # its checkpoints (model + best) are in the trial's Tune folder
+                finished[done[-1]["trial"]] = {c: c.stat().st_mtime_ns
+                                               for c in p.parent.glob("checkpoint_*/best/model.safetensors")}
         if finished:
             break
         time.sleep(0.5)
@@ -88,8 +92,9 @@ def test_driver_killed_then_resume_reruns_nothing_finished(tmp_path, tiny_model_
     before = finished
     r = _sweep(cfg, run, tiny_data_dir, "--resume")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    for name, mtime in before.items():
-        assert (run / "trials" / name / "best" / "model.safetensors").stat().st_mtime_ns == mtime, name
+    for name, ckpts in before.items():
+        assert ckpts and {c: c.stat().st_mtime_ns for c in ckpts} == ckpts, name  # finished trials not re-run
+    assert json.loads((run / "summary.json").read_text())["stage_runs"] == {"train": 1, "score": 1}
     res = json.loads((run / "results.json").read_text())
     assert sorted(t["sparsity"] for t in res["trials"]) == [0.1, 0.2, 0.3]
     assert all(t["status"] == "done" for t in res["trials"])

@@ -53,11 +53,11 @@ def finished_sweep(tmp_path_factory, tiny_model_dir, tiny_data_dir):
     cfg = _write_cfg(d / "tiny.yaml", tiny_model_dir)
     r = _sweep(cfg, d / "run", tiny_data_dir, env={"SPARSECSE_FAULT": "trial-exit:s0.300_l0.75_seed1"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return cfg, d / "run"
+    return cfg, d / "run", r
 
 
 def test_sweep_reports_every_point_once_and_selects_the_dev_argmax(finished_sweep):
-    _, run = finished_sweep
+    _, run, _ = finished_sweep
     res = json.loads((run / "results.json").read_text())
     points = sorted((t["sparsity"], t["lam"]) for t in res["trials"])
     assert points == [(0.1, 0.25), (0.1, 0.75), (0.3, 0.25), (0.3, 0.75)]
@@ -73,26 +73,36 @@ def test_sweep_reports_every_point_once_and_selects_the_dev_argmax(finished_swee
     assert "dev-selected" in (run / "report.md").read_text()
     tb = list((run / "tensorboard").rglob("events.out.tfevents*"))
     assert len({p.parent.name for p in tb}) == 5  # stage 1 + four trials
+    # the export is the selected trial's best checkpoint, taken from its Tune checkpoint in the run's storage
+    sel = res["selected"]
+    assert sel["checkpoint"].startswith("tune/") and (run / sel["checkpoint"] / "best" / "manifest.json").exists()
+    exported = json.loads((run / "export" / "sparsecse.json").read_text())
+    assert (exported["sparsity"], exported["lam"]) == (sel["sparsity"], sel["lam"])
+    # one checkpoint per evaluation reaches storage (4 steps, eval every 2: two), nothing under a trials/ copy
+    for t in res["trials"]:
+        assert len(list((run / t["checkpoint"]).parent.glob("checkpoint_*"))) == 2, t["trial"]
+    assert not (run / "trials").exists()
+    r = finished_sweep[2]
+    assert "snapshotting has been triggered" not in r.stdout + r.stderr
 
 
 def test_crashed_trial_was_retried_from_its_checkpoint(finished_sweep):
-    _, run = finished_sweep
-    crashed = run / "trials" / "s0.300_l0.75_seed1"
-    assert (crashed / ".fault-fired").exists()  # the trial process died once (os._exit) ...
+    _, run, _ = finished_sweep
+    assert (run / ".faults" / "trial-exit-s0.300_l0.75_seed1").exists()  # the trial process was SIGKILLed once ...
     res = json.loads((run / "results.json").read_text())
     row = next(t for t in res["trials"] if (t["sparsity"], t["lam"]) == (0.3, 0.75))
     assert row["status"] == "done" and row["steps"] == 4  # ... and was retried to completion
 
 
 def test_resume_reruns_nothing_finished(finished_sweep, tiny_data_dir):
-    cfg, run = finished_sweep
-    before = {p: p.stat().st_mtime_ns for p in (run / "trials").glob("*/best/model.safetensors")}
+    cfg, run, _ = finished_sweep
+    before = {p: p.stat().st_mtime_ns for p in (run / "tune").glob("*/checkpoint_*/best/model.safetensors")}
     sel_before = json.loads((run / "results.json").read_text())["selected"]
     r = _sweep(cfg, run, tiny_data_dir, "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "stage 1 skipped" in r.stdout and "stage 2 skipped" in r.stdout
-    after = {p: p.stat().st_mtime_ns for p in (run / "trials").glob("*/best/model.safetensors")}
-    assert before == after and len(after) == 4
+    after = {p: p.stat().st_mtime_ns for p in (run / "tune").glob("*/checkpoint_*/best/model.safetensors")}
+    assert before == after and len(after) == 8  # 4 trials × 2 kept checkpoints, none rewritten
     summary = json.loads((run / "summary.json").read_text())
     assert summary["stage_runs"] == {"train": 1, "score": 1}
     assert json.loads((run / "results.json").read_text())["selected"] == sel_before
@@ -105,7 +115,8 @@ def test_two_worker_ray_train_equals_one_worker(tmp_path, tiny_model_dir, tiny_d
     from sparsecse import ray_adapter as ra
     from sparsecse.config import load_config
     from sparsecse.model import load_encoder
-    from sparsecse.sweep import stage1_loop
+    from sparsecse.stages import train_loop
+    from sparsecse.storage import Storage
 
     cfg = load_config(_write_cfg(tmp_path / "c.yaml", tiny_model_dir), ["train.dropout=0.0", "train.max_steps=3",
                                                                        "train.eval_steps=3"])
@@ -113,12 +124,12 @@ def test_two_worker_ray_train_equals_one_worker(tmp_path, tiny_model_dir, tiny_d
     try:
         outs = {}
         for n in (1, 2):
-            ckpt = ra.run_torch_trainer(stage1_loop, {"config": cfg.to_dict(), "data_dir": str(tiny_data_dir),
-                                                      "work_dir": str(tmp_path / f"w{n}"), "tb_dir": str(tmp_path / "tb"),
-                                                      "cpus_per_worker": 1},
-                                        num_workers=n, use_gpu=False, cpus_per_worker=1, storage=tmp_path, name=f"n{n}",
+            store = Storage(tmp_path / f"w{n}")
+            ckpt = ra.run_torch_trainer(train_loop, {"config": cfg.to_dict(), "data_dir": str(tiny_data_dir),
+                                                     "storage": store.uri, "cpus_per_worker": 1},
+                                        num_workers=n, use_gpu=False, cpus_per_worker=1, storage=store, name=f"n{n}",
                                         max_failures=0)
-            outs[n] = load_encoder(str(ckpt / "model")).backbone.state_dict()
+            outs[n] = load_encoder(str(tmp_path / f"w{n}" / ckpt / "model")).backbone.state_dict()
     finally:
         ra.shutdown()
     init = load_encoder(str(tiny_model_dir)).backbone.state_dict()

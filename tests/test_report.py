@@ -9,7 +9,7 @@ from sparsecse.report import _pm, _table, control, select
 
 
 def _row(s, lam, seed, dev, test_b, error=None, done=True):
-    return {"config": {"sparsity": s, "lam": lam, "seed": seed}, "error": error, "trial_dir": f"/t/{s}_{lam}_{seed}",
+    return {"config": {"sparsity": s, "lam": lam, "seed": seed}, "error": error, "checkpoint": f"tune/t{s}_{lam}_{seed}/checkpoint_000001",
             "metrics": {"done": done, "best_stsb_dev": dev, "test/STSBenchmark": test_b, "test/avg": test_b - 1}}
 
 
@@ -25,16 +25,21 @@ def test_select_averages_dev_over_seeds_and_reports_test_mean_std():
     assert (sel["sparsity"], sel["lam"]) == (0.3, 0.25)
     assert sel["dev_mean"] == pytest.approx(np.mean([81.5, 81.5, 81.4]))
     assert sel["seeds"] == [1, 2, 3] and sel["test"]["STSBenchmark"] == pytest.approx(90.0)
-    assert sel["trial_dir"] == "/t/0.3_0.25_1"  # the best-dev seed of the chosen point is exported
+    # the best-dev seed of the chosen point is exported, from its trial's checkpoint in the run's storage
+    assert sel["checkpoint"] == "tune/t0.3_0.25_1/checkpoint_000001" and sel["trial"] == "s0.300_l0.25_seed1"
     ctrl = control(rows)
     assert ctrl["seeds"] == [1, 2, 3]
     # the λ=0.75 duplicate of the control (99.0) is dropped in favour of the first λ per seed
     assert ctrl["test"]["STSBenchmark"] == pytest.approx(72.0)
-    assert ctrl["test_std"]["STSBenchmark"] == pytest.approx(np.std([71.0, 72.0, 73.0]))
+    # sample std over seeds (ddof = 1): 1.0 for 71, 72, 73 (the population std would be 0.82)
+    assert ctrl["test_std"]["STSBenchmark"] == pytest.approx(np.std([71.0, 72.0, 73.0], ddof=1)) == pytest.approx(1.0)
     cells = _pm(ctrl["test"], ctrl["test_std"], ["STSBenchmark", "avg"])
-    assert cells == {"STSBenchmark": "72.00 ± 0.82", "avg": "71.00 ± 0.82"}
+    assert cells == {"STSBenchmark": "72.00 ± 1.00", "avg": "71.00 ± 1.00"}
     md = _table([("ctrl", cells)], ["STSBenchmark", "avg"])
-    assert md.splitlines()[-1] == "| ctrl | 72.00 ± 0.82 | 71.00 ± 0.82 |"
+    assert md.splitlines()[-1] == "| ctrl | 72.00 ± 1.00 | 71.00 ± 1.00 |"
+    one = select([_row(0.1, 0.5, 1, 80.0, 70.0)])
+    assert one["test_std"]["STSBenchmark"] is None  # one seed: no spread, shown as the mean alone
+    assert _pm(one["test"], one["test_std"], ["STSBenchmark"]) == {"STSBenchmark": "70.00"}
 
 
 def test_select_prefers_pruned_points_and_handles_nothing_finished():
@@ -42,3 +47,17 @@ def test_select_prefers_pruned_points_and_handles_nothing_finished():
     assert select(rows)["sparsity"] == 0.2
     assert select([_row(0.2, 0.5, 1, 70.0, 60.0, done=False)]) is None
     assert control([_row(0.2, 0.5, 1, 70.0, 60.0)]) is None
+
+
+def test_failed_trials_fail_the_sweep_unless_allowed():
+    from sparsecse import TrialsFailed
+    from sparsecse.config import load_config
+    from sparsecse.sweep import check_failures
+
+    summary = {"failed": [{"trial": "s0.100_l0.50_seed1", "error": "training loss became non-finite"}],
+               "num_trials": 2, "selected": {"sparsity": 0.3}}
+    with pytest.raises(TrialsFailed, match=r"1 of 2 trials failed .*s0.100_l0.50_seed1.*allow_failed_trials"):
+        check_failures(summary, load_config(None))
+    check_failures(summary, load_config(None, ["sweep.allow_failed_trials=true"]))  # tolerated: no error
+    with pytest.raises(TrialsFailed, match="no trial finished"):
+        check_failures({"failed": [], "num_trials": 2, "selected": None}, load_config(None))

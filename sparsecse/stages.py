@@ -1,0 +1,233 @@
+"""The sweep's stages as plain functions: what runs on a cluster node, not how it is scheduled (sweep.py orders
+them; ray_adapter.py runs each as a Ray Train worker loop, a Ray task or a Tune trial).
+
+Every stage gets the run's storage URI, never a path on the driver's disk: it downloads what it reads into
+node-local scratch, computes, uploads what it writes, and removes its scratch. So a stage may land on any node of a
+cluster whose nodes share no filesystem (storage.py).
+
+    train_loop     stage 1: SimCSE on one Ray Train worker (rank 0 reports checkpoints)
+    score_task     stage 2: per-batch alignment/uniformity gradients of every head and neuron -> scores.parquet
+    trial          stage 3: masks at (sparsity, λ), rewind, retrain, STS test of the best dev checkpoint
+    evaluate_task  the SimCSE baseline (and transfer tasks of a model) for the report
+    export_task    the selected checkpoint as dense + physically pruned export -> export/
+    check_node     before anything runs: can this node read the data, the model and the run's storage?
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+from .config import STS_TASKS, config_from_dict
+from .storage import Storage, scratch_dir
+
+
+def point_name(p: dict) -> str:
+    return f"s{p['sparsity']:.3f}_l{p['lam']:.2f}_seed{p['seed']}"
+
+
+def setup_worker(threads: float) -> None:
+    """Per-process settings of a task or trial (not pushed through the runtime env: a user's env stays theirs)."""
+    import torch
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    torch.set_num_threads(max(1, int(threads)))
+
+
+def task_device(gpus: float) -> str:
+    """Where a task or trial computes: the GPU Ray gave it (Ray sets CUDA_VISIBLE_DEVICES), else the CPU."""
+    import torch
+
+    return "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
+def faults() -> dict[str, str]:
+    """Fault injection for the reliability tests: SPARSECSE_FAULT="kind:arg,..." with kinds
+    stage1-kill:STEP (SIGKILL the rank-0 Ray Train worker once, after the checkpoint at STEP),
+    trial-exit:TRIAL (the trial process dies once mid-trial), trial-nan:TRIAL (that trial's loss diverges).
+    "Once" is remembered in the run's storage (.faults/), so it holds when the retry lands on another node."""
+    out = {}
+    for spec in filter(None, os.environ.get("SPARSECSE_FAULT", "").split(",")):
+        kind, _, arg = spec.partition(":")
+        out[kind] = arg
+    return out
+
+
+def _fire_once(store: Storage, marker: str) -> bool:
+    if store.exists(f".faults/{marker}"):
+        return False
+    store.write_text(f".faults/{marker}", "fired\n")
+    return True
+
+
+def fetch_model(store: Storage, rel: str, scratch: Path) -> Path:
+    """Download a saved model directory from the run into scratch and verify it against its manifest."""
+    from .io import verify_manifest
+
+    local = store.download_dir(rel, scratch / rel.replace("/", "_"))
+    verify_manifest(local)
+    return local
+
+
+# --------------------------------------------------------------------------- stage 1: Ray Train worker loop
+
+def train_loop(loop_config: dict) -> None:
+    """Runs on every Ray Train worker: SimCSE with the global batch split across workers."""
+    from . import ray_adapter as ra
+    from .train import Dist, train_simcse
+
+    cfg = config_from_dict(loop_config["config"])
+    store = Storage(loop_config["storage"])
+    rank, world = ra.train_context()
+    setup_worker(loop_config["cpus_per_worker"])
+    kill_at = faults().get("stage1-kill")
+
+    def report(metrics, ckpt):
+        # die mid-training: at the first report after step `kill_at`, before reporting it, so the checkpoint at
+        # `kill_at` is the latest one Ray knows
+        if kill_at and rank == 0 and metrics["step"] > int(kill_at) and _fire_once(store, "stage1-killed"):
+            time.sleep(5)  # Ray Train's controller registers reports by polling: let it see the last one
+            os.kill(os.getpid(), signal.SIGKILL)
+        ra.train_report(metrics, ckpt)
+
+    with scratch_dir("stage1") as tmp:
+        resume = ra.train_checkpoint(tmp / "resume")
+        tb = tmp / "tensorboard" if rank == 0 else None
+        train_simcse(cfg, tmp / "out", Path(loop_config["data_dir"]), dist=Dist(rank, world),
+                     device=ra.train_device(), wrap=ra.prepare_ddp if world > 1 else None, report=report,
+                     resume_dir=resume, tb_dir=tb, progress=False)
+        if tb is not None:
+            store.upload_dir(tb, "tensorboard/simcse", replace=False)
+
+
+# --------------------------------------------------------------------------- stage 2: scoring task
+
+def score_task(store_uri: str, model_rel: str, data_dir: str, cfg_dict: dict, threads: float, gpus: float) -> dict:
+    from .data import load_stsb
+    from .model import load_encoder
+    from .score import compute_scores, scores_to_bytes
+
+    setup_worker(threads)
+    cfg = config_from_dict(cfg_dict)
+    store = Storage(store_uri)
+    with scratch_dir("score") as tmp:
+        enc = load_encoder(str(fetch_model(store, model_rel, tmp))).to(task_device(gpus))
+        pairs = load_stsb(Path(data_dir), cfg.score.split)
+        sc = compute_scores(enc, pairs, batch_size=cfg.score.batch_size, threshold=cfg.score.positive_threshold,
+                            seed=cfg.score.seed, max_pairs=cfg.score.max_pairs, pooler=cfg.model.eval_pooler,
+                            max_len=cfg.train.max_len)
+    store.write_bytes("scores.parquet", scores_to_bytes(sc))
+    return sc.meta
+
+
+# --------------------------------------------------------------------------- stage 3: one Tune trial
+
+def trial(config: dict, *, store_uri: str, data_dir: str, cfg_dict: dict, scores) -> None:
+    """One (sparsity, λ, seed): masks from the shared scores, rewind, retrain with the mask fixed, evaluate the
+    best dev checkpoint on the STS test sets. Checkpoints go to storage through Tune; nothing stays on the node."""
+    from . import ray_adapter as ra
+    from .evaluate import evaluate_sts
+    from .model import load_encoder
+    from .prune import rewind, select_masks
+    from .train import train_simcse
+
+    p = config["point"]
+    name = point_name(p)
+    cfg = config_from_dict(cfg_dict)
+    cfg = cfg.replace(train=type(cfg.train)(**{**cfg.to_dict()["train"], "seed": p["seed"]}))
+    store = Storage(store_uri)
+    setup_worker(cfg.sweep.trial_cpus)
+    fault = faults()
+    if fault.get("trial-nan") == name:
+        cfg = cfg.replace(train=type(cfg.train)(**{**cfg.to_dict()["train"], "lr": 1e30}))
+    hm, nm = select_masks(*scores.importance(p["lam"]), p["sparsity"])
+    base = {"sparsity": p["sparsity"], "lam": p["lam"], "seed": p["seed"], "trial": name, "done": False,
+            "node_id": ra.node_id()}
+    meta = {"sparsity": p["sparsity"], "lam": p["lam"], "seed": p["seed"], "pretrained": cfg.model.name,
+            "scores": store.url("scores.parquet"), "scores_fingerprint": scores.meta["model_fingerprint"]}
+
+    def report(rec: dict, ckpt):
+        if fault.get("trial-exit") == name and _fire_once(store, f"trial-exit-{name}"):
+            os.kill(os.getpid(), signal.SIGKILL)  # the trial process is killed mid-trial
+        ra.tune_report({**base, **rec}, ckpt)
+
+    device = task_device(cfg.sweep.trial_gpus)
+    with scratch_dir("trial") as tmp:
+        resume = ra.tune_checkpoint(tmp / "resume")
+        init = None if resume else rewind(cfg.model.name, hm, nm, pooler=cfg.model.pooler, dropout=cfg.train.dropout)
+        res = train_simcse(cfg, tmp / "out", Path(data_dir), init=init, head_mask=hm, neuron_mask=nm, report=report,
+                           resume_dir=resume, tb_dir=tmp / "tensorboard", progress=False, meta=meta, device=device)
+        store.upload_dir(tmp / "tensorboard", f"tensorboard/{name}", replace=False)
+        best = load_encoder(str(tmp / "out" / "best"), pooler=cfg.model.eval_pooler).to(device)
+        sts_tasks = tuple(t for t in cfg.eval.tasks if t in STS_TASKS)
+        table = evaluate_sts(best, Path(data_dir), tasks=sts_tasks, batch_size=cfg.eval.batch_size,
+                             pooler=cfg.model.eval_pooler, alignment_uniformity=True)
+    au = {k: table.pop(k) for k in ("align", "uniform")}
+    # no checkpoint here: the last training report already carries the final state (latest + best), so the
+    # trial's Result.checkpoint is that one and nothing is uploaded twice
+    ra.tune_report({**base, "done": True, "step": res.steps, "stsb_dev": res.best_dev, "best_stsb_dev": res.best_dev,
+                    "sentences_per_s": res.sentences_per_s, **{f"test/{k}": v for k, v in table.items()}, **au}, None)
+
+
+# --------------------------------------------------------------------------- evaluation and export tasks
+
+def evaluate_task(store_uri: str, model_rel: str, data_dir: str, cfg_dict: dict, *, sts: bool, transfer: bool,
+                  threads: float, gpus: float) -> dict:
+    """{"sts": {task: Spearman ×100, avg, align, uniform}, "transfer": {task: accuracy}} of a model in the run."""
+    from .evaluate import evaluate_sts
+    from .model import load_encoder
+    from .transfer import evaluate_transfer
+
+    setup_worker(threads)
+    cfg = config_from_dict(cfg_dict)
+    store = Storage(store_uri)
+    out: dict = {}
+    with scratch_dir("eval") as tmp:
+        enc = load_encoder(str(fetch_model(store, model_rel, tmp)), pooler=cfg.model.eval_pooler)
+        enc = enc.to(task_device(gpus))
+        if sts:
+            out["sts"] = evaluate_sts(enc, Path(data_dir), tasks=tuple(t for t in cfg.eval.tasks if t in STS_TASKS),
+                                      batch_size=cfg.eval.batch_size, pooler=cfg.model.eval_pooler,
+                                      alignment_uniformity=True)
+        if transfer:
+            out["transfer"] = evaluate_transfer(enc, Path(data_dir), pooler=cfg.model.eval_pooler)
+    return out
+
+
+def export_task(store_uri: str, model_rel: str, cfg_dict: dict, results: dict | None, threads: float) -> str:
+    """The model at `model_rel` exported (dense + pruned/, model card) to the run's export/; returns its URL."""
+    from .export import export_model
+
+    setup_worker(threads)
+    cfg = config_from_dict(cfg_dict)
+    store = Storage(store_uri)
+    with scratch_dir("export") as tmp:
+        out = export_model(str(fetch_model(store, model_rel, tmp)), tmp / "export", pooler=cfg.model.eval_pooler,
+                           results=results)
+        store.upload_dir(out, "export")
+    return store.url("export")
+
+
+# --------------------------------------------------------------------------- preflight on every node
+
+def check_node(store_uri: str, marker_rel: str | None, data_dir: str, paths: list[str], model: str) -> list[str]:
+    """What this node cannot reach of the run (empty list: all fine). Runs pinned to each node before stage 1."""
+    from . import SparseCSEError
+
+    problems = []
+    try:
+        store = Storage(store_uri)
+        if marker_rel is not None and not store.exists(marker_rel):
+            problems.append(f"cannot see --out {store.uri} (the driver's local disk is not shared with this node); "
+                            "use an s3://, gs:// or abfs:// URI or a path mounted on every node (NFS)")
+    except SparseCSEError as e:
+        problems.append(str(e))
+    missing = [p for p in paths if not (Path(data_dir) / p).exists()]
+    if missing:
+        problems.append(f"cannot read {Path(data_dir) / missing[0]} ({len(missing)} of the data paths missing); "
+                        "mount the data at the same --data-dir on every node or run `sparsecse data fetch` there")
+    if model.startswith(("/", ".", "~")) and not Path(model).expanduser().is_dir():  # a local model directory
+        problems.append(f"cannot read model.name {model} (not a directory on this node); put it on every node")
+    return problems

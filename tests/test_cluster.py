@@ -1,0 +1,167 @@
+"""A cluster is more than one disk: storage URIs, and a two-node Ray cluster whose worker node cannot see the
+driver's files (its `ray start` runs in its own mount namespace with a private tmpfs over /tmp).
+
+What both nodes share is only what a real cluster shares: the network (127.0.0.1 here), the S3 endpoint (moto),
+and the inputs every node is given (the model and data dir, under /var/tmp, as an image or an NFS mount would).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import free_port, kill_processes_mentioning, s3_keys
+from test_ray import RAY_BIN, _node_processes, _write_cfg
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------- storage, no Ray
+
+def test_storage_on_s3_and_local_round_trips(s3, tmp_path):
+    from sparsecse import SparseCSEError
+    from sparsecse.storage import Storage
+
+    src = tmp_path / "d"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "a.bin").write_bytes(b"\x00" * 10)
+    (src / "manifest.json").write_text("{}")
+    for uri in (f"s3://{s3.bucket}/unit", str(tmp_path / "local")):
+        st = Storage(uri)
+        assert not st.exists() and st.list() == []
+        st.write_json("x/state.json", {"a": 1})
+        assert st.read_json("x/state.json") == {"a": 1} and st.is_file("x/state.json") and st.is_dir("x")
+        st.upload_dir(src, "m")
+        assert st.list("m") == ["manifest.json", "sub"]
+        got = st.download_dir("m", tmp_path / f"got-{len(uri)}")
+        assert (got / "sub" / "a.bin").read_bytes() == b"\x00" * 10
+        assert st.rel(st.path("m/sub")) == "m/sub"
+        st.copy_dir("m", "m2")
+        assert st.is_file("m2/sub/a.bin")
+        st.delete("m")
+        assert not st.exists("m") and st.exists("m2")
+        with pytest.raises(SparseCSEError, match="not found in the run"):
+            st.read_bytes("nope")
+    assert sorted(k.split("/", 1)[1] for k in s3_keys("unit/")) == ["m2/manifest.json", "m2/sub/a.bin",
+                                                                    "x/state.json"]
+    with pytest.raises(SparseCSEError, match="--out nosuch://b/r: cannot open this storage"):
+        Storage("nosuch://b/r")
+
+
+# --------------------------------------------------------------------------- the cluster
+
+@pytest.fixture(scope="module")
+def node_inputs(tiny_model_dir, tiny_data_dir):
+    """The model and data every node is given (as an image or an NFS mount would): outside /tmp."""
+    d = Path("/var/tmp") / f"sparsecse-test-{os.getpid()}"
+    shutil.copytree(tiny_model_dir, d / "model")
+    shutil.copytree(tiny_data_dir, d / "data")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def private_tmp_cluster(node_inputs, s3):
+    """Head: `ray start --head` on this machine. Worker: `ray start --address` inside `unshare -m` with a fresh
+    tmpfs over /tmp, so it sees neither the driver's /tmp (pytest's tmp dirs, the head's Ray session) nor anything
+    the driver writes there. 1 CPU each, token auth, every port on 127.0.0.1 chosen free."""
+    token = node_inputs / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    env = {**os.environ, **s3.env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    env.pop("RAY_ADDRESS", None)
+    port, dash, wport = free_port(), free_port(), free_port()
+    head_tmp, worker_tmp = f"/tmp/scse-h-{os.getpid()}", f"/tmp/scse-w-{os.getpid()}"
+
+    def run(*args):
+        return subprocess.run(list(args), capture_output=True, text=True, env=env, timeout=300, check=True)
+
+    try:
+        run(RAY_BIN, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+            f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
+            f"--temp-dir={head_tmp}", "--disable-usage-stats")
+        run("unshare", "-m", "sh", "-c", 'mount -t tmpfs tmpfs /tmp && exec "$0" "$@"', RAY_BIN, "start",
+            f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+            f"--node-manager-port={wport}", f"--dashboard-agent-listen-port={free_port()}",
+            f"--temp-dir={worker_tmp}")
+        worker_node, pids = _node_processes(wport)
+        yield {"env": env, "address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}",
+               "worker_node": worker_node, "worker_pid": pids[0]}
+    finally:
+        kill_processes_mentioning(head_tmp)
+        kill_processes_mentioning(worker_tmp)
+        shutil.rmtree(head_tmp, ignore_errors=True)
+
+
+def test_worker_node_really_has_a_private_tmp(private_tmp_cluster, tmp_path):
+    marker = tmp_path / "driver-side-file"
+    marker.write_text("x")
+    seen = subprocess.run(["nsenter", "-t", str(private_tmp_cluster["worker_pid"]), "-m", "ls", str(marker)],
+                          capture_output=True, text=True)
+    assert seen.returncode != 0  # the worker node cannot see what the driver writes under /tmp
+
+
+def test_local_out_that_a_node_cannot_see_fails_early_in_one_line(private_tmp_cluster, node_inputs, tmp_path):
+    cfg = _write_cfg(tmp_path / "c.yaml", node_inputs / "model", sparsities=(0.1,), lams=(0.5,))
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-m", "sparsecse", "sweep", str(cfg), "--out", str(tmp_path / "run"),
+                        "--data-dir", str(node_inputs / "data"), "--address", private_tmp_cluster["address"],
+                        "--set", "ray.num_cpus=null"], capture_output=True, text=True,
+                       env=private_tmp_cluster["env"], timeout=300)
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("sparsecse: error: node ") and f"({private_tmp_cluster['worker_node'][:8]})" in last
+    assert "cannot see --out" in last and "s3://" in last
+    assert "Traceback" not in r.stderr and time.time() - t0 < 120
+    assert not (tmp_path / "run" / "stage1").exists()  # refused before any stage ran
+
+
+def test_job_submit_with_working_dir_runs_the_sweep_into_s3_across_both_nodes(private_tmp_cluster, node_inputs,
+                                                                              s3, tmp_path):
+    from sparsecse.storage import Storage
+
+    c = private_tmp_cluster
+    cfg = _write_cfg(tmp_path / "job.yaml", node_inputs / "model", sparsities=(0.1, 0.2), lams=(0.5,))
+    out = f"s3://{s3.bucket}/job"
+    cmd = [RAY_BIN, "job", "submit", f"--address={c['dashboard']}", f"--working-dir={REPO}", "--",
+           sys.executable, "-m", "sparsecse", "sweep", str(cfg), "--out", out,
+           "--data-dir", str(node_inputs / "data"), "--set", "ray.num_cpus=null"]
+    deadline = time.time() + 180
+    while True:  # right after `ray start` the head's job agent may not be up yet: the job is not created then
+        r = subprocess.run(cmd, capture_output=True, text=True, env=c["env"], timeout=900, cwd=tmp_path)
+        if r.returncode == 0 or "No available agent to submit job" not in r.stderr or time.time() > deadline:
+            break
+        time.sleep(3)
+    assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-2000:]
+    assert "succeeded" in (r.stdout + r.stderr).lower()
+    keys = {k.split("/", 1)[1] for k in s3_keys("job/")}
+    for f in ("report.md", "report.html", "results.parquet", "results.json", "summary.json", "sweep.json",
+              "scores.parquet", "simcse/best/manifest.json", "export/manifest.json", "export/pruned/config.json",
+              "figures/sts_avg_vs_sparsity.png"):
+        assert f in keys, f
+    assert any(k.startswith("tune/") and "/checkpoint_" in k for k in keys)
+    assert any(k.startswith("tensorboard/s0.100") for k in keys) and any(k.startswith("tensorboard/simcse") for k in keys)
+    res = Storage(out).read_json("results.json")
+    assert sorted(t["sparsity"] for t in res["trials"]) == [0.1, 0.2] and all(t["status"] == "done" for t in res["trials"])
+    assert {t["node_id"] for t in res["trials"]} >= {c["worker_node"]} and len({t["node_id"] for t in res["trials"]}) == 2
+    # nothing of the run on the local disk: no "s3:" folder, no run files anywhere under the job's cwd or /tmp dirs
+    assert not (tmp_path / "s3:").exists() and not (REPO / "s3:").exists()
+    assert not [p for p in tmp_path.rglob("*") if p.name in ("report.md", "scores.parquet", "results.json")]
+    # the export comes back to a laptop with one command, and loads
+    exp = tmp_path / "export"
+    r = subprocess.run([sys.executable, "-m", "sparsecse", "export", out, "--out", str(exp)], capture_output=True,
+                       text=True, env=c["env"], timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    from sentence_transformers import SentenceTransformer
+
+    emb = SentenceTransformer(str(exp)).encode(["a man plays a guitar"])
+    assert emb.shape == (1, 32)
