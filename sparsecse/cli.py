@@ -178,7 +178,10 @@ def cmd_export(a) -> int:
 def cmd_sweep(a) -> int:
     from .sweep import run_sweep
 
-    run_sweep(a.config, overrides=a.set, resume=a.resume, address=a.address, out=a.out, data_dir=a.data_dir)
+    if a.resume and a.resume_if_exists:
+        raise SparseCSEError("--resume and --resume-if-exists: pass one (--resume-if-exists also starts a new sweep)")
+    run_sweep(a.config, overrides=a.set, resume="auto" if a.resume_if_exists else a.resume, address=a.address,
+              out=a.out, data_dir=a.data_dir)
     return 0
 
 
@@ -258,9 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("sweep", help="the whole SparseCSE study on Ray")
     w.add_argument("config")
     w.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    w.add_argument("--resume", action="store_true")
+    w.add_argument("--resume", action="store_true", help="continue the sweep at --out (finished work is kept)")
+    w.add_argument("--resume-if-exists", action="store_true",
+                   help="continue the sweep at --out if there is one, else start it (for retried cluster jobs)")
     w.add_argument("--address")
-    w.add_argument("--out", help="run directory (default runs/<config name>)")
+    w.add_argument("--out", help="run directory or storage URI, e.g. s3://bucket/run (default runs/<config name>)")
     w.add_argument("--data-dir")
     w.set_defaults(fn=cmd_sweep)
 

@@ -117,12 +117,15 @@ def preflight(cfg: Config, ncpu: float, ngpu: float, where: str) -> None:
         raise SparseCSEError(f"config sweep.trial_cpus: {cfg.sweep.trial_cpus} exceeds the {ncpu:g} CPUs {where} has")
 
 
-def open_run(out: str, cfg: Config, resume: bool) -> tuple[Storage, SweepState]:
-    """The run's storage and state; refuses to overwrite a run or resume one that is not there."""
+def open_run(out: str, cfg: Config, resume: bool | str) -> tuple[Storage, SweepState, bool]:
+    """The run's storage, state and whether it resumes; refuses to overwrite a run or resume one that is not there.
+    resume="auto" (--resume-if-exists) continues a sweep found at `out` and starts one otherwise."""
     if not ("://" in out) and Path(out).exists() and not Path(out).is_dir():
         raise SparseCSEError(f"--out {out}: is a file; choose a directory path or a URI such as s3://bucket/run")
     store = Storage(out)
     saved = store.read_json(SWEEP_FILE) if store.is_file(SWEEP_FILE) else None
+    if resume == "auto":
+        resume = saved is not None
     if resume and not saved:
         raise SparseCSEError(f"--resume: {store.uri} holds no sweep ({SWEEP_FILE} missing); drop --resume to start one")
     if not resume and store.list():
@@ -132,7 +135,7 @@ def open_run(out: str, cfg: Config, resume: bool) -> tuple[Storage, SweepState]:
     if saved and not upgrade_state(saved, cfg):
         raise SparseCSEError(f"--resume: {store.uri} was started with a different config; use the same YAML and "
                              "--set values, or start a new sweep with another --out")
-    return store, SweepState.from_dict(saved) if saved else SweepState(config=cfg.to_dict())
+    return store, (SweepState.from_dict(saved) if saved else SweepState(config=cfg.to_dict())), resume
 
 
 def check_nodes(run: Run) -> None:
@@ -275,7 +278,7 @@ def check_failures(summary: dict, cfg: Config) -> None:
 
 # --------------------------------------------------------------------------- the driver
 
-def run_sweep(config_path: str, overrides=None, resume: bool = False, address: str | None = None,
+def run_sweep(config_path: str, overrides=None, resume: bool | str = False, address: str | None = None,
               out: str | None = None, data_dir: str | None = None) -> dict:
     from .data import default_data_dir, resolve_data_dir
 
@@ -288,7 +291,7 @@ def run_sweep(config_path: str, overrides=None, resume: bool = False, address: s
         preflight(cfg, cfg.ray.num_cpus or os.cpu_count() or 1, torch.cuda.device_count(), "this machine")
     # on a cluster the data dir is read by the nodes, not by the driver: check_nodes asks each of them
     data = str(default_data_dir(data_dir or cfg.data.dir) if on_cluster else resolve_data_dir(data_dir or cfg.data.dir))
-    store, state = open_run(out or f"runs/{Path(config_path).stem}", cfg, resume)
+    store, state, resume = open_run(out or f"runs/{Path(config_path).stem}", cfg, resume)
     run = Run(cfg, store, data, state, resume)
     store.write_text("config.yaml", cfg.to_yaml())
     run.save()

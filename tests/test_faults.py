@@ -63,39 +63,41 @@ def test_non_finite_trial_is_marked_failed_and_never_chosen(tmp_path, tiny_model
     assert "non-finite" in (tmp_path / "run" / "report.md").read_text()
 
 
-def test_driver_killed_then_resume_reruns_nothing_finished(tmp_path, tiny_model_dir, tiny_data_dir):
+def test_driver_killed_then_resume_on_s3_reruns_nothing_finished(tmp_path, tiny_model_dir, tiny_data_dir, s3):
+    """--out s3://…: the driver and its Ray die mid-sweep; `--resume` from the same URI restores Tune from the
+    bucket, keeps stage 1, the scores and every trial that had finished training, and chooses what an
+    uninterrupted sweep chooses."""
+    from conftest import s3_keys
+
     cfg = _write_cfg(tmp_path / "c.yaml", tiny_model_dir, sparsities=(0.1, 0.2, 0.3), lams=(0.5,))
-    run = tmp_path / "run"
+    run = f"s3://{s3.bucket}/killed"
     ray_tmp = Path("/tmp") / f"scse-drv-{os.getpid()}"  # the driver's local Ray lives here (short: socket paths)
     env = {**os.environ, "SPARSECSE_DASHBOARD": "0", "RAY_TMPDIR": str(ray_tmp)}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen([sys.executable, "-m", "sparsecse", "sweep", str(cfg), "--out", str(run), "--data-dir",
+    proc = subprocess.Popen([sys.executable, "-m", "sparsecse", "sweep", str(cfg), "--out", run, "--data-dir",
                              str(tiny_data_dir)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
-    finished: dict[str, int] = {}  # trial name -> its best model's mtime, read before the kill
+    trained: dict[str, float] = {}  # checkpoint objects of trials that finished training, read before the kill
     deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        for p in (run / "tune").rglob("result.json"):
-            recs = [json.loads(x) for x in p.read_text().splitlines() if x.strip().endswith("}")]
-            done = [r for r in recs if r.get("done")]
-            if done:  # its checkpoints (model + best) are in the trial's Tune folder
-                finished[done[-1]["trial"]] = {c: c.stat().st_mtime_ns
-                                               for c in p.parent.glob("checkpoint_*/best/model.safetensors")}
-        if finished:
-            break
+    while time.time() < deadline and proc.poll() is None and not trained:
+        keys = s3_keys("killed/tune/")
+        done = {k.split("/")[2] for k in keys if k.endswith("checkpoint_000001/best/manifest.json")}
+        trained = {k: t for k, t in keys.items() if k.split("/")[2] in done and "/checkpoint_" in k}
         time.sleep(0.5)
-    assert finished and proc.poll() is None, "no trial finished before the sweep ended"
+    assert trained and proc.poll() is None, "no trial finished training before the sweep ended"
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started die at once
     proc.wait()
     kill_processes_mentioning(str(ray_tmp))  # its orphaned Ray (never `ray stop`: other Rays may be running)
     shutil.rmtree(ray_tmp, ignore_errors=True)
-    before = finished
     r = _sweep(cfg, run, tiny_data_dir, "--resume")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    for name, ckpts in before.items():
-        assert ckpts and {c: c.stat().st_mtime_ns for c in ckpts} == ckpts, name  # finished trials not re-run
-    assert json.loads((run / "summary.json").read_text())["stage_runs"] == {"train": 1, "score": 1}
-    res = json.loads((run / "results.json").read_text())
+    after = s3_keys("killed/tune/")
+    assert {k: after.get(k) for k in trained} == trained  # finished trials' checkpoints untouched
+    from sparsecse.storage import Storage
+
+    st = Storage(run)
+    assert st.read_json("summary.json")["stage_runs"] == {"train": 1, "score": 1}
+    res = st.read_json("results.json")
     assert sorted(t["sparsity"] for t in res["trials"]) == [0.1, 0.2, 0.3]
     assert all(t["status"] == "done" for t in res["trials"])
     # the same study without interruption chooses the same point with the same metrics

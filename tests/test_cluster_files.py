@@ -1,0 +1,147 @@
+"""The cluster files a user copies on day one, checked without a cloud: `ray up`'s schema, KubeRay's RayJob fields,
+and the image they both run."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER = REPO / "cluster"
+
+# Variables that exist where these commands run (on the node / in the container), not only on the user's machine.
+REMOTE_VARS = {"HOME", "RAY_HEAD_IP", "EFS_DNS"}
+
+
+def _gpu_cluster() -> dict:
+    return yaml.safe_load((CLUSTER / "gpu-cluster.yaml").read_text())
+
+
+def _rayjob() -> tuple[dict, dict]:
+    docs = list(yaml.safe_load_all((CLUSTER / "rayjob.yaml").read_text()))
+    return next(d for d in docs if d["kind"] == "RayJob"), {d["kind"]: d for d in docs}
+
+
+def _image() -> str:
+    m = re.search(r"^#\s+docker push (\S+)$", (CLUSTER / "Dockerfile").read_text(), re.M)
+    assert m, "the Dockerfile documents its push command"
+    return m.group(1)
+
+
+def test_gpu_cluster_validates_against_rays_schema_and_has_no_local_only_variables():
+    import jsonschema
+    import ray
+
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    cfg = _gpu_cluster()
+    jsonschema.validate(cfg, schema)
+    cmds = [c for k in ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
+                        "head_start_ray_commands", "worker_start_ray_commands") for c in cfg.get(k, [])]
+    for c in cmds:
+        used = set(re.findall(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", c))
+        assert used <= REMOTE_VARS, (c, used - REMOTE_VARS)
+        assert "bashrc" not in c and "RAY_AUTH_TOKEN=" not in c  # no secret in an rc file or a command line
+    # the token travels as a file and every `ray start` reads it from there
+    token_remote = next(k for k, v in cfg["file_mounts"].items() if v.endswith(".ray/auth_token"))
+    starts = [c for c in cmds if "ray start" in c]
+    assert len(starts) == 2
+    for c in starts:
+        assert "RAY_AUTH_MODE=token" in c and f"RAY_AUTH_TOKEN_PATH={token_remote.replace('~', '$HOME')}" in c
+    head = next(c for c in starts if "--head" in c)
+    assert "--num-cpus=0" in head and "--dashboard-host=127.0.0.1" in head
+    assert cfg["available_node_types"][cfg["head_node_type"]]["resources"] == {"CPU": 0}
+    assert cfg["docker"]["image"] == _image()
+    # the NFS alternative really mounts what the container sees
+    assert any("mount -t nfs4" in c and "/mnt/efs" in c for c in cfg["initialization_commands"])
+    assert "-v /mnt/efs:/mnt/efs" in cfg["docker"]["run_options"]
+
+
+# Field names and types of KubeRay's RayJob v1 CRD (ray-project/kuberay, ray-operator/config/crd/bases/
+# ray.io_rayjobs.yaml at feeaf72f): what this manifest uses, and what the CRD requires.
+RAYJOB_SPEC = {"entrypoint": str, "backoffLimit": int, "shutdownAfterJobFinishes": bool,
+               "ttlSecondsAfterFinished": int, "runtimeEnvYAML": str, "rayClusterSpec": dict, "submissionMode": str}
+CLUSTER_SPEC = {"rayVersion": str, "authOptions": dict, "headGroupSpec": dict, "workerGroupSpecs": list}
+HEAD_REQUIRED, HEAD_FIELDS = {"template"}, {"template", "rayStartParams", "serviceType"}
+WORKER_REQUIRED = {"groupName", "maxReplicas", "minReplicas", "template"}
+WORKER_FIELDS = WORKER_REQUIRED | {"replicas", "rayStartParams"}
+
+
+def test_rayjob_uses_kuberay_fields_and_a_reachable_authenticated_dashboard():
+    job, docs = _rayjob()
+    assert job["apiVersion"] == "ray.io/v1"
+    spec = job["spec"]
+    for k, v in spec.items():
+        assert k in RAYJOB_SPEC and isinstance(v, RAYJOB_SPEC[k]), k
+    rc = spec["rayClusterSpec"]
+    for k, v in rc.items():
+        assert k in CLUSTER_SPEC and isinstance(v, CLUSTER_SPEC[k]), k
+    assert rc["authOptions"] == {"mode": "token"} and rc["rayVersion"] == "2.60.0"
+    head = rc["headGroupSpec"]
+    assert HEAD_REQUIRED <= set(head) <= HEAD_FIELDS
+    params = head["rayStartParams"]
+    assert all(isinstance(v, str) for v in params.values())  # the CRD's rayStartParams is map[string]string
+    assert params["dashboard-host"] not in ("127.0.0.1", "localhost")  # KubeRay reaches it through the Service
+    assert params["num-cpus"] == "0" and head.get("serviceType", "ClusterIP") == "ClusterIP"  # never exposed outside
+    pods = [head["template"]["spec"]] + [g["template"]["spec"] for g in rc["workerGroupSpecs"]]
+    for g in rc["workerGroupSpecs"]:
+        assert WORKER_REQUIRED <= set(g) <= WORKER_FIELDS
+    for pod in pods:
+        c = pod["containers"][0]
+        assert "command" not in c and "args" not in c  # KubeRay generates the container's `ray start`
+        assert c["image"] == _image()
+        shm = {v["name"] for v in pod["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory"}
+        assert any(m["mountPath"] == "/dev/shm" and m["name"] in shm for m in c["volumeMounts"])
+        claims = [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
+        assert not claims or "PersistentVolumeClaim" in docs  # any PVC it mounts is defined in the file
+        assert pod["serviceAccountName"] in {d["metadata"]["name"] for d in docs.values() if d["kind"] == "ServiceAccount"}
+    assert spec["backoffLimit"] >= 1
+
+
+def test_rayjob_entrypoint_resumes_and_names_files_the_image_has():
+    job, _ = _rayjob()
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[:4] == ["python", "-m", "sparsecse", "sweep"]
+    assert "--resume-if-exists" in argv  # a retried attempt continues the run
+    assert argv[argv.index("--out") + 1].startswith("s3://")
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    workdir = re.search(r"^WORKDIR (\S+)$", dockerfile, re.M).group(1)
+    copied = {m.group(2).rstrip("/") for m in re.finditer(r"^COPY (--\S+ )*\S+ \./(\S+)$", dockerfile, re.M)}
+    config = Path(argv[4])
+    rel = config.relative_to(workdir)
+    assert rel.parts[0] in copied and (REPO / rel).is_file(), config
+    # the sweep config parses (the image carries this checkout's sweeps/)
+    from sparsecse.config import load_config
+
+    load_config(REPO / rel)
+
+
+def test_dockerfile_installs_with_the_readme_command():
+    readme = (REPO / "README.md").read_text()
+    run = re.search(r"^RUN (pip install .+)$", (CLUSTER / "Dockerfile").read_text(), re.M).group(1)
+    # the README's main-job and test commands install with this exact pip command (one source of truth)
+    assert f"&& {run} && SPARSECSE_DATA_DIR" in readme, run
+    assert (CLUSTER / "Dockerfile").read_text().count("FROM rayproject/ray:${RAY_VERSION}-py311") == 1
+    pinned = re.search(r"ARG RAY_VERSION=(\S+)", (CLUSTER / "Dockerfile").read_text()).group(1)
+    assert pinned == _rayjob()[0]["spec"]["rayClusterSpec"]["rayVersion"]
+    image = _image()
+    assert f"docker build -f cluster/Dockerfile -t {image} ." in (CLUSTER / "README.md").read_text()
+
+
+@pytest.mark.parametrize("flag", ["--resume", "--resume-if-exists"])
+def test_sweep_resume_flags_refuse_what_they_cannot_do(tmp_path, flag):
+    import subprocess
+    import sys
+
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x.txt").write_text("not a sweep")
+    r = subprocess.run([sys.executable, "-m", "sparsecse", "sweep", str(REPO / "sweeps" / "quickstart.yaml"), "--out",
+                        str(tmp_path / "other"), flag], capture_output=True, text=True,
+                       env={**os.environ, "SPARSECSE_DATA_DIR": str(tmp_path)})
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert ("holds no sweep" if flag == "--resume" else "already holds something else") in r.stderr
