@@ -77,14 +77,21 @@ def test_driver_killed_then_resume_on_s3_reruns_nothing_finished(tmp_path, tiny_
     proc = subprocess.Popen([sys.executable, "-m", "sparsecse", "sweep", str(cfg), "--out", run, "--data-dir",
                              str(tiny_data_dir)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
-    trained: dict[str, float] = {}  # checkpoint objects of trials that finished training, read before the kill
+    from sparsecse.storage import Storage
+
+    st = Storage(run)
+    finished: dict[str, float] = {}  # checkpoint objects of a trial Tune recorded as done, read before the kill
     deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None and not trained:
+    while time.time() < deadline and proc.poll() is None and not finished:
         keys = s3_keys("killed/tune/")
-        done = {k.split("/")[2] for k in keys if k.endswith("checkpoint_000001/best/manifest.json")}
-        trained = {k: t for k, t in keys.items() if k.split("/")[2] in done and "/checkpoint_" in k}
+        for k in (k for k in keys if k.endswith("/result.json")):
+            recs = [json.loads(x) for x in st.read_bytes(k.split("/", 1)[1]).decode().splitlines()
+                    if x.strip().endswith("}")]
+            if any(r.get("done") for r in recs):  # Tune syncs result.json together with its experiment state
+                trial = k.split("/")[2]
+                finished = {c: t for c, t in keys.items() if c.split("/")[2] == trial and "/checkpoint_" in c}
         time.sleep(0.5)
-    assert trained and proc.poll() is None, "no trial finished training before the sweep ended"
+    assert finished and proc.poll() is None, "no trial finished before the sweep ended"
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started die at once
     proc.wait()
     kill_processes_mentioning(str(ray_tmp))  # its orphaned Ray (never `ray stop`: other Rays may be running)
@@ -92,10 +99,7 @@ def test_driver_killed_then_resume_on_s3_reruns_nothing_finished(tmp_path, tiny_
     r = _sweep(cfg, run, tiny_data_dir, "--resume")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     after = s3_keys("killed/tune/")
-    assert {k: after.get(k) for k in trained} == trained  # finished trials' checkpoints untouched
-    from sparsecse.storage import Storage
-
-    st = Storage(run)
+    assert {k: after.get(k) for k in finished} == finished  # the finished trial's checkpoints are untouched
     assert st.read_json("summary.json")["stage_runs"] == {"train": 1, "score": 1}
     res = st.read_json("results.json")
     assert sorted(t["sparsity"] for t in res["trials"]) == [0.1, 0.2, 0.3]

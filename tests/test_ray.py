@@ -82,8 +82,6 @@ def test_sweep_reports_every_point_once_and_selects_the_dev_argmax(finished_swee
     for t in res["trials"]:
         assert len(list((run / t["checkpoint"]).parent.glob("checkpoint_*"))) == 2, t["trial"]
     assert not (run / "trials").exists()
-    r = finished_sweep[2]
-    assert "snapshotting has been triggered" not in r.stdout + r.stderr
 
 
 def test_crashed_trial_was_retried_from_its_checkpoint(finished_sweep):
