@@ -190,8 +190,7 @@ def export_from_run(source: str, out: str | os.PathLike, pooler: str | None = No
     """A local export of a sweep's run on any storage: its export/ copied, or (no export yet, or another pooler
     asked for) built here from the selected trial's best checkpoint."""
     from .io import verify_manifest
-    from .stages import fetch_model
-    from .storage import Storage, scratch_dir
+    from .storage import Storage, fetch_model, scratch_dir
 
     store = Storage(source)
     if not store.is_file("sweep.json"):

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from .config import STS_TASKS, config_from_dict
-from .storage import Storage, scratch_dir
+from .storage import Storage, fetch_model, scratch_dir
 
 
 def point_name(p: dict) -> str:
@@ -60,15 +60,6 @@ def _fire_once(store: Storage, marker: str) -> bool:
         return False
     store.write_text(f".faults/{marker}", "fired\n")
     return True
-
-
-def fetch_model(store: Storage, rel: str, scratch: Path) -> Path:
-    """Download a saved model directory from the run into scratch and verify it against its manifest."""
-    from .io import verify_manifest
-
-    local = store.download_dir(rel, scratch / rel.replace("/", "_"))
-    verify_manifest(local)
-    return local
 
 
 # --------------------------------------------------------------------------- stage 1: Ray Train worker loop

@@ -217,3 +217,12 @@ def scratch_dir(what: str) -> Iterator[Path]:
         yield d
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+def fetch_model(store: Storage, rel: str, scratch: Path) -> Path:
+    """Download a saved model directory from the run into scratch and verify it against its manifest."""
+    from .io import verify_manifest
+
+    local = store.download_dir(rel, scratch / rel.replace("/", "_"))
+    verify_manifest(local)
+    return local

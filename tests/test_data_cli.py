@@ -79,6 +79,11 @@ def test_cli_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, tiny_mode
     (["sweep", "sweeps/quickstart.yaml", "--set", "sweep.trial_gpus=1", "--out", "o"], "sweep.trial_gpus"),
     (["sweep", "sweeps/quickstart.yaml", "--set", "ray.num_workers=64", "--out", "o"], "ray.num_workers"),
     (["sweep", "sweeps/quickstart.yaml", "--resume", "--out", "o"], "holds no sweep"),
+    (["sweep", "sweeps/quickstart.yaml", "--out", "sweeps/quickstart.yaml"], "--out sweeps/quickstart.yaml: is a file"),
+    (["sweep", "sweeps/quickstart.yaml", "--out", "nosuch://bucket/run"], "--out nosuch://bucket/run: cannot open"),
+    (["sweep", "sweeps/quickstart.yaml", "--set", "train.batch_size=33", "--set", "ray.num_workers=2", "--out", "o",
+      "--address", "127.0.0.1:1"], "not divisible by ray.num_workers=2"),  # checked before joining any cluster
+    (["sweep", "sweeps/quickstart.yaml", "--resume", "--resume-if-exists", "--out", "o"], "pass one"),
 ])
 def test_cli_user_errors(tmp_path, data_dir, args, needle):
     import shutil
@@ -193,3 +198,19 @@ def test_data_fetch_refuses_an_archive_that_writes_outside_the_data_dir(tmp_path
     assert not (tmp_path / "a" / "evil.txt").exists() and not (tmp_path / "evil2.txt").exists()
     assert not (dest / "senteval").exists() and not (dest / "SHA256SUMS").exists()
     assert [p.name for p in dest.iterdir()] == []  # the staging dir is gone too
+
+
+def test_scores_file_with_other_columns_is_refused_in_one_line(tmp_path):
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    bad = tmp_path / "scores.parquet"
+    table = pa.table({"batch": [0], "unit": [0]}).replace_schema_metadata(
+        {"sparsecse": json.dumps({"layers": 1, "heads": 1, "intermediate": 1, "num_batches": 1})})
+    pq.write_table(table, bad)
+    r = run_cli("prune", "--pretrained", "minilm", "--scores", str(bad), "--sparsity", "0.1", "--lam", "0.5",
+                "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "not a sparsecse scores file (missing layer, index, g_align, g_uniform)" in r.stderr
