@@ -83,6 +83,17 @@ def verify_manifest(directory: str | os.PathLike, *, required: bool = True) -> N
             raise SparseCSEError(f"{p}: does not match {mpath} (truncated or modified); re-create {directory}")
 
 
+def replace_dir(tmp: Path, dest: Path) -> None:
+    """Move the complete directory `tmp` (a sibling of `dest`) over `dest`; the old version goes only after."""
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        os.replace(dest, old)
+        os.replace(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, dest)
+
+
 @contextlib.contextmanager
 def atomic_dir(dest: str | os.PathLike, *, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temp dir; on success write its manifest and move it to `dest` in one rename.
@@ -97,13 +108,7 @@ def atomic_dir(dest: str | os.PathLike, *, overwrite: bool = True) -> Iterator[P
     try:
         yield tmp
         write_manifest(tmp)
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            os.replace(dest, old)
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
+        replace_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -173,12 +173,11 @@ def parquet_bytes(flat: list[dict]) -> bytes:
     return buf.getvalue()
 
 
-def render_markdown(title: str, cfg: Config, rows: list[dict], flat: list[dict], baseline: dict,
-                    transfer: dict | None, figures: list[str]) -> str:
+def render_markdown(title: str, cfg: Config, rows: list[dict], flat: list[dict], selected: dict | None,
+                    ctrl: dict | None, baseline: dict, transfer: dict | None, figures: list[str]) -> str:
     """report.md: the paper's Table 1 (baseline, dev-selected SparseCSE, test-selected best per task), the
     over-seeds table, alignment/uniformity, every trial, transfer, figures."""
     tasks = [t for t in cfg.eval.tasks if t in STS_TASKS] + ["avg"]
-    selected, ctrl = select(rows), control(rows)
     failed = sum(x["status"] == "error" for x in flat)
     done = [r for r in rows if not r["error"] and r["metrics"].get("done")]
     trow = [("SimCSE (stage 1, " + cfg.model.name + ")", baseline)]

@@ -123,7 +123,7 @@ def scores_to_bytes(scores: Scores) -> bytes:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    cols = {k: [] for k in ("batch", "unit", "layer", "index", "g_align", "g_uniform")}
+    cols = {k: [] for k in SCORE_COLUMNS}
     for unit, ga, gu in ((HEAD, scores.g_align_head, scores.g_uniform_head),
                          (NEURON, scores.g_align_neuron, scores.g_uniform_neuron)):
         nb, L, n = ga.shape

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 from . import SparseCSEError
-from .io import atomic_write_bytes
+from .io import atomic_write_bytes, replace_dir
 
 _SCHEME_SEP = "://"
 
@@ -87,15 +87,11 @@ class Storage:
 
     # ------------------------------------------------------------------ queries
     def _info(self, rel: str):
-        import pyarrow as pa
-
         try:
             return self.fs.get_file_info(self.path(rel))
         except OSError as e:
             raise SparseCSEError(f"{self.url(rel)}: cannot read ({str(e).splitlines()[0]}); check access to "
                                  "the storage") from None
-        except pa.ArrowException as e:  # pragma: no cover - defensive
-            raise SparseCSEError(f"{self.url(rel)}: {e}") from None
 
     def exists(self, rel: str = "") -> bool:
         import pyarrow.fs as pafs
@@ -165,11 +161,7 @@ class Storage:
             tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
             try:
                 shutil.copytree(local, tmp, dirs_exist_ok=True)
-                old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-                if dest.exists():
-                    os.replace(dest, old)
-                os.replace(tmp, dest)
-                shutil.rmtree(old, ignore_errors=True)
+                replace_dir(tmp, dest)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise

@@ -243,12 +243,11 @@ def evaluate_and_export_stage(run: Run, selected: dict | None) -> tuple[dict, di
     return out[0]["sts"], transfer
 
 
-def report_stage(run: Run, rows: list[dict], baseline: dict, transfer: dict | None) -> dict:
+def report_stage(run: Run, rows: list[dict], selected: dict | None, baseline: dict, transfer: dict | None) -> dict:
     """results.{parquet,json}, figures, report.{md,html}; returns the summary."""
     cfg, store = run.cfg, run.store
     tasks = [t for t in cfg.eval.tasks if t in STS_TASKS] + ["avg"]
     flat = report.results_table(rows, tasks)
-    selected = report.select(rows)
     summary = {"baseline": baseline, "selected": selected, "control": report.control(rows), "num_trials": len(rows),
                "failed": [{"trial": x["trial"], "error": x["error"]} for x in flat if x["status"] == "error"],
                "transfer": transfer, "storage": store.uri,
@@ -259,7 +258,8 @@ def report_stage(run: Run, rows: list[dict], baseline: dict, transfer: dict | No
     figs = report.render_figures(rows, tasks) if done else {}
     for name, png in figs.items():
         store.write_bytes(f"figures/{name}", png)
-    md = report.render_markdown(Path(store.root).name, cfg, rows, flat, baseline, transfer, list(figs))
+    md = report.render_markdown(Path(store.root).name, cfg, rows, flat, selected, summary["control"], baseline,
+                                transfer, list(figs))
     store.write_text("report.md", md)
     store.write_text("report.html", report.render_html(md, figs))
     return summary
@@ -306,7 +306,7 @@ def run_sweep(config_path: str, overrides=None, resume: bool | str = False, addr
         rows = trials_stage(run, scores)
         selected = report.select(rows)
         baseline, transfer = evaluate_and_export_stage(run, selected)
-        summary = report_stage(run, rows, baseline, transfer)
+        summary = report_stage(run, rows, selected, baseline, transfer)
         state.timings["total_s"] = time.perf_counter() - t_start
         state.summary = summary
         run.save()
