@@ -1,5 +1,5 @@
 """A cluster is more than one disk: storage URIs, and a two-node Ray cluster whose worker node cannot see the
-driver's files (its `ray start` runs in its own mount namespace with a private tmpfs over /tmp).
+driver's files (its `ray start` runs in its own mount namespace with private tmpfs over the driver's temp dirs).
 
 What both nodes share is only what a real cluster shares: the network (127.0.0.1 here), the S3 endpoint (moto),
 and the inputs every node is given (the model and data dir, under /var/tmp, as an image or an NFS mount would).
@@ -70,10 +70,11 @@ def node_inputs(tiny_model_dir, tiny_data_dir):
 
 
 @pytest.fixture(scope="module")
-def private_tmp_cluster(node_inputs, s3):
-    """Head: `ray start --head` on this machine. Worker: `ray start --address` inside `unshare -m` with a fresh
-    tmpfs over /tmp, so it sees neither the driver's /tmp (pytest's tmp dirs, the head's Ray session) nor anything
-    the driver writes there. 1 CPU each, token auth, every port on 127.0.0.1 chosen free."""
+def private_tmp_cluster(node_inputs, s3, tmp_path_factory):
+    """Head: `ray start --head` on this machine. Worker: `ray start --address` inside `unshare -m` with fresh tmpfs
+    mounts over the driver's temp dirs (pytest's base temp, where every run dir and the job's cwd live, and the head's
+    Ray session), so it sees nothing the driver writes there — while the Python environment, wherever the checkout
+    is, stays visible as it would be in a node's image. 1 CPU each, token auth, every port on 127.0.0.1 chosen free."""
     token = node_inputs / "auth_token"
     token.write_text(secrets.token_hex(32))
     env = {**os.environ, **s3.env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
@@ -89,7 +90,9 @@ def private_tmp_cluster(node_inputs, s3):
             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
             f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
             f"--temp-dir={head_tmp}", "--disable-usage-stats")
-        run("unshare", "-m", "sh", "-c", 'mount -t tmpfs tmpfs /tmp && exec "$0" "$@"', RAY_BIN, "start",
+        hidden = [str(tmp_path_factory.getbasetemp()), head_tmp]
+        run("unshare", "-m", "sh", "-c", 'mount -t tmpfs tmpfs "$1" && mount -t tmpfs tmpfs "$2" && shift 2 && '
+            'exec "$@"', "sh", *hidden, RAY_BIN, "start",
             f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
             f"--node-manager-port={wport}", f"--dashboard-agent-listen-port={free_port()}",
             f"--temp-dir={worker_tmp}")
@@ -100,6 +103,7 @@ def private_tmp_cluster(node_inputs, s3):
         kill_processes_mentioning(head_tmp)
         kill_processes_mentioning(worker_tmp)
         shutil.rmtree(head_tmp, ignore_errors=True)
+        shutil.rmtree(worker_tmp, ignore_errors=True)
 
 
 def test_worker_node_really_has_a_private_tmp(private_tmp_cluster, tmp_path):
