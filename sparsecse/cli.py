@@ -109,7 +109,7 @@ def cmd_score(a) -> int:
     enc = load_encoder(a.model)
     pairs = load_stsb(data_dir, a.split)
     scores = compute_scores(enc, pairs, batch_size=a.batch_size, max_pairs=a.max_pairs, seed=a.seed,
-                            pooler=a.pooler or (getattr(enc, "meta", {}) or {}).get("eval_pooler", "cls_before_pooler"),
+                            pooler=a.pooler or enc.meta.get("eval_pooler", "cls_before_pooler"),
                             progress=True)
     save_scores(scores, a.out)
     print(f"scored {scores.meta['num_batches']} batches -> {a.out}")

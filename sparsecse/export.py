@@ -144,7 +144,7 @@ def export_model(source: str | Encoder, out: str | os.PathLike, pooler: str | No
     enc = load_encoder(source) if isinstance(source, str) else source
     if enc.physical:
         raise SparseCSEError(f"{source}: is already physically pruned; export the masked checkpoint instead")
-    meta = {**(getattr(enc, "meta", None) or {}), **(meta or {})}
+    meta = {**enc.meta, **(meta or {})}
     meta.pop("config", None)
     pooler = pooler or meta.get("eval_pooler") or "cls_before_pooler"
     dense = copy.deepcopy(enc).cpu().eval()

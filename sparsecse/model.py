@@ -22,6 +22,7 @@ from torch import nn
 
 from . import SparseCSEError, __version__
 from .io import atomic_dir, verify_manifest
+from .packed import packed_forward, supports, why_not
 
 POOLERS = ("cls", "cls_before_pooler", "avg")
 META_FILE = "sparsecse.json"
@@ -108,7 +109,8 @@ class _NeuronMaskHook:
 class Encoder(nn.Module):
     """backbone + pooler; `forward(input_ids, attention_mask) -> (B, D)` sentence embeddings."""
 
-    def __init__(self, backbone: nn.Module, tokenizer, pooler: str = "cls", source: str = ""):
+    def __init__(self, backbone: nn.Module, tokenizer, pooler: str = "cls", source: str = "",
+                 meta: dict | None = None, packed: bool | None = None):
         super().__init__()
         if pooler not in POOLERS:
             raise SparseCSEError(f"pooler {pooler!r}: choose one of {', '.join(POOLERS)}")
@@ -116,6 +118,7 @@ class Encoder(nn.Module):
         self.tokenizer = tokenizer
         self.pooler = pooler
         self.source = source
+        self.meta = dict(meta or {})  # sparsecse.json of the checkpoint it was loaded from ({} for a plain backbone)
         cfg = backbone.config
         self.adapter = adapter_for(cfg)
         hidden = cfg.hidden_size
@@ -127,7 +130,7 @@ class Encoder(nn.Module):
             self.mlp[0].bias.zero_()
         self.layers = list(self.adapter.get(backbone, "layers"))
         self.physical = getattr(cfg, "heads_per_layer", None) is not None
-        self.packed = True  # padding-free forward (see _packed_forward); False runs the backbone's own forward
+        self.packed = supports(backbone, self.adapter) if packed is None else packed
         self._hooks = []
         if not self.physical:
             L, H, inter = len(self.layers), cfg.num_attention_heads, cfg.intermediate_size
@@ -140,6 +143,18 @@ class Encoder(nn.Module):
         for li, layer in enumerate(self.layers):
             self._hooks.append(self.adapter.get(layer, "attn_out").register_forward_pre_hook(_HeadMaskHook(self, li)))
             self._hooks.append(self.adapter.get(layer, "intermediate").register_forward_hook(_NeuronMaskHook(self, li)))
+
+    @property
+    def packed(self) -> bool:
+        """Whether forward runs padding-free (sparsecse/packed.py) or through the backbone's own forward."""
+        return self._packed
+
+    @packed.setter
+    def packed(self, on: bool) -> None:
+        reason = why_not(self.backbone, self.adapter) if on else None
+        if reason:
+            raise SparseCSEError(f"the padding-free forward does not support this backbone: {reason}")
+        self._packed = bool(on)
 
     @property
     def num_layers(self) -> int:
@@ -173,8 +188,8 @@ class Encoder(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooler: str | None = None) -> torch.Tensor:
         pooler = pooler or self.pooler
-        if self.packed:
-            out = self._packed_forward(input_ids, attention_mask, cls_only=pooler != "avg")
+        if self._packed:
+            out = packed_forward(self.backbone, self.adapter, input_ids, attention_mask, cls_only=pooler != "avg")
             if pooler != "avg":
                 return self.mlp(out) if pooler == "cls" else out
         else:
@@ -184,58 +199,6 @@ class Encoder(nn.Module):
             return (out * m).sum(1) / m.sum(1)
         cls = out[:, 0]
         return self.mlp(cls) if pooler == "cls" else cls
-
-    def _packed_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cls_only: bool) -> torch.Tensor:
-        """The backbone's encoder on real tokens only; returns CLS states (B, D) or, for avg, padded (B, T, D).
-
-        The same modules and weights as `backbone(...)` (mask hooks included), but the per-token work — Q/K/V and
-        output projections, FFN, LayerNorms — runs on the N real tokens instead of B·T padded slots, and with
-        `cls_only` the last layer computes its query, output projection and FFN for the CLS token alone (nothing
-        else reaches a CLS pooler). Only attention itself sees the padded (B, heads, T, d) layout. Equal to the
-        padded forward up to float rounding (tested), and to dropout's random draws.
-        """
-        import torch.nn.functional as F
-
-        B, T = input_ids.shape
-        valid = attention_mask.bool()
-        idx = valid.reshape(-1).nonzero().squeeze(1)  # packed slot -> flat padded position
-        lengths = valid.sum(1)
-        starts = torch.cumsum(lengths, 0) - lengths  # packed index of each sentence's first (CLS) token
-        x = self.backbone.embeddings(input_ids=input_ids)  # (B, T, D): word + position + type, LayerNorm, dropout
-        D = x.shape[-1]
-        x = x.reshape(B * T, D).index_select(0, idx)  # (N, D)
-        key_mask = valid[:, None, None, :]  # (B, 1, 1, T): attend to real tokens only
-        ad = self.adapter
-
-        for li, layer in enumerate(self.layers):
-            sa = ad.get(layer, "attn_self")
-            last = cls_only and li == len(self.layers) - 1
-            if not hasattr(sa, "query"):  # a physically pruned layer with no heads left: empty context
-                x = x.index_select(0, starts) if last else x
-                a = ad.get(layer, "attn_output")(x.new_zeros(x.shape[0], 0), x)
-                x = ad.get(layer, "ffn_output")(ad.get(layer, "intermediate")(a), a)
-                continue
-            nh, d = sa.num_attention_heads, sa.attention_head_size
-
-            def padded(t: torch.Tensor) -> torch.Tensor:  # (N, nh·d) -> (B, nh, T, d), zeros at padding
-                buf = t.new_zeros(B * T, t.shape[-1]).index_copy(0, idx, t)
-                return buf.view(B, T, nh, d).transpose(1, 2)
-
-            k, v = padded(sa.key(x)), padded(sa.value(x))  # every real token is a key/value
-            if last:
-                x = x.index_select(0, starts)  # (B, D): from here on, the residual stream of CLS only
-                q = sa.query(x).view(B, 1, nh, d).transpose(1, 2)
-            else:
-                q = padded(sa.query(x))
-            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, scale=sa.scaling,
-                                                 dropout_p=sa.dropout.p if sa.training else 0.0)
-            ctx = ctx.transpose(1, 2).reshape(B, -1, nh * d)  # (B, T or 1, nh·d)
-            ctx = ctx[:, 0] if last else ctx.reshape(B * T, nh * d).index_select(0, idx)
-            a = ad.get(layer, "attn_output")(ctx, x)
-            x = ad.get(layer, "ffn_output")(ad.get(layer, "intermediate")(a), a)
-        if cls_only:
-            return x
-        return x.new_zeros(B * T, D).index_copy(0, idx, x).view(B, T, D)
 
     def tokenize(self, sentences: list[str], max_len: int | None = None) -> dict:
         enc = self.tokenizer(sentences, padding=True, truncation=True,
@@ -287,7 +250,7 @@ def load_encoder(name_or_path: str, pooler: str | None = None, dropout: float | 
     else:
         backbone, tokenizer = _load_backbone(path, dropout=dropout)
     enc = Encoder(backbone, tokenizer, pooler=pooler or meta.get("pooler", "cls"),
-                  source=meta.get("source", name_or_path))
+                  source=meta.get("source", name_or_path), meta=meta)
     extra = p / EXTRA_FILE
     if extra.is_file():
         from safetensors.torch import load_file
@@ -298,7 +261,6 @@ def load_encoder(name_or_path: str, pooler: str | None = None, dropout: float | 
             enc.mlp[0].bias.copy_(tensors["mlp.bias"])
         if not enc.physical and "head_mask" in tensors:
             enc.set_masks(tensors["head_mask"], tensors["neuron_mask"])
-    enc.meta = meta
     return enc
 
 

@@ -107,7 +107,7 @@ def compute_scores(enc: Encoder, pairs: Pairs, batch_size: int = 64, threshold: 
     enc.train(was_training)
     L, H = enc.head_mask.shape
     meta = {"model_fingerprint": weights_fingerprint(enc), "data_fingerprint": data_fingerprint(pairs),
-            "init_fingerprint": (getattr(enc, "meta", None) or {}).get("init_fingerprint"),
+            "init_fingerprint": enc.meta.get("init_fingerprint"),
             "batch_size": batch_size, "seed": seed, "threshold": threshold, "max_pairs": max_pairs,
             "num_batches": len(batches), "backbone": enc.source, "pooler": pooler or enc.pooler,
             "layers": int(L), "heads": int(H), "intermediate": int(enc.neuron_mask.shape[1]),

@@ -116,3 +116,30 @@ def test_packed_forward_on_a_physically_pruned_model(tiny, pooler):
     torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
     tiny.eval()
     torch.testing.assert_close(y1, tiny(ids, att, pooler).detach(), rtol=1e-4, atol=1e-5)  # = the masked model
+
+
+def test_backbones_it_does_not_handle_fall_back_to_their_own_forward(tiny):
+    """A layer class the packed forward does not reimplement runs the backbone's own forward, with the same
+    outputs; asking for the packed forward on it is a clear error, not a silent wrong answer."""
+    import copy
+
+    from sparsecse import SparseCSEError
+    from sparsecse.packed import why_not
+
+    assert tiny.packed and why_not(tiny.backbone, tiny.adapter) is None
+    bb = copy.deepcopy(tiny.backbone).eval()
+    layer = bb.encoder.layer[1]
+    layer.__class__ = type("MyLayer", (type(layer),), {})  # e.g. a user's subclass with its own forward
+    enc = Encoder(bb, tiny.tokenizer, pooler="avg")
+    assert not enc.packed and "MyLayer" in why_not(bb, enc.adapter)
+    ids, att = _batch(tiny)
+    tiny.eval()
+    torch.testing.assert_close(enc(ids, att), tiny(ids, att, "avg"), rtol=1e-5, atol=1e-5)
+    with pytest.raises(SparseCSEError, match="padding-free forward does not support.*MyLayer"):
+        enc.packed = True
+    chunked = copy.deepcopy(tiny.backbone)
+    chunked.config.chunk_size_feed_forward = 4
+    assert "chunked" in why_not(chunked, enc.adapter)
+    decoder = copy.deepcopy(tiny.backbone)
+    decoder.config.is_decoder = True
+    assert not Encoder(decoder, tiny.tokenizer).packed
