@@ -1,4 +1,4 @@
-"""`sparsecse` command line: train, eval, score, prune, export, sweep, data fetch, bench.
+"""`sparsecse` command line: train, eval, score, prune, export, sweep, data fetch.
 
 Every user error is one line on stderr and exit code 2 (no traceback).
 """
@@ -196,13 +196,6 @@ def cmd_fetch(a) -> int:
     return 0
 
 
-def cmd_bench(a) -> int:
-    from .bench import run_bench
-
-    run_bench(a)
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sparsecse", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"sparsecse {__version__}")
@@ -277,21 +270,6 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--quiet", action="store_true")
     f.set_defaults(fn=cmd_fetch)
 
-    b = sub.add_parser("bench", help="benchmarks against peers (writes BENCHMARKS rows)")
-    b.add_argument("which", nargs="+", choices=["train", "eval", "inference", "sweep", "all"])
-    b.add_argument("--data-dir")
-    b.add_argument("--reps", type=int, default=5)
-    b.add_argument("--warmup", type=int, default=1, help="untimed runs of each arm first (eval, train, inference rows)")
-    b.add_argument("--out", default="bench-results")
-    b.add_argument("--threads", type=int)
-    b.add_argument("--tasks", nargs="+", default=list(STS_TASKS), help="STS tasks for the eval row")
-    b.add_argument("--run", default="runs/quickstart", help="finished sweep directory for the sweep row")
-    b.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="train and eval rows: where to run")
-    b.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                   help="train row: the forward under bf16 autocast (ours and the peer)")
-    b.add_argument("--before", action="store_true",
-                   help="eval row: also time our evaluator with the padded forward (before/after profiling)")
-    b.set_defaults(fn=cmd_bench)
     return p
 
 

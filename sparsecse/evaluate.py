@@ -20,25 +20,14 @@ SHORT = {"STS12": "STS12", "STS13": "STS13", "STS14": "STS14", "STS15": "STS15",
          "STSBenchmark": "STS-B", "SICKRelatedness": "SICK-R"}
 
 
-def rankdata(x: np.ndarray) -> np.ndarray:
-    """Average ranks (1-based), ties share the mean rank."""
-    x = np.asarray(x, dtype=np.float64)
-    order = np.argsort(x, kind="mergesort")
-    xs = x[order]
-    ranks = np.empty(len(x), dtype=np.float64)
-    bounds = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1], True])
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        ranks[order[a:b]] = (a + b + 1) / 2.0
-    return ranks
-
-
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    """Spearman's ρ: Pearson correlation of average ranks."""
-    rx, ry = rankdata(x), rankdata(y)
-    rx -= rx.mean()
-    ry -= ry.mean()
-    denom = np.sqrt((rx * rx).sum() * (ry * ry).sum())
-    return float((rx * ry).sum() / denom) if denom > 0 else float("nan")
+    """Spearman's ρ (average ranks for ties) by scipy, as SentEval computes it; nan for a constant input."""
+    from scipy.stats import spearmanr
+
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan")
+    return float(spearmanr(x, y).correlation)
 
 
 def aggregate_all(sys_by_subset: dict[str, np.ndarray], gold_by_subset: dict[str, np.ndarray]) -> float:

@@ -1,4 +1,4 @@
-"""`sparsecse bench` rows run end to end at toy sizes (the real rows are in BENCHMARKS.md, not in CI's pass/fail):
+"""`python -m benchmarks.bench` rows run end to end at toy sizes (the real rows are in BENCHMARKS.md, not in CI's pass/fail):
 every arm runs, figures are finite and positive, and the peers compute the same STS numbers as ours."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from sparsecse import bench
+from benchmarks import bench
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""`sparsecse bench` without the heavy rows: the sweep-efficiency arithmetic on synthetic run directories with known
+"""`python -m benchmarks.bench` without the heavy rows: the sweep-efficiency arithmetic on synthetic run directories with known
 trial times (overhead against Σ/concurrency, the packing the grid forces, what is left for Ray/Tune), and the
 CLI's refusals."""
 
@@ -8,8 +8,7 @@ import json
 
 import pytest
 
-from sparsecse import bench
-from sparsecse.cli import main
+from benchmarks import bench
 
 
 def fake_run(root, durations, starts, tune_s, conc=2):
@@ -46,7 +45,7 @@ def test_bench_sweep_separates_packing_from_ray_overhead(tmp_path):
 
 def test_bench_sweep_cli_refuses_a_directory_that_is_no_sweep(tmp_path, capsys):
     (tmp_path / "notasweep").mkdir()
-    rc = main(["bench", "sweep", "--run", str(tmp_path / "notasweep"), "--out", str(tmp_path / "out")])
+    rc = bench.main(["sweep", "--run", str(tmp_path / "notasweep"), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "not a finished sweep" in err and "notasweep" in err
     assert not (tmp_path / "out" / "sweep.json").exists()
@@ -56,7 +55,7 @@ def test_bench_cli_refuses_cuda_where_there_is_none(tmp_path, capsys, monkeypatc
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    rc = main(["bench", "train", "--device", "cuda", "--out", str(tmp_path / "out")])
+    rc = bench.main(["train", "--device", "cuda", "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "--device cuda" in err and "no CUDA GPU" in err
     assert not (tmp_path / "out").exists()
@@ -64,7 +63,7 @@ def test_bench_cli_refuses_cuda_where_there_is_none(tmp_path, capsys, monkeypatc
 
 def test_bench_sweep_cli_prints_the_benchmarks_row_and_writes_json(tmp_path, capsys):
     run = fake_run(tmp_path / "run", [100] * 5, [0, 1, 101, 102, 202], tune_s=310.0)
-    assert main(["bench", "sweep", "--run", str(run), "--out", str(tmp_path / "out")]) == 0
+    assert bench.main(["sweep", "--run", str(run), "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert "| 5 | 310.0 s | 500.0 s | 250.0 s | 300.0 s | 24.0 % | 20.0 % | 3.3 % | 1 / 1 |" in out
     saved = json.loads((tmp_path / "out" / "sweep.json").read_text())

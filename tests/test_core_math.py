@@ -36,12 +36,11 @@ def test_alignment_and_uniformity_equal_brute_force():
     assert torch.allclose(uniformity(x), torch.stack(terms).mean().log(), atol=1e-6)
 
 
-def test_spearman_matches_scipy_with_ties():
-    rng = np.random.default_rng(0)
-    for _ in range(20):
-        x = rng.integers(0, 6, size=50).astype(float)  # many ties
-        y = x + rng.normal(size=50)
-        assert spearman(x, y) == pytest.approx(stats.spearmanr(x, y).correlation, abs=1e-12)
+def test_spearman_uses_average_ranks_for_ties_and_is_nan_for_a_constant_input():
+    # ranks x = [1, 2.5, 2.5, 4], y = [1, 3, 2, 4]: ρ = 4.5 / sqrt(4.5 · 5), worked by hand
+    assert spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(4.5 / np.sqrt(22.5), abs=1e-12)
+    assert spearman([3, 2, 1], [1, 2, 3]) == pytest.approx(-1.0)
+    assert np.isnan(spearman([1, 1, 1], [1, 2, 3]))
 
 
 def test_all_aggregation_is_one_spearman_over_concatenated_subsets():

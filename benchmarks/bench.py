@@ -1,4 +1,4 @@
-"""`sparsecse bench`: speed against a peer measured in the same run, A/B alternating, median of N after warm-up.
+"""`python -m benchmarks.bench ROW…` (from the repository root, after `pip install -e '.[bench]'`): speed against a peer measured in the same run, A/B alternating, median of N after warm-up.
 
 Rows: train (ours vs sentence-transformers' SimCSE recipe, MNRL on [s, s]), eval (ours vs a straightforward
 SentEval-protocol evaluation encoding each subset on its own), inference (physically pruned export vs dense),
@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .io import atomic_write_json
+from sparsecse import SparseCSEError
+from sparsecse.io import atomic_write_json
 
 
 def machine() -> str:
@@ -47,18 +48,16 @@ def matmul_peak_gflops(n: int | None = None, reps: int = 5, device: str = "cpu",
     return 2 * n ** 3 / min(ts) / 1e9
 
 
-def ab(fa, fb, reps: int) -> tuple[list[float], list[float]]:
+def ab(fa, fb, reps: int, warmup: int = 1) -> tuple[list[float], list[float]]:
     """A and B alternating `reps` times after the warm-up; returns the two lists of timings/figures."""
-    r = abn({"a": fa, "b": fb}, reps)
+    r = abn({"a": fa, "b": fb}, reps, warmup)
     return r["a"], r["b"]
 
 
-WARMUP = 1  # runs of each arm discarded before timing (`--warmup`; 0 for rows whose single run takes minutes)
-
-
-def abn(arms: dict, reps: int) -> dict[str, list[float]]:
-    """Like `ab` for any number of arms: WARMUP rounds, then `reps` rounds running every arm once per round."""
-    for _ in range(WARMUP):
+def abn(arms: dict, reps: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Like `ab` for any number of arms: `warmup` untimed rounds (0 for rows whose single run takes minutes),
+    then `reps` rounds running every arm once per round."""
+    for _ in range(warmup):
         for f in arms.values():
             f()
     out = {k: [] for k in arms}
@@ -85,7 +84,7 @@ def train_flops_per_step(cfg, batch_tokens: int, seq: int) -> float:
 
 
 def bench_train(data_dir: Path, reps: int, steps: int = 3, batch: int = 64, max_len: int = 32, device: str = "cpu",
-                precision: str = "fp32") -> dict:
+                precision: str = "fp32", warmup: int = 1) -> dict:
     """Three arms, alternating: ours (train.py's step: padding-free forward, fused AdamW), ours as it was before
     profiling (the backbone's padded forward, foreach AdamW), and the sentence-transformers peer; all on `device`,
     the forward under bf16 autocast when precision="bf16" (the peer's too)."""
@@ -93,9 +92,9 @@ def bench_train(data_dir: Path, reps: int, steps: int = 3, batch: int = 64, max_
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
     from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
 
-    from .data import collate
-    from .model import default_model_path, load_encoder
-    from .train import make_optimizer, simcse_loss
+    from sparsecse.data import collate
+    from sparsecse.model import default_model_path, load_encoder
+    from sparsecse.train import make_optimizer, simcse_loss
 
     sents = _sentences(data_dir, batch * steps)
     batches = [sents[i * batch:(i + 1) * batch] for i in range(steps)]
@@ -144,7 +143,7 @@ def bench_train(data_dir: Path, reps: int, steps: int = 3, batch: int = 64, max_
         sync(device)
         return time.perf_counter() - t0
 
-    arms = abn({"ours": ours_arm(True), "ours_before": ours_arm(False), "peer": peer}, reps)
+    arms = abn({"ours": ours_arm(True), "ours_before": ours_arm(False), "peer": peer}, reps, warmup)
     enc.packed = True
     med = {k: statistics.median(v) for k, v in arms.items()}
     n = batch * steps
@@ -174,7 +173,7 @@ def eval_token_work(enc, data_dir: Path, tasks: tuple[str, ...]) -> dict:
     """How much the two eval arms must compute: token slots through the encoder. The peer encodes both sides of
     every pair, padded to the longest in its 64-pair batch; ours encodes each unique sentence once, real tokens
     only. Their ratio bounds the speed-up either arm can get at equal GFLOP/s (attention aside)."""
-    from .data import load_sts_task
+    from sparsecse.data import load_sts_task
 
     pairs = [p for t in tasks for p in load_sts_task(data_dir, t).values()]
     sents = list(dict.fromkeys(x for p in pairs for x in (*p.s1, *p.s2)))
@@ -196,13 +195,14 @@ def eval_token_work(enc, data_dir: Path, tasks: tuple[str, ...]) -> dict:
             "flops_peer": peer_flops, "flops_ours": ours_flops}
 
 
-def bench_eval(data_dir: Path, reps: int, tasks: tuple[str, ...], before: bool = False, device: str = "cpu") -> dict:
+def bench_eval(data_dir: Path, reps: int, tasks: tuple[str, ...], before: bool = False, device: str = "cpu",
+               warmup: int = 1) -> dict:
     """Ours (every unique sentence once, length-sorted, padding-free forward) vs the SentEval protocol run the
     straightforward way (each subset on its own, the model's own padded forward, as SimCSE's evaluation does);
     `before` adds our evaluator with the padded forward."""
-    from .data import load_sts_task
-    from .evaluate import aggregate_all, evaluate_sts
-    from .model import load_encoder
+    from sparsecse.data import load_sts_task
+    from sparsecse.evaluate import aggregate_all, evaluate_sts
+    from sparsecse.model import load_encoder
 
     enc = load_encoder("minilm", pooler="avg").to(device).eval()
     res = {}
@@ -244,7 +244,7 @@ def bench_eval(data_dir: Path, reps: int, tasks: tuple[str, ...], before: bool =
     arms = {"ours": ours_arm(True, "ours"), "peer": senteval_style}
     if before:
         arms["ours_before"] = ours_arm(False, "ours_before")
-    t = abn(arms, reps)
+    t = abn(arms, reps, warmup)
     enc.packed = True
     med = {k: statistics.median(v) for k, v in t.items()}
     diff = max(abs(res[k][task] - res["peer"][task]) for task in tasks for k in res if k != "peer")
@@ -256,11 +256,12 @@ def bench_eval(data_dir: Path, reps: int, tasks: tuple[str, ...], before: bool =
             "matmul_peak_gflops": matmul_peak_gflops(device=device), **{k: v for k, v in res.items()}, **{f"{k}_all": v for k, v in t.items()}}
 
 
-def bench_inference(data_dir: Path, reps: int, sparsities=(0.1, 0.3, 0.5), n: int = 512, work: Path | None = None) -> dict:
-    from .evaluate import encode
-    from .export import export_model
-    from .model import load_encoder
-    from .prune import rewind, select_masks
+def bench_inference(data_dir: Path, reps: int, sparsities=(0.1, 0.3, 0.5), n: int = 512, work: Path | None = None,
+                    warmup: int = 1) -> dict:
+    from sparsecse.evaluate import encode
+    from sparsecse.export import export_model
+    from sparsecse.model import load_encoder
+    from sparsecse.prune import rewind, select_masks
 
     sents = _sentences(data_dir, n)
     dense = load_encoder("minilm", pooler="cls_before_pooler").eval()
@@ -282,7 +283,7 @@ def bench_inference(data_dir: Path, reps: int, sparsities=(0.1, 0.3, 0.5), n: in
                 return time.perf_counter() - t0
             return f
 
-        a, b = ab(run(pruned), run(dense), reps)
+        a, b = ab(run(pruned), run(dense), reps, warmup)
         out["points"].append({"sparsity": s, "pruned_sent_s": n / statistics.median(a), "dense_sent_s": n / statistics.median(b),
                               "speedup": statistics.median(b) / statistics.median(a),
                               "params_pruned": sum(p.numel() for p in pruned.backbone.parameters()),
@@ -306,8 +307,6 @@ def bench_sweep(run: Path) -> dict:
     schedule_s = the makespan of the same trials, in the order they started, on `concurrency` slots with no gaps —
     the best any scheduler could do with the grid as given. overhead = wall ÷ ideal − 1; ray_overhead =
     wall ÷ schedule − 1 isolates what Ray/Tune themselves cost (process start, reporting, checkpoint syncing)."""
-    from . import SparseCSEError
-
     if not (run / "summary.json").is_file() or not (run / "sweep.json").is_file():
         raise SparseCSEError(f"--run {run}: not a finished sweep (summary.json/sweep.json missing); "
                              "point it at the --out directory of a completed `sparsecse sweep`")
@@ -369,40 +368,78 @@ def markdown(r: dict) -> str:
     return "\n".join(head + rows)
 
 
-def run_bench(a) -> None:
+def build_parser():
+    import argparse
+
+    from sparsecse.config import STS_TASKS
+
+    b = argparse.ArgumentParser(prog="python -m benchmarks.bench",
+                                description="benchmarks against peers measured in the same run (BENCHMARKS.md rows)")
+    b.add_argument("which", nargs="+", choices=["train", "eval", "inference", "sweep", "all"])
+    b.add_argument("--data-dir")
+    b.add_argument("--reps", type=int, default=5)
+    b.add_argument("--warmup", type=int, default=1, help="untimed runs of each arm first (eval, train, inference rows)")
+    b.add_argument("--out", default="bench-results")
+    b.add_argument("--threads", type=int)
+    b.add_argument("--tasks", nargs="+", default=list(STS_TASKS), help="STS tasks for the eval row")
+    b.add_argument("--run", default="runs/quickstart", help="finished sweep directory for the sweep row")
+    b.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="train and eval rows: where to run")
+    b.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="train row: the forward under bf16 autocast (ours and the peer)")
+    b.add_argument("--before", action="store_true",
+                   help="eval row: also time our evaluator with the padded forward (before/after profiling)")
+    return b
+
+
+def run_bench(a, argv: list[str]) -> None:
     import shlex
-    import sys
 
-    from . import SparseCSEError
-    from .data import resolve_data_dir
+    from sparsecse.data import resolve_data_dir
 
-    global WARMUP
     if a.device == "cuda" and not torch.cuda.is_available():
         raise SparseCSEError("--device cuda: no CUDA GPU is visible to torch here; drop --device or run on a GPU "
                              "machine with a CUDA build of torch")
     if a.precision == "bf16" and a.device == "cpu" and not getattr(torch.backends.cpu, "get_cpu_capability",
                                                                    lambda: "")().startswith("AVX512"):
-        print("sparsecse bench: note: bf16 on a CPU without AVX-512/AMX runs emulated and slower than fp32")
+        print("bench: note: bf16 on a CPU without AVX-512/AMX runs emulated and slower than fp32")
     if a.threads:
         torch.set_num_threads(a.threads)
-    WARMUP = a.warmup
     which = {"train", "eval", "inference", "sweep"} if "all" in a.which else set(a.which)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     data_dir = resolve_data_dir(a.data_dir) if which - {"sweep"} else None
-    header = {"date": str(date.today()), "machine": machine(), "reps": a.reps, "warmup": a.warmup}
+    header = {"date": str(date.today()), "machine": machine(), "reps": a.reps, "warmup": a.warmup,
+              "command": "python -m benchmarks.bench " + shlex.join(argv)}
     for row in ("train", "eval", "inference", "sweep"):
         if row not in which:
             continue
         if row == "train":
-            r = bench_train(data_dir, a.reps, device=a.device, precision=a.precision)
+            r = bench_train(data_dir, a.reps, device=a.device, precision=a.precision, warmup=a.warmup)
         elif row == "eval":
-            r = bench_eval(data_dir, a.reps, tuple(a.tasks), before=a.before, device=a.device)
+            r = bench_eval(data_dir, a.reps, tuple(a.tasks), before=a.before, device=a.device, warmup=a.warmup)
         elif row == "inference":
-            r = bench_inference(data_dir, a.reps, work=out / "inference")
+            r = bench_inference(data_dir, a.reps, work=out / "inference", warmup=a.warmup)
         else:
             r = bench_sweep(Path(a.run))
-        r.update(header, command="sparsecse " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "")
+        r.update(header)
         atomic_write_json(out / f"{row}.json", r)
         print(markdown(r))
         print(f"(every repetition: {out / (row + '.json')})\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Bad input is one line on stderr and exit 2, as in the `sparsecse` CLI."""
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    a = build_parser().parse_args(argv)
+    try:
+        run_bench(a, argv)
+    except SparseCSEError as e:
+        print(f"bench: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
