@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from . import SparseCSEError, TrialsFailed, __version__
-from .config import STS_TASKS, TRANSFER_TASKS
+from .config import POOLERS, STS_TASKS, TRANSFER_TASKS
 
 
 def _tasks(spec: list[str] | None) -> tuple[list[str], list[str]]:
@@ -70,7 +70,8 @@ def cmd_eval(a) -> int:
     import numpy as np
 
     from .data import resolve_data_dir
-    from .evaluate import format_table, evaluate_sts
+    from .evaluate import evaluate_sts
+    from .tables import task_table
     from .io import atomic_write_json
     from .model import load_encoder
 
@@ -81,14 +82,14 @@ def cmd_eval(a) -> int:
     results: dict[str, float] = {}
     if sts:
         r = evaluate_sts(enc, data_dir, tasks=tuple(sts), batch_size=a.batch_size, pooler=a.pooler, progress=True)
-        print(format_table(r, tuple(sts), title=f"{a.model} ({a.pooler or enc.pooler})"))
+        print(task_table(r, sts, title=f"{a.model} ({a.pooler or enc.pooler})"))
         results.update({t: r[t] for t in sts})
         results["avg"] = r["avg"]
     if transfer:
-        from .transfer import evaluate_transfer, format_transfer_table
+        from .transfer import evaluate_transfer
 
         tr = evaluate_transfer(enc, data_dir, tasks=tuple(transfer), pooler=a.pooler, progress=True)
-        print(format_transfer_table(tr, tuple(transfer)))
+        print(task_table(tr, transfer))
         results.update({k: v for k, v in tr.items()})
         if not sts:
             results["avg"] = float(np.mean([tr[t] for t in transfer]))
@@ -200,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sparsecse", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"sparsecse {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
-    poolers = ["cls", "cls_before_pooler", "avg"]
+    poolers = list(POOLERS)
 
     t = sub.add_parser("train", help="train unsupervised SimCSE")
     t.add_argument("--config", required=True)

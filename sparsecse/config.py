@@ -18,6 +18,8 @@ import yaml
 from . import SparseCSEError
 
 Pooler = Literal["cls", "cls_before_pooler", "avg"]
+POOLERS: tuple[str, ...] = get_args(Pooler)
+Precision = Literal["fp32", "bf16"]
 STS_TASKS = ("STS12", "STS13", "STS14", "STS15", "STS16", "STSBenchmark", "SICKRelatedness")
 TRANSFER_TASKS = ("MR", "CR", "SUBJ", "MPQA", "SST2", "TREC", "MRPC")
 # The paper's grid (§3.1): sparsity 0 (rewound SimCSE control), 1..10 %, 20..50 %; λ ∈ {0.25, 0.5, 0.75}.
@@ -64,11 +66,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     dropout: float | None = None  # None keeps the backbone's own dropout
     threads: int | None = None
-    precision: str = "fp32"  # "bf16": the forward under bfloat16 autocast (GPUs; CPUs with AMX/AVX-512-bf16)
+    precision: Precision = "fp32"  # "bf16": the forward under bfloat16 autocast (GPUs; CPUs with AMX/AVX-512-bf16)
 
     def __post_init__(self):
-        _check(self.precision in ("fp32", "bf16"), "train.precision",
-               f"must be fp32 or bf16 (got {self.precision!r})")
         _check(self.batch_size >= 2, "train.batch_size", f"must be >= 2 (got {self.batch_size}); contrastive "
                "learning needs in-batch negatives")
         _check(self.max_len >= 4, "train.max_len", "must be >= 4")

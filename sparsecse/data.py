@@ -59,11 +59,12 @@ def needed_paths(train_file: str, score_split: str, tasks, transfer_tasks=()) ->
     return list(dict.fromkeys(paths))
 
 
-def _read_lines(path: Path) -> list[str]:
+def read_lines(path: Path, encoding: str = "utf-8") -> list[str]:
+    """A data file's lines; a missing or undecodable file is a one-line error naming it."""
     if not path.is_file():
         raise SparseCSEError(f"{path}: file not found; check --data-dir or run `sparsecse data fetch`")
     try:
-        return path.read_text(encoding="utf-8").splitlines()
+        return path.read_text(encoding=encoding).splitlines()
     except UnicodeDecodeError as e:
         raise SparseCSEError(f"{path}: not UTF-8 text (byte {e.start}); is this a binary file?") from None
 
@@ -78,8 +79,8 @@ def _float(value: str, path: Path, lineno: int, what: str) -> float:
     return x
 
 
-def _norm(sentence: str) -> str:
-    # SentEval splits on whitespace; SimCSE's batcher joins the tokens with single spaces.
+def norm_space(sentence: str) -> str:
+    """SentEval splits on whitespace; SimCSE's batcher joins the tokens with single spaces."""
     return " ".join(sentence.split())
 
 
@@ -105,7 +106,7 @@ def load_sts_year(data_dir: Path, year: str) -> dict[str, Pairs]:
     out = {}
     for subset in STS_SUBSETS[year]:
         ipath, gpath = base / f"STS.input.{subset}.txt", base / f"STS.gs.{subset}.txt"
-        inputs, golds = _read_lines(ipath), _read_lines(gpath)
+        inputs, golds = read_lines(ipath), read_lines(gpath)
         if len(inputs) != len(golds):
             raise SparseCSEError(f"{gpath}: {len(golds)} lines but {ipath.name} has {len(inputs)}; "
                                  "the gold file must have one line per pair")
@@ -117,8 +118,8 @@ def load_sts_year(data_dir: Path, year: str) -> dict[str, Pairs]:
             if g == "":
                 continue
             gold.append(_float(g, gpath, i, "gold score"))
-            s1.append(_norm(parts[0]))
-            s2.append(_norm(parts[1]))
+            s1.append(norm_space(parts[0]))
+            s2.append(norm_space(parts[1]))
         out[subset] = Pairs(s1, s2, np.asarray(gold, dtype=np.float64))
     return out
 
@@ -126,14 +127,14 @@ def load_sts_year(data_dir: Path, year: str) -> dict[str, Pairs]:
 def load_stsb(data_dir: Path, split: str) -> Pairs:
     path = Path(data_dir) / "senteval" / "STS" / "STSBenchmark" / f"sts-{split}.csv"
     s1, s2, gold = [], [], []
-    for i, line in enumerate(_read_lines(path), start=1):
+    for i, line in enumerate(read_lines(path), start=1):
         cols = line.strip().split("\t")
         if len(cols) < 7:
             raise SparseCSEError(f"{path}:{i}: expected >= 7 tab-separated columns (score in 5, sentences in 6-7), "
                                  f"found {len(cols)}")
         gold.append(_float(cols[4], path, i, "score"))
-        s1.append(_norm(cols[5]))
-        s2.append(_norm(cols[6]))
+        s1.append(norm_space(cols[5]))
+        s2.append(norm_space(cols[6]))
     return Pairs(s1, s2, np.asarray(gold, dtype=np.float64))
 
 
@@ -141,15 +142,15 @@ def load_sick(data_dir: Path, split: str) -> Pairs:
     name = {"train": "SICK_train.txt", "dev": "SICK_trial.txt", "test": "SICK_test_annotated.txt"}[split]
     path = Path(data_dir) / "senteval" / "SICK" / name
     s1, s2, gold = [], [], []
-    for i, line in enumerate(_read_lines(path), start=1):
+    for i, line in enumerate(read_lines(path), start=1):
         if i == 1:  # header row
             continue
         cols = line.strip().split("\t")
         if len(cols) < 4:
             raise SparseCSEError(f"{path}:{i}: expected >= 4 tab-separated columns (relatedness in 4), found {len(cols)}")
         gold.append(_float(cols[3], path, i, "relatedness score"))
-        s1.append(_norm(cols[1]))
-        s2.append(_norm(cols[2]))
+        s1.append(norm_space(cols[1]))
+        s2.append(norm_space(cols[2]))
     return Pairs(s1, s2, np.asarray(gold, dtype=np.float64))
 
 

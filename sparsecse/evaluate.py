@@ -16,8 +16,6 @@ from .config import STS_TASKS
 from .data import Pairs, load_stsb, load_sts_task
 from .losses import alignment, uniformity
 
-SHORT = {"STS12": "STS12", "STS13": "STS13", "STS14": "STS14", "STS15": "STS15", "STS16": "STS16",
-         "STSBenchmark": "STS-B", "SICKRelatedness": "SICK-R"}
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
@@ -113,20 +111,3 @@ def align_uniform_from_embeddings(emb: dict[str, torch.Tensor], pairs: Pairs, th
     b = torch.stack([emb[s] for s, k in zip(pairs.s2, pos) if k])
     allv = torch.stack([emb[s] for s in dict.fromkeys(pairs.s1 + pairs.s2)])
     return {"align": float(alignment(a, b)), "uniform": float(uniformity(allv))}
-
-
-def align_uniform(enc, data_dir: Path, split: str = "test", threshold: float = 4.0, batch_size: int = 128,
-                  pooler: str | None = None) -> dict[str, float]:
-    pairs = load_stsb(data_dir, split)
-    emb = encode(enc, pairs.s1 + pairs.s2, batch_size=batch_size, pooler=pooler)
-    return align_uniform_from_embeddings(emb, pairs, threshold)
-
-
-def format_table(results: dict[str, float], tasks=STS_TASKS, title: str = "") -> str:
-    """The paper's Table 1 layout: STS12 … SICK-R, Avg."""
-    cols = [SHORT.get(t, t) for t in tasks] + ["Avg."]
-    vals = [f"{results[t]:.2f}" for t in tasks] + [f"{results['avg']:.2f}"]
-    w = [max(len(c), len(v)) for c, v in zip(cols, vals)]
-    head = " | ".join(c.rjust(n) for c, n in zip(cols, w))
-    line = " | ".join(v.rjust(n) for v, n in zip(vals, w))
-    return (f"{title}\n" if title else "") + head + "\n" + "-+-".join("-" * n for n in w) + "\n" + line

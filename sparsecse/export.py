@@ -17,105 +17,57 @@ from torch import nn
 from . import SparseCSEError, __version__
 from .io import atomic_dir
 from .model import EXTRA_FILE, META_FILE, Encoder, load_encoder
-from .prune import zero_pruned_weights
+from .prune import physical_prune, zero_pruned_weights
 
 MODELING_FILE = "modeling_sparsecse.py"
 
 
-def _write_sentence_transformers(enc: Encoder, d: Path, pooler: str, max_seq_length: int) -> None:
-    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
-    (d / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_seq_length,
-                                                             "do_lower_case": False}, indent=2))
-    (d / "1_Pooling").mkdir()
-    dim = enc.backbone.config.hidden_size
-    (d / "1_Pooling" / "config.json").write_text(json.dumps({
-        "word_embedding_dimension": dim, "pooling_mode_cls_token": pooler in ("cls", "cls_before_pooler"),
-        "pooling_mode_mean_tokens": pooler == "avg", "pooling_mode_max_tokens": False,
-        "pooling_mode_mean_sqrt_len_tokens": False}, indent=2))
+def _add_sentence_transformers(d: Path, pooler: str, mlp: nn.Linear, max_seq_length: int, remote: bool) -> None:
+    """Make the HF model directory `d` a SentenceTransformer too, through sentence-transformers' own save: its
+    Transformer (loaded from `d`), CLS or mean Pooling and, for SimCSE's MLP pooler, a Dense(tanh) head holding
+    the MLP. Its files are added beside the HF ones, which stay as written (ST's copy of them is dropped)."""
+    import tempfile
+
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Dense, Pooling, Transformer
+
+    kw = {"trust_remote_code": True} if remote else {}
+    tr = Transformer(str(d), max_seq_length=max_seq_length, model_kwargs=kw, config_kwargs=kw, processor_kwargs=kw)
+    dim = tr.get_embedding_dimension()
+    modules = [tr, Pooling(dim, "mean" if pooler == "avg" else "cls")]
     if pooler == "cls":  # SimCSE's MLP pooler = a Dense(tanh) module after CLS pooling
-        from safetensors.torch import save_file
-
-        modules.append({"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
-        (d / "2_Dense").mkdir()
-        (d / "2_Dense" / "config.json").write_text(json.dumps({
-            "in_features": dim, "out_features": dim, "bias": True,
-            "activation_function": "torch.nn.modules.activation.Tanh"}, indent=2))
-        save_file({"linear.weight": enc.mlp[0].weight.detach().contiguous().cpu(),
-                   "linear.bias": enc.mlp[0].bias.detach().contiguous().cpu()}, str(d / "2_Dense" / "model.safetensors"))
-    (d / "modules.json").write_text(json.dumps(modules, indent=2))
-
-
-def physical_prune(enc: Encoder) -> nn.Module:
-    """A SparseCSE{Bert,Roberta}Model with masked heads' Q/K/V rows + output columns and masked neurons'
-    FFN rows + columns removed. Its output equals the masked encoder's."""
-    from . import pruned_modeling
-
-    cfg = enc.backbone.config
-    family = cfg.model_type
-    if family not in pruned_modeling.CLASSES:
-        raise SparseCSEError(f"physical pruning supports bert and roberta, not {family!r}")
-    cfg_cls, model_cls = pruned_modeling.CLASSES[family]
-    d = cfg.hidden_size // cfg.num_attention_heads
-    keep_heads = [torch.nonzero(enc.head_mask[li] != 0).flatten() for li in range(enc.num_layers)]
-    keep_neurons = [torch.nonzero(enc.neuron_mask[li] != 0).flatten() for li in range(enc.num_layers)]
-    base = cfg.to_dict()
-    for k in ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path"):
-        base.pop(k, None)
-    new_cfg = cfg_cls(heads_per_layer=[int(k.numel()) for k in keep_heads],
-                      intermediate_per_layer=[int(k.numel()) for k in keep_neurons], **base)
-    new_cfg.architectures = [model_cls.__name__]
-    new = model_cls(new_cfg)
-    # how each parameter of a layer is sliced: rows (outputs) of Q/K/V and FFN-in, columns of the two outputs
-    a = enc.adapter
-    plan = {}
-    for li in range(enc.num_layers):
-        h_idx = (torch.cat([torch.arange(h * d, (h + 1) * d) for h in keep_heads[li].tolist()])
-                 if keep_heads[li].numel() else torch.zeros(0, dtype=torch.long))
-        p = f"{a.layers}.{li}."
-        for name in ("query", "key", "value"):
-            plan[p + getattr(a, name) + ".weight"] = plan[p + getattr(a, name) + ".bias"] = ("rows", h_idx)
-        plan[p + a.inter_dense + ".weight"] = plan[p + a.inter_dense + ".bias"] = ("rows", keep_neurons[li])
-        plan[p + a.attn_out + ".weight"] = ("cols", h_idx)
-        plan[p + a.ffn_out + ".weight"] = ("cols", keep_neurons[li])
-    src = enc.backbone.state_dict()
-    dst = {}
-    for k, v in new.state_dict().items():
-        how, idx = plan.get(k, (None, None))
-        if k not in src:  # Q/K/V of a layer with no heads left
-            continue
-        t = src[k] if how is None else (src[k][idx] if how == "rows" else src[k][:, idx])
-        if tuple(t.shape) != tuple(v.shape):
-            raise SparseCSEError(f"physical pruning: {k} has shape {tuple(t.shape)}, expected {tuple(v.shape)}")
-        dst[k] = t.clone()
-    missing, unexpected = new.load_state_dict(dst, strict=False)
-    if missing or unexpected:
-        raise SparseCSEError(f"physical pruning left parameters unset: {missing or unexpected}")
-    return new.eval()
+        modules.append(Dense(dim, dim, activation_function=nn.Tanh(), init_weight=mlp.weight.detach().cpu(),
+                             init_bias=mlp.bias.detach().cpu()))
+    with tempfile.TemporaryDirectory(dir=d.parent) as st_dir:
+        SentenceTransformer(modules=modules, device="cpu").save(st_dir, create_model_card=False)
+        for f in sorted(Path(st_dir).iterdir()):
+            if not (d / f.name).exists():
+                shutil.move(str(f), d / f.name)
 
 
 def _model_card(meta: dict, results: dict | None, params: dict) -> str:
+    from .tables import label, render
+
+    fields = [[k, str(meta[k])] for k in ("source", "pretrained", "sparsity", "lam", "seed", "scores",
+                                          "scores_fingerprint", "stsb_dev", "pooler") if k in meta]
+    fields += [["parameters (dense)", f"{params['dense']:,}"], ["parameters (pruned/)", f"{params['pruned']:,}"],
+               ["encoder-layer parameters (dense → pruned)", f"{params['layers_dense']:,} → {params['layers_pruned']:,}"]]
     lines = ["---", "library_name: sentence-transformers", "tags: [sentence-embeddings, sparsecse, pruning]", "---", "",
              f"# SparseCSE model (sparsity {meta.get('sparsity', 0):.0%}, λ={meta.get('lam', '—')})", "",
              "Produced by [sparsecse](https://pypi.org/project/sparsecse/): unsupervised SimCSE, heads and FFN "
              "neurons scored by alignment/uniformity, the lowest-scoring fraction pruned, remaining weights "
              "rewound to the pre-trained checkpoint and retrained (An, Zhang & Song 2023).", "",
-             "| field | value |", "|---|---|"]
-    for k in ("source", "pretrained", "sparsity", "lam", "seed", "scores", "scores_fingerprint", "stsb_dev", "pooler"):
-        if k in meta:
-            lines.append(f"| {k} | {meta[k]} |")
-    lines += [f"| parameters (dense) | {params['dense']:,} |", f"| parameters (pruned/) | {params['pruned']:,} |",
-              f"| encoder-layer parameters (dense → pruned) | {params['layers_dense']:,} → {params['layers_pruned']:,} |",
-              "", "## Loading", "", "```python", "from sentence_transformers import SentenceTransformer",
-              "model = SentenceTransformer('THIS_DIR')                      # dense, pruned units zeroed",
-              "model = SentenceTransformer('THIS_DIR/pruned', trust_remote_code=True)  # physically smaller",
-              "```", "",
-              "With `transformers.AutoModel`, `last_hidden_state[:, 0]` is the embedding evaluated above (CLS, no "
-              "MLP) and `pooler_output` is SimCSE's training-time MLP pooler (stored as `pooler.dense`, as SimCSE's "
-              "released checkpoints do).", ""]
+             render(["field", "value"], fields, left=2),
+             "", "## Loading", "", "```python", "from sentence_transformers import SentenceTransformer",
+             "model = SentenceTransformer('THIS_DIR')                      # dense, pruned units zeroed",
+             "model = SentenceTransformer('THIS_DIR/pruned', trust_remote_code=True)  # physically smaller",
+             "```", "",
+             "With `transformers.AutoModel`, `last_hidden_state[:, 0]` is the embedding evaluated above (CLS, no "
+             "MLP) and `pooler_output` is SimCSE's training-time MLP pooler (stored as `pooler.dense`, as SimCSE's "
+             "released checkpoints do).", ""]
     if results:
-        lines += ["## Evaluation (Spearman × 100)", "", "| " + " | ".join(results) + " |",
-                  "|" + "---|" * len(results), "| " + " | ".join(f"{v:.2f}" for v in results.values()) + " |", ""]
+        lines += ["## Evaluation (Spearman × 100)", "",
+                  render([label(t) for t in results], [list(results.values())], left=0), ""]
     return "\n".join(lines)
 
 
@@ -128,13 +80,10 @@ def _attach_mlp_as_hf_pooler(enc: Encoder) -> None:
     """Give the backbone its family's pooler (dense + tanh) holding SimCSE's MLP pooler, as SimCSE's released
     models do, so `save_pretrained` writes `pooler.dense`: `AutoModel` then loads with no missing weights,
     `pooler_output` is the training-time pooler and `last_hidden_state[:, 0]` the evaluation embedding."""
-    import sys
-
     bb = enc.backbone
-    pooler_cls = getattr(sys.modules[type(bb).__module__], type(bb).__name__.replace("Model", "Pooler"), None)
-    if pooler_cls is None:  # a family without a BERT-style pooler: nothing to store
-        return
-    bb.pooler = pooler_cls(bb.config)
+    with torch.device("meta"):  # the family's own pooler, as its constructor builds it (no memory for the rest)
+        pooler = type(bb)(bb.config, add_pooling_layer=True).pooler
+    bb.pooler = pooler.to_empty(device="cpu")
     bb.pooler.dense.load_state_dict(enc.mlp[0].state_dict())
 
 
@@ -159,14 +108,14 @@ def export_model(source: str | Encoder, out: str | os.PathLike, pooler: str | No
         _attach_mlp_as_hf_pooler(dense)  # after physical_prune: the pruned model keeps no pooler
         dense.backbone.save_pretrained(tmp, safe_serialization=True)
         dense.tokenizer.save_pretrained(tmp)
-        _write_sentence_transformers(dense, tmp, pooler, max_seq_length)
+        _add_sentence_transformers(tmp, pooler, dense.mlp[0], max_seq_length, remote=False)
         pdir = tmp / "pruned"
         pruned.config.auto_map = {"AutoConfig": f"{MODELING_FILE[:-3]}.{type(pruned.config).__name__}",
                                   "AutoModel": f"{MODELING_FILE[:-3]}.{type(pruned).__name__}"}
         pruned.save_pretrained(pdir, safe_serialization=True)
         dense.tokenizer.save_pretrained(pdir)
         shutil.copyfile(Path(__file__).with_name("pruned_modeling.py"), pdir / MODELING_FILE)
-        _write_sentence_transformers(dense, pdir, pooler, max_seq_length)
+        _add_sentence_transformers(pdir, pooler, dense.mlp[0], max_seq_length, remote=True)
         from safetensors.torch import save_file
         mlp = {"mlp.weight": dense.mlp[0].weight.detach().contiguous().cpu(),
                "mlp.bias": dense.mlp[0].bias.detach().contiguous().cpu()}

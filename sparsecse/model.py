@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 from . import SparseCSEError, __version__
+from .config import POOLERS
 from .io import atomic_dir, verify_manifest
 from .packed import packed_forward, supports, why_not
 
-POOLERS = ("cls", "cls_before_pooler", "avg")
 META_FILE = "sparsecse.json"
 EXTRA_FILE = "sparsecse.safetensors"
 DEFAULT_MODEL = "minilm"

@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 import torch
+from torch import nn
 
 from . import SparseCSEError
 from .model import Encoder, load_encoder
@@ -55,6 +56,61 @@ def zero_pruned_weights(enc: Encoder) -> None:
             a.get(layer, "inter_dense").weight[dead] = 0
             a.get(layer, "inter_dense").bias[dead] = 0
             a.get(layer, "ffn_out").weight[:, dead] = 0
+
+
+def _slice_linear(lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> None:
+    """Keep only the given output rows / input columns of a Linear, in place."""
+    w, b = lin.weight.detach(), lin.bias.detach() if lin.bias is not None else None
+    if rows is not None:
+        w, b = w[rows], (b[rows] if b is not None else None)
+    if cols is not None:
+        w = w[:, cols]
+    lin.weight = nn.Parameter(w.clone())
+    if b is not None:
+        lin.bias = nn.Parameter(b.clone())
+    lin.out_features, lin.in_features = w.shape
+
+
+@torch.no_grad()
+def physical_prune(enc: Encoder) -> nn.Module:
+    """The masked encoder as a physically smaller SparseCSE{Bert,Roberta}Model (pruned_modeling.py): masked
+    heads' Q/K/V rows and output-projection columns, masked neurons' FFN rows and columns removed, module by
+    module (as Torch-Pruning slices). Its output equals the masked encoder's."""
+    import copy
+    import warnings
+
+    from . import pruned_modeling
+
+    cfg = enc.backbone.config
+    if cfg.model_type not in pruned_modeling.CLASSES:
+        raise SparseCSEError(f"physical pruning supports bert and roberta, not {cfg.model_type!r}")
+    a, d = enc.adapter, cfg.hidden_size // cfg.num_attention_heads
+    sliced = copy.deepcopy(enc.backbone).cpu()
+    heads, neurons = [], []
+    for li, layer in enumerate(a.get(sliced, "layers")):
+        keep_h = torch.nonzero(enc.head_mask[li].cpu() != 0).flatten()
+        keep_n = torch.nonzero(enc.neuron_mask[li].cpu() != 0).flatten()
+        cols = (keep_h[:, None] * d + torch.arange(d)).flatten()  # the kept heads' slices of the (H·d) context
+        with warnings.catch_warnings():  # a layer with no heads/neurons left has zero-element weights
+            warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+            for name in ("query", "key", "value"):
+                _slice_linear(a.get(layer, name), rows=cols)
+            _slice_linear(a.get(layer, "attn_out"), cols=cols)
+            _slice_linear(a.get(layer, "inter_dense"), rows=keep_n)
+            _slice_linear(a.get(layer, "ffn_out"), cols=keep_n)
+        heads.append(int(keep_h.numel()))
+        neurons.append(int(keep_n.numel()))
+    cfg_cls, model_cls = pruned_modeling.CLASSES[cfg.model_type]
+    base = {k: v for k, v in cfg.to_dict().items()
+            if k not in ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path")}
+    new = model_cls(cfg_cls(heads_per_layer=heads, intermediate_per_layer=neurons, **base))
+    new.config.architectures = [model_cls.__name__]
+    src, want = sliced.state_dict(), new.state_dict()
+    missing = [k for k in want if k not in src or src[k].shape != want[k].shape]
+    if missing:
+        raise SparseCSEError(f"physical pruning: {missing[0]} does not match the pruned model's shape")
+    new.load_state_dict({k: src[k] for k in want})  # Q/K/V of a layer with no heads left have no place: dropped
+    return new.eval()
 
 
 def rewind(pretrained: "str | Encoder", head_mask: torch.Tensor, neuron_mask: torch.Tensor, pooler: str = "cls",

@@ -6,7 +6,6 @@ Layers keep the stock modules; their Linear layers are simply narrower. A layer 
 (or no neurons) contributes only the output projection's bias, exactly as the fully masked layer does.
 """
 
-import torch
 from torch import nn
 from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
 

@@ -13,7 +13,7 @@ import math
 import numpy as np
 
 from .config import STS_TASKS, Config
-from .evaluate import SHORT
+from .tables import label, render
 from .stages import point_name
 
 
@@ -77,11 +77,7 @@ def _test_keys(rows) -> list[str]:
 
 
 def _table(rows: list[tuple[str, dict]], tasks: list[str]) -> str:
-    head = "| Model | " + " | ".join(SHORT.get(t, "Avg." if t == "avg" else t) for t in tasks) + " |"
-    sep = "|---|" + "---:|" * len(tasks)
-    cell = lambda v: v if isinstance(v, str) else f"{v:.2f}"  # noqa: E731
-    body = ["| " + name + " | " + " | ".join(cell(v[t]) if t in v else "—" for t in tasks) + " |" for name, v in rows]
-    return "\n".join([head, sep, *body])
+    return render(["Model", *map(label, tasks)], [[name, *(v.get(t) for t in tasks)] for name, v in rows])
 
 
 def _png(fig) -> bytes:
@@ -122,7 +118,7 @@ def render_figures(rows: list[dict], tasks: list[str]) -> dict[str, bytes]:
             ax.axhline(np.mean([r["metrics"].get(f"test/{task}", np.nan) for r in ctrl]), color="grey", ls="--",
                        lw=1, label="rewound SimCSE (s=0)")
         ax.set_xlabel("sparsity (%)")
-        ax.set_title(SHORT.get(task, "STS average" if task == "avg" else task))
+        ax.set_title("STS average" if task == "avg" else label(task))
         ax.grid(alpha=0.3)
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -204,13 +200,11 @@ def render_markdown(title: str, cfg: Config, rows: list[dict], flat: list[dict],
                _table(seeds_rows, tasks), ""]
     md += ["## Alignment / uniformity (STS-B test; lower is better)", "",
            f"SimCSE: align {baseline['align']:.4f}, uniform {baseline['uniform']:.4f}", ""]
-    md += ["## All trials", "", "| sparsity | λ | seed | status | STS-B dev | test avg | align | uniform |",
-           "|---:|---:|---:|---|---:|---:|---:|---:|"]
-    f = lambda v: "—" if v is None else f"{v:.2f}"  # noqa: E731
-    g = lambda v: "—" if v is None else f"{v:.4f}"  # noqa: E731
-    for x in flat:
-        md.append(f"| {x['sparsity']:.2f} | {x['lam']} | {x['seed']} | {x['status']} {x['error'][:60]} | "
-                  f"{f(x['best_stsb_dev'])} | {f(x['test/avg'])} | {g(x['align'])} | {g(x['uniform'])} |")
+    g = lambda v: None if v is None else f"{v:.4f}"  # noqa: E731
+    md += ["## All trials", "", render(
+        ["sparsity", "λ", "seed", "status", "STS-B dev", "test avg", "align", "uniform"],
+        [[x["sparsity"], str(x["lam"]), str(x["seed"]), f"{x['status']} {x['error'][:60]}", x["best_stsb_dev"],
+          x["test/avg"], g(x["align"]), g(x["uniform"])] for x in flat], left=0)]
     if transfer:
         from .transfer import format_transfer_markdown
 

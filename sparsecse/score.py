@@ -50,11 +50,6 @@ class Scores:
     g_uniform_neuron: np.ndarray  # (nb, L, I)
     meta: dict
 
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        _, L, H = self.g_align_head.shape
-        return L, H, self.g_align_neuron.shape[2]
-
     def importance(self, lam: float) -> tuple[np.ndarray, np.ndarray]:
         """(head (L, H), neuron (L, I)) importance at λ."""
         return (combine(self.g_align_head, self.g_uniform_head, lam),

@@ -16,8 +16,6 @@ cluster whose nodes share no filesystem (storage.py).
 from __future__ import annotations
 
 import os
-import signal
-import time
 from pathlib import Path
 
 from .config import STS_TASKS, config_from_dict
@@ -43,23 +41,24 @@ def task_device(gpus: float) -> str:
     return "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
 
 
-def faults() -> dict[str, str]:
-    """Fault injection for the reliability tests: SPARSECSE_FAULT="kind:arg,..." with kinds
-    stage1-kill:STEP (SIGKILL the rank-0 Ray Train worker once, after the checkpoint at STEP),
-    trial-exit:TRIAL (the trial process dies once mid-trial), trial-nan:TRIAL (that trial's loss diverges).
-    "Once" is remembered in the run's storage (.faults/), so it holds when the retry lands on another node."""
-    out = {}
-    for spec in filter(None, os.environ.get("SPARSECSE_FAULT", "").split(",")):
-        kind, _, arg = spec.partition(":")
-        out[kind] = arg
+def installed_callbacks(where: str, rank: int, store: Storage) -> list:
+    """Training callbacks named in SPARSECSE_CALLBACKS ("module:Class,…"), each built as Class(where, rank, store)
+    in the worker that trains (`where` is "stage1" or the trial's name): monitoring hooks of a user's own, and how
+    the reliability tests inject their faults (tests/faults.py). Set it in the environment the workers inherit."""
+    import importlib
+
+    from . import SparseCSEError
+
+    out = []
+    for spec in filter(None, os.environ.get("SPARSECSE_CALLBACKS", "").split(",")):
+        mod, _, name = spec.strip().partition(":")
+        try:
+            cls = getattr(importlib.import_module(mod), name)
+        except (ImportError, AttributeError) as e:
+            raise SparseCSEError(f"SPARSECSE_CALLBACKS: cannot load {spec!r} ({e}); give module:Class importable "
+                                 "on every node") from None
+        out.append(cls(where, rank, store))
     return out
-
-
-def _fire_once(store: Storage, marker: str) -> bool:
-    if store.exists(f".faults/{marker}"):
-        return False
-    store.write_text(f".faults/{marker}", "fired\n")
-    return True
 
 
 # --------------------------------------------------------------------------- stage 1: Ray Train worker loop
@@ -67,27 +66,18 @@ def _fire_once(store: Storage, marker: str) -> bool:
 def train_loop(loop_config: dict) -> None:
     """Runs on every Ray Train worker: SimCSE with the global batch split across workers."""
     from . import ray_adapter as ra
-    from .train import Dist, train_simcse
+    from .train import Dist, OnReport, train_simcse
 
     cfg = config_from_dict(loop_config["config"])
     store = Storage(loop_config["storage"])
     rank, world = ra.train_context()
     setup_worker(loop_config["cpus_per_worker"])
-    kill_at = faults().get("stage1-kill")
-
-    def report(metrics, ckpt):
-        # die mid-training: at the first report after step `kill_at`, before reporting it, so the checkpoint at
-        # `kill_at` is the latest one Ray knows
-        if kill_at and rank == 0 and metrics["step"] > int(kill_at) and _fire_once(store, "stage1-killed"):
-            time.sleep(5)  # Ray Train's controller registers reports by polling: let it see the last one
-            os.kill(os.getpid(), signal.SIGKILL)
-        ra.train_report(metrics, ckpt)
-
+    callbacks = [*installed_callbacks("stage1", rank, store), OnReport(ra.train_report)]
     with scratch_dir("stage1") as tmp:
         resume = ra.train_checkpoint(tmp / "resume")
         tb = tmp / "tensorboard" if rank == 0 else None
         train_simcse(cfg, tmp / "out", Path(loop_config["data_dir"]), dist=Dist(rank, world),
-                     device=ra.train_device(), wrap=ra.prepare_ddp if world > 1 else None, report=report,
+                     device=ra.train_device(), wrap=ra.prepare_ddp if world > 1 else None, callbacks=callbacks,
                      resume_dir=resume, tb_dir=tb, progress=False)
         if tb is not None:
             store.upload_dir(tb, "tensorboard/simcse", replace=False)
@@ -122,7 +112,7 @@ def trial(config: dict, *, store_uri: str, data_dir: str, cfg_dict: dict, scores
     from .evaluate import evaluate_sts
     from .model import load_encoder
     from .prune import rewind, select_masks
-    from .train import train_simcse
+    from .train import OnReport, train_simcse
 
     p = config["point"]
     name = point_name(p)
@@ -130,26 +120,20 @@ def trial(config: dict, *, store_uri: str, data_dir: str, cfg_dict: dict, scores
     cfg = cfg.replace(train=type(cfg.train)(**{**cfg.to_dict()["train"], "seed": p["seed"]}))
     store = Storage(store_uri)
     setup_worker(cfg.sweep.trial_cpus)
-    fault = faults()
-    if fault.get("trial-nan") == name:
-        cfg = cfg.replace(train=type(cfg.train)(**{**cfg.to_dict()["train"], "lr": 1e30}))
     hm, nm = select_masks(*scores.importance(p["lam"]), p["sparsity"])
     base = {"sparsity": p["sparsity"], "lam": p["lam"], "seed": p["seed"], "trial": name, "done": False,
             "node_id": ra.node_id()}
     meta = {"sparsity": p["sparsity"], "lam": p["lam"], "seed": p["seed"], "pretrained": cfg.model.name,
             "scores": store.url("scores.parquet"), "scores_fingerprint": scores.meta["model_fingerprint"]}
 
-    def report(rec: dict, ckpt):
-        if fault.get("trial-exit") == name and _fire_once(store, f"trial-exit-{name}"):
-            os.kill(os.getpid(), signal.SIGKILL)  # the trial process is killed mid-trial
-        ra.tune_report({**base, **rec}, ckpt)
-
+    callbacks = [*installed_callbacks(name, 0, store),
+                 OnReport(lambda rec, ckpt: ra.tune_report({**base, **rec}, ckpt))]
     device = task_device(cfg.sweep.trial_gpus)
     with scratch_dir("trial") as tmp:
         resume = ra.tune_checkpoint(tmp / "resume")
         init = None if resume else rewind(cfg.model.name, hm, nm, pooler=cfg.model.pooler, dropout=cfg.train.dropout)
-        res = train_simcse(cfg, tmp / "out", Path(data_dir), init=init, head_mask=hm, neuron_mask=nm, report=report,
-                           resume_dir=resume, tb_dir=tmp / "tensorboard", progress=False, meta=meta, device=device)
+        res = train_simcse(cfg, tmp / "out", Path(data_dir), init=init, callbacks=callbacks, resume_dir=resume,
+                           tb_dir=tmp / "tensorboard", progress=False, meta=meta, device=device)
         store.upload_dir(tmp / "tensorboard", f"tensorboard/{name}", replace=False)
         best = load_encoder(str(tmp / "out" / "best"), pooler=cfg.model.eval_pooler).to(device)
         sts_tasks = tuple(t for t in cfg.eval.tasks if t in STS_TASKS)

@@ -14,7 +14,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from .data import collate, load_corpus, load_stsb
 from .evaluate import evaluate_pairs
 from .io import atomic_write_bytes, atomic_write_text, verify_manifest
 from .losses import info_nce
-from .model import Encoder, load_encoder, save_encoder, weights_fingerprint
+from .model import META_FILE, Encoder, load_encoder, save_encoder, weights_fingerprint
 
 
 @dataclass
@@ -74,30 +74,83 @@ def global_batches(n: int, batch_size: int, epochs: int, seed: int):
                 yield b
 
 
-def _save_state(path: Path, opt, sched, step: int, best_dev: float, history: list) -> None:
-    import io as _io
+class Callback:
+    """Hooks into a training run; override what you need. stages.py installs the ones named in
+    SPARSECSE_CALLBACKS (the reliability tests inject their faults this way) and Ray's reporter last."""
 
-    buf = _io.BytesIO()
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
-                "best_dev": best_dev, "history_json": json.dumps(history),
-                "rng": torch.get_rng_state()}, buf)  # dropout stream: a resumed run continues it exactly
-    atomic_write_bytes(path, buf.getvalue())
+    def on_train_start(self, model: Encoder, optimizer: torch.optim.Optimizer) -> None:
+        pass
+
+    def on_report(self, metrics: dict, checkpoint: Path | None) -> None:
+        """After each evaluation; `checkpoint` is rank 0's `latest/` (None on other ranks)."""
 
 
-def _save_latest(out_dir: Path, enc: Encoder, opt, sched, step: int, best_dev: float, history: list,
-                 resumes: list) -> Path:
-    """`latest/` = {model/, trainer_state.pt, history.json, best/}: everything needed to resume, written atomically."""
+class OnReport(Callback):
+    """A callback from a plain function `fn(metrics, checkpoint)`."""
+
+    def __init__(self, fn: Callable[[dict, Path | None], None]):
+        self.fn = fn
+
+    def on_report(self, metrics: dict, checkpoint: Path | None) -> None:
+        self.fn(metrics, checkpoint)
+
+
+@dataclass
+class TrainState:
+    """Where a run is, beyond its weights: the step, the best dev score, the evaluations so far and the steps a
+    run was resumed at. Saved with the optimizer, the schedule and the dropout RNG as `trainer_state.pt`."""
+
+    step: int = 0
+    best_dev: float = -math.inf
+    history: list[dict] = field(default_factory=list)
+    resumed_at: list[int] = field(default_factory=list)
+
+    def save(self, path: Path, opt, sched) -> None:
+        import io
+
+        buf = io.BytesIO()
+        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": self.step,
+                    "best_dev": self.best_dev, "history_json": json.dumps(self.history),
+                    "resumed_at": self.resumed_at,
+                    "rng": torch.get_rng_state()}, buf)  # dropout stream: a resumed run continues it exactly
+        atomic_write_bytes(path, buf.getvalue())
+
+    @classmethod
+    def restore(cls, ckpt: Path, opt, sched) -> "TrainState":
+        """From a `latest/` checkpoint: optimizer, schedule and RNG restored in place; this resume recorded."""
+        st = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        torch.set_rng_state(st["rng"])
+        step = int(st["step"])
+        return cls(step=step, best_dev=float(st["best_dev"]), history=json.loads(st["history_json"]),
+                   resumed_at=[*st.get("resumed_at", []), step])
+
+
+def save_checkpoint(out_dir: Path, enc: Encoder, state: TrainState, opt, sched) -> Path:
+    """`latest/` = {model/, trainer_state.pt, history.json, best/}: all a resume needs, written atomically.
+    best/ is hard-linked from OUT/best (its files never change once written), not copied."""
     import shutil
 
     from .io import atomic_dir
 
     with atomic_dir(out_dir / "latest") as tmp:
-        save_encoder(enc, tmp / "model", {"step": step})
-        _save_state(tmp / "trainer_state.pt", opt, sched, step, best_dev, history)
-        (tmp / "history.json").write_text(json.dumps({"history": history, "resumed_at": resumes}, indent=1))
+        save_encoder(enc, tmp / "model", {"step": state.step})
+        state.save(tmp / "trainer_state.pt", opt, sched)
+        (tmp / "history.json").write_text(json.dumps({"history": state.history, "resumed_at": state.resumed_at},
+                                                     indent=1))
         if (out_dir / "best").is_dir():
-            shutil.copytree(out_dir / "best", tmp / "best")
+            shutil.copytree(out_dir / "best", tmp / "best", copy_function=_link_or_copy)
     return out_dir / "latest"
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    import shutil
+
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or one without hard links
+        shutil.copy2(src, dst)
 
 
 def make_optimizer(params, lr: float, weight_decay: float, device) -> torch.optim.Optimizer:
@@ -122,133 +175,168 @@ def simcse_loss(model, batch: dict, temperature: float, device="cpu", gather=lam
     return info_nce(gather(z[:b]), gather(z[b:]), temperature)
 
 
+def linear_schedule(opt, total: int):
+    """Linear decay to 0 over `total` steps, no warm-up (SimCSE's)."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / total))
+
+
+def train_step(model, opt, sched, batch: dict, tc, device, gather) -> float:
+    """One optimizer step on this rank's slice of the global batch; returns the loss."""
+    loss = simcse_loss(model, batch, tc.temperature, device, gather, tc.precision)
+    if not torch.isfinite(loss):
+        raise SparseCSEError(f"training loss became non-finite ({loss.item()}); lower train.lr or check the data")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    return loss.item()
+
+
+def evaluate_and_checkpoint(enc: Encoder, state: TrainState, dev, cfg: Config, out_dir: Path, meta: dict,
+                            opt, sched, loss: float) -> tuple[dict, Path]:
+    """Rank 0: STS-B dev Spearman; a new best is saved as OUT/best; OUT/latest is rewritten. Returns the record."""
+    dev_score = evaluate_pairs(enc, dev, pooler=cfg.model.eval_pooler)
+    if dev_score > state.best_dev:
+        state.best_dev = dev_score
+        save_encoder(enc, out_dir / "best", {**meta, "step": state.step, "stsb_dev": dev_score,
+                                             "config": cfg.to_dict()})
+    rec = {"step": state.step, "loss": loss, "stsb_dev": dev_score, "best_stsb_dev": state.best_dev}
+    state.history.append(rec)
+    return rec, save_checkpoint(out_dir, enc, state, opt, sched)
+
+
+class _Log:
+    """Rank 0's progress bar and TensorBoard scalars (either may be off)."""
+
+    def __init__(self, total: int, step: int, tb_dir: Path | None, progress: bool):
+        self.writer = self.bar = None
+        if tb_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(tb_dir))
+        if progress:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=total, initial=step, desc="simcse", unit="step")
+
+    def step(self, step: int, loss: float, lr: float) -> None:
+        if self.bar:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4f}")
+        if self.writer:
+            self.writer.add_scalar("train/loss", loss, step)
+            self.writer.add_scalar("train/lr", lr, step)
+
+    def eval(self, step: int, dev: float) -> None:
+        if self.writer:
+            self.writer.add_scalar("eval/stsb_dev", dev, step)
+
+    def close(self) -> None:
+        for x in (self.bar, self.writer):
+            if x:
+                x.close()
+
+
+def _start_model(cfg: Config, init: str | Encoder | None, resume_dir: Path | None) -> Encoder:
+    """The model to train: the resumed checkpoint's (masks included), else `init`, else cfg.model.name."""
+    if resume_dir is not None:
+        verify_manifest(resume_dir / "model")
+        return load_encoder(str(resume_dir / "model"), pooler=cfg.model.pooler, dropout=cfg.train.dropout)
+    if isinstance(init, Encoder):
+        return init
+    return load_encoder(init or cfg.model.name, pooler=cfg.model.pooler, dropout=cfg.train.dropout)
+
+
+def _run_meta(cfg: Config, enc: Encoder, meta: dict | None, resume_dir: Path | None, out_dir: Path) -> dict:
+    """What every best/ checkpoint records: the starting weights' fingerprint (kept across resumes)."""
+    meta = dict(meta or {})
+    if resume_dir is None:
+        meta.setdefault("init_fingerprint", weights_fingerprint(enc))
+    elif (out_dir / "best" / META_FILE).exists():
+        meta.setdefault("init_fingerprint", json.loads((out_dir / "best" / META_FILE).read_text()).get("init_fingerprint"))
+    meta.setdefault("eval_pooler", cfg.model.eval_pooler)
+    return meta
+
+
+def _corpus(cfg: Config, data_dir: Path, tokenizer):
+    path = Path(cfg.data.train_file)
+    corpus = load_corpus(path if path.is_absolute() else Path(data_dir) / path, tokenizer, cfg.train.max_len,
+                         cfg.data.max_train_sentences)
+    if cfg.train.batch_size > len(corpus):
+        raise SparseCSEError(f"train.batch_size={cfg.train.batch_size} is larger than the corpus ({len(corpus)} "
+                             "sentences); lower it or use a larger corpus")
+    return corpus
+
+
+def _resume_best(resume_dir: Path, out_dir: Path) -> None:
+    """A checkpoint restored into another directory brings its best/ along."""
+    import shutil
+
+    if (resume_dir / "best").is_dir() and resume_dir.resolve() != (out_dir / "latest").resolve():
+        shutil.rmtree(out_dir / "best", ignore_errors=True)
+        shutil.copytree(resume_dir / "best", out_dir / "best")
+
+
 def train_simcse(cfg: Config, out_dir: str | os.PathLike, data_dir: Path, *, init: str | Encoder | None = None,
-                 head_mask: torch.Tensor | None = None, neuron_mask: torch.Tensor | None = None,
                  dist: Dist | None = None, device: str | torch.device = "cpu",
-                 wrap: Callable[[Encoder], torch.nn.Module] | None = None,
-                 report: Callable[[dict, Path | None], None] | None = None,
+                 wrap: Callable[[Encoder], torch.nn.Module] | None = None, callbacks: Sequence[Callback] = (),
                  resume_dir: Path | None = None, tb_dir: Path | None = None, progress: bool = True,
                  meta: dict | None = None) -> TrainResult:
-    """Train SimCSE from `init` (default cfg.model.name) with optional fixed masks; keep the best STS-B dev model.
+    """Train SimCSE from `init` (an Encoder with its masks set, a model name/dir; default cfg.model.name), keeping
+    the best STS-B dev model in OUT/best and a resumable OUT/latest at every evaluation.
 
-    `wrap` lets a data-parallel driver wrap the encoder (e.g. DDP); `report(metrics, checkpoint_dir)` is
-    called at every evaluation with the latest checkpoint; `resume_dir` continues from such a checkpoint.
+    `wrap` lets a data-parallel driver wrap the encoder (e.g. DDP); `resume_dir` continues from a `latest/`.
     """
-    tc, dist = cfg.train, dist or Dist()
-    out_dir = Path(out_dir)
+    tc, dist, out_dir = cfg.train, dist or Dist(), Path(out_dir)
     if tc.batch_size % dist.world_size:
         raise SparseCSEError(f"train.batch_size={tc.batch_size} is not divisible by {dist.world_size} workers; "
                              "the global batch is split evenly")
     if tc.threads:
         torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed * 1000 + dist.rank)  # dropout stream (MLP init is seeded separately)
-    start_from = str(resume_dir / "model") if resume_dir is not None else init
-    if isinstance(start_from, Encoder):
-        enc = start_from
-    else:
-        enc = load_encoder(start_from or cfg.model.name, pooler=cfg.model.pooler, dropout=tc.dropout)
-    if head_mask is not None or neuron_mask is not None:
-        enc.set_masks(head_mask, neuron_mask)
-    meta = dict(meta or {})
-    if resume_dir is None:
-        meta.setdefault("init_fingerprint", weights_fingerprint(enc))
-    elif (out_dir / "best" / "sparsecse.json").exists():
-        meta.setdefault("init_fingerprint", json.loads((out_dir / "best" / "sparsecse.json").read_text()).get("init_fingerprint"))
-    meta.setdefault("eval_pooler", cfg.model.eval_pooler)
+    enc = _start_model(cfg, init, resume_dir)
+    meta = _run_meta(cfg, enc, meta, resume_dir, out_dir)
     enc.to(device).train()
     model = wrap(enc) if wrap else enc
-
-    corpus = load_corpus(Path(data_dir) / cfg.data.train_file if not os.path.isabs(cfg.data.train_file)
-                         else Path(cfg.data.train_file), enc.tokenizer, tc.max_len, cfg.data.max_train_sentences)
-    if tc.batch_size > len(corpus):
-        raise SparseCSEError(f"train.batch_size={tc.batch_size} is larger than the corpus ({len(corpus)} sentences); "
-                             "lower it or use a larger corpus")
-    steps_per_epoch = sum(1 for _ in global_batches(len(corpus), tc.batch_size, 1, tc.seed))
-    total = steps_per_epoch * tc.epochs
-    if tc.max_steps is not None:
-        total = min(total, tc.max_steps)
+    corpus = _corpus(cfg, data_dir, enc.tokenizer)
+    total = sum(1 for _ in global_batches(len(corpus), tc.batch_size, 1, tc.seed)) * tc.epochs
+    total = min(total, tc.max_steps) if tc.max_steps is not None else total
     dev = dev_pairs(data_dir, tc.eval_max_pairs)
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(params, tc.lr, tc.weight_decay, device)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / total))  # linear decay, no warmup
-    step, best_dev, history, resumes = 0, -math.inf, [], []
+    opt = make_optimizer([p for p in model.parameters() if p.requires_grad], tc.lr, tc.weight_decay, device)
+    sched = linear_schedule(opt, total)
+    state = TrainState()
     if resume_dir is not None:
-        verify_manifest(resume_dir / "model")
-        if (resume_dir / "best").is_dir() and resume_dir.resolve() != (out_dir / "latest").resolve():
-            import shutil
+        _resume_best(resume_dir, out_dir)
+        state = TrainState.restore(resume_dir, opt, sched)
+    for cb in callbacks:
+        cb.on_train_start(enc, opt)
 
-            shutil.rmtree(out_dir / "best", ignore_errors=True)
-            shutil.copytree(resume_dir / "best", out_dir / "best")
-        st = torch.load(resume_dir / "trainer_state.pt", map_location="cpu", weights_only=True)
-        opt.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
-        step, best_dev, history = int(st["step"]), float(st["best_dev"]), json.loads(st["history_json"])
-        torch.set_rng_state(st["rng"])
-        hist_file = resume_dir / "history.json"
-        resumes = (json.loads(hist_file.read_text())["resumed_at"] if hist_file.exists() else []) + [step]
-
-    writer = None
-    if tb_dir is not None and dist.rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(str(tb_dir))
+    main = dist.rank == 0
+    log = _Log(total, state.step, tb_dir if main else None, progress and main)
     pad = enc.tokenizer.pad_token_id or 0
-    bar = None
-    if progress and dist.rank == 0:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=total, initial=step, desc="simcse", unit="step")
     lo, hi = dist.rank * tc.batch_size // dist.world_size, (dist.rank + 1) * tc.batch_size // dist.world_size
-    seen, t_train, best_dir = 0, 0.0, (out_dir / "best") if (out_dir / "best").exists() else None
-    loss_v = float("nan")
+    seen, t_train = 0, 0.0
     for i, gb in enumerate(global_batches(len(corpus), tc.batch_size, tc.epochs, tc.seed)):
         if i >= total:
             break
-        if i < step:  # resumed: skip batches already trained on
+        if i < state.step:  # resumed: skip batches already trained on
             continue
         t0 = time.perf_counter()
         local = gb[lo * len(gb) // tc.batch_size: hi * len(gb) // tc.batch_size]
-        batch = collate([corpus[int(j)] for j in local], pad)
-        loss = simcse_loss(model, batch, tc.temperature, device, dist.gather, tc.precision)
-        if not torch.isfinite(loss):
-            raise SparseCSEError(f"training loss became non-finite ({loss.item()}) at step {step}; "
-                                 "lower train.lr or check the data")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        step += 1
-        loss_v = loss.item()
+        loss = train_step(model, opt, sched, collate([corpus[int(j)] for j in local], pad), tc, device, dist.gather)
+        state.step += 1
         t_train += time.perf_counter() - t0
         seen += len(gb)
-        if bar:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_v:.4f}")
-        if writer:
-            writer.add_scalar("train/loss", loss_v, step)
-            writer.add_scalar("train/lr", sched.get_last_lr()[0], step)
-        if step % tc.eval_steps == 0 or step == total:
-            rec = {"step": step, "loss": loss_v, "stsb_dev": float("nan")}
-            ckpt = None
-            if dist.rank == 0:
-                dev_score = evaluate_pairs(enc, dev, pooler=cfg.model.eval_pooler)
-                rec["stsb_dev"] = dev_score
-                if dev_score > best_dev:
-                    best_dev = dev_score
-                    best_dir = save_encoder(enc, out_dir / "best", {**meta, "step": step, "stsb_dev": dev_score,
-                                                                    "config": cfg.to_dict()})
-                rec["best_stsb_dev"] = best_dev
-                history.append(rec)
-                ckpt = _save_latest(out_dir, enc, opt, sched, step, best_dev, history, resumes)
-                if writer:
-                    writer.add_scalar("eval/stsb_dev", dev_score, step)
+        log.step(state.step, loss, sched.get_last_lr()[0])
+        if state.step % tc.eval_steps == 0 or state.step == total:
+            rec, ckpt = {"step": state.step, "loss": loss, "stsb_dev": float("nan")}, None
+            if main:
+                rec, ckpt = evaluate_and_checkpoint(enc, state, dev, cfg, out_dir, meta, opt, sched, loss)
+                log.eval(state.step, rec["stsb_dev"])
             dist.barrier()
-            if report:
-                report(rec, ckpt)
-    if bar:
-        bar.close()
-    if writer:
-        writer.close()
-    if dist.rank == 0:
+            for cb in callbacks:
+                cb.on_report(rec, ckpt)
+    log.close()
+    if main:
         atomic_write_text(out_dir / "config.yaml", cfg.to_yaml())
-    return TrainResult(best_dir=best_dir, best_dev=best_dev, steps=step, history=history,
-                       sentences_per_s=seen / t_train if t_train else 0.0)
+    best = out_dir / "best"
+    return TrainResult(best_dir=best if best.is_dir() else None, best_dev=state.best_dev, steps=state.step,
+                       history=state.history, sentences_per_s=seen / t_train if t_train else 0.0)

@@ -17,6 +17,7 @@ import numpy as np
 
 from . import SparseCSEError
 from .config import TRANSFER_TASKS
+from .data import norm_space, read_lines
 
 C_GRID = tuple(2.0 ** t for t in range(-2, 4))
 SEED = 1111
@@ -29,20 +30,10 @@ class Task:
     data: dict  # split -> (sentences or (s1, s2), labels)
 
 
-def _lines(path: Path, encoding: str = "utf-8") -> list[str]:
-    if not path.is_file():
-        raise SparseCSEError(f"{path}: file not found; check --data-dir or run `sparsecse data fetch`")
-    return path.read_text(encoding=encoding).splitlines()
-
-
-def _join(s: str) -> str:
-    return " ".join(s.split())
-
-
 def _binary(pos: Path, neg: Path, pos_label: int = 1) -> Task:
     # SentEval keeps every line, blank ones included (CR has 3,775 examples, MPQA 10,606)
-    p = [_join(x) for x in _lines(pos, "latin-1")]
-    n = [_join(x) for x in _lines(neg, "latin-1")]
+    p = [norm_space(x) for x in read_lines(pos, "latin-1")]
+    n = [norm_space(x) for x in read_lines(neg, "latin-1")]
     return Task("cv", {"all": (p + n, np.array([pos_label] * len(p) + [1 - pos_label] * len(n)))})
 
 
@@ -61,11 +52,11 @@ def load_task(data_dir: Path, task: str) -> Task:
         for split in ("train", "dev", "test"):
             path = d / "SST" / "binary" / f"sentiment-{split}"
             xs, ys = [], []
-            for i, line in enumerate(_lines(path), start=1):
+            for i, line in enumerate(read_lines(path), start=1):
                 cols = line.strip().split("\t")
                 if len(cols) != 2 or cols[1] not in ("0", "1"):
                     raise SparseCSEError(f"{path}:{i}: expected 'sentence<TAB>0|1', got {line[:60]!r}")
-                xs.append(_join(cols[0]))
+                xs.append(norm_space(cols[0]))
                 ys.append(int(cols[1]))
             data[split] = (xs, np.array(ys))
         return Task("dev", data)
@@ -74,14 +65,14 @@ def load_task(data_dir: Path, task: str) -> Task:
         for split, name in (("train", "train_5500.label"), ("test", "TREC_10.label")):
             path = d / "TREC" / name
             xs, ys = [], []
-            for i, line in enumerate(_lines(path, "latin-1"), start=1):
+            for i, line in enumerate(read_lines(path, "latin-1"), start=1):
                 if not line.strip():
                     continue
                 target, _, rest = line.strip().partition(":")
                 if target not in TREC_CLASSES or " " not in rest:
                     raise SparseCSEError(f"{path}:{i}: expected 'LABEL:fine question' with LABEL in "
                                          f"{'/'.join(TREC_CLASSES)}, got {line[:60]!r}")
-                xs.append(_join(rest.split(" ", 1)[1]))
+                xs.append(norm_space(rest.split(" ", 1)[1]))
                 ys.append(TREC_CLASSES.index(target))
             data[split] = (xs, np.array(ys))
         return Task("train_test", data)
@@ -90,14 +81,14 @@ def load_task(data_dir: Path, task: str) -> Task:
         for split in ("train", "test"):
             path = d / "MRPC" / f"msr_paraphrase_{split}.txt"
             s1, s2, ys = [], [], []
-            for i, line in enumerate(_lines(path, "utf-8-sig"), start=1):
+            for i, line in enumerate(read_lines(path, "utf-8-sig"), start=1):
                 if i == 1:
                     continue
                 cols = line.strip().split("\t")
                 if len(cols) < 5 or cols[0] not in ("0", "1"):
                     raise SparseCSEError(f"{path}:{i}: expected 'Quality<TAB>id<TAB>id<TAB>s1<TAB>s2' with Quality 0|1")
-                s1.append(_join(cols[3]))
-                s2.append(_join(cols[4]))
+                s1.append(norm_space(cols[3]))
+                s2.append(norm_space(cols[4]))
                 ys.append(int(cols[0]))
             data[split] = ((s1, s2), np.array(ys))
         return Task("pairs", data)
@@ -212,18 +203,9 @@ def _subsample(task: Task, n: int) -> Task:
     return Task(task.kind, out)
 
 
-def format_transfer_table(res: dict, tasks=TRANSFER_TASKS) -> str:
-    """The paper's Table 2 layout: MR CR SUBJ MPQA SST TREC MRPC Avg."""
-    names = [("SST" if t == "SST2" else t) for t in tasks] + ["Avg."]
-    vals = [f"{res[t]:.2f}" for t in tasks] + [f"{res['avg']:.2f}"]
-    w = [max(len(a), len(b)) for a, b in zip(names, vals)]
-    return "\n".join([" | ".join(a.rjust(n) for a, n in zip(names, w)), "-+-".join("-" * n for n in w),
-                      " | ".join(b.rjust(n) for b, n in zip(vals, w))])
-
-
 def format_transfer_markdown(rows: dict[str, dict]) -> str:
+    from .tables import label, render
+
     tasks = [t for t in TRANSFER_TASKS if any(t in r for r in rows.values())]
-    head = "| Model | " + " | ".join("SST" if t == "SST2" else t for t in tasks) + " | Avg. |"
-    sep = "|---|" + "---:|" * (len(tasks) + 1)
-    body = [f"| {name} | " + " | ".join(f"{r[t]:.2f}" for t in tasks) + f" | {r['avg']:.2f} |" for name, r in rows.items()]
-    return "\n".join([head, sep, *body])
+    return render(["Model", *(label(t) for t in [*tasks, "avg"])],
+                  [[name, *(r[t] for t in [*tasks, "avg"])] for name, r in rows.items()])

@@ -7,8 +7,6 @@ and the inputs every node is given (the model and data dir, under /var/tmp, as a
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import secrets
 import shutil

@@ -1,6 +1,6 @@
 """Reliability: faults survived, failures reported, nothing half-written (issue: reliability and security).
 
-Faults are injected through SPARSECSE_FAULT (see sparsecse.sweep._faults); each test runs a real sweep of the
+Faults are injected by a training callback the workers load (tests/faults.py, SPARSECSE_FAULT); each test runs a real sweep of the
 tiny model on a local Ray."""
 
 from __future__ import annotations

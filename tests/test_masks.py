@@ -5,7 +5,7 @@ import copy
 import torch
 
 from conftest import make_batch
-from sparsecse.export import physical_prune
+from sparsecse.prune import physical_prune
 from sparsecse.prune import zero_pruned_weights
 
 

@@ -99,7 +99,7 @@ def test_packed_forward_trains_with_dropout(tiny):
 @pytest.mark.parametrize("pooler", ["cls_before_pooler", "avg"])
 def test_packed_forward_on_a_physically_pruned_model(tiny, pooler):
     """Narrower layers and a layer with no heads left (the export's shapes) run padding-free too."""
-    from sparsecse.export import physical_prune
+    from sparsecse.prune import physical_prune
     from sparsecse.prune import zero_pruned_weights
 
     hm = torch.ones_like(tiny.head_mask)

@@ -125,7 +125,7 @@ def test_simcse_training_keeps_pruned_units_exactly_zero_and_checkpoints(tiny_mo
     nm = torch.ones(2, 37)
     nm[0, :10] = 0
     enc = rewind(str(tiny_model_dir), hm, nm)
-    res = train_simcse(cfg, tmp_path / "run", tiny_data_dir, init=enc, head_mask=hm, neuron_mask=nm, progress=False)
+    res = train_simcse(cfg, tmp_path / "run", tiny_data_dir, init=enc, progress=False)
     assert res.steps == 4 and res.best_dir is not None
     assert [h["step"] for h in res.history] == [3, 4]
     best = load_encoder(str(res.best_dir))
@@ -140,13 +140,13 @@ def test_simcse_training_keeps_pruned_units_exactly_zero_and_checkpoints(tiny_mo
 
 
 def test_training_resumes_from_latest_checkpoint(tiny_model_dir, tiny_data_dir, tmp_path):
-    from sparsecse.train import train_simcse
+    from sparsecse.train import OnReport, train_simcse
 
     cfg = _tiny_cfg(tiny_model_dir, max_steps=6, dropout=0.0)
     full = train_simcse(cfg, tmp_path / "a", tiny_data_dir, progress=False)
     stop = _stop_after(3)
     with pytest.raises(stop.Stop):  # the process "dies" right after the step-3 checkpoint
-        train_simcse(cfg, tmp_path / "b", tiny_data_dir, progress=False, report=stop)
+        train_simcse(cfg, tmp_path / "b", tiny_data_dir, progress=False, callbacks=[OnReport(stop)])
     resumed = train_simcse(cfg, tmp_path / "b", tiny_data_dir, progress=False, resume_dir=tmp_path / "b" / "latest")
     assert [h["step"] for h in resumed.history] == [3, 6]
     a = load_encoder(str(tmp_path / "a" / "latest" / "model")).backbone.state_dict()
@@ -214,7 +214,7 @@ def test_export_round_trips_through_automodel_and_sentence_transformers(tiny_mod
     with torch.no_grad():
         assert torch.allclose(via_lib(tok["input_ids"], tok["attention_mask"]), ref, atol=1e-5)
     card = (out / "README.md").read_text()
-    assert "sparsity 30%" in card and "λ=0.5" in card and "STSBenchmark" in card
+    assert "sparsity 30%" in card and "λ=0.5" in card and "| STS-B | Avg. |" in card
     assert (out / "manifest.json").exists()
 
 
@@ -287,5 +287,5 @@ def test_bf16_precision_trains_under_autocast_and_stays_close_to_fp32(tiny_model
     cfg = _tiny_cfg(tiny_model_dir, max_steps=2, precision="bf16")
     res = train_simcse(cfg, tmp_path / "bf16", tiny_data_dir, progress=False)
     assert res.steps == 2 and all(np.isfinite(h["stsb_dev"]) for h in res.history)
-    with pytest.raises(SparseCSEError, match=r"train\.precision.*fp32 or bf16"):
+    with pytest.raises(SparseCSEError, match=r"train\.precision.*not one of fp32, bf16"):
         load_config(None, ["train.precision=fp16"])

@@ -15,7 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -41,8 +40,14 @@ ray: {{num_workers: 1, cpus_per_worker: 1, num_cpus: 2}}
 
 
 def _sweep(cfg: Path, out: Path, data: Path, *extra, env=None) -> subprocess.CompletedProcess:
+    """`sparsecse sweep` in a subprocess on a fresh local Ray; faults (tests/faults.py) fire as `env` says."""
     e = {**os.environ, "SPARSECSE_DASHBOARD": "0", "RAY_ADDRESS": "", **(env or {})}
     e.pop("RAY_ADDRESS")
+    if "SPARSECSE_FAULT" in e:
+        import faults
+
+        tests = str(Path(faults.__file__).parent)
+        e.update(faults.ENV, PYTHONPATH=os.pathsep.join(filter(None, [tests, e.get("PYTHONPATH")])))
     return subprocess.run([sys.executable, "-m", "sparsecse", "sweep", str(cfg), "--out", str(out),
                            "--data-dir", str(data), *extra], capture_output=True, text=True, env=e, timeout=900)
 

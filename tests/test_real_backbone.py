@@ -63,7 +63,7 @@ def test_a_few_simcse_steps_lower_the_loss(data_dir, tmp_path):
 def test_thirty_percent_physical_export_has_thirty_percent_fewer_layer_params(tmp_path):
     import numpy as np
 
-    from sparsecse.export import physical_prune
+    from sparsecse.prune import physical_prune
     from sparsecse.prune import rewind, select_masks
 
     rng = np.random.default_rng(0)
