@@ -22,8 +22,7 @@ def test_bench_train_three_arms(tiny_data_dir):
     for k in ("ours_sent_s", "before_sent_s", "peer_sent_s", "ratio", "speedup_vs_before", "ours_model_gflops",
               "matmul_peak_gflops"):
         assert math.isfinite(r[k]) and r[k] > 0, k
-    assert 0 <= r["padding_fraction"] < 1
-    assert r["mfu"] == pytest.approx(r["ours_model_gflops"] / r["matmul_peak_gflops"])
+    assert 0 <= r["padding_fraction"] < 1 and 0 < r["mfu"] < 1  # no arm can beat the measured matmul peak
     assert f"| {r['ours_sent_s']:.1f} | {r['before_sent_s']:.1f} | {r['peer_sent_s']:.1f} | {r['ratio']:.2f}× |" in _md(r)
 
 
@@ -41,9 +40,7 @@ def test_bench_eval_peer_and_ours_agree(tiny_data_dir):
     assert r["ours_s"] > 0 and r["peer_s"] > 0 and r["before_s"] > 0
     # the work accounting: the peer encodes both sides of every pair, padded; ours each unique sentence, unpadded
     assert r["encodes_ours"] <= r["encodes_peer"] and r["tokens_ours"] < r["token_slots_peer"]
-    assert r["work_ratio"] == pytest.approx(r["token_slots_peer"] / r["tokens_ours"]) and r["work_ratio"] > 1
-    assert r["flops_peer"] > r["flops_ours"] > 0
-    assert r["ours_model_gflops"] == pytest.approx(r["flops_ours"] / r["ours_s"] / 1e9)
+    assert r["work_ratio"] > 1 and r["flops_peer"] > r["flops_ours"] > 0
     assert 0 < r["peer_executed_gflops"] and 0 < r["matmul_peak_gflops"]
     assert f"| STSBenchmark SICKRelatedness | {r['ours_s']:.1f} s | {r['before_s']:.1f} s | {r['peer_s']:.1f} s |" in _md(r)
 
@@ -53,3 +50,26 @@ def test_bench_inference_pruned_vs_dense(tiny_data_dir, tmp_path):
     (pt,) = r["points"]
     assert pt["params_pruned"] < pt["params_dense"] and pt["speedup"] > 0
     assert f"| 30.0 % | {pt['params_pruned'] / 1e6:.1f} M / {pt['params_dense'] / 1e6:.1f} M |" in _md(r)
+
+
+def test_flop_accounting_matches_torch_flop_counter(tiny):
+    """fwd_flops / train_flops_per_step against what torch's FlopCounterMode counts on a real forward/backward of
+    the tiny BERT (all tokens real, so padded = real)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = tiny.backbone.config
+    B, T = 3, 7
+    ids = torch.randint(5, cfg.vocab_size, (B, T))
+    att = torch.ones(B, T, dtype=torch.long)
+    tiny.packed = False  # the padded forward: every slot computed, as the formula counts
+    tiny.backbone.config._attn_implementation = "eager"  # attention as matmuls the counter sees (CPU SDPA: not)
+    tiny.eval()
+    with FlopCounterMode(display=False) as fwd:
+        tiny.backbone(input_ids=ids, attention_mask=att)
+    assert bench.fwd_flops(cfg, B * T, T) == pytest.approx(fwd.get_total_flops(), rel=1e-6)
+    tiny.train()
+    with FlopCounterMode(display=False) as step:
+        tiny.backbone(input_ids=ids, attention_mask=att).last_hidden_state.sum().backward()
+    # backward ≈ 2× forward (the embedding's gradient is not a matmul; the first layer's input gradient is)
+    assert bench.train_flops_per_step(cfg, B * T, T) == pytest.approx(step.get_total_flops(), rel=0.05)

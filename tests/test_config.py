@@ -1,9 +1,8 @@
-import dataclasses
 
 import pytest
 
 from sparsecse import SparseCSEError
-from sparsecse.config import Config, config_from_dict, load_config
+from sparsecse.config import config_from_dict, load_config
 
 
 def test_round_trip_through_yaml(tmp_path):
@@ -15,9 +14,12 @@ def test_round_trip_through_yaml(tmp_path):
     assert again.train.lr == 1e-4 and again.sweep.sparsities == (0.0, 0.1)
 
 
-def test_configs_are_frozen():
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        Config().train.lr = 1.0
+def test_a_bad_value_in_a_file_names_the_file_and_the_key(tmp_path):
+    p = tmp_path / "study.yaml"
+    p.write_text("train:\n  precision: fp16\n")
+    with pytest.raises(SparseCSEError) as e:
+        load_config(p)
+    assert "study.yaml" in str(e.value) and "train.precision" in str(e.value) and "fp32, bf16" in str(e.value)
 
 
 def test_repository_sweep_configs_load():

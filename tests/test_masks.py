@@ -13,13 +13,19 @@ def _hidden(enc, ids, att):
     return enc.backbone(input_ids=ids, attention_mask=att).last_hidden_state
 
 
-def test_all_ones_masks_are_exactly_the_unmasked_model(tiny):
+def test_masks_act_on_their_own_model_and_reset_exactly(tiny):
+    """The hooks read the mask of the encoder they belong to, also after copy.deepcopy (each copy masks itself
+    only), and setting the masks back to ones restores the unmasked output bit for bit."""
     ids, att = make_batch(tiny)
     ref = _hidden(tiny, ids, att)
-    for h in tiny._hooks:
-        h.remove()
-    plain = _hidden(tiny, ids, att)
-    assert torch.equal(ref, plain)
+    other = copy.deepcopy(tiny)
+    hm = torch.ones_like(tiny.head_mask)
+    hm[0, 1] = 0
+    other.set_masks(head_mask=hm)
+    assert not torch.allclose(_hidden(other, ids, att), ref, atol=1e-4)  # the copy's hook reads the copy's mask
+    assert torch.equal(_hidden(tiny, ids, att), ref)  # ... and the original is untouched
+    other.set_masks(head_mask=torch.ones_like(hm))
+    assert torch.equal(_hidden(other, ids, att), ref)
 
 
 def test_all_ones_masks_with_gradients_on_are_exact(tiny):
