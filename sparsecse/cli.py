@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from . import SparseCSEError, TrialsFailed, __version__
-from .config import POOLERS, STS_TASKS, TRANSFER_TASKS
+from .config import POOLERS, STS_TASKS, TRANSFER_TASKS, ScoreConfig, TrainConfig
 
 
 def _tasks(spec: list[str] | None) -> tuple[list[str], list[str]]:
@@ -110,6 +110,7 @@ def cmd_score(a) -> int:
     enc = load_encoder(a.model)
     pairs = load_stsb(data_dir, a.split)
     scores = compute_scores(enc, pairs, batch_size=a.batch_size, max_pairs=a.max_pairs, seed=a.seed,
+                            threshold=a.threshold, max_len=a.max_len,
                             pooler=a.pooler or enc.meta.get("eval_pooler", "cls_before_pooler"),
                             progress=True)
     save_scores(scores, a.out)
@@ -139,9 +140,10 @@ def cmd_prune(a) -> int:
     if init_fp and init_fp != weights_fingerprint(pre):
         raise SparseCSEError(f"{a.scores}: scores come from a model trained from a different pre-trained checkpoint "
                              f"than --pretrained {a.pretrained}; rewind to the checkpoint training started from")
-    head, neuron = scores.importance(a.lam)
+    head, neuron = scores.importance(a.lam, cfg.score.combine, cfg.score.normalize)
     enc = rewind(pre, *select_masks(head, neuron, a.sparsity))
-    meta = {"sparsity": a.sparsity, "lam": a.lam, "pretrained": a.pretrained, "scores": str(a.scores),
+    meta = {"sparsity": a.sparsity, "lam": a.lam, "combine": cfg.score.combine, "normalize": cfg.score.normalize,
+            "pretrained": a.pretrained, "scores": str(a.scores),
             "scores_fingerprint": scores.meta.get("model_fingerprint"), "eval_pooler": cfg.model.eval_pooler}
     if a.retrain:
         from .train import train_simcse
@@ -229,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split", default="train", choices=["train", "dev", "test"])
     s.add_argument("--pooler", choices=poolers)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--max-len", type=int, default=TrainConfig.max_len,
+                   help="truncate as training and the sweep's scoring do (train.max_len; default %(default)s)")
+    s.add_argument("--threshold", type=float, default=ScoreConfig.positive_threshold,
+                   help="STS-B gold at or above this makes a pair positive for L_align (score.positive_threshold)")
     s.add_argument("--threads", type=int)
     s.set_defaults(fn=cmd_score)
 

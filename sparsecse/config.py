@@ -20,6 +20,10 @@ from . import SparseCSEError
 Pooler = Literal["cls", "cls_before_pooler", "avg"]
 POOLERS: tuple[str, ...] = get_args(Pooler)
 Precision = Literal["fp32", "bf16"]
+# align_uniform: the paper's Taylor score of λ·L_align + (1−λ)·L_uniform; random: a seeded random ranking (one
+# draw per seed); magnitude: the L2 norm of each head's / neuron's weights in the pre-trained model
+Scorer = Literal["align_uniform", "random", "magnitude"]
+SCORERS: tuple[str, ...] = get_args(Scorer)
 STS_TASKS = ("STS12", "STS13", "STS14", "STS15", "STS16", "STSBenchmark", "SICKRelatedness")
 TRANSFER_TASKS = ("MR", "CR", "SUBJ", "MPQA", "SST2", "TREC", "MRPC")
 # The paper's grid (§3.1): sparsity 0 (rewound SimCSE control), 1..10 %, 20..50 %; λ ∈ {0.25, 0.5, 0.75}.
@@ -89,6 +93,9 @@ class ScoreConfig:
     max_pairs: int | None = None
     positive_threshold: float = 4.0  # STS-B pairs with gold >= this are positives for L_align (SimCSE §5)
     seed: int = 0
+    # how the two objectives and the layers meet (the paper leaves both open; see score.importance):
+    combine: Literal["gradient", "score"] = "gradient"  # E|λ·g_align + (1−λ)·g_uniform| | λ·E|g_align| + (1−λ)·E|g_uniform|
+    normalize: Literal["none", "layer"] = "none"  # "layer": each layer's scores L2-normalised before ranking (StarK)
 
     def __post_init__(self):
         _check(self.batch_size >= 2, "score.batch_size", "must be >= 2")
@@ -120,6 +127,10 @@ class SweepConfig:
     scheduler: Literal["none", "asha"] = "none"
     export_best: bool = True
     allow_failed_trials: bool = False  # false: a sweep with failed trials exits 1 (after writing its report)
+    # how masks are chosen, one grid dimension: the paper's score and the controls it must beat at equal budget
+    scorers: tuple[Scorer, ...] = ("align_uniform",)
+    select_lam: float | None = None  # select among this λ only (the paper's main table: 0.5); others still reported
+    when_control_wins: Literal["export_control", "export_nothing"] = "export_control"  # s = 0 best on dev
 
     def __post_init__(self):
         _check(len(self.sparsities) > 0, "sweep.sparsities", "needs at least one value")
@@ -134,6 +145,10 @@ class SweepConfig:
         _check(self.max_failures >= 0, "sweep.max_failures", "must be >= 0")
         _check(self.max_concurrent_trials is None or self.max_concurrent_trials >= 1,
                "sweep.max_concurrent_trials", "must be >= 1 or null")
+        _check(len(self.scorers) > 0 and len(set(self.scorers)) == len(self.scorers), "sweep.scorers",
+               "needs at least one scorer, each once")
+        _check(self.select_lam is None or self.select_lam in self.lams, "sweep.select_lam",
+               f"{self.select_lam} is not one of sweep.lams {list(self.lams)}")
 
 
 @dataclass(frozen=True)

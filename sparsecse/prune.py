@@ -37,6 +37,26 @@ def select_masks(head_scores: np.ndarray, neuron_scores: np.ndarray, sparsity: f
     return lowest_mask(head_scores, sparsity), lowest_mask(neuron_scores, sparsity)
 
 
+def masks_for(scorer: str, sparsity: float, lam: float, seed: int, *, scores=None, pretrained: Encoder,
+              combine: str = "gradient", normalize: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
+    """The (head, neuron) masks a grid point trains with: the paper's score (`scores` at λ, read as `combine` /
+    `normalize` say), or a control at the same sparsity — a seeded random ranking, or weight magnitude in the
+    pre-trained model."""
+    from .score import magnitude_importance, random_importance
+
+    if scorer == "align_uniform":
+        if scores is None:
+            raise SparseCSEError("scorer align_uniform needs the importance scores (scores.parquet)")
+        head, neuron = scores.importance(lam, combine, normalize)
+    elif scorer == "random":
+        head, neuron = random_importance(*pretrained.head_mask.shape, pretrained.neuron_mask.shape[1], seed)
+    elif scorer == "magnitude":
+        head, neuron = magnitude_importance(pretrained)
+    else:
+        raise SparseCSEError(f"scorer {scorer!r}: choose align_uniform, random or magnitude")
+    return select_masks(head, neuron, sparsity)
+
+
 @torch.no_grad()
 def zero_pruned_weights(enc: Encoder) -> None:
     """Zero every weight that only feeds masked units, so the dense checkpoint equals the masked model."""

@@ -217,7 +217,7 @@ def grid_rows(grid, storage: "Storage") -> list[dict]:
     rows = []
     for r in grid:
         cfg = (r.config or {}).get("point", {})
-        rows.append({"config": cfg, "metrics": dict(r.metrics or {}),
+        rows.append({"config": {"scorer": "align_uniform", **cfg}, "metrics": dict(r.metrics or {}),
                      "error": None if r.error is None else _root_cause(r.error),
                      "checkpoint": storage.rel(r.checkpoint.path) if r.checkpoint is not None else None})
     return rows

@@ -17,24 +17,34 @@ from .tables import label, render
 from .stages import point_name
 
 
-def select(rows: list[dict]) -> dict | None:
-    """The (sparsity, λ) with the highest STS-B dev Spearman averaged over seeds — never test.
+def _finished(r: dict) -> bool:
+    m = r["metrics"]
+    return not r["error"] and bool(m.get("done")) and math.isfinite(m.get("best_stsb_dev", float("nan")))
 
-    Only finished trials count; pruned points (sparsity > 0) are preferred over the rewound control when any exist.
-    Ties go to the lower sparsity, then the lower λ.
-    """
+
+def _scorer(r: dict) -> str:
+    return r["config"].get("scorer", "align_uniform")
+
+
+def select(rows: list[dict], select_lam: float | None = None) -> dict | None:
+    """The grid point with the highest STS-B dev Spearman averaged over seeds — never test — among the paper's
+    points (scorer align_uniform; λ = `select_lam` only, when set) **and the s = 0 control**: when the control
+    is best on dev, pruning did not help and the selection says so (`control_won`). Ties go to the lower
+    sparsity (the control first), then the lower λ. The control scorers (random, magnitude) are never selected."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        m = r["metrics"]
-        if r["error"] or not m.get("done") or not math.isfinite(m.get("best_stsb_dev", float("nan"))):
+        c = r["config"]
+        if not _finished(r) or _scorer(r) != "align_uniform":
             continue
-        groups.setdefault((r["config"]["sparsity"], r["config"]["lam"]), []).append(r)
+        if c["sparsity"] > 0 and select_lam is not None and c["lam"] != select_lam:
+            continue
+        groups.setdefault((c["sparsity"], 0.0 if c["sparsity"] == 0 else c["lam"]), []).append(r)
     if not groups:
         return None
-    pruned = {k: v for k, v in groups.items() if k[0] > 0} or groups
-    key = max(pruned, key=lambda k: (np.mean([r["metrics"]["best_stsb_dev"] for r in pruned[k]]), -k[0], -k[1]))
-    members = pruned[key]
-    return {"sparsity": key[0], "lam": key[1], **_seed_stats(members)}
+    key = max(groups, key=lambda k: (np.mean([r["metrics"]["best_stsb_dev"] for r in groups[k]]), -k[0], -k[1]))
+    members = groups[key]
+    return {"sparsity": key[0], "lam": members[0]["config"]["lam"], "control_won": key[0] == 0,
+            "candidates": len(groups), **_seed_stats(members)}
 
 
 def sample_std(xs) -> float | None:
@@ -55,8 +65,7 @@ def _seed_stats(members: list[dict]) -> dict:
 
 def control(rows: list[dict]) -> dict | None:
     """The rewound SimCSE control (sparsity 0, retrained per seed) over its finished seeds: SimCSE's seed spread."""
-    members = [r for r in rows if not r["error"] and r["metrics"].get("done") and r["config"]["sparsity"] == 0
-               and math.isfinite(r["metrics"].get("best_stsb_dev", float("nan")))]
+    members = [r for r in rows if _finished(r) and r["config"]["sparsity"] == 0]
     if not members:
         return None
     # one control per seed: with several λ values in the grid the s = 0 point is run once per seed
@@ -64,6 +73,81 @@ def control(rows: list[dict]) -> dict | None:
     for r in sorted(members, key=lambda r: r["config"]["lam"]):
         by_seed.setdefault(r["config"]["seed"], r)
     return _seed_stats([by_seed[k] for k in sorted(by_seed)])
+
+
+def paired(a: dict, b: dict) -> dict:
+    """Paired comparison over the seeds both have ({seed: value}): mean and sample std of a − b, and a two-sided
+    paired t-test; "within noise" unless p < 0.05. One shared seed gives a difference but no verdict."""
+    seeds = sorted(set(a) & set(b))
+    d = [a[k] - b[k] for k in seeds]
+    out = {"n": len(d), "diff": float(np.mean(d)) if d else None, "std": sample_std(d), "p": None}
+    if len(d) < 2:
+        out["verdict"] = "one seed: no spread, no claim" if d else "no shared seeds"
+        return out
+    if out["std"] == 0:
+        out["p"] = 1.0 if out["diff"] == 0 else 0.0
+    else:
+        from scipy.stats import ttest_rel
+
+        out["p"] = float(ttest_rel([a[k] for k in seeds], [b[k] for k in seeds]).pvalue)
+    out["verdict"] = "within noise" if out["p"] >= 0.05 else ("better" if out["diff"] > 0 else "worse")
+    return out
+
+
+def comparisons(rows: list[dict], select_lam: float | None = None, metric: str = "test/avg") -> list[dict]:
+    """At every sparsity > 0, each mask-choosing method at the same retraining budget — the paper's score (at the
+    λ best on dev at that sparsity, or `select_lam`), random, magnitude — with `metric` over seeds and paired
+    against the s = 0 control and against random at the same sparsity."""
+    fin = [r for r in rows if _finished(r)]
+    ctrl = {r["config"]["seed"]: r["metrics"][metric] for r in fin if r["config"]["sparsity"] == 0}
+    out = []
+    for sp in sorted({r["config"]["sparsity"] for r in fin if r["config"]["sparsity"] > 0}):
+        at = [r for r in fin if r["config"]["sparsity"] == sp]
+        by_method: dict[str, list[dict]] = {}
+        ours = [r for r in at if _scorer(r) == "align_uniform"]
+        if ours:
+            lams = sorted({r["config"]["lam"] for r in ours})
+            lam = select_lam if select_lam in lams else max(
+                lams, key=lambda x: np.mean([r["metrics"]["best_stsb_dev"] for r in ours if r["config"]["lam"] == x]))
+            by_method["align_uniform"] = [r for r in ours if r["config"]["lam"] == lam]
+        for m in ("random", "magnitude"):
+            if any(_scorer(r) == m for r in at):
+                by_method[m] = [r for r in at if _scorer(r) == m]
+        rand = {r["config"]["seed"]: r["metrics"][metric] for r in by_method.get("random", [])}
+        for m, members in by_method.items():
+            vals = {r["config"]["seed"]: r["metrics"][metric] for r in members}
+            devs = [r["metrics"]["best_stsb_dev"] for r in members]
+            out.append({"sparsity": sp, "method": m, "lam": members[0]["config"]["lam"] if m == "align_uniform" else None,
+                        "seeds": sorted(vals), "dev_mean": float(np.mean(devs)), "dev_std": sample_std(devs),
+                        "mean": float(np.mean(list(vals.values()))), "std": sample_std(list(vals.values())),
+                        "vs_control": paired(vals, ctrl), "vs_random": paired(vals, rand) if m != "random" and rand else None})
+    return out
+
+
+def _pm1(mean: float, std: float | None) -> str:
+    return f"{mean:.2f}" + (f" ± {std:.2f}" if std is not None else "")
+
+
+def _vs(c: dict | None) -> str:
+    if not c or c["diff"] is None:
+        return "—"
+    p = f", p = {c['p']:.3f}" if c["p"] is not None else ""
+    return f"{c['diff']:+.2f}" + (f" ± {c['std']:.2f}" if c["std"] is not None else "") + f" (n = {c['n']}{p}: {c['verdict']})"
+
+
+def render_comparisons(comps: list[dict], ctrl: dict | None) -> list[str]:
+    """The controls section of report.md."""
+    if not comps:
+        return []
+    base = (f"the s = 0 control (rewound and retrained the same way) scores {_pm1(ctrl['test']['avg'], ctrl['test_std']['avg'])}"
+            f" over seeds {ctrl['seeds']}" if ctrl and "avg" in ctrl["test"] else "no s = 0 control finished")
+    return ["## Controls at equal budget (STS test avg, Spearman × 100)", "",
+            f"Every method retrains the same way from the same pre-trained weights; only how the mask is chosen differs. "
+            f"Mean ± sample std over seeds (ddof = 1); Δ is paired over shared seeds (two-sided paired t-test); {base}.",
+            "", render(["sparsity", "method", "λ", "seeds", "STS-B dev", "test avg", "Δ vs s = 0 control", "Δ vs random"],
+                       [[f"{c['sparsity']:.0%}", c["method"], "—" if c["lam"] is None else str(c["lam"]),
+                         str(len(c["seeds"])), _pm1(c["dev_mean"], c["dev_std"]), _pm1(c["mean"], c["std"]),
+                         _vs(c["vs_control"]), _vs(c["vs_random"])] for c in comps], left=2), ""]
 
 
 def _pm(mean: dict, std: dict, tasks: list[str]) -> dict:
@@ -148,13 +232,14 @@ def results_table(rows: list[dict], tasks: list[str]) -> list[dict]:
     flat = []
     for r in rows:
         m = r["metrics"]
-        flat.append({**{k: r["config"].get(k) for k in ("sparsity", "lam", "seed")}, "trial": point_name(r["config"]),
+        flat.append({**{k: r["config"].get(k) for k in ("sparsity", "lam", "seed")},
+                     "scorer": r["config"].get("scorer", "align_uniform"), "trial": point_name(r["config"]),
                      "status": "error" if r["error"] else ("done" if m.get("done") else "incomplete"),
                      "error": r["error"] or "", "best_stsb_dev": m.get("best_stsb_dev"),
                      **{f"test/{t}": m.get(f"test/{t}") for t in tasks},
                      "align": m.get("align"), "uniform": m.get("uniform"), "steps": m.get("step"),
                      "node_id": m.get("node_id"), "checkpoint": r.get("checkpoint")})
-    flat.sort(key=lambda x: (x["sparsity"], x["lam"], x["seed"]))
+    flat.sort(key=lambda x: (x["sparsity"], x["scorer"] != "align_uniform", x["scorer"], x["lam"], x["seed"]))
     return flat
 
 
@@ -178,15 +263,18 @@ def render_markdown(title: str, cfg: Config, rows: list[dict], flat: list[dict],
     done = [r for r in rows if not r["error"] and r["metrics"].get("done")]
     trow = [("SimCSE (stage 1, " + cfg.model.name + ")", baseline)]
     if selected:
-        trow.append((f"SparseCSE, dev-selected (s={selected['sparsity']:.0%}, λ={selected['lam']})", selected["test"]))
+        name = ("SimCSE control s=0, dev-selected (pruning did not win)" if selected["control_won"] else
+                f"SparseCSE, dev-selected (s={selected['sparsity']:.0%}, λ={selected['lam']})")
+        trow.append((name, selected["test"]))
     if done:
         best_per = {t: max(r["metrics"].get(f"test/{t}", -1e9) for r in done) for t in tasks}
         trow.append(("best per task over the grid (test-selected, for reference only)", best_per))
     md = [f"# SparseCSE sweep report — {title}", "",
           f"Backbone `{cfg.model.name}`; grid sparsity {list(cfg.sweep.sparsities)} × λ {list(cfg.sweep.lams)} × "
-          f"seeds {list(cfg.sweep.seeds)} ({len(flat)} trials, {failed} failed). "
+          f"seeds {list(cfg.sweep.seeds)}, mask scorers {list(cfg.sweep.scorers)} ({len(flat)} trials, {failed} failed). "
+          f"Importance: score.combine = {cfg.score.combine}, score.normalize = {cfg.score.normalize}. "
           "Selection uses STS-B **dev** (mean over seeds); test figures are reported, never used to choose.", "",
-          "## Test results (Spearman × 100)", "", _table(trow, tasks), ""]
+          *_selection_lines(selected, cfg), "## Test results (Spearman × 100)", "", _table(trow, tasks), ""]
     if selected and len(selected["seeds"]) > 1:
         seeds_rows = []
         if ctrl:
@@ -198,12 +286,13 @@ def render_markdown(title: str, cfg: Config, rows: list[dict], flat: list[dict],
                "Both rows retrain from the pre-trained weights with each seed under the same budget; the control keeps "
                "every head and neuron (sparsity 0), so the difference is the effect of the mask.", "",
                _table(seeds_rows, tasks), ""]
+    md += render_comparisons(comparisons(rows, cfg.sweep.select_lam), ctrl)
     md += ["## Alignment / uniformity (STS-B test; lower is better)", "",
            f"SimCSE: align {baseline['align']:.4f}, uniform {baseline['uniform']:.4f}", ""]
     g = lambda v: None if v is None else f"{v:.4f}"  # noqa: E731
     md += ["## All trials", "", render(
-        ["sparsity", "λ", "seed", "status", "STS-B dev", "test avg", "align", "uniform"],
-        [[x["sparsity"], str(x["lam"]), str(x["seed"]), f"{x['status']} {x['error'][:60]}", x["best_stsb_dev"],
+        ["sparsity", "scorer", "λ", "seed", "status", "STS-B dev", "test avg", "align", "uniform"],
+        [[x["sparsity"], x["scorer"], str(x["lam"]) if x["scorer"] == "align_uniform" else "—", str(x["seed"]), f"{x['status']} {x['error'][:60]}", x["best_stsb_dev"],
           x["test/avg"], g(x["align"]), g(x["uniform"])] for x in flat], left=0)]
     if transfer:
         from .transfer import format_transfer_markdown
@@ -211,6 +300,23 @@ def render_markdown(title: str, cfg: Config, rows: list[dict], flat: list[dict],
         md += ["", "## Transfer tasks (accuracy)", "", format_transfer_markdown(transfer)]
     md += ["" + line for name in figures for line in ("", f"![{name[:-4]}](figures/{name})")]
     return "\n".join(md) + "\n"
+
+
+def _selection_lines(selected: dict | None, cfg: Config) -> list[str]:
+    if not selected:
+        return ["No trial finished: nothing was selected.", ""]
+    lam = f" (λ fixed at {cfg.sweep.select_lam} for selection)" if cfg.sweep.select_lam is not None else ""
+    out = [f"Selection chose among {selected['candidates']} grid points{lam}, the s = 0 control included. "]
+    if selected["control_won"]:
+        what = "the control is exported" if cfg.sweep.when_control_wins == "export_control" else "nothing is exported"
+        out[0] += (f"**Pruning did not help on dev**: the s = 0 control has the best STS-B dev "
+                   f"({selected['dev_mean']:.2f}); {what} (`sweep.when_control_wins`).")
+    else:
+        out[0] += f"Selected: s = {selected['sparsity']:.0%}, λ = {selected['lam']}, STS-B dev {selected['dev_mean']:.2f}."
+    if "STSBenchmark" in selected["test"]:
+        gap = selected["dev_mean"] - selected["test"]["STSBenchmark"]
+        out[0] += f" Dev/test gap of the selected point (STS-B dev − STS-B test): {gap:+.2f}."
+    return out + [""]
 
 
 def render_html(md_text: str, figures: dict[str, bytes]) -> str:

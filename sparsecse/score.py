@@ -35,6 +35,51 @@ def combine(g_align: np.ndarray, g_uniform: np.ndarray, lam: float) -> np.ndarra
     return np.abs(lam * g_align + (1.0 - lam) * g_uniform).mean(axis=0)
 
 
+def per_layer_l2(x: np.ndarray) -> np.ndarray:
+    """(L, U) scores, each layer divided by its L2 norm (a layer of zeros stays zero): layers compete on shape,
+    not on scale."""
+    n = np.linalg.norm(x, axis=-1, keepdims=True)
+    return np.divide(x, n, out=np.zeros_like(x, dtype=np.float64), where=n > 0)
+
+
+def importance(g_align: np.ndarray, g_uniform: np.ndarray, lam: float, combine_how: str = "gradient",
+               normalize: str = "none") -> np.ndarray:
+    """(nb, L, U) per-batch gradients -> (L, U) importance, the two readings of the paper:
+
+    combine "gradient": E_b|λ·g_align + (1−λ)·g_uniform|, the Taylor score of the combined loss (the paper's text);
+    combine "score":    λ·N(E_b|g_align|) + (1−λ)·N(E_b|g_uniform|), each objective scored on its own (StarK's code);
+    normalize "layer":  N = per-layer L2 normalisation (for "gradient", of the combined score); "none": N = identity.
+    """
+    norm = per_layer_l2 if normalize == "layer" else (lambda x: x)
+    if combine_how == "gradient":
+        return norm(combine(g_align, g_uniform, lam))
+    if combine_how == "score":
+        return lam * norm(np.abs(g_align).mean(axis=0)) + (1.0 - lam) * norm(np.abs(g_uniform).mean(axis=0))
+    raise SparseCSEError(f"score.combine={combine_how!r}: choose gradient or score")
+
+
+def random_importance(layers: int, heads: int, intermediate: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The random control: i.i.d. uniform scores, one draw per seed (so seeds give different random masks)."""
+    rng = np.random.default_rng([seed, 0x5C5E])
+    return rng.random((layers, heads)), rng.random((layers, intermediate))
+
+
+@torch.no_grad()
+def magnitude_importance(enc: Encoder) -> tuple[np.ndarray, np.ndarray]:
+    """The magnitude control: a head's score is the L2 norm of every weight that only serves it (its Q/K/V rows and
+    biases, its columns of the output projection); a neuron's, of its FFN input row + bias and output column."""
+    a, cfg = enc.adapter, enc.backbone.config
+    d = cfg.hidden_size // cfg.num_attention_heads
+    heads, neurons = [], []
+    for layer in enc.layers:
+        sq = sum(a.get(layer, n).weight.pow(2).sum(1) + a.get(layer, n).bias.pow(2) for n in ("query", "key", "value"))
+        sq = sq + a.get(layer, "attn_out").weight.pow(2).sum(0)  # (H·d,)
+        heads.append(sq.view(-1, d).sum(1).sqrt())
+        inter, out = a.get(layer, "inter_dense"), a.get(layer, "ffn_out")
+        neurons.append((inter.weight.pow(2).sum(1) + inter.bias.pow(2) + out.weight.pow(2).sum(0)).sqrt())
+    return torch.stack(heads).double().cpu().numpy(), torch.stack(neurons).double().cpu().numpy()
+
+
 def score_loss(x: torch.Tensor, y: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(L_align over positive pairs — 0 if the batch has none —, L_uniform over all 2B sentences)."""
     l_align = alignment(x[pos], y[pos], log=True) if bool(pos.any()) else x.sum() * 0.0
@@ -50,10 +95,10 @@ class Scores:
     g_uniform_neuron: np.ndarray  # (nb, L, I)
     meta: dict
 
-    def importance(self, lam: float) -> tuple[np.ndarray, np.ndarray]:
-        """(head (L, H), neuron (L, I)) importance at λ."""
-        return (combine(self.g_align_head, self.g_uniform_head, lam),
-                combine(self.g_align_neuron, self.g_uniform_neuron, lam))
+    def importance(self, lam: float, combine: str = "gradient", normalize: str = "none") -> tuple[np.ndarray, np.ndarray]:
+        """(head (L, H), neuron (L, I)) importance at λ (see `importance` for combine/normalize)."""
+        return (importance(self.g_align_head, self.g_uniform_head, lam, combine, normalize),
+                importance(self.g_align_neuron, self.g_uniform_neuron, lam, combine, normalize))
 
 
 def data_fingerprint(pairs: Pairs) -> str:

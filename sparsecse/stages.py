@@ -23,7 +23,10 @@ from .storage import Storage, fetch_model, scratch_dir
 
 
 def point_name(p: dict) -> str:
-    return f"s{p['sparsity']:.3f}_l{p['lam']:.2f}_seed{p['seed']}"
+    """s0.100_l0.50_seed1 for the paper's score; s0.100_random_seed1 for a control scorer (λ-free)."""
+    scorer = p.get("scorer", "align_uniform")
+    mid = f"l{p['lam']:.2f}" if scorer == "align_uniform" or p["sparsity"] == 0 else scorer
+    return f"s{p['sparsity']:.3f}_{mid}_seed{p['seed']}"
 
 
 def setup_worker(threads: float) -> None:
@@ -106,12 +109,13 @@ def score_task(store_uri: str, model_rel: str, data_dir: str, cfg_dict: dict, th
 # --------------------------------------------------------------------------- stage 3: one Tune trial
 
 def trial(config: dict, *, store_uri: str, data_dir: str, cfg_dict: dict, scores) -> None:
-    """One (sparsity, λ, seed): masks from the shared scores, rewind, retrain with the mask fixed, evaluate the
-    best dev checkpoint on the STS test sets. Checkpoints go to storage through Tune; nothing stays on the node."""
+    """One (scorer, sparsity, λ, seed): masks from the shared scores (or a control scorer), rewind, retrain with the
+    mask fixed, evaluate the best dev checkpoint on the STS test sets. Checkpoints go to storage through Tune;
+    nothing stays on the node."""
     from . import ray_adapter as ra
     from .evaluate import evaluate_sts
     from .model import load_encoder
-    from .prune import rewind, select_masks
+    from .prune import masks_for, rewind
     from .train import OnReport, train_simcse
 
     p = config["point"]
@@ -120,10 +124,13 @@ def trial(config: dict, *, store_uri: str, data_dir: str, cfg_dict: dict, scores
     cfg = cfg.replace(train=type(cfg.train)(**{**cfg.to_dict()["train"], "seed": p["seed"]}))
     store = Storage(store_uri)
     setup_worker(cfg.sweep.trial_cpus)
-    hm, nm = select_masks(*scores.importance(p["lam"]), p["sparsity"])
-    base = {"sparsity": p["sparsity"], "lam": p["lam"], "seed": p["seed"], "trial": name, "done": False,
-            "node_id": ra.node_id()}
-    meta = {"sparsity": p["sparsity"], "lam": p["lam"], "seed": p["seed"], "pretrained": cfg.model.name,
+    scorer = p.get("scorer", "align_uniform")
+    pre = load_encoder(cfg.model.name, pooler=cfg.model.pooler, dropout=cfg.train.dropout)
+    hm, nm = masks_for(scorer, p["sparsity"], p["lam"], p["seed"], scores=scores, pretrained=pre,
+                       combine=cfg.score.combine, normalize=cfg.score.normalize)
+    base = {"sparsity": p["sparsity"], "lam": p["lam"], "seed": p["seed"], "scorer": scorer, "trial": name,
+            "done": False, "node_id": ra.node_id()}
+    meta = {"sparsity": p["sparsity"], "lam": p["lam"], "seed": p["seed"], "scorer": scorer, "pretrained": cfg.model.name,
             "scores": store.url("scores.parquet"), "scores_fingerprint": scores.meta["model_fingerprint"]}
 
     callbacks = [*installed_callbacks(name, 0, store),
@@ -131,7 +138,7 @@ def trial(config: dict, *, store_uri: str, data_dir: str, cfg_dict: dict, scores
     device = task_device(cfg.sweep.trial_gpus)
     with scratch_dir("trial") as tmp:
         resume = ra.tune_checkpoint(tmp / "resume")
-        init = None if resume else rewind(cfg.model.name, hm, nm, pooler=cfg.model.pooler, dropout=cfg.train.dropout)
+        init = None if resume else rewind(pre, hm, nm)
         res = train_simcse(cfg, tmp / "out", Path(data_dir), init=init, callbacks=callbacks, resume_dir=resume,
                            tb_dir=tmp / "tensorboard", progress=False, meta=meta, device=device)
         store.upload_dir(tmp / "tensorboard", f"tensorboard/{name}", replace=False)

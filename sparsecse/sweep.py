@@ -40,12 +40,18 @@ def _stage1_fp(cd: dict) -> str:
 
 
 def grid_points(cfg: Config) -> list[dict]:
-    """sparsity × λ × seed; sparsity 0 (the rewound SimCSE control) ignores λ, so it runs once per seed."""
+    """scorer × sparsity × λ × seed. Sparsity 0 (the rewound SimCSE control) masks nothing, so it runs once per
+    seed; the control scorers (random, magnitude) ignore λ, so they run once per (sparsity, seed)."""
     pts = []
     for seed in cfg.sweep.seeds:
         for s in cfg.sweep.sparsities:
-            for lam in (cfg.sweep.lams[:1] if s == 0 else cfg.sweep.lams):
-                pts.append({"sparsity": float(s), "lam": float(lam), "seed": int(seed)})
+            for scorer in (("align_uniform",) if s == 0 else cfg.sweep.scorers):
+                lams = cfg.sweep.lams if (s > 0 and scorer == "align_uniform") else cfg.sweep.lams[:1]
+                for lam in lams:
+                    p = {"sparsity": float(s), "lam": float(lam), "seed": int(seed)}
+                    if scorer != "align_uniform":  # the paper's points keep their names (and resume) as before
+                        p["scorer"] = scorer
+                    pts.append(p)
     return pts
 
 
@@ -220,6 +226,12 @@ def trials_stage(run: Run, scores) -> list[dict]:
     return ra.grid_rows(grid, run.store)
 
 
+def wants_export(selected: dict | None, cfg: Config) -> bool:
+    """Export the selection — the control too when it won on dev, unless sweep.when_control_wins says nothing."""
+    return bool(selected and cfg.sweep.export_best and not (
+        selected["control_won"] and cfg.sweep.when_control_wins == "export_nothing"))
+
+
 def evaluate_and_export_stage(run: Run, selected: dict | None) -> tuple[dict, dict | None]:
     """The SimCSE baseline (STS, and transfer when eval.transfer), the selected model's transfer tasks and its
     export, as Ray tasks at once; returns (baseline STS, transfer table or None)."""
@@ -231,7 +243,7 @@ def evaluate_and_export_stage(run: Run, selected: dict | None) -> tuple[dict, di
     if selected and cfg.eval.transfer:
         calls.append(("transfer evaluation", stages.evaluate_task, (store.uri, f"{selected['checkpoint']}/best", *common),
                       {"sts": False, "transfer": True, "threads": res[0], "gpus": res[1]}, *res))
-    if selected and cfg.sweep.export_best:
+    if wants_export(selected, cfg):
         calls.append(("export", stages.export_task, (store.uri, f"{selected['checkpoint']}/best", cfg.to_dict(),
                                                      selected.get("test"), res[0]), {}, res[0], 0))
     t0 = time.perf_counter()
@@ -251,7 +263,8 @@ def report_stage(run: Run, rows: list[dict], selected: dict | None, baseline: di
     summary = {"baseline": baseline, "selected": selected, "control": report.control(rows), "num_trials": len(rows),
                "failed": [{"trial": x["trial"], "error": x["error"]} for x in flat if x["status"] == "error"],
                "transfer": transfer, "storage": store.uri,
-               "export": store.url("export") if selected and cfg.sweep.export_best else None}
+               "export": store.url("export") if wants_export(selected, cfg) else None,
+               "comparisons": report.comparisons(rows, cfg.sweep.select_lam)}
     store.write_bytes("results.parquet", report.parquet_bytes(flat))
     store.write_json("results.json", {"trials": flat, **summary})
     done = any(not r["error"] and r["metrics"].get("done") for r in rows)
@@ -304,7 +317,7 @@ def run_sweep(config_path: str, overrides=None, resume: bool | str = False, addr
         train_stage(run)
         scores = score_stage(run)
         rows = trials_stage(run, scores)
-        selected = report.select(rows)
+        selected = report.select(rows, cfg.sweep.select_lam)
         baseline, transfer = evaluate_and_export_stage(run, selected)
         summary = report_stage(run, rows, selected, baseline, transfer)
         state.timings["total_s"] = time.perf_counter() - t_start
@@ -312,7 +325,10 @@ def run_sweep(config_path: str, overrides=None, resume: bool | str = False, addr
         run.save()
         store.write_json("summary.json", {**summary, "timings": state.timings, "stage_runs": state.stage_runs})
         print(f"[sweep] done: {store.url('report.md')}")
-        if selected:
+        if selected and selected["control_won"]:
+            print(f"[sweep] pruning did not help on dev: the s = 0 control is best (STS-B dev "
+                  f"{selected['dev_mean']:.2f}); export: {summary['export']}")
+        elif selected:
             print(f"[sweep] selected sparsity={selected['sparsity']} λ={selected['lam']} "
                   f"(STS-B dev {selected['dev_mean']:.2f}); export: {summary['export']}")
         check_failures(summary, cfg)

@@ -8,8 +8,8 @@ import pytest
 from sparsecse.report import _pm, _table, control, select
 
 
-def _row(s, lam, seed, dev, test_b, error=None, done=True):
-    return {"config": {"sparsity": s, "lam": lam, "seed": seed}, "error": error, "checkpoint": f"tune/t{s}_{lam}_{seed}/checkpoint_000001",
+def _row(s, lam, seed, dev, test_b, error=None, done=True, scorer="align_uniform"):
+    return {"config": {"sparsity": s, "lam": lam, "seed": seed, "scorer": scorer}, "error": error, "checkpoint": f"tune/t{s}_{lam}_{seed}/checkpoint_000001",
             "metrics": {"done": done, "best_stsb_dev": dev, "test/STSBenchmark": test_b, "test/avg": test_b - 1}}
 
 
@@ -42,9 +42,16 @@ def test_select_averages_dev_over_seeds_and_reports_test_mean_std():
     assert _pm(one["test"], one["test_std"], ["STSBenchmark"]) == {"STSBenchmark": "70.00"}
 
 
-def test_select_prefers_pruned_points_and_handles_nothing_finished():
-    rows = [_row(0.0, 0.5, 1, 90.0, 80.0), _row(0.2, 0.5, 1, 70.0, 60.0)]
-    assert select(rows)["sparsity"] == 0.2
+def test_selection_can_say_pruning_did_not_help_and_never_picks_a_control_scorer():
+    rows = [_row(0.0, 0.5, 1, 90.0, 80.0), _row(0.2, 0.5, 1, 70.0, 60.0), _row(0.2, 0.5, 1, 95.0, 85.0, scorer="random")]
+    sel = select(rows)  # the control is best on dev (random is better still, but random is a control, not a method)
+    assert sel["sparsity"] == 0.0 and sel["control_won"] and sel["candidates"] == 2
+    assert select([_row(0.0, 0.5, 1, 70.0, 60.0), _row(0.2, 0.5, 1, 70.0, 60.0)])["control_won"]  # a tie: the control
+    win = select([_row(0.0, 0.5, 1, 70.0, 60.0), _row(0.2, 0.5, 1, 71.0, 60.0)])
+    assert win["sparsity"] == 0.2 and not win["control_won"]
+    # select_lam: the paper's fixed λ = 0.5 even when another λ is better on dev
+    rows = [_row(0.1, 0.25, 1, 85.0, 70.0), _row(0.1, 0.5, 1, 80.0, 70.0), _row(0.0, 0.25, 1, 60.0, 50.0)]
+    assert (select(rows)["lam"], select(rows, select_lam=0.5)["lam"]) == (0.25, 0.5)
     assert select([_row(0.2, 0.5, 1, 70.0, 60.0, done=False)]) is None
     assert control([_row(0.2, 0.5, 1, 70.0, 60.0)]) is None
 
@@ -61,3 +68,45 @@ def test_failed_trials_fail_the_sweep_unless_allowed():
     check_failures(summary, load_config(None, ["sweep.allow_failed_trials=true"]))  # tolerated: no error
     with pytest.raises(TrialsFailed, match="no trial finished"):
         check_failures({"failed": [], "num_trials": 2, "selected": None}, load_config(None))
+
+
+def test_paired_comparison_over_seeds():
+    from scipy import stats
+
+    from sparsecse.report import paired
+
+    a, b = {1: 80.0, 2: 81.0, 3: 83.0, 4: 70.0}, {1: 79.0, 2: 80.5, 3: 81.0}  # seed 4 has no partner
+    c = paired(a, b)
+    assert c["n"] == 3 and c["diff"] == pytest.approx(np.mean([1.0, 0.5, 2.0]))
+    assert c["std"] == pytest.approx(np.std([1.0, 0.5, 2.0], ddof=1))
+    assert c["p"] == pytest.approx(stats.ttest_rel([80, 81, 83], [79, 80.5, 81]).pvalue)
+    assert c["verdict"] == "within noise"  # +1.17 over 3 seeds with this spread: p ≈ 0.12
+    assert paired({1: 80.0, 2: 81.0, 3: 82.0}, {1: 70.0, 2: 71.5, 3: 71.0})["verdict"] == "better"
+    assert paired({1: 80.0}, {1: 70.0})["verdict"].startswith("one seed")
+
+
+def test_controls_section_compares_each_method_at_equal_budget():
+    from sparsecse.config import load_config
+    from sparsecse.report import comparisons, render_markdown, results_table
+
+    rows = [_row(0.0, 0.25, k, 80.0, 70.0 + k) for k in (1, 2, 3)]
+    rows += [_row(0.3, lam, k, 80.0 + lam + k / 10, 72.0 + k) for lam in (0.25, 0.75) for k in (1, 2, 3)]
+    rows += [_row(0.3, 0.25, k, 79.0, 60.0 + k, scorer="random") for k in (1, 2, 3)]
+    rows += [_row(0.3, 0.25, k, 79.0, 71.0 + k, scorer="magnitude") for k in (1, 2, 3)]
+    comps = comparisons(rows)
+    assert [(c["method"], c["lam"]) for c in comps] == [("align_uniform", 0.75), ("random", None), ("magnitude", None)]
+    ours, rand, mag = comps
+    assert ours["vs_control"]["diff"] == pytest.approx(2.0) and ours["vs_control"]["std"] == pytest.approx(0.0)
+    assert ours["vs_random"]["diff"] == pytest.approx(12.0) and ours["vs_random"]["verdict"] == "better"
+    assert rand["vs_random"] is None and rand["vs_control"]["verdict"] == "worse"
+    assert mag["vs_control"]["diff"] == pytest.approx(1.0) and mag["vs_random"]["diff"] == pytest.approx(11.0)
+    cfg = load_config(None, ["sweep.sparsities=[0, 0.3]", "sweep.lams=[0.25, 0.75]", "sweep.seeds=[1, 2, 3]",
+                             "sweep.scorers=[align_uniform, random, magnitude]", "eval.tasks=[STSBenchmark]"])
+    for r in rows:
+        r["metrics"]["test/avg"] = r["metrics"]["test/STSBenchmark"]
+    sel = select(rows)
+    md = render_markdown("t", cfg, rows, results_table(rows, ["STSBenchmark", "avg"]), sel, control(rows),
+                         {"STSBenchmark": 70.0, "avg": 70.0, "align": 0.1, "uniform": -2.0}, None, [])
+    assert "## Controls at equal budget" in md and "| 30% | random |" in md
+    assert "Selection chose among 3 grid points, the s = 0 control included." in md
+    assert "score.combine = gradient, score.normalize = none" in md

@@ -1,0 +1,112 @@
+"""The paper's two open readings of the score (combine, normalize) and the controls a gain must beat (random,
+magnitude): each computed as stated, selectable from the config, and the same masks by every entry point."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sparsecse.prune import masks_for, select_masks
+from sparsecse.score import Scores, importance, magnitude_importance, per_layer_l2, random_importance
+
+
+def _grads(seed=0, nb=5, L=3, U=4):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(nb, L, U)), rng.normal(size=(nb, L, U)) * 10  # uniformity's gradients 10× larger
+
+
+def test_combine_and_normalize_are_the_two_readings():
+    ga, gu = _grads()
+    lam = 0.3
+    grad = np.abs(lam * ga + (1 - lam) * gu).mean(0)
+    assert np.allclose(importance(ga, gu, lam), grad)
+    assert np.allclose(importance(ga, gu, lam, "score"), lam * np.abs(ga).mean(0) + (1 - lam) * np.abs(gu).mean(0))
+    # layer normalisation: every layer's score vector has unit L2 norm, so no layer dominates by scale
+    lay = importance(ga, gu, lam, "gradient", "layer")
+    assert np.allclose(np.linalg.norm(lay, axis=1), 1.0) and np.allclose(lay * np.linalg.norm(grad, axis=1)[:, None], grad)
+    # "score" + "layer" (StarK): each objective normalised per layer before mixing, so the 10× larger
+    # uniformity gradients no longer drown alignment
+    a, u = per_layer_l2(np.abs(ga).mean(0)), per_layer_l2(np.abs(gu).mean(0))
+    assert np.allclose(importance(ga, gu, lam, "score", "layer"), lam * a + (1 - lam) * u)
+    assert np.array_equal(per_layer_l2(np.zeros((2, 3))), np.zeros((2, 3)))  # an all-zero layer stays zero
+
+
+def test_layer_normalisation_removes_a_layers_scale():
+    """A layer whose gradients are all 5× another's: ranked raw it is never pruned before the other; normalised
+    per layer the two score the same, so each is pruned on its own merits."""
+    rng = np.random.default_rng(1)
+    g = rng.random((4, 3, 10))
+    g[:, 2] = 5 * g[:, 1]
+    sc = Scores(g, g, g, g, meta={})
+    raw_h, _ = sc.importance(0.5)
+    lay_h, _ = sc.importance(0.5, normalize="layer")
+    assert np.allclose(raw_h[2], 5 * raw_h[1]) and np.allclose(lay_h[2], lay_h[1])
+    assert int((select_masks(raw_h, raw_h, 0.3)[0][2] == 0).sum()) == 0  # raw: the loud layer keeps every unit
+
+
+def test_random_control_is_seeded_and_prunes_the_same_count():
+    h1, n1 = random_importance(2, 4, 37, seed=1)
+    h1b, _ = random_importance(2, 4, 37, seed=1)
+    h2, _ = random_importance(2, 4, 37, seed=2)
+    assert np.array_equal(h1, h1b) and not np.array_equal(h1, h2) and n1.shape == (2, 37)
+
+
+def test_magnitude_control_is_the_weight_norm_of_each_unit(tiny):
+    head, neuron = magnitude_importance(tiny)
+    layer = tiny.layers[1]
+    d = 32 // 4
+    sl = slice(2 * d, 3 * d)
+    sa = layer.attention.self
+    sq = sum(getattr(sa, n).weight[sl].pow(2).sum() + getattr(sa, n).bias[sl].pow(2).sum() for n in ("query", "key", "value"))
+    sq = sq + layer.attention.output.dense.weight[:, sl].pow(2).sum()
+    assert head[1, 2] == pytest.approx(float(sq.detach().sqrt()), rel=1e-5)
+    j = 7
+    nsq = (layer.intermediate.dense.weight[j].pow(2).sum() + layer.intermediate.dense.bias[j] ** 2
+           + layer.output.dense.weight[:, j].pow(2).sum())
+    assert neuron[1, j] == pytest.approx(float(nsq.detach().sqrt()), rel=1e-5)
+    with torch.no_grad():  # a unit whose weights are all zero is the least important
+        layer.intermediate.dense.weight[j] = 0
+        layer.intermediate.dense.bias[j] = 0
+        layer.output.dense.weight[:, j] = 0
+    hm, nm = masks_for("magnitude", 0.02, 0.5, 1, pretrained=tiny)
+    assert nm[1, j] == 0 and int((nm == 0).sum()) == round(0.02 * nm.numel())
+
+
+def test_masks_for_each_scorer_prunes_the_same_fraction(tiny):
+    ga, gu = np.random.default_rng(0).random((3, 2, 4)), np.random.default_rng(1).random((3, 2, 4))
+    na, nu = np.random.default_rng(2).random((3, 2, 37)), np.random.default_rng(3).random((3, 2, 37))
+    sc = Scores(ga, gu, na, nu, meta={})
+    masks = {s: masks_for(s, 0.25, 0.5, 7, scores=sc, pretrained=tiny) for s in ("align_uniform", "random", "magnitude")}
+    for hm, nm in masks.values():
+        assert int((hm == 0).sum()) == 2 and int((nm == 0).sum()) == 19  # 0.25 · 74 = 18.5, halves round up
+    assert not torch.equal(masks["random"][1], masks["align_uniform"][1])
+    from sparsecse import SparseCSEError
+
+    with pytest.raises(SparseCSEError, match="needs the importance scores"):
+        masks_for("align_uniform", 0.25, 0.5, 7, pretrained=tiny)
+
+
+def test_cli_score_truncates_like_the_sweep_so_both_give_the_same_masks(tiny_model_dir, tiny_data_dir, tmp_path):
+    """`sparsecse score` and the sweep's scoring stage read the same pairs the same way (truncated at
+    train.max_len — the CLI's --max-len defaults to it —, gold ≥ 4): equal scores, so equal masks either way."""
+    from sparsecse.cli import main
+    from sparsecse.config import load_config
+    from sparsecse.data import load_stsb
+    from sparsecse.model import load_encoder
+    from sparsecse.score import compute_scores, load_scores
+
+    cfg = load_config(None, ["score.max_pairs=48", "score.batch_size=16", "train.max_len=12"])
+    pairs = load_stsb(tiny_data_dir, "train")
+    enc = load_encoder(str(tiny_model_dir))
+    assert max(len(t) for t in enc.tokenizer(pairs.s1 + pairs.s2)["input_ids"]) > cfg.train.max_len  # truncation bites
+    sweep_scores = compute_scores(enc, pairs, batch_size=cfg.score.batch_size, threshold=cfg.score.positive_threshold,
+                                  seed=cfg.score.seed, max_pairs=cfg.score.max_pairs, pooler=cfg.model.eval_pooler,
+                                  max_len=cfg.train.max_len)
+    out = tmp_path / "s.parquet"
+    assert main(["score", "--model", str(tiny_model_dir), "--out", str(out), "--data-dir", str(tiny_data_dir),
+                 "--max-pairs", "48", "--batch-size", "16", "--max-len", "12"]) == 0
+    cli = load_scores(str(out))
+    for lam in (0.25, 0.75):
+        for a, b in zip(cli.importance(lam), sweep_scores.importance(lam)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9)
