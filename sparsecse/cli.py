@@ -110,7 +110,7 @@ def cmd_score(a) -> int:
     enc = load_encoder(a.model)
     pairs = load_stsb(data_dir, a.split)
     scores = compute_scores(enc, pairs, batch_size=a.batch_size, max_pairs=a.max_pairs, seed=a.seed,
-                            threshold=a.threshold, max_len=a.max_len,
+                            threshold=a.threshold, rule=a.positive_rule, max_len=a.max_len,
                             pooler=a.pooler or enc.meta.get("eval_pooler", "cls_before_pooler"),
                             progress=True)
     save_scores(scores, a.out)
@@ -234,7 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-len", type=int, default=TrainConfig.max_len,
                    help="truncate as training and the sweep's scoring do (train.max_len; default %(default)s)")
     s.add_argument("--threshold", type=float, default=ScoreConfig.positive_threshold,
-                   help="STS-B gold at or above this makes a pair positive for L_align (score.positive_threshold)")
+                   help="STS-B gold above this makes a pair positive for L_align (score.positive_threshold)")
+    s.add_argument("--positive-rule", choices=["gt", "ge"], default=ScoreConfig.positive_rule,
+                   help="gt: gold > threshold (SimCSE §5, default); ge: gold >= threshold (score.positive_rule)")
     s.add_argument("--threads", type=int)
     s.set_defaults(fn=cmd_score)
 

@@ -91,7 +91,9 @@ class ScoreConfig:
     split: Literal["train", "dev", "test"] = "train"  # STS-B split the importance scores are computed on
     batch_size: int = 64  # pairs per batch
     max_pairs: int | None = None
-    positive_threshold: float = 4.0  # STS-B pairs with gold >= this are positives for L_align (SimCSE §5)
+    positive_threshold: float = 4.0  # STS-B pairs scored above it are positives for L_align
+    # "gt": gold > threshold, SimCSE §5's "pairs with a score higher than 4" (Gao et al. 2021); "ge": gold >= it
+    positive_rule: Literal["gt", "ge"] = "gt"
     seed: int = 0
     # how the two objectives and the layers meet (the paper leaves both open; see score.importance):
     combine: Literal["gradient", "score"] = "gradient"  # E|λ·g_align + (1−λ)·g_uniform| | λ·E|g_align| + (1−λ)·E|g_uniform|

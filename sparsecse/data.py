@@ -84,6 +84,13 @@ def norm_space(sentence: str) -> str:
     return " ".join(sentence.split())
 
 
+def positives(gold: np.ndarray, threshold: float = 4.0, rule: str = "gt") -> np.ndarray:
+    """Which pairs are positives for alignment: gold > threshold ("gt", SimCSE §5: "pairs with a score higher
+    than 4") or gold >= threshold ("ge")."""
+    gold = np.asarray(gold)
+    return gold > threshold if rule == "gt" else gold >= threshold
+
+
 @dataclass(frozen=True)
 class Pairs:
     """Scored sentence pairs: s1[i], s2[i], gold[i]."""

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import STS_TASKS
-from .data import Pairs, load_stsb, load_sts_task
+from .data import Pairs, positives, load_stsb, load_sts_task
 from .losses import alignment, uniformity
 
 
@@ -104,9 +104,10 @@ def evaluate_pairs(enc, pairs: Pairs, batch_size: int = 128, max_len: int | None
     return 100.0 * spearman(cosine_scores(emb, pairs), pairs.gold)
 
 
-def align_uniform_from_embeddings(emb: dict[str, torch.Tensor], pairs: Pairs, threshold: float = 4.0) -> dict[str, float]:
-    """SimCSE §5: alignment on pairs with gold ≥ 4, uniformity over all the pairs' unique sentences."""
-    pos = pairs.gold >= threshold
+def align_uniform_from_embeddings(emb: dict[str, torch.Tensor], pairs: Pairs, threshold: float = 4.0,
+                                  rule: str = "gt") -> dict[str, float]:
+    """SimCSE §5: alignment on pairs with gold > 4, uniformity over all the pairs' unique sentences."""
+    pos = positives(pairs.gold, threshold, rule)
     a = torch.stack([emb[s] for s, k in zip(pairs.s1, pos) if k])
     b = torch.stack([emb[s] for s, k in zip(pairs.s2, pos) if k])
     allv = torch.stack([emb[s] for s in dict.fromkeys(pairs.s1 + pairs.s2)])

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from . import SparseCSEError, __version__
-from .data import Pairs
+from .data import Pairs, positives
 from .io import atomic_write_bytes
 from .losses import alignment, uniformity
 from .model import Encoder, weights_fingerprint
@@ -108,7 +108,7 @@ def data_fingerprint(pairs: Pairs) -> str:
     return h.hexdigest()
 
 
-def compute_scores(enc: Encoder, pairs: Pairs, batch_size: int = 64, threshold: float = 4.0, seed: int = 0,
+def compute_scores(enc: Encoder, pairs: Pairs, batch_size: int = 64, threshold: float = 4.0, rule: str = "gt", seed: int = 0,
                    max_pairs: int | None = None, pooler: str | None = None, max_len: int | None = None,
                    progress: bool = False) -> Scores:
     """Per-batch ∂L_align/∂(ξ, ν) and ∂L_uniform/∂(ξ, ν) on STS pairs (dropout off)."""
@@ -134,7 +134,7 @@ def compute_scores(enc: Encoder, pairs: Pairs, batch_size: int = 64, threshold: 
             s2 = [pairs.s2[i] for i in b]
             tok = enc.tokenize(s1 + s2, max_len)
             z = enc(tok["input_ids"].to(device), tok["attention_mask"].to(device), pooler=pooler)  # (2B, D)
-            pos = torch.as_tensor(pairs.gold[b] >= threshold, device=device)
+            pos = torch.as_tensor(positives(pairs.gold[b], threshold, rule), device=device)
             l_align, l_unif = score_loss(z[:len(b)], z[len(b):], pos)
             ga = torch.autograd.grad(l_align, [hm, nm], retain_graph=True, allow_unused=True)
             gu = torch.autograd.grad(l_unif, [hm, nm], allow_unused=True)
@@ -148,7 +148,7 @@ def compute_scores(enc: Encoder, pairs: Pairs, batch_size: int = 64, threshold: 
     L, H = enc.head_mask.shape
     meta = {"model_fingerprint": weights_fingerprint(enc), "data_fingerprint": data_fingerprint(pairs),
             "init_fingerprint": enc.meta.get("init_fingerprint"),
-            "batch_size": batch_size, "seed": seed, "threshold": threshold, "max_pairs": max_pairs,
+            "batch_size": batch_size, "seed": seed, "threshold": threshold, "positive_rule": rule, "max_pairs": max_pairs,
             "num_batches": len(batches), "backbone": enc.source, "pooler": pooler or enc.pooler,
             "layers": int(L), "heads": int(H), "intermediate": int(enc.neuron_mask.shape[1]),
             "version": __version__, "seconds": round(time.perf_counter() - t0, 3)}

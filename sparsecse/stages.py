@@ -100,6 +100,7 @@ def score_task(store_uri: str, model_rel: str, data_dir: str, cfg_dict: dict, th
         enc = load_encoder(str(fetch_model(store, model_rel, tmp))).to(task_device(gpus))
         pairs = load_stsb(Path(data_dir), cfg.score.split)
         sc = compute_scores(enc, pairs, batch_size=cfg.score.batch_size, threshold=cfg.score.positive_threshold,
+                            rule=cfg.score.positive_rule,
                             seed=cfg.score.seed, max_pairs=cfg.score.max_pairs, pooler=cfg.model.eval_pooler,
                             max_len=cfg.train.max_len)
     store.write_bytes("scores.parquet", scores_to_bytes(sc))

@@ -35,7 +35,7 @@ def test_taylor_scores_equal_finite_differences(tiny):
         tok = enc.tokenize(PAIRS.s1 + PAIRS.s2)
         with torch.no_grad():
             z = enc(tok["input_ids"], tok["attention_mask"], pooler="cls_before_pooler")
-        a, u = score_loss(z[:6], z[6:], torch.as_tensor(PAIRS.gold >= 4.0))
+        a, u = score_loss(z[:6], z[6:], torch.as_tensor(PAIRS.gold > 4.0))
         return float(0.5 * a + 0.5 * u)
 
     eps = 1e-5
@@ -63,7 +63,7 @@ def test_lambda_combination_from_stored_gradients_equals_direct(tiny, tmp_path):
             for b in batches:
                 tok = tiny.tokenize([PAIRS.s1[i] for i in b] + [PAIRS.s2[i] for i in b])
                 z = tiny(tok["input_ids"], tok["attention_mask"], pooler="cls_before_pooler")
-                a, u = score_loss(z[:len(b)], z[len(b):], torch.as_tensor(PAIRS.gold[b] >= 4.0))
+                a, u = score_loss(z[:len(b)], z[len(b):], torch.as_tensor(PAIRS.gold[b] > 4.0))
                 g, = torch.autograd.grad(lam * a + (1 - lam) * u, [hm])
                 direct += g.abs().double().numpy()
         assert np.allclose(back.importance(lam)[0], direct / len(batches), rtol=1e-5, atol=1e-9)

@@ -101,6 +101,7 @@ def test_cli_score_truncates_like_the_sweep_so_both_give_the_same_masks(tiny_mod
     enc = load_encoder(str(tiny_model_dir))
     assert max(len(t) for t in enc.tokenizer(pairs.s1 + pairs.s2)["input_ids"]) > cfg.train.max_len  # truncation bites
     sweep_scores = compute_scores(enc, pairs, batch_size=cfg.score.batch_size, threshold=cfg.score.positive_threshold,
+                                  rule=cfg.score.positive_rule,
                                   seed=cfg.score.seed, max_pairs=cfg.score.max_pairs, pooler=cfg.model.eval_pooler,
                                   max_len=cfg.train.max_len)
     out = tmp_path / "s.parquet"
@@ -110,3 +111,14 @@ def test_cli_score_truncates_like_the_sweep_so_both_give_the_same_masks(tiny_mod
     for lam in (0.25, 0.75):
         for a, b in zip(cli.importance(lam), sweep_scores.importance(lam)):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9)
+
+
+def test_positive_pairs_follow_simcse_strictly_above_4_unless_configured():
+    from sparsecse.config import load_config
+    from sparsecse.data import positives
+
+    gold = np.array([3.9, 4.0, 4.2, 5.0])
+    assert positives(gold).tolist() == [False, False, True, True]  # SimCSE §5: "a score higher than 4"
+    assert positives(gold, rule="ge").tolist() == [False, True, True, True]
+    assert load_config(None).score.positive_rule == "gt"
+    assert load_config(None, ["score.positive_rule=ge"]).score.positive_rule == "ge"
