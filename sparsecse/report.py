@@ -175,29 +175,64 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+def allocation(head_mask, neuron_mask) -> dict:
+    """Where a mask prunes: per layer, the fraction of heads and of FFN neurons removed."""
+    hm, nm = np.asarray(head_mask), np.asarray(neuron_mask)
+    return {"heads": (hm == 0).mean(1).round(4).tolist(), "neurons": (nm == 0).mean(1).round(4).tolist()}
+
+
+def render_allocation(alloc: dict, title: str) -> tuple[str, bytes]:
+    """A per-layer table (markdown) and a 2 × layers heat map (PNG) of the fraction pruned."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = np.array([alloc["heads"], alloc["neurons"]])
+    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * grid.shape[1], 1.9))
+    im = ax.imshow(grid, cmap="Reds", vmin=0, vmax=1, aspect="auto")
+    ax.set_yticks([0, 1], ["heads", "neurons"])
+    ax.set_xticks(range(grid.shape[1]), [str(i) for i in range(grid.shape[1])])
+    ax.set_xlabel("layer")
+    for (i, j), v in np.ndenumerate(grid):
+        ax.text(j, i, f"{v:.0%}", ha="center", va="center", fontsize=7, color="white" if v > 0.6 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.05)
+    ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    md = render([ "", *(str(i) for i in range(grid.shape[1]))],
+                [["heads pruned", *(f"{v:.0%}" for v in alloc["heads"])],
+                 ["neurons pruned", *(f"{v:.0%}" for v in alloc["neurons"])]])
+    return md, _png(fig)
+
+
 def render_figures(rows: list[dict], tasks: list[str]) -> dict[str, bytes]:
-    """{file name: PNG}: the STS average, and each task, vs sparsity, one curve per λ (± sample std over seeds)."""
+    """{file name: PNG}: the STS average, and each task, vs sparsity: one curve per λ of the paper's score and one
+    per control scorer (± sample std over seeds)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     done = [r for r in rows if not r["error"] and r["metrics"].get("done")]
-    lams = sorted({r["config"]["lam"] for r in done if r["config"]["sparsity"] > 0})
+    ours = [r for r in done if _scorer(r) == "align_uniform"]
+    lams = sorted({r["config"]["lam"] for r in ours if r["config"]["sparsity"] > 0})
     ctrl = [r for r in done if r["config"]["sparsity"] == 0]
+    # one curve per λ of the paper's score, one per control scorer; each starts at the s = 0 control
+    curves = [(f"λ={lam}", [r for r in ours if r["config"]["lam"] == lam]) for lam in lams]
+    curves += [(f"{m} (control)", [r for r in done if _scorer(r) == m and r["config"]["sparsity"] > 0])
+               for m in ("random", "magnitude") if any(_scorer(r) == m for r in done)]
     out = {}
 
     def curve(ax, task):
-        for lam in lams:
+        for name, members in curves:
             pts = {}
-            for r in done:
-                if r["config"]["lam"] == lam or r["config"]["sparsity"] == 0:
-                    pts.setdefault(r["config"]["sparsity"], []).append(r["metrics"].get(f"test/{task}", np.nan))
+            for r in members + ctrl:
+                pts.setdefault(r["config"]["sparsity"], []).append(r["metrics"].get(f"test/{task}", np.nan))
             xs = sorted(pts)
             # mean over seeds; the bar is ± one sample std over seeds (none with a single seed)
             ax.errorbar([100 * x for x in xs], [np.mean(pts[x]) for x in xs],
                         yerr=[sample_std(pts[x]) or 0.0 for x in xs],
-                        marker="o", capsize=3, label=f"λ={lam}")
+                        marker="o", capsize=3, label=name, ls="-" if name.startswith("λ") else ":")
         if ctrl:
             ax.axhline(np.mean([r["metrics"].get(f"test/{task}", np.nan) for r in ctrl]), color="grey", ls="--",
                        lw=1, label="rewound SimCSE (s=0)")
@@ -255,7 +290,8 @@ def parquet_bytes(flat: list[dict]) -> bytes:
 
 
 def render_markdown(title: str, cfg: Config, rows: list[dict], flat: list[dict], selected: dict | None,
-                    ctrl: dict | None, baseline: dict, transfer: dict | None, figures: list[str]) -> str:
+                    ctrl: dict | None, baseline: dict, transfer: dict | None, figures: list[str],
+                    allocation_md: str | None = None) -> str:
     """report.md: the paper's Table 1 (baseline, dev-selected SparseCSE, test-selected best per task), the
     over-seeds table, alignment/uniformity, every trial, transfer, figures."""
     tasks = [t for t in cfg.eval.tasks if t in STS_TASKS] + ["avg"]
@@ -287,6 +323,10 @@ def render_markdown(title: str, cfg: Config, rows: list[dict], flat: list[dict],
                "every head and neuron (sparsity 0), so the difference is the effect of the mask.", "",
                _table(seeds_rows, tasks), ""]
     md += render_comparisons(comparisons(rows, cfg.sweep.select_lam), ctrl)
+    if allocation_md:
+        md += ["## Where the selected mask prunes (fraction of each layer's heads / FFN neurons)", "",
+               f"score.combine = {cfg.score.combine}, score.normalize = {cfg.score.normalize} "
+               "(`none` ranks raw scores across layers; `layer` normalises each layer first).", "", allocation_md, ""]
     md += ["## Alignment / uniformity (STS-B test; lower is better)", "",
            f"SimCSE: align {baseline['align']:.4f}, uniform {baseline['uniform']:.4f}", ""]
     g = lambda v: None if v is None else f"{v:.4f}"  # noqa: E731

@@ -255,8 +255,11 @@ def evaluate_and_export_stage(run: Run, selected: dict | None) -> tuple[dict, di
     return out[0]["sts"], transfer
 
 
-def report_stage(run: Run, rows: list[dict], selected: dict | None, baseline: dict, transfer: dict | None) -> dict:
+def report_stage(run: Run, rows: list[dict], selected: dict | None, baseline: dict, transfer: dict | None,
+                 scores) -> dict:
     """results.{parquet,json}, figures, report.{md,html}; returns the summary."""
+    from .prune import select_masks
+
     cfg, store = run.cfg, run.store
     tasks = [t for t in cfg.eval.tasks if t in STS_TASKS] + ["avg"]
     flat = report.results_table(rows, tasks)
@@ -264,15 +267,24 @@ def report_stage(run: Run, rows: list[dict], selected: dict | None, baseline: di
                "failed": [{"trial": x["trial"], "error": x["error"]} for x in flat if x["status"] == "error"],
                "transfer": transfer, "storage": store.uri,
                "export": store.url("export") if wants_export(selected, cfg) else None,
-               "comparisons": report.comparisons(rows, cfg.sweep.select_lam)}
+               "comparisons": report.comparisons(rows, cfg.sweep.select_lam), "allocation": None}
+    if selected and not selected["control_won"]:  # where the selected mask prunes (the same masks the trial used)
+        masks = select_masks(*scores.importance(selected["lam"], cfg.score.combine, cfg.score.normalize),
+                             selected["sparsity"])
+        summary["allocation"] = report.allocation(*masks)
     store.write_bytes("results.parquet", report.parquet_bytes(flat))
     store.write_json("results.json", {"trials": flat, **summary})
     done = any(not r["error"] and r["metrics"].get("done") for r in rows)
     figs = report.render_figures(rows, tasks) if done else {}
+    alloc_md = None
+    if summary["allocation"]:
+        alloc_md, figs["mask_allocation.png"] = report.render_allocation(
+            summary["allocation"], f"pruned per layer: s={selected['sparsity']:.0%}, λ={selected['lam']}, "
+            f"combine={cfg.score.combine}, normalize={cfg.score.normalize}")
     for name, png in figs.items():
         store.write_bytes(f"figures/{name}", png)
     md = report.render_markdown(Path(store.root).name, cfg, rows, flat, selected, summary["control"], baseline,
-                                transfer, list(figs))
+                                transfer, list(figs), alloc_md)
     store.write_text("report.md", md)
     store.write_text("report.html", report.render_html(md, figs))
     return summary
@@ -319,7 +331,7 @@ def run_sweep(config_path: str, overrides=None, resume: bool | str = False, addr
         rows = trials_stage(run, scores)
         selected = report.select(rows, cfg.sweep.select_lam)
         baseline, transfer = evaluate_and_export_stage(run, selected)
-        summary = report_stage(run, rows, selected, baseline, transfer)
+        summary = report_stage(run, rows, selected, baseline, transfer, scores)
         state.timings["total_s"] = time.perf_counter() - t_start
         state.summary = summary
         run.save()

@@ -288,3 +288,5 @@ def test_sweep_with_controls_runs_every_scorer_and_reports_paired_comparisons(tm
     md = (tmp_path / "run" / "report.md").read_text()
     assert "## Controls at equal budget" in md and "| 30% | magnitude |" in md and "score.normalize = layer" in md
     assert (tmp_path / "run" / "export" / "manifest.json").exists()  # the selection is exported, control or not
+    if not sel["control_won"]:
+        assert "## Where the selected mask prunes" in md and (tmp_path / "run" / "figures" / "mask_allocation.png").exists()

@@ -110,3 +110,16 @@ def test_controls_section_compares_each_method_at_equal_budget():
     assert "## Controls at equal budget" in md and "| 30% | random |" in md
     assert "Selection chose among 3 grid points, the s = 0 control included." in md
     assert "score.combine = gradient, score.normalize = none" in md
+
+
+def test_mask_allocation_per_layer_table_and_heat_map():
+    from sparsecse.report import allocation, render_allocation
+
+    hm = np.ones((3, 4))
+    hm[2, :3] = 0
+    nm = np.ones((3, 10))
+    nm[0, :5] = 0
+    a = allocation(hm, nm)
+    assert a == {"heads": [0.0, 0.0, 0.75], "neurons": [0.5, 0.0, 0.0]}
+    md, png = render_allocation(a, "t")
+    assert md.splitlines()[2] == "| heads pruned | 0% | 0% | 75% |" and png[:4] == b"\x89PNG"
