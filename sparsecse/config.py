@@ -88,6 +88,10 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class ScoreConfig:
+    # where positives come from: "stsb" (the paper: STS-B pairs with high gold scores — labels, and STS-B train
+    # repeats many STS12–16 test pairs) or "unlabeled" (label-free: two dropout views of data.train_file sentences,
+    # as SimCSE trains; score.max_pairs sentences, default 1024)
+    source: Literal["stsb", "unlabeled"] = "stsb"
     split: Literal["train", "dev", "test"] = "train"  # STS-B split the importance scores are computed on
     batch_size: int = 64  # pairs per batch
     max_pairs: int | None = None

@@ -161,6 +161,29 @@ def load_sick(data_dir: Path, split: str) -> Pairs:
     return Pairs(s1, s2, np.asarray(gold, dtype=np.float64))
 
 
+def unlabeled_pairs(path: Path, n: int, seed: int = 0) -> Pairs:
+    """Label-free positives: `n` sentences of an unlabeled corpus, each paired with itself (the two dropout views
+    of a forward in train mode make the pair, as SimCSE trains); gold = +inf, so every pair is positive."""
+    lines = [norm_space(x) for x in read_lines(Path(path))]
+    lines = [x for x in dict.fromkeys(lines) if x]
+    if len(lines) < 2:
+        raise SparseCSEError(f"{path}: needs at least 2 non-empty sentences for label-free scoring")
+    idx = np.sort(np.random.default_rng(seed).permutation(len(lines))[:n])
+    sents = [lines[i] for i in idx]
+    return Pairs(sents, list(sents), np.full(len(sents), np.inf))
+
+
+def sts_test_overlap(pairs: Pairs, data_dir: Path, years=("STS12", "STS13", "STS14", "STS15", "STS16")) -> int:
+    """How many unique pairs of `pairs` appear verbatim (either order) among the STS12–16 test pairs — the
+    leak when importance is scored on STS-B train (built from STS 2012–2017) and reported on STS12–16."""
+    test = set()
+    for year in years:
+        for p in load_sts_task(data_dir, year).values():
+            test.update(zip(p.s1, p.s2))
+            test.update(zip(p.s2, p.s1))
+    return len({(a, b) for a, b in zip(pairs.s1, pairs.s2)} & test)
+
+
 def load_sts_task(data_dir: Path, task: str) -> dict[str, Pairs]:
     """The pairs a task is scored on: all subsets for STS12–16, the test split for STS-B and SICK-R."""
     if task in STS_SUBSETS:

@@ -291,7 +291,7 @@ def parquet_bytes(flat: list[dict]) -> bytes:
 
 def render_markdown(title: str, cfg: Config, rows: list[dict], flat: list[dict], selected: dict | None,
                     ctrl: dict | None, baseline: dict, transfer: dict | None, figures: list[str],
-                    allocation_md: str | None = None) -> str:
+                    allocation_md: str | None = None, scoring: dict | None = None) -> str:
     """report.md: the paper's Table 1 (baseline, dev-selected SparseCSE, test-selected best per task), the
     over-seeds table, alignment/uniformity, every trial, transfer, figures."""
     tasks = [t for t in cfg.eval.tasks if t in STS_TASKS] + ["avg"]
@@ -310,7 +310,8 @@ def render_markdown(title: str, cfg: Config, rows: list[dict], flat: list[dict],
           f"seeds {list(cfg.sweep.seeds)}, mask scorers {list(cfg.sweep.scorers)} ({len(flat)} trials, {failed} failed). "
           f"Importance: score.combine = {cfg.score.combine}, score.normalize = {cfg.score.normalize}. "
           "Selection uses STS-B **dev** (mean over seeds); test figures are reported, never used to choose.", "",
-          *_selection_lines(selected, cfg), "## Test results (Spearman × 100)", "", _table(trow, tasks), ""]
+          *_scoring_lines(scoring, cfg), *_selection_lines(selected, cfg),
+          "## Test results (Spearman × 100)", "", _table(trow, tasks), ""]
     if selected and len(selected["seeds"]) > 1:
         seeds_rows = []
         if ctrl:
@@ -340,6 +341,26 @@ def render_markdown(title: str, cfg: Config, rows: list[dict], flat: list[dict],
         md += ["", "## Transfer tasks (accuracy)", "", format_transfer_markdown(transfer)]
     md += ["" + line for name in figures for line in ("", f"![{name[:-4]}](figures/{name})")]
     return "\n".join(md) + "\n"
+
+
+def _scoring_lines(scoring: dict | None, cfg: Config) -> list[str]:
+    """What importance was scored on, and the label leak the paper's setting carries."""
+    if not scoring:
+        return []
+    n = scoring.get("positive_pairs")
+    if cfg.score.source == "unlabeled":
+        return [f"Importance scored **label-free**: {n} wiki sentences, each paired with its second dropout view "
+                "(no STS labels or pairs used).", ""]
+    line = (f"Importance scored on STS-B {cfg.score.split} pairs (the paper's setting): {n} positive pairs "
+            f"(gold {'>' if cfg.score.positive_rule == 'gt' else '≥'} {cfg.score.positive_threshold:g}).")
+    leak = scoring.get("sts_test_overlap")
+    if leak:
+        line += (f" **{leak} of the unique positive pairs are verbatim STS12–16 test pairs** (STS-B is built from "
+                 "STS 2012–2017), so the STS12–16 test figures are not clean of the scoring labels; "
+                 "`score.source: unlabeled` scores without them.")
+    elif leak == 0:
+        line += " None of them is an STS12–16 test pair."
+    return [line, ""]
 
 
 def _selection_lines(selected: dict | None, cfg: Config) -> list[str]:

@@ -108,20 +108,25 @@ def data_fingerprint(pairs: Pairs) -> str:
     return h.hexdigest()
 
 
+def scoring_order(n: int, seed: int, max_pairs: int | None) -> np.ndarray:
+    """The pairs scoring reads, in its batch order: a seeded permutation, the first `max_pairs` of it."""
+    order = np.random.default_rng(seed).permutation(n)
+    return order if max_pairs is None else order[:max_pairs]
+
+
 def compute_scores(enc: Encoder, pairs: Pairs, batch_size: int = 64, threshold: float = 4.0, rule: str = "gt", seed: int = 0,
                    max_pairs: int | None = None, pooler: str | None = None, max_len: int | None = None,
-                   progress: bool = False) -> Scores:
-    """Per-batch ∂L_align/∂(ξ, ν) and ∂L_uniform/∂(ξ, ν) on STS pairs (dropout off)."""
-    order = np.random.default_rng(seed).permutation(len(pairs))
-    if max_pairs is not None:
-        order = order[:max_pairs]
+                   progress: bool = False, dropout_views: bool = False) -> Scores:
+    """Per-batch ∂L_align/∂(ξ, ν) and ∂L_uniform/∂(ξ, ν) on STS pairs (dropout off), or — `dropout_views` — on
+    sentences paired with themselves, dropout on, so the two views of one sentence are the positive pair."""
+    order = scoring_order(len(pairs), seed, max_pairs)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     batches = [b for b in batches if len(b) >= 2]
     if not batches:
         raise SparseCSEError(f"scoring needs at least 2 pairs (got {len(order)})")
     device = next(enc.parameters()).device
     was_training = enc.training
-    enc.eval()
+    enc.train(dropout_views)
     ga_h, gu_h, ga_n, gu_n = [], [], [], []
     it = batches
     if progress:
@@ -149,6 +154,8 @@ def compute_scores(enc: Encoder, pairs: Pairs, batch_size: int = 64, threshold: 
     meta = {"model_fingerprint": weights_fingerprint(enc), "data_fingerprint": data_fingerprint(pairs),
             "init_fingerprint": enc.meta.get("init_fingerprint"),
             "batch_size": batch_size, "seed": seed, "threshold": threshold, "positive_rule": rule, "max_pairs": max_pairs,
+            "positives": "dropout views" if dropout_views else "labelled pairs",
+            "positive_pairs": int(sum(positives(pairs.gold[b], threshold, rule).sum() for b in batches)),
             "num_batches": len(batches), "backbone": enc.source, "pooler": pooler or enc.pooler,
             "layers": int(L), "heads": int(H), "intermediate": int(enc.neuron_mask.shape[1]),
             "version": __version__, "seconds": round(time.perf_counter() - t0, 3)}

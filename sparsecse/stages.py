@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from . import SparseCSEError
 from .config import STS_TASKS, config_from_dict
 from .storage import Storage, fetch_model, scratch_dir
 
@@ -89,22 +90,44 @@ def train_loop(loop_config: dict) -> None:
 # --------------------------------------------------------------------------- stage 2: scoring task
 
 def score_task(store_uri: str, model_rel: str, data_dir: str, cfg_dict: dict, threads: float, gpus: float) -> dict:
-    from .data import load_stsb
     from .model import load_encoder
     from .score import compute_scores, scores_to_bytes
 
     setup_worker(threads)
     cfg = config_from_dict(cfg_dict)
     store = Storage(store_uri)
+    pairs, leak = scoring_pairs(cfg, Path(data_dir))
     with scratch_dir("score") as tmp:
         enc = load_encoder(str(fetch_model(store, model_rel, tmp))).to(task_device(gpus))
-        pairs = load_stsb(Path(data_dir), cfg.score.split)
         sc = compute_scores(enc, pairs, batch_size=cfg.score.batch_size, threshold=cfg.score.positive_threshold,
-                            rule=cfg.score.positive_rule,
-                            seed=cfg.score.seed, max_pairs=cfg.score.max_pairs, pooler=cfg.model.eval_pooler,
-                            max_len=cfg.train.max_len)
+                            rule=cfg.score.positive_rule, seed=cfg.score.seed,
+                            max_pairs=None if cfg.score.source == "unlabeled" else cfg.score.max_pairs,
+                            pooler=cfg.model.eval_pooler, max_len=cfg.train.max_len,
+                            dropout_views=cfg.score.source == "unlabeled")
+    sc.meta["sts_test_overlap"] = leak
     store.write_bytes("scores.parquet", scores_to_bytes(sc))
     return sc.meta
+
+
+def scoring_pairs(cfg, data_dir: Path):
+    """(the pairs importance is scored on, how many of their unique positive pairs are verbatim STS12–16 test
+    pairs — None when that is not measurable here)."""
+    from .data import load_stsb, positives, sts_test_overlap, unlabeled_pairs
+
+    if cfg.score.source == "unlabeled":
+        path = Path(cfg.data.train_file)
+        return unlabeled_pairs(path if path.is_absolute() else data_dir / path, cfg.score.max_pairs or 1024,
+                               cfg.score.seed), 0
+    from .score import scoring_order
+
+    pairs = load_stsb(data_dir, cfg.score.split)
+    used = scoring_order(len(pairs), cfg.score.seed, cfg.score.max_pairs)
+    pos = used[positives(pairs.gold[used], cfg.score.positive_threshold, cfg.score.positive_rule)]
+    pos_pairs = type(pairs)([pairs.s1[i] for i in pos], [pairs.s2[i] for i in pos], pairs.gold[pos])
+    try:
+        return pairs, sts_test_overlap(pos_pairs, data_dir)
+    except SparseCSEError:  # the STS12–16 files are not needed to score: without them the overlap is unknown
+        return pairs, None
 
 
 # --------------------------------------------------------------------------- stage 3: one Tune trial

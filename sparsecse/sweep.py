@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import secrets
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -105,6 +106,9 @@ def upgrade_state(state: dict, cfg: Config) -> bool:
 
 def check_config(cfg: Config) -> None:
     """Checks that need no hardware: they hold on a laptop and on a cluster alike."""
+    if cfg.score.source == "stsb" and cfg.score.split == "test":
+        print("sparsecse: warning: score.split=test scores importance on STS-B test pairs, which the report also "
+              "evaluates on; its STS-B test figure is not clean (use train, or score.source=unlabeled)", file=sys.stderr)
     if cfg.train.batch_size % cfg.ray.num_workers:
         raise SparseCSEError(f"config train.batch_size: {cfg.train.batch_size} is not divisible by "
                              f"ray.num_workers={cfg.ray.num_workers}; the global batch is split evenly")
@@ -197,8 +201,9 @@ def score_stage(run: Run):
 
     cfg, st, store = run.cfg, run.state, run.store
     model_fp = _fp(store.read_json("simcse/best/manifest.json"))  # identifies the weights without loading them
-    fp2 = _fp({"model": model_fp, "score": cfg.to_dict()["score"], "eval_pooler": cfg.model.eval_pooler,
-               "max_len": cfg.train.max_len})
+    reads = {k: v for k, v in cfg.to_dict()["score"].items() if k not in ("combine", "normalize")}  # not in the file
+    fp2 = _fp({"model": model_fp, "score": reads, "eval_pooler": cfg.model.eval_pooler, "max_len": cfg.train.max_len,
+               "train_file": cfg.data.train_file if cfg.score.source == "unlabeled" else None})
     if st.score_fp == fp2 and store.is_file("scores.parquet"):
         print(f"[sweep] stage 2 skipped ({store.url('scores.parquet')} matches the trained model)")
     else:
@@ -284,7 +289,7 @@ def report_stage(run: Run, rows: list[dict], selected: dict | None, baseline: di
     for name, png in figs.items():
         store.write_bytes(f"figures/{name}", png)
     md = report.render_markdown(Path(store.root).name, cfg, rows, flat, selected, summary["control"], baseline,
-                                transfer, list(figs), alloc_md)
+                                transfer, list(figs), alloc_md, scores.meta)
     store.write_text("report.md", md)
     store.write_text("report.html", report.render_html(md, figs))
     return summary

@@ -106,7 +106,9 @@ def test_controls_section_compares_each_method_at_equal_budget():
         r["metrics"]["test/avg"] = r["metrics"]["test/STSBenchmark"]
     sel = select(rows)
     md = render_markdown("t", cfg, rows, results_table(rows, ["STSBenchmark", "avg"]), sel, control(rows),
-                         {"STSBenchmark": 70.0, "avg": 70.0, "align": 0.1, "uniform": -2.0}, None, [])
+                         {"STSBenchmark": 70.0, "avg": 70.0, "align": 0.1, "uniform": -2.0}, None, [],
+                         scoring={"positive_pairs": 10, "sts_test_overlap": 7})
+    assert "10 positive pairs (gold > 4)" in md and "**7 of the unique positive pairs are verbatim STS12–16 test" in md
     assert "## Controls at equal budget" in md and "| 30% | random |" in md
     assert "Selection chose among 3 grid points, the s = 0 control included." in md
     assert "score.combine = gradient, score.normalize = none" in md
@@ -123,3 +125,14 @@ def test_mask_allocation_per_layer_table_and_heat_map():
     assert a == {"heads": [0.0, 0.0, 0.75], "neurons": [0.5, 0.0, 0.0]}
     md, png = render_allocation(a, "t")
     assert md.splitlines()[2] == "| heads pruned | 0% | 0% | 75% |" and png[:4] == b"\x89PNG"
+
+
+def test_scoring_on_the_test_split_warns_in_one_line(capsys):
+    from sparsecse.config import load_config
+    from sparsecse.sweep import check_config
+
+    check_config(load_config(None, ["score.split=test"]))
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "warning: score.split=test" in err and "not clean" in err
+    check_config(load_config(None))
+    assert capsys.readouterr().err == ""
