@@ -297,7 +297,10 @@ def render_markdown(title: str, cfg: Config, rows: list[dict], flat: list[dict],
     tasks = [t for t in cfg.eval.tasks if t in STS_TASKS] + ["avg"]
     failed = sum(x["status"] == "error" for x in flat)
     done = [r for r in rows if not r["error"] and r["metrics"].get("done")]
-    trow = [("SimCSE (stage 1, " + cfg.model.name + ")", baseline)]
+    trow = [("SimCSE stage 1 (" + cfg.model.name + "; the model scored, for reference)", baseline)]
+    if ctrl:  # the headline baseline: unpruned, rewound and retrained exactly like every trial
+        trow.append((f"SimCSE control s=0 (rewound + retrained like the trials; mean of seeds {ctrl['seeds']})",
+                     ctrl["test"]))
     if selected:
         name = ("SimCSE control s=0, dev-selected (pruning did not win)" if selected["control_won"] else
                 f"SparseCSE, dev-selected (s={selected['sparsity']:.0%}, λ={selected['lam']})")
