@@ -205,7 +205,7 @@ def render_allocation(alloc: dict, title: str) -> tuple[str, bytes]:
     return md, _png(fig)
 
 
-def render_figures(rows: list[dict], tasks: list[str]) -> dict[str, bytes]:
+def render_figures(rows: list[dict], tasks: list[str], baseline: dict | None = None) -> dict[str, bytes]:
     """{file name: PNG}: the STS average, and each task, vs sparsity: one curve per λ of the paper's score and one
     per control scorer (± sample std over seeds)."""
     import matplotlib
@@ -259,6 +259,45 @@ def render_figures(rows: list[dict], tasks: list[str]) -> dict[str, bytes]:
         axes.flat[0].legend(fontsize=7)
         fig.tight_layout()
         out["sts_tasks_vs_sparsity.png"] = _png(fig)
+    au = [r for r in done if r["metrics"].get("align") is not None and r["metrics"].get("uniform") is not None]
+    if au:  # the paper's Figure 3: alignment vs uniformity (both lower = better), coloured by the STS average
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        for scorer, marker in (("align_uniform", "o"), ("random", "x"), ("magnitude", "^")):
+            pts = [r for r in au if _scorer(r) == scorer]
+            if pts:
+                sc = ax.scatter([r["metrics"]["uniform"] for r in pts], [r["metrics"]["align"] for r in pts],
+                                c=[r["metrics"].get("test/avg", np.nan) for r in pts], cmap="viridis", marker=marker,
+                                label=scorer if scorer != "align_uniform" else "SparseCSE trials (s = 0: control)")
+        if baseline and baseline.get("align") is not None:
+            ax.scatter([baseline["uniform"]], [baseline["align"]], marker="*", s=160, c="red", label="SimCSE stage 1")
+        fig.colorbar(sc, ax=ax, label="STS test avg")
+        ax.set_xlabel("uniformity (lower is better)")
+        ax.set_ylabel("alignment (lower is better)")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        out["align_uniform.png"] = _png(fig)
+    return out
+
+
+def stability(rows: list[dict], selected: dict | None, tasks: list[str]) -> list[dict]:
+    """Per task: the paper's grid point (s = 0 included) best on that task's test score (mean over seeds), and how
+    far it is from the dev-selected point — whether one sparsity serves every task."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if _finished(r) and _scorer(r) == "align_uniform":
+            c = r["config"]
+            groups.setdefault((c["sparsity"], 0.0 if c["sparsity"] == 0 else c["lam"]), []).append(r)
+    if not groups or not selected:
+        return []
+    sel_key = (selected["sparsity"], 0.0 if selected["sparsity"] == 0 else selected["lam"])
+    mean = lambda k, t: float(np.mean([r["metrics"].get(f"test/{t}", np.nan) for r in groups[k]]))  # noqa: E731
+    out = []
+    for t in tasks:
+        best = max(groups, key=lambda k: mean(k, t))
+        out.append({"task": t, "best_sparsity": best[0], "best_lam": best[1], "best": mean(best, t),
+                    "selected": mean(sel_key, t) if sel_key in groups else None,
+                    "sparsity_gap": best[0] - selected["sparsity"]})
     return out
 
 
@@ -305,8 +344,9 @@ def render_markdown(title: str, cfg: Config, rows: list[dict], flat: list[dict],
         name = ("SimCSE control s=0, dev-selected (pruning did not win)" if selected["control_won"] else
                 f"SparseCSE, dev-selected (s={selected['sparsity']:.0%}, λ={selected['lam']})")
         trow.append((name, selected["test"]))
-    if done:
-        best_per = {t: max(r["metrics"].get(f"test/{t}", -1e9) for r in done) for t in tasks}
+    ours_done = [r for r in done if _scorer(r) == "align_uniform"]
+    if ours_done:
+        best_per = {t: max(r["metrics"].get(f"test/{t}", -1e9) for r in ours_done) for t in tasks}
         trow.append(("best per task over the grid (test-selected, for reference only)", best_per))
     md = [f"# SparseCSE sweep report — {title}", "",
           f"Backbone `{cfg.model.name}`; grid sparsity {list(cfg.sweep.sparsities)} × λ {list(cfg.sweep.lams)} × "
@@ -327,6 +367,12 @@ def render_markdown(title: str, cfg: Config, rows: list[dict], flat: list[dict],
                "every head and neuron (sparsity 0), so the difference is the effect of the mask.", "",
                _table(seeds_rows, tasks), ""]
     md += render_comparisons(comparisons(rows, cfg.sweep.select_lam), ctrl)
+    stab = stability(rows, selected, tasks)
+    if stab:
+        md += ["## Stability: the best sparsity per task (test, mean over seeds) vs the dev-selected one", "",
+               render(["task", "best s (test)", "λ", "its score", "dev-selected's score", "s gap"],
+                      [[label(x["task"]), f"{x['best_sparsity']:.0%}", "—" if x["best_sparsity"] == 0 else str(x["best_lam"]),
+                        x["best"], x["selected"], f"{100 * x['sparsity_gap']:+.0f} pts"] for x in stab]), ""]
     if allocation_md:
         md += ["## Where the selected mask prunes (fraction of each layer's heads / FFN neurons)", "",
                f"score.combine = {cfg.score.combine}, score.normalize = {cfg.score.normalize} "

@@ -280,7 +280,7 @@ def report_stage(run: Run, rows: list[dict], selected: dict | None, baseline: di
     store.write_bytes("results.parquet", report.parquet_bytes(flat))
     store.write_json("results.json", {"trials": flat, **summary})
     done = any(not r["error"] and r["metrics"].get("done") for r in rows)
-    figs = report.render_figures(rows, tasks) if done else {}
+    figs = report.render_figures(rows, tasks, baseline) if done else {}
     alloc_md = None
     if summary["allocation"]:
         alloc_md, figs["mask_allocation.png"] = report.render_allocation(

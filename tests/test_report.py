@@ -136,3 +136,19 @@ def test_scoring_on_the_test_split_warns_in_one_line(capsys):
     assert len(err.splitlines()) == 1 and "warning: score.split=test" in err and "not clean" in err
     check_config(load_config(None))
     assert capsys.readouterr().err == ""
+
+
+def test_stability_and_the_alignment_uniformity_figure():
+    from sparsecse.report import render_figures, stability
+
+    rows = [_row(0.0, 0.5, 1, 80.0, 70.0), _row(0.1, 0.5, 1, 82.0, 69.0), _row(0.3, 0.5, 1, 81.0, 75.0),
+            _row(0.3, 0.5, 1, 99.0, 99.0, scorer="random")]  # a control scorer is never a task's "best sparsity"
+    for r, (a, u) in zip(rows, ((0.2, -2.0), (0.25, -2.1), (0.3, -2.2), (0.1, -1.0))):
+        r["metrics"].update(align=a, uniform=u)
+    sel = select(rows)
+    assert sel["sparsity"] == 0.1
+    (st,) = stability(rows, sel, ["STSBenchmark"])
+    assert (st["best_sparsity"], st["best"], st["selected"]) == (0.3, 75.0, 69.0)
+    assert st["sparsity_gap"] == pytest.approx(0.2)
+    figs = render_figures(rows, ["STSBenchmark", "avg"], {"align": 0.2, "uniform": -2.3})
+    assert figs["align_uniform.png"][:4] == b"\x89PNG" and "sts_avg_vs_sparsity.png" in figs
