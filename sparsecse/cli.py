@@ -1,4 +1,4 @@
-"""`sparsecse` command line: train, eval, score, prune, export, sweep, data fetch.
+"""`sparsecse` command line: train, eval, score, prune, pilot, export, sweep, data fetch.
 
 Every user error is one line on stderr and exit code 2 (no traceback).
 """
@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from . import SparseCSEError, TrialsFailed, __version__
-from .config import POOLERS, STS_TASKS, TRANSFER_TASKS, ScoreConfig, TrainConfig
+from .config import POOLERS, SCORERS, STS_TASKS, TRANSFER_TASKS, ScoreConfig, TrainConfig
 
 
 def _tasks(spec: list[str] | None) -> tuple[list[str], list[str]]:
@@ -199,12 +199,50 @@ def cmd_fetch(a) -> int:
     return 0
 
 
+def cmd_pilot(a) -> int:
+    from .data import resolve_data_dir
+    from .io import atomic_write_bytes, atomic_write_json
+    from .model import load_encoder
+    from .pilot import pilot, render, sparsities_with_zero
+    from .prune import check_compatible
+    from .score import load_scores
+
+    _threads(a.threads)
+    for s in a.sparsities:
+        if not 0.0 <= s < 1.0:
+            raise SparseCSEError(f"--sparsities {s}: must be in [0, 1) (the fraction of heads/neurons removed)")
+    data_dir = resolve_data_dir(a.data_dir)
+    enc = load_encoder(a.model, pooler=a.pooler)
+    scores = load_scores(a.scores)
+    check_compatible(scores.meta, enc, a.scores)
+    tasks = a.tasks or ["STS12", "STS13", "STS14", "STS15", "STS16", "STSBenchmark", "SICKRelatedness"]
+    rows = pilot(enc.eval(), scores, data_dir, sparsities_with_zero(a.sparsities), lam=a.lam, scorers=a.scorers,
+                 combine=a.combine, normalize=a.normalize, tasks=tasks, pooler=a.pooler, seed=a.seed)
+    md, png = render(rows, tasks)
+    print(md)
+    if a.out:
+        out = Path(a.out)
+        check_out_dir(out, ("pilot.json",))
+        atomic_write_json(out / "pilot.json", {"model": a.model, "scores": a.scores, "lam": a.lam, "rows": rows})
+        atomic_write_bytes(out / "pilot.png", png)
+        print(f"-> {out / 'pilot.json'}, {out / 'pilot.png'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sparsecse", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"sparsecse {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
     poolers = list(POOLERS)
 
+    _model_commands(sub, poolers)
+    _study_commands(sub, poolers)
+    _run_commands(sub)
+    return p
+
+
+def _model_commands(sub, poolers) -> None:
+    """train, eval, score, prune: one step of the method each."""
     t = sub.add_parser("train", help="train unsupervised SimCSE")
     t.add_argument("--config", required=True)
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -253,6 +291,25 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--data-dir")
     r.set_defaults(fn=cmd_prune)
 
+
+def _study_commands(sub, poolers) -> None:
+    """pilot, export."""
+    q = sub.add_parser("pilot", help="pilot study: prune a trained model at each sparsity, no retraining, STS")
+    q.add_argument("--model", required=True, help="the trained model the scores were computed on")
+    q.add_argument("--scores", required=True)
+    q.add_argument("--sparsities", type=float, nargs="+", default=[0.02, 0.1, 0.2, 0.3, 0.5])
+    q.add_argument("--lam", type=float, default=0.5)
+    q.add_argument("--scorers", nargs="+", choices=list(SCORERS), default=list(SCORERS))
+    q.add_argument("--combine", choices=["gradient", "score"], default="gradient")
+    q.add_argument("--normalize", choices=["none", "layer"], default="none")
+    q.add_argument("--tasks", nargs="+", choices=list(STS_TASKS))
+    q.add_argument("--pooler", choices=poolers, default="cls_before_pooler")
+    q.add_argument("--seed", type=int, default=0, help="the random scorer's draw")
+    q.add_argument("--out", help="directory for pilot.json and pilot.png")
+    q.add_argument("--data-dir")
+    q.add_argument("--threads", type=int)
+    q.set_defaults(fn=cmd_pilot)
+
     x = sub.add_parser("export", help="export dense + physically pruned checkpoints")
     x.add_argument("source", help="a sweep's run (local path or s3://… URI), a training/prune directory or a model")
     x.add_argument("--out", required=True)
@@ -260,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--results", help="JSON of evaluation results for the model card")
     x.set_defaults(fn=cmd_export)
 
+
+def _run_commands(sub) -> None:
+    """sweep, data fetch."""
     w = sub.add_parser("sweep", help="the whole SparseCSE study on Ray")
     w.add_argument("config")
     w.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -278,8 +338,6 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--base-url")
     f.add_argument("--quiet", action="store_true")
     f.set_defaults(fn=cmd_fetch)
-
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

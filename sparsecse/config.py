@@ -137,6 +137,7 @@ class SweepConfig:
     scorers: tuple[Scorer, ...] = ("align_uniform",)
     select_lam: float | None = None  # select among this λ only (the paper's main table: 0.5); others still reported
     when_control_wins: Literal["export_control", "export_nothing"] = "export_control"  # s = 0 best on dev
+    pilot: bool = False  # also prune the trained SimCSE at each sparsity without retraining (the paper's Figure 1)
 
     def __post_init__(self):
         _check(len(self.sparsities) > 0, "sweep.sparsities", "needs at least one value")

@@ -330,7 +330,7 @@ def parquet_bytes(flat: list[dict]) -> bytes:
 
 def render_markdown(title: str, cfg: Config, rows: list[dict], flat: list[dict], selected: dict | None,
                     ctrl: dict | None, baseline: dict, transfer: dict | None, figures: list[str],
-                    allocation_md: str | None = None, scoring: dict | None = None) -> str:
+                    allocation_md: str | None = None, scoring: dict | None = None, pilot_md: str | None = None) -> str:
     """report.md: the paper's Table 1 (baseline, dev-selected SparseCSE, test-selected best per task), the
     over-seeds table, alignment/uniformity, every trial, transfer, figures."""
     tasks = [t for t in cfg.eval.tasks if t in STS_TASKS] + ["avg"]
@@ -367,6 +367,10 @@ def render_markdown(title: str, cfg: Config, rows: list[dict], flat: list[dict],
                "every head and neuron (sparsity 0), so the difference is the effect of the mask.", "",
                _table(seeds_rows, tasks), ""]
     md += render_comparisons(comparisons(rows, cfg.sweep.select_lam), ctrl)
+    if pilot_md:
+        md += ["## Pilot study: the trained SimCSE pruned, without rewinding or retraining (the paper's Figure 1)", "",
+               "STS test (Spearman × 100) of the stage-1 model with each scorer's mask at each sparsity.", "",
+               pilot_md, ""]
     stab = stability(rows, selected, tasks)
     if stab:
         md += ["## Stability: the best sparsity per task (test, mean over seeds) vs the dev-selected one", "",

@@ -202,6 +202,31 @@ def evaluate_task(store_uri: str, model_rel: str, data_dir: str, cfg_dict: dict,
     return out
 
 
+def pilot_task(store_uri: str, model_rel: str, data_dir: str, cfg_dict: dict, threads: float, gpus: float) -> list[dict]:
+    """The pilot study on the stage-1 model: each scorer's masks at every sparsity, no retraining, STS test."""
+    from .model import load_encoder
+    from .pilot import pilot, sparsities_with_zero
+    from .score import load_scores
+
+    setup_worker(threads)
+    cfg = config_from_dict(cfg_dict)
+    store = Storage(store_uri)
+    scores = load_scores(store.read_bytes("scores.parquet"), name=store.url("scores.parquet"))
+    with scratch_dir("pilot") as tmp:
+        enc = load_encoder(str(fetch_model(store, model_rel, tmp)), pooler=cfg.model.eval_pooler).to(task_device(gpus))
+        return pilot(enc.eval(), scores, Path(data_dir), sparsities_with_zero(cfg.sweep.sparsities), lam=pilot_lam(cfg),
+                     scorers=cfg.sweep.scorers, combine=cfg.score.combine, normalize=cfg.score.normalize,
+                     tasks=tuple(t for t in cfg.eval.tasks if t in STS_TASKS), batch_size=cfg.eval.batch_size,
+                     pooler=cfg.model.eval_pooler)
+
+
+def pilot_lam(cfg) -> float:
+    """The λ the pilot prunes with: sweep.select_lam, else 0.5 when in the grid (the paper's), else the first."""
+    if cfg.sweep.select_lam is not None:
+        return cfg.sweep.select_lam
+    return 0.5 if 0.5 in cfg.sweep.lams else cfg.sweep.lams[0]
+
+
 def export_task(store_uri: str, model_rel: str, cfg_dict: dict, results: dict | None, threads: float) -> str:
     """The model at `model_rel` exported (dense + pruned/, model card) to the run's export/; returns its URL."""
     from .export import export_model

@@ -237,9 +237,10 @@ def wants_export(selected: dict | None, cfg: Config) -> bool:
         selected["control_won"] and cfg.sweep.when_control_wins == "export_nothing"))
 
 
-def evaluate_and_export_stage(run: Run, selected: dict | None) -> tuple[dict, dict | None]:
-    """The SimCSE baseline (STS, and transfer when eval.transfer), the selected model's transfer tasks and its
-    export, as Ray tasks at once; returns (baseline STS, transfer table or None)."""
+def evaluate_and_export_stage(run: Run, selected: dict | None) -> dict:
+    """The SimCSE baseline (STS, and transfer when eval.transfer), the selected model's transfer tasks, the pilot
+    study (sweep.pilot) and the export, as Ray tasks at once; returns {"baseline": STS of the stage-1 model,
+    "transfer": table or None, "pilot": rows or None}."""
     cfg, store = run.cfg, run.store
     res = (cfg.sweep.trial_cpus, cfg.sweep.trial_gpus)
     common = (run.data_dir, cfg.to_dict())
@@ -248,6 +249,9 @@ def evaluate_and_export_stage(run: Run, selected: dict | None) -> tuple[dict, di
     if selected and cfg.eval.transfer:
         calls.append(("transfer evaluation", stages.evaluate_task, (store.uri, f"{selected['checkpoint']}/best", *common),
                       {"sts": False, "transfer": True, "threads": res[0], "gpus": res[1]}, *res))
+    pilot_at = len(calls)
+    if cfg.sweep.pilot:
+        calls.append(("pilot study", stages.pilot_task, (store.uri, "simcse/best", *common, *res), {}, *res))
     if wants_export(selected, cfg):
         calls.append(("export", stages.export_task, (store.uri, f"{selected['checkpoint']}/best", cfg.to_dict(),
                                                      selected.get("test"), res[0]), {}, res[0], 0))
@@ -257,22 +261,23 @@ def evaluate_and_export_stage(run: Run, selected: dict | None) -> tuple[dict, di
     transfer = None
     if cfg.eval.transfer and selected:
         transfer = {"SimCSE": out[0]["transfer"], "SparseCSE": out[1]["transfer"]}
-    return out[0]["sts"], transfer
+    return {"baseline": out[0]["sts"], "transfer": transfer, "pilot": out[pilot_at] if cfg.sweep.pilot else None}
 
 
-def report_stage(run: Run, rows: list[dict], selected: dict | None, baseline: dict, transfer: dict | None,
-                 scores) -> dict:
+def report_stage(run: Run, rows: list[dict], selected: dict | None, extras: dict, scores) -> dict:
     """results.{parquet,json}, figures, report.{md,html}; returns the summary."""
     from .prune import select_masks
 
     cfg, store = run.cfg, run.store
+    baseline, transfer = extras["baseline"], extras["transfer"]
     tasks = [t for t in cfg.eval.tasks if t in STS_TASKS] + ["avg"]
     flat = report.results_table(rows, tasks)
     summary = {"baseline": baseline, "selected": selected, "control": report.control(rows), "num_trials": len(rows),
                "failed": [{"trial": x["trial"], "error": x["error"]} for x in flat if x["status"] == "error"],
                "transfer": transfer, "storage": store.uri,
                "export": store.url("export") if wants_export(selected, cfg) else None,
-               "comparisons": report.comparisons(rows, cfg.sweep.select_lam), "allocation": None}
+               "comparisons": report.comparisons(rows, cfg.sweep.select_lam), "allocation": None,
+               "pilot": extras["pilot"]}
     if selected and not selected["control_won"]:  # where the selected mask prunes (the same masks the trial used)
         masks = select_masks(*scores.importance(selected["lam"], cfg.score.combine, cfg.score.normalize),
                              selected["sparsity"])
@@ -286,10 +291,15 @@ def report_stage(run: Run, rows: list[dict], selected: dict | None, baseline: di
         alloc_md, figs["mask_allocation.png"] = report.render_allocation(
             summary["allocation"], f"pruned per layer: s={selected['sparsity']:.0%}, λ={selected['lam']}, "
             f"combine={cfg.score.combine}, normalize={cfg.score.normalize}")
+    pilot_md = None
+    if extras["pilot"]:
+        from .pilot import render as render_pilot
+
+        pilot_md, figs["pilot.png"] = render_pilot(extras["pilot"], tasks[:-1])
     for name, png in figs.items():
         store.write_bytes(f"figures/{name}", png)
     md = report.render_markdown(Path(store.root).name, cfg, rows, flat, selected, summary["control"], baseline,
-                                transfer, list(figs), alloc_md, scores.meta)
+                                transfer, list(figs), alloc_md, scores.meta, pilot_md)
     store.write_text("report.md", md)
     store.write_text("report.html", report.render_html(md, figs))
     return summary
@@ -335,8 +345,8 @@ def run_sweep(config_path: str, overrides=None, resume: bool | str = False, addr
         scores = score_stage(run)
         rows = trials_stage(run, scores)
         selected = report.select(rows, cfg.sweep.select_lam)
-        baseline, transfer = evaluate_and_export_stage(run, selected)
-        summary = report_stage(run, rows, selected, baseline, transfer, scores)
+        extras = evaluate_and_export_stage(run, selected)
+        summary = report_stage(run, rows, selected, extras, scores)
         state.timings["total_s"] = time.perf_counter() - t_start
         state.summary = summary
         run.save()

@@ -274,7 +274,8 @@ def test_sweep_with_controls_runs_every_scorer_and_reports_paired_comparisons(tm
     the s = 0 control (and may choose the control)."""
     cfg = _write_cfg(tmp_path / "c.yaml", tiny_model_dir, sparsities=(0.0, 0.3), lams=(0.5,))
     r = _sweep(cfg, tmp_path / "run", tiny_data_dir, "--set", "sweep.seeds=[1,2]",
-               "--set", "sweep.scorers=[align_uniform,random,magnitude]", "--set", "score.normalize=layer")
+               "--set", "sweep.scorers=[align_uniform,random,magnitude]", "--set", "score.normalize=layer",
+               "--set", "sweep.pilot=true")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     got = sorted((t["sparsity"], t["scorer"], t["seed"]) for t in res["trials"])
@@ -287,6 +288,8 @@ def test_sweep_with_controls_runs_every_scorer_and_reports_paired_comparisons(tm
     assert sel["candidates"] == 2 and (sel["sparsity"], sel["control_won"]) in ((0.0, True), (0.3, False))
     md = (tmp_path / "run" / "report.md").read_text()
     assert "## Controls at equal budget" in md and "| 30% | magnitude |" in md and "score.normalize = layer" in md
+    assert "## Pilot study" in md and len(res["pilot"]) == 6  # 3 scorers × {0, 30 %}, on the stage-1 model
+    assert (tmp_path / "run" / "figures" / "pilot.png").exists() and "## Stability" in md
     assert (tmp_path / "run" / "export" / "manifest.json").exists()  # the selection is exported, control or not
     if not sel["control_won"]:
         assert "## Where the selected mask prunes" in md and (tmp_path / "run" / "figures" / "mask_allocation.png").exists()

@@ -153,3 +153,32 @@ def test_stsb_scoring_reports_its_overlap_with_sts12_16_test_pairs(data_dir):
     test = {(a, b) for y in ("STS12", "STS13", "STS14", "STS15", "STS16") for p in load_sts_task(data_dir, y).values()
             for a, b in zip(p.s1, p.s2)}
     assert any((a, b) in test or (b, a) in test for a, b in zip(pairs.s1, pairs.s2))
+
+
+def test_pilot_prunes_the_trained_model_without_retraining(tiny, tiny_model_dir, tiny_data_dir, tmp_path, capsys):
+    import json
+
+    from sparsecse.cli import main
+    from sparsecse.evaluate import evaluate_sts
+    from sparsecse.pilot import pilot
+    from sparsecse.score import compute_scores, save_scores
+    from sparsecse.data import load_stsb
+
+    tasks = ("STSBenchmark",)
+    sc = compute_scores(tiny, load_stsb(tiny_data_dir, "train"), batch_size=16, max_pairs=48, max_len=32)
+    rows = pilot(tiny, sc, tiny_data_dir, [0.0, 0.5], scorers=("align_uniform", "random"), tasks=tasks)
+    assert [(r["scorer"], r["sparsity"]) for r in rows] == [("align_uniform", 0.0), ("align_uniform", 0.5),
+                                                            ("random", 0.0), ("random", 0.5)]
+    full = evaluate_sts(tiny, tiny_data_dir, tasks=tasks)
+    assert rows[0]["STSBenchmark"] == pytest.approx(full["STSBenchmark"]) == pytest.approx(rows[2]["STSBenchmark"])
+    assert rows[1]["STSBenchmark"] != pytest.approx(full["STSBenchmark"])  # half the units gone changes the model
+    assert bool((tiny.head_mask == 1).all()) and bool((tiny.neuron_mask == 1).all())  # masks restored
+    save_scores(sc, tmp_path / "s.parquet")
+    assert main(["pilot", "--model", str(tiny_model_dir), "--scores", str(tmp_path / "s.parquet"), "--sparsities",
+                 "0.3", "--tasks", "STSBenchmark", "--data-dir", str(tiny_data_dir), "--out", str(tmp_path / "p")]) == 0
+    saved = json.loads((tmp_path / "p" / "pilot.json").read_text())
+    assert len(saved["rows"]) == 6 and (tmp_path / "p" / "pilot.png").read_bytes()[:4] == b"\x89PNG"  # 3 scorers × {0, 0.3}
+    assert "| magnitude | 30% |" in capsys.readouterr().out
+    rc = main(["pilot", "--model", str(tiny_model_dir), "--scores", str(tmp_path / "s.parquet"), "--sparsities", "1.5",
+               "--data-dir", str(tiny_data_dir)])
+    assert rc == 2 and "--sparsities 1.5" in capsys.readouterr().err
