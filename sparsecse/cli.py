@@ -88,7 +88,8 @@ def cmd_eval(a) -> int:
     if transfer:
         from .transfer import evaluate_transfer
 
-        tr = evaluate_transfer(enc, data_dir, tasks=tuple(transfer), pooler=a.pooler, progress=True)
+        tr = evaluate_transfer(enc, data_dir, tasks=tuple(transfer), pooler=a.pooler, progress=True,
+                               classifier=a.transfer_classifier)
         print(task_table(tr, transfer))
         results.update({k: v for k, v in tr.items()})
         if not sts:
@@ -254,6 +255,9 @@ def _model_commands(sub, poolers) -> None:
     e.add_argument("--model", required=True)
     e.add_argument("--pooler", choices=poolers)
     e.add_argument("--tasks", nargs="+", help="sts (default), transfer, all, or task names")
+    e.add_argument("--transfer-classifier", choices=["pytorch", "sklearn"], default="pytorch",
+                   help="pytorch: SimCSE's protocol (SentEval usepytorch, Adam + early stopping); sklearn: SentEval's "
+                        "scikit-learn logistic regression")
     e.add_argument("--data-dir")
     e.add_argument("--json")
     e.add_argument("--batch-size", type=int, default=128)

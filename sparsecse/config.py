@@ -113,7 +113,10 @@ class EvalConfig:
     tasks: tuple[str, ...] = STS_TASKS
     batch_size: int = 128
     max_len: int | None = None  # None: no truncation beyond the model's limit (SentEval protocol)
-    transfer: bool = False  # also run the 7 transfer tasks on baseline + selected model in the sweep report
+    transfer: bool = False  # also run the 7 transfer tasks: on the baseline, the selected model and every trial
+    # "pytorch": SimCSE's protocol (SentEval usepytorch: Adam logistic regression, early stopping; costly on a CPU);
+    # "sklearn": SentEval's scikit-learn logistic regression
+    transfer_classifier: Literal["pytorch", "sklearn"] = "pytorch"
 
     def __post_init__(self):
         for t in self.tasks:

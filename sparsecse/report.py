@@ -391,7 +391,16 @@ def render_markdown(title: str, cfg: Config, rows: list[dict], flat: list[dict],
     if transfer:
         from .transfer import format_transfer_markdown
 
-        md += ["", "## Transfer tasks (accuracy)", "", format_transfer_markdown(transfer)]
+        best = {}
+        for r in rows:
+            if _finished(r) and _scorer(r) == "align_uniform":
+                for k, v in r["metrics"].items():
+                    if k.startswith("transfer/") and not k.endswith("_f1"):
+                        best[k[9:]] = max(best.get(k[9:], -1.0), v)
+        if best:
+            transfer = {**transfer, "best per task over the grid (test-selected)": best}
+        md += ["", f"## Transfer tasks (accuracy; classifier: {cfg.eval.transfer_classifier})", "",
+               format_transfer_markdown(transfer)]
     md += ["" + line for name in figures for line in ("", f"![{name[:-4]}](figures/{name})")]
     return "\n".join(md) + "\n"
 

@@ -170,11 +170,18 @@ def trial(config: dict, *, store_uri: str, data_dir: str, cfg_dict: dict, scores
         sts_tasks = tuple(t for t in cfg.eval.tasks if t in STS_TASKS)
         table = evaluate_sts(best, Path(data_dir), tasks=sts_tasks, batch_size=cfg.eval.batch_size,
                              pooler=cfg.model.eval_pooler, alignment_uniformity=True)
+        transfer = {}
+        if cfg.eval.transfer:  # every trial, so the report's best-per-task transfer row exists
+            from .transfer import evaluate_transfer
+
+            transfer = {f"transfer/{k}": v for k, v in evaluate_transfer(
+                best, Path(data_dir), pooler=cfg.model.eval_pooler, classifier=cfg.eval.transfer_classifier).items()}
     au = {k: table.pop(k) for k in ("align", "uniform")}
     # no checkpoint here: the last training report already carries the final state (latest + best), so the
     # trial's Result.checkpoint is that one and nothing is uploaded twice
     ra.tune_report({**base, "done": True, "step": res.steps, "stsb_dev": res.best_dev, "best_stsb_dev": res.best_dev,
-                    "sentences_per_s": res.sentences_per_s, **{f"test/{k}": v for k, v in table.items()}, **au}, None)
+                    "sentences_per_s": res.sentences_per_s, **{f"test/{k}": v for k, v in table.items()}, **au,
+                    **transfer}, None)
 
 
 # --------------------------------------------------------------------------- evaluation and export tasks
@@ -198,7 +205,8 @@ def evaluate_task(store_uri: str, model_rel: str, data_dir: str, cfg_dict: dict,
                                       batch_size=cfg.eval.batch_size, pooler=cfg.model.eval_pooler,
                                       alignment_uniformity=True)
         if transfer:
-            out["transfer"] = evaluate_transfer(enc, Path(data_dir), pooler=cfg.model.eval_pooler)
+            out["transfer"] = evaluate_transfer(enc, Path(data_dir), pooler=cfg.model.eval_pooler,
+                                                classifier=cfg.eval.transfer_classifier)
     return out
 
 

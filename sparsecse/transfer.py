@@ -1,11 +1,16 @@
-"""SentEval transfer tasks (MR, CR, SUBJ, MPQA, SST-2, TREC, MRPC) on frozen embeddings, as SimCSE runs them.
+"""SentEval transfer tasks (MR, CR, SUBJ, MPQA, SST-2, TREC, MRPC) on frozen embeddings.
 
-Protocol (SentEval, sklearn path): logistic regression with the L2 strength C chosen from 2^-2 … 2^3;
-MR/CR/SUBJ/MPQA: 10-fold stratified CV with an inner k-fold choosing C; SST-2: C chosen on dev, test accuracy;
-TREC and MRPC: C chosen by k-fold CV on train, test accuracy (MRPC also F1). MRPC pair features are
-[u, v, |u−v|, u·v] by default (`mrpc_features="full"`); SentEval's MRPCEval itself uses [|u−v|, u·v]
-(`mrpc_features="senteval"`). Seeds fixed (1111, SentEval's), so results repeat exactly. Each unique sentence is
-encoded once and reused across folds.
+Two classifiers, named for what they are:
+- `classifier="pytorch"` (default) — SimCSE's protocol: SentEval with `usepytorch=True` and SimCSE's test-mode
+  classifier {nhid 0, optim adam, batch_size 64, tenacity 5, epoch_size 4}: logistic regression trained by Adam,
+  L2 (weight decay) chosen from 1e-5 … 1e-2, early stopping on a validation split (the inner fold's held-out part,
+  the dev set for SST-2, else 5 % of train) after `tenacity` rounds of `epoch_size` epochs without improvement.
+- `classifier="sklearn"` — SentEval's scikit-learn path: LogisticRegression with C from 2^-2 … 2^3.
+Splits: MR/CR/SUBJ/MPQA: 10-fold stratified CV with an inner k-fold choosing the regulariser; SST-2: chosen on dev,
+test accuracy; TREC and MRPC: chosen by k-fold CV on train, test accuracy (MRPC also F1). MRPC pair features are
+SentEval's MRPCEval [|u−v|, u·v] by default (`mrpc_features="senteval"`); "full" gives [u, v, |u−v|, u·v].
+Seeds fixed (1111, SentEval's), so results repeat exactly here (not bit-for-bit SentEval's own draws). Each unique
+sentence is encoded once and reused across folds.
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ from . import SparseCSEError
 from .config import TRANSFER_TASKS
 from .data import norm_space, read_lines
 
-C_GRID = tuple(2.0 ** t for t in range(-2, 4))
+C_GRID = tuple(2.0 ** t for t in range(-2, 4))  # sklearn: inverse L2 strength
+L2_GRID = tuple(10.0 ** t for t in range(-5, -1))  # pytorch: weight decay (SentEval's usepytorch grid)
 SEED = 1111
+CLASSIFIERS = ("pytorch", "sklearn")
 TREC_CLASSES = ("ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM")
 
 
@@ -97,47 +104,118 @@ def load_task(data_dir: Path, task: str) -> Task:
 
 # --------------------------------------------------------------------------- classifier protocol (pure)
 
-def _fit(X, y, C):
+class TorchLogReg:
+    """SentEval's PyTorchClassifier with nhid = 0: Linear + cross-entropy, Adam with weight decay `l2`; trains in
+    rounds of `epoch_size` epochs, keeps the model with the best validation accuracy, stops after `tenacity` rounds
+    without improvement (at most `max_epoch` epochs)."""
+
+    def __init__(self, l2: float, batch_size: int = 64, tenacity: int = 5, epoch_size: int = 4, max_epoch: int = 200,
+                 seed: int = SEED):
+        self.l2, self.batch_size, self.tenacity, self.epoch_size, self.max_epoch = l2, batch_size, tenacity, epoch_size, max_epoch
+        self.seed = seed
+
+    def fit(self, X, y, val=None, validation_split: float = 0.05) -> "TorchLogReg":
+        import copy
+
+        import torch
+
+        rng = np.random.default_rng(self.seed)
+        if val is None:  # SentEval: a random `validation_split` of train is held out for early stopping
+            perm = rng.permutation(len(X))
+            n_dev = int(validation_split * len(X))
+            val, X, y = (X[perm[:n_dev]], y[perm[:n_dev]]), X[perm[n_dev:]], y[perm[n_dev:]]
+        self.classes_ = np.unique(np.concatenate([y, val[1]]))
+        to_idx = {c: i for i, c in enumerate(self.classes_)}
+        g = torch.Generator().manual_seed(self.seed)
+        Xt = torch.as_tensor(X, dtype=torch.float32)
+        yt = torch.as_tensor([to_idx[c] for c in y])
+        model = torch.nn.Linear(X.shape[1], len(self.classes_))
+        with torch.no_grad():  # a seeded init (nn.Linear's own draws from the global generator)
+            bound = 1 / np.sqrt(X.shape[1])
+            model.weight.uniform_(-bound, bound, generator=g)
+            model.bias.uniform_(-bound, bound, generator=g)
+        opt = torch.optim.Adam(model.parameters(), weight_decay=self.l2)
+        best, best_acc, stale, epoch = copy.deepcopy(model), -1.0, 0, 0
+        self.model = model
+        while epoch <= self.max_epoch:
+            for _ in range(self.epoch_size):
+                for idx in torch.randperm(len(Xt), generator=g).split(self.batch_size):
+                    loss = torch.nn.functional.cross_entropy(model(Xt[idx]), yt[idx])
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+            epoch += self.epoch_size
+            acc = float((self.predict(val[0]) == val[1]).mean())
+            if acc > best_acc:
+                best, best_acc = copy.deepcopy(model), acc
+            elif stale >= self.tenacity:
+                break
+            else:
+                stale += 1
+        self.model = best
+        return self
+
+    def predict(self, X) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            return self.classes_[self.model(torch.as_tensor(X, dtype=torch.float32)).argmax(1).numpy()]
+
+
+def _grid(classifier: str):
+    if classifier not in CLASSIFIERS:
+        raise SparseCSEError(f"transfer classifier {classifier!r}: choose pytorch (SimCSE's) or sklearn")
+    return L2_GRID if classifier == "pytorch" else C_GRID
+
+
+def _fit(X, y, reg, classifier: str = "pytorch", val=None):
+    """A fitted classifier at regulariser `reg` (weight decay for pytorch, C for sklearn); `val` is the early-
+    stopping set of the pytorch classifier (sklearn needs none)."""
+    if classifier == "pytorch":
+        return TorchLogReg(reg).fit(X, y, val)
     from sklearn.linear_model import LogisticRegression
 
-    return LogisticRegression(C=C, max_iter=1000, random_state=SEED).fit(X, y)
+    return LogisticRegression(C=reg, max_iter=1000, random_state=SEED).fit(X, y)
 
 
-def choose_c(X: np.ndarray, y: np.ndarray, k: int = 10, grid=C_GRID) -> float:
-    """The C with the best mean accuracy over a stratified k-fold of (X, y)."""
+def choose_c(X: np.ndarray, y: np.ndarray, k: int = 10, classifier: str = "pytorch") -> float:
+    """The regulariser with the best mean accuracy over a stratified k-fold of (X, y) (as SentEval, the pytorch
+    classifier early-stops on the held-out fold it is scored on)."""
     from sklearn.model_selection import StratifiedKFold
 
     skf = StratifiedKFold(n_splits=k, shuffle=True, random_state=SEED)
-    scores = []
-    for C in grid:
-        accs = [(_fit(X[tr], y[tr], C).predict(X[va]) == y[va]).mean() for tr, va in skf.split(X, y)]
+    grid, scores = _grid(classifier), []
+    for reg in grid:
+        accs = [(_fit(X[tr], y[tr], reg, classifier, (X[va], y[va])).predict(X[va]) == y[va]).mean()
+                for tr, va in skf.split(X, y)]
         scores.append(np.mean(accs))
     return float(grid[int(np.argmax(scores))])
 
 
-def cv_accuracy(X: np.ndarray, y: np.ndarray, k: int = 10, inner_k: int = 10) -> float:
-    """Outer stratified k-fold accuracy ×100, C chosen by an inner k-fold on each outer training part."""
+def cv_accuracy(X: np.ndarray, y: np.ndarray, k: int = 10, inner_k: int = 10, classifier: str = "pytorch") -> float:
+    """Outer stratified k-fold accuracy ×100, the regulariser chosen by an inner k-fold on each outer training part."""
     from sklearn.model_selection import StratifiedKFold
 
     accs = []
     for tr, te in StratifiedKFold(n_splits=k, shuffle=True, random_state=SEED).split(X, y):
-        C = choose_c(X[tr], y[tr], inner_k)
-        accs.append((_fit(X[tr], y[tr], C).predict(X[te]) == y[te]).mean())
+        reg = choose_c(X[tr], y[tr], inner_k, classifier)
+        accs.append((_fit(X[tr], y[tr], reg, classifier).predict(X[te]) == y[te]).mean())
     return 100.0 * float(np.mean(accs))
 
 
-def dev_test_accuracy(Xtr, ytr, Xdev, ydev, Xte, yte, grid=C_GRID) -> float:
-    devs = [(_fit(Xtr, ytr, C).predict(Xdev) == ydev).mean() for C in grid]
-    C = grid[int(np.argmax(devs))]
-    return 100.0 * float((_fit(Xtr, ytr, C).predict(Xte) == yte).mean())
+def dev_test_accuracy(Xtr, ytr, Xdev, ydev, Xte, yte, classifier: str = "pytorch") -> float:
+    grid = _grid(classifier)
+    devs = [(_fit(Xtr, ytr, reg, classifier, (Xdev, ydev)).predict(Xdev) == ydev).mean() for reg in grid]
+    reg = grid[int(np.argmax(devs))]
+    return 100.0 * float((_fit(Xtr, ytr, reg, classifier, (Xdev, ydev)).predict(Xte) == yte).mean())
 
 
-def train_test_scores(Xtr, ytr, Xte, yte, k: int = 10) -> tuple[float, float]:
-    """(accuracy ×100, F1 ×100 for binary labels) with C chosen by k-fold CV on train."""
+def train_test_scores(Xtr, ytr, Xte, yte, k: int = 10, classifier: str = "pytorch") -> tuple[float, float]:
+    """(accuracy ×100, F1 ×100 for binary labels) with the regulariser chosen by k-fold CV on train."""
     from sklearn.metrics import f1_score
 
-    C = choose_c(Xtr, ytr, k)
-    pred = _fit(Xtr, ytr, C).predict(Xte)
+    reg = choose_c(Xtr, ytr, k, classifier)
+    pred = _fit(Xtr, ytr, reg, classifier).predict(Xte)
     f1 = 100.0 * f1_score(yte, pred) if len(np.unique(ytr)) == 2 else float("nan")
     return 100.0 * float((pred == yte).mean()), float(f1)
 
@@ -153,7 +231,8 @@ def pair_features(u: np.ndarray, v: np.ndarray, kind: str = "full") -> np.ndarra
 
 def evaluate_transfer(enc, data_dir: Path, tasks=TRANSFER_TASKS, pooler: str | None = None, batch_size: int = 128,
                       k: int = 10, inner_k: int = 10, max_examples: int | None = None,
-                      mrpc_features: str = "full", progress: bool = False) -> dict[str, float]:
+                      mrpc_features: str = "senteval", progress: bool = False,
+                      classifier: str = "pytorch") -> dict[str, float]:
     """{task: accuracy ×100, "MRPC_f1": F1, "avg": mean accuracy}."""
     from .evaluate import encode
 
@@ -173,19 +252,19 @@ def evaluate_transfer(enc, data_dir: Path, tasks=TRANSFER_TASKS, pooler: str | N
     for t, task in loaded.items():
         if task.kind == "cv":
             xs, y = task.data["all"]
-            res[t] = cv_accuracy(feats(xs), y, k, inner_k)
+            res[t] = cv_accuracy(feats(xs), y, k, inner_k, classifier)
         elif task.kind == "dev":
             (a, ya), (b, yb), (c, yc) = (task.data[s] for s in ("train", "dev", "test"))
-            res[t] = dev_test_accuracy(feats(a), ya, feats(b), yb, feats(c), yc)
+            res[t] = dev_test_accuracy(feats(a), ya, feats(b), yb, feats(c), yc, classifier)
         elif task.kind == "train_test":
             (a, ya), (c, yc) = task.data["train"], task.data["test"]
-            res[t] = train_test_scores(feats(a), ya, feats(c), yc, inner_k)[0]
+            res[t] = train_test_scores(feats(a), ya, feats(c), yc, inner_k, classifier)[0]
         else:
             def pf(pair):
                 u, v = feats(pair[0]), feats(pair[1])
                 return pair_features(u, v, mrpc_features)
             (a, ya), (c, yc) = task.data["train"], task.data["test"]
-            res[t], res[f"{t}_f1"] = train_test_scores(pf(a), ya, pf(c), yc, inner_k)
+            res[t], res[f"{t}_f1"] = train_test_scores(pf(a), ya, pf(c), yc, inner_k, classifier)
     res["avg"] = float(np.mean([res[t] for t in tasks]))
     return res
 

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from sparsecse import SparseCSEError
-from sparsecse.transfer import (C_GRID, choose_c, cv_accuracy, dev_test_accuracy, load_task, train_test_scores)
+from sparsecse.transfer import (C_GRID, L2_GRID, TorchLogReg, choose_c, cv_accuracy, dev_test_accuracy, load_task,
+                                train_test_scores)
 
 
 def _blobs(n, sep, seed):
@@ -15,27 +16,50 @@ def _blobs(n, sep, seed):
     return X, y
 
 
-def test_cv_accuracy_on_separable_and_random_data():
+@pytest.mark.parametrize("clf", ["pytorch", "sklearn"])
+def test_cv_accuracy_on_separable_and_random_data(clf):
     X, y = _blobs(200, 6.0, 0)
-    assert cv_accuracy(X, y, k=5, inner_k=3) == 100.0
+    # Adam keeps the first round that is best on validation (SentEval's rule): on 160 training points that round
+    # has had a dozen steps, so the pytorch classifier is near, not at, the separable optimum
+    assert cv_accuracy(X, y, k=5, inner_k=3, classifier=clf) >= (100.0 if clf == "sklearn" else 90.0)
     rng = np.random.default_rng(1)
     Xr, yr = rng.normal(size=(200, 5)), rng.integers(0, 2, 200)
-    acc = cv_accuracy(Xr, yr, k=5, inner_k=3)
+    acc = cv_accuracy(Xr, yr, k=5, inner_k=3, classifier=clf)
     assert 30.0 < acc < 70.0  # chance level on labels unrelated to the features
 
 
-def test_results_repeat_exactly_and_c_comes_from_the_grid():
+@pytest.mark.parametrize("clf,grid", [("pytorch", L2_GRID), ("sklearn", C_GRID)])
+def test_results_repeat_exactly_and_the_regulariser_comes_from_the_grid(clf, grid):
     X, y = _blobs(120, 0.7, 2)
-    assert cv_accuracy(X, y, k=5, inner_k=3) == cv_accuracy(X, y, k=5, inner_k=3)
-    assert choose_c(X, y, k=3) in C_GRID
+    assert cv_accuracy(X, y, k=5, inner_k=3, classifier=clf) == cv_accuracy(X, y, k=5, inner_k=3, classifier=clf)
+    assert choose_c(X, y, k=3, classifier=clf) in grid
+    assert L2_GRID == (1e-5, 1e-4, 1e-3, 1e-2)  # SentEval's usepytorch grid, as SimCSE runs it
 
 
-def test_dev_selected_and_train_test_protocols():
+@pytest.mark.parametrize("clf", ["pytorch", "sklearn"])
+def test_dev_selected_and_train_test_protocols(clf):
     X, y = _blobs(300, 3.0, 3)
-    acc = dev_test_accuracy(X[:200], y[:200], X[200:250], y[200:250], X[250:], y[250:])
+    acc = dev_test_accuracy(X[:200], y[:200], X[200:250], y[200:250], X[250:], y[250:], classifier=clf)
     assert acc >= 90.0
-    acc, f1 = train_test_scores(X[:200], y[:200], X[200:], y[200:], k=3)
+    acc, f1 = train_test_scores(X[:200], y[:200], X[200:], y[200:], k=3, classifier=clf)
     assert acc >= 90.0 and 0 < f1 <= 100
+
+
+def test_pytorch_classifier_early_stops_on_validation_and_keeps_the_best_round():
+    """Labels unrelated to the features: validation accuracy stops improving, so training stops after `tenacity`
+    stale rounds, far before max_epoch; on separable data it fits and predicts the original label values."""
+    rng = np.random.default_rng(4)
+    X, y = rng.normal(size=(300, 8)), rng.integers(0, 2, 300)
+    clf = TorchLogReg(1e-3, tenacity=2, epoch_size=1, max_epoch=200)
+    calls = []
+    orig = clf.predict
+    clf.predict = lambda Z: calls.append(1) or orig(Z)
+    clf.fit(X[:250], y[:250], val=(X[250:], y[250:]))
+    assert 3 <= len(calls) < 60  # rounds evaluated on validation: stopped early
+    Xs, ys = _blobs(200, 6.0, 5)
+    labels = np.where(ys == 1, 7, 3)  # arbitrary label values come back as such
+    pred = TorchLogReg(1e-4).fit(Xs, labels).predict(Xs)
+    assert set(pred.tolist()) == {3, 7} and (pred == labels).mean() > 0.8
 
 
 def test_real_loaders_have_senteval_sizes(data_dir):
