@@ -207,6 +207,9 @@ def score_stage(run: Run):
     if st.score_fp == fp2 and store.is_file("scores.parquet"):
         print(f"[sweep] stage 2 skipped ({store.url('scores.parquet')} matches the trained model)")
     else:
+        if store.exists("tune"):  # trials chose their masks from other scores: they are not this sweep's trials
+            print("[sweep] the scores changed since the trials ran: their results are discarded and they rerun")
+            store.delete("tune")
         t0 = time.perf_counter()
         ra.run_tasks([("scoring", stages.score_task, (store.uri, "simcse/best", run.data_dir, cfg.to_dict(),
                                                       cfg.sweep.trial_cpus, cfg.sweep.trial_gpus), {},

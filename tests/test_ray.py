@@ -112,6 +112,18 @@ def test_resume_reruns_nothing_finished(finished_sweep, tiny_data_dir):
     # a second sweep into the same directory without --resume is refused
     r = _sweep(cfg, run, tiny_data_dir)
     assert r.returncode == 2 and "already holds a sweep" in r.stderr
+    # scores that no longer match (here: their fingerprint made stale) are recomputed, and the trials that chose
+    # their masks from the old ones are discarded and rerun, not mixed into the new results (the last use of this
+    # module's sweep: it is rerun here)
+    state = json.loads((run / "sweep.json").read_text())
+    state["score_fp"] = "stale"
+    (run / "sweep.json").write_text(json.dumps(state))
+    r = _sweep(cfg, run, tiny_data_dir, "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "the scores changed since the trials ran" in r.stdout
+    assert json.loads((run / "summary.json").read_text())["stage_runs"] == {"train": 1, "score": 2}
+    rerun = {p: p.stat().st_mtime_ns for p in (run / "tune").glob("*/checkpoint_*/best/model.safetensors")}
+    assert len(rerun) == 8 and not set(rerun.items()) & set(after.items())
 
 
 def test_two_worker_ray_train_equals_one_worker(tmp_path, tiny_model_dir, tiny_data_dir):
