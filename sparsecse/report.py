@@ -410,10 +410,11 @@ def _scoring_lines(scoring: dict | None, cfg: Config) -> list[str]:
     if not scoring:
         return []
     n = scoring.get("positive_pairs")
+    count = f"{n} " if n is not None else ""  # scores written before the count was recorded
     if cfg.score.source == "unlabeled":
-        return [f"Importance scored **label-free**: {n} wiki sentences, each paired with its second dropout view "
+        return [f"Importance scored **label-free**: {count}wiki sentences, each paired with its second dropout view "
                 "(no STS labels or pairs used).", ""]
-    line = (f"Importance scored on STS-B {cfg.score.split} pairs (the paper's setting): {n} positive pairs "
+    line = (f"Importance scored on STS-B {cfg.score.split} pairs (the paper's setting): {count}positive pairs "
             f"(gold {'>' if cfg.score.positive_rule == 'gt' else '≥'} {cfg.score.positive_threshold:g}).")
     leak = scoring.get("sts_test_overlap")
     if leak:
