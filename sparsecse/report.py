@@ -131,7 +131,7 @@ def _pm1(mean: float, std: float | None) -> str:
 def _vs(c: dict | None) -> str:
     if not c or c["diff"] is None:
         return "—"
-    p = f", p = {c['p']:.3f}" if c["p"] is not None else ""
+    p = "" if c["p"] is None else (", p < 0.001" if c["p"] < 0.001 else f", p = {c['p']:.3f}")
     return f"{c['diff']:+.2f}" + (f" ± {c['std']:.2f}" if c["std"] is not None else "") + f" (n = {c['n']}{p}: {c['verdict']})"
 
 
@@ -144,7 +144,7 @@ def render_comparisons(comps: list[dict], ctrl: dict | None) -> list[str]:
     return ["## Controls at equal budget (STS test avg, Spearman × 100)", "",
             f"Every method retrains the same way from the same pre-trained weights; only how the mask is chosen differs. "
             f"Mean ± sample std over seeds (ddof = 1); Δ is paired over shared seeds (two-sided paired t-test); {base}.",
-            "", render(["sparsity", "method", "λ", "seeds", "STS-B dev", "test avg", "Δ vs s = 0 control", "Δ vs random"],
+            "", render(["sparsity", "method", "λ", "n seeds", "STS-B dev", "test avg", "Δ vs s = 0 control", "Δ vs random"],
                        [[f"{c['sparsity']:.0%}", c["method"], "—" if c["lam"] is None else str(c["lam"]),
                          str(len(c["seeds"])), _pm1(c["dev_mean"], c["dev_std"]), _pm1(c["mean"], c["std"]),
                          _vs(c["vs_control"]), _vs(c["vs_random"])] for c in comps], left=2), ""]
