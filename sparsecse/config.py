@@ -133,7 +133,9 @@ class SweepConfig:
     trial_gpus: float = 0.0
     max_concurrent_trials: int | None = None
     max_failures: int = 1
-    scheduler: Literal["none", "asha"] = "none"
+    scheduler: Literal["none", "asha"] = "none"  # asha: stop weak trials early, measured in training steps
+    asha_grace_steps: int | None = None  # a trial runs at least this many steps (None: 2 × train.eval_steps)
+    asha_reduction_factor: int = 3  # keep the best 1/rf of the trials at each rung
     export_best: bool = True
     allow_failed_trials: bool = False  # false: a sweep with failed trials exits 1 (after writing its report)
     # how masks are chosen, one grid dimension: the paper's score and the controls it must beat at equal budget
@@ -155,6 +157,9 @@ class SweepConfig:
         _check(self.max_failures >= 0, "sweep.max_failures", "must be >= 0")
         _check(self.max_concurrent_trials is None or self.max_concurrent_trials >= 1,
                "sweep.max_concurrent_trials", "must be >= 1 or null")
+        _check(self.asha_grace_steps is None or self.asha_grace_steps >= 1, "sweep.asha_grace_steps",
+               "must be >= 1 or null")
+        _check(self.asha_reduction_factor >= 2, "sweep.asha_reduction_factor", "must be >= 2")
         _check(len(self.scorers) > 0 and len(set(self.scorers)) == len(self.scorers), "sweep.scorers",
                "needs at least one scorer, each once")
         _check(self.select_lam is None or self.select_lam in self.lams, "sweep.select_lam",

@@ -183,12 +183,25 @@ def node_id() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
+METRIC, MODE = "best_stsb_dev", "max"  # what Tune, its schedulers and selection optimise: STS-B dev
+RUNG_ATTR = "rung_step"  # ASHA's clock: training steps, on intermediate evaluations only
+
+
+def rung(rec: dict) -> dict:
+    """The early-stopping clock for one report: the step of an intermediate evaluation; nothing on a trial's last
+    training evaluation and its final test report, so a scheduler never stops a trial that finished training."""
+    return {} if rec.get("last", True) else {RUNG_ATTR: rec["step"]}
+
+
 def run_tuner(trial_fn: Callable, params: dict, points: list[dict], *, storage: "Storage", name: str, cpus: float,
-              gpus: float, max_concurrent: int | None, max_failures: int, scheduler: str, resume: bool):
-    """Grid of trials (one per point), `params` shared through the object store; returns the ResultGrid.
-    `resume` restores an interrupted experiment from the run's storage."""
+              gpus: float, max_concurrent: int | None, max_failures: int, asha: dict | None, resume: bool):
+    """One trial per point, each point's keys (sparsity, lam, seed, scorer) as Tune parameters of their own;
+    `params` shared through the object store; returns the ResultGrid. `asha` = {"grace": steps, "max_t": steps,
+    "rf": reduction factor} stops weak trials early, measured in training steps. `resume` restores an
+    interrupted experiment from the run's storage."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import BasicVariantGenerator
 
     trainable = tune.with_resources(tune.with_parameters(trial_fn, **params), {"cpu": cpus, "gpu": gpus})
     path, fs = storage.ray_storage()
@@ -196,13 +209,20 @@ def run_tuner(trial_fn: Callable, params: dict, points: list[dict], *, storage: 
     if resume and tune.Tuner.can_restore(exp, storage_filesystem=fs):
         tuner = tune.Tuner.restore(exp, trainable=trainable, resume_errored=True, storage_filesystem=fs)
     else:
-        sched = (ASHAScheduler(metric="stsb_dev", mode="max", grace_period=1) if scheduler == "asha" else None)
+        # rungs at grace · rf^k training steps, judged on intermediate evaluations only (see `rung`); max_t only
+        # bounds the rungs, it never stops a trial itself
+        sched = (ASHAScheduler(time_attr=RUNG_ATTR, max_t=asha["max_t"], grace_period=asha["grace"],
+                               reduction_factor=asha["rf"], stop_last_trials=False) if asha else None)
+        # the grid as points of a search space: every point exactly once, each parameter named in Tune's table
+        space = {k: tune.choice(sorted({p[k] for p in points}, key=str)) for k in points[0]}
         tuner = tune.Tuner(
             trainable,
-            param_space={"point": tune.grid_search(points)},
+            param_space=space,
             # reuse_actors: a finished trial's process takes the next point (no new process, no re-import of
             # torch/transformers per trial); a crashed one is replaced as usual
-            tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, scheduler=sched, reuse_actors=True),
+            tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, num_samples=len(points),
+                                        search_alg=BasicVariantGenerator(points_to_evaluate=points),
+                                        max_concurrent_trials=max_concurrent, scheduler=sched, reuse_actors=True),
             # num_to_keep=2: Tune forces an experiment-state snapshot whenever a trial has checkpointed num_to_keep
             # times since the last one; with 1 that is every checkpoint (the "snapshotting" warnings)
             run_config=tune.RunConfig(name=name, storage_path=path, storage_filesystem=fs,
@@ -212,11 +232,15 @@ def run_tuner(trial_fn: Callable, params: dict, points: list[dict], *, storage: 
     return tuner.fit()
 
 
+POINT_KEYS = ("sparsity", "lam", "seed", "scorer")
+
+
 def grid_rows(grid, storage: "Storage") -> list[dict]:
     """One row per trial: its point, last metrics, error (or None) and last checkpoint (relative to the run)."""
     rows = []
     for r in grid:
-        cfg = (r.config or {}).get("point", {})
+        cfg = r.config or {}
+        cfg = cfg.get("point") or {k: cfg[k] for k in POINT_KEYS if k in cfg}  # "point": sweeps before named params
         rows.append({"config": {"scorer": "align_uniform", **cfg}, "metrics": dict(r.metrics or {}),
                      "error": None if r.error is None else _root_cause(r.error),
                      "checkpoint": storage.rel(r.checkpoint.path) if r.checkpoint is not None else None})

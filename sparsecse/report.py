@@ -353,7 +353,7 @@ def render_markdown(title: str, cfg: Config, rows: list[dict], flat: list[dict],
           f"seeds {list(cfg.sweep.seeds)}, mask scorers {list(cfg.sweep.scorers)} ({len(flat)} trials, {failed} failed). "
           f"Importance: score.combine = {cfg.score.combine}, score.normalize = {cfg.score.normalize}. "
           "Selection uses STS-B **dev** (mean over seeds); test figures are reported, never used to choose.", "",
-          *_scoring_lines(scoring, cfg), *_selection_lines(selected, cfg),
+          *_scoring_lines(scoring, cfg), *_stopped_lines(flat, cfg), *_selection_lines(selected, cfg),
           "## Test results (Spearman × 100)", "", _table(trow, tasks), ""]
     if selected and len(selected["seeds"]) > 1:
         seeds_rows = []
@@ -424,6 +424,15 @@ def _scoring_lines(scoring: dict | None, cfg: Config) -> list[str]:
     elif leak == 0:
         line += " None of them is an STS12–16 test pair."
     return [line, ""]
+
+
+def _stopped_lines(flat: list[dict], cfg: Config) -> list[str]:
+    stopped = [x["trial"] for x in flat if x["status"] == "incomplete"]
+    if cfg.sweep.scheduler != "asha" or not stopped:
+        return []
+    return [f"ASHA stopped {len(stopped)} of {len(flat)} trials early (in training steps; they had at least "
+            f"{cfg.sweep.asha_grace_steps or 2 * cfg.train.eval_steps} steps): {', '.join(stopped)}. They have no test "
+            "figures, are marked `incomplete` below and are excluded from selection.", ""]
 
 
 def _selection_lines(selected: dict | None, cfg: Config) -> list[str]:

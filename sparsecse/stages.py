@@ -142,7 +142,7 @@ def trial(config: dict, *, store_uri: str, data_dir: str, cfg_dict: dict, scores
     from .prune import masks_for, rewind
     from .train import OnReport, train_simcse
 
-    p = config["point"]
+    p = config.get("point") or config  # "point": trials of sweeps started before the parameters were named
     name = point_name(p)
     cfg = config_from_dict(cfg_dict)
     cfg = cfg.replace(train=type(cfg.train)(**{**cfg.to_dict()["train"], "seed": p["seed"]}))
@@ -158,7 +158,7 @@ def trial(config: dict, *, store_uri: str, data_dir: str, cfg_dict: dict, scores
             "scores": store.url("scores.parquet"), "scores_fingerprint": scores.meta["model_fingerprint"]}
 
     callbacks = [*installed_callbacks(name, 0, store),
-                 OnReport(lambda rec, ckpt: ra.tune_report({**base, **rec}, ckpt))]
+                 OnReport(lambda rec, ckpt: ra.tune_report({**base, **rec, **ra.rung(rec)}, ckpt))]
     device = task_device(cfg.sweep.trial_gpus)
     with scratch_dir("trial") as tmp:
         resume = ra.tune_checkpoint(tmp / "resume")

@@ -49,10 +49,7 @@ def grid_points(cfg: Config) -> list[dict]:
             for scorer in (("align_uniform",) if s == 0 else cfg.sweep.scorers):
                 lams = cfg.sweep.lams if (s > 0 and scorer == "align_uniform") else cfg.sweep.lams[:1]
                 for lam in lams:
-                    p = {"sparsity": float(s), "lam": float(lam), "seed": int(seed)}
-                    if scorer != "align_uniform":  # the paper's points keep their names (and resume) as before
-                        p["scorer"] = scorer
-                    pts.append(p)
+                    pts.append({"sparsity": float(s), "lam": float(lam), "seed": int(seed), "scorer": scorer})
     return pts
 
 
@@ -221,6 +218,15 @@ def score_stage(run: Run):
     return load_scores(store.read_bytes("scores.parquet"), name=store.url("scores.parquet"))
 
 
+def asha_settings(cfg: Config) -> dict | None:
+    """ASHA in training steps: rungs at grace · rf^k steps (grace default: two evaluations) up to the trial's
+    budget (max_steps; without it the corpus decides, unknown here, so no bound)."""
+    if cfg.sweep.scheduler != "asha":
+        return None
+    grace = cfg.sweep.asha_grace_steps or 2 * cfg.train.eval_steps
+    return {"grace": grace, "max_t": max(grace, cfg.train.max_steps or 10 ** 9), "rf": cfg.sweep.asha_reduction_factor}
+
+
 def trials_stage(run: Run, scores) -> list[dict]:
     """Stage 3: one Tune trial per grid point (resumed from storage with --resume); one row per trial."""
     cfg = run.cfg
@@ -229,7 +235,7 @@ def trials_stage(run: Run, scores) -> list[dict]:
                                        "cfg_dict": cfg.to_dict(), "scores": scores},
                         grid_points(cfg), storage=run.store, name="tune", cpus=cfg.sweep.trial_cpus,
                         gpus=cfg.sweep.trial_gpus, max_concurrent=cfg.sweep.max_concurrent_trials,
-                        max_failures=cfg.sweep.max_failures, scheduler=cfg.sweep.scheduler, resume=run.resume)
+                        max_failures=cfg.sweep.max_failures, asha=asha_settings(cfg), resume=run.resume)
     run.state.timings["tune_s"] = time.perf_counter() - t0
     return ra.grid_rows(grid, run.store)
 

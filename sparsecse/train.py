@@ -331,6 +331,7 @@ def train_simcse(cfg: Config, out_dir: str | os.PathLike, data_dir: Path, *, ini
             if main:
                 rec, ckpt = evaluate_and_checkpoint(enc, state, dev, cfg, out_dir, meta, opt, sched, loss)
                 log.eval(state.step, rec["stsb_dev"])
+            rec["last"] = state.step == total  # the final evaluation of this training run
             dist.barrier()
             for cb in callbacks:
                 cb.on_report(rec, ckpt)

@@ -4,6 +4,7 @@
     stage1-kill:STEP   SIGKILL the rank-0 Ray Train worker once, at the first report after the checkpoint at STEP
     trial-exit:TRIAL   that trial's process dies once, at its first report
     trial-nan:TRIAL    that trial's learning rate becomes 1e30, so its loss diverges
+    trial-poor:TRIAL   that trial reports an STS-B dev of -100 (a clearly weak trial, for early-stopping tests)
 
 "Once" is remembered in the run's storage (.faults/), so it holds when the retry lands on another node.
 """
@@ -43,6 +44,8 @@ class Faults(Callback):
                 g["lr"] = 1e30
 
     def on_report(self, metrics: dict, checkpoint) -> None:
+        if self.spec.get("trial-poor") == self.where:
+            metrics["stsb_dev"] = metrics["best_stsb_dev"] = -100.0
         kill_at = self.spec.get("stage1-kill")
         if (self.where == "stage1" and kill_at and self.rank == 0 and metrics["step"] > int(kill_at)
                 and self._once("stage1-killed")):

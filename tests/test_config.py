@@ -88,3 +88,15 @@ def test_resume_accepts_a_sweep_saved_before_a_defaulted_field_existed():
     # a stale stage-1 fingerprint is not blessed by the upgrade
     stale = {"config": dict(old), "train_fp": "stale"}
     assert upgrade_state(stale, cfg) and stale["train_fp"] == "stale"
+
+
+def test_asha_is_measured_in_training_steps_and_never_judges_a_finished_trial():
+    from sparsecse.ray_adapter import rung
+    from sparsecse.sweep import asha_settings
+
+    assert asha_settings(load_config(None)) is None
+    a = asha_settings(load_config(None, ["sweep.scheduler=asha", "train.eval_steps=125", "train.max_steps=15625"]))
+    assert a == {"grace": 250, "max_t": 15625, "rf": 3}  # grace: two evaluations; rungs up to the step budget
+    # intermediate evaluations carry the clock; the last training evaluation and the final test report do not
+    assert rung({"step": 250, "last": False}) == {"rung_step": 250}
+    assert rung({"step": 15625, "last": True}) == {} and rung({"done": True, "step": 15625}) == {}
