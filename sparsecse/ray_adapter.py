@@ -221,7 +221,10 @@ def run_tuner(trial_fn: Callable, params: dict, points: list[dict], *, storage: 
             # reuse_actors: a finished trial's process takes the next point (no new process, no re-import of
             # torch/transformers per trial); a crashed one is replaced as usual
             tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, num_samples=len(points),
-                                        search_alg=BasicVariantGenerator(points_to_evaluate=points),
+                                        # the generator itself must cap concurrency: Tune applies
+                                        # max_concurrent_trials only to the generator it creates
+                                        search_alg=BasicVariantGenerator(points_to_evaluate=points,
+                                                                         max_concurrent=max_concurrent or 0),
                                         max_concurrent_trials=max_concurrent, scheduler=sched, reuse_actors=True),
             # num_to_keep=2: Tune forces an experiment-state snapshot whenever a trial has checkpointed num_to_keep
             # times since the last one; with 1 that is every checkpoint (the "snapshotting" warnings)

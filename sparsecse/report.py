@@ -17,9 +17,15 @@ from .tables import label, render
 from .stages import point_name
 
 
+def evaluated(m: dict) -> bool:
+    """A trial's last report is its final test evaluation. ("evaluated": Tune sets its own "done" on the last
+    result of a trial it stops early; sweeps before "evaluated" existed reported "done" only there.)"""
+    return bool(m.get("evaluated", m.get("done")))
+
+
 def _finished(r: dict) -> bool:
     m = r["metrics"]
-    return not r["error"] and bool(m.get("done")) and math.isfinite(m.get("best_stsb_dev", float("nan")))
+    return not r["error"] and evaluated(m) and math.isfinite(m.get("best_stsb_dev", float("nan")))
 
 
 def _scorer(r: dict) -> str:
@@ -213,7 +219,7 @@ def render_figures(rows: list[dict], tasks: list[str], baseline: dict | None = N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    done = [r for r in rows if not r["error"] and r["metrics"].get("done")]
+    done = [r for r in rows if not r["error"] and evaluated(r["metrics"])]
     ours = [r for r in done if _scorer(r) == "align_uniform"]
     lams = sorted({r["config"]["lam"] for r in ours if r["config"]["sparsity"] > 0})
     ctrl = [r for r in done if r["config"]["sparsity"] == 0]
@@ -308,7 +314,7 @@ def results_table(rows: list[dict], tasks: list[str]) -> list[dict]:
         m = r["metrics"]
         flat.append({**{k: r["config"].get(k) for k in ("sparsity", "lam", "seed")},
                      "scorer": r["config"].get("scorer", "align_uniform"), "trial": point_name(r["config"]),
-                     "status": "error" if r["error"] else ("done" if m.get("done") else "incomplete"),
+                     "status": "error" if r["error"] else ("done" if evaluated(m) else "incomplete"),
                      "error": r["error"] or "", "best_stsb_dev": m.get("best_stsb_dev"),
                      **{f"test/{t}": m.get(f"test/{t}") for t in tasks},
                      "align": m.get("align"), "uniform": m.get("uniform"), "steps": m.get("step"),
@@ -335,7 +341,7 @@ def render_markdown(title: str, cfg: Config, rows: list[dict], flat: list[dict],
     over-seeds table, alignment/uniformity, every trial, transfer, figures."""
     tasks = [t for t in cfg.eval.tasks if t in STS_TASKS] + ["avg"]
     failed = sum(x["status"] == "error" for x in flat)
-    done = [r for r in rows if not r["error"] and r["metrics"].get("done")]
+    done = [r for r in rows if not r["error"] and evaluated(r["metrics"])]
     trow = [("SimCSE stage 1 (" + cfg.model.name + "; the model scored, for reference)", baseline)]
     if ctrl:  # the headline baseline: unpruned, rewound and retrained exactly like every trial
         trow.append((f"SimCSE control s=0 (rewound + retrained like the trials; mean of seeds {ctrl['seeds']})",

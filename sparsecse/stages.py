@@ -153,7 +153,7 @@ def trial(config: dict, *, store_uri: str, data_dir: str, cfg_dict: dict, scores
     hm, nm = masks_for(scorer, p["sparsity"], p["lam"], p["seed"], scores=scores, pretrained=pre,
                        combine=cfg.score.combine, normalize=cfg.score.normalize)
     base = {"sparsity": p["sparsity"], "lam": p["lam"], "seed": p["seed"], "scorer": scorer, "trial": name,
-            "done": False, "node_id": ra.node_id()}
+            "evaluated": False, "node_id": ra.node_id()}
     meta = {"sparsity": p["sparsity"], "lam": p["lam"], "seed": p["seed"], "scorer": scorer, "pretrained": cfg.model.name,
             "scores": store.url("scores.parquet"), "scores_fingerprint": scores.meta["model_fingerprint"]}
 
@@ -179,7 +179,7 @@ def trial(config: dict, *, store_uri: str, data_dir: str, cfg_dict: dict, scores
     au = {k: table.pop(k) for k in ("align", "uniform")}
     # no checkpoint here: the last training report already carries the final state (latest + best), so the
     # trial's Result.checkpoint is that one and nothing is uploaded twice
-    ra.tune_report({**base, "done": True, "step": res.steps, "stsb_dev": res.best_dev, "best_stsb_dev": res.best_dev,
+    ra.tune_report({**base, "evaluated": True, "step": res.steps, "stsb_dev": res.best_dev, "best_stsb_dev": res.best_dev,
                     "sentences_per_s": res.sentences_per_s, **{f"test/{k}": v for k, v in table.items()}, **au,
                     **transfer}, None)
 

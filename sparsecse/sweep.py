@@ -293,7 +293,7 @@ def report_stage(run: Run, rows: list[dict], selected: dict | None, extras: dict
         summary["allocation"] = report.allocation(*masks)
     store.write_bytes("results.parquet", report.parquet_bytes(flat))
     store.write_json("results.json", {"trials": flat, **summary})
-    done = any(not r["error"] and r["metrics"].get("done") for r in rows)
+    done = any(not r["error"] and report.evaluated(r["metrics"]) for r in rows)
     figs = report.render_figures(rows, tasks, baseline) if done else {}
     alloc_md = None
     if summary["allocation"]:
