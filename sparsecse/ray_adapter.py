@@ -200,12 +200,16 @@ def run_tuner(trial_fn: Callable, params: dict, points: list[dict], *, storage: 
     "rf": reduction factor} stops weak trials early, measured in training steps. `resume` restores an
     interrupted experiment from the run's storage."""
     from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator
 
     trainable = tune.with_resources(tune.with_parameters(trial_fn, **params), {"cpu": cpus, "gpu": gpus})
     path, fs = storage.ray_storage()
     exp = storage.path(name)
+    # one TensorBoard stream per trial: the trial's own (tensorboard/<trial>: per-step loss, lr, dev), not also
+    # Tune's TBX copy of its reports; Tune's JSON/CSV results stay (read by the sweep benchmark and by tests)
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     if resume and tune.Tuner.can_restore(exp, storage_filesystem=fs):
         tuner = tune.Tuner.restore(exp, trainable=trainable, resume_errored=True, storage_filesystem=fs)
     else:
@@ -229,6 +233,7 @@ def run_tuner(trial_fn: Callable, params: dict, points: list[dict], *, storage: 
             # num_to_keep=2: Tune forces an experiment-state snapshot whenever a trial has checkpointed num_to_keep
             # times since the last one; with 1 that is every checkpoint (the "snapshotting" warnings)
             run_config=tune.RunConfig(name=name, storage_path=path, storage_filesystem=fs,
+                                      callbacks=[JsonLoggerCallback(), CSVLoggerCallback()],
                                       failure_config=tune.FailureConfig(max_failures=max_failures),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=1),
         )

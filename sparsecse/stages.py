@@ -65,6 +65,21 @@ def installed_callbacks(where: str, rank: int, store: Storage) -> list:
     return out
 
 
+class TensorBoardSync:
+    """A training callback: after every evaluation, the run's TensorBoard events so far go to storage
+    (tensorboard/<name>), so curves are visible while a stage runs and survive a trial stopped early."""
+
+    def __init__(self, store: Storage, local: Path, name: str):
+        self.store, self.local, self.rel = store, local, f"tensorboard/{name}"
+
+    def on_train_start(self, model, optimizer) -> None:
+        pass
+
+    def on_report(self, metrics: dict, checkpoint) -> None:
+        if self.local.is_dir():
+            self.store.upload_dir(self.local, self.rel, replace=False)
+
+
 # --------------------------------------------------------------------------- stage 1: Ray Train worker loop
 
 def train_loop(loop_config: dict) -> None:
@@ -76,15 +91,14 @@ def train_loop(loop_config: dict) -> None:
     store = Storage(loop_config["storage"])
     rank, world = ra.train_context()
     setup_worker(loop_config["cpus_per_worker"])
-    callbacks = [*installed_callbacks("stage1", rank, store), OnReport(ra.train_report)]
     with scratch_dir("stage1") as tmp:
         resume = ra.train_checkpoint(tmp / "resume")
         tb = tmp / "tensorboard" if rank == 0 else None
+        callbacks = [*installed_callbacks("stage1", rank, store), *([TensorBoardSync(store, tb, "simcse")] if tb else []),
+                     OnReport(ra.train_report)]
         train_simcse(cfg, tmp / "out", Path(loop_config["data_dir"]), dist=Dist(rank, world),
                      device=ra.train_device(), wrap=ra.prepare_ddp if world > 1 else None, callbacks=callbacks,
                      resume_dir=resume, tb_dir=tb, progress=False)
-        if tb is not None:
-            store.upload_dir(tb, "tensorboard/simcse", replace=False)
 
 
 # --------------------------------------------------------------------------- stage 2: scoring task
@@ -157,15 +171,16 @@ def trial(config: dict, *, store_uri: str, data_dir: str, cfg_dict: dict, scores
     meta = {"sparsity": p["sparsity"], "lam": p["lam"], "seed": p["seed"], "scorer": scorer, "pretrained": cfg.model.name,
             "scores": store.url("scores.parquet"), "scores_fingerprint": scores.meta["model_fingerprint"]}
 
-    callbacks = [*installed_callbacks(name, 0, store),
-                 OnReport(lambda rec, ckpt: ra.tune_report({**base, **rec, **ra.rung(rec)}, ckpt))]
     device = task_device(cfg.sweep.trial_gpus)
     with scratch_dir("trial") as tmp:
+        # TensorBoard reaches storage at every evaluation, before Tune hears of it: a trial a scheduler stops
+        # there keeps its curves
+        callbacks = [*installed_callbacks(name, 0, store), TensorBoardSync(store, tmp / "tensorboard", name),
+                     OnReport(lambda rec, ckpt: ra.tune_report({**base, **rec, **ra.rung(rec)}, ckpt))]
         resume = ra.tune_checkpoint(tmp / "resume")
         init = None if resume else rewind(pre, hm, nm)
         res = train_simcse(cfg, tmp / "out", Path(data_dir), init=init, callbacks=callbacks, resume_dir=resume,
                            tb_dir=tmp / "tensorboard", progress=False, meta=meta, device=device)
-        store.upload_dir(tmp / "tensorboard", f"tensorboard/{name}", replace=False)
         best = load_encoder(str(tmp / "out" / "best"), pooler=cfg.model.eval_pooler).to(device)
         sts_tasks = tuple(t for t in cfg.eval.tasks if t in STS_TASKS)
         table = evaluate_sts(best, Path(data_dir), tasks=sts_tasks, batch_size=cfg.eval.batch_size,

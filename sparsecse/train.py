@@ -228,6 +228,7 @@ class _Log:
     def eval(self, step: int, dev: float) -> None:
         if self.writer:
             self.writer.add_scalar("eval/stsb_dev", dev, step)
+            self.writer.flush()  # on disk at every evaluation: callbacks may ship it to storage now
 
     def close(self) -> None:
         for x in (self.bar, self.writer):

@@ -324,3 +324,6 @@ def test_asha_stops_a_weak_trial_by_steps_and_selection_and_export_still_work(tm
     assert res["selected"] is not None and (tmp_path / "run" / "export" / "manifest.json").exists()
     md = (tmp_path / "run" / "report.md").read_text()
     assert "ASHA stopped 1 of 2 trials early" in md and "s0.300_l0.50_seed1" in md
+    # one TensorBoard stream per trial (ours, with per-step loss), not a second one from Tune's TBX logger
+    assert not list((tmp_path / "run" / "tune").rglob("events.out.tfevents*"))
+    assert len(list((tmp_path / "run" / "tensorboard").glob("s0.*"))) == 2 and len(list((tmp_path / "run" / "tune").glob("*/result.json"))) == 2
