@@ -217,8 +217,17 @@ def cmd_pilot(a) -> int:
     scores = load_scores(a.scores)
     check_compatible(scores.meta, enc, a.scores)
     tasks = a.tasks or ["STS12", "STS13", "STS14", "STS15", "STS16", "STSBenchmark", "SICKRelatedness"]
+    simcse = None
+    if "simcse" in a.scorers:  # SimCSE's own InfoNCE Taylor score, on unlabeled sentences
+        from .config import DataConfig
+        from .data import unlabeled_pairs
+        from .score import compute_infonce_scores
+
+        sents = unlabeled_pairs(data_dir / DataConfig.train_file, 1024, a.seed).s1
+        simcse = compute_infonce_scores(enc, sents, max_len=TrainConfig.max_len, pooler="cls")
     rows = pilot(enc.eval(), scores, data_dir, sparsities_with_zero(a.sparsities), lam=a.lam, scorers=a.scorers,
-                 combine=a.combine, normalize=a.normalize, tasks=tasks, pooler=a.pooler, seed=a.seed)
+                 combine=a.combine, normalize=a.normalize, tasks=tasks, pooler=a.pooler, seed=a.seed,
+                 simcse_scores=simcse)
     md, png = render(rows, tasks)
     print(md)
     if a.out:
@@ -303,7 +312,8 @@ def _study_commands(sub, poolers) -> None:
     q.add_argument("--scores", required=True)
     q.add_argument("--sparsities", type=float, nargs="+", default=[0.02, 0.1, 0.2, 0.3, 0.5])
     q.add_argument("--lam", type=float, default=0.5)
-    q.add_argument("--scorers", nargs="+", choices=list(SCORERS), default=list(SCORERS))
+    q.add_argument("--scorers", nargs="+", choices=list(SCORERS), default=["align_uniform", "random", "magnitude"],
+                   help="simcse (SimCSE's own InfoNCE Taylor score) is computed here on data.train_file sentences")
     q.add_argument("--combine", choices=["gradient", "score"], default="gradient")
     q.add_argument("--normalize", choices=["none", "layer"], default="none")
     q.add_argument("--tasks", nargs="+", choices=list(STS_TASKS))

@@ -21,8 +21,11 @@ Pooler = Literal["cls", "cls_before_pooler", "avg"]
 POOLERS: tuple[str, ...] = get_args(Pooler)
 Precision = Literal["fp32", "bf16"]
 # align_uniform: the paper's Taylor score of λ·L_align + (1−λ)·L_uniform; random: a seeded random ranking (one
-# draw per seed); magnitude: the L2 norm of each head's / neuron's weights in the pre-trained model
-Scorer = Literal["align_uniform", "random", "magnitude"]
+# draw per seed); magnitude: the L2 norm of each head's / neuron's weights in the pre-trained model; simcse: the
+# Taylor score of SimCSE's own InfoNCE loss (two dropout views of unlabeled sentences) — is the paper's objective
+# better than the one the model was trained with?
+Scorer = Literal["align_uniform", "random", "magnitude", "simcse"]
+CONTROL_SCORERS = ("random", "magnitude", "simcse")
 SCORERS: tuple[str, ...] = get_args(Scorer)
 STS_TASKS = ("STS12", "STS13", "STS14", "STS15", "STS16", "STSBenchmark", "SICKRelatedness")
 TRANSFER_TASKS = ("MR", "CR", "SUBJ", "MPQA", "SST2", "TREC", "MRPC")

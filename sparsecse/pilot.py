@@ -12,7 +12,7 @@ from .prune import masks_for
 
 def pilot(enc, scores, data_dir: Path, sparsities, lam: float = 0.5, scorers=("align_uniform",), seed: int = 0,
           combine: str = "gradient", normalize: str = "none", tasks=STS_TASKS, batch_size: int = 128,
-          pooler: str | None = None) -> list[dict]:
+          pooler: str | None = None, simcse_scores=None) -> list[dict]:
     """One row per (scorer, sparsity): {scorer, sparsity, lam, task: Spearman × 100, …, avg}. `enc` is the trained
     model the scores were computed on; its masks are set per point and restored to all-ones at the end."""
     import torch
@@ -24,7 +24,7 @@ def pilot(enc, scores, data_dir: Path, sparsities, lam: float = 0.5, scorers=("a
         for scorer in scorers:
             for s in sorted(sparsities):
                 hm, nm = masks_for(scorer, s, lam, seed, scores=scores, pretrained=enc, combine=combine,
-                                   normalize=normalize)
+                                   normalize=normalize, simcse_scores=simcse_scores)
                 enc.set_masks(hm, nm)
                 res = evaluate_sts(enc, data_dir, tasks=tuple(tasks), batch_size=batch_size, pooler=pooler)
                 rows.append({"scorer": scorer, "sparsity": float(s), "lam": lam if scorer == "align_uniform" else None,

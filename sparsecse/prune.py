@@ -38,10 +38,10 @@ def select_masks(head_scores: np.ndarray, neuron_scores: np.ndarray, sparsity: f
 
 
 def masks_for(scorer: str, sparsity: float, lam: float, seed: int, *, scores=None, pretrained: Encoder,
-              combine: str = "gradient", normalize: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
+              combine: str = "gradient", normalize: str = "none", simcse_scores=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The (head, neuron) masks a grid point trains with: the paper's score (`scores` at λ, read as `combine` /
-    `normalize` say), or a control at the same sparsity — a seeded random ranking, or weight magnitude in the
-    pre-trained model."""
+    `normalize` say), or a control at the same sparsity — a seeded random ranking, weight magnitude in the
+    pre-trained model, or SimCSE's own InfoNCE Taylor score (`simcse_scores`, normalised the same way)."""
     from .score import magnitude_importance, random_importance
 
     if scorer == "align_uniform":
@@ -52,8 +52,12 @@ def masks_for(scorer: str, sparsity: float, lam: float, seed: int, *, scores=Non
         head, neuron = random_importance(*pretrained.head_mask.shape, pretrained.neuron_mask.shape[1], seed)
     elif scorer == "magnitude":
         head, neuron = magnitude_importance(pretrained)
+    elif scorer == "simcse":
+        if simcse_scores is None:
+            raise SparseCSEError("scorer simcse needs the InfoNCE scores (scores_simcse.parquet)")
+        head, neuron = simcse_scores.importance(0.5, "gradient", normalize)
     else:
-        raise SparseCSEError(f"scorer {scorer!r}: choose align_uniform, random or magnitude")
+        raise SparseCSEError(f"scorer {scorer!r}: choose align_uniform, random, magnitude or simcse")
     return select_masks(head, neuron, sparsity)
 
 

@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from .config import STS_TASKS, Config
+from .config import CONTROL_SCORERS, STS_TASKS, Config
 from .tables import label, render
 from .stages import point_name
 
@@ -116,7 +116,7 @@ def comparisons(rows: list[dict], select_lam: float | None = None, metric: str =
             lam = select_lam if select_lam in lams else max(
                 lams, key=lambda x: np.mean([r["metrics"]["best_stsb_dev"] for r in ours if r["config"]["lam"] == x]))
             by_method["align_uniform"] = [r for r in ours if r["config"]["lam"] == lam]
-        for m in ("random", "magnitude"):
+        for m in CONTROL_SCORERS:
             if any(_scorer(r) == m for r in at):
                 by_method[m] = [r for r in at if _scorer(r) == m]
         rand = {r["config"]["seed"]: r["metrics"][metric] for r in by_method.get("random", [])}
@@ -226,7 +226,7 @@ def render_figures(rows: list[dict], tasks: list[str], baseline: dict | None = N
     # one curve per λ of the paper's score, one per control scorer; each starts at the s = 0 control
     curves = [(f"λ={lam}", [r for r in ours if r["config"]["lam"] == lam]) for lam in lams]
     curves += [(f"{m} (control)", [r for r in done if _scorer(r) == m and r["config"]["sparsity"] > 0])
-               for m in ("random", "magnitude") if any(_scorer(r) == m for r in done)]
+               for m in CONTROL_SCORERS if any(_scorer(r) == m for r in done)]
     out = {}
 
     def curve(ax, task):
@@ -268,7 +268,7 @@ def render_figures(rows: list[dict], tasks: list[str], baseline: dict | None = N
     au = [r for r in done if r["metrics"].get("align") is not None and r["metrics"].get("uniform") is not None]
     if au:  # the paper's Figure 3: alignment vs uniformity (both lower = better), coloured by the STS average
         fig, ax = plt.subplots(figsize=(5.5, 4))
-        for scorer, marker in (("align_uniform", "o"), ("random", "x"), ("magnitude", "^")):
+        for scorer, marker in (("align_uniform", "o"), ("random", "x"), ("magnitude", "^"), ("simcse", "s")):
             pts = [r for r in au if _scorer(r) == scorer]
             if pts:
                 sc = ax.scatter([r["metrics"]["uniform"] for r in pts], [r["metrics"]["align"] for r in pts],

@@ -162,6 +162,41 @@ def compute_scores(enc: Encoder, pairs: Pairs, batch_size: int = 64, threshold: 
     return Scores(np.stack(ga_h), np.stack(gu_h), np.stack(ga_n), np.stack(gu_n), meta)
 
 
+def compute_infonce_scores(enc: Encoder, sentences: list[str], batch_size: int = 64, temperature: float = 0.05,
+                           seed: int = 0, max_len: int | None = None, pooler: str | None = None) -> Scores:
+    """The SimCSE control: per-batch ∂L_InfoNCE/∂(ξ, ν) of unsupervised SimCSE's own loss (each sentence's two
+    dropout views are positives, the batch negatives), as Scores whose two gradient sets are both that gradient,
+    so `importance(λ)` = E_b|∂L_InfoNCE/∂mask| for every λ."""
+    from .losses import info_nce
+
+    order = scoring_order(len(sentences), seed, None)
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = [b for b in batches if len(b) >= 2]
+    if not batches:
+        raise SparseCSEError(f"InfoNCE scoring needs at least 2 sentences (got {len(sentences)})")
+    device = next(enc.parameters()).device
+    was_training = enc.training
+    enc.train()  # dropout on: it makes the two views
+    gh, gn = [], []
+    t0 = time.perf_counter()
+    with enc.mask_grads() as (hm, nm):
+        for b in batches:
+            tok = enc.tokenize([sentences[i] for i in b] * 2, max_len)
+            z = enc(tok["input_ids"].to(device), tok["attention_mask"].to(device), pooler=pooler)
+            g = torch.autograd.grad(info_nce(z[:len(b)], z[len(b):], temperature), [hm, nm], allow_unused=True)
+            g = [torch.zeros_like(m) if x is None else x for x, m in zip(g, (hm, nm))]
+            gh.append(g[0].double().cpu().numpy())
+            gn.append(g[1].double().cpu().numpy())
+    enc.train(was_training)
+    L, H = enc.head_mask.shape
+    meta = {"model_fingerprint": weights_fingerprint(enc), "loss": "infonce", "temperature": temperature,
+            "batch_size": batch_size, "seed": seed, "num_batches": len(batches), "sentences": len(order),
+            "backbone": enc.source, "pooler": pooler or enc.pooler, "layers": int(L), "heads": int(H),
+            "intermediate": int(enc.neuron_mask.shape[1]), "init_fingerprint": enc.meta.get("init_fingerprint"),
+            "version": __version__, "seconds": round(time.perf_counter() - t0, 3)}
+    return Scores(np.stack(gh), np.stack(gh), np.stack(gn), np.stack(gn), meta)
+
+
 SCORE_COLUMNS = ("batch", "unit", "layer", "index", "g_align", "g_uniform")
 
 

@@ -105,7 +105,7 @@ def train_loop(loop_config: dict) -> None:
 
 def score_task(store_uri: str, model_rel: str, data_dir: str, cfg_dict: dict, threads: float, gpus: float) -> dict:
     from .model import load_encoder
-    from .score import compute_scores, scores_to_bytes
+    from .score import compute_infonce_scores, compute_scores, scores_to_bytes
 
     setup_worker(threads)
     cfg = config_from_dict(cfg_dict)
@@ -118,9 +118,32 @@ def score_task(store_uri: str, model_rel: str, data_dir: str, cfg_dict: dict, th
                             max_pairs=None if cfg.score.source == "unlabeled" else cfg.score.max_pairs,
                             pooler=cfg.model.eval_pooler, max_len=cfg.train.max_len,
                             dropout_views=cfg.score.source == "unlabeled")
+        if "simcse" in cfg.sweep.scorers:  # the SimCSE control: its own loss's Taylor score, label-free
+            simcse = compute_infonce_scores(enc, simcse_sentences(cfg, Path(data_dir)), batch_size=cfg.score.batch_size,
+                                            temperature=cfg.train.temperature, seed=cfg.score.seed,
+                                            max_len=cfg.train.max_len, pooler=cfg.model.pooler)
+            store.write_bytes("scores_simcse.parquet", scores_to_bytes(simcse))
     sc.meta["sts_test_overlap"] = leak
-    store.write_bytes("scores.parquet", scores_to_bytes(sc))
+    store.write_bytes("scores.parquet", scores_to_bytes(sc))  # last: its presence means scoring finished
     return sc.meta
+
+
+def simcse_sentences(cfg, data_dir: Path) -> list[str]:
+    """The unlabeled sentences the SimCSE control scores on (as many as the paper's score reads pairs)."""
+    from .data import unlabeled_pairs
+
+    path = Path(cfg.data.train_file)
+    return unlabeled_pairs(path if path.is_absolute() else data_dir / path, cfg.score.max_pairs or 1024,
+                           cfg.score.seed).s1
+
+
+def load_simcse_scores(store: Storage, cfg):
+    """The SimCSE control's scores when the sweep asks for that scorer, else None."""
+    from .score import load_scores
+
+    if "simcse" not in cfg.sweep.scorers:
+        return None
+    return load_scores(store.read_bytes("scores_simcse.parquet"), name=store.url("scores_simcse.parquet"))
 
 
 def scoring_pairs(cfg, data_dir: Path):
@@ -146,7 +169,7 @@ def scoring_pairs(cfg, data_dir: Path):
 
 # --------------------------------------------------------------------------- stage 3: one Tune trial
 
-def trial(config: dict, *, store_uri: str, data_dir: str, cfg_dict: dict, scores) -> None:
+def trial(config: dict, *, store_uri: str, data_dir: str, cfg_dict: dict, scores, simcse_scores=None) -> None:
     """One (scorer, sparsity, λ, seed): masks from the shared scores (or a control scorer), rewind, retrain with the
     mask fixed, evaluate the best dev checkpoint on the STS test sets. Checkpoints go to storage through Tune;
     nothing stays on the node."""
@@ -165,6 +188,7 @@ def trial(config: dict, *, store_uri: str, data_dir: str, cfg_dict: dict, scores
     scorer = p.get("scorer", "align_uniform")
     pre = load_encoder(cfg.model.name, pooler=cfg.model.pooler, dropout=cfg.train.dropout)
     hm, nm = masks_for(scorer, p["sparsity"], p["lam"], p["seed"], scores=scores, pretrained=pre,
+                       simcse_scores=simcse_scores,
                        combine=cfg.score.combine, normalize=cfg.score.normalize)
     base = {"sparsity": p["sparsity"], "lam": p["lam"], "seed": p["seed"], "scorer": scorer, "trial": name,
             "evaluated": False, "node_id": ra.node_id()}
@@ -238,6 +262,7 @@ def pilot_task(store_uri: str, model_rel: str, data_dir: str, cfg_dict: dict, th
     with scratch_dir("pilot") as tmp:
         enc = load_encoder(str(fetch_model(store, model_rel, tmp)), pooler=cfg.model.eval_pooler).to(task_device(gpus))
         return pilot(enc.eval(), scores, Path(data_dir), sparsities_with_zero(cfg.sweep.sparsities), lam=pilot_lam(cfg),
+                     simcse_scores=load_simcse_scores(store, cfg),
                      scorers=cfg.sweep.scorers, combine=cfg.score.combine, normalize=cfg.score.normalize,
                      tasks=tuple(t for t in cfg.eval.tasks if t in STS_TASKS), batch_size=cfg.eval.batch_size,
                      pooler=cfg.model.eval_pooler)

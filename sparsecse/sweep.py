@@ -232,7 +232,8 @@ def trials_stage(run: Run, scores) -> list[dict]:
     cfg = run.cfg
     t0 = time.perf_counter()
     grid = ra.run_tuner(stages.trial, {"store_uri": run.store.uri, "data_dir": run.data_dir,
-                                       "cfg_dict": cfg.to_dict(), "scores": scores},
+                                       "cfg_dict": cfg.to_dict(), "scores": scores,
+                                       "simcse_scores": stages.load_simcse_scores(run.store, cfg)},
                         grid_points(cfg), storage=run.store, name="tune", cpus=cfg.sweep.trial_cpus,
                         gpus=cfg.sweep.trial_gpus, max_concurrent=cfg.sweep.max_concurrent_trials,
                         max_failures=cfg.sweep.max_failures, asha=asha_settings(cfg), resume=run.resume)

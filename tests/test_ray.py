@@ -281,26 +281,27 @@ def test_worker_node_removed_mid_sweep_trials_rescheduled(tmp_path, tiny_model_d
 
 
 def test_sweep_with_controls_runs_every_scorer_and_reports_paired_comparisons(tmp_path, tiny_model_dir, tiny_data_dir):
-    """sweep.scorers=[align_uniform, random, magnitude] over two seeds: each control trains at the same budget,
+    """sweep.scorers=[align_uniform, random, magnitude, simcse] over two seeds: each control trains at the same budget,
     the report carries the controls table with paired comparisons, selection stays among the paper's points and
     the s = 0 control (and may choose the control)."""
     cfg = _write_cfg(tmp_path / "c.yaml", tiny_model_dir, sparsities=(0.0, 0.3), lams=(0.5,))
     r = _sweep(cfg, tmp_path / "run", tiny_data_dir, "--set", "sweep.seeds=[1,2]",
-               "--set", "sweep.scorers=[align_uniform,random,magnitude]", "--set", "score.normalize=layer",
+               "--set", "sweep.scorers=[align_uniform,random,magnitude,simcse]", "--set", "score.normalize=layer",
                "--set", "sweep.pilot=true")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     got = sorted((t["sparsity"], t["scorer"], t["seed"]) for t in res["trials"])
     assert got == sorted([(0.0, "align_uniform", k) for k in (1, 2)] + [(0.3, m, k) for m in
-                          ("align_uniform", "random", "magnitude") for k in (1, 2)])
+                          ("align_uniform", "random", "magnitude", "simcse") for k in (1, 2)])
     assert all(t["status"] == "done" for t in res["trials"])
-    assert {c["method"] for c in res["comparisons"]} == {"align_uniform", "random", "magnitude"}
+    assert {c["method"] for c in res["comparisons"]} == {"align_uniform", "random", "magnitude", "simcse"}
     assert all(c["vs_control"]["n"] == 2 and c["vs_control"]["p"] is not None for c in res["comparisons"])
     sel = res["selected"]
     assert sel["candidates"] == 2 and (sel["sparsity"], sel["control_won"]) in ((0.0, True), (0.3, False))
     md = (tmp_path / "run" / "report.md").read_text()
     assert "## Controls at equal budget" in md and "| 30% | magnitude |" in md and "score.normalize = layer" in md
-    assert "## Pilot study" in md and len(res["pilot"]) == 6  # 3 scorers × {0, 30 %}, on the stage-1 model
+    assert "## Pilot study" in md and len(res["pilot"]) == 8  # 4 scorers × {0, 30 %}, on the stage-1 model
+    assert (tmp_path / "run" / "scores_simcse.parquet").exists()  # SimCSE's own InfoNCE scores, beside the paper's
     assert (tmp_path / "run" / "figures" / "pilot.png").exists() and "## Stability" in md
     assert (tmp_path / "run" / "export" / "manifest.json").exists()  # the selection is exported, control or not
     if not sel["control_won"]:

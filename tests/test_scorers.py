@@ -182,3 +182,33 @@ def test_pilot_prunes_the_trained_model_without_retraining(tiny, tiny_model_dir,
     rc = main(["pilot", "--model", str(tiny_model_dir), "--scores", str(tmp_path / "s.parquet"), "--sparsities", "1.5",
                "--data-dir", str(tiny_data_dir)])
     assert rc == 2 and "--sparsities 1.5" in capsys.readouterr().err
+
+
+def test_simcse_control_is_the_taylor_score_of_infonce(tiny, tiny_data_dir):
+    """The SimCSE scorer's importance = E_batches |∂L_InfoNCE/∂mask| (checked against a direct computation with
+    the same dropout draws), the same for every λ; masks_for uses it."""
+    from sparsecse.losses import info_nce
+    from sparsecse.score import compute_infonce_scores, scoring_order
+
+    sents = [f"sentence number {i} about topic {i % 3}" for i in range(12)]
+    torch.manual_seed(5)
+    sc = compute_infonce_scores(tiny, sents, batch_size=6, temperature=0.05, pooler="cls")
+    assert np.array_equal(sc.importance(0.25)[0], sc.importance(0.75)[0]) and sc.meta["loss"] == "infonce"
+    torch.manual_seed(5)  # the same dropout draws, by hand
+    tiny.train()
+    order = scoring_order(len(sents), 0, None)
+    direct = np.zeros(tiny.head_mask.shape)
+    with tiny.mask_grads() as (hm, nm):
+        for b in (order[:6], order[6:]):
+            tok = tiny.tokenize([sents[i] for i in b] * 2)
+            z = tiny(tok["input_ids"], tok["attention_mask"], pooler="cls")
+            g, = torch.autograd.grad(info_nce(z[:6], z[6:], 0.05), [hm])
+            direct += g.abs().double().numpy() / 2
+    tiny.eval()
+    np.testing.assert_allclose(sc.importance(0.5)[0], direct, rtol=1e-5, atol=1e-9)
+    hm, nm = masks_for("simcse", 0.25, 0.5, 1, pretrained=tiny, simcse_scores=sc)
+    assert int((hm == 0).sum()) == 2
+    from sparsecse import SparseCSEError
+
+    with pytest.raises(SparseCSEError, match="needs the InfoNCE scores"):
+        masks_for("simcse", 0.25, 0.5, 1, pretrained=tiny)
