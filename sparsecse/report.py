@@ -211,7 +211,8 @@ def render_allocation(alloc: dict, title: str) -> tuple[str, bytes]:
     return md, _png(fig)
 
 
-def render_figures(rows: list[dict], tasks: list[str], baseline: dict | None = None) -> dict[str, bytes]:
+def render_figures(rows: list[dict], tasks: list[str], baseline: dict | None = None,
+                   backbone: dict | None = None) -> dict[str, bytes]:
     """{file name: PNG}: the STS average, and each task, vs sparsity: one curve per λ of the paper's score and one
     per control scorer (± sample std over seeds)."""
     import matplotlib
@@ -274,8 +275,9 @@ def render_figures(rows: list[dict], tasks: list[str], baseline: dict | None = N
                 sc = ax.scatter([r["metrics"]["uniform"] for r in pts], [r["metrics"]["align"] for r in pts],
                                 c=[r["metrics"].get("test/avg", np.nan) for r in pts], cmap="viridis", marker=marker,
                                 label=scorer if scorer != "align_uniform" else "SparseCSE trials (s = 0: control)")
-        if baseline and baseline.get("align") is not None:
-            ax.scatter([baseline["uniform"]], [baseline["align"]], marker="*", s=160, c="red", label="SimCSE stage 1")
+        for ref, name, color in ((baseline, "SimCSE stage 1", "red"), (backbone, "pre-trained backbone", "black")):
+            if ref and ref.get("align") is not None:
+                ax.scatter([ref["uniform"]], [ref["align"]], marker="*", s=160, c=color, label=name)
         fig.colorbar(sc, ax=ax, label="STS test avg")
         ax.set_xlabel("uniformity (lower is better)")
         ax.set_ylabel("alignment (lower is better)")
@@ -336,13 +338,15 @@ def parquet_bytes(flat: list[dict]) -> bytes:
 
 def render_markdown(title: str, cfg: Config, rows: list[dict], flat: list[dict], selected: dict | None,
                     ctrl: dict | None, baseline: dict, transfer: dict | None, figures: list[str],
-                    allocation_md: str | None = None, scoring: dict | None = None, pilot_md: str | None = None) -> str:
+                    allocation_md: str | None = None, scoring: dict | None = None, pilot_md: str | None = None,
+                    backbone: dict | None = None) -> str:
     """report.md: the paper's Table 1 (baseline, dev-selected SparseCSE, test-selected best per task), the
     over-seeds table, alignment/uniformity, every trial, transfer, figures."""
     tasks = [t for t in cfg.eval.tasks if t in STS_TASKS] + ["avg"]
     failed = sum(x["status"] == "error" for x in flat)
     done = [r for r in rows if not r["error"] and evaluated(r["metrics"])]
-    trow = [("SimCSE stage 1 (" + cfg.model.name + "; the model scored, for reference)", baseline)]
+    trow = [(f"pre-trained {cfg.model.name} (no SimCSE, for reference)", backbone)] if backbone else []
+    trow.append(("SimCSE stage 1 (" + cfg.model.name + "; the model scored, for reference)", baseline))
     if ctrl:  # the headline baseline: unpruned, rewound and retrained exactly like every trial
         trow.append((f"SimCSE control s=0 (rewound + retrained like the trials; mean of seeds {ctrl['seeds']})",
                      ctrl["test"]))
@@ -388,7 +392,9 @@ def render_markdown(title: str, cfg: Config, rows: list[dict], flat: list[dict],
                f"score.combine = {cfg.score.combine}, score.normalize = {cfg.score.normalize} "
                "(`none` ranks raw scores across layers; `layer` normalises each layer first).", "", allocation_md, ""]
     md += ["## Alignment / uniformity (STS-B test; lower is better)", "",
-           f"SimCSE: align {baseline['align']:.4f}, uniform {baseline['uniform']:.4f}", ""]
+           f"SimCSE stage 1: align {baseline['align']:.4f}, uniform {baseline['uniform']:.4f}"
+           + (f"; pre-trained backbone: align {backbone['align']:.4f}, uniform {backbone['uniform']:.4f}"
+              if backbone and backbone.get("align") is not None else "") + ".", ""]
     g = lambda v: None if v is None else f"{v:.4f}"  # noqa: E731
     md += ["## All trials", "", render(
         ["sparsity", "scorer", "λ", "seed", "status", "STS-B dev", "test avg", "align", "uniform"],

@@ -225,7 +225,7 @@ def trial(config: dict, *, store_uri: str, data_dir: str, cfg_dict: dict, scores
 
 # --------------------------------------------------------------------------- evaluation and export tasks
 
-def evaluate_task(store_uri: str, model_rel: str, data_dir: str, cfg_dict: dict, *, sts: bool, transfer: bool,
+def evaluate_task(store_uri: str, model_rel: str | None, data_dir: str, cfg_dict: dict, *, sts: bool, transfer: bool,
                   threads: float, gpus: float) -> dict:
     """{"sts": {task: Spearman ×100, avg, align, uniform}, "transfer": {task: accuracy}} of a model in the run."""
     from .evaluate import evaluate_sts
@@ -237,7 +237,9 @@ def evaluate_task(store_uri: str, model_rel: str, data_dir: str, cfg_dict: dict,
     store = Storage(store_uri)
     out: dict = {}
     with scratch_dir("eval") as tmp:
-        enc = load_encoder(str(fetch_model(store, model_rel, tmp)), pooler=cfg.model.eval_pooler)
+        # model_rel None: the pre-trained backbone itself (cfg.model.name), for reference
+        src = cfg.model.name if model_rel is None else str(fetch_model(store, model_rel, tmp))
+        enc = load_encoder(src, pooler=cfg.model.eval_pooler)
         enc = enc.to(task_device(gpus))
         if sts:
             out["sts"] = evaluate_sts(enc, Path(data_dir), tasks=tuple(t for t in cfg.eval.tasks if t in STS_TASKS),

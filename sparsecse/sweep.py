@@ -259,6 +259,8 @@ def evaluate_and_export_stage(run: Run, selected: dict | None) -> dict:
     if selected and cfg.eval.transfer:
         calls.append(("transfer evaluation", stages.evaluate_task, (store.uri, f"{selected['checkpoint']}/best", *common),
                       {"sts": False, "transfer": True, "threads": res[0], "gpus": res[1]}, *res))
+    calls.append(("backbone evaluation", stages.evaluate_task, (store.uri, None, *common),
+                  {"sts": True, "transfer": False, "threads": res[0], "gpus": res[1]}, *res))
     pilot_at = len(calls)
     if cfg.sweep.pilot:
         calls.append(("pilot study", stages.pilot_task, (store.uri, "simcse/best", *common, *res), {}, *res))
@@ -271,7 +273,8 @@ def evaluate_and_export_stage(run: Run, selected: dict | None) -> dict:
     transfer = None
     if cfg.eval.transfer and selected:
         transfer = {"SimCSE": out[0]["transfer"], "SparseCSE": out[1]["transfer"]}
-    return {"baseline": out[0]["sts"], "transfer": transfer, "pilot": out[pilot_at] if cfg.sweep.pilot else None}
+    return {"baseline": out[0]["sts"], "transfer": transfer, "backbone": out[pilot_at - 1]["sts"],
+            "pilot": out[pilot_at] if cfg.sweep.pilot else None}
 
 
 def report_stage(run: Run, rows: list[dict], selected: dict | None, extras: dict, scores) -> dict:
@@ -282,7 +285,7 @@ def report_stage(run: Run, rows: list[dict], selected: dict | None, extras: dict
     baseline, transfer = extras["baseline"], extras["transfer"]
     tasks = [t for t in cfg.eval.tasks if t in STS_TASKS] + ["avg"]
     flat = report.results_table(rows, tasks)
-    summary = {"baseline": baseline, "selected": selected, "control": report.control(rows), "num_trials": len(rows),
+    summary = {"baseline": baseline, "backbone": extras.get("backbone"), "selected": selected, "control": report.control(rows), "num_trials": len(rows),
                "failed": [{"trial": x["trial"], "error": x["error"]} for x in flat if x["status"] == "error"],
                "transfer": transfer, "storage": store.uri,
                "export": store.url("export") if wants_export(selected, cfg) else None,
@@ -295,7 +298,7 @@ def report_stage(run: Run, rows: list[dict], selected: dict | None, extras: dict
     store.write_bytes("results.parquet", report.parquet_bytes(flat))
     store.write_json("results.json", {"trials": flat, **summary})
     done = any(not r["error"] and report.evaluated(r["metrics"]) for r in rows)
-    figs = report.render_figures(rows, tasks, baseline) if done else {}
+    figs = report.render_figures(rows, tasks, baseline, extras.get("backbone")) if done else {}
     alloc_md = None
     if summary["allocation"]:
         alloc_md, figs["mask_allocation.png"] = report.render_allocation(
@@ -309,7 +312,7 @@ def report_stage(run: Run, rows: list[dict], selected: dict | None, extras: dict
     for name, png in figs.items():
         store.write_bytes(f"figures/{name}", png)
     md = report.render_markdown(Path(store.root).name, cfg, rows, flat, selected, summary["control"], baseline,
-                                transfer, list(figs), alloc_md, scores.meta, pilot_md)
+                                transfer, list(figs), alloc_md, scores.meta, pilot_md, extras.get("backbone"))
     store.write_text("report.md", md)
     store.write_text("report.html", report.render_html(md, figs))
     return summary

@@ -302,6 +302,7 @@ def test_sweep_with_controls_runs_every_scorer_and_reports_paired_comparisons(tm
     assert "## Controls at equal budget" in md and "| 30% | magnitude |" in md and "score.normalize = layer" in md
     assert "## Pilot study" in md and len(res["pilot"]) == 8  # 4 scorers × {0, 30 %}, on the stage-1 model
     assert (tmp_path / "run" / "scores_simcse.parquet").exists()  # SimCSE's own InfoNCE scores, beside the paper's
+    assert "| pre-trained " in md and "pre-trained backbone: align" in md and res["backbone"]["avg"] > 0
     assert (tmp_path / "run" / "figures" / "pilot.png").exists() and "## Stability" in md
     assert (tmp_path / "run" / "export" / "manifest.json").exists()  # the selection is exported, control or not
     if not sel["control_won"]:

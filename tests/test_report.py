@@ -150,5 +150,5 @@ def test_stability_and_the_alignment_uniformity_figure():
     (st,) = stability(rows, sel, ["STSBenchmark"])
     assert (st["best_sparsity"], st["best"], st["selected"]) == (0.3, 75.0, 69.0)
     assert st["sparsity_gap"] == pytest.approx(0.2)
-    figs = render_figures(rows, ["STSBenchmark", "avg"], {"align": 0.2, "uniform": -2.3})
+    figs = render_figures(rows, ["STSBenchmark", "avg"], {"align": 0.2, "uniform": -2.3}, {"align": 0.3, "uniform": -1.5})
     assert figs["align_uniform.png"][:4] == b"\x89PNG" and "sts_avg_vs_sparsity.png" in figs
