@@ -41,8 +41,7 @@ def render(rows: list[dict], tasks) -> tuple[str, bytes]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .report import _png
-    from .tables import label, render as table
+    from .tables import label, png, render as table
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for scorer in dict.fromkeys(r["scorer"] for r in rows):
@@ -57,7 +56,7 @@ def render(rows: list[dict], tasks) -> tuple[str, bytes]:
     cols = [t for t in (*tasks, "avg") if t in rows[0]]
     md = table(["scorer", "sparsity", *map(label, cols)],
                [[r["scorer"], f"{r['sparsity']:.0%}", *(r[t] for t in cols)] for r in rows], left=2)
-    return md, _png(fig)
+    return md, png(fig)
 
 
 def sparsities_with_zero(sparsities) -> list[float]:

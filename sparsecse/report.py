@@ -13,7 +13,7 @@ import math
 import numpy as np
 
 from .config import CONTROL_SCORERS, STS_TASKS, Config
-from .tables import label, render
+from .tables import label, png, render
 from .stages import point_name
 
 
@@ -170,17 +170,6 @@ def _table(rows: list[tuple[str, dict]], tasks: list[str]) -> str:
     return render(["Model", *map(label, tasks)], [[name, *(v.get(t) for t in tasks)] for name, v in rows])
 
 
-def _png(fig) -> bytes:
-    import io
-
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
-
-
 def allocation(head_mask, neuron_mask) -> dict:
     """Where a mask prunes: per layer, the fraction of heads and of FFN neurons removed."""
     hm, nm = np.asarray(head_mask), np.asarray(neuron_mask)
@@ -208,7 +197,7 @@ def render_allocation(alloc: dict, title: str) -> tuple[str, bytes]:
     md = render([ "", *(str(i) for i in range(grid.shape[1]))],
                 [["heads pruned", *(f"{v:.0%}" for v in alloc["heads"])],
                  ["neurons pruned", *(f"{v:.0%}" for v in alloc["neurons"])]])
-    return md, _png(fig)
+    return md, png(fig)
 
 
 def render_figures(rows: list[dict], tasks: list[str], baseline: dict | None = None,
@@ -252,7 +241,7 @@ def render_figures(rows: list[dict], tasks: list[str], baseline: dict | None = N
     ax.set_ylabel("Spearman × 100")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    out["sts_avg_vs_sparsity.png"] = _png(fig)
+    out["sts_avg_vs_sparsity.png"] = png(fig)
     per = [t for t in tasks if t != "avg"]
     if per:
         n = len(per)
@@ -265,7 +254,7 @@ def render_figures(rows: list[dict], tasks: list[str], baseline: dict | None = N
             ax.axis("off")
         axes.flat[0].legend(fontsize=7)
         fig.tight_layout()
-        out["sts_tasks_vs_sparsity.png"] = _png(fig)
+        out["sts_tasks_vs_sparsity.png"] = png(fig)
     au = [r for r in done if r["metrics"].get("align") is not None and r["metrics"].get("uniform") is not None]
     if au:  # the paper's Figure 3: alignment vs uniformity (both lower = better), coloured by the STS average
         fig, ax = plt.subplots(figsize=(5.5, 4))
@@ -284,7 +273,7 @@ def render_figures(rows: list[dict], tasks: list[str], baseline: dict | None = N
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        out["align_uniform.png"] = _png(fig)
+        out["align_uniform.png"] = png(fig)
     return out
 
 
