@@ -87,7 +87,7 @@ def test_driver_killed_then_resume_on_s3_reruns_nothing_finished(tmp_path, tiny_
         for k in (k for k in keys if k.endswith("/result.json")):
             recs = [json.loads(x) for x in st.read_bytes(k.split("/", 1)[1]).decode().splitlines()
                     if x.strip().endswith("}")]
-            if any(r.get("done") for r in recs):  # Tune syncs result.json together with its experiment state
+            if any(r.get("evaluated") for r in recs):  # Tune syncs result.json together with its experiment state
                 trial = k.split("/")[2]
                 finished = {c: t for c, t in keys.items() if c.split("/")[2] == trial and "/checkpoint_" in c}
         time.sleep(0.5)

@@ -261,7 +261,7 @@ def test_worker_node_removed_mid_sweep_trials_rescheduled(tmp_path, tiny_model_d
         victim, deadline = None, time.time() + 600
         while victim is None and time.time() < deadline and proc.poll() is None:
             for name, rs in _trial_records(out).items():
-                if any(r.get("node_id") == worker_node and not r.get("done") for r in rs):
+                if any(r.get("node_id") == worker_node and not r.get("evaluated") for r in rs):
                     victim = name
             time.sleep(0.2)
         assert victim is not None and proc.poll() is None, "no trial ran on the worker node before the sweep ended"
@@ -274,7 +274,7 @@ def test_worker_node_removed_mid_sweep_trials_rescheduled(tmp_path, tiny_model_d
         assert sorted(t["sparsity"] for t in res["trials"]) == [0.1, 0.2]
         assert all(t["status"] == "done" for t in res["trials"])
         recs = _trial_records(out)[victim]
-        assert recs[-1]["done"] and recs[-1]["node_id"] != worker_node  # finished on the surviving node ...
+        assert recs[-1]["evaluated"] and recs[-1]["node_id"] != worker_node  # finished on the surviving node ...
         first_after = next(r for r in recs if r["node_id"] != worker_node)
         assert first_after["step"] > 2  # ... resumed from its checkpoint, not from step 0
         assert (out / "export" / "manifest.json").exists()
