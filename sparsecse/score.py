@@ -114,16 +114,21 @@ def scoring_order(n: int, seed: int, max_pairs: int | None) -> np.ndarray:
     return order if max_pairs is None else order[:max_pairs]
 
 
+def scoring_batches(n: int, batch_size: int, seed: int, max_pairs: int | None, what: str) -> list[np.ndarray]:
+    """`scoring_order` cut into batches; a last batch of one (no pair to contrast) is dropped."""
+    order = scoring_order(n, seed, max_pairs)
+    batches = [b for b in (order[i:i + batch_size] for i in range(0, len(order), batch_size)) if len(b) >= 2]
+    if not batches:
+        raise SparseCSEError(f"scoring needs at least 2 {what} (got {len(order)})")
+    return batches
+
+
 def compute_scores(enc: Encoder, pairs: Pairs, batch_size: int = 64, threshold: float = 4.0, rule: str = "gt", seed: int = 0,
                    max_pairs: int | None = None, pooler: str | None = None, max_len: int | None = None,
                    progress: bool = False, dropout_views: bool = False) -> Scores:
     """Per-batch ∂L_align/∂(ξ, ν) and ∂L_uniform/∂(ξ, ν) on STS pairs (dropout off), or — `dropout_views` — on
     sentences paired with themselves, dropout on, so the two views of one sentence are the positive pair."""
-    order = scoring_order(len(pairs), seed, max_pairs)
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    batches = [b for b in batches if len(b) >= 2]
-    if not batches:
-        raise SparseCSEError(f"scoring needs at least 2 pairs (got {len(order)})")
+    batches = scoring_batches(len(pairs), batch_size, seed, max_pairs, "pairs")
     device = next(enc.parameters()).device
     was_training = enc.training
     enc.train(dropout_views)
@@ -169,11 +174,7 @@ def compute_infonce_scores(enc: Encoder, sentences: list[str], batch_size: int =
     so `importance(λ)` = E_b|∂L_InfoNCE/∂mask| for every λ."""
     from .losses import info_nce
 
-    order = scoring_order(len(sentences), seed, None)
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    batches = [b for b in batches if len(b) >= 2]
-    if not batches:
-        raise SparseCSEError(f"InfoNCE scoring needs at least 2 sentences (got {len(sentences)})")
+    batches = scoring_batches(len(sentences), batch_size, seed, None, "sentences")
     device = next(enc.parameters()).device
     was_training = enc.training
     enc.train()  # dropout on: it makes the two views
@@ -190,7 +191,7 @@ def compute_infonce_scores(enc: Encoder, sentences: list[str], batch_size: int =
     enc.train(was_training)
     L, H = enc.head_mask.shape
     meta = {"model_fingerprint": weights_fingerprint(enc), "loss": "infonce", "temperature": temperature,
-            "batch_size": batch_size, "seed": seed, "num_batches": len(batches), "sentences": len(order),
+            "batch_size": batch_size, "seed": seed, "num_batches": len(batches), "sentences": sum(len(b) for b in batches),
             "backbone": enc.source, "pooler": pooler or enc.pooler, "layers": int(L), "heads": int(H),
             "intermediate": int(enc.neuron_mask.shape[1]), "init_fingerprint": enc.meta.get("init_fingerprint"),
             "version": __version__, "seconds": round(time.perf_counter() - t0, 3)}
