@@ -131,6 +131,7 @@ def cmd_prune(a) -> int:
     if not 0.0 <= a.lam <= 1.0:
         raise SparseCSEError(f"--lam {a.lam}: must be in [0, 1]")
     cfg = load_config(a.config, a.set)
+    combine, normalize = cfg.score.single("combine", "sparsecse prune"), cfg.score.single("normalize", "sparsecse prune")
     out = Path(a.out)
     check_out_dir(out, ("config.yaml", "best", "latest", "masked"))
     expect = weights_fingerprint(load_encoder(a.trained)) if a.trained else None
@@ -141,9 +142,9 @@ def cmd_prune(a) -> int:
     if init_fp and init_fp != weights_fingerprint(pre):
         raise SparseCSEError(f"{a.scores}: scores come from a model trained from a different pre-trained checkpoint "
                              f"than --pretrained {a.pretrained}; rewind to the checkpoint training started from")
-    head, neuron = scores.importance(a.lam, cfg.score.combine, cfg.score.normalize)
+    head, neuron = scores.importance(a.lam, combine, normalize)
     enc = rewind(pre, *select_masks(head, neuron, a.sparsity))
-    meta = {"sparsity": a.sparsity, "lam": a.lam, "combine": cfg.score.combine, "normalize": cfg.score.normalize,
+    meta = {"sparsity": a.sparsity, "lam": a.lam, "combine": combine, "normalize": normalize,
             "pretrained": a.pretrained, "scores": str(a.scores),
             "scores_fingerprint": scores.meta.get("model_fingerprint"), "eval_pooler": cfg.model.eval_pooler}
     if a.retrain:
@@ -226,7 +227,9 @@ def cmd_pilot(a) -> int:
         sents = unlabeled_pairs(data_dir / DataConfig.train_file, 1024, a.seed).s1
         simcse = compute_infonce_scores(enc, sents, max_len=TrainConfig.max_len, pooler="cls")
     rows = pilot(enc.eval(), scores, data_dir, sparsities_with_zero(a.sparsities), lam=a.lam, scorers=a.scorers,
-                 combine=a.combine, normalize=a.normalize, tasks=tasks, pooler=a.pooler, seed=a.seed,
+                 readings=ScoreConfig(combine=tuple(dict.fromkeys(a.combine)),
+                                      normalize=tuple(dict.fromkeys(a.normalize))).allocations,
+                 tasks=tasks, pooler=a.pooler, seed=a.seed,
                  simcse_scores=simcse)
     md, png = render(rows, tasks)
     print(md)
@@ -314,8 +317,10 @@ def _study_commands(sub, poolers) -> None:
     q.add_argument("--lam", type=float, default=0.5)
     q.add_argument("--scorers", nargs="+", choices=list(SCORERS), default=["align_uniform", "random", "magnitude"],
                    help="simcse (SimCSE's own InfoNCE Taylor score) is computed here on data.train_file sentences")
-    q.add_argument("--combine", choices=["gradient", "score"], default="gradient")
-    q.add_argument("--normalize", choices=["none", "layer"], default="none")
+    q.add_argument("--combine", nargs="+", choices=["gradient", "score"], default=["gradient"],
+                   help="how λ combines the two objectives; several values: one curve each")
+    q.add_argument("--normalize", nargs="+", choices=["none", "layer"], default=["none"],
+                   help="none: rank raw scores across layers; layer: normalise each layer first; several: one curve each")
     q.add_argument("--tasks", nargs="+", choices=list(STS_TASKS))
     q.add_argument("--pooler", choices=poolers, default="cls_before_pooler")
     q.add_argument("--seed", type=int, default=0, help="the random scorer's draw")

@@ -27,6 +27,8 @@ Precision = Literal["fp32", "bf16"]
 Scorer = Literal["align_uniform", "random", "magnitude", "simcse"]
 CONTROL_SCORERS = ("random", "magnitude", "simcse")
 SCORERS: tuple[str, ...] = get_args(Scorer)
+Combine = Literal["gradient", "score"]
+Normalize = Literal["none", "layer"]
 STS_TASKS = ("STS12", "STS13", "STS14", "STS15", "STS16", "STSBenchmark", "SICKRelatedness")
 TRANSFER_TASKS = ("MR", "CR", "SUBJ", "MPQA", "SST2", "TREC", "MRPC")
 # The paper's grid (§3.1): sparsity 0 (rewound SimCSE control), 1..10 %, 20..50 %; λ ∈ {0.25, 0.5, 0.75}.
@@ -102,13 +104,37 @@ class ScoreConfig:
     # "gt": gold > threshold, SimCSE §5's "pairs with a score higher than 4" (Gao et al. 2021); "ge": gold >= it
     positive_rule: Literal["gt", "ge"] = "gt"
     seed: int = 0
-    # how the two objectives and the layers meet (the paper leaves both open; see score.importance):
-    combine: Literal["gradient", "score"] = "gradient"  # E|λ·g_align + (1−λ)·g_uniform| | λ·E|g_align| + (1−λ)·E|g_uniform|
-    normalize: Literal["none", "layer"] = "none"  # "layer": each layer's scores L2-normalised before ranking (StarK)
+    # how the two objectives and the layers meet (the paper leaves both open; see score.importance). A list is a
+    # sweep grid dimension (e.g. normalize: [none, layer] runs both readings side by side):
+    combine: tuple[Combine, ...] = ("gradient",)  # E|λ·g_align + (1−λ)·g_uniform| | λ·E|g_align| + (1−λ)·E|g_uniform|
+    normalize: tuple[Normalize, ...] = ("none",)  # "layer": each layer's scores L2-normalised before ranking (StarK)
 
     def __post_init__(self):
         _check(self.batch_size >= 2, "score.batch_size", "must be >= 2")
         _check(self.max_pairs is None or self.max_pairs >= 2, "score.max_pairs", "must be >= 2 or null")
+        for key in ("combine", "normalize"):
+            v = getattr(self, key)
+            _check(len(v) > 0 and len(set(v)) == len(v), f"score.{key}", "needs at least one value, each once")
+
+    def single(self, key: str, command: str) -> str:
+        """The one value of score.combine / score.normalize a command that builds one mask uses."""
+        v = getattr(self, key)
+        _check(len(v) == 1, f"score.{key}", f"{command} builds one mask, so it takes one value (got {list(v)}); "
+               f"pass e.g. --set score.{key}={v[0]}")
+        return v[0]
+
+    def allocations(self, scorer: str) -> list[tuple[str, str]]:
+        """The (combine, normalize) readings a scorer runs under: combine is about the paper's two objectives, so
+        the control scorers (one score each) take only its first value; normalize applies to every scorer."""
+        combines = self.combine if scorer == "align_uniform" else self.combine[:1]
+        return [(c, n) for c in combines for n in self.normalize]
+
+
+def method_name(scorer: str, combine: str = "gradient", normalize: str = "none") -> str:
+    """How a mask was chosen, as the report names it: the scorer, and the reading when it is not the default."""
+    parts = ([f"combine={combine}"] if scorer == "align_uniform" and combine != "gradient" else []) + (
+        [f"normalize={normalize}"] if normalize != "none" else [])
+    return scorer + (f" ({', '.join(parts)})" if parts else "")
 
 
 @dataclass(frozen=True)

@@ -72,20 +72,56 @@ def cosine_scores(emb: dict[str, torch.Tensor], pairs: Pairs) -> np.ndarray:
     return F.cosine_similarity(a, b, dim=-1).double().numpy()
 
 
-def sts_from_embeddings(emb: dict[str, torch.Tensor], loaded: dict[str, dict[str, Pairs]]) -> dict[str, float]:
-    res = {}
+def sts_predictions(emb: dict[str, torch.Tensor], loaded: dict[str, dict[str, Pairs]]) -> dict[str, tuple]:
+    """{task: (cosine per pair, gold per pair)}, each task's subsets concatenated in file order: what its one
+    Spearman is computed on (and what a bootstrap over test pairs resamples)."""
+    out = {}
     for task, subsets in loaded.items():
-        sys = {k: cosine_scores(emb, p) for k, p in subsets.items()}
-        res[task] = 100.0 * aggregate_all(sys, {k: p.gold for k, p in subsets.items()})
-    res["avg"] = float(np.mean([res[t] for t in loaded]))
+        out[task] = (np.concatenate([cosine_scores(emb, p) for p in subsets.values()]),
+                     np.concatenate([p.gold for p in subsets.values()]))
+    return out
+
+
+def sts_from_predictions(preds: dict[str, tuple]) -> dict[str, float]:
+    """{task: Spearman × 100 over its concatenated pairs (SimCSE's "all"), "avg": the mean over tasks}."""
+    res = {task: 100.0 * spearman(sys, gold) for task, (sys, gold) in preds.items()}
+    res["avg"] = float(np.mean([res[t] for t in preds]))
     return res
 
 
+def predictions_to_bytes(preds: dict[str, tuple]) -> bytes:
+    """Parquet of one model's STS test predictions: columns task, pred (cosine), gold; pairs in file order."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tasks = [t for t, (sys, _) in preds.items() for _ in range(len(sys))]
+    table = pa.table({"task": pa.array(tasks).dictionary_encode(),
+                      "pred": pa.array(np.concatenate([p[0] for p in preds.values()]), pa.float64()),
+                      "gold": pa.array(np.concatenate([p[1] for p in preds.values()]), pa.float64())})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
+
+
+def predictions_from_bytes(data: bytes) -> dict[str, tuple]:
+    import io
+
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(io.BytesIO(data)).to_pydict()
+    task, pred, gold = np.array([str(x) for x in t["task"]]), np.asarray(t["pred"]), np.asarray(t["gold"])
+    return {k: (pred[task == k], gold[task == k]) for k in dict.fromkeys(task.tolist())}
+
+
 def evaluate_sts(enc, data_dir: Path, tasks=STS_TASKS, batch_size: int = 128, max_len: int | None = None,
-                 pooler: str | None = None, progress: bool = False, alignment_uniformity: bool = False) -> dict[str, float]:
+                 pooler: str | None = None, progress: bool = False, alignment_uniformity: bool = False,
+                 predictions: dict | None = None) -> dict[str, float]:
     """{task: Spearman×100, ..., "avg": mean over the tasks}; all tasks' sentences encoded in one pass.
 
-    With `alignment_uniformity`, also "align"/"uniform" on STS-B test from the same embeddings.
+    With `alignment_uniformity`, also "align"/"uniform" on STS-B test from the same embeddings. A dict passed as
+    `predictions` receives {task: (cosine per pair, gold per pair)} (see `sts_predictions`).
     """
     loaded = {t: load_sts_task(data_dir, t) for t in tasks}
     sentences = [s for subsets in loaded.values() for p in subsets.values() for s in (*p.s1, *p.s2)]
@@ -93,7 +129,10 @@ def evaluate_sts(enc, data_dir: Path, tasks=STS_TASKS, batch_size: int = 128, ma
     if stsb is not None:
         sentences += stsb.s1 + stsb.s2
     emb = encode(enc, sentences, batch_size=batch_size, max_len=max_len, pooler=pooler, progress=progress)
-    res = sts_from_embeddings(emb, loaded)
+    preds = sts_predictions(emb, loaded)
+    if predictions is not None:
+        predictions.update(preds)
+    res = sts_from_predictions(preds)
     if stsb is not None:
         res.update(align_uniform_from_embeddings(emb, stsb))
     return res

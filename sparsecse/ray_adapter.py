@@ -195,8 +195,8 @@ def rung(rec: dict) -> dict:
 
 def run_tuner(trial_fn: Callable, params: dict, points: list[dict], *, storage: "Storage", name: str, cpus: float,
               gpus: float, max_concurrent: int | None, max_failures: int, asha: dict | None, resume: bool):
-    """One trial per point, each point's keys (sparsity, lam, seed, scorer) as Tune parameters of their own;
-    `params` shared through the object store; returns the ResultGrid. `asha` = {"grace": steps, "max_t": steps,
+    """One trial per point, each point's keys (sparsity, lam, seed, scorer, combine, normalize) as Tune parameters
+    of their own; `params` shared through the object store; returns the ResultGrid. `asha` = {"grace": steps, "max_t": steps,
     "rf": reduction factor} stops weak trials early, measured in training steps. `resume` restores an
     interrupted experiment from the run's storage."""
     from ray import tune
@@ -240,7 +240,7 @@ def run_tuner(trial_fn: Callable, params: dict, points: list[dict], *, storage: 
     return tuner.fit()
 
 
-POINT_KEYS = ("sparsity", "lam", "seed", "scorer")
+POINT_KEYS = ("sparsity", "lam", "seed", "scorer", "combine", "normalize")
 
 
 def grid_rows(grid, storage: "Storage") -> list[dict]:

@@ -12,9 +12,10 @@ import math
 
 import numpy as np
 
-from .config import CONTROL_SCORERS, STS_TASKS, Config
+from .config import CONTROL_SCORERS, STS_TASKS, Config, method_name
 from .tables import label, png, render
 from .stages import point_name
+from .stats import bootstrap_diff, paired, sample_std
 
 
 def evaluated(m: dict) -> bool:
@@ -32,11 +33,33 @@ def _scorer(r: dict) -> str:
     return r["config"].get("scorer", "align_uniform")
 
 
+def _reading(r: dict) -> tuple[str, str]:
+    """(score.combine, score.normalize) the trial's mask was ranked under."""
+    c = r["config"]
+    return c.get("combine", "gradient"), c.get("normalize", "none")
+
+
+def _reading_order(rd: tuple[str, str]) -> tuple:
+    return (rd[0] != "gradient", rd[1] != "none", rd)  # the default reading first
+
+
+def _method(r: dict) -> str:
+    return method_name(_scorer(r), *_reading(r))
+
+
+def _point_key(r: dict) -> tuple:
+    """One grid point of the paper's score, seeds pooled: (sparsity, λ, combine, normalize); the s = 0 control
+    (nothing masked, so no λ or reading) is one point."""
+    c = r["config"]
+    return (0.0, 0.0, "", "") if c["sparsity"] == 0 else (c["sparsity"], c["lam"], *_reading(r))
+
+
 def select(rows: list[dict], select_lam: float | None = None) -> dict | None:
     """The grid point with the highest STS-B dev Spearman averaged over seeds — never test — among the paper's
     points (scorer align_uniform; λ = `select_lam` only, when set) **and the s = 0 control**: when the control
     is best on dev, pruning did not help and the selection says so (`control_won`). Ties go to the lower
-    sparsity (the control first), then the lower λ. The control scorers (random, magnitude) are never selected."""
+    sparsity (the control first), then the lower λ. The control scorers (random, magnitude) are never selected.
+    Each reading of the scores (score.combine × score.normalize) is a grid point of its own."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         c = r["config"]
@@ -44,18 +67,16 @@ def select(rows: list[dict], select_lam: float | None = None) -> dict | None:
             continue
         if c["sparsity"] > 0 and select_lam is not None and c["lam"] != select_lam:
             continue
-        groups.setdefault((c["sparsity"], 0.0 if c["sparsity"] == 0 else c["lam"]), []).append(r)
+        groups.setdefault(_point_key(r), []).append(r)
     if not groups:
         return None
-    key = max(groups, key=lambda k: (np.mean([r["metrics"]["best_stsb_dev"] for r in groups[k]]), -k[0], -k[1]))
+    key = max(sorted(groups, key=lambda k: (k[0], k[1], _reading_order(k[2:]))),
+              key=lambda k: (np.mean([r["metrics"]["best_stsb_dev"] for r in groups[k]]), -k[0], -k[1]))
     members = groups[key]
-    return {"sparsity": key[0], "lam": members[0]["config"]["lam"], "control_won": key[0] == 0,
+    combine, normalize = _reading(members[0])
+    return {"sparsity": key[0], "lam": members[0]["config"]["lam"], "combine": combine, "normalize": normalize,
+            "method": method_name("align_uniform", combine, normalize), "control_won": key[0] == 0,
             "candidates": len(groups), **_seed_stats(members)}
-
-
-def sample_std(xs) -> float | None:
-    """Sample standard deviation (ddof = 1) over seeds; None with fewer than two (no spread to show)."""
-    return float(np.std(xs, ddof=1)) if len(xs) > 1 else None
 
 
 def _seed_stats(members: list[dict]) -> dict:
@@ -81,52 +102,60 @@ def control(rows: list[dict]) -> dict | None:
     return _seed_stats([by_seed[k] for k in sorted(by_seed)])
 
 
-def paired(a: dict, b: dict) -> dict:
-    """Paired comparison over the seeds both have ({seed: value}): mean and sample std of a − b, and a two-sided
-    paired t-test; "within noise" unless p < 0.05. One shared seed gives a difference but no verdict."""
-    seeds = sorted(set(a) & set(b))
-    d = [a[k] - b[k] for k in seeds]
-    out = {"n": len(d), "diff": float(np.mean(d)) if d else None, "std": sample_std(d), "p": None}
-    if len(d) < 2:
-        out["verdict"] = "one seed: no spread, no claim" if d else "no shared seeds"
-        return out
-    if out["std"] == 0:
-        out["p"] = 1.0 if out["diff"] == 0 else 0.0
-    else:
-        from scipy.stats import ttest_rel
-
-        out["p"] = float(ttest_rel([a[k] for k in seeds], [b[k] for k in seeds]).pvalue)
-    out["verdict"] = "within noise" if out["p"] >= 0.05 else ("better" if out["diff"] > 0 else "worse")
-    return out
-
-
-def comparisons(rows: list[dict], select_lam: float | None = None, metric: str = "test/avg") -> list[dict]:
-    """At every sparsity > 0, each mask-choosing method at the same retraining budget — the paper's score (at the
-    λ best on dev at that sparsity, or `select_lam`), random, magnitude — with `metric` over seeds and paired
-    against the s = 0 control and against random at the same sparsity."""
+def comparisons(rows: list[dict], select_lam: float | None = None, metric: str = "test/avg",
+                predictions: dict | None = None) -> list[dict]:
+    """At every sparsity > 0, each mask-choosing method at the same retraining budget — the paper's score under
+    each reading (at the λ best on dev at that sparsity, or `select_lam`), random, magnitude, simcse — with
+    `metric` over seeds, paired against the s = 0 control and against random (same normalize reading when run).
+    Where only one seed is shared, `predictions` ({trial name: per-pair test predictions}) give a paired bootstrap
+    over test pairs instead of no claim."""
     fin = [r for r in rows if _finished(r)]
-    ctrl = {r["config"]["seed"]: r["metrics"][metric] for r in fin if r["config"]["sparsity"] == 0}
+    val = lambda r: (r["metrics"][metric], point_name(r["config"]))  # noqa: E731
+    ctrl = {r["config"]["seed"]: val(r) for r in fin if r["config"]["sparsity"] == 0}
     out = []
     for sp in sorted({r["config"]["sparsity"] for r in fin if r["config"]["sparsity"] > 0}):
         at = [r for r in fin if r["config"]["sparsity"] == sp]
         by_method: dict[str, list[dict]] = {}
-        ours = [r for r in at if _scorer(r) == "align_uniform"]
-        if ours:
-            lams = sorted({r["config"]["lam"] for r in ours})
-            lam = select_lam if select_lam in lams else max(
-                lams, key=lambda x: np.mean([r["metrics"]["best_stsb_dev"] for r in ours if r["config"]["lam"] == x]))
-            by_method["align_uniform"] = [r for r in ours if r["config"]["lam"] == lam]
-        for m in CONTROL_SCORERS:
-            if any(_scorer(r) == m for r in at):
-                by_method[m] = [r for r in at if _scorer(r) == m]
-        rand = {r["config"]["seed"]: r["metrics"][metric] for r in by_method.get("random", [])}
+        for scorer in ("align_uniform", *CONTROL_SCORERS):
+            mine = [r for r in at if _scorer(r) == scorer]
+            for rd in sorted({_reading(r) for r in mine}, key=_reading_order):
+                members = [r for r in mine if _reading(r) == rd]
+                if scorer == "align_uniform":
+                    lams = sorted({r["config"]["lam"] for r in members})
+                    lam = select_lam if select_lam in lams else max(lams, key=lambda x: np.mean(
+                        [r["metrics"]["best_stsb_dev"] for r in members if r["config"]["lam"] == x]))
+                    members = [r for r in members if r["config"]["lam"] == lam]
+                by_method[method_name(scorer, *rd)] = members
+        randoms: dict[str, dict] = {}
+        for r in at:
+            if _scorer(r) == "random":
+                randoms.setdefault(_reading(r)[1], {})[r["config"]["seed"]] = val(r)
         for m, members in by_method.items():
-            vals = {r["config"]["seed"]: r["metrics"][metric] for r in members}
+            vals = {r["config"]["seed"]: val(r) for r in members}
+            combine, normalize = _reading(members[0])
+            rand = randoms.get(normalize) or next(iter(randoms.values()), {})
             devs = [r["metrics"]["best_stsb_dev"] for r in members]
-            out.append({"sparsity": sp, "method": m, "lam": members[0]["config"]["lam"] if m == "align_uniform" else None,
+            scorer = _scorer(members[0])
+            out.append({"sparsity": sp, "method": m, "scorer": scorer, "combine": combine, "normalize": normalize,
+                        "lam": members[0]["config"]["lam"] if scorer == "align_uniform" else None,
                         "seeds": sorted(vals), "dev_mean": float(np.mean(devs)), "dev_std": sample_std(devs),
-                        "mean": float(np.mean(list(vals.values()))), "std": sample_std(list(vals.values())),
-                        "vs_control": paired(vals, ctrl), "vs_random": paired(vals, rand) if m != "random" and rand else None})
+                        "mean": float(np.mean([v for v, _ in vals.values()])),
+                        "std": sample_std([v for v, _ in vals.values()]),
+                        "vs_control": _compare(vals, ctrl, predictions, metric),
+                        "vs_random": _compare(vals, rand, predictions, metric) if scorer != "random" and rand else None})
+    return out
+
+
+def _compare(a: dict, b: dict, predictions: dict | None, metric: str) -> dict:
+    """`stats.paired` over seeds of {seed: (value, trial name)}; with one shared seed and both trials' test
+    predictions, a paired bootstrap over test pairs gives the verdict (for the STS average)."""
+    out = paired({k: v for k, (v, _) in a.items()}, {k: v for k, (v, _) in b.items()})
+    if out["n"] == 1 and predictions and metric == "test/avg":
+        (seed,) = set(a) & set(b)
+        pa, pb = predictions.get(a[seed][1]), predictions.get(b[seed][1])
+        if pa is not None and pb is not None:
+            out["bootstrap"] = bootstrap_diff(pa, pb)
+            out["p"], out["verdict"] = out["bootstrap"]["p"], out["bootstrap"]["verdict"]
     return out
 
 
@@ -138,6 +167,10 @@ def _vs(c: dict | None) -> str:
     if not c or c["diff"] is None:
         return "—"
     p = "" if c["p"] is None else (", p < 0.001" if c["p"] < 0.001 else f", p = {c['p']:.3f}")
+    if c.get("bootstrap"):
+        b = c["bootstrap"]
+        return (f"{c['diff']:+.2f} [95 % CI {b['lo']:+.2f}, {b['hi']:+.2f}] (one seed; bootstrap over test pairs, "
+                f"{b['n_boot']} resamples{p}: {c['verdict']})")
     return f"{c['diff']:+.2f}" + (f" ± {c['std']:.2f}" if c["std"] is not None else "") + f" (n = {c['n']}{p}: {c['verdict']})"
 
 
@@ -149,7 +182,9 @@ def render_comparisons(comps: list[dict], ctrl: dict | None) -> list[str]:
             f" over seeds {ctrl['seeds']}" if ctrl and "avg" in ctrl["test"] else "no s = 0 control finished")
     return ["## Controls at equal budget (STS test avg, Spearman × 100)", "",
             f"Every method retrains the same way from the same pre-trained weights; only how the mask is chosen differs. "
-            f"Mean ± sample std over seeds (ddof = 1); Δ is paired over shared seeds (two-sided paired t-test); {base}.",
+            f"Mean ± sample std over seeds (ddof = 1); Δ is paired over shared seeds (two-sided paired t-test); with "
+            f"one seed, a paired bootstrap over the STS test pairs (it measures test-set noise, not training noise); "
+            f"{base}.",
             "", render(["sparsity", "method", "λ", "n seeds", "STS-B dev", "test avg", "Δ vs s = 0 control", "Δ vs random"],
                        [[f"{c['sparsity']:.0%}", c["method"], "—" if c["lam"] is None else str(c["lam"]),
                          str(len(c["seeds"])), _pm1(c["dev_mean"], c["dev_std"]), _pm1(c["mean"], c["std"]),
@@ -210,13 +245,16 @@ def render_figures(rows: list[dict], tasks: list[str], baseline: dict | None = N
     import matplotlib.pyplot as plt
 
     done = [r for r in rows if not r["error"] and evaluated(r["metrics"])]
-    ours = [r for r in done if _scorer(r) == "align_uniform"]
-    lams = sorted({r["config"]["lam"] for r in ours if r["config"]["sparsity"] > 0})
+    ours = [r for r in done if _scorer(r) == "align_uniform" and r["config"]["sparsity"] > 0]
     ctrl = [r for r in done if r["config"]["sparsity"] == 0]
-    # one curve per λ of the paper's score, one per control scorer; each starts at the s = 0 control
-    curves = [(f"λ={lam}", [r for r in ours if r["config"]["lam"] == lam]) for lam in lams]
-    curves += [(f"{m} (control)", [r for r in done if _scorer(r) == m and r["config"]["sparsity"] > 0])
-               for m in CONTROL_SCORERS if any(_scorer(r) == m for r in done)]
+    # one curve per (λ, reading) of the paper's score, one per control method; each starts at the s = 0 control
+    curves = [(f"λ={lam}" + method_name("align_uniform", *rd)[len("align_uniform"):],
+               [r for r in ours if r["config"]["lam"] == lam and _reading(r) == rd])
+              for rd in sorted({_reading(r) for r in ours}, key=_reading_order)
+              for lam in sorted({r["config"]["lam"] for r in ours if _reading(r) == rd})]
+    others = [r for r in done if _scorer(r) != "align_uniform" and r["config"]["sparsity"] > 0]
+    curves += [(f"{m} (control)", [r for r in others if _method(r) == m])
+               for m in sorted({_method(r) for r in others}, key=lambda m: (CONTROL_SCORERS.index(m.split()[0]), m))]
     out = {}
 
     def curve(ax, task):
@@ -283,16 +321,19 @@ def stability(rows: list[dict], selected: dict | None, tasks: list[str]) -> list
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if _finished(r) and _scorer(r) == "align_uniform":
-            c = r["config"]
-            groups.setdefault((c["sparsity"], 0.0 if c["sparsity"] == 0 else c["lam"]), []).append(r)
+            groups.setdefault(_point_key(r), []).append(r)
     if not groups or not selected:
         return []
-    sel_key = (selected["sparsity"], 0.0 if selected["sparsity"] == 0 else selected["lam"])
+    sel_key = ((0.0, 0.0, "", "") if selected["sparsity"] == 0 else
+               (selected["sparsity"], selected["lam"], selected.get("combine", "gradient"),
+                selected.get("normalize", "none")))
     mean = lambda k, t: float(np.mean([r["metrics"].get(f"test/{t}", np.nan) for r in groups[k]]))  # noqa: E731
     out = []
     for t in tasks:
         best = max(groups, key=lambda k: mean(k, t))
-        out.append({"task": t, "best_sparsity": best[0], "best_lam": best[1], "best": mean(best, t),
+        out.append({"task": t, "best_sparsity": best[0], "best_lam": best[1],
+                    "best_reading": method_name("align_uniform", *best[2:])[len("align_uniform "):] if best[0] else "",
+                    "best": mean(best, t),
                     "selected": mean(sel_key, t) if sel_key in groups else None,
                     "sparsity_gap": best[0] - selected["sparsity"]})
     return out
@@ -304,13 +345,15 @@ def results_table(rows: list[dict], tasks: list[str]) -> list[dict]:
     for r in rows:
         m = r["metrics"]
         flat.append({**{k: r["config"].get(k) for k in ("sparsity", "lam", "seed")},
-                     "scorer": r["config"].get("scorer", "align_uniform"), "trial": point_name(r["config"]),
+                     "scorer": _scorer(r), "combine": _reading(r)[0], "normalize": _reading(r)[1],
+                     "method": _method(r), "trial": point_name(r["config"]),
                      "status": "error" if r["error"] else ("done" if evaluated(m) else "incomplete"),
                      "error": r["error"] or "", "best_stsb_dev": m.get("best_stsb_dev"),
                      **{f"test/{t}": m.get(f"test/{t}") for t in tasks},
                      "align": m.get("align"), "uniform": m.get("uniform"), "steps": m.get("step"),
                      "node_id": m.get("node_id"), "checkpoint": r.get("checkpoint")})
-    flat.sort(key=lambda x: (x["sparsity"], x["scorer"] != "align_uniform", x["scorer"], x["lam"], x["seed"]))
+    flat.sort(key=lambda x: (x["sparsity"], x["scorer"] != "align_uniform", x["scorer"],
+                             _reading_order((x["combine"], x["normalize"])), x["lam"], x["seed"]))
     return flat
 
 
@@ -328,9 +371,10 @@ def parquet_bytes(flat: list[dict]) -> bytes:
 def render_markdown(title: str, cfg: Config, rows: list[dict], flat: list[dict], selected: dict | None,
                     ctrl: dict | None, baseline: dict, transfer: dict | None, figures: list[str],
                     allocation_md: str | None = None, scoring: dict | None = None, pilot_md: str | None = None,
-                    backbone: dict | None = None) -> str:
+                    backbone: dict | None = None, comps: list[dict] | None = None) -> str:
     """report.md: the paper's Table 1 (baseline, dev-selected SparseCSE, test-selected best per task), the
-    over-seeds table, alignment/uniformity, every trial, transfer, figures."""
+    over-seeds table, the controls (`comps`, from `comparisons`; computed here without predictions when None),
+    alignment/uniformity, every trial, transfer, figures."""
     tasks = [t for t in cfg.eval.tasks if t in STS_TASKS] + ["avg"]
     failed = sum(x["status"] == "error" for x in flat)
     done = [r for r in rows if not r["error"] and evaluated(r["metrics"])]
@@ -341,7 +385,7 @@ def render_markdown(title: str, cfg: Config, rows: list[dict], flat: list[dict],
                      ctrl["test"]))
     if selected:
         name = ("SimCSE control s=0, dev-selected (pruning did not win)" if selected["control_won"] else
-                f"SparseCSE, dev-selected (s={selected['sparsity']:.0%}, λ={selected['lam']})")
+                f"SparseCSE, dev-selected ({_point_label(selected)})")
         trow.append((name, selected["test"]))
     ours_done = [r for r in done if _scorer(r) == "align_uniform"]
     if ours_done:
@@ -350,7 +394,7 @@ def render_markdown(title: str, cfg: Config, rows: list[dict], flat: list[dict],
     md = [f"# SparseCSE sweep report — {title}", "",
           f"Backbone `{cfg.model.name}`; grid sparsity {list(cfg.sweep.sparsities)} × λ {list(cfg.sweep.lams)} × "
           f"seeds {list(cfg.sweep.seeds)}, mask scorers {list(cfg.sweep.scorers)} ({len(flat)} trials, {failed} failed). "
-          f"Importance: score.combine = {cfg.score.combine}, score.normalize = {cfg.score.normalize}. "
+          f"Importance: score.combine = {_values(cfg.score.combine)}, score.normalize = {_values(cfg.score.normalize)}. "
           "Selection uses STS-B **dev** (mean over seeds); test figures are reported, never used to choose.", "",
           *_scoring_lines(scoring, cfg), *_stopped_lines(flat, cfg), *_selection_lines(selected, cfg),
           "## Test results (Spearman × 100)", "", _table(trow, tasks), ""]
@@ -359,13 +403,13 @@ def render_markdown(title: str, cfg: Config, rows: list[dict], flat: list[dict],
         if ctrl:
             seeds_rows.append((f"SimCSE (rewound control s=0, seeds {ctrl['seeds']})",
                                _pm(ctrl["test"], ctrl["test_std"], tasks)))
-        seeds_rows.append((f"SparseCSE dev-selected (s={selected['sparsity']:.0%}, λ={selected['lam']}, seeds "
-                           f"{selected['seeds']})", _pm(selected["test"], selected["test_std"], tasks)))
+        seeds_rows.append((f"SparseCSE dev-selected ({_point_label(selected)}, seeds {selected['seeds']})",
+                           _pm(selected["test"], selected["test_std"], tasks)))
         md += [f"## Over seeds: mean ± sample std (ddof = 1, n = {len(selected['seeds'])}; test Spearman × 100)", "",
                "Both rows retrain from the pre-trained weights with each seed under the same budget; the control keeps "
                "every head and neuron (sparsity 0), so the difference is the effect of the mask.", "",
                _table(seeds_rows, tasks), ""]
-    md += render_comparisons(comparisons(rows, cfg.sweep.select_lam), ctrl)
+    md += render_comparisons(comparisons(rows, cfg.sweep.select_lam) if comps is None else comps, ctrl)
     if pilot_md:
         md += ["## Pilot study: the trained SimCSE pruned, without rewinding or retraining (the paper's Figure 1)", "",
                "STS test (Spearman × 100) of the stage-1 model with each scorer's mask at each sparsity.", "",
@@ -374,11 +418,12 @@ def render_markdown(title: str, cfg: Config, rows: list[dict], flat: list[dict],
     if stab:
         md += ["## Stability: the best sparsity per task (test, mean over seeds) vs the dev-selected one", "",
                render(["task", "best s (test)", "λ", "its score", "dev-selected's score", "s gap"],
-                      [[label(x["task"]), f"{x['best_sparsity']:.0%}", "—" if x["best_sparsity"] == 0 else str(x["best_lam"]),
+                      [[label(x["task"]), f"{x['best_sparsity']:.0%}",
+                        "—" if x["best_sparsity"] == 0 else f"{x['best_lam']} {x['best_reading']}".strip(),
                         x["best"], x["selected"], f"{100 * x['sparsity_gap']:+.0f} pts"] for x in stab]), ""]
     if allocation_md:
         md += ["## Where the selected mask prunes (fraction of each layer's heads / FFN neurons)", "",
-               f"score.combine = {cfg.score.combine}, score.normalize = {cfg.score.normalize} "
+               f"score.combine = {selected['combine']}, score.normalize = {selected['normalize']} "
                "(`none` ranks raw scores across layers; `layer` normalises each layer first).", "", allocation_md, ""]
     md += ["## Alignment / uniformity (STS-B test; lower is better)", "",
            f"SimCSE stage 1: align {baseline['align']:.4f}, uniform {baseline['uniform']:.4f}"
@@ -387,7 +432,7 @@ def render_markdown(title: str, cfg: Config, rows: list[dict], flat: list[dict],
     g = lambda v: None if v is None else f"{v:.4f}"  # noqa: E731
     md += ["## All trials", "", render(
         ["sparsity", "scorer", "λ", "seed", "status", "STS-B dev", "test avg", "align", "uniform"],
-        [[x["sparsity"], x["scorer"], str(x["lam"]) if x["scorer"] == "align_uniform" else "—", str(x["seed"]), f"{x['status']} {x['error'][:60]}", x["best_stsb_dev"],
+        [[x["sparsity"], x["method"], str(x["lam"]) if x["scorer"] == "align_uniform" else "—", str(x["seed"]), f"{x['status']} {x['error'][:60]}", x["best_stsb_dev"],
           x["test/avg"], g(x["align"]), g(x["uniform"])] for x in flat], left=0)]
     if transfer:
         from .transfer import format_transfer_markdown
@@ -404,6 +449,15 @@ def render_markdown(title: str, cfg: Config, rows: list[dict], flat: list[dict],
                format_transfer_markdown(transfer)]
     md += ["" + line for name in figures for line in ("", f"![{name[:-4]}](figures/{name})")]
     return "\n".join(md) + "\n"
+
+
+def _point_label(selected: dict) -> str:
+    reading = selected.get("method", "align_uniform")[len("align_uniform "):]
+    return f"s={selected['sparsity']:.0%}, λ={selected['lam']}" + (f", {reading[1:-1]}" if reading else "")
+
+
+def _values(v) -> str:
+    return " | ".join(v) + (" (a grid dimension: each reading is its own grid point)" if len(v) > 1 else "")
 
 
 def _scoring_lines(scoring: dict | None, cfg: Config) -> list[str]:
@@ -446,7 +500,7 @@ def _selection_lines(selected: dict | None, cfg: Config) -> list[str]:
         out[0] += (f"**Pruning did not help on dev**: the s = 0 control has the best STS-B dev "
                    f"({selected['dev_mean']:.2f}); {what} (`sweep.when_control_wins`).")
     else:
-        out[0] += f"Selected: s = {selected['sparsity']:.0%}, λ = {selected['lam']}, STS-B dev {selected['dev_mean']:.2f}."
+        out[0] += f"Selected: {_point_label(selected)}, STS-B dev {selected['dev_mean']:.2f}."
     if "STSBenchmark" in selected["test"]:
         gap = selected["dev_mean"] - selected["test"]["STSBenchmark"]
         out[0] += f" Dev/test gap of the selected point (STS-B dev − STS-B test): {gap:+.2f}."

@@ -24,9 +24,13 @@ from .storage import Storage, fetch_model, scratch_dir
 
 
 def point_name(p: dict) -> str:
-    """s0.100_l0.50_seed1 for the paper's score; s0.100_random_seed1 for a control scorer (λ-free)."""
+    """s0.100_l0.50_seed1 for the paper's score; s0.100_random_seed1 for a control scorer (λ-free); a reading of
+    the scores other than the default adds _combine-score / _norm-layer (s0.100_l0.50_norm-layer_seed1)."""
     scorer = p.get("scorer", "align_uniform")
     mid = f"l{p['lam']:.2f}" if scorer == "align_uniform" or p["sparsity"] == 0 else scorer
+    if p["sparsity"] > 0:
+        mid += "_combine-score" if scorer == "align_uniform" and p.get("combine") == "score" else ""
+        mid += "_norm-layer" if p.get("normalize") == "layer" else ""
     return f"s{p['sparsity']:.3f}_{mid}_seed{p['seed']}"
 
 
@@ -174,7 +178,7 @@ def trial(config: dict, *, store_uri: str, data_dir: str, cfg_dict: dict, scores
     mask fixed, evaluate the best dev checkpoint on the STS test sets. Checkpoints go to storage through Tune;
     nothing stays on the node."""
     from . import ray_adapter as ra
-    from .evaluate import evaluate_sts
+    from .evaluate import evaluate_sts, predictions_to_bytes
     from .model import load_encoder
     from .prune import masks_for, rewind
     from .train import OnReport, train_simcse
@@ -187,13 +191,15 @@ def trial(config: dict, *, store_uri: str, data_dir: str, cfg_dict: dict, scores
     setup_worker(cfg.sweep.trial_cpus)
     scorer = p.get("scorer", "align_uniform")
     pre = load_encoder(cfg.model.name, pooler=cfg.model.pooler, dropout=cfg.train.dropout)
+    # trials of sweeps from before the readings were grid parameters ran the first (then only) one
+    combine, normalize = p.get("combine", cfg.score.combine[0]), p.get("normalize", cfg.score.normalize[0])
     hm, nm = masks_for(scorer, p["sparsity"], p["lam"], p["seed"], scores=scores, pretrained=pre,
-                       simcse_scores=simcse_scores,
-                       combine=cfg.score.combine, normalize=cfg.score.normalize)
-    base = {"sparsity": p["sparsity"], "lam": p["lam"], "seed": p["seed"], "scorer": scorer, "trial": name,
-            "evaluated": False, "node_id": ra.node_id()}
-    meta = {"sparsity": p["sparsity"], "lam": p["lam"], "seed": p["seed"], "scorer": scorer, "pretrained": cfg.model.name,
-            "scores": store.url("scores.parquet"), "scores_fingerprint": scores.meta["model_fingerprint"]}
+                       simcse_scores=simcse_scores, combine=combine, normalize=normalize)
+    point = {"sparsity": p["sparsity"], "lam": p["lam"], "seed": p["seed"], "scorer": scorer, "combine": combine,
+             "normalize": normalize}
+    base = {**point, "trial": name, "evaluated": False, "node_id": ra.node_id()}
+    meta = {**point, "pretrained": cfg.model.name, "scores": store.url("scores.parquet"),
+            "scores_fingerprint": scores.meta["model_fingerprint"]}
 
     device = task_device(cfg.sweep.trial_gpus)
     with scratch_dir("trial") as tmp:
@@ -207,8 +213,11 @@ def trial(config: dict, *, store_uri: str, data_dir: str, cfg_dict: dict, scores
                            tb_dir=tmp / "tensorboard", progress=False, meta=meta, device=device)
         best = load_encoder(str(tmp / "out" / "best"), pooler=cfg.model.eval_pooler).to(device)
         sts_tasks = tuple(t for t in cfg.eval.tasks if t in STS_TASKS)
+        preds: dict = {}
         table = evaluate_sts(best, Path(data_dir), tasks=sts_tasks, batch_size=cfg.eval.batch_size,
-                             pooler=cfg.model.eval_pooler, alignment_uniformity=True)
+                             pooler=cfg.model.eval_pooler, alignment_uniformity=True, predictions=preds)
+        # per-pair test predictions: what the report's bootstrap over test pairs resamples for single-seed claims
+        store.write_bytes(f"predictions/{name}.parquet", predictions_to_bytes(preds))
         transfer = {}
         if cfg.eval.transfer:  # every trial, so the report's best-per-task transfer row exists
             from .transfer import evaluate_transfer
@@ -265,7 +274,7 @@ def pilot_task(store_uri: str, model_rel: str, data_dir: str, cfg_dict: dict, th
         enc = load_encoder(str(fetch_model(store, model_rel, tmp)), pooler=cfg.model.eval_pooler).to(task_device(gpus))
         return pilot(enc.eval(), scores, Path(data_dir), sparsities_with_zero(cfg.sweep.sparsities), lam=pilot_lam(cfg),
                      simcse_scores=load_simcse_scores(store, cfg),
-                     scorers=cfg.sweep.scorers, combine=cfg.score.combine, normalize=cfg.score.normalize,
+                     scorers=cfg.sweep.scorers, readings=cfg.score.allocations,
                      tasks=tuple(t for t in cfg.eval.tasks if t in STS_TASKS), batch_size=cfg.eval.batch_size,
                      pooler=cfg.model.eval_pooler)
 

@@ -7,6 +7,7 @@ Run layout (relative to --out):
     stage1/                        Ray Train's run of stage 1 (its checkpoints)
     simcse/best, simcse/history.json   the stage-1 SimCSE model (best STS-B dev) and its dev curve
     scores.parquet                 stage-2 alignment/uniformity gradients (shared with trials via the object store)
+    predictions/<trial>.parquet    each trial's per-pair STS test predictions (the single-seed bootstrap)
     tune/                          Ray Tune's experiment: trial checkpoints (…/checkpoint_*/best = best dev model)
     tensorboard/<name>/            TensorBoard runs: stage 1 ("simcse") and one per trial
     results.{parquet,json}, summary.json, report.{md,html}, figures/*.png, export/
@@ -41,15 +42,19 @@ def _stage1_fp(cd: dict) -> str:
 
 
 def grid_points(cfg: Config) -> list[dict]:
-    """scorer × sparsity × λ × seed. Sparsity 0 (the rewound SimCSE control) masks nothing, so it runs once per
-    seed; the control scorers (random, magnitude) ignore λ, so they run once per (sparsity, seed)."""
+    """scorer × reading (score.combine × score.normalize) × sparsity × λ × seed. Sparsity 0 (the rewound SimCSE
+    control) masks nothing, so it runs once per seed; the control scorers ignore λ and combine, so they run once
+    per (normalize, sparsity, seed)."""
     pts = []
+    first = (cfg.score.combine[0], cfg.score.normalize[0])
     for seed in cfg.sweep.seeds:
         for s in cfg.sweep.sparsities:
             for scorer in (("align_uniform",) if s == 0 else cfg.sweep.scorers):
                 lams = cfg.sweep.lams if (s > 0 and scorer == "align_uniform") else cfg.sweep.lams[:1]
-                for lam in lams:
-                    pts.append({"sparsity": float(s), "lam": float(lam), "seed": int(seed), "scorer": scorer})
+                for combine, normalize in (cfg.score.allocations(scorer) if s > 0 else [first]):
+                    for lam in lams:
+                        pts.append({"sparsity": float(s), "lam": float(lam), "seed": int(seed), "scorer": scorer,
+                                    "combine": combine, "normalize": normalize})
     return pts
 
 
@@ -207,6 +212,8 @@ def score_stage(run: Run):
         if store.exists("tune"):  # trials chose their masks from other scores: they are not this sweep's trials
             print("[sweep] the scores changed since the trials ran: their results are discarded and they rerun")
             store.delete("tune")
+            if store.exists("predictions"):
+                store.delete("predictions")
         t0 = time.perf_counter()
         ra.run_tasks([("scoring", stages.score_task, (store.uri, "simcse/best", run.data_dir, cfg.to_dict(),
                                                       cfg.sweep.trial_cpus, cfg.sweep.trial_gpus), {},
@@ -238,7 +245,11 @@ def trials_stage(run: Run, scores) -> list[dict]:
                         gpus=cfg.sweep.trial_gpus, max_concurrent=cfg.sweep.max_concurrent_trials,
                         max_failures=cfg.sweep.max_failures, asha=asha_settings(cfg), resume=run.resume)
     run.state.timings["tune_s"] = time.perf_counter() - t0
-    return ra.grid_rows(grid, run.store)
+    rows = ra.grid_rows(grid, run.store)
+    for r in rows:  # trials of sweeps from before the readings were grid parameters ran the first one
+        r["config"].setdefault("combine", cfg.score.combine[0])
+        r["config"].setdefault("normalize", cfg.score.normalize[0])
+    return rows
 
 
 def wants_export(selected: dict | None, cfg: Config) -> bool:
@@ -289,10 +300,10 @@ def report_stage(run: Run, rows: list[dict], selected: dict | None, extras: dict
                "failed": [{"trial": x["trial"], "error": x["error"]} for x in flat if x["status"] == "error"],
                "transfer": transfer, "storage": store.uri,
                "export": store.url("export") if wants_export(selected, cfg) else None,
-               "comparisons": report.comparisons(rows, cfg.sweep.select_lam), "allocation": None,
-               "pilot": extras["pilot"]}
+               "comparisons": report.comparisons(rows, cfg.sweep.select_lam, predictions=predictions_for_bootstrap(run, rows)),
+               "allocation": None, "pilot": extras["pilot"]}
     if selected and not selected["control_won"]:  # where the selected mask prunes (the same masks the trial used)
-        masks = select_masks(*scores.importance(selected["lam"], cfg.score.combine, cfg.score.normalize),
+        masks = select_masks(*scores.importance(selected["lam"], selected["combine"], selected["normalize"]),
                              selected["sparsity"])
         summary["allocation"] = report.allocation(*masks)
     store.write_bytes("results.parquet", report.parquet_bytes(flat))
@@ -303,7 +314,7 @@ def report_stage(run: Run, rows: list[dict], selected: dict | None, extras: dict
     if summary["allocation"]:
         alloc_md, figs["mask_allocation.png"] = report.render_allocation(
             summary["allocation"], f"pruned per layer: s={selected['sparsity']:.0%}, λ={selected['lam']}, "
-            f"combine={cfg.score.combine}, normalize={cfg.score.normalize}")
+            f"combine={selected['combine']}, normalize={selected['normalize']}")
     pilot_md = None
     if extras["pilot"]:
         from .pilot import render as render_pilot
@@ -312,10 +323,26 @@ def report_stage(run: Run, rows: list[dict], selected: dict | None, extras: dict
     for name, png in figs.items():
         store.write_bytes(f"figures/{name}", png)
     md = report.render_markdown(Path(store.root).name, cfg, rows, flat, selected, summary["control"], baseline,
-                                transfer, list(figs), alloc_md, scores.meta, pilot_md, extras.get("backbone"))
+                                transfer, list(figs), alloc_md, scores.meta, pilot_md, extras.get("backbone"),
+                                summary["comparisons"])
     store.write_text("report.md", md)
     store.write_text("report.html", report.render_html(md, figs))
     return summary
+
+
+def predictions_for_bootstrap(run: Run, rows: list[dict]) -> dict:
+    """{trial name: its per-pair STS test predictions} when some grid point has a single seed — the comparisons
+    that seeds cannot test get a bootstrap over test pairs instead; {} otherwise (nothing to read)."""
+    from .evaluate import predictions_from_bytes
+
+    if len(run.cfg.sweep.seeds) > 1:
+        return {}
+    out = {}
+    for r in rows:
+        name = stages.point_name(r["config"])
+        if not r["error"] and report.evaluated(r["metrics"]) and run.store.is_file(f"predictions/{name}.parquet"):
+            out[name] = predictions_from_bytes(run.store.read_bytes(f"predictions/{name}.parquet"))
+    return out
 
 
 def check_failures(summary: dict, cfg: Config) -> None:
@@ -369,7 +396,7 @@ def run_sweep(config_path: str, overrides=None, resume: bool | str = False, addr
             print(f"[sweep] pruning did not help on dev: the s = 0 control is best (STS-B dev "
                   f"{selected['dev_mean']:.2f}); export: {summary['export']}")
         elif selected:
-            print(f"[sweep] selected sparsity={selected['sparsity']} λ={selected['lam']} "
+            print(f"[sweep] selected sparsity={selected['sparsity']} λ={selected['lam']} {selected['method']} "
                   f"(STS-B dev {selected['dev_mean']:.2f}); export: {summary['export']}")
         check_failures(summary, cfg)
         return summary

@@ -280,33 +280,58 @@ def test_worker_node_removed_mid_sweep_trials_rescheduled(tmp_path, tiny_model_d
         assert (out / "export" / "manifest.json").exists()
 
 
-def test_sweep_with_controls_runs_every_scorer_and_reports_paired_comparisons(tmp_path, tiny_model_dir, tiny_data_dir):
-    """sweep.scorers=[align_uniform, random, magnitude, simcse] over two seeds: each control trains at the same budget,
-    the report carries the controls table with paired comparisons, selection stays among the paper's points and
-    the s = 0 control (and may choose the control)."""
+def test_sweep_with_controls_and_both_readings_runs_every_method_and_reports_comparisons(tmp_path, tiny_model_dir,
+                                                                                        tiny_data_dir):
+    """sweep.scorers=[align_uniform, random, magnitude, simcse] × score.normalize=[none, layer] (the paper's open
+    reading as a grid dimension), one seed: each method trains at the same budget; with a single seed the controls
+    table rests on a paired bootstrap over the STS test pairs (each trial's predictions are stored for it);
+    selection stays among the paper's points — each reading its own — and the s = 0 control."""
     cfg = _write_cfg(tmp_path / "c.yaml", tiny_model_dir, sparsities=(0.0, 0.3), lams=(0.5,))
-    r = _sweep(cfg, tmp_path / "run", tiny_data_dir, "--set", "sweep.seeds=[1,2]",
-               "--set", "sweep.scorers=[align_uniform,random,magnitude,simcse]", "--set", "score.normalize=layer",
+    r = _sweep(cfg, tmp_path / "run", tiny_data_dir, "--set", "sweep.seeds=[1]",
+               "--set", "sweep.scorers=[align_uniform,random,magnitude,simcse]", "--set", "score.normalize=[none,layer]",
                "--set", "sweep.pilot=true")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads((tmp_path / "run" / "results.json").read_text())
-    got = sorted((t["sparsity"], t["scorer"], t["seed"]) for t in res["trials"])
-    assert got == sorted([(0.0, "align_uniform", k) for k in (1, 2)] + [(0.3, m, k) for m in
-                          ("align_uniform", "random", "magnitude", "simcse") for k in (1, 2)])
-    assert all(t["status"] == "done" for t in res["trials"])
-    assert {c["method"] for c in res["comparisons"]} == {"align_uniform", "random", "magnitude", "simcse"}
-    assert all(c["vs_control"]["n"] == 2 and c["vs_control"]["p"] is not None for c in res["comparisons"])
+    got = sorted((t["sparsity"], t["scorer"], t["normalize"]) for t in res["trials"])
+    assert got == sorted([(0.0, "align_uniform", "none")] + [(0.3, m, n) for m in
+                          ("align_uniform", "random", "magnitude", "simcse") for n in ("none", "layer")])
+    assert all(t["status"] == "done" for t in res["trials"]) and len({t["trial"] for t in res["trials"]}) == 9
+    methods = {c["method"] for c in res["comparisons"]}
+    assert methods == {f"{m}{x}" for m in ("align_uniform", "random", "magnitude", "simcse")
+                       for x in ("", " (normalize=layer)")}
+    for c in res["comparisons"]:  # one seed: the verdict comes from the bootstrap over test pairs
+        b = c["vs_control"]["bootstrap"]
+        assert c["vs_control"]["n"] == 1 and b["lo"] <= b["hi"] and c["vs_control"]["verdict"] == b["verdict"]
+        assert b["diff"] == pytest.approx(c["mean"] - res["control"]["test"]["avg"], abs=1e-9)
+    trials = {t["trial"] for t in res["trials"]}
+    assert "s0.300_l0.50_norm-layer_seed1" in trials and "s0.300_random_norm-layer_seed1" in trials
+    assert {p.stem for p in (tmp_path / "run" / "predictions").glob("*.parquet")} == trials
+    # each trial trained under its own reading's mask: the one select_masks gives for it from the shared scores
+    from sparsecse.model import load_encoder
+    from sparsecse.prune import select_masks
+    from sparsecse.score import load_scores
+
+    scores = load_scores(tmp_path / "run" / "scores.parquet")
+    by = {t["trial"]: t for t in res["trials"]}
+    for name, normalize in (("s0.300_l0.50_seed1", "none"), ("s0.300_l0.50_norm-layer_seed1", "layer")):
+        best = tmp_path / "run" / by[name]["checkpoint"] / "best"
+        assert json.loads((best / "sparsecse.json").read_text())["normalize"] == normalize
+        hm, nm = select_masks(*scores.importance(0.5, "gradient", normalize), 0.3)
+        enc = load_encoder(str(best))
+        assert torch.equal(enc.head_mask, hm.to(enc.head_mask)) and torch.equal(enc.neuron_mask, nm.to(enc.neuron_mask))
     sel = res["selected"]
-    assert sel["candidates"] == 2 and (sel["sparsity"], sel["control_won"]) in ((0.0, True), (0.3, False))
+    assert sel["candidates"] == 3 and (sel["sparsity"], sel["control_won"]) in ((0.0, True), (0.3, False))
     md = (tmp_path / "run" / "report.md").read_text()
-    assert "## Controls at equal budget" in md and "| 30% | magnitude |" in md and "score.normalize = layer" in md
-    assert "## Pilot study" in md and len(res["pilot"]) == 8  # 4 scorers × {0, 30 %}, on the stage-1 model
+    assert "## Controls at equal budget" in md and "| 30% | magnitude (normalize=layer) |" in md
+    assert "score.normalize = none | layer (a grid dimension" in md and "bootstrap over test pairs" in md
+    assert "## Pilot study" in md and len(res["pilot"]) == 16  # 4 scorers × 2 readings × {0, 30 %}, stage-1 model
     assert (tmp_path / "run" / "scores_simcse.parquet").exists()  # SimCSE's own InfoNCE scores, beside the paper's
     assert "| pre-trained " in md and "pre-trained backbone: align" in md and res["backbone"]["avg"] > 0
     assert (tmp_path / "run" / "figures" / "pilot.png").exists() and "## Stability" in md
     assert (tmp_path / "run" / "export" / "manifest.json").exists()  # the selection is exported, control or not
     if not sel["control_won"]:
         assert "## Where the selected mask prunes" in md and (tmp_path / "run" / "figures" / "mask_allocation.png").exists()
+        assert f"normalize = {sel['normalize']}" in md
 
 
 def test_asha_stops_a_weak_trial_by_steps_and_selection_and_export_still_work(tmp_path, tiny_model_dir, tiny_data_dir):

@@ -8,8 +8,8 @@ import pytest
 from sparsecse.report import _pm, _table, control, select
 
 
-def _row(s, lam, seed, dev, test_b, error=None, done=True, scorer="align_uniform"):
-    return {"config": {"sparsity": s, "lam": lam, "seed": seed, "scorer": scorer}, "error": error, "checkpoint": f"tune/t{s}_{lam}_{seed}/checkpoint_000001",
+def _row(s, lam, seed, dev, test_b, error=None, done=True, scorer="align_uniform", **reading):
+    return {"config": {"sparsity": s, "lam": lam, "seed": seed, "scorer": scorer, **reading}, "error": error, "checkpoint": f"tune/t{s}_{lam}_{seed}/checkpoint_000001",
             "metrics": {"done": done, "best_stsb_dev": dev, "test/STSBenchmark": test_b, "test/avg": test_b - 1}}
 
 
@@ -68,21 +68,6 @@ def test_failed_trials_fail_the_sweep_unless_allowed():
     check_failures(summary, load_config(None, ["sweep.allow_failed_trials=true"]))  # tolerated: no error
     with pytest.raises(TrialsFailed, match="no trial finished"):
         check_failures({"failed": [], "num_trials": 2, "selected": None}, load_config(None))
-
-
-def test_paired_comparison_over_seeds():
-    from scipy import stats
-
-    from sparsecse.report import paired
-
-    a, b = {1: 80.0, 2: 81.0, 3: 83.0, 4: 70.0}, {1: 79.0, 2: 80.5, 3: 81.0}  # seed 4 has no partner
-    c = paired(a, b)
-    assert c["n"] == 3 and c["diff"] == pytest.approx(np.mean([1.0, 0.5, 2.0]))
-    assert c["std"] == pytest.approx(np.std([1.0, 0.5, 2.0], ddof=1))
-    assert c["p"] == pytest.approx(stats.ttest_rel([80, 81, 83], [79, 80.5, 81]).pvalue)
-    assert c["verdict"] == "within noise"  # +1.17 over 3 seeds with this spread: p ≈ 0.12
-    assert paired({1: 80.0, 2: 81.0, 3: 82.0}, {1: 70.0, 2: 71.5, 3: 71.0})["verdict"] == "better"
-    assert paired({1: 80.0}, {1: 70.0})["verdict"].startswith("one seed")
 
 
 def test_controls_section_compares_each_method_at_equal_budget():
@@ -152,3 +137,50 @@ def test_stability_and_the_alignment_uniformity_figure():
     assert st["sparsity_gap"] == pytest.approx(0.2)
     figs = render_figures(rows, ["STSBenchmark", "avg"], {"align": 0.2, "uniform": -2.3}, {"align": 0.3, "uniform": -1.5})
     assert figs["align_uniform.png"][:4] == b"\x89PNG" and "sts_avg_vs_sparsity.png" in figs
+
+
+def test_each_reading_of_the_scores_is_its_own_grid_point_and_method():
+    """score.normalize=[none, layer]: selection chooses among (sparsity, λ, reading) points; the controls table
+    has a row per reading, each compared with random under the same reading."""
+    from sparsecse.report import comparisons, results_table
+
+    rows = [_row(0.0, 0.5, k, 80.0, 70.0) for k in (1, 2)]
+    rows += [_row(0.3, 0.5, k, 79.0, 69.0 + k) for k in (1, 2)]
+    rows += [_row(0.3, 0.5, k, 81.0, 72.0 + k, normalize="layer") for k in (1, 2)]
+    rows += [_row(0.3, 0.5, k, 70.0, 60.0, scorer="random", normalize=n) for k in (1, 2) for n in ("none", "layer")]
+    rows[-1]["metrics"]["test/avg"] = 50.0  # random under layer is worse than random under none at seed 2
+    sel = select(rows)
+    assert (sel["sparsity"], sel["normalize"], sel["method"], sel["candidates"]) == (
+        0.3, "layer", "align_uniform (normalize=layer)", 3)
+    comps = {c["method"]: c for c in comparisons(rows)}
+    assert list(comps) == ["align_uniform", "align_uniform (normalize=layer)", "random", "random (normalize=layer)"]
+    # paired against the random of its own reading: test avg 71 + k against 59, then 50 at seed 2
+    assert comps["align_uniform (normalize=layer)"]["vs_random"]["diff"] == pytest.approx(np.mean([72 - 59, 73 - 50]))
+    assert comps["align_uniform"]["vs_random"]["diff"] == pytest.approx(np.mean([69 - 59, 70 - 59]))
+    flat = results_table(rows, ["STSBenchmark", "avg"])
+    assert [x["trial"] for x in flat if x["sparsity"] == 0.3 and x["seed"] == 1] == [
+        "s0.300_l0.50_seed1", "s0.300_l0.50_norm-layer_seed1", "s0.300_random_seed1", "s0.300_random_norm-layer_seed1"]
+
+
+def test_a_single_seed_comparison_gets_a_bootstrap_over_test_pairs():
+    from sparsecse.report import comparisons, render_comparisons
+
+    rng = np.random.default_rng(0)
+    gold = np.round(rng.uniform(0, 5, 600), 1)
+    preds = {"s0.000_l0.50_seed1": {"STSBenchmark": (gold + rng.normal(0, 2.0, 600), gold)},
+             "s0.300_l0.50_seed1": {"STSBenchmark": (gold + rng.normal(0, 1.0, 600), gold)},  # much closer to gold
+             "s0.300_random_seed1": {"STSBenchmark": (gold + rng.normal(0, 2.0, 600), gold)}}
+    rows = [_row(0.0, 0.5, 1, 80.0, 0.0), _row(0.3, 0.5, 1, 80.0, 0.0), _row(0.3, 0.5, 1, 80.0, 0.0, scorer="random")]
+    from sparsecse.evaluate import sts_from_predictions
+
+    for r, name in zip(rows, preds):
+        r["metrics"]["test/avg"] = sts_from_predictions(preds[name])["avg"]
+    ours, rand = comparisons(rows, predictions=preds)
+    assert ours["vs_control"]["verdict"] == "better" and ours["vs_control"]["bootstrap"]["lo"] > 0
+    assert ours["vs_control"]["diff"] == pytest.approx(ours["mean"] - rows[0]["metrics"]["test/avg"])
+    assert rand["vs_control"]["verdict"] == "within noise"  # the same noise level: the interval covers 0
+    assert rand["vs_control"]["bootstrap"]["lo"] < 0 < rand["vs_control"]["bootstrap"]["hi"]
+    md = "\n".join(render_comparisons([ours, rand], control(rows)))
+    assert "one seed; bootstrap over test pairs, 1000 resamples" in md and ": better)" in md
+    # without predictions, one seed makes no claim
+    assert comparisons(rows)[0]["vs_control"]["verdict"].startswith("one seed")

@@ -179,6 +179,11 @@ def test_pilot_prunes_the_trained_model_without_retraining(tiny, tiny_model_dir,
     saved = json.loads((tmp_path / "p" / "pilot.json").read_text())
     assert len(saved["rows"]) == 6 and (tmp_path / "p" / "pilot.png").read_bytes()[:4] == b"\x89PNG"  # 3 scorers × {0, 0.3}
     assert "| magnitude | 30% |" in capsys.readouterr().out
+    assert main(["pilot", "--model", str(tiny_model_dir), "--scores", str(tmp_path / "s.parquet"), "--sparsities",
+                 "0.3", "--tasks", "STSBenchmark", "--data-dir", str(tiny_data_dir), "--scorers", "align_uniform",
+                 "--normalize", "none", "layer"]) == 0  # both readings, one curve each; s = 0 evaluated once
+    out = capsys.readouterr().out
+    assert "| align_uniform | 30% |" in out and "| align_uniform (normalize=layer) | 30% |" in out
     rc = main(["pilot", "--model", str(tiny_model_dir), "--scores", str(tmp_path / "s.parquet"), "--sparsities", "1.5",
                "--data-dir", str(tiny_data_dir)])
     assert rc == 2 and "--sparsities 1.5" in capsys.readouterr().err
@@ -212,3 +217,34 @@ def test_simcse_control_is_the_taylor_score_of_infonce(tiny, tiny_data_dir):
 
     with pytest.raises(SparseCSEError, match="needs the InfoNCE scores"):
         masks_for("simcse", 0.25, 0.5, 1, pretrained=tiny)
+
+
+def test_readings_as_a_grid_dimension_and_one_value_where_one_mask_is_built(tmp_path, capsys):
+    """score.combine / score.normalize lists are grid dimensions: the paper's score runs under every combination,
+    the control scorers (one score each, no λ) under each normalize only, the s = 0 control once; each point has
+    its own trial name. `sparsecse prune` builds one mask, so a list there is a one-line error."""
+    from sparsecse.cli import main
+    from sparsecse.config import load_config
+    from sparsecse.stages import point_name
+    from sparsecse.sweep import grid_points
+
+    cfg = load_config(None, ["sweep.sparsities=[0, 0.1]", "sweep.lams=[0.25, 0.75]", "sweep.seeds=[1]",
+                             "sweep.scorers=[align_uniform, random]", "score.combine=[gradient, score]",
+                             "score.normalize=[none, layer]"])
+    pts = grid_points(cfg)
+    key = lambda p: (p["sparsity"], p["scorer"], p["combine"], p["normalize"], p["lam"])  # noqa: E731
+    assert sorted(map(key, pts)) == sorted(
+        [(0.0, "align_uniform", "gradient", "none", 0.25)]
+        + [(0.1, "align_uniform", c, n, lam) for c in ("gradient", "score") for n in ("none", "layer") for lam in (0.25, 0.75)]
+        + [(0.1, "random", "gradient", n, 0.25) for n in ("none", "layer")])
+    names = {point_name(p) for p in pts}
+    assert len(names) == len(pts) and "s0.100_l0.25_combine-score_norm-layer_seed1" in names
+    assert "s0.100_random_norm-layer_seed1" in names and "s0.000_l0.25_seed1" in names
+    # the names of sweeps run before the readings were parameters are unchanged
+    assert point_name({"sparsity": 0.1, "lam": 0.5, "seed": 3}) == "s0.100_l0.50_seed3"
+    assert load_config(None, ["score.normalize=layer"]).score.normalize == ("layer",)  # one value still reads
+    (tmp_path / "c.yaml").write_text("score: {normalize: [none, layer]}\n")
+    rc = main(["prune", "--pretrained", "minilm", "--scores", str(tmp_path / "s.parquet"), "--sparsity", "0.1",
+               "--lam", "0.5", "--out", str(tmp_path / "o"), "--config", str(tmp_path / "c.yaml")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "score.normalize" in err and "one value" in err and len(err.strip().splitlines()) == 1

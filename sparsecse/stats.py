@@ -1,0 +1,91 @@
+"""The statistics behind the report's claims: spread over seeds, paired tests over seeds, and — for single runs —
+a paired bootstrap over STS test pairs.
+
+A difference between two methods is credited only when its test says so; everything else is "within noise".
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+ALPHA = 0.05
+
+
+def sample_std(xs) -> float | None:
+    """Sample standard deviation (ddof = 1) over seeds; None with fewer than two (no spread to show)."""
+    return float(np.std(xs, ddof=1)) if len(xs) > 1 else None
+
+
+def paired(a: dict, b: dict) -> dict:
+    """Paired comparison over the seeds both have ({seed: value}): mean and sample std of a − b, and a two-sided
+    paired t-test; "within noise" unless p < 0.05. One shared seed gives a difference but no verdict."""
+    seeds = sorted(set(a) & set(b))
+    d = [a[k] - b[k] for k in seeds]
+    out = {"n": len(d), "diff": float(np.mean(d)) if d else None, "std": sample_std(d), "p": None}
+    if len(d) < 2:
+        out["verdict"] = "one seed: no spread, no claim" if d else "no shared seeds"
+        return out
+    if out["std"] == 0:
+        out["p"] = 1.0 if out["diff"] == 0 else 0.0
+    else:
+        from scipy.stats import ttest_rel
+
+        out["p"] = float(ttest_rel([a[k] for k in seeds], [b[k] for k in seeds]).pvalue)
+    out["verdict"] = _verdict(out["p"], out["diff"])
+    return out
+
+
+def _verdict(p: float, diff: float) -> str:
+    return "within noise" if p >= ALPHA else ("better" if diff > 0 else "worse")
+
+
+def resampled_ranks(values: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Average ranks (ties share their mean rank, as scipy's rankdata) of `values[idx]`, row by row of the
+    (replicates, n) index array — by counting, in O(n) per row, since every row draws from the same values."""
+    groups, dense = np.unique(values, return_inverse=True)
+    g = len(groups)
+    d = dense.reshape(-1)[idx]
+    counts = np.bincount((d + g * np.arange(len(idx))[:, None]).ravel(), minlength=g * len(idx)).reshape(len(idx), g)
+    cum = np.cumsum(counts, axis=1)
+    return np.take_along_axis(cum - (counts - 1) / 2.0, d, axis=1)
+
+
+def _pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    x = x - x.mean(1, keepdims=True)
+    y = y - y.mean(1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (x * y).sum(1) / np.sqrt((x * x).sum(1) * (y * y).sum(1))
+
+
+def bootstrap_diff(a: dict[str, tuple], b: dict[str, tuple], n_boot: int = 1000, seed: int = 0,
+                   chunk: int = 100) -> dict:
+    """Paired bootstrap over test pairs for two models evaluated on the same pairs: ({task: (pred, gold)} each, as
+    `evaluate.sts_predictions` gives). Each replicate resamples every task's pairs with replacement — the same
+    indices for both models — and recomputes the STS average (mean over tasks of Spearman × 100). Returns the
+    observed difference a − b, the 95 % percentile interval, a two-sided p (twice the smaller tail of the
+    replicate differences around 0) and the verdict. This measures the noise of the test set, not of training:
+    it is what one seed can support."""
+    tasks = [t for t in a if t in b]
+    if not tasks:
+        raise ValueError("bootstrap_diff: the two models share no STS task")
+    for t in tasks:
+        if len(a[t][1]) != len(b[t][1]) or not np.array_equal(a[t][1], b[t][1]):
+            raise ValueError(f"bootstrap_diff: {t}: the two models were evaluated on different pairs")
+    rng = np.random.default_rng(seed)
+    diffs = np.zeros(n_boot)
+    for t in tasks:
+        (pa, gold), (pb, _) = a[t], b[t]
+        n = len(gold)
+        for lo in range(0, n_boot, chunk):
+            idx = rng.integers(0, n, size=(min(chunk, n_boot - lo), n))
+            rg = resampled_ranks(gold, idx)  # Spearman's ρ = Pearson's r of the ranks
+            diffs[lo:lo + len(idx)] += 100.0 * (_pearson_rows(resampled_ranks(pa, idx), rg)
+                                                - _pearson_rows(resampled_ranks(pb, idx), rg))
+    diffs /= len(tasks)
+    from .evaluate import spearman
+
+    observed = float(np.mean([100.0 * (spearman(a[t][0], a[t][1]) - spearman(b[t][0], b[t][1])) for t in tasks]))
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    p = float(min(1.0, 2 * min(np.mean(diffs <= 0), np.mean(diffs >= 0))))
+    return {"diff": observed, "lo": float(lo), "hi": float(hi), "p": p, "n_boot": n_boot, "tasks": tasks,
+            "verdict": _verdict(p, observed)}
