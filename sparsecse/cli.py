@@ -78,7 +78,12 @@ def cmd_eval(a) -> int:
     _threads(a.threads)
     sts, transfer = _tasks(a.tasks)
     data_dir = resolve_data_dir(a.data_dir)
-    enc = load_encoder(a.model, pooler=a.pooler)
+    if a.backend == "onnx":
+        from .deploy import OnnxEncoder
+
+        enc = OnnxEncoder(a.model, a.file, pooler=a.pooler, threads=a.threads)
+    else:
+        enc = load_encoder(a.model, pooler=a.pooler)
     results: dict[str, float] = {}
     if sts:
         r = evaluate_sts(enc, data_dir, tasks=tuple(sts), batch_size=a.batch_size, pooler=a.pooler, progress=True)
@@ -163,11 +168,15 @@ def cmd_prune(a) -> int:
 
 
 def cmd_export(a) -> int:
+    from .data import resolve_data_dir
     from .export import export_model, export_from_run, is_run
 
+    data_dir = resolve_data_dir(a.data_dir) if a.data_dir else None
     if is_run(a.source):  # a sweep's run, local or s3://…: its export, copied (or built from the selected trial)
-        out = export_from_run(a.source, a.out, pooler=a.pooler)
-        print(f"exported {a.source} -> {out} (dense) and {out / 'pruned'} (physically pruned)")
+        out = export_from_run(a.source, a.out, pooler=a.pooler, onnx=a.onnx, quantize=a.quantize == "int8",
+                              data_dir=data_dir)
+        print(f"exported {a.source} -> {out} (dense) and {out / 'pruned'} (physically pruned)"
+              + (f", ONNX -> {out / 'pruned' / 'onnx'}" if a.onnx else ""))
         return 0
     src = Path(a.source)
     for sub in ("best", "masked"):  # a training/trial directory, or what `sparsecse prune` wrote
@@ -175,8 +184,10 @@ def cmd_export(a) -> int:
             src = src / sub
             break
     results = json.loads(Path(a.results).read_text()) if a.results else None
-    out = export_model(str(src), a.out, pooler=a.pooler, results=results)
-    print(f"exported dense -> {out}, physically pruned -> {out / 'pruned'}")
+    out = export_model(str(src), a.out, pooler=a.pooler, results=results, onnx=a.onnx, quantize=a.quantize == "int8",
+                       data_dir=data_dir)
+    print(f"exported dense -> {out}, physically pruned -> {out / 'pruned'}"
+          + (f", ONNX -> {out / 'pruned' / 'onnx'}" if a.onnx else ""))
     return 0
 
 
@@ -274,6 +285,9 @@ def _model_commands(sub, poolers) -> None:
     e.add_argument("--json")
     e.add_argument("--batch-size", type=int, default=128)
     e.add_argument("--threads", type=int)
+    e.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                   help="onnx: run an ONNX export (--file) with ONNX Runtime, same protocol")
+    e.add_argument("--file", default="onnx/model.onnx", help="with --backend onnx: the ONNX file inside --model")
     e.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("score", help="alignment/uniformity importance gradients of heads and neurons")
@@ -334,6 +348,10 @@ def _study_commands(sub, poolers) -> None:
     x.add_argument("--out", required=True)
     x.add_argument("--pooler", choices=poolers)
     x.add_argument("--results", help="JSON of evaluation results for the model card")
+    x.add_argument("--onnx", action="store_true", help="also pruned/onnx/model.onnx for ONNX Runtime ([onnx] extra)")
+    x.add_argument("--quantize", choices=["int8", "none"], default="int8",
+                   help="with --onnx: int8 also writes pruned/onnx/model_qint8.onnx (default)")
+    x.add_argument("--data-dir", help="with --onnx: measure each ONNX file's STS-B test and speed for the model card")
     x.set_defaults(fn=cmd_export)
 
 

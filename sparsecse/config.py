@@ -166,6 +166,7 @@ class SweepConfig:
     asha_grace_steps: int | None = None  # a trial runs at least this many steps (None: 2 × train.eval_steps)
     asha_reduction_factor: int = 3  # keep the best 1/rf of the trials at each rung
     export_best: bool = True
+    export_onnx: bool = False  # the export also writes pruned/onnx/ (fp32 + int8, measured in its model card)
     allow_failed_trials: bool = False  # false: a sweep with failed trials exits 1 (after writing its report)
     # how masks are chosen, one grid dimension: the paper's score and the controls it must beat at equal budget
     scorers: tuple[Scorer, ...] = ("align_uniform",)

@@ -45,7 +45,7 @@ def _add_sentence_transformers(d: Path, pooler: str, mlp: nn.Linear, max_seq_len
                 shutil.move(str(f), d / f.name)
 
 
-def _model_card(meta: dict, results: dict | None, params: dict) -> str:
+def _model_card(meta: dict, results: dict | None, params: dict, onnx_rows: list[dict] | None = None) -> str:
     from .tables import label, render
 
     fields = [[k, str(meta[k])] for k in ("source", "pretrained", "sparsity", "lam", "seed", "scores",
@@ -68,7 +68,27 @@ def _model_card(meta: dict, results: dict | None, params: dict) -> str:
     if results:
         lines += ["## Evaluation (Spearman × 100)", "",
                   render([label(t) for t in results], [list(results.values())], left=0), ""]
+    if onnx_rows:
+        lines += ["## ONNX (physically pruned, in `pruned/onnx/`)", "",
+                  "For ONNX Runtime: inputs as the tokenizer gives them, output `last_hidden_state`; the embedding is "
+                  "its CLS row (`[:, 0]`). Evaluate with `sparsecse eval --model THIS_DIR/pruned --backend onnx "
+                  "--file FILE`. Speed: sentences/s encoding 256 wiki sentences in length-sorted batches of 64 on "
+                  "the exporting machine; STS-B test: Spearman × 100.", "",
+                  render(["file", "size (MB)", "sentences/s", "STS-B test"],
+                         [[r["file"], f"{r['mb']:.1f}", r.get("sentences_per_s"), r.get("stsb_test")]
+                          for r in onnx_rows], left=1), ""]
     return "\n".join(lines)
+
+
+def _onnx(pruned, tokenizer, pdir: Path, quantize: bool, data_dir: Path | None, pooler: str) -> list[dict]:
+    """pruned/onnx/: the physically pruned model as ONNX (+ int8), each file measured for the model card."""
+    from .data import read_lines
+    from .deploy import export_onnx, measure
+
+    files = export_onnx(pruned, tokenizer, pdir, quantize=quantize)
+    wiki = data_dir / "wiki" / "wiki1m_sample.txt" if data_dir is not None else None
+    sentences = read_lines(wiki)[:256] if wiki is not None and wiki.is_file() else None
+    return measure(pdir, files, sentences=sentences, data_dir=data_dir, pooler=pooler)
 
 
 def _layer_params(model: nn.Module, layers_attr: str) -> int:
@@ -88,8 +108,11 @@ def _attach_mlp_as_hf_pooler(enc: Encoder) -> None:
 
 
 def export_model(source: str | Encoder, out: str | os.PathLike, pooler: str | None = None,
-                 results: dict | None = None, meta: dict | None = None, max_seq_length: int = 128) -> Path:
-    """Write OUT/ (dense, AutoModel + SentenceTransformer) and OUT/pruned/ (physical) atomically."""
+                 results: dict | None = None, meta: dict | None = None, max_seq_length: int = 128,
+                 onnx: bool = False, quantize: bool = True, data_dir: Path | None = None) -> Path:
+    """Write OUT/ (dense, AutoModel + SentenceTransformer) and OUT/pruned/ (physical) atomically; with `onnx`,
+    also OUT/pruned/onnx/ (fp32, and int8 with `quantize`), measured for the model card (size; speed and STS-B
+    test with `data_dir`)."""
     enc = load_encoder(source) if isinstance(source, str) else source
     if enc.physical:
         raise SparseCSEError(f"{source}: is already physically pruned; export the masked checkpoint instead")
@@ -124,7 +147,8 @@ def export_model(source: str | Encoder, out: str | os.PathLike, pooler: str | No
         info = {**meta, "pooler": pooler, "version": __version__, "params": params}
         (tmp / META_FILE).write_text(json.dumps({**info, "physical": False}, indent=2, sort_keys=True, default=str))
         (pdir / META_FILE).write_text(json.dumps({**info, "physical": True}, indent=2, sort_keys=True, default=str))
-        (tmp / "README.md").write_text(_model_card(meta | {"pooler": pooler}, results, params))
+        onnx_rows = _onnx(pruned, dense.tokenizer, pdir, quantize, data_dir, pooler) if onnx else None
+        (tmp / "README.md").write_text(_model_card(meta | {"pooler": pooler}, results, params, onnx_rows))
     return out
 
 
@@ -135,9 +159,10 @@ def is_run(source: str) -> bool:
     return is_uri(source) or (Path(source) / "sweep.json").is_file()
 
 
-def export_from_run(source: str, out: str | os.PathLike, pooler: str | None = None) -> Path:
-    """A local export of a sweep's run on any storage: its export/ copied, or (no export yet, or another pooler
-    asked for) built here from the selected trial's best checkpoint."""
+def export_from_run(source: str, out: str | os.PathLike, pooler: str | None = None, onnx: bool = False,
+                    quantize: bool = True, data_dir: Path | None = None) -> Path:
+    """A local export of a sweep's run on any storage: its export/ copied, or (no export yet, another pooler or
+    ONNX files it lacks asked for) built here from the selected trial's best checkpoint."""
     from .io import verify_manifest
     from .storage import Storage, fetch_model, scratch_dir
 
@@ -147,7 +172,9 @@ def export_from_run(source: str, out: str | os.PathLike, pooler: str | None = No
     out = Path(out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "manifest.json").exists())):
         raise SparseCSEError(f"--out {out}: exists and is not an export; choose an empty or new directory")
-    if pooler is None and store.is_file("export/manifest.json"):
+    has_onnx = store.is_file("export/pruned/onnx/model.onnx") and (not quantize or store.is_file(
+        "export/pruned/onnx/model_qint8.onnx"))
+    if pooler is None and store.is_file("export/manifest.json") and (has_onnx or not onnx):
         with atomic_dir(out) as tmp:
             store.download_dir("export", tmp)
             verify_manifest(tmp)
@@ -158,4 +185,5 @@ def export_from_run(source: str, out: str | os.PathLike, pooler: str | None = No
                              "… --resume` first")
     with scratch_dir("export") as tmp:
         model = fetch_model(store, f"{selected['checkpoint']}/best", tmp)
-        return export_model(str(model), out, pooler=pooler, results=selected.get("test"))
+        return export_model(str(model), out, pooler=pooler, results=selected.get("test"), onnx=onnx,
+                            quantize=quantize, data_dir=data_dir)

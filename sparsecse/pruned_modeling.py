@@ -81,22 +81,36 @@ class SparseCSERobertaModel(RobertaModel):
 CLASSES = {"bert": (SparseCSEBertConfig, SparseCSEBertModel), "roberta": (SparseCSERobertaConfig, SparseCSERobertaModel)}
 
 
-def load(path, dropout=None):
-    """Load a physically pruned export through sparsecse (no remote-code execution)."""
-    from transformers import AutoTokenizer
-
+def _config(path):
+    """The directory's config as its own class (a pruned one registered here, no remote code), or None for a
+    stock model."""
     import json
     import os
 
     with open(os.path.join(path, "config.json")) as f:
         mtype = json.load(f)["model_type"]
-    cfg_cls, model_cls = {c.model_type: (c, m) for c, m in CLASSES.values()}[mtype]
+    types = {c.model_type: (c, m) for c, m in CLASSES.values()}
+    return types.get(mtype)
+
+
+def load_tokenizer(path):
+    """The export's (stock) tokenizer, given the config so transformers never looks for remote code."""
+    from transformers import AutoTokenizer
+
+    classes = _config(path)
+    if classes is None:
+        return AutoTokenizer.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path, config=classes[0].from_pretrained(path))
+
+
+def load(path, dropout=None):
+    """Load a physically pruned export through sparsecse (no remote-code execution)."""
     from transformers.utils import logging as hf_logging
 
+    cfg_cls, model_cls = _config(path)
     hf_logging.disable_progress_bar()
     cfg = cfg_cls.from_pretrained(path)
     if dropout is not None:
         cfg.hidden_dropout_prob = dropout
         cfg.attention_probs_dropout_prob = dropout
-    # the tokenizer is a stock one: pass the config so transformers never looks for remote code
-    return model_cls.from_pretrained(path, config=cfg), AutoTokenizer.from_pretrained(path, config=cfg)
+    return model_cls.from_pretrained(path, config=cfg), load_tokenizer(path)

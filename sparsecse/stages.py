@@ -286,8 +286,10 @@ def pilot_lam(cfg) -> float:
     return 0.5 if 0.5 in cfg.sweep.lams else cfg.sweep.lams[0]
 
 
-def export_task(store_uri: str, model_rel: str, cfg_dict: dict, results: dict | None, threads: float) -> str:
-    """The model at `model_rel` exported (dense + pruned/, model card) to the run's export/; returns its URL."""
+def export_task(store_uri: str, model_rel: str, cfg_dict: dict, results: dict | None, threads: float,
+                data_dir: str | None = None) -> str:
+    """The model at `model_rel` exported (dense + pruned/, model card; pruned/onnx/ with sweep.export_onnx,
+    measured on `data_dir`) to the run's export/; returns its URL."""
     from .export import export_model
 
     setup_worker(threads)
@@ -295,7 +297,8 @@ def export_task(store_uri: str, model_rel: str, cfg_dict: dict, results: dict | 
     store = Storage(store_uri)
     with scratch_dir("export") as tmp:
         out = export_model(str(fetch_model(store, model_rel, tmp)), tmp / "export", pooler=cfg.model.eval_pooler,
-                           results=results)
+                           results=results, onnx=cfg.sweep.export_onnx,
+                           data_dir=Path(data_dir) if data_dir and cfg.sweep.export_onnx else None)
         store.upload_dir(out, "export")
     return store.url("export")
 

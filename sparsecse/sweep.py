@@ -277,7 +277,7 @@ def evaluate_and_export_stage(run: Run, selected: dict | None) -> dict:
         calls.append(("pilot study", stages.pilot_task, (store.uri, "simcse/best", *common, *res), {}, *res))
     if wants_export(selected, cfg):
         calls.append(("export", stages.export_task, (store.uri, f"{selected['checkpoint']}/best", cfg.to_dict(),
-                                                     selected.get("test"), res[0]), {}, res[0], 0))
+                                                     selected.get("test"), res[0], run.data_dir), {}, res[0], 0))
     t0 = time.perf_counter()
     out = ra.run_tasks(calls)
     run.state.timings["evaluate_export_s"] = time.perf_counter() - t0

@@ -89,6 +89,20 @@ def test_sweep_reports_every_point_once_and_selects_the_dev_argmax(finished_swee
     assert not (run / "trials").exists()
 
 
+def test_export_of_a_run_adds_onnx_files_it_lacks(finished_sweep, tmp_path):
+    """`sparsecse export RUN --onnx`: the run's export has no ONNX files, so the selected checkpoint is exported
+    again here, with them."""
+    from sparsecse.cli import main
+
+    _, run, _ = finished_sweep
+    assert not (run / "export" / "pruned" / "onnx").exists()
+    assert main(["export", str(run), "--out", str(tmp_path / "e"), "--onnx", "--quantize", "none"]) == 0
+    assert (tmp_path / "e" / "pruned" / "onnx" / "model.onnx").is_file()
+    assert not (tmp_path / "e" / "pruned" / "onnx" / "model_qint8.onnx").exists()
+    assert json.loads((tmp_path / "e" / "sparsecse.json").read_text())["sparsity"] == \
+        json.loads((run / "results.json").read_text())["selected"]["sparsity"]
+
+
 def test_crashed_trial_was_retried_from_its_checkpoint(finished_sweep):
     _, run, _ = finished_sweep
     assert (run / ".faults" / "trial-exit-s0.300_l0.75_seed1").exists()  # the trial process was SIGKILLed once ...
@@ -342,6 +356,7 @@ def test_asha_stops_a_weak_trial_by_steps_and_selection_and_export_still_work(tm
     cfg = _write_cfg(tmp_path / "c.yaml", tiny_model_dir, sparsities=(0.1, 0.3), lams=(0.5,))
     r = _sweep(cfg, tmp_path / "run", tiny_data_dir, "--set", "sweep.scheduler=asha", "--set", "sweep.asha_grace_steps=2",
                "--set", "sweep.asha_reduction_factor=2", "--set", "sweep.max_concurrent_trials=1",
+               "--set", "sweep.export_onnx=true",
                env={"SPARSECSE_FAULT": "trial-poor:s0.300_l0.50_seed1"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "sparsity" in r.stdout and "scorer" in r.stdout  # Tune's table names the parameters
@@ -349,6 +364,9 @@ def test_asha_stops_a_weak_trial_by_steps_and_selection_and_export_still_work(tm
     status = {t["trial"]: (t["status"], t["steps"]) for t in res["trials"]}
     assert status == {"s0.100_l0.50_seed1": ("done", 4), "s0.300_l0.50_seed1": ("incomplete", 2)}
     assert res["selected"] is not None and (tmp_path / "run" / "export" / "manifest.json").exists()
+    # sweep.export_onnx: the export carries the ONNX files, measured on the run's data in its model card
+    assert (tmp_path / "run" / "export" / "pruned" / "onnx" / "model_qint8.onnx").is_file()
+    assert "| onnx/model_qint8.onnx |" in (tmp_path / "run" / "export" / "README.md").read_text()
     md = (tmp_path / "run" / "report.md").read_text()
     assert "ASHA stopped 1 of 2 trials early" in md and "s0.300_l0.50_seed1" in md
     # one TensorBoard stream per trial (ours, with per-step loss), not a second one from Tune's TBX logger

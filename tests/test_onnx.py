@@ -1,0 +1,109 @@
+"""Deployment as ONNX: the physically pruned export (uneven heads/neurons per layer, a layer with no heads left)
+as fp32 and int8 ONNX files, run by ONNX Runtime through the project's own evaluation, equal to the PyTorch model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sparsecse.model import load_encoder
+
+
+def _masked_tiny(tiny_model_dir):
+    enc = load_encoder(str(tiny_model_dir), pooler="cls_before_pooler")
+    hm, nm = torch.ones_like(enc.head_mask), torch.ones_like(enc.neuron_mask)
+    hm[0] = 0  # layer 0: no heads left
+    hm[1, 1] = 0
+    nm[0, ::3] = 0
+    nm[1, :30] = 0
+    enc.set_masks(hm, nm)
+    return enc
+
+
+def test_onnx_export_of_the_pruned_model_equals_pytorch_and_evaluates_the_same(tiny_model_dir, tiny_data_dir, tmp_path,
+                                                                                capsys):
+    from sparsecse.cli import main
+    from sparsecse.deploy import OnnxEncoder
+    from sparsecse.evaluate import encode, evaluate_sts
+    from sparsecse.io import verify_manifest
+
+    from sparsecse.model import save_encoder
+
+    save_encoder(_masked_tiny(tiny_model_dir), tmp_path / "masked")
+    out = tmp_path / "export"
+    assert main(["export", str(tmp_path / "masked"), "--out", str(out), "--onnx", "--data-dir", str(tiny_data_dir)]) == 0
+    pdir = out / "pruned"
+    assert (pdir / "onnx" / "model.onnx").is_file() and (pdir / "onnx" / "model_qint8.onnx").is_file()
+    verify_manifest(out)  # the ONNX files are part of the export's manifest
+    assert "onnx/model_qint8.onnx" in json.dumps(json.loads((out / "manifest.json").read_text()))
+    card = (out / "README.md").read_text()
+    assert "## ONNX" in card and "| onnx/model.onnx |" in card and "| onnx/model_qint8.onnx |" in card
+    torch_pruned = load_encoder(str(pdir)).eval()
+    assert torch_pruned.backbone.config.heads_per_layer == [0, 3]  # uneven, a layer with none
+    sents = [f"sentence {i} about {'many ' * (i % 7)}things" for i in range(40)]
+    ref = torch.stack(list(encode(torch_pruned, sents, batch_size=16).values()))
+    fp32 = OnnxEncoder(pdir)
+    got = torch.stack(list(encode(fp32, sents, batch_size=16).values()))
+    assert torch.nn.functional.cosine_similarity(got, ref).min() >= 0.9999
+    int8 = torch.stack(list(encode(OnnxEncoder(pdir, "onnx/model_qint8.onnx"), sents, batch_size=16).values()))
+    assert int8.shape == ref.shape and not torch.equal(int8, got)  # another model, same interface
+    # `sparsecse eval --backend onnx` is the same evaluation run on the ONNX Runtime encoder (on a real model
+    # its STS equals the PyTorch model's: the slow test below; this random tiny model's cosines are near-ties)
+    want = evaluate_sts(fp32, tiny_data_dir, tasks=("STSBenchmark",))["STSBenchmark"]
+    capsys.readouterr()
+    assert main(["eval", "--model", str(pdir), "--backend", "onnx", "--tasks", "STSBenchmark", "--data-dir",
+                 str(tiny_data_dir), "--json", str(tmp_path / "r.json")]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["STSBenchmark"] == pytest.approx(want, abs=1e-9)
+    # a file that is not there: one line naming it and the files there are
+    capsys.readouterr()
+    rc = main(["eval", "--model", str(pdir), "--backend", "onnx", "--file", "onnx/nope.onnx", "--tasks", "STSBenchmark",
+               "--data-dir", str(tiny_data_dir)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "onnx/nope.onnx" in err and "onnx/model_qint8.onnx" in err
+
+
+def test_onnx_pooler_cls_applies_simcse_mlp(tiny_model_dir, tmp_path):
+    """pooler=cls on the ONNX model: CLS through SimCSE's MLP (tanh), as the PyTorch encoder computes it."""
+    from sparsecse.deploy import OnnxEncoder
+    from sparsecse.export import export_model
+
+    enc = _masked_tiny(tiny_model_dir)
+    torch.nn.init.normal_(enc.mlp[0].weight, std=0.2)
+    out = export_model(enc, tmp_path / "e", onnx=True, quantize=False)
+    assert not (out / "pruned" / "onnx" / "model_qint8.onnx").exists()
+    from conftest import make_batch
+
+    ids, att = make_batch(enc)
+    with torch.no_grad():
+        ref = load_encoder(str(out / "pruned"), pooler="cls").eval()(ids, att)
+    got = OnnxEncoder(out / "pruned", pooler="cls")(ids, att)
+    np.testing.assert_allclose(got.numpy(), ref.numpy(), atol=1e-4)
+
+
+@pytest.mark.slow
+def test_int8_minilm_keeps_stsb_within_half_a_point_of_fp32(data_dir, tmp_path):
+    """The packaged MiniLM, 30 % of heads and neurons pruned (magnitude masks): int8 ONNX vs fp32 ONNX on STS-B
+    test (measured and printed), and fp32 ONNX equal to the PyTorch model (cosine ≥ 0.9999)."""
+    from sparsecse.deploy import OnnxEncoder
+    from sparsecse.evaluate import encode, evaluate_sts
+    from sparsecse.export import export_model
+    from sparsecse.prune import masks_for
+
+    torch.set_num_threads(2)
+    enc = load_encoder("minilm", pooler="cls_before_pooler")
+    enc.set_masks(*masks_for("magnitude", 0.3, 0.5, 1, pretrained=enc))
+    pdir = export_model(enc, tmp_path / "e", onnx=True) / "pruned"
+    sents = (data_dir / "wiki" / "wiki1m_sample.txt").read_text(encoding="utf-8").splitlines()[:128]
+    ref = torch.stack(list(encode(load_encoder(str(pdir)), sents).values()))
+    fp32 = OnnxEncoder(pdir, threads=2)
+    got = torch.stack(list(encode(fp32, sents).values()))
+    assert torch.nn.functional.cosine_similarity(got, ref).min() >= 0.9999
+    s32 = evaluate_sts(fp32, data_dir, tasks=("STSBenchmark",))["STSBenchmark"]
+    st = evaluate_sts(load_encoder(str(pdir)), data_dir, tasks=("STSBenchmark",))["STSBenchmark"]
+    assert abs(s32 - st) <= 0.02  # the ONNX model evaluates as the PyTorch one does
+    s8 = evaluate_sts(OnnxEncoder(pdir, "onnx/model_qint8.onnx", threads=2), data_dir, tasks=("STSBenchmark",))["STSBenchmark"]
+    print(f"STS-B test, MiniLM pruned 30 %: ONNX fp32 {s32:.2f}, int8 {s8:.2f} (Δ {s8 - s32:+.2f})")
+    assert abs(s8 - s32) <= 0.5
