@@ -256,38 +256,65 @@ def bench_eval(data_dir: Path, reps: int, tasks: tuple[str, ...], before: bool =
             "matmul_peak_gflops": matmul_peak_gflops(device=device), **{k: v for k, v in res.items()}, **{f"{k}_all": v for k, v in t.items()}}
 
 
+INFERENCE_ARMS = {"st_dense": "sentence-transformers, dense fp32 (baseline)", "dense": "ours, dense torch",
+                  "pruned": "ours, pruned torch", "ort_noopt": "pruned ONNX fp32, graph opt. off",
+                  "ort_fp32": "pruned ONNX fp32", "ort_int8": "pruned ONNX int8"}
+
+
 def bench_inference(data_dir: Path, reps: int, sparsities=(0.1, 0.3, 0.5), n: int = 512, work: Path | None = None,
-                    warmup: int = 1) -> dict:
-    from sparsecse.evaluate import encode
+                    warmup: int = 1, model: str = "minilm", stsb: bool = True) -> dict:
+    """Encode the same `n` wiki sentences (batch 64, max_len 128) with: the dense model through
+    sentence-transformers' default torch backend (what a user runs today: the baseline), our padding-free dense
+    and physically pruned torch models, and the pruned export through ONNX Runtime in fp32 (graph optimisations
+    off, then on) and int8 — each step's speed-up over the baseline in the same run — and STS-B test beside each."""
+    from sentence_transformers import SentenceTransformer
+
+    from sparsecse.deploy import INT8_FILE, OnnxEncoder
+    from sparsecse.evaluate import encode, evaluate_sts
     from sparsecse.export import export_model
     from sparsecse.model import load_encoder
     from sparsecse.prune import rewind, select_masks
 
     sents = _sentences(data_dir, n)
-    dense = load_encoder("minilm", pooler="cls_before_pooler").eval()
+    threads = torch.get_num_threads()
+    work = work or Path("bench-results") / "inference"
+    dense = load_encoder(model, pooler="cls_before_pooler").eval()
+    # the baseline is the unpruned model as sentence-transformers loads an export (CLS pooling, as ours evaluate)
+    st = SentenceTransformer(str(export_model(dense, work / "dense")), device="cpu")
+    st.max_seq_length = 128
     rng = np.random.default_rng(0)  # speed does not depend on which units go; masks from fixed random scores
     L, H = dense.head_mask.shape
-    inter = dense.neuron_mask.shape[1]
-    hs, ns = rng.random((L, H)), rng.random((L, inter))
-    work = work or Path("bench-results") / "inference"
-    out = {"row": "inference", "n_sentences": n, "points": []}
+    hs, ns = rng.random((L, H)), rng.random((L, dense.neuron_mask.shape[1]))
+
+    def timed(f):
+        def run():
+            t0 = time.perf_counter()
+            f()
+            return time.perf_counter() - t0
+        return run
+
+    out = {"row": "inference", "n_sentences": n, "threads": threads, "points": []}
+    dense_stsb = evaluate_sts(dense, data_dir, tasks=("STSBenchmark",))["STSBenchmark"] if stsb else None
     for s in sparsities:
-        enc = rewind(load_encoder("minilm", pooler="cls_before_pooler"), *select_masks(hs, ns, s))
-        exp = export_model(enc, work / f"s{int(s * 100)}")
-        pruned = load_encoder(str(exp / "pruned"), pooler="cls_before_pooler").eval()
-
-        def run(m):
-            def f():
-                t0 = time.perf_counter()
-                encode(m, sents, batch_size=64, max_len=128)
-                return time.perf_counter() - t0
-            return f
-
-        a, b = ab(run(pruned), run(dense), reps, warmup)
-        out["points"].append({"sparsity": s, "pruned_sent_s": n / statistics.median(a), "dense_sent_s": n / statistics.median(b),
-                              "speedup": statistics.median(b) / statistics.median(a),
-                              "params_pruned": sum(p.numel() for p in pruned.backbone.parameters()),
-                              "params_dense": sum(p.numel() for p in dense.backbone.parameters())})
+        enc = rewind(load_encoder(model, pooler="cls_before_pooler"), *select_masks(hs, ns, s))
+        pdir = export_model(enc, work / f"s{int(s * 100)}", onnx=True) / "pruned"
+        models = {"dense": dense, "pruned": load_encoder(str(pdir), pooler="cls_before_pooler").eval(),
+                  "ort_noopt": OnnxEncoder(pdir, threads=threads, optimize=False),
+                  "ort_fp32": OnnxEncoder(pdir, threads=threads), "ort_int8": OnnxEncoder(pdir, INT8_FILE, threads=threads)}
+        arms = {"st_dense": timed(lambda: st.encode(sents, batch_size=64, convert_to_numpy=True))}
+        arms.update({k: timed(lambda m=m: encode(m, sents, batch_size=64, max_len=128)) for k, m in models.items()})
+        t = abn(arms, reps, warmup)
+        med = {k: statistics.median(v) for k, v in t.items()}
+        point = {"sparsity": s, "sent_s": {k: n / v for k, v in med.items()},
+                 "speedup": {k: med["st_dense"] / v for k, v in med.items()}, "times": t,
+                 "params_pruned": sum(p.numel() for p in models["pruned"].backbone.parameters()),
+                 "params_dense": sum(p.numel() for p in dense.backbone.parameters()),
+                 "onnx_mb": {f: (pdir / f).stat().st_size / 2 ** 20 for f in ("onnx/model.onnx", INT8_FILE)}}
+        if stsb:  # the baseline and "dense" are the same model: one figure
+            point["stsb"] = {"st_dense": dense_stsb, "dense": dense_stsb, **{
+                k: evaluate_sts(m, data_dir, tasks=("STSBenchmark",))["STSBenchmark"] for k, m in models.items()
+                if k not in ("dense", "ort_noopt")}}
+        out["points"].append(point)
     return out
 
 
@@ -355,10 +382,16 @@ def markdown(r: dict) -> str:
                 f"{r['work_ratio']:.2f}× | {r['ours_model_gflops']:.1f} | {r['matmul_peak_gflops']:.1f} | "
                 f"{r['max_abs_diff']:.1e} |"]
     elif r["row"] == "inference":
-        rows = ["| sparsity | params pruned / dense | pruned sent/s | dense sent/s | speed-up |",
-                "|---:|---:|---:|---:|---:|"]
-        rows += [f"| {_pct(p['sparsity'])} | {p['params_pruned'] / 1e6:.1f} M / {p['params_dense'] / 1e6:.1f} M | "
-                 f"{p['pruned_sent_s']:.1f} | {p['dense_sent_s']:.1f} | {p['speedup']:.2f}× |" for p in r["points"]]
+        rows = ["| sparsity | params pruned / dense | " + " | ".join(INFERENCE_ARMS.values()) + " |",
+                "|---:|---:|" + "---:|" * len(INFERENCE_ARMS)]
+        for p in r["points"]:
+            def arm(k, p=p):
+                st = p.get("stsb", {}).get(k)
+                return (f"{p['sent_s'][k]:.1f} ({p['speedup'][k]:.2f}×" + (f"; {st:.2f}" if st is not None else "")
+                        + ")")
+            rows.append(f"| {_pct(p['sparsity'])} | {p['params_pruned'] / 1e6:.1f} M / {p['params_dense'] / 1e6:.1f} M"
+                        f" | " + " | ".join(arm(k) for k in INFERENCE_ARMS) + " |")
+        rows.append("\nsent/s (× the sentence-transformers baseline; STS-B test Spearman × 100)")
     else:
         rows = ["| trials | stage-3 wall | Σ trial time | ideal | gap-free schedule | overhead | packing | Ray/Tune | "
                 "stage-1 / scoring runs |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",

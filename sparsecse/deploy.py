@@ -124,7 +124,7 @@ class OnnxEncoder:
     (CLS), avg (mean over tokens) or cls (CLS + SimCSE's MLP, read from the directory's sparsecse.safetensors)."""
 
     def __init__(self, model_dir: str | Path, file: str = FP32_FILE, pooler: str | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, optimize: bool = True):
         _require()
         import onnxruntime as ort
 
@@ -144,6 +144,8 @@ class OnnxEncoder:
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
+        if not optimize:  # ONNX Runtime's graph fusions off (what they give is measured in BENCHMARKS row 3)
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self.names = [i.name for i in self.session.get_inputs()]
         self.mlp = None

@@ -45,11 +45,18 @@ def test_bench_eval_peer_and_ours_agree(tiny_data_dir):
     assert f"| STSBenchmark SICKRelatedness | {r['ours_s']:.1f} s | {r['before_s']:.1f} s | {r['peer_s']:.1f} s |" in _md(r)
 
 
-def test_bench_inference_pruned_vs_dense(tiny_data_dir, tmp_path):
-    r = bench.bench_inference(tiny_data_dir, reps=1, sparsities=(0.3,), n=16, work=tmp_path)
+def test_bench_inference_every_deployment_step_against_the_sentence_transformers_baseline(tiny_data_dir, tmp_path,
+                                                                                          tiny_model_dir):
+    r = bench.bench_inference(tiny_data_dir, reps=1, sparsities=(0.3,), n=16, work=tmp_path, warmup=0,
+                              model=str(tiny_model_dir))
     (pt,) = r["points"]
-    assert pt["params_pruned"] < pt["params_dense"] and pt["speedup"] > 0
-    assert f"| 30.0 % | {pt['params_pruned'] / 1e6:.1f} M / {pt['params_dense'] / 1e6:.1f} M |" in _md(r)
+    assert pt["params_pruned"] < pt["params_dense"] and set(pt["sent_s"]) == set(bench.INFERENCE_ARMS)
+    assert all(math.isfinite(v) and v > 0 for v in pt["speedup"].values()) and pt["speedup"]["st_dense"] == 1.0
+    assert pt["onnx_mb"]["onnx/model_qint8.onnx"] < pt["onnx_mb"]["onnx/model.onnx"]
+    assert pt["stsb"]["st_dense"] == pt["stsb"]["dense"] and set(pt["stsb"]) == set(bench.INFERENCE_ARMS) - {"ort_noopt"}
+    md = _md(r)
+    assert f"| 30.0 % | {pt['params_pruned'] / 1e6:.1f} M / {pt['params_dense'] / 1e6:.1f} M |" in md
+    assert "pruned ONNX int8" in md and f"({pt['speedup']['ort_int8']:.2f}×; {pt['stsb']['ort_int8']:.2f})" in md
 
 
 def test_flop_accounting_matches_torch_flop_counter(tiny):
