@@ -196,10 +196,12 @@ def eval_token_work(enc, data_dir: Path, tasks: tuple[str, ...]) -> dict:
 
 
 def bench_eval(data_dir: Path, reps: int, tasks: tuple[str, ...], before: bool = False, device: str = "cpu",
-               warmup: int = 1) -> dict:
+               warmup: int = 1, onnx: tuple[str, str] | None = None) -> dict:
     """Ours (every unique sentence once, length-sorted, padding-free forward) vs the SentEval protocol run the
     straightforward way (each subset on its own, the model's own padded forward, as SimCSE's evaluation does);
-    `before` adds our evaluator with the padded forward."""
+    `before` adds our evaluator with the padded forward; `onnx` = (export dir, ONNX file) adds our evaluator on
+    that ONNX model through ONNX Runtime (`sparsecse eval --backend onnx`; a different model, so its STS figures
+    are reported beside the peer's, not compared with them)."""
     from sparsecse.data import load_sts_task
     from sparsecse.evaluate import aggregate_all, evaluate_sts
     from sparsecse.model import load_encoder
@@ -244,13 +246,25 @@ def bench_eval(data_dir: Path, reps: int, tasks: tuple[str, ...], before: bool =
     arms = {"ours": ours_arm(True, "ours"), "peer": senteval_style}
     if before:
         arms["ours_before"] = ours_arm(False, "ours_before")
+    if onnx:
+        from sparsecse.deploy import OnnxEncoder
+
+        ort_enc = OnnxEncoder(onnx[0], onnx[1], pooler="avg", threads=torch.get_num_threads())
+
+        def onnx_arm():
+            t0 = time.perf_counter()
+            res["onnx"] = evaluate_sts(ort_enc, data_dir, tasks=tasks, pooler="avg")
+            return time.perf_counter() - t0
+        arms["onnx"] = onnx_arm
     t = abn(arms, reps, warmup)
     enc.packed = True
     med = {k: statistics.median(v) for k, v in t.items()}
-    diff = max(abs(res[k][task] - res["peer"][task]) for task in tasks for k in res if k != "peer")
+    diff = max(abs(res[k][task] - res["peer"][task]) for task in tasks for k in res if k not in ("peer", "onnx"))
     return {"row": "eval", "tasks": list(tasks), "device": device, "ours_s": med["ours"], "peer_s": med["peer"],
             "ratio": med["peer"] / med["ours"], "before_s": med.get("ours_before"),
             "speedup_vs_before": med["ours_before"] / med["ours"] if before else None,
+            "onnx_s": med.get("onnx"), "onnx_ratio": med["peer"] / med["onnx"] if onnx else None,
+            "onnx_model": list(onnx) if onnx else None,
             "max_abs_diff": diff, **work, "ours_model_gflops": work["flops_ours"] / med["ours"] / 1e9,
             "peer_executed_gflops": work["flops_peer"] / med["peer"] / 1e9,
             "matmul_peak_gflops": matmul_peak_gflops(device=device), **{k: v for k, v in res.items()}, **{f"{k}_all": v for k, v in t.items()}}
@@ -381,6 +395,10 @@ def markdown(r: dict) -> str:
                 f"| {' '.join(r['tasks'])} | {r['ours_s']:.1f} s | {before} | {r['peer_s']:.1f} s | {r['ratio']:.2f}× | "
                 f"{r['work_ratio']:.2f}× | {r['ours_model_gflops']:.1f} | {r['matmul_peak_gflops']:.1f} | "
                 f"{r['max_abs_diff']:.1e} |"]
+        if r.get("onnx_s"):
+            rows += ["", f"ONNX Runtime, `{r['onnx_model'][1]}` of {r['onnx_model'][0]} (mean pooling): "
+                     f"{r['onnx_s']:.1f} s, **{r['onnx_ratio']:.2f}×** the peer; STS "
+                     + ", ".join(f"{t} {r['onnx'][t]:.2f} (peer, dense: {r['peer'][t]:.2f})" for t in [*r['tasks'], 'avg'])]
     elif r["row"] == "inference":
         rows = ["| sparsity | params pruned / dense | " + " | ".join(INFERENCE_ARMS.values()) + " |",
                 "|---:|---:|" + "---:|" * len(INFERENCE_ARMS)]
@@ -419,6 +437,8 @@ def build_parser():
     b.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="train and eval rows: where to run")
     b.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="train row: the forward under bf16 autocast (ours and the peer)")
+    b.add_argument("--onnx-model", nargs=2, metavar=("DIR", "FILE"),
+                   help="eval row: also our evaluator on this ONNX export file through ONNX Runtime")
     b.add_argument("--before", action="store_true",
                    help="eval row: also time our evaluator with the padded forward (before/after profiling)")
     return b
@@ -449,7 +469,8 @@ def run_bench(a, argv: list[str]) -> None:
         if row == "train":
             r = bench_train(data_dir, a.reps, device=a.device, precision=a.precision, warmup=a.warmup)
         elif row == "eval":
-            r = bench_eval(data_dir, a.reps, tuple(a.tasks), before=a.before, device=a.device, warmup=a.warmup)
+            r = bench_eval(data_dir, a.reps, tuple(a.tasks), before=a.before, device=a.device, warmup=a.warmup,
+                           onnx=tuple(a.onnx_model) if a.onnx_model else None)
         elif row == "inference":
             r = bench_inference(data_dir, a.reps, work=out / "inference", warmup=a.warmup)
         else:

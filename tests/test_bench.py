@@ -45,6 +45,17 @@ def test_bench_eval_peer_and_ours_agree(tiny_data_dir):
     assert f"| STSBenchmark SICKRelatedness | {r['ours_s']:.1f} s | {r['before_s']:.1f} s | {r['peer_s']:.1f} s |" in _md(r)
 
 
+def test_bench_eval_onnx_arm(tiny_data_dir, tiny_model_dir, tmp_path):
+    """The eval row's ONNX arm: our evaluator on an ONNX export through ONNX Runtime, timed beside the peer."""
+    from sparsecse.export import export_model
+    from sparsecse.model import load_encoder
+
+    pdir = export_model(load_encoder(str(tiny_model_dir)), tmp_path / "e", onnx=True, quantize=False) / "pruned"
+    r = bench.bench_eval(tiny_data_dir, reps=1, tasks=("STSBenchmark",), warmup=0, onnx=(str(pdir), "onnx/model.onnx"))
+    assert r["onnx_s"] > 0 and r["onnx_ratio"] == pytest.approx(r["peer_s"] / r["onnx_s"])
+    assert set(r["onnx"]) == {"STSBenchmark", "avg"} and f"{r['onnx_ratio']:.2f}×** the peer" in _md(r)
+
+
 def test_bench_inference_every_deployment_step_against_the_sentence_transformers_baseline(tiny_data_dir, tmp_path,
                                                                                           tiny_model_dir):
     r = bench.bench_inference(tiny_data_dir, reps=1, sparsities=(0.3,), n=16, work=tmp_path, warmup=0,
