@@ -173,6 +173,15 @@ class SweepConfig:
     select_lam: float | None = None  # select among this λ only (the paper's main table: 0.5); others still reported
     when_control_wins: Literal["export_control", "export_nothing"] = "export_control"  # s = 0 best on dev
     pilot: bool = False  # also prune the trained SimCSE at each sparsity without retraining (the paper's Figure 1)
+    # "grid": every point of sparsities × lams (× scorers × seeds); "optuna": Ray Tune's OptunaSearch (TPE) samples
+    # num_samples points of continuous sparsity in sparsity_range (and λ in lam_range, or from lams), seed
+    # seeds[0]; the s = 0 control still runs per seed
+    search: Literal["grid", "optuna"] = "grid"
+    num_samples: int = 12
+    sparsity_range: tuple[float, ...] = (0.01, 0.5)
+    sparsity_scale: Literal["uniform", "log"] = "log"
+    lam_range: tuple[float, ...] | None = None  # None: λ from sweep.lams (categorical)
+    search_seed: int = 0
 
     def __post_init__(self):
         _check(len(self.sparsities) > 0, "sweep.sparsities", "needs at least one value")
@@ -194,6 +203,17 @@ class SweepConfig:
                "needs at least one scorer, each once")
         _check(self.select_lam is None or self.select_lam in self.lams, "sweep.select_lam",
                f"{self.select_lam} is not one of sweep.lams {list(self.lams)}")
+        _check(self.num_samples >= 1, "sweep.num_samples", "must be >= 1")
+        lo_hi = self.sparsity_range
+        _check(len(lo_hi) == 2 and 0 < lo_hi[0] < lo_hi[1] < 1, "sweep.sparsity_range",
+               f"{list(lo_hi)} must be [lo, hi] with 0 < lo < hi < 1 (e.g. [0.01, 0.5])")
+        _check(self.lam_range is None or (len(self.lam_range) == 2 and 0 <= self.lam_range[0] < self.lam_range[1] <= 1),
+               "sweep.lam_range", "must be [lo, hi] with 0 <= lo < hi <= 1, or null")
+        if self.search == "optuna":
+            _check(self.scorers == ("align_uniform",), "sweep.scorers", "the controls run at grid sparsities; with "
+                   "sweep.search=optuna keep [align_uniform] and run the controls as a grid sweep")
+            _check(self.lam_range is None or self.select_lam is None, "sweep.select_lam",
+                   "fixes λ among sweep.lams; with a continuous sweep.lam_range set it to null")
 
 
 @dataclass(frozen=True)

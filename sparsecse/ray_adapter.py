@@ -194,11 +194,14 @@ def rung(rec: dict) -> dict:
 
 
 def run_tuner(trial_fn: Callable, params: dict, points: list[dict], *, storage: "Storage", name: str, cpus: float,
-              gpus: float, max_concurrent: int | None, max_failures: int, asha: dict | None, resume: bool):
+              gpus: float, max_concurrent: int | None, max_failures: int, asha: dict | None, resume: bool,
+              search: dict | None = None):
     """One trial per point, each point's keys (sparsity, lam, seed, scorer, combine, normalize) as Tune parameters
     of their own; `params` shared through the object store; returns the ResultGrid. `asha` = {"grace": steps, "max_t": steps,
     "rf": reduction factor} stops weak trials early, measured in training steps. `resume` restores an
-    interrupted experiment from the run's storage."""
+    interrupted experiment from the run's storage. `search` = {"space": {name: ("uniform" | "loguniform", lo, hi)
+    | ("choice", values)}, "constants": {...}, "num_samples": n, "seed": s} samples the points with Optuna's TPE
+    instead (`points` unused)."""
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.schedulers import ASHAScheduler
@@ -217,18 +220,20 @@ def run_tuner(trial_fn: Callable, params: dict, points: list[dict], *, storage: 
         # bounds the rungs, it never stops a trial itself
         sched = (ASHAScheduler(time_attr=RUNG_ATTR, max_t=asha["max_t"], grace_period=asha["grace"],
                                reduction_factor=asha["rf"], stop_last_trials=False) if asha else None)
-        # the grid as points of a search space: every point exactly once, each parameter named in Tune's table
-        space = {k: tune.choice(sorted({p[k] for p in points}, key=str)) for k in points[0]}
+        if search:
+            space, alg, num = _optuna(tune, search, max_concurrent)
+        else:
+            # the grid as points of a search space: every point exactly once, each parameter named in Tune's table;
+            # the generator itself must cap concurrency: Tune applies max_concurrent_trials only to the generator
+            # it creates
+            space = {k: tune.choice(sorted({p[k] for p in points}, key=str)) for k in points[0]}
+            alg, num = BasicVariantGenerator(points_to_evaluate=points, max_concurrent=max_concurrent or 0), len(points)
         tuner = tune.Tuner(
             trainable,
             param_space=space,
             # reuse_actors: a finished trial's process takes the next point (no new process, no re-import of
             # torch/transformers per trial); a crashed one is replaced as usual
-            tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, num_samples=len(points),
-                                        # the generator itself must cap concurrency: Tune applies
-                                        # max_concurrent_trials only to the generator it creates
-                                        search_alg=BasicVariantGenerator(points_to_evaluate=points,
-                                                                         max_concurrent=max_concurrent or 0),
+            tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, num_samples=num, search_alg=alg,
                                         max_concurrent_trials=max_concurrent, scheduler=sched, reuse_actors=True),
             # num_to_keep=2: Tune forces an experiment-state snapshot whenever a trial has checkpointed num_to_keep
             # times since the last one; with 1 that is every checkpoint (the "snapshotting" warnings)
@@ -238,6 +243,24 @@ def run_tuner(trial_fn: Callable, params: dict, points: list[dict], *, storage: 
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=1),
         )
     return tuner.fit()
+
+
+def _optuna(tune, search: dict, max_concurrent: int | None):
+    """(param space, Optuna TPE searcher capped at `max_concurrent`, number of samples)."""
+    import optuna
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    kinds = {"uniform": tune.uniform, "loguniform": tune.loguniform}
+    space = dict(search["constants"])
+    for k, (kind, *args) in search["space"].items():
+        space[k] = tune.choice(args[0]) if kind == "choice" else kinds[kind](*args)
+    n = search["num_samples"]
+    # TPE models the results after a few random starts (Optuna's default waits for 10, most of a small budget)
+    sampler = optuna.samplers.TPESampler(seed=search["seed"], n_startup_trials=max(2, n // 3))
+    alg = OptunaSearch(metric=METRIC, mode=MODE, sampler=sampler)
+    return space, (ConcurrencyLimiter(alg, max_concurrent=max_concurrent) if max_concurrent else alg), n
 
 
 POINT_KEYS = ("sparsity", "lam", "seed", "scorer", "combine", "normalize")

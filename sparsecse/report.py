@@ -236,9 +236,10 @@ def render_allocation(alloc: dict, title: str) -> tuple[str, bytes]:
 
 
 def render_figures(rows: list[dict], tasks: list[str], baseline: dict | None = None,
-                   backbone: dict | None = None) -> dict[str, bytes]:
+                   backbone: dict | None = None, sampled: bool = False) -> dict[str, bytes]:
     """{file name: PNG}: the STS average, and each task, vs sparsity: one curve per λ of the paper's score and one
-    per control scorer (± sample std over seeds)."""
+    per control scorer (± sample std over seeds); with `sampled` points (sweep.search=optuna) a scatter coloured
+    by λ and a quadratic fit in log sparsity instead."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -257,7 +258,28 @@ def render_figures(rows: list[dict], tasks: list[str], baseline: dict | None = N
                for m in sorted({_method(r) for r in others}, key=lambda m: (CONTROL_SCORERS.index(m.split()[0]), m))]
     out = {}
 
+    def scatter(ax, task):
+        pts = [r for r in ours if math.isfinite(r["metrics"].get(f"test/{task}", np.nan))]
+        if pts:
+            x = np.array([r["config"]["sparsity"] for r in pts])
+            y = np.array([r["metrics"][f"test/{task}"] for r in pts])
+            sc = ax.scatter(100 * x, y, c=[r["config"]["lam"] for r in pts], cmap="viridis", label="sampled trials")
+            ax.figure.colorbar(sc, ax=ax, label="λ")
+            if len(pts) >= 4:  # the trend the search followed: quadratic in log sparsity
+                coef = np.polyfit(np.log(x), y, 2)
+                xs = np.geomspace(x.min(), x.max(), 50)
+                ax.plot(100 * xs, np.polyval(coef, np.log(xs)), color="black", lw=1, label="quadratic fit (log s)")
+            ax.set_xscale("log")
+        if ctrl:
+            ax.axhline(np.mean([r["metrics"].get(f"test/{task}", np.nan) for r in ctrl]), color="grey", ls="--",
+                       lw=1, label="rewound SimCSE (s=0)")
+        ax.set_xlabel("sparsity (%)")
+        ax.set_title("STS average" if task == "avg" else label(task))
+        ax.grid(alpha=0.3)
+
     def curve(ax, task):
+        if sampled:
+            return scatter(ax, task)
         for name, members in curves:
             pts = {}
             for r in members + ctrl:
@@ -391,9 +413,14 @@ def render_markdown(title: str, cfg: Config, rows: list[dict], flat: list[dict],
     if ours_done:
         best_per = {t: max(r["metrics"].get(f"test/{t}", -1e9) for r in ours_done) for t in tasks}
         trow.append(("best per task over the grid (test-selected, for reference only)", best_per))
+    sw = cfg.sweep
+    space = (f"grid sparsity {list(sw.sparsities)} × λ {list(sw.lams)} × seeds {list(sw.seeds)}, mask scorers "
+             f"{list(sw.scorers)}" if sw.search == "grid" else
+             f"Optuna (TPE) search: {sw.num_samples} samples of sparsity in {list(sw.sparsity_range)} "
+             f"({sw.sparsity_scale}) and λ " + (f"in {list(sw.lam_range)}" if sw.lam_range else f"from {list(sw.lams)}")
+             + f", seed {sw.seeds[0]}; the s = 0 control with seeds {list(sw.seeds)}")
     md = [f"# SparseCSE sweep report — {title}", "",
-          f"Backbone `{cfg.model.name}`; grid sparsity {list(cfg.sweep.sparsities)} × λ {list(cfg.sweep.lams)} × "
-          f"seeds {list(cfg.sweep.seeds)}, mask scorers {list(cfg.sweep.scorers)} ({len(flat)} trials, {failed} failed). "
+          f"Backbone `{cfg.model.name}`; {space} ({len(flat)} trials, {failed} failed). "
           f"Importance: score.combine = {_values(cfg.score.combine)}, score.normalize = {_values(cfg.score.normalize)}. "
           "Selection uses STS-B **dev** (mean over seeds); test figures are reported, never used to choose.", "",
           *_scoring_lines(scoring, cfg), *_stopped_lines(flat, cfg), *_selection_lines(selected, cfg),

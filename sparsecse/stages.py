@@ -27,11 +27,16 @@ def point_name(p: dict) -> str:
     """s0.100_l0.50_seed1 for the paper's score; s0.100_random_seed1 for a control scorer (λ-free); a reading of
     the scores other than the default adds _combine-score / _norm-layer (s0.100_l0.50_norm-layer_seed1)."""
     scorer = p.get("scorer", "align_uniform")
-    mid = f"l{p['lam']:.2f}" if scorer == "align_uniform" or p["sparsity"] == 0 else scorer
+    mid = f"l{_num(p['lam'], 2)}" if scorer == "align_uniform" or p["sparsity"] == 0 else scorer
     if p["sparsity"] > 0:
         mid += "_combine-score" if scorer == "align_uniform" and p.get("combine") == "score" else ""
         mid += "_norm-layer" if p.get("normalize") == "layer" else ""
-    return f"s{p['sparsity']:.3f}_{mid}_seed{p['seed']}"
+    return f"s{_num(p['sparsity'], 3)}_{mid}_seed{p['seed']}"
+
+
+def _num(x: float, digits: int) -> str:
+    """A grid value with `digits` decimals; a sampled one (sweep.search=optuna) with six, so no two collide."""
+    return f"{x:.{digits}f}" if round(x, digits) == x else f"{x:.6f}"
 
 
 def setup_worker(threads: float) -> None:

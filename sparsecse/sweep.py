@@ -111,6 +111,11 @@ def check_config(cfg: Config) -> None:
     if cfg.score.source == "stsb" and cfg.score.split == "test":
         print("sparsecse: warning: score.split=test scores importance on STS-B test pairs, which the report also "
               "evaluates on; its STS-B test figure is not clean (use train, or score.source=unlabeled)", file=sys.stderr)
+    if cfg.sweep.search == "optuna":
+        for key in ("combine", "normalize"):
+            if len(getattr(cfg.score, key)) > 1:
+                raise SparseCSEError(f"config score.{key}: one value with sweep.search=optuna (the search samples "
+                                     "sparsity and λ only); compare readings with a grid sweep")
     if cfg.train.batch_size % cfg.ray.num_workers:
         raise SparseCSEError(f"config train.batch_size: {cfg.train.batch_size} is not divisible by "
                              f"ray.num_workers={cfg.ray.num_workers}; the global batch is split evenly")
@@ -211,9 +216,9 @@ def score_stage(run: Run):
     else:
         if store.exists("tune"):  # trials chose their masks from other scores: they are not this sweep's trials
             print("[sweep] the scores changed since the trials ran: their results are discarded and they rerun")
-            store.delete("tune")
-            if store.exists("predictions"):
-                store.delete("predictions")
+            for rel in ("tune", "tune-control", "predictions"):
+                if store.exists(rel):
+                    store.delete(rel)
         t0 = time.perf_counter()
         ra.run_tasks([("scoring", stages.score_task, (store.uri, "simcse/best", run.data_dir, cfg.to_dict(),
                                                       cfg.sweep.trial_cpus, cfg.sweep.trial_gpus), {},
@@ -234,18 +239,39 @@ def asha_settings(cfg: Config) -> dict | None:
     return {"grace": grace, "max_t": max(grace, cfg.train.max_steps or 10 ** 9), "rf": cfg.sweep.asha_reduction_factor}
 
 
+def search_space(cfg: Config) -> dict:
+    """sweep.search=optuna: continuous sparsity (log or uniform) and λ (continuous or from sweep.lams), the rest
+    fixed (seeds[0], the paper's scorer, the one reading)."""
+    sw = cfg.sweep
+    space = {"sparsity": ("loguniform" if sw.sparsity_scale == "log" else "uniform", *sw.sparsity_range),
+             "lam": ("uniform", *sw.lam_range) if sw.lam_range else ("choice", list(sw.lams))}
+    return {"space": space, "num_samples": sw.num_samples, "seed": sw.search_seed,
+            "constants": {"seed": sw.seeds[0], "scorer": "align_uniform", "combine": cfg.score.combine[0],
+                          "normalize": cfg.score.normalize[0]}}
+
+
 def trials_stage(run: Run, scores) -> list[dict]:
-    """Stage 3: one Tune trial per grid point (resumed from storage with --resume); one row per trial."""
+    """Stage 3: one Tune trial per grid point — or, with sweep.search=optuna, the s = 0 controls as a grid
+    ("tune-control") and Optuna's samples ("tune") — resumed from storage with --resume; one row per trial."""
     cfg = run.cfg
     t0 = time.perf_counter()
-    grid = ra.run_tuner(stages.trial, {"store_uri": run.store.uri, "data_dir": run.data_dir,
-                                       "cfg_dict": cfg.to_dict(), "scores": scores,
-                                       "simcse_scores": stages.load_simcse_scores(run.store, cfg)},
-                        grid_points(cfg), storage=run.store, name="tune", cpus=cfg.sweep.trial_cpus,
-                        gpus=cfg.sweep.trial_gpus, max_concurrent=cfg.sweep.max_concurrent_trials,
-                        max_failures=cfg.sweep.max_failures, asha=asha_settings(cfg), resume=run.resume)
+    params = {"store_uri": run.store.uri, "data_dir": run.data_dir, "cfg_dict": cfg.to_dict(), "scores": scores,
+              "simcse_scores": stages.load_simcse_scores(run.store, cfg)}
+    common = {"storage": run.store, "cpus": cfg.sweep.trial_cpus, "gpus": cfg.sweep.trial_gpus,
+              "max_concurrent": cfg.sweep.max_concurrent_trials, "max_failures": cfg.sweep.max_failures,
+              "resume": run.resume}
+    rows = []
+    if cfg.sweep.search == "optuna":
+        controls = [p for p in grid_points(cfg) if p["sparsity"] == 0]
+        if controls:
+            rows += ra.grid_rows(ra.run_tuner(stages.trial, params, controls, name="tune-control", asha=None, **common),
+                                 run.store)
+        rows += ra.grid_rows(ra.run_tuner(stages.trial, params, [], name="tune", asha=asha_settings(cfg),
+                                          search=search_space(cfg), **common), run.store)
+    else:
+        rows += ra.grid_rows(ra.run_tuner(stages.trial, params, grid_points(cfg), name="tune",
+                                          asha=asha_settings(cfg), **common), run.store)
     run.state.timings["tune_s"] = time.perf_counter() - t0
-    rows = ra.grid_rows(grid, run.store)
     for r in rows:  # trials of sweeps from before the readings were grid parameters ran the first one
         r["config"].setdefault("combine", cfg.score.combine[0])
         r["config"].setdefault("normalize", cfg.score.normalize[0])
@@ -309,7 +335,8 @@ def report_stage(run: Run, rows: list[dict], selected: dict | None, extras: dict
     store.write_bytes("results.parquet", report.parquet_bytes(flat))
     store.write_json("results.json", {"trials": flat, **summary})
     done = any(not r["error"] and report.evaluated(r["metrics"]) for r in rows)
-    figs = report.render_figures(rows, tasks, baseline, extras.get("backbone")) if done else {}
+    figs = report.render_figures(rows, tasks, baseline, extras.get("backbone"),
+                                 sampled=cfg.sweep.search == "optuna") if done else {}
     alloc_md = None
     if summary["allocation"]:
         alloc_md, figs["mask_allocation.png"] = report.render_allocation(

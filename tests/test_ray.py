@@ -372,3 +372,25 @@ def test_asha_stops_a_weak_trial_by_steps_and_selection_and_export_still_work(tm
     # one TensorBoard stream per trial (ours, with per-step loss), not a second one from Tune's TBX logger
     assert not list((tmp_path / "run" / "tune").rglob("events.out.tfevents*"))
     assert len(list((tmp_path / "run" / "tensorboard").glob("s0.*"))) == 2 and len(list((tmp_path / "run" / "tune").glob("*/result.json"))) == 2
+
+
+def test_optuna_search_samples_continuous_sparsity_beside_the_grid_control(tmp_path, tiny_model_dir, tiny_data_dir):
+    """sweep.search=optuna: Optuna's TPE samples num_samples points of continuous sparsity in sparsity_range and λ
+    in lam_range (Tune's table names them); the s = 0 control runs as its own small grid; selection, report
+    (scatter + fit) and export work on the sampled points."""
+    cfg = _write_cfg(tmp_path / "c.yaml", tiny_model_dir, sparsities=(0.0,), lams=(0.5,))
+    r = _sweep(cfg, tmp_path / "run", tiny_data_dir, "--set", "sweep.search=optuna", "--set", "sweep.num_samples=4",
+               "--set", "sweep.sparsity_range=[0.05, 0.5]", "--set", "sweep.lam_range=[0.2, 0.8]")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    sampled = [t for t in res["trials"] if t["sparsity"] > 0]
+    assert len(sampled) == 4 and len(res["trials"]) == 5 and all(t["status"] == "done" for t in res["trials"])
+    assert all(0.05 <= t["sparsity"] <= 0.5 and 0.2 <= t["lam"] <= 0.8 for t in sampled)
+    assert len({t["sparsity"] for t in sampled}) == 4 and len({t["trial"] for t in res["trials"]}) == 5
+    assert (tmp_path / "run" / "tune-control").is_dir() and (tmp_path / "run" / "tune").is_dir()
+    sel = res["selected"]
+    assert sel["candidates"] == 5 and (sel["control_won"] or sel["sparsity"] in {t["sparsity"] for t in sampled})
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "Optuna (TPE) search: 4 samples of sparsity in [0.05, 0.5] (log) and λ in [0.2, 0.8]" in md
+    assert (tmp_path / "run" / "figures" / "sts_avg_vs_sparsity.png").exists()
+    assert (tmp_path / "run" / "export" / "manifest.json").exists()

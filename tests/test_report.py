@@ -184,3 +184,32 @@ def test_a_single_seed_comparison_gets_a_bootstrap_over_test_pairs():
     assert "one seed; bootstrap over test pairs, 1000 resamples" in md and ": better)" in md
     # without predictions, one seed makes no claim
     assert comparisons(rows)[0]["vs_control"]["verdict"].startswith("one seed")
+
+
+def test_sampled_points_are_drawn_as_a_scatter_with_a_fit():
+    """sweep.search=optuna gives one trial per (continuous) sparsity: the figure is a scatter coloured by λ and a
+    quadratic fit in log sparsity, not one line per λ."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.axes
+
+    from sparsecse.report import render_figures
+
+    rows = [_row(0.0, 0.5, 1, 80.0, 70.0)] + [_row(s, lam, 1, 80.0, 70.0 + 10 * s - 20 * s * s)
+                                               for s, lam in ((0.013, 0.31), (0.05, 0.62), (0.12, 0.45), (0.3, 0.7))]
+    drawn = []
+    orig = matplotlib.axes.Axes.scatter
+
+    def spy(self, *a, **k):
+        drawn.append(self)
+        return orig(self, *a, **k)
+
+    matplotlib.axes.Axes.scatter = spy
+    try:
+        figs = render_figures(rows, ["STSBenchmark", "avg"], sampled=True)
+    finally:
+        matplotlib.axes.Axes.scatter = orig
+    assert figs["sts_avg_vs_sparsity.png"][:4] == b"\x89PNG" and "sts_tasks_vs_sparsity.png" in figs
+    # a scatter on a log sparsity axis in the average's figure and in the per-task panel, each with the fit line
+    assert len(drawn) >= 2 and all(ax.get_xscale() == "log" and len(ax.get_lines()) >= 2 for ax in drawn[:2])
