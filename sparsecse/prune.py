@@ -41,17 +41,19 @@ def masks_for(scorer: str, sparsity: float, lam: float, seed: int, *, scores=Non
               combine: str = "gradient", normalize: str = "none", simcse_scores=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The (head, neuron) masks a grid point trains with: the paper's score (`scores` at λ, read as `combine` /
     `normalize` say), or a control at the same sparsity — a seeded random ranking, weight magnitude in the
-    pre-trained model, or SimCSE's own InfoNCE Taylor score (`simcse_scores`, normalised the same way)."""
-    from .score import magnitude_importance, random_importance
+    pre-trained model, or SimCSE's own InfoNCE Taylor score (`simcse_scores`) — each ranked across layers under
+    the same `normalize` reading."""
+    from .score import magnitude_importance, per_layer_l2, random_importance
 
     if scorer == "align_uniform":
         if scores is None:
             raise SparseCSEError("scorer align_uniform needs the importance scores (scores.parquet)")
         head, neuron = scores.importance(lam, combine, normalize)
-    elif scorer == "random":
-        head, neuron = random_importance(*pretrained.head_mask.shape, pretrained.neuron_mask.shape[1], seed)
-    elif scorer == "magnitude":
-        head, neuron = magnitude_importance(pretrained)
+    elif scorer in ("random", "magnitude"):  # ranked across layers as the paper's score is (`normalize`)
+        head, neuron = (random_importance(*pretrained.head_mask.shape, pretrained.neuron_mask.shape[1], seed)
+                        if scorer == "random" else magnitude_importance(pretrained))
+        if normalize == "layer":
+            head, neuron = per_layer_l2(head), per_layer_l2(neuron)
     elif scorer == "simcse":
         if simcse_scores is None:
             raise SparseCSEError("scorer simcse needs the InfoNCE scores (scores_simcse.parquet)")

@@ -248,3 +248,18 @@ def test_readings_as_a_grid_dimension_and_one_value_where_one_mask_is_built(tmp_
                "--lam", "0.5", "--out", str(tmp_path / "o"), "--config", str(tmp_path / "c.yaml")])
     err = capsys.readouterr().err
     assert rc == 2 and "score.normalize" in err and "one value" in err and len(err.strip().splitlines()) == 1
+
+
+def test_every_control_is_ranked_under_the_normalize_reading(tiny):
+    """normalize=layer applies to the controls' scores as to the paper's: magnitude's allocation across layers
+    follows the per-layer-normalised weight norms (a different mask from the raw ranking)."""
+    from sparsecse.score import per_layer_l2
+
+    head, neuron = magnitude_importance(tiny)
+    for normalize, (h, n) in (("none", (head, neuron)), ("layer", (per_layer_l2(head), per_layer_l2(neuron)))):
+        got = masks_for("magnitude", 0.4, 0.5, 1, pretrained=tiny, normalize=normalize)
+        want = select_masks(h, n, 0.4)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    rh, rn = random_importance(*tiny.head_mask.shape, tiny.neuron_mask.shape[1], 3)
+    got = masks_for("random", 0.4, 0.5, 3, pretrained=tiny, normalize="layer")
+    assert torch.equal(got[1], select_masks(per_layer_l2(rh), per_layer_l2(rn), 0.4)[1])
