@@ -270,17 +270,11 @@ def render_figures(rows: list[dict], tasks: list[str], baseline: dict | None = N
                 xs = np.geomspace(x.min(), x.max(), 50)
                 ax.plot(100 * xs, np.polyval(coef, np.log(xs)), color="black", lw=1, label="quadratic fit (log s)")
             ax.set_xscale("log")
-        if ctrl:
-            ax.axhline(np.mean([r["metrics"].get(f"test/{task}", np.nan) for r in ctrl]), color="grey", ls="--",
-                       lw=1, label="rewound SimCSE (s=0)")
-        ax.set_xlabel("sparsity (%)")
-        ax.set_title("STS average" if task == "avg" else label(task))
-        ax.grid(alpha=0.3)
 
     def curve(ax, task):
         if sampled:
-            return scatter(ax, task)
-        for name, members in curves:
+            scatter(ax, task)
+        for name, members in ([] if sampled else curves):
             pts = {}
             for r in members + ctrl:
                 pts.setdefault(r["config"]["sparsity"], []).append(r["metrics"].get(f"test/{task}", np.nan))
