@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from . import SparseCSEError
+from .model import pool
 
 OPSET = 18
 FP32_FILE = "onnx/model.onnx"
@@ -137,7 +138,7 @@ class OnnxEncoder:
                                     "export one with `sparsecse export SOURCE --out DIR --onnx`"))
         meta = json.loads((d / "sparsecse.json").read_text()) if (d / "sparsecse.json").is_file() else {}
         self.pooler = pooler or meta.get("pooler", "cls_before_pooler")
-        self.meta, self.file, self.training = meta, file, False
+        self.training = False
         from .pruned_modeling import load_tokenizer
 
         self.tokenizer = load_tokenizer(d)
@@ -149,11 +150,12 @@ class OnnxEncoder:
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self.names = [i.name for i in self.session.get_inputs()]
         self.mlp = None
-        if self.pooler == "cls":
+        if self.pooler == "cls":  # SimCSE's MLP pooler, as the PyTorch Encoder holds it
             from safetensors.torch import load_file
 
             t = load_file(str(d / "sparsecse.safetensors"))
-            self.mlp = (t["mlp.weight"], t["mlp.bias"])
+            self.mlp = torch.nn.Sequential(torch.nn.Linear(*t["mlp.weight"].shape[::-1]), torch.nn.Tanh()).eval()
+            self.mlp[0].load_state_dict({"weight": t["mlp.weight"], "bias": t["mlp.bias"]})
         self._device = torch.zeros(0)
 
     # the parts of torch.nn.Module's interface evaluation touches
@@ -172,12 +174,8 @@ class OnnxEncoder:
             feed["token_type_ids"] = np.zeros_like(feed["input_ids"])
         out = torch.from_numpy(self.session.run(None, {n: feed[n] for n in self.names})[0])
         pooler = pooler or self.pooler
-        if pooler == "avg":
-            m = attention_mask.unsqueeze(-1).to(out.dtype)
-            return (out * m).sum(1) / m.sum(1)
-        cls = out[:, 0]
-        if pooler == "cls":
-            if self.mlp is None:
-                raise SparseCSEError("pooler cls needs SimCSE's MLP (sparsecse.safetensors) beside the ONNX model")
-            return torch.tanh(cls @ self.mlp[0].T + self.mlp[1])
-        return cls
+        if pooler == "cls" and self.mlp is None:
+            raise SparseCSEError("pooler cls: build the OnnxEncoder with pooler='cls' so SimCSE's MLP "
+                                 "(sparsecse.safetensors) is loaded")
+        with torch.no_grad():
+            return pool(out, attention_mask, pooler, self.mlp)

@@ -172,9 +172,9 @@ def export_from_run(source: str, out: str | os.PathLike, pooler: str | None = No
     out = Path(out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "manifest.json").exists())):
         raise SparseCSEError(f"--out {out}: exists and is not an export; choose an empty or new directory")
-    has_onnx = store.is_file("export/pruned/onnx/model.onnx") and (not quantize or store.is_file(
-        "export/pruned/onnx/model_qint8.onnx"))
-    if pooler is None and store.is_file("export/manifest.json") and (has_onnx or not onnx):
+    onnx_files = ["export/pruned/onnx/model.onnx"] + (["export/pruned/onnx/model_qint8.onnx"] if quantize else [])
+    if pooler is None and store.is_file("export/manifest.json") and (
+            not onnx or all(store.is_file(f) for f in onnx_files)):
         with atomic_dir(out) as tmp:
             store.download_dir("export", tmp)
             verify_manifest(tmp)

@@ -194,16 +194,22 @@ class Encoder(nn.Module):
                 return self.mlp(out) if pooler == "cls" else out
         else:
             out = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, D)
-        if pooler == "avg":
-            m = attention_mask.unsqueeze(-1).to(out.dtype)
-            return (out * m).sum(1) / m.sum(1)
-        cls = out[:, 0]
-        return self.mlp(cls) if pooler == "cls" else cls
+        return pool(out, attention_mask, pooler, self.mlp)
 
     def tokenize(self, sentences: list[str], max_len: int | None = None) -> dict:
         enc = self.tokenizer(sentences, padding=True, truncation=True,
                              max_length=max_len or min(self.tokenizer.model_max_length, 512), return_tensors="pt")
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+def pool(out: torch.Tensor, attention_mask: torch.Tensor, pooler: str, mlp: nn.Module | None) -> torch.Tensor:
+    """(B, T, D) token states -> (B, D): mean over real tokens (avg), CLS (cls_before_pooler), or CLS through
+    SimCSE's MLP (cls)."""
+    if pooler == "avg":
+        m = attention_mask.unsqueeze(-1).to(out.dtype)
+        return (out * m).sum(1) / m.sum(1)
+    cls = out[:, 0]
+    return mlp(cls) if pooler == "cls" else cls
 
 
 # ---------------------------------------------------------------------- loading and saving
