@@ -182,6 +182,17 @@ class SweepConfig:
     sparsity_scale: Literal["uniform", "log"] = "log"
     lam_range: tuple[float, ...] | None = None  # None: λ from sweep.lams (categorical)
     search_seed: int = 0
+    # what selection optimises: "dev" — the best STS-B dev; "pareto" — dev vs encoder parameters: the report shows
+    # the Pareto front and selection takes the smallest model within pareto_delta dev points of the best dev
+    # (with sweep.search=optuna, TPE searches both objectives)
+    objective: Literal["dev", "pareto"] = "dev"
+    pareto_delta: float = 0.5
+    # experiment tracking: "tensorboard" (one stream per trial and stage 1, under tensorboard/), "mlflow" (Ray's
+    # MLflowLoggerCallback; stage 1, every trial, the report, figures and export in one experiment), "wandb"
+    # (Ray's WandbLoggerCallback; WANDB_MODE=offline honoured)
+    loggers: tuple[Literal["tensorboard", "mlflow", "wandb"], ...] = ("tensorboard",)
+    mlflow_tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else a sqlite store in the run (mlflow/)
+    wandb_project: str = "sparsecse"
 
     def __post_init__(self):
         _check(len(self.sparsities) > 0, "sweep.sparsities", "needs at least one value")
@@ -209,6 +220,9 @@ class SweepConfig:
                f"{list(lo_hi)} must be [lo, hi] with 0 < lo < hi < 1 (e.g. [0.01, 0.5])")
         _check(self.lam_range is None or (len(self.lam_range) == 2 and 0 <= self.lam_range[0] < self.lam_range[1] <= 1),
                "sweep.lam_range", "must be [lo, hi] with 0 <= lo < hi <= 1, or null")
+        _check(self.pareto_delta >= 0 and math.isfinite(self.pareto_delta), "sweep.pareto_delta",
+               f"{self.pareto_delta} must be >= 0 (STS-B dev Spearman × 100 points below the best dev)")
+        _check(len(set(self.loggers)) == len(self.loggers), "sweep.loggers", "lists each logger once")
         if self.search == "optuna":
             _check(self.scorers == ("align_uniform",), "sweep.scorers", "the controls run at grid sparsities; with "
                    "sweep.search=optuna keep [align_uniform] and run the controls as a grid sweep")

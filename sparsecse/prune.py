@@ -63,6 +63,18 @@ def masks_for(scorer: str, sparsity: float, lam: float, seed: int, *, scores=Non
     return select_masks(head, neuron, sparsity)
 
 
+def encoder_params(enc: Encoder) -> int:
+    """Parameters of the backbone once its masked heads and neurons are physically removed (what `physical_prune`
+    leaves), from the masks alone: a head owns its Q/K/V rows with their biases and its columns of the attention
+    output (4·d·hidden + 3·d), a neuron its FFN row with its bias and its output column (2·hidden + 1)."""
+    cfg = enc.backbone.config
+    hidden, d = cfg.hidden_size, cfg.hidden_size // cfg.num_attention_heads
+    heads = int((enc.head_mask == 0).sum())
+    neurons = int((enc.neuron_mask == 0).sum())
+    dense = sum(p.numel() for p in enc.backbone.parameters())
+    return dense - heads * (4 * d * hidden + 3 * d) - neurons * (2 * hidden + 1)
+
+
 @torch.no_grad()
 def zero_pruned_weights(enc: Encoder) -> None:
     """Zero every weight that only feeds masked units, so the dense checkpoint equals the masked model."""

@@ -184,6 +184,7 @@ def node_id() -> str:
 
 
 METRIC, MODE = "best_stsb_dev", "max"  # what Tune, its schedulers and selection optimise: STS-B dev
+PARAMS_METRIC = "encoder_params"  # the second objective of sweep.objective=pareto, in every trial report
 RUNG_ATTR = "rung_step"  # ASHA's clock: training steps, on intermediate evaluations only
 
 
@@ -195,13 +196,14 @@ def rung(rec: dict) -> dict:
 
 def run_tuner(trial_fn: Callable, params: dict, points: list[dict], *, storage: "Storage", name: str, cpus: float,
               gpus: float, max_concurrent: int | None, max_failures: int, asha: dict | None, resume: bool,
-              search: dict | None = None):
+              search: dict | None = None, callbacks: list | None = None):
     """One trial per point, each point's keys (sparsity, lam, seed, scorer, combine, normalize) as Tune parameters
     of their own; `params` shared through the object store; returns the ResultGrid. `asha` = {"grace": steps, "max_t": steps,
     "rf": reduction factor} stops weak trials early, measured in training steps. `resume` restores an
     interrupted experiment from the run's storage. `search` = {"space": {name: ("uniform" | "loguniform", lo, hi)
     | ("choice", values)}, "constants": {...}, "num_samples": n, "seed": s} samples the points with Optuna's TPE
-    instead (`points` unused)."""
+    instead (`points` unused); with "pareto": True it searches dev and encoder size together. `callbacks`: more
+    Tune logger callbacks (tracking.py's MLflow / W&B)."""
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.schedulers import ASHAScheduler
@@ -218,8 +220,12 @@ def run_tuner(trial_fn: Callable, params: dict, points: list[dict], *, storage: 
     else:
         # rungs at grace · rf^k training steps, judged on intermediate evaluations only (see `rung`); max_t only
         # bounds the rungs, it never stops a trial itself
+        # a multi-objective search (sweep.objective=pareto) optimises a list of metrics: Tune's own metric stays
+        # unset (it would replace the searcher's list) and ASHA names STS-B dev itself
+        multi = bool(search and search.get("pareto"))
         sched = (ASHAScheduler(time_attr=RUNG_ATTR, max_t=asha["max_t"], grace_period=asha["grace"],
-                               reduction_factor=asha["rf"], stop_last_trials=False) if asha else None)
+                               reduction_factor=asha["rf"], stop_last_trials=False,
+                               **({"metric": METRIC, "mode": MODE} if multi else {})) if asha else None)
         if search:
             space, alg, num = _optuna(tune, search, max_concurrent)
         else:
@@ -233,12 +239,13 @@ def run_tuner(trial_fn: Callable, params: dict, points: list[dict], *, storage: 
             param_space=space,
             # reuse_actors: a finished trial's process takes the next point (no new process, no re-import of
             # torch/transformers per trial); a crashed one is replaced as usual
-            tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, num_samples=num, search_alg=alg,
+            tune_config=tune.TuneConfig(metric=None if multi else METRIC, mode=None if multi else MODE,
+                                        num_samples=num, search_alg=alg,
                                         max_concurrent_trials=max_concurrent, scheduler=sched, reuse_actors=True),
             # num_to_keep=2: Tune forces an experiment-state snapshot whenever a trial has checkpointed num_to_keep
             # times since the last one; with 1 that is every checkpoint (the "snapshotting" warnings)
             run_config=tune.RunConfig(name=name, storage_path=path, storage_filesystem=fs,
-                                      callbacks=[JsonLoggerCallback(), CSVLoggerCallback()],
+                                      callbacks=[JsonLoggerCallback(), CSVLoggerCallback(), *(callbacks or [])],
                                       failure_config=tune.FailureConfig(max_failures=max_failures),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=1),
         )
@@ -259,7 +266,9 @@ def _optuna(tune, search: dict, max_concurrent: int | None):
     n = search["num_samples"]
     # TPE models the results after a few random starts (Optuna's default waits for 10, most of a small budget)
     sampler = optuna.samplers.TPESampler(seed=search["seed"], n_startup_trials=max(2, n // 3))
-    alg = OptunaSearch(metric=METRIC, mode=MODE, sampler=sampler)
+    # sweep.objective=pareto: TPE over both objectives, dev up and encoder size down
+    metric, mode = ([METRIC, PARAMS_METRIC], [MODE, "min"]) if search.get("pareto") else (METRIC, MODE)
+    alg = OptunaSearch(metric=metric, mode=mode, sampler=sampler)
     return space, (ConcurrencyLimiter(alg, max_concurrent=max_concurrent) if max_concurrent else alg), n
 
 

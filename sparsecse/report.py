@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 
+from . import SparseCSEError
 from .config import CONTROL_SCORERS, STS_TASKS, Config, method_name
 from .tables import label, png, render
 from .stages import point_name
@@ -54,12 +55,9 @@ def _point_key(r: dict) -> tuple:
     return (0.0, 0.0, "", "") if c["sparsity"] == 0 else (c["sparsity"], c["lam"], *_reading(r))
 
 
-def select(rows: list[dict], select_lam: float | None = None) -> dict | None:
-    """The grid point with the highest STS-B dev Spearman averaged over seeds — never test — among the paper's
-    points (scorer align_uniform; λ = `select_lam` only, when set) **and the s = 0 control**: when the control
-    is best on dev, pruning did not help and the selection says so (`control_won`). Ties go to the lower
-    sparsity (the control first), then the lower λ. The control scorers (random, magnitude) are never selected.
-    Each reading of the scores (score.combine × score.normalize) is a grid point of its own."""
+def _candidates(rows: list[dict], select_lam: float | None) -> dict[tuple, list[dict]]:
+    """The grid points selection may choose, seeds pooled: the paper's score (λ = `select_lam` only, when set) and
+    the s = 0 control; the control scorers (random, magnitude, simcse) never."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         c = r["config"]
@@ -68,15 +66,68 @@ def select(rows: list[dict], select_lam: float | None = None) -> dict | None:
         if c["sparsity"] > 0 and select_lam is not None and c["lam"] != select_lam:
             continue
         groups.setdefault(_point_key(r), []).append(r)
+    return groups
+
+
+def _dev(members: list[dict]) -> float:
+    return float(np.mean([r["metrics"]["best_stsb_dev"] for r in members]))
+
+
+def _params(members: list[dict]) -> int | None:
+    p = members[0]["metrics"].get("encoder_params")  # trials of sweeps before it was reported lack it
+    return None if p is None else int(p)
+
+
+def select(rows: list[dict], select_lam: float | None = None, objective: str = "dev",
+           delta: float = 0.5) -> dict | None:
+    """The grid point to export, chosen on STS-B dev Spearman averaged over seeds — never test — among the paper's
+    points (scorer align_uniform; λ = `select_lam` only, when set) **and the s = 0 control**: when the control is
+    chosen, pruning did not help and the selection says so (`control_won`). The control scorers are never selected.
+    Each reading of the scores (score.combine × score.normalize) is a grid point of its own.
+
+    objective "dev": the highest dev; ties go to the lower sparsity (the control first), then the lower λ.
+    objective "pareto": the smallest encoder (fewest parameters) whose dev is within `delta` of the best dev; ties
+    go to the higher dev. The result then carries the Pareto front of (dev ↑, parameters ↓) as `pareto`."""
+    groups = _candidates(rows, select_lam)
     if not groups:
         return None
-    key = max(sorted(groups, key=lambda k: (k[0], k[1], _reading_order(k[2:]))),
-              key=lambda k: (np.mean([r["metrics"]["best_stsb_dev"] for r in groups[k]]), -k[0], -k[1]))
+    order = sorted(groups, key=lambda k: (k[0], k[1], _reading_order(k[2:])))
+    best = max(order, key=lambda k: (_dev(groups[k]), -k[0], -k[1]))
+    pareto = None
+    if objective == "pareto":
+        if any(_params(g) is None for g in groups.values()):
+            raise SparseCSEError("sweep.objective=pareto: trials of this run did not report encoder_params (they ran "
+                                 "before it existed); rerun them, or select with sweep.objective=dev")
+        top = _dev(groups[best])
+        key = min((k for k in order if _dev(groups[k]) >= top - delta),
+                  key=lambda k: (_params(groups[k]), -_dev(groups[k])))
+        pareto = {"delta": delta, "best_dev": top, "front": pareto_front(
+            [{"key": k, "dev": _dev(groups[k]), "params": _params(groups[k])} for k in order])}
+    else:
+        key = best
     members = groups[key]
     combine, normalize = _reading(members[0])
-    return {"sparsity": key[0], "lam": members[0]["config"]["lam"], "combine": combine, "normalize": normalize,
-            "method": method_name("align_uniform", combine, normalize), "control_won": key[0] == 0,
-            "candidates": len(groups), **_seed_stats(members)}
+    out = {"sparsity": key[0], "lam": members[0]["config"]["lam"], "combine": combine, "normalize": normalize,
+           "method": method_name("align_uniform", combine, normalize), "control_won": key[0] == 0,
+           "candidates": len(groups), "objective": objective, "params": _params(members), **_seed_stats(members)}
+    if pareto:
+        out["pareto"] = {**pareto, "front": [_front_row(p["key"], groups[p["key"]], p) for p in pareto["front"]]}
+    return out
+
+
+def pareto_front(points: list[dict]) -> list[dict]:
+    """The points no other point dominates (dev at least as high and parameters at most as many, one of them
+    strictly), by parameters ascending."""
+    front = [p for p in points if not any(
+        q["dev"] >= p["dev"] and q["params"] <= p["params"] and (q["dev"] > p["dev"] or q["params"] < p["params"])
+        for q in points)]
+    return sorted(front, key=lambda p: (p["params"], -p["dev"]))
+
+
+def _front_row(key: tuple, members: list[dict], p: dict) -> dict:
+    test = _seed_stats(members)["test"]
+    return {"sparsity": key[0], "lam": members[0]["config"]["lam"], "method": _method(members[0]), "dev": p["dev"],
+            "params": p["params"], "test_avg": test.get("avg"), "seeds": len(members)}
 
 
 def _seed_stats(members: list[dict]) -> dict:
@@ -331,6 +382,40 @@ def render_figures(rows: list[dict], tasks: list[str], baseline: dict | None = N
     return out
 
 
+def render_pareto(rows: list[dict], selected: dict, select_lam: float | None = None) -> tuple[str, bytes]:
+    """The Pareto section of sweep.objective=pareto: (markdown table of the front, PNG of every candidate point's
+    dev vs encoder parameters with the front, the δ band and the chosen point)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    par = selected["pareto"]
+    groups = _candidates(rows, select_lam)  # the points selection chose from
+    pts = [(_params(g), _dev(g), k[0] == 0) for k, g in groups.items() if _params(g) is not None]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter([p / 1e6 for p, _, c in pts if not c], [d for _, d, c in pts if not c], c="tab:blue", s=18,
+               label="grid points (mean over seeds)")
+    ax.scatter([p / 1e6 for p, _, c in pts if c], [d for _, d, c in pts if c], c="grey", marker="s", label="s = 0 control")
+    front = par["front"]
+    ax.plot([f["params"] / 1e6 for f in front], [f["dev"] for f in front], "-o", color="tab:orange", label="Pareto front")
+    ax.axhspan(par["best_dev"] - par["delta"], par["best_dev"], color="tab:green", alpha=0.12,
+               label=f"within δ = {par['delta']:g} of the best dev")
+    ax.scatter([selected["params"] / 1e6], [selected["dev_mean"]], marker="*", s=220, c="red", label="selected", zorder=3)
+    ax.set_xlabel("encoder parameters (millions, after physical pruning)")
+    ax.set_ylabel("STS-B dev Spearman × 100")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    table = render(["sparsity", "method", "λ", "params", "STS-B dev", "test avg", "seeds", ""],
+                   [[f"{f['sparsity']:.2%}", "SimCSE control" if f["sparsity"] == 0 else f["method"],
+                     "—" if f["sparsity"] == 0 else str(f["lam"]), f"{f['params']:,}", f["dev"], f["test_avg"],
+                     str(f["seeds"]), "**selected**" if (f["sparsity"], f["lam"]) == (selected["sparsity"], selected["lam"])
+                     and f["method"] == (selected["method"] if f["sparsity"] else "align_uniform") else ""]
+                    for f in front], left=0)
+    return table, png(fig)
+
+
 def stability(rows: list[dict], selected: dict | None, tasks: list[str]) -> list[dict]:
     """Per task: the paper's grid point (s = 0 included) best on that task's test score (mean over seeds), and how
     far it is from the dev-selected point — whether one sparsity serves every task."""
@@ -367,6 +452,7 @@ def results_table(rows: list[dict], tasks: list[str]) -> list[dict]:
                      "error": r["error"] or "", "best_stsb_dev": m.get("best_stsb_dev"),
                      **{f"test/{t}": m.get(f"test/{t}") for t in tasks},
                      "align": m.get("align"), "uniform": m.get("uniform"), "steps": m.get("step"),
+                     "encoder_params": m.get("encoder_params"),
                      "node_id": m.get("node_id"), "checkpoint": r.get("checkpoint")})
     flat.sort(key=lambda x: (x["sparsity"], x["scorer"] != "align_uniform", x["scorer"],
                              _reading_order((x["combine"], x["normalize"])), x["lam"], x["seed"]))
@@ -387,7 +473,7 @@ def parquet_bytes(flat: list[dict]) -> bytes:
 def render_markdown(title: str, cfg: Config, rows: list[dict], flat: list[dict], selected: dict | None,
                     ctrl: dict | None, baseline: dict, transfer: dict | None, figures: list[str],
                     allocation_md: str | None = None, scoring: dict | None = None, pilot_md: str | None = None,
-                    backbone: dict | None = None, comps: list[dict] | None = None) -> str:
+                    backbone: dict | None = None, comps: list[dict] | None = None, pareto_md: str | None = None) -> str:
     """report.md: the paper's Table 1 (baseline, dev-selected SparseCSE, test-selected best per task), the
     over-seeds table, the controls (`comps`, from `comparisons`; computed here without predictions when None),
     alignment/uniformity, every trial, transfer, figures."""
@@ -430,6 +516,12 @@ def render_markdown(title: str, cfg: Config, rows: list[dict], flat: list[dict],
                "Both rows retrain from the pre-trained weights with each seed under the same budget; the control keeps "
                "every head and neuron (sparsity 0), so the difference is the effect of the mask.", "",
                _table(seeds_rows, tasks), ""]
+    if pareto_md:
+        par = selected["pareto"]
+        md += ["## Pareto front: STS-B dev vs encoder parameters (`sweep.objective: pareto`)", "",
+               f"Points no other point beats on both dev (mean over seeds) and size. Selection takes the smallest model "
+               f"within δ = {par['delta']:g} dev points of the best dev ({par['best_dev']:.2f}); test figures are shown, "
+               "never used to choose.", "", pareto_md, ""]
     md += render_comparisons(comparisons(rows, cfg.sweep.select_lam) if comps is None else comps, ctrl)
     if pilot_md:
         md += ["## Pilot study: the trained SimCSE pruned, without rewinding or retraining (the paper's Figure 1)", "",
@@ -515,13 +607,18 @@ def _selection_lines(selected: dict | None, cfg: Config) -> list[str]:
     if not selected:
         return ["No trial finished: nothing was selected.", ""]
     lam = f" (λ fixed at {cfg.sweep.select_lam} for selection)" if cfg.sweep.select_lam is not None else ""
-    out = [f"Selection chose among {selected['candidates']} grid points{lam}, the s = 0 control included. "]
+    out = [f"Selection chose among {selected['candidates']} grid points{lam}, the s = 0 control included"
+           + (f", by the smallest encoder within δ = {selected['pareto']['delta']:g} of the best STS-B dev "
+              f"({selected['pareto']['best_dev']:.2f}; `sweep.objective: pareto`). " if selected.get("pareto") else ". ")]
     if selected["control_won"]:
         what = "the control is exported" if cfg.sweep.when_control_wins == "export_control" else "nothing is exported"
-        out[0] += (f"**Pruning did not help on dev**: the s = 0 control has the best STS-B dev "
-                   f"({selected['dev_mean']:.2f}); {what} (`sweep.when_control_wins`).")
+        why = ("no pruned point comes within δ of the best dev" if selected.get("pareto") else
+               "the s = 0 control has the best STS-B dev")
+        out[0] += (f"**Pruning did not help on dev**: {why} ({selected['dev_mean']:.2f}); {what} "
+                   "(`sweep.when_control_wins`).")
     else:
-        out[0] += f"Selected: {_point_label(selected)}, STS-B dev {selected['dev_mean']:.2f}."
+        out[0] += f"Selected: {_point_label(selected)}, STS-B dev {selected['dev_mean']:.2f}" + (
+            f", {selected['params']:,} encoder parameters." if selected.get("params") else ".")
     if "STSBenchmark" in selected["test"]:
         gap = selected["dev_mean"] - selected["test"]["STSBenchmark"]
         out[0] += f" Dev/test gap of the selected point (STS-B dev − STS-B test): {gap:+.2f}."

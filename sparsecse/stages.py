@@ -102,7 +102,7 @@ def train_loop(loop_config: dict) -> None:
     setup_worker(loop_config["cpus_per_worker"])
     with scratch_dir("stage1") as tmp:
         resume = ra.train_checkpoint(tmp / "resume")
-        tb = tmp / "tensorboard" if rank == 0 else None
+        tb = tmp / "tensorboard" if rank == 0 and "tensorboard" in cfg.sweep.loggers else None
         callbacks = [*installed_callbacks("stage1", rank, store), *([TensorBoardSync(store, tb, "simcse")] if tb else []),
                      OnReport(ra.train_report)]
         train_simcse(cfg, tmp / "out", Path(loop_config["data_dir"]), dist=Dist(rank, world),
@@ -185,7 +185,7 @@ def trial(config: dict, *, store_uri: str, data_dir: str, cfg_dict: dict, scores
     from . import ray_adapter as ra
     from .evaluate import evaluate_sts, predictions_to_bytes
     from .model import load_encoder
-    from .prune import masks_for, rewind
+    from .prune import encoder_params, masks_for, rewind
     from .train import OnReport, train_simcse
 
     p = config.get("point") or config  # "point": trials of sweeps started before the parameters were named
@@ -202,7 +202,9 @@ def trial(config: dict, *, store_uri: str, data_dir: str, cfg_dict: dict, scores
                        simcse_scores=simcse_scores, combine=combine, normalize=normalize)
     point = {"sparsity": p["sparsity"], "lam": p["lam"], "seed": p["seed"], "scorer": scorer, "combine": combine,
              "normalize": normalize}
-    base = {**point, "trial": name, "evaluated": False, "node_id": ra.node_id()}
+    pre.set_masks(hm, nm)
+    # every report carries the model's size: the second objective of sweep.objective=pareto
+    base = {**point, "trial": name, "evaluated": False, "node_id": ra.node_id(), ra.PARAMS_METRIC: encoder_params(pre)}
     meta = {**point, "pretrained": cfg.model.name, "scores": store.url("scores.parquet"),
             "scores_fingerprint": scores.meta["model_fingerprint"]}
 
@@ -210,12 +212,13 @@ def trial(config: dict, *, store_uri: str, data_dir: str, cfg_dict: dict, scores
     with scratch_dir("trial") as tmp:
         # TensorBoard reaches storage at every evaluation, before Tune hears of it: a trial a scheduler stops
         # there keeps its curves
-        callbacks = [*installed_callbacks(name, 0, store), TensorBoardSync(store, tmp / "tensorboard", name),
+        tb = tmp / "tensorboard" if "tensorboard" in cfg.sweep.loggers else None
+        callbacks = [*installed_callbacks(name, 0, store), *([TensorBoardSync(store, tb, name)] if tb else []),
                      OnReport(lambda rec, ckpt: ra.tune_report({**base, **rec, **ra.rung(rec)}, ckpt))]
         resume = ra.tune_checkpoint(tmp / "resume")
         init = None if resume else rewind(pre, hm, nm)
         res = train_simcse(cfg, tmp / "out", Path(data_dir), init=init, callbacks=callbacks, resume_dir=resume,
-                           tb_dir=tmp / "tensorboard", progress=False, meta=meta, device=device)
+                           tb_dir=tb, progress=False, meta=meta, device=device)
         best = load_encoder(str(tmp / "out" / "best"), pooler=cfg.model.eval_pooler).to(device)
         sts_tasks = tuple(t for t in cfg.eval.tasks if t in STS_TASKS)
         preds: dict = {}

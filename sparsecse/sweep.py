@@ -9,7 +9,8 @@ Run layout (relative to --out):
     scores.parquet                 stage-2 alignment/uniformity gradients (shared with trials via the object store)
     predictions/<trial>.parquet    each trial's per-pair STS test predictions (the single-seed bootstrap)
     tune/                          Ray Tune's experiment: trial checkpoints (…/checkpoint_*/best = best dev model)
-    tensorboard/<name>/            TensorBoard runs: stage 1 ("simcse") and one per trial
+    tensorboard/<name>/            TensorBoard runs: stage 1 ("simcse") and one per trial (sweep.loggers)
+    mlflow/, wandb/                MLflow's sqlite store + artifacts, W&B offline runs (sweep.loggers; tracking.py)
     results.{parquet,json}, summary.json, report.{md,html}, figures/*.png, export/
 """
 
@@ -29,6 +30,7 @@ from . import ray_adapter as ra
 from . import report, stages
 from .config import STS_TASKS, TRANSFER_TASKS, Config, config_from_dict, load_config
 from .storage import Storage
+from .tracking import Tracking
 
 SWEEP_FILE = "sweep.json"
 
@@ -81,6 +83,7 @@ class Run:
     data_dir: str
     state: SweepState
     resume: bool
+    tracking: Tracking
 
     def save(self) -> None:
         self.store.write_json(SWEEP_FILE, asdict(self.state))
@@ -200,6 +203,7 @@ def train_stage(run: Run) -> None:
     st.stage_runs["train"] += 1
     st.timings["train_s"] = time.perf_counter() - t0
     run.save()
+    run.tracking.log_stage1(store.read_json("simcse/history.json")["history"])
 
 
 def score_stage(run: Run):
@@ -245,7 +249,7 @@ def search_space(cfg: Config) -> dict:
     sw = cfg.sweep
     space = {"sparsity": ("loguniform" if sw.sparsity_scale == "log" else "uniform", *sw.sparsity_range),
              "lam": ("uniform", *sw.lam_range) if sw.lam_range else ("choice", list(sw.lams))}
-    return {"space": space, "num_samples": sw.num_samples, "seed": sw.search_seed,
+    return {"space": space, "num_samples": sw.num_samples, "seed": sw.search_seed, "pareto": sw.objective == "pareto",
             "constants": {"seed": sw.seeds[0], "scorer": "align_uniform", "combine": cfg.score.combine[0],
                           "normalize": cfg.score.normalize[0]}}
 
@@ -259,7 +263,7 @@ def trials_stage(run: Run, scores) -> list[dict]:
               "simcse_scores": stages.load_simcse_scores(run.store, cfg)}
     common = {"storage": run.store, "cpus": cfg.sweep.trial_cpus, "gpus": cfg.sweep.trial_gpus,
               "max_concurrent": cfg.sweep.max_concurrent_trials, "max_failures": cfg.sweep.max_failures,
-              "resume": run.resume}
+              "resume": run.resume, "callbacks": run.tracking.callbacks()}
     rows = []
     if cfg.sweep.search == "optuna":
         controls = [p for p in grid_points(cfg) if p["sparsity"] == 0]
@@ -332,7 +336,8 @@ def report_stage(run: Run, rows: list[dict], selected: dict | None, extras: dict
         masks = select_masks(*scores.importance(selected["lam"], selected["combine"], selected["normalize"]),
                              selected["sparsity"])
         summary["allocation"] = report.allocation(*masks)
-    store.write_bytes("results.parquet", report.parquet_bytes(flat))
+    table_bytes = report.parquet_bytes(flat)
+    store.write_bytes("results.parquet", table_bytes)
     store.write_json("results.json", {"trials": flat, **summary})
     done = any(not r["error"] and report.evaluated(r["metrics"]) for r in rows)
     figs = report.render_figures(rows, tasks, baseline, extras.get("backbone"),
@@ -342,6 +347,9 @@ def report_stage(run: Run, rows: list[dict], selected: dict | None, extras: dict
         alloc_md, figs["mask_allocation.png"] = report.render_allocation(
             summary["allocation"], f"pruned per layer: s={selected['sparsity']:.0%}, λ={selected['lam']}, "
             f"combine={selected['combine']}, normalize={selected['normalize']}")
+    pareto_md = None
+    if selected and selected.get("pareto"):
+        pareto_md, figs["pareto.png"] = report.render_pareto(rows, selected, cfg.sweep.select_lam)
     pilot_md = None
     if extras["pilot"]:
         from .pilot import render as render_pilot
@@ -351,9 +359,14 @@ def report_stage(run: Run, rows: list[dict], selected: dict | None, extras: dict
         store.write_bytes(f"figures/{name}", png)
     md = report.render_markdown(Path(store.root).name, cfg, rows, flat, selected, summary["control"], baseline,
                                 transfer, list(figs), alloc_md, scores.meta, pilot_md, extras.get("backbone"),
-                                summary["comparisons"])
+                                summary["comparisons"], pareto_md)
+    html_text = report.render_html(md, figs)
     store.write_text("report.md", md)
-    store.write_text("report.html", report.render_html(md, figs))
+    store.write_text("report.html", html_text)
+    run.tracking.log_outcome(summary, {"report.md": md.encode(), "report.html": html_text.encode(),
+                                       "results.parquet": table_bytes,
+                                       **{f"figures/{k}": v for k, v in figs.items()}},
+                             "export" if summary["export"] else None)
     return summary
 
 
@@ -399,7 +412,7 @@ def run_sweep(config_path: str, overrides=None, resume: bool | str = False, addr
     # on a cluster the data dir is read by the nodes, not by the driver: check_nodes asks each of them
     data = str(default_data_dir(data_dir or cfg.data.dir) if on_cluster else resolve_data_dir(data_dir or cfg.data.dir))
     store, state, resume = open_run(out or f"runs/{Path(config_path).stem}", cfg, resume)
-    run = Run(cfg, store, data, state, resume)
+    run = Run(cfg, store, data, state, resume, Tracking(cfg, store))  # a missing tracker fails here, before compute
     store.write_text("config.yaml", cfg.to_yaml())
     run.save()
     t_start = time.perf_counter()
@@ -411,7 +424,7 @@ def run_sweep(config_path: str, overrides=None, resume: bool | str = False, addr
         train_stage(run)
         scores = score_stage(run)
         rows = trials_stage(run, scores)
-        selected = report.select(rows, cfg.sweep.select_lam)
+        selected = report.select(rows, cfg.sweep.select_lam, cfg.sweep.objective, cfg.sweep.pareto_delta)
         extras = evaluate_and_export_stage(run, selected)
         summary = report_stage(run, rows, selected, extras, scores)
         state.timings["total_s"] = time.perf_counter() - t_start

@@ -5,7 +5,7 @@ import copy
 import torch
 
 from conftest import make_batch
-from sparsecse.prune import physical_prune
+from sparsecse.prune import encoder_params, physical_prune
 from sparsecse.prune import zero_pruned_weights
 
 
@@ -105,3 +105,8 @@ def test_physically_pruned_equals_masked_including_empty_layers(tiny):
     n_dense = sum(p.numel() for p in tiny.backbone.encoder.parameters())
     n_pruned = sum(p.numel() for p in pruned.encoder.parameters())
     assert n_pruned < n_dense
+    # what trials report as the size objective (sweep.objective=pareto), from the masks alone, is what the
+    # physically pruned model has — empty layers (no Q/K/V left) included
+    assert encoder_params(tiny) == sum(p.numel() for p in pruned.parameters())
+    tiny.set_masks(torch.ones_like(hm), torch.ones_like(nm))
+    assert encoder_params(tiny) == sum(p.numel() for p in tiny.backbone.parameters())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from sparsecse import SparseCSEError
 from sparsecse.report import _pm, _table, control, select
 
 
@@ -213,3 +214,52 @@ def test_sampled_points_are_drawn_as_a_scatter_with_a_fit():
     assert figs["sts_avg_vs_sparsity.png"][:4] == b"\x89PNG" and "sts_tasks_vs_sparsity.png" in figs
     # a scatter on a log sparsity axis in the average's figure and in the per-task panel, each with the fit line
     assert len(drawn) >= 2 and all(ax.get_xscale() == "log" and len(ax.get_lines()) >= 2 for ax in drawn[:2])
+
+
+def _sized(row: dict, params: int) -> dict:
+    row["metrics"]["encoder_params"] = params
+    return row
+
+
+def test_pareto_objective_takes_the_smallest_model_within_delta_and_reports_the_front():
+    """sweep.objective=pareto: the front of (dev ↑, encoder parameters ↓) over the candidate points (seeds pooled),
+    and selection picks the smallest model whose mean dev is within δ of the best dev — never test, never a
+    control scorer; the report gets the front table and a figure."""
+    from sparsecse.config import load_config
+    from sparsecse.report import pareto_front, render_markdown, render_pareto, results_table
+
+    size = {0.0: 1000, 0.1: 900, 0.3: 700, 0.5: 500}
+    dev = {0.0: 80.0, 0.1: 80.6, 0.3: 80.2, 0.5: 78.0}
+    rows = [_sized(_row(s, 0.5, k, dev[s] + (k - 2) / 10, 70.0 + 10 * s), size[s]) for s in size for k in (1, 2, 3)]
+    rows.append(_sized(_row(0.5, 0.5, 1, 99.0, 99.0, scorer="random"), 500))  # a control scorer: never chosen
+    assert select(rows)["sparsity"] == 0.1  # objective dev: the best dev
+    sel = select(rows, objective="pareto", delta=0.5)
+    # best dev 80.6 (s = 10 %); within 0.5: s = 10 % and 30 % (80.2); the smaller of them is 30 %
+    assert (sel["sparsity"], sel["params"], sel["control_won"]) == (0.3, 700, False)
+    assert sel["pareto"]["best_dev"] == pytest.approx(80.6)
+    # s = 0 (1000 params, dev 80.0) is dominated by s = 10 % (fewer params, higher dev); the rest form the front
+    assert [f["sparsity"] for f in sel["pareto"]["front"]] == [0.5, 0.3, 0.1]
+    assert [f["params"] for f in sel["pareto"]["front"]] == [500, 700, 900] and sel["pareto"]["front"][0]["seeds"] == 3
+    assert select(rows, objective="pareto", delta=3.0)["sparsity"] == 0.5  # a wider δ admits the smallest model
+    assert select(rows, objective="pareto", delta=0.0)["sparsity"] == 0.1  # δ = 0: the best dev itself
+    # only the control within δ: pruning did not help
+    alone = [_sized(_row(0.0, 0.5, 1, 81.0, 70.0), 1000), _sized(_row(0.3, 0.5, 1, 79.0, 70.0), 700)]
+    assert select(alone, objective="pareto", delta=0.5)["control_won"]
+    # equal size, the higher dev; ties in the front are dropped as dominated
+    assert pareto_front([{"dev": 1.0, "params": 5}, {"dev": 2.0, "params": 5}, {"dev": 0.5, "params": 3}]) == [
+        {"dev": 0.5, "params": 3}, {"dev": 2.0, "params": 5}]
+    for r in rows:
+        del r["metrics"]["encoder_params"]
+    with pytest.raises(SparseCSEError, match="encoder_params"):  # trials of a sweep from before it was reported
+        select(rows, objective="pareto")
+    for r, s in zip(rows, [s for s in size for _ in (1, 2, 3)] + [0.5]):
+        r["metrics"]["encoder_params"] = size[s]
+    table, fig = render_pareto(rows, sel)
+    assert fig[:8] == b"\x89PNG\r\n\x1a\n" and table.count("\n") == 4  # header, rule, 3 front rows
+    assert "| 30.00% | align_uniform | 0.5 | 700 |" in table and table.count("**selected**") == 1
+    cfg = load_config(None, ["sweep.sparsities=[0, 0.1, 0.3, 0.5]", "sweep.lams=[0.5]", "sweep.seeds=[1, 2, 3]",
+                             "sweep.objective=pareto", "eval.tasks=[STSBenchmark]"])
+    md = render_markdown("t", cfg, rows, results_table(rows, ["STSBenchmark", "avg"]), sel, control(rows),
+                         {"STSBenchmark": 70.0, "avg": 70.0, "align": 0.1, "uniform": -2.0}, None, [], pareto_md=table)
+    assert "## Pareto front: STS-B dev vs encoder parameters" in md and table in md
+    assert "by the smallest encoder within δ = 0.5 of the best STS-B dev (80.60" in md and "700 encoder parameters" in md

@@ -1,0 +1,195 @@
+"""Experiment tracking beside TensorBoard (`sweep.loggers`): MLflow and Weights & Biases.
+
+Every trial goes through Ray Tune's own logger callbacks (MLflowLoggerCallback, WandbLoggerCallback; they run in the
+driver). The driver logs stage 1 (its config and dev curve) and the sweep's outcome (the selection, report.md/html,
+figures, results.parquet and the exported model) into the same MLflow experiment / W&B group, named after the run.
+
+Where it goes by default, so that it works offline:
+  MLflow  a sqlite store and its artifacts in the run, mlflow/mlflow.db and mlflow/artifacts/
+          (browse: `mlflow ui --backend-store-uri sqlite:///RUN/mlflow/mlflow.db`); sweep.mlflow_tracking_uri or
+          MLFLOW_TRACKING_URI point it at a team's server instead.
+  W&B     the W&B project sweep.wandb_project; WANDB_MODE=offline writes the runs under wandb/ in the run
+          (`wandb sync RUN/wandb/offline-run-*` uploads them later).
+With cloud storage (--out s3://…) both are kept on the driver while the sweep runs and copied into the run at the
+end of each stage; a resumed driver continues the same sqlite store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import time
+from pathlib import Path
+
+from . import SparseCSEError
+from .config import Config
+from .storage import Storage, scratch_dir
+
+TRACKERS = ("mlflow", "wandb")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+class Tracking:
+    """The run's trackers: `callbacks()` for the Tune trials, `log_stage1` and `log_outcome` from the driver."""
+
+    def __init__(self, cfg: Config, store: Storage):
+        self.cfg, self.store = cfg, store
+        self.on = [t for t in cfg.sweep.loggers if t in TRACKERS]
+        self.name = Path(store.root.rstrip("/")).name
+        if store.is_local:
+            self.local = Path(store.root)
+        else:  # the driver's copy of a cloud run's tracking files
+            key = hashlib.sha1(store.uri.encode()).hexdigest()[:12]
+            self.local = Path(os.environ.get("SPARSECSE_CACHE", "~/.cache/sparsecse")).expanduser() / "tracking" / key
+        self._mlflow_uri = None
+        if "mlflow" in self.on:
+            self._mlflow_uri = self._setup_mlflow()
+        if "wandb" in self.on:
+            self._check_wandb()
+
+    # ------------------------------------------------------------------ MLflow
+    def _setup_mlflow(self) -> str:
+        if importlib.util.find_spec("mlflow") is None:
+            raise SparseCSEError("config sweep.loggers: mlflow is not installed; pip install 'sparsecse[tracking]' "
+                                 "or remove mlflow from sweep.loggers")
+        uri = self.cfg.sweep.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        artifacts = None
+        if not uri:
+            if not self.store.is_local and not (self.local / "mlflow").exists() and self.store.is_dir("mlflow"):
+                self.store.download_dir("mlflow", self.local / "mlflow")  # a resumed driver keeps one store
+            (self.local / "mlflow").mkdir(parents=True, exist_ok=True)
+            uri = f"sqlite:///{(self.local / 'mlflow' / 'mlflow.db').as_posix()}"
+            artifacts = (self.local / "mlflow" / "artifacts").as_uri()
+        from mlflow.tracking import MlflowClient
+
+        try:
+            client = MlflowClient(uri)
+            if client.get_experiment_by_name(self.name) is None:
+                client.create_experiment(self.name, artifact_location=artifacts)
+        except Exception as e:  # noqa: BLE001 - any store/server failure, reported in one line
+            raise SparseCSEError(f"config sweep.mlflow_tracking_uri: cannot open MLflow at {uri} "
+                                 f"({str(e).splitlines()[0][:200]}); fix the URI or unset it for the run's own store") from None
+        return uri
+
+    def _mlflow_run(self, run_name: str, stage: str, params: dict, metrics: list[tuple[str, float, int]],
+                    artifacts: Path | None = None) -> None:
+        from mlflow.entities import Metric, Param
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(self._mlflow_uri)
+        exp = client.get_experiment_by_name(self.name)
+        for old in client.search_runs([exp.experiment_id], f"tags.`sparsecse.stage` = '{stage}'"):
+            client.delete_run(old.info.run_id)  # a resumed sweep logs its stage again, once
+        run = client.create_run(exp.experiment_id, run_name=run_name, tags={"sparsecse.stage": stage})
+        now = int(time.time() * 1000)
+        params = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        mets = [Metric(k.replace("@", "_"), float(v), now, step) for k, v, step in metrics]
+        for i in range(0, max(len(params), len(mets)), 100):  # log_batch takes at most 100 params per call
+            client.log_batch(run.info.run_id, metrics=mets[i:i + 100], params=params[i:i + 100])
+        if artifacts is not None:
+            client.log_artifacts(run.info.run_id, artifacts.as_posix())
+        client.set_terminated(run.info.run_id)
+
+    # ------------------------------------------------------------------ W&B
+    def _check_wandb(self) -> None:
+        if importlib.util.find_spec("wandb") is None:
+            raise SparseCSEError("config sweep.loggers: wandb is not installed; pip install 'sparsecse[tracking]' "
+                                 "or remove wandb from sweep.loggers")
+        (self.local / "wandb").mkdir(parents=True, exist_ok=True)
+
+    def _wandb_init(self) -> dict:
+        """wandb.init arguments every run of this sweep shares: one project, one group (the run), files in the run;
+        WANDB_MODE (e.g. offline) is passed on explicitly, since Tune's logging actors may not inherit it."""
+        kw = {"project": self.cfg.sweep.wandb_project, "group": self.name, "dir": self.local.as_posix()}
+        if os.environ.get("WANDB_MODE"):
+            kw["mode"] = os.environ["WANDB_MODE"]
+        return kw
+
+    def _wandb_run(self, run_name: str, stage: str, params: dict, metrics: list[tuple[str, float, int]],
+                   artifacts: Path | None = None) -> None:
+        import wandb
+
+        kw = self._wandb_init()
+        run = wandb.init(name=run_name, job_type=stage, config=params, reinit="create_new",
+                         **{k: v for k, v in kw.items()})
+        try:
+            for k, v, step in metrics:
+                run.log({k: v}, step=step)
+            if artifacts is not None:
+                art = wandb.Artifact(f"{self.name}-{stage}", type=stage)
+                art.add_dir(artifacts.as_posix())
+                run.log_artifact(art)
+        finally:
+            run.finish()
+
+    # ------------------------------------------------------------------ what the sweep calls
+    def callbacks(self) -> list:
+        """Ray Tune logger callbacks for the trials (config, every reported metric, start/end)."""
+        out = []
+        if "mlflow" in self.on:
+            from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+            out.append(MLflowLoggerCallback(tracking_uri=self._mlflow_uri, experiment_name=self.name,
+                                            tags={"sparsecse.stage": "trial"}))
+        if "wandb" in self.on:
+            from ray.air.integrations.wandb import WandbLoggerCallback
+
+            out.append(WandbLoggerCallback(**self._wandb_init(), job_type="trial"))
+        return out
+
+    def _log(self, run_name: str, stage: str, params: dict, metrics: list, artifacts: Path | None = None) -> None:
+        if "mlflow" in self.on:
+            self._mlflow_run(run_name, stage, params, metrics, artifacts)
+        if "wandb" in self.on:
+            self._wandb_run(run_name, stage, params, metrics, artifacts)
+        self.sync()
+
+    def log_stage1(self, history: list[dict]) -> None:
+        """Stage 1 as one run: the model/data/train config and its dev curve (loss, STS-B dev per evaluation)."""
+        if not self.on:
+            return
+        cd = self.cfg.to_dict()
+        params = _flat({k: cd[k] for k in ("model", "data", "train", "ray")})
+        metrics = [(k, v, int(h["step"])) for h in history for k, v in h.items()
+                   if k in ("loss", "stsb_dev", "best_stsb_dev") and v is not None]
+        self._log("stage1 (SimCSE)", "stage1", params, metrics)
+
+    def log_outcome(self, summary: dict, files: dict[str, bytes], export_rel: str | None) -> None:
+        """The sweep's outcome as one run: the whole config, the selection's dev/test figures, and as artifacts the
+        report, figures, results table and the exported model (`export_rel` in the run, when there is one)."""
+        if not self.on:
+            return
+        sel = summary.get("selected") or {}
+        metrics = [(k, v, 0) for k, v in (("selected/sparsity", sel.get("sparsity")), ("selected/lam", sel.get("lam")),
+                                          ("selected/stsb_dev", sel.get("dev_mean")),
+                                          ("selected/encoder_params", sel.get("params")))
+                   if v is not None]
+        metrics += [(f"selected/test/{t}", v, 0) for t, v in (sel.get("test") or {}).items()]
+        metrics += [(f"baseline/test/{t}", v, 0) for t, v in (summary.get("baseline") or {}).items()
+                    if isinstance(v, (int, float))]
+        with scratch_dir("tracking") as tmp:
+            for rel, data in files.items():
+                p = tmp / rel
+                p.parent.mkdir(parents=True, exist_ok=True)
+                p.write_bytes(data)
+            if export_rel and self.store.is_dir(export_rel):
+                self.store.download_dir(export_rel, tmp / "export")
+            self._log("sweep outcome", "outcome", _flat(self.cfg.to_dict()), metrics, tmp)
+
+    def sync(self) -> None:
+        """A cloud run gets the driver's tracking files (the sqlite store, W&B offline runs) after each stage."""
+        if self.store.is_local or not self.on:
+            return
+        for sub in ("mlflow", "wandb"):
+            if (self.local / sub).is_dir():
+                self.store.upload_dir(self.local / sub, sub, replace=False)
