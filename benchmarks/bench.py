@@ -374,13 +374,66 @@ def bench_sweep(run: Path) -> dict:
             "stage_runs": summary["stage_runs"], "timings": summary["timings"]}
 
 
+def _trial_records(run: Path) -> list[dict]:
+    """Every trial of a finished sweep (tune/ and, for sweep.search=optuna, tune-control/), each as its last
+    record: the end time, the trial's own time, steps trained, best dev so far, whether it was evaluated on test."""
+    out = []
+    for p in sorted([*(run / "tune").rglob("result.json"), *(run / "tune-control").rglob("result.json")]):
+        rows = [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
+        if rows:
+            last = rows[-1]
+            out.append({"end": last["timestamp"], "s": last["time_total_s"], "steps": last.get("step", 0),
+                        "dev": last.get("best_stsb_dev", float("nan")), "trial": last.get("trial", p.parent.name),
+                        "evaluated": bool(last.get("evaluated", last.get("done")))})
+    return sorted(out, key=lambda t: t["end"])
+
+
+def bench_search(grid_run: Path, other_run: Path, within: float = 0.1) -> dict:
+    """Grid vs a search (sweep.search=optuna, ± ASHA) on the same budgets, from the two finished sweeps' records:
+    each one's trials, CPU-seconds (Σ trial time × trial_cpus) and training steps in all; for the search also what
+    it had spent, in the order trials finished, when a trial first reached a dev within `within` of the grid's
+    best dev (the grid needs all its trials to know its best); and the point each selected."""
+    arms = {}
+    for key, run in (("grid", grid_run), ("search", other_run)):
+        if not (run / "summary.json").is_file() or not (run / "sweep.json").is_file():
+            raise SparseCSEError(f"--run/--against {run}: not a finished sweep (summary.json/sweep.json missing); "
+                                 "point them at the --out directories of two completed `sparsecse sweep`s")
+        cfg = json.loads((run / "sweep.json").read_text())["config"]
+        trials = _trial_records(run)
+        if not trials:
+            raise SparseCSEError(f"{run}: no trial results under tune/; point it at a finished sweep directory")
+        cpus = cfg["sweep"]["trial_cpus"]
+        sel = json.loads((run / "summary.json").read_text())["selected"] or {}
+        arms[key] = {"run": str(run), "search": cfg["sweep"].get("search", "grid"), "scheduler": cfg["sweep"]["scheduler"],
+                     "trials": len(trials), "stopped": sum(not t["evaluated"] for t in trials),
+                     "cpu_s": cpus * sum(t["s"] for t in trials), "steps": sum(t["steps"] for t in trials),
+                     "selected": {k: sel.get(k) for k in ("sparsity", "lam", "dev_mean")}, "_trials": trials,
+                     "_cpus": cpus}
+    target = max(t["dev"] for t in arms["grid"]["_trials"] if t["evaluated"]) - within
+    for a in arms.values():
+        spent, hit = 0.0, None
+        for i, t in enumerate(a["_trials"], 1):
+            spent += a["_cpus"] * t["s"]
+            if t["dev"] >= target:
+                hit = {"trials": i, "cpu_s": spent}
+                break
+        a["reached"] = hit
+        del a["_trials"], a["_cpus"]
+    g, o = arms["grid"], arms["search"]
+    same = (o["selected"]["dev_mean"] is not None and g["selected"]["dev_mean"] is not None
+            and o["selected"]["dev_mean"] >= g["selected"]["dev_mean"] - within)
+    return {"row": "search", "within": within, "grid_best_dev": target + within, **arms,
+            "compute_ratio": o["cpu_s"] / g["cpu_s"], "steps_ratio": o["steps"] / g["steps"],
+            "reach_ratio": (o["reached"]["cpu_s"] / g["cpu_s"]) if o["reached"] else None, "same_choice": same}
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.1f} %"
 
 
 def markdown(r: dict) -> str:
     """The row for BENCHMARKS.md: command, machine and date, then the figures of both arms."""
-    timing = "read from the finished sweep's records" if r["row"] == "sweep" else \
+    timing = "read from the finished sweeps' records" if r["row"] in ("sweep", "search") else \
         f"median of {r['reps']} after {r['warmup']} warm-up"
     head = [f"`{r['command']}`" if r.get("command") else "", f"{r['machine']}, {r['date']}, {timing}", ""]
     if r["row"] == "train":
@@ -410,6 +463,21 @@ def markdown(r: dict) -> str:
             rows.append(f"| {_pct(p['sparsity'])} | {p['params_pruned'] / 1e6:.1f} M / {p['params_dense'] / 1e6:.1f} M"
                         f" | " + " | ".join(arm(k) for k in INFERENCE_ARMS) + " |")
         rows.append("\nsent/s (× the sentence-transformers baseline; STS-B test Spearman × 100)")
+    elif r["row"] == "search":
+        def line(name, a):
+            reach = (f"{a['reached']['trials']} / {a['reached']['cpu_s']:.0f} s" if a["reached"] else "never")
+            sel = a["selected"]
+            return (f"| {name} | {a['trials']} ({a['stopped']} stopped) | {a['cpu_s']:.0f} s | {a['steps']} | {reach} | "
+                    f"{sel['sparsity']:.2%}, λ={sel['lam']:.2f} | {sel['dev_mean']:.2f} |")
+        rows = [f"| sweep | trials | CPU-seconds | training steps | trials / CPU-s to dev ≥ grid best − {r['within']} "
+                "| selected | its dev |", "|---|---:|---:|---:|---:|---|---:|",
+                line(f"grid ({r['grid']['run']})", r["grid"]),
+                line(f"{r['search']['search']} + {r['search']['scheduler']} ({r['search']['run']})", r["search"]), "",
+                f"Search ÷ grid: **{_pct(r['compute_ratio'])} of the CPU-seconds**, {_pct(r['steps_ratio'])} of the "
+                f"training steps" + (f"; it reached the grid's best − {r['within']} after {_pct(r['reach_ratio'])} of the "
+                                     "grid's compute" if r["reach_ratio"] is not None else "; it never came within "
+                                     f"{r['within']} of the grid's best dev") + ". Same choice (selected dev within "
+                f"{r['within']} of the grid's selection): **{'yes' if r['same_choice'] else 'no'}**."]
     else:
         rows = ["| trials | stage-3 wall | Σ trial time | ideal | gap-free schedule | overhead | packing | Ray/Tune | "
                 "stage-1 / scoring runs |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -426,14 +494,16 @@ def build_parser():
 
     b = argparse.ArgumentParser(prog="python -m benchmarks.bench",
                                 description="benchmarks against peers measured in the same run (BENCHMARKS.md rows)")
-    b.add_argument("which", nargs="+", choices=["train", "eval", "inference", "sweep", "all"])
+    b.add_argument("which", nargs="+", choices=["train", "eval", "inference", "sweep", "search", "all"])
     b.add_argument("--data-dir")
     b.add_argument("--reps", type=int, default=5)
     b.add_argument("--warmup", type=int, default=1, help="untimed runs of each arm first (eval, train, inference rows)")
     b.add_argument("--out", default="bench-results")
     b.add_argument("--threads", type=int)
     b.add_argument("--tasks", nargs="+", default=list(STS_TASKS), help="STS tasks for the eval row")
-    b.add_argument("--run", default="runs/quickstart", help="finished sweep directory for the sweep row")
+    b.add_argument("--run", default="runs/quickstart", help="finished sweep directory for the sweep row (search row: "
+                   "the grid sweep)")
+    b.add_argument("--against", help="search row: the finished sweep with sweep.search=optuna to compare with --run")
     b.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="train and eval rows: where to run")
     b.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="train row: the forward under bf16 autocast (ours and the peer)")
@@ -460,10 +530,13 @@ def run_bench(a, argv: list[str]) -> None:
     which = {"train", "eval", "inference", "sweep"} if "all" in a.which else set(a.which)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    data_dir = resolve_data_dir(a.data_dir) if which - {"sweep"} else None
+    if "search" in which and not a.against:
+        raise SparseCSEError("search row: --against DIR (the sweep.search=optuna run to compare with the grid --run) "
+                             "is required")
+    data_dir = resolve_data_dir(a.data_dir) if which - {"sweep", "search"} else None
     header = {"date": str(date.today()), "machine": machine(), "reps": a.reps, "warmup": a.warmup,
               "command": "python -m benchmarks.bench " + shlex.join(argv)}
-    for row in ("train", "eval", "inference", "sweep"):
+    for row in ("train", "eval", "inference", "sweep", "search"):
         if row not in which:
             continue
         if row == "train":
@@ -473,8 +546,10 @@ def run_bench(a, argv: list[str]) -> None:
                            onnx=tuple(a.onnx_model) if a.onnx_model else None)
         elif row == "inference":
             r = bench_inference(data_dir, a.reps, work=out / "inference", warmup=a.warmup)
-        else:
+        elif row == "sweep":
             r = bench_sweep(Path(a.run))
+        else:
+            r = bench_search(Path(a.run), Path(a.against))
         r.update(header)
         atomic_write_json(out / f"{row}.json", r)
         print(markdown(r))

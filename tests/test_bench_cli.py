@@ -68,3 +68,35 @@ def test_bench_sweep_cli_prints_the_benchmarks_row_and_writes_json(tmp_path, cap
     assert "| 5 | 310.0 s | 500.0 s | 250.0 s | 300.0 s | 24.0 % | 20.0 % | 3.3 % | 1 / 1 |" in out
     saved = json.loads((tmp_path / "out" / "sweep.json").read_text())
     assert saved["overhead"] == pytest.approx(0.24) and saved["machine"] and saved["date"]
+
+
+def _search_run(root, trials, search, selected, scheduler="none"):
+    """A finished sweep's records: trials as (end time, trial seconds, steps, best dev, evaluated)."""
+    for i, (end, secs, steps, dev, done) in enumerate(trials):
+        tdir = root / ("tune-control" if i == 0 and search == "optuna" else "tune") / f"trial_{i}"
+        tdir.mkdir(parents=True)
+        (tdir / "result.json").write_text(json.dumps({"timestamp": end, "time_total_s": secs, "step": steps,
+                                                      "best_stsb_dev": dev, "evaluated": done}) + "\n")
+    (root / "sweep.json").write_text(json.dumps({"config": {"sweep": {"trial_cpus": 1, "search": search,
+                                                                      "scheduler": scheduler}}}))
+    (root / "summary.json").write_text(json.dumps({"selected": selected}))
+    return root
+
+
+def test_bench_search_counts_compute_to_reach_the_grids_best(tmp_path, capsys):
+    grid = _search_run(tmp_path / "g", [(10, 10, 16, 80.0, True), (20, 10, 16, 81.0, True), (30, 10, 16, 80.5, True),
+                                        (40, 10, 16, 79.0, True)], "grid", {"sparsity": 0.1, "lam": 0.5, "dev_mean": 81.0})
+    # the search: the s = 0 control, an ASHA-stopped trial (half the steps), then one within 0.1 of the grid's best
+    opt = _search_run(tmp_path / "o", [(5, 10, 16, 80.0, True), (8, 5, 8, 70.0, False), (15, 10, 16, 80.95, True)],
+                      "optuna", {"sparsity": 0.12, "lam": 0.5, "dev_mean": 80.95}, scheduler="asha")
+    r = bench.bench_search(grid, opt)
+    assert r["grid"]["cpu_s"] == 40 and r["search"]["cpu_s"] == 25 and r["search"]["stopped"] == 1
+    assert r["compute_ratio"] == pytest.approx(25 / 40) and r["steps_ratio"] == pytest.approx(40 / 64)
+    assert r["search"]["reached"] == {"trials": 3, "cpu_s": 25} and r["grid"]["reached"] == {"trials": 2, "cpu_s": 20}
+    assert r["same_choice"] and r["grid_best_dev"] == pytest.approx(81.0)
+    assert bench.main(["search", "--run", str(grid), "--against", str(opt), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "| optuna + asha (" in out and "| 3 (1 stopped) | 25 s | 40 | 3 / 25 s | 12.00%, λ=0.50 | 80.95 |" in out
+    assert "**62.5 % of the CPU-seconds**" in out and "Same choice" in out
+    assert bench.main(["search", "--run", str(grid), "--out", str(tmp_path / "out2")]) == 2
+    assert "--against" in capsys.readouterr().err

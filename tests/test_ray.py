@@ -374,13 +374,18 @@ def test_asha_stops_a_weak_trial_by_steps_and_selection_and_export_still_work(tm
     assert len(list((tmp_path / "run" / "tensorboard").glob("s0.*"))) == 2 and len(list((tmp_path / "run" / "tune").glob("*/result.json"))) == 2
 
 
-def test_optuna_search_samples_continuous_sparsity_beside_the_grid_control(tmp_path, tiny_model_dir, tiny_data_dir):
+def test_optuna_pareto_search_with_mlflow_and_wandb_tracking(tmp_path, tiny_model_dir, tiny_data_dir):
     """sweep.search=optuna: Optuna's TPE samples num_samples points of continuous sparsity in sparsity_range and λ
     in lam_range (Tune's table names them); the s = 0 control runs as its own small grid; selection, report
-    (scatter + fit) and export work on the sampled points."""
+    (scatter + fit) and export work on the sampled points. With sweep.objective=pareto the search has two
+    objectives (dev, encoder parameters) and selection takes the smallest model within δ of the best dev. With
+    sweep.loggers mlflow + wandb (offline), stage 1, every trial (through Tune's callbacks) and the outcome are
+    runs of one MLflow experiment / W&B group in the run."""
     cfg = _write_cfg(tmp_path / "c.yaml", tiny_model_dir, sparsities=(0.0,), lams=(0.5,))
     r = _sweep(cfg, tmp_path / "run", tiny_data_dir, "--set", "sweep.search=optuna", "--set", "sweep.num_samples=4",
-               "--set", "sweep.sparsity_range=[0.05, 0.5]", "--set", "sweep.lam_range=[0.2, 0.8]")
+               "--set", "sweep.sparsity_range=[0.05, 0.5]", "--set", "sweep.lam_range=[0.2, 0.8]",
+               "--set", "sweep.objective=pareto", "--set", "sweep.pareto_delta=1.0",
+               "--set", "sweep.loggers=[tensorboard, mlflow, wandb]", env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     sampled = [t for t in res["trials"] if t["sparsity"] > 0]
@@ -389,8 +394,25 @@ def test_optuna_search_samples_continuous_sparsity_beside_the_grid_control(tmp_p
     assert len({t["sparsity"] for t in sampled}) == 4 and len({t["trial"] for t in res["trials"]}) == 5
     assert (tmp_path / "run" / "tune-control").is_dir() and (tmp_path / "run" / "tune").is_dir()
     sel = res["selected"]
-    assert sel["candidates"] == 5 and (sel["control_won"] or sel["sparsity"] in {t["sparsity"] for t in sampled})
+    assert sel["candidates"] == 5 and sel["objective"] == "pareto"
+    # the smallest model among those within δ of the best dev, from the trials' own records
+    best = max(t["best_stsb_dev"] for t in res["trials"])
+    within = [t for t in res["trials"] if t["best_stsb_dev"] >= best - 1.0]
+    assert sel["params"] == min(t["encoder_params"] for t in within) and sel["pareto"]["best_dev"] == best
+    assert all(t["encoder_params"] < res["trials"][0]["encoder_params"] for t in sampled)  # trials[0]: s = 0
     md = (tmp_path / "run" / "report.md").read_text()
     assert "Optuna (TPE) search: 4 samples of sparsity in [0.05, 0.5] (log) and λ in [0.2, 0.8]" in md
+    assert "## Pareto front" in md and (tmp_path / "run" / "figures" / "pareto.png").exists()
     assert (tmp_path / "run" / "figures" / "sts_avg_vs_sparsity.png").exists()
     assert (tmp_path / "run" / "export" / "manifest.json").exists()
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'run' / 'mlflow' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("run").experiment_id])
+    stages = sorted(x.data.tags.get("sparsecse.stage") for x in runs)
+    assert stages == ["outcome", "stage1"] + ["trial"] * 5
+    trial_runs = [x for x in runs if x.data.tags["sparsecse.stage"] == "trial"]
+    assert sorted(float(x.data.params["sparsity"]) for x in trial_runs) == sorted(t["sparsity"] for t in res["trials"])
+    assert all("best_stsb_dev" in x.data.metrics and "encoder_params" in x.data.metrics for x in trial_runs)
+    offline = [p for p in (tmp_path / "run" / "wandb").rglob("offline-run-*") if p.is_dir()]
+    assert len(offline) == 7  # stage 1, 5 trials, the outcome
