@@ -348,30 +348,36 @@ def test_sweep_with_controls_and_both_readings_runs_every_method_and_reports_com
         assert f"normalize = {sel['normalize']}" in md
 
 
-def test_asha_stops_a_weak_trial_by_steps_and_selection_and_export_still_work(tmp_path, tiny_model_dir, tiny_data_dir):
+def test_asha_stops_a_weak_trial_a_diverging_one_fails_and_selection_and_export_still_work(tmp_path, tiny_model_dir,
+                                                                                            tiny_data_dir):
     """ASHA measured in training steps, one trial at a time: the first trial (nothing to compare with) runs its
-    whole budget (4 steps) to its final test report — the step budget never cuts a trial short — and a clearly weak
-    second one (it reports dev -100, injected) is stopped at the first rung (grace = 2 steps); the sweep still
-    selects and exports, and the report names the stopped trial."""
-    cfg = _write_cfg(tmp_path / "c.yaml", tiny_model_dir, sparsities=(0.1, 0.3), lams=(0.5,))
+    whole budget (4 steps) to its final test report — the step budget never cuts a trial short —, a diverging
+    second one (learning rate 1e30, injected) fails as non-finite and is never chosen, and a clearly weak third one
+    (it reports dev -100, injected) is stopped at the first rung (grace = 2 steps). The sweep still writes its
+    report and export, names the stopped and the failed trial, and exits 1 with one line: failures are not success."""
+    cfg = _write_cfg(tmp_path / "c.yaml", tiny_model_dir, sparsities=(0.1, 0.2, 0.3), lams=(0.5,))
     r = _sweep(cfg, tmp_path / "run", tiny_data_dir, "--set", "sweep.scheduler=asha", "--set", "sweep.asha_grace_steps=2",
                "--set", "sweep.asha_reduction_factor=2", "--set", "sweep.max_concurrent_trials=1",
                "--set", "sweep.export_onnx=true",
-               env={"SPARSECSE_FAULT": "trial-poor:s0.300_l0.50_seed1"})
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+               env={"SPARSECSE_FAULT": "trial-poor:s0.300_l0.50_seed1,trial-nan:s0.200_l0.50_seed1"})
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("sparsecse: error: 1 of 3 trials failed (first: s0.200_l0.50_seed1") and "non-finite" in last
     assert "sparsity" in r.stdout and "scorer" in r.stdout  # Tune's table names the parameters
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     status = {t["trial"]: (t["status"], t["steps"]) for t in res["trials"]}
-    assert status == {"s0.100_l0.50_seed1": ("done", 4), "s0.300_l0.50_seed1": ("incomplete", 2)}
-    assert res["selected"] is not None and (tmp_path / "run" / "export" / "manifest.json").exists()
+    assert status["s0.100_l0.50_seed1"] == ("done", 4) and status["s0.300_l0.50_seed1"] == ("incomplete", 2)
+    bad = next(t for t in res["trials"] if t["sparsity"] == 0.2)
+    assert bad["status"] == "error" and "non-finite" in bad["error"]
+    assert res["selected"]["sparsity"] == 0.1 and (tmp_path / "run" / "export" / "manifest.json").exists()
     # sweep.export_onnx: the export carries the ONNX files, measured on the run's data in its model card
     assert (tmp_path / "run" / "export" / "pruned" / "onnx" / "model_qint8.onnx").is_file()
     assert "| onnx/model_qint8.onnx |" in (tmp_path / "run" / "export" / "README.md").read_text()
     md = (tmp_path / "run" / "report.md").read_text()
-    assert "ASHA stopped 1 of 2 trials early" in md and "s0.300_l0.50_seed1" in md
+    assert "ASHA stopped 1 of 3 trials early" in md and "s0.300_l0.50_seed1" in md and "non-finite" in md
     # one TensorBoard stream per trial (ours, with per-step loss), not a second one from Tune's TBX logger
     assert not list((tmp_path / "run" / "tune").rglob("events.out.tfevents*"))
-    assert len(list((tmp_path / "run" / "tensorboard").glob("s0.*"))) == 2 and len(list((tmp_path / "run" / "tune").glob("*/result.json"))) == 2
+    assert len(list((tmp_path / "run" / "tensorboard").glob("s0.*"))) == 3 and len(list((tmp_path / "run" / "tune").glob("*/result.json"))) == 3
 
 
 def test_optuna_pareto_search_with_mlflow_and_wandb_tracking(tmp_path, tiny_model_dir, tiny_data_dir):
