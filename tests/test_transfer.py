@@ -19,20 +19,21 @@ def _blobs(n, sep, seed):
 @pytest.mark.parametrize("clf", ["pytorch", "sklearn"])
 def test_cv_accuracy_on_separable_and_random_data(clf):
     X, y = _blobs(200, 6.0, 0)
-    # Adam keeps the first round that is best on validation (SentEval's rule): on 160 training points that round
-    # has had a dozen steps, so the pytorch classifier is near, not at, the separable optimum
-    assert cv_accuracy(X, y, k=5, inner_k=3, classifier=clf) >= (100.0 if clf == "sklearn" else 90.0)
+    # Adam keeps the first round that is best on validation (SentEval's rule): on ~130 training points that round
+    # has had a few steps, so the pytorch classifier is near, not at, the separable optimum (3 × 2 folds: the
+    # protocol's 10 × 10 is the same code with more fits)
+    assert cv_accuracy(X, y, k=3, inner_k=2, classifier=clf) >= (100.0 if clf == "sklearn" else 90.0)
     rng = np.random.default_rng(1)
     Xr, yr = rng.normal(size=(200, 5)), rng.integers(0, 2, 200)
-    acc = cv_accuracy(Xr, yr, k=5, inner_k=3, classifier=clf)
+    acc = cv_accuracy(Xr, yr, k=3, inner_k=2, classifier=clf)
     assert 30.0 < acc < 70.0  # chance level on labels unrelated to the features
 
 
 @pytest.mark.parametrize("clf,grid", [("pytorch", L2_GRID), ("sklearn", C_GRID)])
 def test_results_repeat_exactly_and_the_regulariser_comes_from_the_grid(clf, grid):
     X, y = _blobs(120, 0.7, 2)
-    assert cv_accuracy(X, y, k=5, inner_k=3, classifier=clf) == cv_accuracy(X, y, k=5, inner_k=3, classifier=clf)
-    assert choose_c(X, y, k=3, classifier=clf) in grid
+    assert cv_accuracy(X, y, k=3, inner_k=2, classifier=clf) == cv_accuracy(X, y, k=3, inner_k=2, classifier=clf)
+    assert choose_c(X, y, k=2, classifier=clf) in grid
     assert L2_GRID == (1e-5, 1e-4, 1e-3, 1e-2)  # SentEval's usepytorch grid, as SimCSE runs it
 
 
