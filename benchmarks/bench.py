@@ -341,6 +341,20 @@ def list_schedule(durations: list[float], slots: int) -> float:
     return max(free)
 
 
+def _trial_records(run: Path) -> list[dict]:
+    """Every trial of a finished sweep (tune/ and, for sweep.search=optuna, tune-control/), each as its last
+    record: the end time, the trial's own time, steps trained, best dev so far, whether it was evaluated on test."""
+    out = []
+    for p in sorted([*(run / "tune").rglob("result.json"), *(run / "tune-control").rglob("result.json")]):
+        rows = [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
+        if rows:
+            last = rows[-1]
+            out.append({"end": last["timestamp"], "s": last["time_total_s"], "steps": last.get("step", 0),
+                        "dev": last.get("best_stsb_dev", float("nan")), "trial": last.get("trial", p.parent.name),
+                        "evaluated": bool(last.get("evaluated", last.get("done")))})
+    return sorted(out, key=lambda t: t["end"])
+
+
 def bench_sweep(run: Path) -> dict:
     """Overhead of a finished sweep's stage 3 (the Tune trials), from its own records.
 
@@ -353,12 +367,8 @@ def bench_sweep(run: Path) -> dict:
                              "point it at the --out directory of a completed `sparsecse sweep`")
     summary = json.loads((run / "summary.json").read_text())
     cfg = json.loads((run / "sweep.json").read_text())["config"]
-    trials = []
-    for p in (run / "tune").rglob("result.json"):
-        rows = [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
-        if rows:
-            last = rows[-1]
-            trials.append((last["timestamp"] - last["time_total_s"], last["time_total_s"]))
+    # (start, duration) of every stage-3 trial, the s = 0 controls of a sweep.search=optuna run included
+    trials = [(t["end"] - t["s"], t["s"]) for t in _trial_records(run)]
     if not trials:
         raise SparseCSEError(f"--run {run}: no trial results under tune/; point --run at a finished sweep directory")
     trials.sort()
@@ -372,20 +382,6 @@ def bench_sweep(run: Path) -> dict:
             "schedule_s": schedule, "tune_wall_s": wall, "overhead": wall / ideal - 1,
             "packing_overhead": schedule / ideal - 1, "ray_overhead": wall / schedule - 1,
             "stage_runs": summary["stage_runs"], "timings": summary["timings"]}
-
-
-def _trial_records(run: Path) -> list[dict]:
-    """Every trial of a finished sweep (tune/ and, for sweep.search=optuna, tune-control/), each as its last
-    record: the end time, the trial's own time, steps trained, best dev so far, whether it was evaluated on test."""
-    out = []
-    for p in sorted([*(run / "tune").rglob("result.json"), *(run / "tune-control").rglob("result.json")]):
-        rows = [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
-        if rows:
-            last = rows[-1]
-            out.append({"end": last["timestamp"], "s": last["time_total_s"], "steps": last.get("step", 0),
-                        "dev": last.get("best_stsb_dev", float("nan")), "trial": last.get("trial", p.parent.name),
-                        "evaluated": bool(last.get("evaluated", last.get("done")))})
-    return sorted(out, key=lambda t: t["end"])
 
 
 def bench_search(grid_run: Path, other_run: Path, within: float = 0.1) -> dict:

@@ -111,7 +111,8 @@ def select(rows: list[dict], select_lam: float | None = None, objective: str = "
            "method": method_name("align_uniform", combine, normalize), "control_won": key[0] == 0,
            "candidates": len(groups), "objective": objective, "params": _params(members), **_seed_stats(members)}
     if pareto:
-        out["pareto"] = {**pareto, "front": [_front_row(p["key"], groups[p["key"]], p) for p in pareto["front"]]}
+        out["pareto"] = {**pareto, "front": [_front_row(p["key"], groups[p["key"]], p, p["key"] == key)
+                                             for p in pareto["front"]]}
     return out
 
 
@@ -124,10 +125,10 @@ def pareto_front(points: list[dict]) -> list[dict]:
     return sorted(front, key=lambda p: (p["params"], -p["dev"]))
 
 
-def _front_row(key: tuple, members: list[dict], p: dict) -> dict:
+def _front_row(key: tuple, members: list[dict], p: dict, chosen: bool) -> dict:
     test = _seed_stats(members)["test"]
     return {"sparsity": key[0], "lam": members[0]["config"]["lam"], "method": _method(members[0]), "dev": p["dev"],
-            "params": p["params"], "test_avg": test.get("avg"), "seeds": len(members)}
+            "params": p["params"], "test_avg": test.get("avg"), "seeds": len(members), "selected": chosen}
 
 
 def _seed_stats(members: list[dict]) -> dict:
@@ -410,8 +411,7 @@ def render_pareto(rows: list[dict], selected: dict, select_lam: float | None = N
     table = render(["sparsity", "method", "λ", "params", "STS-B dev", "test avg", "seeds", ""],
                    [[f"{f['sparsity']:.2%}", "SimCSE control" if f["sparsity"] == 0 else f["method"],
                      "—" if f["sparsity"] == 0 else str(f["lam"]), f"{f['params']:,}", f["dev"], f["test_avg"],
-                     str(f["seeds"]), "**selected**" if (f["sparsity"], f["lam"]) == (selected["sparsity"], selected["lam"])
-                     and f["method"] == (selected["method"] if f["sparsity"] else "align_uniform") else ""]
+                     str(f["seeds"]), "**selected**" if f["selected"] else ""]
                     for f in front], left=0)
     return table, png(fig)
 

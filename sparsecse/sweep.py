@@ -197,13 +197,14 @@ def train_stage(run: Run) -> None:
         storage=store, name="stage1", max_failures=cfg.ray.max_failures)
     if not store.is_file(f"{ckpt}/best/manifest.json"):
         raise SparseCSEError(f"stage-1 checkpoint {store.url(ckpt)} has no best model")
-    store.write_bytes("simcse/history.json", store.read_bytes(f"{ckpt}/history.json"))  # dev curve + resumes
+    history = store.read_bytes(f"{ckpt}/history.json")
+    store.write_bytes("simcse/history.json", history)  # dev curve + resumes
     store.copy_dir(f"{ckpt}/best", "simcse/best")  # manifest last: simcse/best counts only once complete
     st.train_fp, st.score_fp = fp1, None
     st.stage_runs["train"] += 1
     st.timings["train_s"] = time.perf_counter() - t0
     run.save()
-    run.tracking.log_stage1(store.read_json("simcse/history.json")["history"])
+    run.tracking.log_stage1(json.loads(history)["history"])
 
 
 def score_stage(run: Run):
@@ -276,6 +277,7 @@ def trials_stage(run: Run, scores) -> list[dict]:
         rows += ra.grid_rows(ra.run_tuner(stages.trial, params, grid_points(cfg), name="tune",
                                           asha=asha_settings(cfg), **common), run.store)
     run.state.timings["tune_s"] = time.perf_counter() - t0
+    run.tracking.sync()  # the trials' MLflow / W&B runs (Tune's callbacks wrote them on the driver)
     for r in rows:  # trials of sweeps from before the readings were grid parameters ran the first one
         r["config"].setdefault("combine", cfg.score.combine[0])
         r["config"].setdefault("normalize", cfg.score.normalize[0])

@@ -10,8 +10,8 @@ Where it goes by default, so that it works offline:
           MLFLOW_TRACKING_URI point it at a team's server instead.
   W&B     the W&B project sweep.wandb_project; WANDB_MODE=offline writes the runs under wandb/ in the run
           (`wandb sync RUN/wandb/offline-run-*` uploads them later).
-With cloud storage (--out s3://…) both are kept on the driver while the sweep runs and copied into the run at the
-end of each stage; a resumed driver continues the same sqlite store.
+With cloud storage (--out s3://…) both are kept on the driver while the sweep runs and copied into the run after
+stage 1, after the trials and at the end; a resumed driver continues the same sqlite store.
 """
 
 from __future__ import annotations
@@ -119,9 +119,7 @@ class Tracking:
                    artifacts: Path | None = None) -> None:
         import wandb
 
-        kw = self._wandb_init()
-        run = wandb.init(name=run_name, job_type=stage, config=params, reinit="create_new",
-                         **{k: v for k, v in kw.items()})
+        run = wandb.init(name=run_name, job_type=stage, config=params, reinit="create_new", **self._wandb_init())
         try:
             for k, v, step in metrics:
                 run.log({k: v}, step=step)
@@ -187,7 +185,8 @@ class Tracking:
             self._log("sweep outcome", "outcome", _flat(self.cfg.to_dict()), metrics, tmp)
 
     def sync(self) -> None:
-        """A cloud run gets the driver's tracking files (the sqlite store, W&B offline runs) after each stage."""
+        """A cloud run gets the driver's tracking files (the sqlite store, W&B offline runs): after stage 1, after the
+        trials and at the end."""
         if self.store.is_local or not self.on:
             return
         for sub in ("mlflow", "wandb"):
