@@ -84,10 +84,11 @@ def train_flops_per_step(cfg, batch_tokens: int, seq: int) -> float:
 
 
 def bench_train(data_dir: Path, reps: int, steps: int = 3, batch: int = 64, max_len: int = 32, device: str = "cpu",
-                precision: str = "fp32", warmup: int = 1) -> dict:
+                precision: str = "fp32", warmup: int = 1, peak_n: int | None = None) -> dict:
     """Three arms, alternating: ours (train.py's step: padding-free forward, fused AdamW), ours as it was before
     profiling (the backbone's padded forward, foreach AdamW), and the sentence-transformers peer; all on `device`,
-    the forward under bf16 autocast when precision="bf16" (the peer's too)."""
+    the forward under bf16 autocast when precision="bf16" (the peer's too). `peak_n`: the matmul size of the peak
+    measurement (default: matmul_peak_gflops's; a CPU without bf16 units needs seconds per 1024² bf16 matmul)."""
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
     from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
@@ -147,7 +148,7 @@ def bench_train(data_dir: Path, reps: int, steps: int = 3, batch: int = 64, max_
     enc.packed = True
     med = {k: statistics.median(v) for k, v in arms.items()}
     n = batch * steps
-    peak = matmul_peak_gflops(device=device, dtype=torch.bfloat16 if bf16 else torch.float32)
+    peak = matmul_peak_gflops(peak_n, device=device, dtype=torch.bfloat16 if bf16 else torch.float32)
     cfg = enc.backbone.config
     model_flops = train_flops_per_step(cfg, real // steps, seq) * steps  # the full encoder on every real token
     padded_flops = train_flops_per_step(cfg, slots // steps, seq) * steps  # what the padded forward computes
