@@ -424,13 +424,50 @@ def bench_search(grid_run: Path, other_run: Path, within: float = 0.1) -> dict:
             "reach_ratio": (o["reached"]["cpu_s"] / g["cpu_s"]) if o["reached"] else None, "same_choice": same}
 
 
+def _checkpoint_bytes(ckpt: Path) -> dict[str, int]:
+    """Bytes of one kept Tune checkpoint by part (model/, best/, trainer_state.pt, the rest); a file hard-linked
+    twice counts once."""
+    parts, seen = {"model": 0, "best": 0, "trainer_state": 0, "other": 0}, set()
+    for f in sorted(p for p in ckpt.rglob("*") if p.is_file()):
+        st = f.stat()
+        if (st.st_dev, st.st_ino) in seen:
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        top = f.relative_to(ckpt).parts[0]
+        key = "trainer_state" if top == "trainer_state.pt" else top if top in ("model", "best") else "other"
+        parts[key] += st.st_size
+    return parts
+
+
+def bench_storage(run: Path, against: Path) -> dict:
+    """What a sweep's trial checkpoints occupy in its storage, this run (`run`) against another (`against`, e.g. the
+    same config swept by an older version): per trial, the checkpoints Tune kept and their bytes by part."""
+    arms = {}
+    for key, d in (("run", run), ("against", against)):
+        trials = sorted(t for sub in ("tune", "tune-control") for t in (d / sub).glob("*/") if (t / "result.json").is_file())
+        if not (d / "summary.json").is_file() or not trials:
+            raise SparseCSEError(f"--run/--against {d}: not a finished sweep with trials (summary.json or tune/*/ "
+                                 "missing); point both at the --out directories of completed `sparsecse sweep`s")
+        per = []
+        for t in trials:
+            ckpts = [_checkpoint_bytes(c) for c in sorted(t.glob("checkpoint_*")) if c.is_dir()]
+            per.append({"trial": t.name, "checkpoints": len(ckpts), "bytes": sum(sum(c.values()) for c in ckpts),
+                        "parts": {k: sum(c[k] for c in ckpts) for k in ("model", "best", "trainer_state", "other")},
+                        "each": [sum(c.values()) for c in ckpts]})
+        arms[key] = {"dir": str(d), "trials": len(per), "bytes": sum(t["bytes"] for t in per),
+                     "per_trial": sum(t["bytes"] for t in per) / len(per),
+                     "checkpoints": sum(t["checkpoints"] for t in per), "detail": per,
+                     "parts": {k: sum(t["parts"][k] for t in per) for k in ("model", "best", "trainer_state", "other")}}
+    return {"row": "storage", **arms, "ratio": arms["run"]["per_trial"] / arms["against"]["per_trial"]}
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.1f} %"
 
 
 def markdown(r: dict) -> str:
     """The row for BENCHMARKS.md: command, machine and date, then the figures of both arms."""
-    timing = "read from the finished sweeps' records" if r["row"] in ("sweep", "search") else \
+    timing = "read from the finished sweeps' records" if r["row"] in ("sweep", "search", "storage") else \
         f"median of {r['reps']} after {r['warmup']} warm-up"
     head = [f"`{r['command']}`" if r.get("command") else "", f"{r['machine']}, {r['date']}, {timing}", ""]
     if r["row"] == "train":
@@ -475,6 +512,17 @@ def markdown(r: dict) -> str:
                                      "grid's compute" if r["reach_ratio"] is not None else "; it never came within "
                                      f"{r['within']} of the grid's best dev") + ". Same choice (selected dev within "
                 f"{r['within']} of the grid's selection): **{'yes' if r['same_choice'] else 'no'}**."]
+    elif r["row"] == "storage":
+        def mb(x):
+            return f"{x / 1e6:.0f} MB"
+
+        def line(name, a):
+            p = a["parts"]
+            return (f"| {name} ({a['dir']}) | {a['trials']} | {a['checkpoints']} | {mb(a['per_trial'])} | {mb(a['bytes'])} | "
+                    f"{mb(p['model'])} / {mb(p['best'])} / {mb(p['trainer_state'])} / {mb(p['other'])} |")
+        rows = ["| sweep | trials | kept checkpoints | per trial | all trials | model / best / trainer state / rest |",
+                "|---|---:|---:|---:|---:|---|", line("run", r["run"]), line("against", r["against"]), "",
+                f"Trial storage, run ÷ against: **{r['ratio']:.2f}×** per trial."]
     else:
         rows = ["| trials | stage-3 wall | Σ trial time | ideal | gap-free schedule | overhead | packing | Ray/Tune | "
                 "stage-1 / scoring runs |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -491,7 +539,8 @@ def build_parser():
 
     b = argparse.ArgumentParser(prog="python -m benchmarks.bench",
                                 description="benchmarks against peers measured in the same run (BENCHMARKS.md rows)")
-    b.add_argument("which", nargs="+", choices=["train", "eval", "inference", "sweep", "search", "all"])
+    b.add_argument("which", nargs="+", choices=["train", "eval", "inference", "sweep", "search", "storage",
+                                                    "all"])
     b.add_argument("--data-dir")
     b.add_argument("--reps", type=int, default=5)
     b.add_argument("--warmup", type=int, default=1, help="untimed runs of each arm first (eval, train, inference rows)")
@@ -500,7 +549,8 @@ def build_parser():
     b.add_argument("--tasks", nargs="+", default=list(STS_TASKS), help="STS tasks for the eval row")
     b.add_argument("--run", default="runs/quickstart", help="finished sweep directory for the sweep row (search row: "
                    "the grid sweep)")
-    b.add_argument("--against", help="search row: the finished sweep with sweep.search=optuna to compare with --run")
+    b.add_argument("--against", help="search row: the finished sweep with sweep.search=optuna to compare with --run; "
+                   "storage row: the finished sweep whose trial storage --run's is compared with")
     b.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="train and eval rows: where to run")
     b.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="train row: the forward under bf16 autocast (ours and the peer)")
@@ -530,10 +580,13 @@ def run_bench(a, argv: list[str]) -> None:
     if "search" in which and not a.against:
         raise SparseCSEError("search row: --against DIR (the sweep.search=optuna run to compare with the grid --run) "
                              "is required")
-    data_dir = resolve_data_dir(a.data_dir) if which - {"sweep", "search"} else None
+    if "storage" in which and not a.against:
+        raise SparseCSEError("storage row: --against DIR (the finished sweep to compare --run's trial storage with) "
+                             "is required")
+    data_dir = resolve_data_dir(a.data_dir) if which - {"sweep", "search", "storage"} else None
     header = {"date": str(date.today()), "machine": machine(), "reps": a.reps, "warmup": a.warmup,
               "command": "python -m benchmarks.bench " + shlex.join(argv)}
-    for row in ("train", "eval", "inference", "sweep", "search"):
+    for row in ("train", "eval", "inference", "sweep", "search", "storage"):
         if row not in which:
             continue
         if row == "train":
@@ -545,8 +598,10 @@ def run_bench(a, argv: list[str]) -> None:
             r = bench_inference(data_dir, a.reps, work=out / "inference", warmup=a.warmup)
         elif row == "sweep":
             r = bench_sweep(Path(a.run))
-        else:
+        elif row == "search":
             r = bench_search(Path(a.run), Path(a.against))
+        else:
+            r = bench_storage(Path(a.run), Path(a.against))
         r.update(header)
         atomic_write_json(out / f"{row}.json", r)
         print(markdown(r))

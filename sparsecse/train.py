@@ -106,42 +106,60 @@ class TrainState:
     resumed_at: list[int] = field(default_factory=list)
 
     def save(self, path: Path, opt, sched) -> None:
+        """`opt`/`sched` None: a finished run's state, which nothing will train further (no optimizer moments)."""
         import io
 
         buf = io.BytesIO()
-        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": self.step,
-                    "best_dev": self.best_dev, "history_json": json.dumps(self.history),
+        torch.save({**({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()} if opt is not None else {}),
+                    "step": self.step, "best_dev": self.best_dev, "history_json": json.dumps(self.history),
                     "resumed_at": self.resumed_at,
                     "rng": torch.get_rng_state()}, buf)  # dropout stream: a resumed run continues it exactly
         atomic_write_bytes(path, buf.getvalue())
 
     @classmethod
-    def restore(cls, ckpt: Path, opt, sched) -> "TrainState":
-        """From a `latest/` checkpoint: optimizer, schedule and RNG restored in place; this resume recorded."""
+    def restore(cls, ckpt: Path, opt, sched, total: int) -> "TrainState":
+        """From a `latest/` checkpoint: optimizer, schedule and RNG restored in place; this resume recorded. A
+        finished run's final checkpoint has no optimizer state: it resumes only to its own last step (`total`)."""
         st = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
-        opt.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
-        torch.set_rng_state(st["rng"])
         step = int(st["step"])
+        if "optimizer" in st:
+            opt.load_state_dict(st["optimizer"])
+            sched.load_state_dict(st["scheduler"])
+        elif step < total:
+            raise SparseCSEError(f"{ckpt} is the final checkpoint of a run that ended at step {step}; it cannot "
+                                 f"train on to step {total} (no optimizer state): start a new run from its best/ "
+                                 "instead")
+        torch.set_rng_state(st["rng"])
         return cls(step=step, best_dev=float(st["best_dev"]), history=json.loads(st["history_json"]),
                    resumed_at=[*st.get("resumed_at", []), step])
 
 
-def save_checkpoint(out_dir: Path, enc: Encoder, state: TrainState, opt, sched) -> Path:
+def save_checkpoint(out_dir: Path, enc: Encoder, state: TrainState, opt, sched, *, best_is_current: bool = False,
+                    final: bool = False) -> Path:
     """`latest/` = {model/, trainer_state.pt, history.json, best/}: all a resume needs, written atomically.
-    best/ is hard-linked from OUT/best (its files never change once written), not copied."""
+    best/ is hard-linked from OUT/best (its files never change once written), not copied. Two things are left out
+    (a trial's checkpoints are most of a sweep's storage): model/ when best/ holds this very step's weights
+    (`best_is_current`; `checkpoint_weights` resolves either), and the optimizer state of the `final` checkpoint,
+    which nothing trains on from."""
     import shutil
 
     from .io import atomic_dir
 
     with atomic_dir(out_dir / "latest") as tmp:
-        save_encoder(enc, tmp / "model", {"step": state.step})
-        state.save(tmp / "trainer_state.pt", opt, sched)
+        if not best_is_current:
+            save_encoder(enc, tmp / "model", {"step": state.step})
+        state.save(tmp / "trainer_state.pt", None if final else opt, None if final else sched)
         (tmp / "history.json").write_text(json.dumps({"history": state.history, "resumed_at": state.resumed_at},
                                                      indent=1))
         if (out_dir / "best").is_dir():
             shutil.copytree(out_dir / "best", tmp / "best", copy_function=_link_or_copy)
     return out_dir / "latest"
+
+
+def checkpoint_weights(ckpt: Path) -> Path:
+    """The weights a `latest/` checkpoint was taken at: its model/, or its best/ when they were the same."""
+    ckpt = Path(ckpt)
+    return ckpt / "model" if (ckpt / "model").is_dir() else ckpt / "best"
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -193,16 +211,18 @@ def train_step(model, opt, sched, batch: dict, tc, device, gather) -> float:
 
 
 def evaluate_and_checkpoint(enc: Encoder, state: TrainState, dev, cfg: Config, out_dir: Path, meta: dict,
-                            opt, sched, loss: float) -> tuple[dict, Path]:
-    """Rank 0: STS-B dev Spearman; a new best is saved as OUT/best; OUT/latest is rewritten. Returns the record."""
+                            opt, sched, loss: float, final: bool = False) -> tuple[dict, Path]:
+    """Rank 0: STS-B dev Spearman; a new best is saved as OUT/best; OUT/latest is rewritten (`final`: the run's
+    last one). Returns the record."""
     dev_score = evaluate_pairs(enc, dev, pooler=cfg.model.eval_pooler)
-    if dev_score > state.best_dev:
+    new_best = dev_score > state.best_dev
+    if new_best:
         state.best_dev = dev_score
         save_encoder(enc, out_dir / "best", {**meta, "step": state.step, "stsb_dev": dev_score,
                                              "config": cfg.to_dict()})
     rec = {"step": state.step, "loss": loss, "stsb_dev": dev_score, "best_stsb_dev": state.best_dev}
     state.history.append(rec)
-    return rec, save_checkpoint(out_dir, enc, state, opt, sched)
+    return rec, save_checkpoint(out_dir, enc, state, opt, sched, best_is_current=new_best, final=final)
 
 
 class _Log:
@@ -239,8 +259,9 @@ class _Log:
 def _start_model(cfg: Config, init: str | Encoder | None, resume_dir: Path | None) -> Encoder:
     """The model to train: the resumed checkpoint's (masks included), else `init`, else cfg.model.name."""
     if resume_dir is not None:
-        verify_manifest(resume_dir / "model")
-        return load_encoder(str(resume_dir / "model"), pooler=cfg.model.pooler, dropout=cfg.train.dropout)
+        weights = checkpoint_weights(resume_dir)
+        verify_manifest(weights)
+        return load_encoder(str(weights), pooler=cfg.model.pooler, dropout=cfg.train.dropout)
     if isinstance(init, Encoder):
         return init
     return load_encoder(init or cfg.model.name, pooler=cfg.model.pooler, dropout=cfg.train.dropout)
@@ -306,7 +327,7 @@ def train_simcse(cfg: Config, out_dir: str | os.PathLike, data_dir: Path, *, ini
     state = TrainState()
     if resume_dir is not None:
         _resume_best(resume_dir, out_dir)
-        state = TrainState.restore(resume_dir, opt, sched)
+        state = TrainState.restore(resume_dir, opt, sched, total)
     for cb in callbacks:
         cb.on_train_start(enc, opt)
 
@@ -330,7 +351,8 @@ def train_simcse(cfg: Config, out_dir: str | os.PathLike, data_dir: Path, *, ini
         if state.step % tc.eval_steps == 0 or state.step == total:
             rec, ckpt = {"step": state.step, "loss": loss, "stsb_dev": float("nan")}, None
             if main:
-                rec, ckpt = evaluate_and_checkpoint(enc, state, dev, cfg, out_dir, meta, opt, sched, loss)
+                rec, ckpt = evaluate_and_checkpoint(enc, state, dev, cfg, out_dir, meta, opt, sched, loss,
+                                                    final=state.step == total)
                 log.eval(state.step, rec["stsb_dev"])
             rec["last"] = state.step == total  # the final evaluation of this training run
             dist.barrier()

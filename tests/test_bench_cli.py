@@ -5,6 +5,8 @@ CLI's refusals."""
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 
@@ -100,3 +102,36 @@ def test_bench_search_counts_compute_to_reach_the_grids_best(tmp_path, capsys):
     assert "**62.5 % of the CPU-seconds**" in out and "Same choice" in out
     assert bench.main(["search", "--run", str(grid), "--out", str(tmp_path / "out2")]) == 2
     assert "--against" in capsys.readouterr().err
+
+
+def _storage_run(root: Path, checkpoints: list[dict[str, int]]) -> Path:
+    """A finished sweep's layout: one trial whose kept checkpoints hold files of the given sizes by part."""
+    t = root / "tune" / "trial_0"
+    t.mkdir(parents=True)
+    (t / "result.json").write_text("{}\n")
+    (root / "summary.json").write_text("{}")
+    for i, parts in enumerate(checkpoints):
+        c = t / f"checkpoint_{i:06d}"
+        for part, n in parts.items():
+            f = c / part / "model.safetensors" if part in ("model", "best") else c / part
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_bytes(b"\0" * n)
+    return root
+
+
+def test_bench_storage_compares_trial_checkpoint_bytes_by_part(tmp_path, capsys):
+    old = _storage_run(tmp_path / "old", [{"model": 300, "best": 300, "trainer_state.pt": 600}] * 2)
+    new = _storage_run(tmp_path / "new", [{"model": 300, "best": 300, "trainer_state.pt": 600},
+                                          {"best": 300, "trainer_state.pt": 10}])
+    ck = new / "tune" / "trial_0" / "checkpoint_000001"
+    os.link(ck / "best" / "model.safetensors", ck / "hardlinked")  # one file twice: counted once
+    r = bench.bench_storage(new, old)
+    assert r["against"]["per_trial"] == 2400 and r["run"]["per_trial"] == 1510
+    assert r["run"]["parts"] == {"model": 300, "best": 600, "trainer_state": 610, "other": 0}
+    assert r["run"]["checkpoints"] == 2 and r["ratio"] == pytest.approx(1510 / 2400)
+    assert bench.main(["storage", "--run", str(new), "--against", str(old), "--out", str(tmp_path / "out")]) == 0
+    assert "**0.63×** per trial" in capsys.readouterr().out
+    assert bench.main(["storage", "--run", str(new), "--out", str(tmp_path / "out2")]) == 2
+    assert "storage row: --against" in capsys.readouterr().err
+    assert bench.main(["storage", "--run", str(tmp_path), "--against", str(old), "--out", str(tmp_path / "o3")]) == 2
+    assert "not a finished sweep" in capsys.readouterr().err

@@ -11,6 +11,7 @@ from sparsecse.data import Pairs
 from sparsecse.model import load_encoder, save_encoder, weights_fingerprint
 from sparsecse.prune import rewind, select_masks
 from sparsecse.score import compute_scores, load_scores, save_scores, score_loss
+from sparsecse.train import checkpoint_weights
 
 PAIRS = Pairs(
     ["a man is playing a guitar .", "a woman is slicing an onion .", "the cat sleeps on the sofa .",
@@ -149,11 +150,50 @@ def test_training_resumes_from_latest_checkpoint(tiny_model_dir, tiny_data_dir, 
         train_simcse(cfg, tmp_path / "b", tiny_data_dir, progress=False, callbacks=[OnReport(stop)])
     resumed = train_simcse(cfg, tmp_path / "b", tiny_data_dir, progress=False, resume_dir=tmp_path / "b" / "latest")
     assert [h["step"] for h in resumed.history] == [3, 6]
-    a = load_encoder(str(tmp_path / "a" / "latest" / "model")).backbone.state_dict()
-    b = load_encoder(str(tmp_path / "b" / "latest" / "model")).backbone.state_dict()
+    a = load_encoder(str(checkpoint_weights(tmp_path / "a" / "latest"))).backbone.state_dict()
+    b = load_encoder(str(checkpoint_weights(tmp_path / "b" / "latest"))).backbone.state_dict()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6), k
     assert full.steps == resumed.steps == 6
+
+
+def test_checkpoints_store_each_weight_set_once_and_the_final_one_no_optimizer(tiny_model_dir, tiny_data_dir,
+                                                                                tmp_path):
+    """A checkpoint leaves out model/ when best/ holds the same step's weights, and the final one leaves out the
+    optimizer state; both still resume: a mid-run checkpoint without model/ continues from best/'s weights, the final
+    one resumes to its own end (nothing left to train) and refuses to train further with a one-line error."""
+    from sparsecse.train import OnReport, train_simcse
+
+    seen = []
+
+    def inspect(rec, ckpt):
+        st = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+        seen.append((rec["step"], rec["stsb_dev"] == rec["best_stsb_dev"], (ckpt / "model").is_dir(),
+                     "optimizer" in st, (ckpt / "best").is_dir()))
+
+    cfg = _tiny_cfg(tiny_model_dir, max_steps=6, eval_steps=1, lr=3e-3, dropout=0.0)
+    full = train_simcse(cfg, tmp_path / "a", tiny_data_dir, progress=False, callbacks=[OnReport(inspect)])
+    assert [s[0] for s in seen] == [1, 2, 3, 4, 5, 6]
+    for step, new_best, has_model, has_opt, has_best in seen:
+        assert has_model == (not new_best) and has_opt == (step != 6) and has_best, (step, new_best)
+    assert {s[1] for s in seen} == {True, False}  # both kinds occurred (lr 3e-3 makes dev go up and down)
+    # resuming from a checkpoint whose weights live in best/ gives the uninterrupted run's final weights
+    mid = next(s[0] for s in seen if s[1] and s[0] < 6)
+    stop = _stop_after(mid)
+    with pytest.raises(stop.Stop):
+        train_simcse(cfg, tmp_path / "b", tiny_data_dir, progress=False, callbacks=[OnReport(stop)])
+    assert not (tmp_path / "b" / "latest" / "model").exists()
+    resumed = train_simcse(cfg, tmp_path / "b", tiny_data_dir, progress=False, resume_dir=tmp_path / "b" / "latest")
+    assert resumed.steps == 6 and resumed.best_dev == pytest.approx(full.best_dev, abs=1e-6)
+    a = load_encoder(str(checkpoint_weights(tmp_path / "a" / "latest"))).backbone.state_dict()
+    b = load_encoder(str(checkpoint_weights(tmp_path / "b" / "latest"))).backbone.state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # the final checkpoint: resumes to its own end, refuses more steps
+    again = train_simcse(cfg, tmp_path / "c", tiny_data_dir, progress=False, resume_dir=tmp_path / "a" / "latest")
+    assert again.steps == 6 and again.best_dev == full.best_dev
+    more = cfg.replace(train=type(cfg.train)(**{**cfg.to_dict()["train"], "max_steps": 8}))
+    with pytest.raises(SparseCSEError, match="final checkpoint of a run that ended at step 6.*cannot train on"):
+        train_simcse(more, tmp_path / "d", tiny_data_dir, progress=False, resume_dir=tmp_path / "a" / "latest")
 
 
 def _stop_after(step):

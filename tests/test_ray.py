@@ -146,6 +146,7 @@ def test_two_worker_ray_train_equals_one_worker(tmp_path, tiny_model_dir, tiny_d
     from sparsecse.model import load_encoder
     from sparsecse.stages import train_loop
     from sparsecse.storage import Storage
+    from sparsecse.train import checkpoint_weights
 
     cfg = load_config(_write_cfg(tmp_path / "c.yaml", tiny_model_dir), ["train.dropout=0.0", "train.max_steps=3",
                                                                        "train.eval_steps=3"])
@@ -158,7 +159,7 @@ def test_two_worker_ray_train_equals_one_worker(tmp_path, tiny_model_dir, tiny_d
                                                      "storage": store.uri, "cpus_per_worker": 1},
                                         num_workers=n, use_gpu=False, cpus_per_worker=1, storage=store, name=f"n{n}",
                                         max_failures=0)
-            outs[n] = load_encoder(str(tmp_path / f"w{n}" / ckpt / "model")).backbone.state_dict()
+            outs[n] = load_encoder(str(checkpoint_weights(tmp_path / f"w{n}" / ckpt))).backbone.state_dict()
     finally:
         ra.shutdown()
     init = load_encoder(str(tiny_model_dir)).backbone.state_dict()
