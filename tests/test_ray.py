@@ -56,7 +56,8 @@ def _sweep(cfg: Path, out: Path, data: Path, *extra, env=None) -> subprocess.Com
 def finished_sweep(tmp_path_factory, tiny_model_dir, tiny_data_dir):
     d = tmp_path_factory.mktemp("sweep")
     cfg = _write_cfg(d / "tiny.yaml", tiny_model_dir)
-    r = _sweep(cfg, d / "run", tiny_data_dir, env={"SPARSECSE_FAULT": "trial-exit:s0.300_l0.75_seed1"})
+    # two faults: the rank-0 stage-1 worker is SIGKILLed after its step-2 checkpoint, a trial process exits mid-run
+    r = _sweep(cfg, d / "run", tiny_data_dir, env={"SPARSECSE_FAULT": "stage1-kill:2,trial-exit:s0.300_l0.75_seed1"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return cfg, d / "run", r
 
@@ -101,6 +102,15 @@ def test_export_of_a_run_adds_onnx_files_it_lacks(finished_sweep, tmp_path):
     assert not (tmp_path / "e" / "pruned" / "onnx" / "model_qint8.onnx").exists()
     assert json.loads((tmp_path / "e" / "sparsecse.json").read_text())["sparsity"] == \
         json.loads((run / "results.json").read_text())["selected"]["sparsity"]
+
+
+def test_stage1_worker_killed_mid_training_resumed_from_its_checkpoint(finished_sweep):
+    _, run, _ = finished_sweep
+    assert (run / ".faults" / "stage1-killed").exists()  # the rank-0 worker was SIGKILLed mid-training (after step 2)
+    hist = json.loads((run / "simcse" / "history.json").read_text())
+    assert hist["resumed_at"] == [2]  # ... and the restarted worker group resumed from that checkpoint, not step 0
+    assert [h["step"] for h in hist["history"]] == [2, 4]  # the step counter never went backwards
+    assert json.loads((run / "summary.json").read_text())["stage_runs"]["train"] == 1  # one stage-1 run, restarted
 
 
 def test_crashed_trial_was_retried_from_its_checkpoint(finished_sweep):
