@@ -4,6 +4,7 @@ session; tests get fresh copies. Real-data tests read SPARSECSE_DATA_DIR (CI set
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -169,3 +170,20 @@ def s3_keys(prefix: str) -> dict[str, float]:
         if not page.get("IsTruncated"):
             return out
         kw["ContinuationToken"] = page["NextContinuationToken"]
+
+
+RAY_BIN = str(Path(sys.executable).with_name("ray"))
+
+
+def node_processes(manager_port: int) -> tuple[str, list[int]]:
+    """The node id and the pids (raylet + its descendants) of the node whose raylet listens on manager_port."""
+    procs = [(pid, ppid, args) for pid, (ppid, args) in process_table().items()]
+    raylet = next((pid, args) for pid, _, args in procs
+                  if "raylet/raylet" in args and f"--node_manager_port={manager_port} " in args)
+    node_id = next(t.split("=", 1)[1] for t in raylet[1].split() if t.startswith("--node_id="))
+    tree, grew = {raylet[0]}, True
+    while grew:
+        more = {pid for pid, ppid, _ in procs if ppid in tree} - tree
+        tree |= more
+        grew = bool(more)
+    return node_id, sorted(tree)
