@@ -424,10 +424,13 @@ def bench_search(grid_run: Path, other_run: Path, within: float = 0.1) -> dict:
             "reach_ratio": (o["reached"]["cpu_s"] / g["cpu_s"]) if o["reached"] else None, "same_choice": same}
 
 
+CHECKPOINT_PARTS = ("model", "best", "trainer_state", "other")
+
+
 def _checkpoint_bytes(ckpt: Path) -> dict[str, int]:
     """Bytes of one kept Tune checkpoint by part (model/, best/, trainer_state.pt, the rest); a file hard-linked
     twice counts once."""
-    parts, seen = {"model": 0, "best": 0, "trainer_state": 0, "other": 0}, set()
+    parts, seen = dict.fromkeys(CHECKPOINT_PARTS, 0), set()
     for f in sorted(p for p in ckpt.rglob("*") if p.is_file()):
         st = f.stat()
         if (st.st_dev, st.st_ino) in seen:
@@ -451,13 +454,16 @@ def bench_storage(run: Path, against: Path) -> dict:
         per = []
         for t in trials:
             ckpts = [_checkpoint_bytes(c) for c in sorted(t.glob("checkpoint_*")) if c.is_dir()]
-            per.append({"trial": t.name, "checkpoints": len(ckpts), "bytes": sum(sum(c.values()) for c in ckpts),
-                        "parts": {k: sum(c[k] for c in ckpts) for k in ("model", "best", "trainer_state", "other")},
-                        "each": [sum(c.values()) for c in ckpts]})
-        arms[key] = {"dir": str(d), "trials": len(per), "bytes": sum(t["bytes"] for t in per),
-                     "per_trial": sum(t["bytes"] for t in per) / len(per),
+            each = [sum(c.values()) for c in ckpts]
+            per.append({"trial": t.name, "checkpoints": len(ckpts), "bytes": sum(each), "each": each,
+                        "parts": {k: sum(c[k] for c in ckpts) for k in CHECKPOINT_PARTS}})
+        total = sum(t["bytes"] for t in per)
+        if not total:
+            raise SparseCSEError(f"--run/--against {d}: its trials keep no checkpoint files (deleted after the sweep?); "
+                                 "compare sweeps whose tune/*/checkpoint_* are still there")
+        arms[key] = {"dir": str(d), "trials": len(per), "bytes": total, "per_trial": total / len(per),
                      "checkpoints": sum(t["checkpoints"] for t in per), "detail": per,
-                     "parts": {k: sum(t["parts"][k] for t in per) for k in ("model", "best", "trainer_state", "other")}}
+                     "parts": {k: sum(t["parts"][k] for t in per) for k in CHECKPOINT_PARTS}}
     return {"row": "storage", **arms, "ratio": arms["run"]["per_trial"] / arms["against"]["per_trial"]}
 
 
@@ -539,8 +545,7 @@ def build_parser():
 
     b = argparse.ArgumentParser(prog="python -m benchmarks.bench",
                                 description="benchmarks against peers measured in the same run (BENCHMARKS.md rows)")
-    b.add_argument("which", nargs="+", choices=["train", "eval", "inference", "sweep", "search", "storage",
-                                                    "all"])
+    b.add_argument("which", nargs="+", choices=["train", "eval", "inference", "sweep", "search", "storage", "all"])
     b.add_argument("--data-dir")
     b.add_argument("--reps", type=int, default=5)
     b.add_argument("--warmup", type=int, default=1, help="untimed runs of each arm first (eval, train, inference rows)")

@@ -135,3 +135,6 @@ def test_bench_storage_compares_trial_checkpoint_bytes_by_part(tmp_path, capsys)
     assert "storage row: --against" in capsys.readouterr().err
     assert bench.main(["storage", "--run", str(tmp_path), "--against", str(old), "--out", str(tmp_path / "o3")]) == 2
     assert "not a finished sweep" in capsys.readouterr().err
+    empty = _storage_run(tmp_path / "empty", [])
+    assert bench.main(["storage", "--run", str(new), "--against", str(empty), "--out", str(tmp_path / "o4")]) == 2
+    assert "keep no checkpoint files" in capsys.readouterr().err

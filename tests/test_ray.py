@@ -1,5 +1,6 @@
-"""Ray: the end-to-end sweep on the tiny model, resume, a crashed trial retried, 2-worker = 1-worker training,
-and a real two-node local cluster running a sweep submitted with `ray job submit`. Slow (tens of seconds each)."""
+"""Ray: the end-to-end sweep on the tiny model, resume, a stage-1 worker killed and a crashed trial retried,
+2-worker = 1-worker training, controls, ASHA, Optuna. Slow (tens of seconds each); the two-node cluster is in
+tests/test_cluster.py."""
 
 from __future__ import annotations
 
