@@ -345,14 +345,16 @@ def list_schedule(durations: list[float], slots: int) -> float:
 def _trial_records(run: Path) -> list[dict]:
     """Every trial of a finished sweep (tune/ and, for sweep.search=optuna, tune-control/), each as its last
     record: the end time, the trial's own time, steps trained, best dev so far, whether it was evaluated on test."""
+    from sparsecse.results import DEV, TrialResult
+
     out = []
     for p in sorted([*(run / "tune").rglob("result.json"), *(run / "tune-control").rglob("result.json")]):
         rows = [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
         if rows:
             last = rows[-1]
+            trial = TrialResult.from_record({"config": last.get("config") or last, "metrics": last})
             out.append({"end": last["timestamp"], "s": last["time_total_s"], "steps": last.get("step", 0),
-                        "dev": last.get("best_stsb_dev", float("nan")), "trial": last.get("trial", p.parent.name),
-                        "evaluated": bool(last.get("evaluated", last.get("done")))})
+                        "dev": last.get(DEV, float("nan")), "trial": trial.point.name, "evaluated": trial.evaluated})
     return sorted(out, key=lambda t: t["end"])
 
 

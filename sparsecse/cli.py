@@ -116,7 +116,7 @@ def cmd_score(a) -> int:
     enc = load_encoder(a.model)
     pairs = load_stsb(data_dir, a.split)
     scores = compute_scores(enc, pairs, batch_size=a.batch_size, max_pairs=a.max_pairs, seed=a.seed,
-                            threshold=a.threshold, rule=a.positive_rule, max_len=a.max_len,
+                            positive=(a.threshold, a.positive_rule), max_len=a.max_len,
                             pooler=a.pooler or enc.meta.get("eval_pooler", "cls_before_pooler"),
                             progress=True)
     save_scores(scores, a.out)
@@ -216,7 +216,8 @@ def cmd_pilot(a) -> int:
     from .data import resolve_data_dir
     from .io import atomic_write_bytes, atomic_write_json
     from .model import load_encoder
-    from .pilot import pilot, render, sparsities_with_zero
+    from . import figures
+    from .pilot import pilot, sparsities_with_zero
     from .prune import check_compatible
     from .score import load_scores
 
@@ -228,21 +229,22 @@ def cmd_pilot(a) -> int:
     enc = load_encoder(a.model, pooler=a.pooler)
     scores = load_scores(a.scores)
     check_compatible(scores.meta, enc, a.scores)
-    tasks = a.tasks or ["STS12", "STS13", "STS14", "STS15", "STS16", "STSBenchmark", "SICKRelatedness"]
+    tasks = a.tasks or list(STS_TASKS)
     simcse = None
     if "simcse" in a.scorers:  # SimCSE's own InfoNCE Taylor score, on unlabeled sentences
         from .config import DataConfig
-        from .data import unlabeled_pairs
+        from .data import train_path, unlabeled_pairs
         from .score import compute_infonce_scores
 
-        sents = unlabeled_pairs(data_dir / DataConfig.train_file, 1024, a.seed).s1
+        sents = unlabeled_pairs(train_path(DataConfig.train_file, data_dir), 1024, a.seed).s1
         simcse = compute_infonce_scores(enc, sents, max_len=TrainConfig.max_len, pooler="cls")
     rows = pilot(enc.eval(), scores, data_dir, sparsities_with_zero(a.sparsities), lam=a.lam, scorers=a.scorers,
                  readings=ScoreConfig(combine=tuple(dict.fromkeys(a.combine)),
                                       normalize=tuple(dict.fromkeys(a.normalize))).allocations,
-                 tasks=tasks, pooler=a.pooler, seed=a.seed,
-                 simcse_scores=simcse)
-    md, png = render(rows, tasks)
+                 seed=a.seed, simcse_scores=simcse, sts={"tasks": tuple(tasks), "pooler": a.pooler})
+    from .report import pilot_table
+
+    md, png = pilot_table(rows, tasks), figures.png(figures.pilot(rows))
     print(md)
     if a.out:
         out = Path(a.out)

@@ -130,13 +130,6 @@ class ScoreConfig:
         return [(c, n) for c in combines for n in self.normalize]
 
 
-def method_name(scorer: str, combine: str = "gradient", normalize: str = "none") -> str:
-    """How a mask was chosen, as the report names it: the scorer, and the reading when it is not the default."""
-    parts = ([f"combine={combine}"] if scorer == "align_uniform" and combine != "gradient" else []) + (
-        [f"normalize={normalize}"] if normalize != "none" else [])
-    return scorer + (f" ({', '.join(parts)})" if parts else "")
-
-
 @dataclass(frozen=True)
 class EvalConfig:
     tasks: tuple[str, ...] = STS_TASKS

@@ -36,6 +36,12 @@ def default_data_dir(explicit: str | os.PathLike | None = None) -> Path:
     return Path.home() / ".cache" / "sparsecse" / "data"
 
 
+def train_path(train_file: str | os.PathLike, data_dir: str | os.PathLike) -> Path:
+    """data.train_file on this node: an absolute path as is, a relative one under the data dir."""
+    path = Path(train_file)
+    return path if path.is_absolute() else Path(data_dir) / path
+
+
 def resolve_data_dir(explicit: str | os.PathLike | None = None) -> Path:
     """The data dir (default_data_dir), which must exist on this machine."""
     d = default_data_dir(explicit)

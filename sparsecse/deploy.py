@@ -31,6 +31,17 @@ INT8_FILE = "onnx/model_qint8.onnx"
 QUANT_SETTINGS = {"per_channel": True, "reduce_range": False, "op_types_to_quantize": ["MatMul"]}
 
 
+def empty_matmuls(onnx_path: str | Path) -> list[str]:
+    """MatMul nodes whose weight has a zero-sized dimension: a layer pruned to no heads has 0-wide Q/K/V and a
+    0-deep output projection. ONNX Runtime's MatMulInteger leaves such a product uninitialised (garbage, NaN)
+    where fp32 MatMul returns the zeros it should, so these stay fp32 (they hold no weights to quantise)."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    empty = {t.name for t in model.graph.initializer if 0 in t.dims}
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and any(i in empty for i in n.input)]
+
+
 def _require():
     import importlib.util
 
@@ -92,7 +103,7 @@ def export_onnx(backbone, tokenizer, out_dir: str | Path, quantize: bool = True)
 
         with _quiet_logs():  # its advice to pre-process: symbolic shape inference does not complete on this graph
             quantize_dynamic(str(out_dir / FP32_FILE), str(out_dir / INT8_FILE), weight_type=QuantType.QInt8,
-                             **QUANT_SETTINGS)
+                             nodes_to_exclude=empty_matmuls(out_dir / FP32_FILE), **QUANT_SETTINGS)
         files.append(INT8_FILE)
     return files
 

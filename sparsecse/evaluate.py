@@ -91,18 +91,14 @@ def sts_from_predictions(preds: dict[str, tuple]) -> dict[str, float]:
 
 def predictions_to_bytes(preds: dict[str, tuple]) -> bytes:
     """Parquet of one model's STS test predictions: columns task, pred (cosine), gold; pairs in file order."""
-    import io
-
     import pyarrow as pa
-    import pyarrow.parquet as pq
+
+    from .io import parquet_bytes
 
     tasks = [t for t, (sys, _) in preds.items() for _ in range(len(sys))]
-    table = pa.table({"task": pa.array(tasks).dictionary_encode(),
-                      "pred": pa.array(np.concatenate([p[0] for p in preds.values()]), pa.float64()),
-                      "gold": pa.array(np.concatenate([p[1] for p in preds.values()]), pa.float64())})
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    return buf.getvalue()
+    return parquet_bytes(pa.table({"task": pa.array(tasks).dictionary_encode(),
+                                   "pred": pa.array(np.concatenate([p[0] for p in preds.values()]), pa.float64()),
+                                   "gold": pa.array(np.concatenate([p[1] for p in preds.values()]), pa.float64())}))
 
 
 def predictions_from_bytes(data: bytes) -> dict[str, tuple]:

@@ -112,3 +112,17 @@ def atomic_dir(dest: str | os.PathLike, *, overwrite: bool = True) -> Iterator[P
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def parquet_bytes(table) -> bytes:
+    """A pyarrow Table, or a list of flat records, as the bytes of one Parquet file."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not isinstance(table, pa.Table):
+        table = pa.Table.from_pylist(table)
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()

@@ -16,6 +16,7 @@ import operator
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -214,12 +215,35 @@ def pool(out: torch.Tensor, attention_mask: torch.Tensor, pooler: str, mlp: nn.M
 
 # ---------------------------------------------------------------------- loading and saving
 
-def _load_backbone(path: str, dropout: float | None = None, trust_remote_code: bool = False):
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' loading chatter (unused-weight warnings, progress bars) off for one load, then as it was."""
     from transformers.utils import logging as hf_logging
 
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def head_dim(config) -> int:
+    """Width of one attention head (the slice of the attention output a head mask scales)."""
+    return config.hidden_size // config.num_attention_heads
+
+
+def _load_backbone(path: str, dropout: float | None = None, trust_remote_code: bool = False):
+    with quiet_transformers():
+        return _load_backbone_quietly(path, dropout, trust_remote_code)
+
+
+def _load_backbone_quietly(path: str, dropout: float | None, trust_remote_code: bool):
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
     try:
         cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:

@@ -6,16 +6,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import STS_TASKS, ScoreConfig, method_name
+from .config import STS_TASKS, ScoreConfig
+from .results import method_name
 from .prune import masks_for
 
 
 def pilot(enc, scores, data_dir: Path, sparsities, lam: float = 0.5, scorers=("align_uniform",), seed: int = 0,
-          readings=ScoreConfig().allocations, tasks=STS_TASKS, batch_size: int = 128,
-          pooler: str | None = None, simcse_scores=None) -> list[dict]:
+          readings=ScoreConfig().allocations, simcse_scores=None, sts: dict | None = None) -> list[dict]:
     """One row per (scorer, reading, sparsity): {scorer, method, sparsity, lam, task: Spearman × 100, …, avg}.
     `readings(scorer)` lists the (combine, normalize) readings to prune with (ScoreConfig.allocations). `enc` is
-    the trained model the scores were computed on; its masks are set per point and restored to all-ones at the end."""
+    the trained model the scores were computed on; its masks are set per point and restored to all-ones at the end.
+    `sts`: evaluate_sts's options (tasks — default all seven —, batch_size, pooler)."""
     import torch
 
     from .evaluate import evaluate_sts
@@ -31,7 +32,7 @@ def pilot(enc, scores, data_dir: Path, sparsities, lam: float = 0.5, scorers=("a
                         hm, nm = masks_for(scorer, s, lam, seed, scores=scores, pretrained=enc, combine=combine,
                                            normalize=normalize, simcse_scores=simcse_scores)
                         enc.set_masks(hm, nm)
-                        res = evaluate_sts(enc, data_dir, tasks=tuple(tasks), batch_size=batch_size, pooler=pooler)
+                        res = evaluate_sts(enc, data_dir, **{"tasks": STS_TASKS, **(sts or {})})
                         unpruned = res if s == 0 else unpruned
                     rows.append({"scorer": scorer, "method": method_name(scorer, combine, normalize),
                                  "sparsity": float(s), "lam": lam if scorer == "align_uniform" else None, **res})
@@ -40,32 +41,8 @@ def pilot(enc, scores, data_dir: Path, sparsities, lam: float = 0.5, scorers=("a
     return rows
 
 
-def render(rows: list[dict], tasks) -> tuple[str, bytes]:
-    """(markdown table, PNG of the STS average vs sparsity, one curve per scorer)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .tables import label, png, render as table
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for method in dict.fromkeys(_method(r) for r in rows):
-        pts = [r for r in rows if _method(r) == method]
-        ax.plot([100 * r["sparsity"] for r in pts], [r["avg"] for r in pts], marker="o", label=method)
-    ax.set_xlabel("sparsity (%)")
-    ax.set_ylabel("STS avg (Spearman × 100)")
-    ax.set_title("pilot: the trained SimCSE pruned, no retraining", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    cols = [t for t in (*tasks, "avg") if t in rows[0]]
-    md = table(["mask chosen by", "sparsity", *map(label, cols)],
-               [[_method(r), f"{r['sparsity']:.0%}", *(r[t] for t in cols)] for r in rows], left=2)
-    return md, png(fig)
-
-
-def _method(row: dict) -> str:
+def row_method(row: dict) -> str:
+    """How a pilot row's mask was chosen (its method)."""
     return row.get("method", row["scorer"])  # pilot.json files written before the readings were a dimension
 
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from . import SparseCSEError
-from .model import Encoder, load_encoder
+from .model import Encoder, head_dim, load_encoder
 
 
 def count_pruned(sparsity: float, total: int) -> int:
@@ -68,7 +68,7 @@ def encoder_params(enc: Encoder) -> int:
     leaves), from the masks alone: a head owns its Q/K/V rows with their biases and its columns of the attention
     output (4·d·hidden + 3·d), a neuron its FFN row with its bias and its output column (2·hidden + 1)."""
     cfg = enc.backbone.config
-    hidden, d = cfg.hidden_size, cfg.hidden_size // cfg.num_attention_heads
+    hidden, d = cfg.hidden_size, head_dim(cfg)
     heads = int((enc.head_mask == 0).sum())
     neurons = int((enc.neuron_mask == 0).sum())
     dense = sum(p.numel() for p in enc.backbone.parameters())
@@ -80,7 +80,7 @@ def zero_pruned_weights(enc: Encoder) -> None:
     """Zero every weight that only feeds masked units, so the dense checkpoint equals the masked model."""
     a = enc.adapter
     cfg = enc.backbone.config
-    d = cfg.hidden_size // cfg.num_attention_heads
+    d = head_dim(cfg)
     for li, layer in enumerate(enc.layers):
         for h in torch.nonzero(enc.head_mask[li] == 0).flatten().tolist():
             sl = slice(h * d, (h + 1) * d)
@@ -122,7 +122,7 @@ def physical_prune(enc: Encoder) -> nn.Module:
     cfg = enc.backbone.config
     if cfg.model_type not in pruned_modeling.CLASSES:
         raise SparseCSEError(f"physical pruning supports bert and roberta, not {cfg.model_type!r}")
-    a, d = enc.adapter, cfg.hidden_size // cfg.num_attention_heads
+    a, d = enc.adapter, head_dim(cfg)
     sliced = copy.deepcopy(enc.backbone).cpu()
     heads, neurons = [], []
     for li, layer in enumerate(a.get(sliced, "layers")):

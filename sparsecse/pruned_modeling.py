@@ -108,9 +108,14 @@ def load(path, dropout=None):
     from transformers.utils import logging as hf_logging
 
     cfg_cls, model_cls = _config(path)
-    hf_logging.disable_progress_bar()
-    cfg = cfg_cls.from_pretrained(path)
-    if dropout is not None:
-        cfg.hidden_dropout_prob = dropout
-        cfg.attention_probs_dropout_prob = dropout
-    return model_cls.from_pretrained(path, config=cfg), load_tokenizer(path)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # for this load only
+    try:
+        cfg = cfg_cls.from_pretrained(path)
+        if dropout is not None:
+            cfg.hidden_dropout_prob = dropout
+            cfg.attention_probs_dropout_prob = dropout
+        return model_cls.from_pretrained(path, config=cfg), load_tokenizer(path)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()

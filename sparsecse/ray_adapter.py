@@ -1,19 +1,39 @@
 """The one place sparsecse touches Ray's API (Ray's example API changed several times: keep it here).
 
-Everything else is plain torch; these helpers connect, check every node, run the stage-1 TorchTrainer, run Ray
-tasks, and build/restore the Tune sweep — all with the run's storage (storage.py) as Ray's storage.
+Everything else is plain torch. Ray calls sparsecse, not the other way round: the stage functions (stages.py) take
+their reporting and checkpoint hooks as arguments, and this module binds them to Ray Train / Ray Tune. It also
+connects, checks every node, runs Ray tasks, builds/restores the Tune sweep with its logger callbacks (TensorBoard
+is the trials' own; MLflow / W&B through Tune's integrations) — all with the run's storage (storage.py) as Ray's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from . import SparseCSEError
+from .results import DEV, PARAMS, Point, TrialResult
 
 if TYPE_CHECKING:
     from .storage import Storage
+
+
+@contextlib.contextmanager
+def _env(**values: str) -> Iterator[None]:
+    """Environment variables Ray reads, set for one call and restored after it (a driver's env stays its own)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def connect(address: str | None, num_cpus: int | None, dashboard: bool) -> None:
@@ -25,7 +45,6 @@ def connect(address: str | None, num_cpus: int | None, dashboard: bool) -> None:
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
@@ -107,15 +126,28 @@ def train_device():
     return ray.train.torch.get_device()
 
 
-def run_torch_trainer(loop: Callable[[dict], None], loop_config: dict, *, num_workers: int, use_gpu: bool,
+def _train_worker(loop: Callable) -> Callable[[dict], None]:
+    """Ray Train's worker function for `loop(loop_config, rank=, world=, device=, wrap=, report=, restored=)`: the
+    worker's rank and device, DDP wrapping when there are several workers, Ray Train's report and checkpoint."""
+
+    def train_loop(loop_config: dict) -> None:
+        rank, world = train_context()
+        loop(loop_config, rank=rank, world=world, device=train_device(), wrap=prepare_ddp if world > 1 else None,
+             report=train_report, restored=train_checkpoint)
+
+    return train_loop
+
+
+def run_torch_trainer(loop: Callable, loop_config: dict, *, num_workers: int, use_gpu: bool,
                       cpus_per_worker: float, storage: "Storage", name: str, max_failures: int) -> str:
-    """Stage 1: data-parallel SimCSE on `num_workers` workers; returns the last checkpoint, relative to `storage`."""
+    """Stage 1: data-parallel SimCSE on `num_workers` workers (`loop` as `_train_worker` calls it); returns the
+    last checkpoint, relative to `storage`."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     path, fs = storage.ray_storage()
     trainer = TorchTrainer(
-        loop, train_loop_config=loop_config,
+        _train_worker(loop), train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
@@ -124,7 +156,8 @@ def run_torch_trainer(loop: Callable[[dict], None], loop_config: dict, *, num_wo
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
     try:
-        result = trainer.fit()
+        with _env(RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS="0"):
+            result = trainer.fit()
     except Exception as e:  # Ray wraps worker errors; surface the root cause in one line
         raise SparseCSEError(f"stage-1 training failed: {_root_cause(e)}") from None
     if result.error is not None:
@@ -163,10 +196,11 @@ def run_tasks(calls: list[tuple[str, Callable, tuple, dict, float, float]]) -> l
 # --------------------------------------------------------------------------- Ray Tune (stage 3)
 
 def tune_report(metrics: dict, checkpoint_dir: Path | None) -> None:
+    """A trial's report to Tune, with the node it ran on and ASHA's clock (see `rung`)."""
     from ray import tune
 
     ckpt = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-    tune.report(metrics, checkpoint=ckpt)
+    tune.report({**metrics, "node_id": node_id(), **rung(metrics)}, checkpoint=ckpt)
 
 
 def tune_checkpoint(local: Path) -> Path | None:
@@ -183,8 +217,7 @@ def node_id() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
-METRIC, MODE = "best_stsb_dev", "max"  # what Tune, its schedulers and selection optimise: STS-B dev
-PARAMS_METRIC = "encoder_params"  # the second objective of sweep.objective=pareto, in every trial report
+METRIC, MODE = DEV, "max"  # what Tune, its schedulers and selection optimise: STS-B dev
 RUNG_ATTR = "rung_step"  # ASHA's clock: training steps, on intermediate evaluations only
 
 
@@ -194,62 +227,111 @@ def rung(rec: dict) -> dict:
     return {} if rec.get("last", True) else {RUNG_ATTR: rec["step"]}
 
 
-def run_tuner(trial_fn: Callable, params: dict, points: list[dict], *, storage: "Storage", name: str, cpus: float,
-              gpus: float, max_concurrent: int | None, max_failures: int, asha: dict | None, resume: bool,
-              search: dict | None = None, callbacks: list | None = None):
-    """One trial per point, each point's keys (sparsity, lam, seed, scorer, combine, normalize) as Tune parameters
-    of their own; `params` shared through the object store; returns the ResultGrid. `asha` = {"grace": steps, "max_t": steps,
-    "rf": reduction factor} stops weak trials early, measured in training steps. `resume` restores an
-    interrupted experiment from the run's storage. `search` = {"space": {name: ("uniform" | "loguniform", lo, hi)
-    | ("choice", values)}, "constants": {...}, "num_samples": n, "seed": s} samples the points with Optuna's TPE
-    instead (`points` unused); with "pareto": True it searches dev and encoder size together. `callbacks`: more
-    Tune logger callbacks (tracking.py's MLflow / W&B)."""
-    from ray import tune
+def _tune_trainable(trial: Callable, reading: tuple[str, str]) -> Callable:
+    """Ray Tune's function trainable for `trial(point, report=, restored=, **params)`: the point from Tune's
+    parameters (older sweeps' records read with the config's first `reading`), Tune's report and checkpoint."""
+
+    def trial_fn(config: dict, **params) -> None:
+        trial(Point.from_params(config, reading), report=tune_report, restored=tune_checkpoint, **params)
+
+    trial_fn.__name__ = "trial"  # Tune names trial directories after the trainable: trial_<id>_…
+    return trial_fn
+
+
+@dataclass(frozen=True)
+class TuneRun:
+    """How a sweep's trials run: the run's storage, per-trial resources, concurrency, retries, whether to restore an
+    interrupted experiment, the trackers (`tracking.Tracking.logger_settings()`: {"mlflow"|"wandb": kwargs}) and
+    the reading old records default to."""
+
+    storage: "Storage"
+    cpus: float
+    gpus: float
+    max_concurrent: int | None
+    max_failures: int
+    resume: bool
+    trackers: dict = field(default_factory=dict)
+    reading: tuple[str, str] = ("gradient", "none")
+
+
+def logger_callbacks(trackers: dict) -> list:
+    """Tune's own JSON/CSV loggers, and its MLflow / W&B integrations for the trackers the sweep uses."""
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    out = [JsonLoggerCallback(), CSVLoggerCallback()]
+    if "mlflow" in trackers:
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        out.append(MLflowLoggerCallback(**trackers["mlflow"]))
+    if "wandb" in trackers:
+        from ray.air.integrations.wandb import WandbLoggerCallback
+
+        out.append(WandbLoggerCallback(**trackers["wandb"]))
+    return out
+
+
+def run_tuner(trial: Callable, params: dict, points: list[Point], run: TuneRun, *, name: str,
+              asha: dict | None = None, search: dict | None = None) -> list[TrialResult]:
+    """One trial per point (each Point key a Tune parameter of its own), `params` shared through the object store;
+    one TrialResult per trial. `asha` = {"grace": steps, "max_t": steps, "rf": reduction factor} stops weak trials
+    early, measured in training steps. `run.resume` restores an interrupted experiment from the run's storage.
+    `search` = {"space": {name: ("uniform" | "loguniform", lo, hi) | ("choice", values)}, "constants": {...},
+    "num_samples": n, "seed": s} samples the points with Optuna's TPE instead (`points` unused); with "pareto": True
+    it searches dev and encoder size together."""
+    from ray import tune
+
+    trainable = tune.with_resources(tune.with_parameters(_tune_trainable(trial, run.reading), **params),
+                                    {"cpu": run.cpus, "gpu": run.gpus})
+    path, fs = run.storage.ray_storage()
+    exp = run.storage.path(name)
+    if run.resume and tune.Tuner.can_restore(exp, storage_filesystem=fs):
+        tuner = tune.Tuner.restore(exp, trainable=trainable, resume_errored=True, storage_filesystem=fs)
+    else:
+        tuner = tune.Tuner(trainable, **_tuner_settings(tune, points, run, name, asha, search, path, fs))
+    # one TensorBoard stream per trial: the trial's own (tensorboard/<trial>: per-step loss, lr, dev), not also
+    # Tune's TBX copy of its reports; Tune's JSON/CSV results stay (read by the sweep benchmark and by tests)
+    with _env(TUNE_DISABLE_AUTO_CALLBACK_LOGGERS="1"), _optuna_warnings_only(bool(search)):
+        grid = tuner.fit()
+    return _trial_results(grid, run)
+
+
+def _tuner_settings(tune, points: list[Point], run: TuneRun, name: str, asha: dict | None, search: dict | None,
+                    path: str, fs) -> dict:
+    """tune.Tuner's keyword arguments for a new experiment: the grid (or Optuna's search), ASHA, the run config."""
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator
 
-    trainable = tune.with_resources(tune.with_parameters(trial_fn, **params), {"cpu": cpus, "gpu": gpus})
-    path, fs = storage.ray_storage()
-    exp = storage.path(name)
-    # one TensorBoard stream per trial: the trial's own (tensorboard/<trial>: per-step loss, lr, dev), not also
-    # Tune's TBX copy of its reports; Tune's JSON/CSV results stay (read by the sweep benchmark and by tests)
-    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
-    if resume and tune.Tuner.can_restore(exp, storage_filesystem=fs):
-        tuner = tune.Tuner.restore(exp, trainable=trainable, resume_errored=True, storage_filesystem=fs)
+    # rungs at grace · rf^k training steps, judged on intermediate evaluations only (see `rung`); max_t only
+    # bounds the rungs, it never stops a trial itself. A multi-objective search (sweep.objective=pareto) optimises
+    # a list of metrics: Tune's own metric stays unset (it would replace the searcher's list) and ASHA names
+    # STS-B dev itself
+    multi = bool(search and search.get("pareto"))
+    sched = (ASHAScheduler(time_attr=RUNG_ATTR, max_t=asha["max_t"], grace_period=asha["grace"],
+                           reduction_factor=asha["rf"], stop_last_trials=False,
+                           **({"metric": METRIC, "mode": MODE} if multi else {})) if asha else None)
+    if search:
+        space, alg, num = _optuna(tune, search, run.max_concurrent)
     else:
-        # rungs at grace · rf^k training steps, judged on intermediate evaluations only (see `rung`); max_t only
-        # bounds the rungs, it never stops a trial itself
-        # a multi-objective search (sweep.objective=pareto) optimises a list of metrics: Tune's own metric stays
-        # unset (it would replace the searcher's list) and ASHA names STS-B dev itself
-        multi = bool(search and search.get("pareto"))
-        sched = (ASHAScheduler(time_attr=RUNG_ATTR, max_t=asha["max_t"], grace_period=asha["grace"],
-                               reduction_factor=asha["rf"], stop_last_trials=False,
-                               **({"metric": METRIC, "mode": MODE} if multi else {})) if asha else None)
-        if search:
-            space, alg, num = _optuna(tune, search, max_concurrent)
-        else:
-            # the grid as points of a search space: every point exactly once, each parameter named in Tune's table;
-            # the generator itself must cap concurrency: Tune applies max_concurrent_trials only to the generator
-            # it creates
-            space = {k: tune.choice(sorted({p[k] for p in points}, key=str)) for k in points[0]}
-            alg, num = BasicVariantGenerator(points_to_evaluate=points, max_concurrent=max_concurrent or 0), len(points)
-        tuner = tune.Tuner(
-            trainable,
-            param_space=space,
-            # reuse_actors: a finished trial's process takes the next point (no new process, no re-import of
-            # torch/transformers per trial); a crashed one is replaced as usual
-            tune_config=tune.TuneConfig(metric=None if multi else METRIC, mode=None if multi else MODE,
-                                        num_samples=num, search_alg=alg,
-                                        max_concurrent_trials=max_concurrent, scheduler=sched, reuse_actors=True),
-            # num_to_keep=2: Tune forces an experiment-state snapshot whenever a trial has checkpointed num_to_keep
-            # times since the last one; with 1 that is every checkpoint (the "snapshotting" warnings)
-            run_config=tune.RunConfig(name=name, storage_path=path, storage_filesystem=fs,
-                                      callbacks=[JsonLoggerCallback(), CSVLoggerCallback(), *(callbacks or [])],
-                                      failure_config=tune.FailureConfig(max_failures=max_failures),
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=1),
-        )
-    return tuner.fit()
+        # the grid as points of a search space: every point exactly once, each parameter named in Tune's table;
+        # the generator itself must cap concurrency: Tune applies max_concurrent_trials only to the generator
+        # it creates
+        rows = [p.params() for p in points]
+        space = {k: tune.choice(sorted({r[k] for r in rows}, key=str)) for k in Point.KEYS}
+        alg, num = BasicVariantGenerator(points_to_evaluate=rows, max_concurrent=run.max_concurrent or 0), len(rows)
+    return {
+        "param_space": space,
+        # reuse_actors: a finished trial's process takes the next point (no new process, no re-import of
+        # torch/transformers per trial); a crashed one is replaced as usual
+        "tune_config": tune.TuneConfig(metric=None if multi else METRIC, mode=None if multi else MODE,
+                                       num_samples=num, search_alg=alg, max_concurrent_trials=run.max_concurrent,
+                                       scheduler=sched, reuse_actors=True),
+        # num_to_keep=2: Tune forces an experiment-state snapshot whenever a trial has checkpointed num_to_keep
+        # times since the last one; with 1 that is every checkpoint (the "snapshotting" warnings)
+        "run_config": tune.RunConfig(name=name, storage_path=path, storage_filesystem=fs,
+                                     callbacks=logger_callbacks(run.trackers),
+                                     failure_config=tune.FailureConfig(max_failures=run.max_failures),
+                                     checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=1),
+    }
 
 
 def _optuna(tune, search: dict, max_concurrent: int | None):
@@ -258,7 +340,6 @@ def _optuna(tune, search: dict, max_concurrent: int | None):
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     kinds = {"uniform": tune.uniform, "loguniform": tune.loguniform}
     space = dict(search["constants"])
     for k, (kind, *args) in search["space"].items():
@@ -267,21 +348,31 @@ def _optuna(tune, search: dict, max_concurrent: int | None):
     # TPE models the results after a few random starts (Optuna's default waits for 10, most of a small budget)
     sampler = optuna.samplers.TPESampler(seed=search["seed"], n_startup_trials=max(2, n // 3))
     # sweep.objective=pareto: TPE over both objectives, dev up and encoder size down
-    metric, mode = ([METRIC, PARAMS_METRIC], [MODE, "min"]) if search.get("pareto") else (METRIC, MODE)
+    metric, mode = ([METRIC, PARAMS], [MODE, "min"]) if search.get("pareto") else (METRIC, MODE)
     alg = OptunaSearch(metric=metric, mode=mode, sampler=sampler)
     return space, (ConcurrencyLimiter(alg, max_concurrent=max_concurrent) if max_concurrent else alg), n
 
 
-POINT_KEYS = ("sparsity", "lam", "seed", "scorer", "combine", "normalize")
+@contextlib.contextmanager
+def _optuna_warnings_only(on: bool) -> Iterator[None]:
+    """Optuna's per-trial INFO lines off while a search runs, its log level restored after."""
+    if not on:
+        yield
+        return
+    import optuna
+
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(level)
 
 
-def grid_rows(grid, storage: "Storage") -> list[dict]:
-    """One row per trial: its point, last metrics, error (or None) and last checkpoint (relative to the run)."""
-    rows = []
-    for r in grid:
-        cfg = r.config or {}
-        cfg = cfg.get("point") or {k: cfg[k] for k in POINT_KEYS if k in cfg}  # "point": sweeps before named params
-        rows.append({"config": {"scorer": "align_uniform", **cfg}, "metrics": dict(r.metrics or {}),
-                     "error": None if r.error is None else _root_cause(r.error),
-                     "checkpoint": storage.rel(r.checkpoint.path) if r.checkpoint is not None else None})
-    return rows
+def _trial_results(grid, run: TuneRun) -> list[TrialResult]:
+    """One TrialResult per trial of a ResultGrid: its point, last metrics, error (one line) and last checkpoint
+    (relative to the run)."""
+    return [TrialResult(Point.from_params(r.config or {}, run.reading), dict(r.metrics or {}),
+                        None if r.error is None else _root_cause(r.error),
+                        run.storage.rel(r.checkpoint.path) if r.checkpoint is not None else None)
+            for r in grid]

@@ -9,7 +9,6 @@ Stored as Parquet (long format, one row per batch × unit) with fingerprints in 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import time
@@ -21,9 +20,9 @@ import torch
 
 from . import SparseCSEError, __version__
 from .data import Pairs, positives
-from .io import atomic_write_bytes
+from .io import atomic_write_bytes, parquet_bytes
 from .losses import alignment, uniformity
-from .model import Encoder, weights_fingerprint
+from .model import Encoder, head_dim, weights_fingerprint
 
 HEAD, NEURON = 0, 1
 
@@ -69,7 +68,7 @@ def magnitude_importance(enc: Encoder) -> tuple[np.ndarray, np.ndarray]:
     """The magnitude control: a head's score is the L2 norm of every weight that only serves it (its Q/K/V rows and
     biases, its columns of the output projection); a neuron's, of its FFN input row + bias and output column."""
     a, cfg = enc.adapter, enc.backbone.config
-    d = cfg.hidden_size // cfg.num_attention_heads
+    d = head_dim(cfg)
     heads, neurons = [], []
     for layer in enc.layers:
         sq = sum(a.get(layer, n).weight.pow(2).sum(1) + a.get(layer, n).bias.pow(2) for n in ("query", "key", "value"))
@@ -123,48 +122,69 @@ def scoring_batches(n: int, batch_size: int, seed: int, max_pairs: int | None, w
     return batches
 
 
-def compute_scores(enc: Encoder, pairs: Pairs, batch_size: int = 64, threshold: float = 4.0, rule: str = "gt", seed: int = 0,
-                   max_pairs: int | None = None, pooler: str | None = None, max_len: int | None = None,
-                   progress: bool = False, dropout_views: bool = False) -> Scores:
-    """Per-batch ∂L_align/∂(ξ, ν) and ∂L_uniform/∂(ξ, ν) on STS pairs (dropout off), or — `dropout_views` — on
-    sentences paired with themselves, dropout on, so the two views of one sentence are the positive pair."""
-    batches = scoring_batches(len(pairs), batch_size, seed, max_pairs, "pairs")
-    device = next(enc.parameters()).device
+def _mask_gradients(enc: Encoder, batches: list[np.ndarray], losses, dropout: bool,
+                    progress: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
+    """For each of the losses `losses(batch)` returns, its per-batch gradients w.r.t. the head and neuron masks:
+    [(heads (nb, L, H), neurons (nb, L, I))], float64. Dropout on or off as asked, restored after."""
     was_training = enc.training
-    enc.train(dropout_views)
-    ga_h, gu_h, ga_n, gu_n = [], [], [], []
+    enc.train(dropout)
+    out: list[tuple[list, list]] = []
     it = batches
     if progress:
         from tqdm.auto import tqdm
+
         it = tqdm(batches, desc="score", unit="batch")
-    t0 = time.perf_counter()
-    with enc.mask_grads() as (hm, nm):
-        for b in it:
-            s1 = [pairs.s1[i] for i in b]
-            s2 = [pairs.s2[i] for i in b]
-            tok = enc.tokenize(s1 + s2, max_len)
-            z = enc(tok["input_ids"].to(device), tok["attention_mask"].to(device), pooler=pooler)  # (2B, D)
-            pos = torch.as_tensor(positives(pairs.gold[b], threshold, rule), device=device)
-            l_align, l_unif = score_loss(z[:len(b)], z[len(b):], pos)
-            ga = torch.autograd.grad(l_align, [hm, nm], retain_graph=True, allow_unused=True)
-            gu = torch.autograd.grad(l_unif, [hm, nm], allow_unused=True)
-            ga = [torch.zeros_like(m) if g is None else g for g, m in zip(ga, (hm, nm))]
-            gu = [torch.zeros_like(m) if g is None else g for g, m in zip(gu, (hm, nm))]
-            ga_h.append(ga[0].double().cpu().numpy())
-            ga_n.append(ga[1].double().cpu().numpy())
-            gu_h.append(gu[0].double().cpu().numpy())
-            gu_n.append(gu[1].double().cpu().numpy())
-    enc.train(was_training)
+    try:
+        with enc.mask_grads() as (hm, nm):
+            for b in it:
+                ls = losses(b)
+                out = out or [([], []) for _ in ls]
+                for k, loss in enumerate(ls):
+                    g = torch.autograd.grad(loss, [hm, nm], retain_graph=k < len(ls) - 1, allow_unused=True)
+                    for acc, x, m in zip(out[k], g, (hm, nm)):
+                        acc.append((torch.zeros_like(m) if x is None else x).double().cpu().numpy())
+    finally:
+        enc.train(was_training)
+    return [(np.stack(h), np.stack(n)) for h, n in out]
+
+
+def _encoder_meta(enc: Encoder, pooler: str | None) -> dict:
+    """What a scores file records of the model it was computed on (check_compatible reads it)."""
     L, H = enc.head_mask.shape
-    meta = {"model_fingerprint": weights_fingerprint(enc), "data_fingerprint": data_fingerprint(pairs),
-            "init_fingerprint": enc.meta.get("init_fingerprint"),
-            "batch_size": batch_size, "seed": seed, "threshold": threshold, "positive_rule": rule, "max_pairs": max_pairs,
+    return {"model_fingerprint": weights_fingerprint(enc), "init_fingerprint": enc.meta.get("init_fingerprint"),
+            "backbone": enc.source, "pooler": pooler or enc.pooler, "layers": int(L), "heads": int(H),
+            "intermediate": int(enc.neuron_mask.shape[1]), "version": __version__}
+
+
+def _embed(enc: Encoder, sentences: list[str], max_len: int | None, pooler: str | None) -> torch.Tensor:
+    device = next(enc.parameters()).device
+    tok = enc.tokenize(sentences, max_len)
+    return enc(tok["input_ids"].to(device), tok["attention_mask"].to(device), pooler=pooler)  # (N, D)
+
+
+def compute_scores(enc: Encoder, pairs: Pairs, batch_size: int = 64, positive: tuple[float, str] = (4.0, "gt"),
+                   seed: int = 0, max_pairs: int | None = None, pooler: str | None = None, max_len: int | None = None,
+                   progress: bool = False, dropout_views: bool = False) -> Scores:
+    """Per-batch ∂L_align/∂(ξ, ν) and ∂L_uniform/∂(ξ, ν) (the paper's Eq. for L_score, §3.2) on STS pairs (dropout
+    off), or — `dropout_views` — on sentences paired with themselves, dropout on, so the two views of one sentence
+    are the positive pair. `positive` = (threshold, rule): a pair is positive when gold > threshold ("gt") or
+    ≥ it ("ge")."""
+    threshold, rule = positive
+    batches = scoring_batches(len(pairs), batch_size, seed, max_pairs, "pairs")
+    device = next(enc.parameters()).device
+
+    def losses(b):
+        z = _embed(enc, [pairs.s1[i] for i in b] + [pairs.s2[i] for i in b], max_len, pooler)  # (2B, D)
+        return score_loss(z[:len(b)], z[len(b):], torch.as_tensor(positives(pairs.gold[b], threshold, rule), device=device))
+
+    t0 = time.perf_counter()
+    (ga_h, ga_n), (gu_h, gu_n) = _mask_gradients(enc, batches, losses, dropout=dropout_views, progress=progress)
+    meta = {**_encoder_meta(enc, pooler), "data_fingerprint": data_fingerprint(pairs), "batch_size": batch_size,
+            "seed": seed, "threshold": threshold, "positive_rule": rule, "max_pairs": max_pairs,
             "positives": "dropout views" if dropout_views else "labelled pairs",
             "positive_pairs": int(sum(positives(pairs.gold[b], threshold, rule).sum() for b in batches)),
-            "num_batches": len(batches), "backbone": enc.source, "pooler": pooler or enc.pooler,
-            "layers": int(L), "heads": int(H), "intermediate": int(enc.neuron_mask.shape[1]),
-            "version": __version__, "seconds": round(time.perf_counter() - t0, 3)}
-    return Scores(np.stack(ga_h), np.stack(gu_h), np.stack(ga_n), np.stack(gu_n), meta)
+            "num_batches": len(batches), "seconds": round(time.perf_counter() - t0, 3)}
+    return Scores(ga_h, gu_h, ga_n, gu_n, meta)
 
 
 def compute_infonce_scores(enc: Encoder, sentences: list[str], batch_size: int = 64, temperature: float = 0.05,
@@ -175,27 +195,17 @@ def compute_infonce_scores(enc: Encoder, sentences: list[str], batch_size: int =
     from .losses import info_nce
 
     batches = scoring_batches(len(sentences), batch_size, seed, None, "sentences")
-    device = next(enc.parameters()).device
-    was_training = enc.training
-    enc.train()  # dropout on: it makes the two views
-    gh, gn = [], []
+
+    def losses(b):
+        z = _embed(enc, [sentences[i] for i in b] * 2, max_len, pooler)  # the two dropout views: (2B, D)
+        return [info_nce(z[:len(b)], z[len(b):], temperature)]
+
     t0 = time.perf_counter()
-    with enc.mask_grads() as (hm, nm):
-        for b in batches:
-            tok = enc.tokenize([sentences[i] for i in b] * 2, max_len)
-            z = enc(tok["input_ids"].to(device), tok["attention_mask"].to(device), pooler=pooler)
-            g = torch.autograd.grad(info_nce(z[:len(b)], z[len(b):], temperature), [hm, nm], allow_unused=True)
-            g = [torch.zeros_like(m) if x is None else x for x, m in zip(g, (hm, nm))]
-            gh.append(g[0].double().cpu().numpy())
-            gn.append(g[1].double().cpu().numpy())
-    enc.train(was_training)
-    L, H = enc.head_mask.shape
-    meta = {"model_fingerprint": weights_fingerprint(enc), "loss": "infonce", "temperature": temperature,
-            "batch_size": batch_size, "seed": seed, "num_batches": len(batches), "sentences": sum(len(b) for b in batches),
-            "backbone": enc.source, "pooler": pooler or enc.pooler, "layers": int(L), "heads": int(H),
-            "intermediate": int(enc.neuron_mask.shape[1]), "init_fingerprint": enc.meta.get("init_fingerprint"),
-            "version": __version__, "seconds": round(time.perf_counter() - t0, 3)}
-    return Scores(np.stack(gh), np.stack(gh), np.stack(gn), np.stack(gn), meta)
+    ((gh, gn),) = _mask_gradients(enc, batches, losses, dropout=True)  # dropout on: it makes the two views
+    meta = {**_encoder_meta(enc, pooler), "loss": "infonce", "temperature": temperature, "batch_size": batch_size,
+            "seed": seed, "num_batches": len(batches), "sentences": sum(len(b) for b in batches),
+            "seconds": round(time.perf_counter() - t0, 3)}
+    return Scores(gh, gh, gn, gn, meta)
 
 
 SCORE_COLUMNS = ("batch", "unit", "layer", "index", "g_align", "g_uniform")
@@ -204,7 +214,6 @@ SCORE_COLUMNS = ("batch", "unit", "layer", "index", "g_align", "g_uniform")
 def scores_to_bytes(scores: Scores) -> bytes:
     """The Parquet file: one row per (batch, unit, layer, index) with both gradients; metadata in the schema."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     cols = {k: [] for k in SCORE_COLUMNS}
     for unit, ga, gu in ((HEAD, scores.g_align_head, scores.g_uniform_head),
@@ -219,9 +228,7 @@ def scores_to_bytes(scores: Scores) -> bytes:
         cols["g_uniform"].append(gu.ravel())
     table = pa.table({k: np.concatenate(v) for k, v in cols.items()})
     table = table.replace_schema_metadata({"sparsecse": json.dumps(scores.meta, sort_keys=True)})
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    return buf.getvalue()
+    return parquet_bytes(table)
 
 
 def save_scores(scores: Scores, path: str | os.PathLike) -> Path:

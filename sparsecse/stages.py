@@ -1,5 +1,7 @@
 """The sweep's stages as plain functions: what runs on a cluster node, not how it is scheduled (sweep.py orders
-them; ray_adapter.py runs each as a Ray Train worker loop, a Ray task or a Tune trial).
+them; ray_adapter.py runs each as a Ray Train worker loop, a Ray task or a Tune trial). Nothing here imports Ray:
+a stage that reports progress or resumes gets `report(metrics, checkpoint_dir)` and `restored(local_dir)` as
+arguments, which the adapter binds to Ray Train / Ray Tune and a unit test binds to a list.
 
 Every stage gets the run's storage URI, never a path on the driver's disk: it downloads what it reads into
 node-local scratch, computes, uploads what it writes, and removes its scratch. So a stage may land on any node of a
@@ -18,25 +20,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from typing import Callable
+
 from . import SparseCSEError
-from .config import STS_TASKS, config_from_dict
+from .config import config_from_dict
+from .results import PARAMS, Point, sts_tasks
 from .storage import Storage, fetch_model, scratch_dir
 
-
-def point_name(p: dict) -> str:
-    """s0.100_l0.50_seed1 for the paper's score; s0.100_random_seed1 for a control scorer (λ-free); a reading of
-    the scores other than the default adds _combine-score / _norm-layer (s0.100_l0.50_norm-layer_seed1)."""
-    scorer = p.get("scorer", "align_uniform")
-    mid = f"l{_num(p['lam'], 2)}" if scorer == "align_uniform" or p["sparsity"] == 0 else scorer
-    if p["sparsity"] > 0:
-        mid += "_combine-score" if scorer == "align_uniform" and p.get("combine") == "score" else ""
-        mid += "_norm-layer" if p.get("normalize") == "layer" else ""
-    return f"s{_num(p['sparsity'], 3)}_{mid}_seed{p['seed']}"
-
-
-def _num(x: float, digits: int) -> str:
-    """A grid value with `digits` decimals; a sampled one (sweep.search=optuna) with six, so no two collide."""
-    return f"{x:.{digits}f}" if round(x, digits) == x else f"{x:.6f}"
+Report = Callable[[dict, "Path | None"], None]  # report(metrics, checkpoint dir or None)
+Restored = Callable[[Path], "Path | None"]  # restored(local dir): the last checkpoint downloaded there, or None
 
 
 def setup_worker(threads: float) -> None:
@@ -91,23 +83,20 @@ class TensorBoardSync:
 
 # --------------------------------------------------------------------------- stage 1: Ray Train worker loop
 
-def train_loop(loop_config: dict) -> None:
-    """Runs on every Ray Train worker: SimCSE with the global batch split across workers."""
-    from . import ray_adapter as ra
+def train_loop(loop_config: dict, *, rank: int = 0, world: int = 1, device=None, wrap=None,
+               report: Report, restored: Restored) -> None:
+    """Runs on every stage-1 worker: SimCSE with the global batch split across `world` workers (`wrap`: DDP)."""
     from .train import Dist, OnReport, train_simcse
 
     cfg = config_from_dict(loop_config["config"])
     store = Storage(loop_config["storage"])
-    rank, world = ra.train_context()
     setup_worker(loop_config["cpus_per_worker"])
     with scratch_dir("stage1") as tmp:
-        resume = ra.train_checkpoint(tmp / "resume")
         tb = tmp / "tensorboard" if rank == 0 and "tensorboard" in cfg.sweep.loggers else None
         callbacks = [*installed_callbacks("stage1", rank, store), *([TensorBoardSync(store, tb, "simcse")] if tb else []),
-                     OnReport(ra.train_report)]
-        train_simcse(cfg, tmp / "out", Path(loop_config["data_dir"]), dist=Dist(rank, world),
-                     device=ra.train_device(), wrap=ra.prepare_ddp if world > 1 else None, callbacks=callbacks,
-                     resume_dir=resume, tb_dir=tb, progress=False)
+                     OnReport(report)]
+        train_simcse(cfg, tmp / "out", Path(loop_config["data_dir"]), dist=Dist(rank, world, device or "cpu", wrap),
+                     callbacks=callbacks, resume_dir=restored(tmp / "resume"), tb_dir=tb, progress=False)
 
 
 # --------------------------------------------------------------------------- stage 2: scoring task
@@ -122,8 +111,8 @@ def score_task(store_uri: str, model_rel: str, data_dir: str, cfg_dict: dict, th
     pairs, leak = scoring_pairs(cfg, Path(data_dir))
     with scratch_dir("score") as tmp:
         enc = load_encoder(str(fetch_model(store, model_rel, tmp))).to(task_device(gpus))
-        sc = compute_scores(enc, pairs, batch_size=cfg.score.batch_size, threshold=cfg.score.positive_threshold,
-                            rule=cfg.score.positive_rule, seed=cfg.score.seed,
+        sc = compute_scores(enc, pairs, batch_size=cfg.score.batch_size,
+                            positive=(cfg.score.positive_threshold, cfg.score.positive_rule), seed=cfg.score.seed,
                             max_pairs=None if cfg.score.source == "unlabeled" else cfg.score.max_pairs,
                             pooler=cfg.model.eval_pooler, max_len=cfg.train.max_len,
                             dropout_views=cfg.score.source == "unlabeled")
@@ -137,13 +126,16 @@ def score_task(store_uri: str, model_rel: str, data_dir: str, cfg_dict: dict, th
     return sc.meta
 
 
+def labelfree_pairs(cfg, data_dir: Path):
+    """score.max_pairs (default 1024) sentences of data.train_file, each paired with itself (two dropout views)."""
+    from .data import train_path, unlabeled_pairs
+
+    return unlabeled_pairs(train_path(cfg.data.train_file, data_dir), cfg.score.max_pairs or 1024, cfg.score.seed)
+
+
 def simcse_sentences(cfg, data_dir: Path) -> list[str]:
     """The unlabeled sentences the SimCSE control scores on (as many as the paper's score reads pairs)."""
-    from .data import unlabeled_pairs
-
-    path = Path(cfg.data.train_file)
-    return unlabeled_pairs(path if path.is_absolute() else data_dir / path, cfg.score.max_pairs or 1024,
-                           cfg.score.seed).s1
+    return labelfree_pairs(cfg, data_dir).s1
 
 
 def load_simcse_scores(store: Storage, cfg):
@@ -158,12 +150,10 @@ def load_simcse_scores(store: Storage, cfg):
 def scoring_pairs(cfg, data_dir: Path):
     """(the pairs importance is scored on, how many of their unique positive pairs are verbatim STS12–16 test
     pairs — None when that is not measurable here)."""
-    from .data import load_stsb, positives, sts_test_overlap, unlabeled_pairs
+    from .data import load_stsb, positives, sts_test_overlap
 
     if cfg.score.source == "unlabeled":
-        path = Path(cfg.data.train_file)
-        return unlabeled_pairs(path if path.is_absolute() else data_dir / path, cfg.score.max_pairs or 1024,
-                               cfg.score.seed), 0
+        return labelfree_pairs(cfg, data_dir), 0
     from .score import scoring_order
 
     pairs = load_stsb(data_dir, cfg.score.split)
@@ -178,66 +168,66 @@ def scoring_pairs(cfg, data_dir: Path):
 
 # --------------------------------------------------------------------------- stage 3: one Tune trial
 
-def trial(config: dict, *, store_uri: str, data_dir: str, cfg_dict: dict, scores, simcse_scores=None) -> None:
+def trial(point: Point, *, store_uri: str, data_dir: str, cfg_dict: dict, scores, simcse_scores=None,
+          report: Report, restored: Restored = lambda local: None) -> None:
     """One (scorer, sparsity, λ, seed): masks from the shared scores (or a control scorer), rewind, retrain with the
-    mask fixed, evaluate the best dev checkpoint on the STS test sets. Checkpoints go to storage through Tune;
-    nothing stays on the node."""
-    from . import ray_adapter as ra
-    from .evaluate import evaluate_sts, predictions_to_bytes
+    mask fixed, evaluate the best dev checkpoint on the STS test sets. Every evaluation is reported with the
+    trial's checkpoint (`report`), and the last report carries the test figures; a restarted trial continues from
+    `restored`. Nothing stays on the node: checkpoints go wherever `report` puts them, predictions to storage."""
     from .model import load_encoder
     from .prune import encoder_params, masks_for, rewind
-    from .train import OnReport, train_simcse
+    from .train import Dist, OnReport, train_simcse
 
-    p = config.get("point") or config  # "point": trials of sweeps started before the parameters were named
-    name = point_name(p)
+    name = point.name
     cfg = config_from_dict(cfg_dict)
-    cfg = cfg.replace(train=type(cfg.train)(**{**cfg.to_dict()["train"], "seed": p["seed"]}))
+    cfg = cfg.replace(train=type(cfg.train)(**{**cfg.to_dict()["train"], "seed": point.seed}))
     store = Storage(store_uri)
     setup_worker(cfg.sweep.trial_cpus)
-    scorer = p.get("scorer", "align_uniform")
     pre = load_encoder(cfg.model.name, pooler=cfg.model.pooler, dropout=cfg.train.dropout)
-    # trials of sweeps from before the readings were grid parameters ran the first (then only) one
-    combine, normalize = p.get("combine", cfg.score.combine[0]), p.get("normalize", cfg.score.normalize[0])
-    hm, nm = masks_for(scorer, p["sparsity"], p["lam"], p["seed"], scores=scores, pretrained=pre,
-                       simcse_scores=simcse_scores, combine=combine, normalize=normalize)
-    point = {"sparsity": p["sparsity"], "lam": p["lam"], "seed": p["seed"], "scorer": scorer, "combine": combine,
-             "normalize": normalize}
+    hm, nm = masks_for(point.scorer, point.sparsity, point.lam, point.seed, scores=scores, pretrained=pre,
+                       simcse_scores=simcse_scores, combine=point.combine, normalize=point.normalize)
     pre.set_masks(hm, nm)
-    # every report carries the model's size: the second objective of sweep.objective=pareto
-    base = {**point, "trial": name, "evaluated": False, "node_id": ra.node_id(), ra.PARAMS_METRIC: encoder_params(pre)}
-    meta = {**point, "pretrained": cfg.model.name, "scores": store.url("scores.parquet"),
+    # every report carries the point and the model's size: the second objective of sweep.objective=pareto
+    base = {**point.params(), "trial": name, "evaluated": False, PARAMS: encoder_params(pre)}
+    meta = {**point.params(), "pretrained": cfg.model.name, "scores": store.url("scores.parquet"),
             "scores_fingerprint": scores.meta["model_fingerprint"]}
-
     device = task_device(cfg.sweep.trial_gpus)
     with scratch_dir("trial") as tmp:
         # TensorBoard reaches storage at every evaluation, before Tune hears of it: a trial a scheduler stops
         # there keeps its curves
         tb = tmp / "tensorboard" if "tensorboard" in cfg.sweep.loggers else None
         callbacks = [*installed_callbacks(name, 0, store), *([TensorBoardSync(store, tb, name)] if tb else []),
-                     OnReport(lambda rec, ckpt: ra.tune_report({**base, **rec, **ra.rung(rec)}, ckpt))]
-        resume = ra.tune_checkpoint(tmp / "resume")
-        init = None if resume else rewind(pre, hm, nm)
-        res = train_simcse(cfg, tmp / "out", Path(data_dir), init=init, callbacks=callbacks, resume_dir=resume,
-                           tb_dir=tb, progress=False, meta=meta, device=device)
+                     OnReport(lambda rec, ckpt: report({**base, **rec}, ckpt))]
+        resume = restored(tmp / "resume")
+        res = train_simcse(cfg, tmp / "out", Path(data_dir), init=None if resume else rewind(pre, hm, nm),
+                           callbacks=callbacks, resume_dir=resume, tb_dir=tb, progress=False, meta=meta,
+                           dist=Dist(device=device))
         best = load_encoder(str(tmp / "out" / "best"), pooler=cfg.model.eval_pooler).to(device)
-        sts_tasks = tuple(t for t in cfg.eval.tasks if t in STS_TASKS)
-        preds: dict = {}
-        table = evaluate_sts(best, Path(data_dir), tasks=sts_tasks, batch_size=cfg.eval.batch_size,
-                             pooler=cfg.model.eval_pooler, alignment_uniformity=True, predictions=preds)
-        # per-pair test predictions: what the report's bootstrap over test pairs resamples for single-seed claims
-        store.write_bytes(f"predictions/{name}.parquet", predictions_to_bytes(preds))
-        transfer = {}
-        if cfg.eval.transfer:  # every trial, so the report's best-per-task transfer row exists
-            from .transfer import evaluate_transfer
-
-            transfer = {f"transfer/{k}": v for k, v in evaluate_transfer(
-                best, Path(data_dir), pooler=cfg.model.eval_pooler, classifier=cfg.eval.transfer_classifier).items()}
-    au = {k: table.pop(k) for k in ("align", "uniform")}
+        final = evaluate_trial(best, cfg, Path(data_dir), store, name)
     # no checkpoint here: the last training report already carries the final state (latest + best), so the
-    # trial's Result.checkpoint is that one and nothing is uploaded twice
-    ra.tune_report({**base, "evaluated": True, "step": res.steps, "stsb_dev": res.best_dev, "best_stsb_dev": res.best_dev,
-                    "sentences_per_s": res.sentences_per_s, **{f"test/{k}": v for k, v in table.items()}, **au,
-                    **transfer}, None)
+    # trial's result checkpoint is that one and nothing is uploaded twice
+    report({**base, "evaluated": True, "step": res.steps, "stsb_dev": res.best_dev, "best_stsb_dev": res.best_dev,
+            "sentences_per_s": res.sentences_per_s, **final}, None)
+
+
+def evaluate_trial(best, cfg, data_dir: Path, store: Storage, name: str) -> dict:
+    """A trial's final metrics from its best dev model: test/<STS task>, align, uniform, and transfer/<task> when
+    eval.transfer (every trial, so the report's best-per-task transfer row exists). Its per-pair test predictions
+    go to storage: what the report's bootstrap over test pairs resamples for single-seed claims."""
+    from .evaluate import evaluate_sts, predictions_to_bytes
+
+    preds: dict = {}
+    table = evaluate_sts(best, data_dir, tasks=sts_tasks(cfg.eval.tasks), batch_size=cfg.eval.batch_size,
+                         pooler=cfg.model.eval_pooler, alignment_uniformity=True, predictions=preds)
+    store.write_bytes(f"predictions/{name}.parquet", predictions_to_bytes(preds))
+    out = {k: table.pop(k) for k in ("align", "uniform")}
+    out.update({f"test/{k}": v for k, v in table.items()})
+    if cfg.eval.transfer:
+        from .transfer import evaluate_transfer
+
+        out.update({f"transfer/{k}": v for k, v in evaluate_transfer(
+            best, data_dir, pooler=cfg.model.eval_pooler, classifier=cfg.eval.transfer_classifier).items()})
+    return out
 
 
 # --------------------------------------------------------------------------- evaluation and export tasks
@@ -259,7 +249,7 @@ def evaluate_task(store_uri: str, model_rel: str | None, data_dir: str, cfg_dict
         enc = load_encoder(src, pooler=cfg.model.eval_pooler)
         enc = enc.to(task_device(gpus))
         if sts:
-            out["sts"] = evaluate_sts(enc, Path(data_dir), tasks=tuple(t for t in cfg.eval.tasks if t in STS_TASKS),
+            out["sts"] = evaluate_sts(enc, Path(data_dir), tasks=sts_tasks(cfg.eval.tasks),
                                       batch_size=cfg.eval.batch_size, pooler=cfg.model.eval_pooler,
                                       alignment_uniformity=True)
         if transfer:
@@ -281,10 +271,10 @@ def pilot_task(store_uri: str, model_rel: str, data_dir: str, cfg_dict: dict, th
     with scratch_dir("pilot") as tmp:
         enc = load_encoder(str(fetch_model(store, model_rel, tmp)), pooler=cfg.model.eval_pooler).to(task_device(gpus))
         return pilot(enc.eval(), scores, Path(data_dir), sparsities_with_zero(cfg.sweep.sparsities), lam=pilot_lam(cfg),
-                     simcse_scores=load_simcse_scores(store, cfg),
                      scorers=cfg.sweep.scorers, readings=cfg.score.allocations,
-                     tasks=tuple(t for t in cfg.eval.tasks if t in STS_TASKS), batch_size=cfg.eval.batch_size,
-                     pooler=cfg.model.eval_pooler)
+                     simcse_scores=load_simcse_scores(store, cfg),
+                     sts={"tasks": sts_tasks(cfg.eval.tasks), "batch_size": cfg.eval.batch_size,
+                          "pooler": cfg.model.eval_pooler})
 
 
 def pilot_lam(cfg) -> float:

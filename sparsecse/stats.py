@@ -17,14 +17,19 @@ def sample_std(xs) -> float | None:
 
 
 def paired(a: dict, b: dict) -> dict:
-    """Paired comparison over the seeds both have ({seed: value}): mean and sample std of a − b, and a two-sided
-    paired t-test; "within noise" unless p < 0.05. One shared seed gives a difference but no verdict."""
+    """Paired comparison over the seeds both have ({seed: value}): mean and sample std of a − b, its 95 % t interval
+    (lo, hi), and a two-sided paired t-test; "within noise" unless p < 0.05. One shared seed gives a difference but
+    no interval and no verdict."""
     seeds = sorted(set(a) & set(b))
     d = [a[k] - b[k] for k in seeds]
     out = {"n": len(d), "diff": float(np.mean(d)) if d else None, "std": sample_std(d), "p": None}
     if len(d) < 2:
         out["verdict"] = "one seed: no spread, no claim" if d else "no shared seeds"
         return out
+    from scipy.stats import t as student_t
+
+    half = float(student_t.ppf(0.975, len(d) - 1)) * out["std"] / np.sqrt(len(d))  # the 95 % t interval
+    out["lo"], out["hi"] = out["diff"] - half, out["diff"] + half
     if out["std"] == 0:
         out["p"] = 1.0 if out["diff"] == 0 else 0.0
     else:

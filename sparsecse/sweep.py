@@ -27,8 +27,12 @@ from pathlib import Path
 
 from . import SparseCSEError, TrialsFailed
 from . import ray_adapter as ra
-from . import report, stages
-from .config import STS_TASKS, TRANSFER_TASKS, Config, config_from_dict, load_config
+from . import figures, stages
+from . import select as choose
+from .config import TRANSFER_TASKS, Config, config_from_dict, load_config
+from .io import parquet_bytes
+from .report import ReportInputs, render_html, render_markdown
+from .results import TrialResult, grid_points, sts_tasks
 from .storage import Storage
 from .tracking import Tracking
 
@@ -41,23 +45,6 @@ def _fp(obj) -> str:
 
 def _stage1_fp(cd: dict) -> str:
     return _fp({k: cd[k] for k in ("model", "data", "train")})
-
-
-def grid_points(cfg: Config) -> list[dict]:
-    """scorer × reading (score.combine × score.normalize) × sparsity × λ × seed. Sparsity 0 (the rewound SimCSE
-    control) masks nothing, so it runs once per seed; the control scorers ignore λ and combine, so they run once
-    per (normalize, sparsity, seed)."""
-    pts = []
-    first = (cfg.score.combine[0], cfg.score.normalize[0])
-    for seed in cfg.sweep.seeds:
-        for s in cfg.sweep.sparsities:
-            for scorer in (("align_uniform",) if s == 0 else cfg.sweep.scorers):
-                lams = cfg.sweep.lams if (s > 0 and scorer == "align_uniform") else cfg.sweep.lams[:1]
-                for combine, normalize in (cfg.score.allocations(scorer) if s > 0 else [first]):
-                    for lam in lams:
-                        pts.append({"sparsity": float(s), "lam": float(lam), "seed": int(seed), "scorer": scorer,
-                                    "combine": combine, "normalize": normalize})
-    return pts
 
 
 @dataclass
@@ -255,33 +242,30 @@ def search_space(cfg: Config) -> dict:
                           "normalize": cfg.score.normalize[0]}}
 
 
-def trials_stage(run: Run, scores) -> list[dict]:
+def trials_stage(run: Run, scores) -> list[TrialResult]:
     """Stage 3: one Tune trial per grid point — or, with sweep.search=optuna, the s = 0 controls as a grid
-    ("tune-control") and Optuna's samples ("tune") — resumed from storage with --resume; one row per trial."""
+    ("tune-control") and Optuna's samples ("tune") — resumed from storage with --resume; one result per trial."""
     cfg = run.cfg
     t0 = time.perf_counter()
     params = {"store_uri": run.store.uri, "data_dir": run.data_dir, "cfg_dict": cfg.to_dict(), "scores": scores,
               "simcse_scores": stages.load_simcse_scores(run.store, cfg)}
-    common = {"storage": run.store, "cpus": cfg.sweep.trial_cpus, "gpus": cfg.sweep.trial_gpus,
-              "max_concurrent": cfg.sweep.max_concurrent_trials, "max_failures": cfg.sweep.max_failures,
-              "resume": run.resume, "callbacks": run.tracking.callbacks()}
-    rows = []
+    # trials of sweeps from before the readings were grid parameters ran the config's first (then only) one
+    tune_run = ra.TuneRun(run.store, cfg.sweep.trial_cpus, cfg.sweep.trial_gpus, cfg.sweep.max_concurrent_trials,
+                          cfg.sweep.max_failures, run.resume, run.tracking.logger_settings(),
+                          (cfg.score.combine[0], cfg.score.normalize[0]))
+    results = []
     if cfg.sweep.search == "optuna":
-        controls = [p for p in grid_points(cfg) if p["sparsity"] == 0]
+        controls = [p for p in grid_points(cfg) if p.is_control]
         if controls:
-            rows += ra.grid_rows(ra.run_tuner(stages.trial, params, controls, name="tune-control", asha=None, **common),
-                                 run.store)
-        rows += ra.grid_rows(ra.run_tuner(stages.trial, params, [], name="tune", asha=asha_settings(cfg),
-                                          search=search_space(cfg), **common), run.store)
+            results += ra.run_tuner(stages.trial, params, controls, tune_run, name="tune-control")
+        results += ra.run_tuner(stages.trial, params, [], tune_run, name="tune", asha=asha_settings(cfg),
+                                search=search_space(cfg))
     else:
-        rows += ra.grid_rows(ra.run_tuner(stages.trial, params, grid_points(cfg), name="tune",
-                                          asha=asha_settings(cfg), **common), run.store)
+        results += ra.run_tuner(stages.trial, params, grid_points(cfg), tune_run, name="tune",
+                                asha=asha_settings(cfg))
     run.state.timings["tune_s"] = time.perf_counter() - t0
     run.tracking.sync()  # the trials' MLflow / W&B runs (Tune's callbacks wrote them on the driver)
-    for r in rows:  # trials of sweeps from before the readings were grid parameters ran the first one
-        r["config"].setdefault("combine", cfg.score.combine[0])
-        r["config"].setdefault("normalize", cfg.score.normalize[0])
-    return rows
+    return results
 
 
 def wants_export(selected: dict | None, cfg: Config) -> bool:
@@ -320,49 +304,30 @@ def evaluate_and_export_stage(run: Run, selected: dict | None) -> dict:
             "pilot": out[pilot_at] if cfg.sweep.pilot else None}
 
 
-def report_stage(run: Run, rows: list[dict], selected: dict | None, extras: dict, scores) -> dict:
+def report_stage(run: Run, results: list[TrialResult], selected: dict | None, extras: dict, scores) -> dict:
     """results.{parquet,json}, figures, report.{md,html}; returns the summary."""
-    from .prune import select_masks
-
     cfg, store = run.cfg, run.store
     baseline, transfer = extras["baseline"], extras["transfer"]
-    tasks = [t for t in cfg.eval.tasks if t in STS_TASKS] + ["avg"]
-    flat = report.results_table(rows, tasks)
-    summary = {"baseline": baseline, "backbone": extras.get("backbone"), "selected": selected, "control": report.control(rows), "num_trials": len(rows),
+    tasks = [*sts_tasks(cfg.eval.tasks), "avg"]
+    flat = choose.results_table(results, tasks)
+    summary = {"baseline": baseline, "backbone": extras.get("backbone"), "selected": selected,
+               "control": choose.control(results), "num_trials": len(results),
                "failed": [{"trial": x["trial"], "error": x["error"]} for x in flat if x["status"] == "error"],
                "transfer": transfer, "storage": store.uri,
                "export": store.url("export") if wants_export(selected, cfg) else None,
-               "comparisons": report.comparisons(rows, cfg.sweep.select_lam, predictions=predictions_for_bootstrap(run, rows)),
-               "allocation": None, "pilot": extras["pilot"]}
-    if selected and not selected["control_won"]:  # where the selected mask prunes (the same masks the trial used)
-        masks = select_masks(*scores.importance(selected["lam"], selected["combine"], selected["normalize"]),
-                             selected["sparsity"])
-        summary["allocation"] = report.allocation(*masks)
-    table_bytes = report.parquet_bytes(flat)
+               "comparisons": choose.comparisons(results, cfg.sweep.select_lam,
+                                                 predictions=predictions_for_bootstrap(run, results)),
+               "allocation": selected_allocation(selected, scores), "pilot": extras["pilot"]}
+    table_bytes = parquet_bytes(flat)
     store.write_bytes("results.parquet", table_bytes)
     store.write_json("results.json", {"trials": flat, **summary})
-    done = any(not r["error"] and report.evaluated(r["metrics"]) for r in rows)
-    figs = report.render_figures(rows, tasks, baseline, extras.get("backbone"),
-                                 sampled=cfg.sweep.search == "optuna") if done else {}
-    alloc_md = None
-    if summary["allocation"]:
-        alloc_md, figs["mask_allocation.png"] = report.render_allocation(
-            summary["allocation"], f"pruned per layer: s={selected['sparsity']:.0%}, λ={selected['lam']}, "
-            f"combine={selected['combine']}, normalize={selected['normalize']}")
-    pareto_md = None
-    if selected and selected.get("pareto"):
-        pareto_md, figs["pareto.png"] = report.render_pareto(rows, selected, cfg.sweep.select_lam)
-    pilot_md = None
-    if extras["pilot"]:
-        from .pilot import render as render_pilot
-
-        pilot_md, figs["pilot.png"] = render_pilot(extras["pilot"], tasks[:-1])
-    for name, png in figs.items():
-        store.write_bytes(f"figures/{name}", png)
-    md = report.render_markdown(Path(store.root).name, cfg, rows, flat, selected, summary["control"], baseline,
-                                transfer, list(figs), alloc_md, scores.meta, pilot_md, extras.get("backbone"),
-                                summary["comparisons"], pareto_md)
-    html_text = report.render_html(md, figs)
+    figs = {name: figures.png(fig) for name, fig in report_figures(cfg, results, summary).items()}
+    for name, data in figs.items():
+        store.write_bytes(f"figures/{name}", data)
+    inputs = ReportInputs(Path(store.root).name, cfg, results, flat, selected, summary["control"], baseline, transfer,
+                          figs, summary["allocation"], scores.meta, extras["pilot"], extras.get("backbone"),
+                          summary["comparisons"])
+    md, html_text = render_markdown(inputs), render_html(inputs)
     store.write_text("report.md", md)
     store.write_text("report.html", html_text)
     run.tracking.log_outcome(summary, {"report.md": md.encode(), "report.html": html_text.encode(),
@@ -372,7 +337,34 @@ def report_stage(run: Run, rows: list[dict], selected: dict | None, extras: dict
     return summary
 
 
-def predictions_for_bootstrap(run: Run, rows: list[dict]) -> dict:
+def selected_allocation(selected: dict | None, scores) -> dict | None:
+    """Where the selected mask prunes (the same masks its trial used); None when nothing is pruned."""
+    from .prune import select_masks
+
+    if not selected or selected["control_won"]:
+        return None
+    return choose.allocation(*select_masks(*scores.importance(selected["lam"], selected["combine"],
+                                                              selected["normalize"]), selected["sparsity"]))
+
+
+def report_figures(cfg: Config, results: list[TrialResult], summary: dict) -> dict:
+    """{file name: figure} of the report, in the order report.md lists them."""
+    selected = summary["selected"]
+    tasks = [*sts_tasks(cfg.eval.tasks), "avg"]
+    figs = figures.sweep_figures(results, tasks, summary["baseline"], summary.get("backbone"),
+                                 sampled=cfg.sweep.search == "optuna")
+    if summary["allocation"]:
+        figs["mask_allocation.png"] = figures.allocation(
+            summary["allocation"], f"pruned per layer: s={selected['sparsity']:.0%}, λ={selected['lam']}, "
+            f"combine={selected['combine']}, normalize={selected['normalize']}")
+    if selected and selected.get("pareto"):
+        figs["pareto.png"] = figures.pareto(choose.candidate_points(results, cfg.sweep.select_lam), selected)
+    if summary["pilot"]:
+        figs["pilot.png"] = figures.pilot(summary["pilot"])
+    return figs
+
+
+def predictions_for_bootstrap(run: Run, results: list[TrialResult]) -> dict:
     """{trial name: its per-pair STS test predictions} when some grid point has a single seed — the comparisons
     that seeds cannot test get a bootstrap over test pairs instead; {} otherwise (nothing to read)."""
     from .evaluate import predictions_from_bytes
@@ -380,10 +372,10 @@ def predictions_for_bootstrap(run: Run, rows: list[dict]) -> dict:
     if len(run.cfg.sweep.seeds) > 1:
         return {}
     out = {}
-    for r in rows:
-        name = stages.point_name(r["config"])
-        if not r["error"] and report.evaluated(r["metrics"]) and run.store.is_file(f"predictions/{name}.parquet"):
-            out[name] = predictions_from_bytes(run.store.read_bytes(f"predictions/{name}.parquet"))
+    for r in results:
+        rel = f"predictions/{r.point.name}.parquet"
+        if not r.error and r.evaluated and run.store.is_file(rel):
+            out[r.point.name] = predictions_from_bytes(run.store.read_bytes(rel))
     return out
 
 
@@ -425,10 +417,10 @@ def run_sweep(config_path: str, overrides=None, resume: bool | str = False, addr
         check_nodes(run)
         train_stage(run)
         scores = score_stage(run)
-        rows = trials_stage(run, scores)
-        selected = report.select(rows, cfg.sweep.select_lam, cfg.sweep.objective, cfg.sweep.pareto_delta)
+        results = trials_stage(run, scores)
+        selected = choose.select(results, cfg.sweep.select_lam, cfg.sweep.objective, cfg.sweep.pareto_delta)
         extras = evaluate_and_export_stage(run, selected)
-        summary = report_stage(run, rows, selected, extras, scores)
+        summary = report_stage(run, results, selected, extras, scores)
         state.timings["total_s"] = time.perf_counter() - t_start
         state.summary = summary
         run.save()

@@ -1,5 +1,4 @@
-"""The one table renderer behind every table sparsecse prints or writes (CLI, report, model card), and the
-figure-to-PNG step every figure goes through."""
+"""The one table renderer behind every table sparsecse prints or writes (CLI, report, model card)."""
 
 from __future__ import annotations
 
@@ -34,15 +33,3 @@ def task_table(results: dict[str, float], tasks, title: str = "") -> str:
     cols = [*tasks, "avg"]
     return (f"{title}\n" if title else "") + render([label(t) for t in cols], [[results[t] for t in cols]],
                                                     markdown=False)
-
-
-def png(fig) -> bytes:
-    """A matplotlib figure as PNG bytes (the figure is closed)."""
-    import io
-
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()

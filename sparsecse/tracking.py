@@ -1,8 +1,9 @@
 """Experiment tracking beside TensorBoard (`sweep.loggers`): MLflow and Weights & Biases.
 
-Every trial goes through Ray Tune's own logger callbacks (MLflowLoggerCallback, WandbLoggerCallback; they run in the
-driver). The driver logs stage 1 (its config and dev curve) and the sweep's outcome (the selection, report.md/html,
-figures, results.parquet and the exported model) into the same MLflow experiment / W&B group, named after the run.
+Every trial goes through Ray Tune's own logger callbacks (MLflowLoggerCallback, WandbLoggerCallback; ray_adapter
+builds them from `logger_settings()`, and they run in the driver). The driver logs stage 1 (its config and dev
+curve) and the sweep's outcome (the selection, report.md/html, figures, results.parquet and the exported model)
+into the same MLflow experiment / W&B group, named after the run.
 
 Where it goes by default, so that it works offline:
   MLflow  a sqlite store and its artifacts in the run, mlflow/mlflow.db and mlflow/artifacts/
@@ -40,7 +41,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 class Tracking:
-    """The run's trackers: `callbacks()` for the Tune trials, `log_stage1` and `log_outcome` from the driver."""
+    """The run's trackers: `logger_settings()` for the Tune trials, `log_stage1` and `log_outcome` from the driver."""
 
     def __init__(self, cfg: Config, store: Storage):
         self.cfg, self.store = cfg, store
@@ -131,18 +132,15 @@ class Tracking:
             run.finish()
 
     # ------------------------------------------------------------------ what the sweep calls
-    def callbacks(self) -> list:
-        """Ray Tune logger callbacks for the trials (config, every reported metric, start/end)."""
-        out = []
+    def logger_settings(self) -> dict:
+        """{tracker: keyword arguments of Ray Tune's logger callback for it} (ray_adapter builds the callbacks):
+        every trial's config, every reported metric, start and end, in the sweep's experiment / group."""
+        out = {}
         if "mlflow" in self.on:
-            from ray.air.integrations.mlflow import MLflowLoggerCallback
-
-            out.append(MLflowLoggerCallback(tracking_uri=self._mlflow_uri, experiment_name=self.name,
-                                            tags={"sparsecse.stage": "trial"}))
+            out["mlflow"] = {"tracking_uri": self._mlflow_uri, "experiment_name": self.name,
+                             "tags": {"sparsecse.stage": "trial"}}
         if "wandb" in self.on:
-            from ray.air.integrations.wandb import WandbLoggerCallback
-
-            out.append(WandbLoggerCallback(**self._wandb_init(), job_type="trial"))
+            out["wandb"] = {**self._wandb_init(), "job_type": "trial"}
         return out
 
     def _log(self, run_name: str, stage: str, params: dict, metrics: list, artifacts: Path | None = None) -> None:

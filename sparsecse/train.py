@@ -21,7 +21,7 @@ import torch
 
 from . import SparseCSEError
 from .config import Config
-from .data import collate, load_corpus, load_stsb
+from .data import collate, load_corpus, load_stsb, train_path
 from .evaluate import evaluate_pairs
 from .io import atomic_write_bytes, atomic_write_text, verify_manifest
 from .losses import info_nce
@@ -30,10 +30,13 @@ from .model import META_FILE, Encoder, load_encoder, save_encoder, weights_finge
 
 @dataclass
 class Dist:
-    """Data-parallel context; the default is a single process."""
+    """Where this process trains: its rank among `world_size` data-parallel workers, its device, and how the
+    driver wraps the encoder for data parallelism (`wrap`, e.g. DDP). The default is one process on the CPU."""
 
     rank: int = 0
     world_size: int = 1
+    device: str | torch.device = "cpu"
+    wrap: Callable[[Encoder], torch.nn.Module] | None = None
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         if self.world_size == 1:
@@ -279,8 +282,7 @@ def _run_meta(cfg: Config, enc: Encoder, meta: dict | None, resume_dir: Path | N
 
 
 def _corpus(cfg: Config, data_dir: Path, tokenizer):
-    path = Path(cfg.data.train_file)
-    corpus = load_corpus(path if path.is_absolute() else Path(data_dir) / path, tokenizer, cfg.train.max_len,
+    corpus = load_corpus(train_path(cfg.data.train_file, data_dir), tokenizer, cfg.train.max_len,
                          cfg.data.max_train_sentences)
     if cfg.train.batch_size > len(corpus):
         raise SparseCSEError(f"train.batch_size={cfg.train.batch_size} is larger than the corpus ({len(corpus)} "
@@ -298,16 +300,15 @@ def _resume_best(resume_dir: Path, out_dir: Path) -> None:
 
 
 def train_simcse(cfg: Config, out_dir: str | os.PathLike, data_dir: Path, *, init: str | Encoder | None = None,
-                 dist: Dist | None = None, device: str | torch.device = "cpu",
-                 wrap: Callable[[Encoder], torch.nn.Module] | None = None, callbacks: Sequence[Callback] = (),
-                 resume_dir: Path | None = None, tb_dir: Path | None = None, progress: bool = True,
-                 meta: dict | None = None) -> TrainResult:
+                 dist: Dist | None = None, callbacks: Sequence[Callback] = (), resume_dir: Path | None = None,
+                 tb_dir: Path | None = None, progress: bool = True, meta: dict | None = None) -> TrainResult:
     """Train SimCSE from `init` (an Encoder with its masks set, a model name/dir; default cfg.model.name), keeping
     the best STS-B dev model in OUT/best and a resumable OUT/latest at every evaluation.
 
-    `wrap` lets a data-parallel driver wrap the encoder (e.g. DDP); `resume_dir` continues from a `latest/`.
+    `dist` places the run (rank, world size, device, DDP wrapping); `resume_dir` continues from a `latest/`.
     """
     tc, dist, out_dir = cfg.train, dist or Dist(), Path(out_dir)
+    device, wrap = dist.device, dist.wrap
     if tc.batch_size % dist.world_size:
         raise SparseCSEError(f"train.batch_size={tc.batch_size} is not divisible by {dist.world_size} workers; "
                              "the global batch is split evenly")

@@ -230,10 +230,12 @@ def pair_features(u: np.ndarray, v: np.ndarray, kind: str = "full") -> np.ndarra
 
 
 def evaluate_transfer(enc, data_dir: Path, tasks=TRANSFER_TASKS, pooler: str | None = None, batch_size: int = 128,
-                      k: int = 10, inner_k: int = 10, max_examples: int | None = None,
+                      folds: tuple[int, int] = (10, 10), max_examples: int | None = None,
                       mrpc_features: str = "senteval", progress: bool = False,
                       classifier: str = "pytorch") -> dict[str, float]:
-    """{task: accuracy ×100, "MRPC_f1": F1, "avg": mean accuracy}."""
+    """{task: accuracy ×100, "MRPC_f1": F1, "avg": mean accuracy}. `folds` = (outer k of the cross-validated
+    tasks, inner k that chooses the regulariser): SentEval's (10, 10)."""
+    k, inner_k = folds
     from .evaluate import encode
 
     loaded = {t: load_task(data_dir, t) for t in tasks}

@@ -18,7 +18,9 @@ def fake_run(root, durations, starts, tune_s, conc=2):
     for i, (d, t0) in enumerate(zip(durations, starts)):
         tdir = root / "tune" / f"trial_{i}"
         tdir.mkdir()
-        rows = [{"timestamp": t0 + d / 2, "time_total_s": d / 2}, {"timestamp": t0 + d, "time_total_s": d}]
+        point = {"sparsity": 0.1 * i, "lam": 0.5, "seed": 1}  # Tune writes each trial's parameters as its config
+        rows = [{"timestamp": t0 + d / 2, "time_total_s": d / 2, "config": point},
+                {"timestamp": t0 + d, "time_total_s": d, "config": point}]
         (tdir / "result.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (root / "sweep.json").write_text(json.dumps({"config": {"sweep": {"max_concurrent_trials": conc, "trial_cpus": 1}}}))
     (root / "summary.json").write_text(json.dumps({"timings": {"tune_s": tune_s}, "stage_runs": {"train": 1, "score": 1}}))
@@ -78,7 +80,8 @@ def _search_run(root, trials, search, selected, scheduler="none"):
         tdir = root / ("tune-control" if i == 0 and search == "optuna" else "tune") / f"trial_{i}"
         tdir.mkdir(parents=True)
         (tdir / "result.json").write_text(json.dumps({"timestamp": end, "time_total_s": secs, "step": steps,
-                                                      "best_stsb_dev": dev, "evaluated": done}) + "\n")
+                                                      "best_stsb_dev": dev, "evaluated": done,
+                                                      "config": {"sparsity": 0.01 * i, "lam": 0.5, "seed": 1}}) + "\n")
     (root / "sweep.json").write_text(json.dumps({"config": {"sweep": {"trial_cpus": 1, "search": search,
                                                                       "scheduler": scheduler}}}))
     (root / "summary.json").write_text(json.dumps({"selected": selected}))

@@ -107,6 +107,7 @@ def private_tmp_cluster(node_inputs, s3, tmp_path_factory):
         shutil.rmtree(worker_tmp, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_worker_node_really_has_a_private_tmp(private_tmp_cluster, tmp_path):
     marker = tmp_path / "driver-side-file"
     marker.write_text("x")
@@ -115,6 +116,7 @@ def test_worker_node_really_has_a_private_tmp(private_tmp_cluster, tmp_path):
     assert seen.returncode != 0  # the worker node cannot see what the driver writes under /tmp
 
 
+@pytest.mark.slow
 def test_local_out_that_a_node_cannot_see_fails_early_in_one_line(private_tmp_cluster, node_inputs, tmp_path):
     cfg = _write_cfg(tmp_path / "c.yaml", node_inputs / "model", sparsities=(0.1,), lams=(0.5,))
     t0 = time.time()
@@ -141,32 +143,32 @@ def _trial_records_on_s3(st, prefix: str) -> dict[str, list[dict]]:
     return recs
 
 
-def test_job_submit_runs_the_sweep_into_s3_across_both_nodes_and_survives_the_worker_node_dying(
-        private_tmp_cluster, node_inputs, s3, tmp_path):
-    """`ray job submit --working-dir` to the two nodes that share no disk, --out on S3: trials are placed on both
-    nodes. Then (issue 7, fault 5) the worker node dies — raylet and workers SIGKILLed — while a trial runs on it:
-    Tune restores that trial from its checkpoint in the bucket on the head, and the job succeeds. (The last test of
-    this module: its cluster has one node left afterwards.)"""
+@pytest.fixture(scope="module")
+def job(private_tmp_cluster, node_inputs, s3, tmp_path_factory):
+    """`ray job submit --working-dir` of a sweep to the two nodes that share no disk, --out on S3 — and, while a
+    trial runs on the worker node (it has reported, so its checkpoint is in the bucket), that node dies: raylet and
+    workers SIGKILLed (issue 7, fault 5). The finished job, for the tests below. (The last user of this module's
+    cluster: it has one node left afterwards.)"""
     from sparsecse.storage import Storage
 
-    c = private_tmp_cluster
-    cfg = _write_cfg(tmp_path / "job.yaml", node_inputs / "model", sparsities=(0.1, 0.2), lams=(0.5,))
+    c, tmp = private_tmp_cluster, tmp_path_factory.mktemp("job")
+    cfg = _write_cfg(tmp / "job.yaml", node_inputs / "model", sparsities=(0.1, 0.2), lams=(0.5,))
     cfg.write_text(cfg.read_text().replace("max_steps: 4, eval_steps: 2", "max_steps: 60, eval_steps: 2"))
     out = f"s3://{s3.bucket}/job"
     st = Storage(out)
     cmd = [RAY_BIN, "job", "submit", f"--address={c['dashboard']}", f"--working-dir={REPO}", "--",
            sys.executable, "-m", "sparsecse", "sweep", str(cfg), "--out", out,
            "--data-dir", str(node_inputs / "data"), "--set", "ray.num_cpus=null"]
-    log = tmp_path / "job.log"
+    log = tmp / "job.log"
     deadline = time.time() + 180
     while True:  # right after `ray start` the head's job agent may not be up yet: the job is not created then
         with log.open("w") as f:
-            proc = subprocess.Popen(cmd, env=c["env"], cwd=tmp_path, stdout=f, stderr=subprocess.STDOUT, text=True)
+            proc = subprocess.Popen(cmd, env=c["env"], cwd=tmp, stdout=f, stderr=subprocess.STDOUT, text=True)
         victim, until = None, time.time() + 600
         while victim is None and time.time() < until and proc.poll() is None:
             for name, rs in _trial_records_on_s3(st, "job/tune/").items():
                 if any(r.get("node_id") == c["worker_node"] and not r.get("evaluated") for r in rs):
-                    victim = name  # it has reported, so its checkpoint is in the bucket
+                    victim = name
             time.sleep(0.5)
         if victim is not None or proc.poll() is None:
             break
@@ -178,37 +180,58 @@ def test_job_submit_runs_the_sweep_into_s3_across_both_nodes_and_survives_the_wo
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     proc.wait(timeout=900)
-    text = log.read_text()
-    assert proc.returncode == 0, text[-5000:]
-    assert "succeeded" in text.lower()
-    keys = {k.split("/", 1)[1] for k in s3_keys("job/")}
+    return {"rc": proc.returncode, "log": log.read_text(), "out": out, "store": st, "victim": victim, "cwd": tmp,
+            "keys": {k.split("/", 1)[1] for k in s3_keys("job/")}, "records": _trial_records_on_s3(st, "job/tune/")}
+
+
+@pytest.mark.slow
+def test_submitted_job_succeeds_with_report_results_and_export_in_the_bucket(job):
+    assert job["rc"] == 0 and "succeeded" in job["log"].lower(), job["log"][-5000:]
     for f in ("report.md", "report.html", "results.parquet", "results.json", "summary.json", "sweep.json",
               "scores.parquet", "simcse/best/manifest.json", "export/manifest.json", "export/pruned/config.json",
               "figures/sts_avg_vs_sparsity.png"):
-        assert f in keys, f
-    assert any(k.startswith("tune/") and "/checkpoint_" in k for k in keys)
-    assert any(k.startswith("tensorboard/s0.100") for k in keys) and any(k.startswith("tensorboard/simcse") for k in keys)
-    res = st.read_json("results.json")
+        assert f in job["keys"], f
+    assert any(k.startswith("tune/") and "/checkpoint_" in k for k in job["keys"])
+    assert any(k.startswith("tensorboard/s0.100") for k in job["keys"])
+    assert any(k.startswith("tensorboard/simcse") for k in job["keys"])
+    res = job["store"].read_json("results.json")
     assert sorted(t["sparsity"] for t in res["trials"]) == [0.1, 0.2] and all(t["status"] == "done" for t in res["trials"])
-    recs = _trial_records_on_s3(st, "job/tune/")
-    nodes = {r["node_id"] for rs in recs.values() for r in rs}
-    assert c["worker_node"] in nodes and len(nodes) == 2  # trials were placed on both nodes
-    assert recs[victim][-1]["evaluated"] and recs[victim][-1]["node_id"] != c["worker_node"]  # finished on the head
-    first_after = next(r for r in recs[victim] if r["node_id"] != c["worker_node"])
-    assert first_after["step"] > 2  # ... restored from its checkpoint in the bucket, not from step 0
-    # nothing listens on a public interface by default: the dashboard is bound to 127.0.0.1
-    port = c["dashboard"].rsplit(":", 1)[1]
+
+
+@pytest.mark.slow
+def test_trials_are_placed_on_both_nodes(job, private_tmp_cluster):
+    nodes = {r["node_id"] for rs in job["records"].values() for r in rs}
+    assert private_tmp_cluster["worker_node"] in nodes and len(nodes) == 2
+
+
+@pytest.mark.slow
+def test_a_trial_on_the_dead_node_resumes_on_the_head_from_its_checkpoint_in_the_bucket(job, private_tmp_cluster):
+    recs = job["records"][job["victim"]]
+    worker = private_tmp_cluster["worker_node"]
+    assert recs[-1]["evaluated"] and recs[-1]["node_id"] != worker  # finished on the head
+    first_after = next(r for r in recs if r["node_id"] != worker)
+    assert first_after["step"] > 2  # restored from its checkpoint in the bucket, not from step 0
+
+
+@pytest.mark.slow
+def test_the_dashboard_listens_on_localhost_only(job, private_tmp_cluster):
+    port = private_tmp_cluster["dashboard"].rsplit(":", 1)[1]
     listen = subprocess.run(["ss", "-ltn"], capture_output=True, text=True).stdout if shutil.which("ss") else ""
     assert f"0.0.0.0:{port}" not in listen and f"*:{port}" not in listen
-    # nothing of the run on the local disk: no "s3:" folder, no run files anywhere under the job's cwd or /tmp dirs
-    assert not (tmp_path / "s3:").exists() and not (REPO / "s3:").exists()
-    assert not [p for p in tmp_path.rglob("*") if p.name in ("report.md", "scores.parquet", "results.json")]
-    # the export comes back to a laptop with one command, and loads
-    exp = tmp_path / "export"
-    r = subprocess.run([sys.executable, "-m", "sparsecse", "export", out, "--out", str(exp)], capture_output=True,
-                       text=True, env=c["env"], timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_nothing_of_an_s3_run_lands_on_the_local_disk(job):
+    assert not (job["cwd"] / "s3:").exists() and not (REPO / "s3:").exists()
+    assert not [p for p in job["cwd"].rglob("*") if p.name in ("report.md", "scores.parquet", "results.json")]
+
+
+@pytest.mark.slow
+def test_the_export_comes_back_from_the_bucket_with_one_command_and_loads(job, private_tmp_cluster, tmp_path):
     from sentence_transformers import SentenceTransformer
 
-    emb = SentenceTransformer(str(exp)).encode(["a man plays a guitar"])
-    assert emb.shape == (1, 32)
+    exp = tmp_path / "export"
+    r = subprocess.run([sys.executable, "-m", "sparsecse", "export", job["out"], "--out", str(exp)],
+                       capture_output=True, text=True, env=private_tmp_cluster["env"], timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert SentenceTransformer(str(exp)).encode(["a man plays a guitar"]).shape == (1, 32)

@@ -105,7 +105,7 @@ def test_asha_is_measured_in_training_steps_and_never_judges_a_finished_trial():
 def test_optuna_search_settings_are_checked():
     from sparsecse import SparseCSEError
     from sparsecse.config import load_config
-    from sparsecse.stages import point_name
+    from sparsecse.results import Point
     from sparsecse.sweep import check_config, search_space
 
     cfg = load_config(None, ["sweep.search=optuna", "sweep.num_samples=5", "sweep.sparsity_range=[0.02, 0.4]",
@@ -113,7 +113,7 @@ def test_optuna_search_settings_are_checked():
     sp = search_space(cfg)
     assert sp["space"] == {"sparsity": ("loguniform", 0.02, 0.4), "lam": ("choice", [0.25, 0.5, 0.75])}
     assert sp["num_samples"] == 5 and sp["constants"]["seed"] == 3 and sp["constants"]["scorer"] == "align_uniform"
-    assert point_name({"sparsity": 0.1234567, "lam": 0.5, "seed": 3}) == "s0.123457_l0.50_seed3"  # sampled: 6 decimals
+    assert Point(0.1234567, 0.5, 3).name == "s0.123457_l0.50_seed3"  # sampled: 6 decimals
     for bad, key in ((["sweep.sparsity_range=[0.5, 0.1]"], "sweep.sparsity_range"),
                      (["sweep.sparsity_range=[0, 0.1]"], "sweep.sparsity_range"),
                      (["sweep.search=optuna", "sweep.scorers=[align_uniform, random]"], "sweep.scorers"),

@@ -14,7 +14,7 @@ from sparsecse.data import load_stsb
 from sparsecse.evaluate import evaluate_sts
 from sparsecse.model import load_encoder
 from sparsecse.score import compute_scores
-from sparsecse.train import train_simcse
+from sparsecse.train import Dist, train_simcse
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
 
@@ -85,14 +85,14 @@ def test_training_on_cuda_follows_the_cpu_run_and_checkpoints(tiny_model_dir, ti
     (Not the dev Spearman: a random 32-wide model's cosines are nearly tied, so rounding reorders them.)"""
     cfg = _cfg(tiny_model_dir, dropout=0.0)
     cpu = train_simcse(cfg, tmp_path / "cpu", tiny_data_dir, progress=False)
-    gpu = train_simcse(cfg, tmp_path / "gpu", tiny_data_dir, progress=False, device="cuda")
+    gpu = train_simcse(cfg, tmp_path / "gpu", tiny_data_dir, progress=False, dist=Dist(device="cuda"))
     assert [h["step"] for h in gpu.history] == [2, 4]
     for a, b in zip(cpu.history, gpu.history):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-3, abs=1e-4) and math.isfinite(b["stsb_dev"])
     best = load_encoder(str(gpu.best_dir))  # a checkpoint written from the GPU loads on the CPU
     assert next(best.parameters()).device.type == "cpu"
     bf16 = train_simcse(_cfg(tiny_model_dir, precision="bf16"), tmp_path / "bf16", tiny_data_dir, progress=False,
-                        device="cuda")
+                        dist=Dist(device="cuda"))
     assert all(math.isfinite(h["loss"]) for h in bf16.history) and bf16.best_dir is not None
 
 

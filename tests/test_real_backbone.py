@@ -77,5 +77,5 @@ def test_thirty_percent_physical_export_has_thirty_percent_fewer_layer_params(tm
 def test_one_transfer_task_on_the_real_backbone(minilm, data_dir):
     from sparsecse.transfer import evaluate_transfer
 
-    r = evaluate_transfer(minilm, data_dir, tasks=("TREC",), pooler="avg", inner_k=3)  # 3 inner folds: CI time
+    r = evaluate_transfer(minilm, data_dir, tasks=("TREC",), pooler="avg", folds=(10, 3))  # 3 inner folds: CI time
     assert 70.0 < r["TREC"] <= 100.0 and r["avg"] == r["TREC"]

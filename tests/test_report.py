@@ -1,4 +1,5 @@
-"""Selection and the over-seeds table: dev-only choice, mean ± std per grid point, the s = 0 control per seed."""
+"""Selection and the over-seeds table: dev-only choice, mean ± std per grid point, the s = 0 control per seed;
+the report's sections, its HTML page and its figures (read back as plotted data)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,15 @@ import numpy as np
 import pytest
 
 from sparsecse import SparseCSEError
-from sparsecse.report import _pm, _table, control, select
+from sparsecse.report import _pm, _table
+from sparsecse.results import Point, TrialResult
+from sparsecse.select import control, select
 
 
 def _row(s, lam, seed, dev, test_b, error=None, done=True, scorer="align_uniform", **reading):
-    return {"config": {"sparsity": s, "lam": lam, "seed": seed, "scorer": scorer, **reading}, "error": error, "checkpoint": f"tune/t{s}_{lam}_{seed}/checkpoint_000001",
-            "metrics": {"done": done, "best_stsb_dev": dev, "test/STSBenchmark": test_b, "test/avg": test_b - 1}}
+    return TrialResult(Point(s, lam, seed, scorer, **reading),
+                       {"done": done, "best_stsb_dev": dev, "test/STSBenchmark": test_b, "test/avg": test_b - 1},
+                       error, f"tune/t{s}_{lam}_{seed}/checkpoint_000001")
 
 
 def test_select_averages_dev_over_seeds_and_reports_test_mean_std():
@@ -73,7 +77,8 @@ def test_failed_trials_fail_the_sweep_unless_allowed():
 
 def test_controls_section_compares_each_method_at_equal_budget():
     from sparsecse.config import load_config
-    from sparsecse.report import comparisons, render_markdown, results_table
+    from sparsecse.report import ReportInputs, render_markdown
+    from sparsecse.select import comparisons, results_table
 
     rows = [_row(0.0, 0.25, k, 80.0, 70.0 + k) for k in (1, 2, 3)]
     rows += [_row(0.3, lam, k, 80.0 + lam + k / 10, 72.0 + k) for lam in (0.25, 0.75) for k in (1, 2, 3)]
@@ -89,11 +94,11 @@ def test_controls_section_compares_each_method_at_equal_budget():
     cfg = load_config(None, ["sweep.sparsities=[0, 0.3]", "sweep.lams=[0.25, 0.75]", "sweep.seeds=[1, 2, 3]",
                              "sweep.scorers=[align_uniform, random, magnitude]", "eval.tasks=[STSBenchmark]"])
     for r in rows:
-        r["metrics"]["test/avg"] = r["metrics"]["test/STSBenchmark"]
+        r.metrics["test/avg"] = r.metrics["test/STSBenchmark"]
     sel = select(rows)
-    md = render_markdown("t", cfg, rows, results_table(rows, ["STSBenchmark", "avg"]), sel, control(rows),
-                         {"STSBenchmark": 70.0, "avg": 70.0, "align": 0.1, "uniform": -2.0}, None, [],
-                         scoring={"positive_pairs": 10, "sts_test_overlap": 7})
+    md = render_markdown(ReportInputs("t", cfg, rows, results_table(rows, ["STSBenchmark", "avg"]), sel,
+                                      control(rows), {"STSBenchmark": 70.0, "avg": 70.0, "align": 0.1, "uniform": -2.0},
+                                      scoring={"positive_pairs": 10, "sts_test_overlap": 7}))
     assert "10 positive pairs (gold > 4)" in md and "**7 of the unique positive pairs are verbatim STS12–16 test" in md
     assert "## Controls at equal budget" in md and "| 30% | random |" in md
     assert "Selection chose among 3 grid points, the s = 0 control included." in md
@@ -101,7 +106,9 @@ def test_controls_section_compares_each_method_at_equal_budget():
 
 
 def test_mask_allocation_per_layer_table_and_heat_map():
-    from sparsecse.report import allocation, render_allocation
+    from sparsecse import figures
+    from sparsecse.report import allocation_table
+    from sparsecse.select import allocation
 
     hm = np.ones((3, 4))
     hm[2, :3] = 0
@@ -109,8 +116,12 @@ def test_mask_allocation_per_layer_table_and_heat_map():
     nm[0, :5] = 0
     a = allocation(hm, nm)
     assert a == {"heads": [0.0, 0.0, 0.75], "neurons": [0.5, 0.0, 0.0]}
-    md, png = render_allocation(a, "t")
-    assert md.splitlines()[2] == "| heads pruned | 0% | 0% | 75% |" and png[:4] == b"\x89PNG"
+    assert allocation_table(a).splitlines()[2] == "| heads pruned | 0% | 0% | 75% |"
+    fig = figures.allocation(a, "t")
+    # the heat map shows exactly the fractions: heads in row 0, neurons in row 1, one column per layer
+    np.testing.assert_array_equal(fig.axes[0].images[0].get_array(), [[0.0, 0.0, 0.75], [0.5, 0.0, 0.0]])
+    assert [t.get_text() for t in fig.axes[0].texts] == ["0%", "0%", "75%", "50%", "0%", "0%"]
+    assert figures.png(fig)[:4] == b"\x89PNG"
 
 
 def test_scoring_on_the_test_split_warns_in_one_line(capsys):
@@ -125,31 +136,59 @@ def test_scoring_on_the_test_split_warns_in_one_line(capsys):
 
 
 def test_stability_and_the_alignment_uniformity_figure():
-    from sparsecse.report import render_figures, stability
+    from sparsecse import figures
+    from sparsecse.select import stability
 
     rows = [_row(0.0, 0.5, 1, 80.0, 70.0), _row(0.1, 0.5, 1, 82.0, 69.0), _row(0.3, 0.5, 1, 81.0, 75.0),
             _row(0.3, 0.5, 1, 99.0, 99.0, scorer="random")]  # a control scorer is never a task's "best sparsity"
     for r, (a, u) in zip(rows, ((0.2, -2.0), (0.25, -2.1), (0.3, -2.2), (0.1, -1.0))):
-        r["metrics"].update(align=a, uniform=u)
+        r.metrics.update(align=a, uniform=u)
     sel = select(rows)
     assert sel["sparsity"] == 0.1
     (st,) = stability(rows, sel, ["STSBenchmark"])
     assert (st["best_sparsity"], st["best"], st["selected"]) == (0.3, 75.0, 69.0)
     assert st["sparsity_gap"] == pytest.approx(0.2)
-    figs = render_figures(rows, ["STSBenchmark", "avg"], {"align": 0.2, "uniform": -2.3}, {"align": 0.3, "uniform": -1.5})
-    assert figs["align_uniform.png"][:4] == b"\x89PNG" and "sts_avg_vs_sparsity.png" in figs
+    figs = figures.sweep_figures(rows, ["STSBenchmark", "avg"], {"align": 0.2, "uniform": -2.3},
+                                 {"align": 0.3, "uniform": -1.5})
+    assert list(figs) == ["sts_avg_vs_sparsity.png", "sts_tasks_vs_sparsity.png", "align_uniform.png"]
+    ax = figs["align_uniform.png"].axes[0]
+    # one scatter per scorer, then the stage-1 and backbone stars: (uniformity, alignment) of each
+    pts = [c.get_offsets().tolist() for c in ax.collections]
+    assert pts == [[[-2.0, 0.2], [-2.1, 0.25], [-2.2, 0.3]], [[-1.0, 0.1]], [[-2.3, 0.2]], [[-1.5, 0.3]]]
+    np.testing.assert_allclose(ax.collections[0].get_array(), [69.0, 68.0, 74.0])  # coloured by the test avg
+
+
+def test_the_sts_figure_plots_each_method_as_mean_and_std_over_seeds_from_the_control():
+    from sparsecse import figures
+
+    rows = [_row(0.0, 0.5, k, 80.0, 70.0 + k) for k in (1, 2, 3)]
+    rows += [_row(s, 0.5, k, 80.0, 60.0 + 10 * s + 2 * k) for s in (0.1, 0.3) for k in (1, 2, 3)]
+    rows += [_row(0.3, 0.5, k, 80.0, 50.0 + k, scorer="random") for k in (1, 2, 3)]
+    rows.append(_row(0.1, 0.5, 4, 80.0, 0.0, error="boom"))  # failed: not plotted
+    ax = figures.sweep_figures(rows, ["STSBenchmark", "avg"])["sts_avg_vs_sparsity.png"].axes[0]
+    curves = {c.get_label(): c for c in ax.containers}  # one errorbar container per method
+    ours, rand = curves["λ=0.5"].lines[0], curves["random (control)"].lines[0]
+    # x in %, y the mean over seeds of test avg (= STS-B − 1), each curve starting at the s = 0 control (71)
+    assert ours.get_xdata().tolist() == [0.0, 10.0, 30.0] and rand.get_xdata().tolist() == [0.0, 30.0]
+    np.testing.assert_allclose(np.asarray(ours.get_ydata(), float), [71.0, 64.0, 66.0])
+    np.testing.assert_allclose(np.asarray(rand.get_ydata(), float), [71.0, 51.0])
+    ctrl = [ln for ln in ax.get_lines() if ln.get_label() == "rewound SimCSE (s=0)"][0]
+    assert list(ctrl.get_ydata()) == [71.0, 71.0]  # the control's dashed line
+    # the error bars are ± one sample std over seeds (1 for the control's 71..73 and 2 for seeds 1..3 at step 2)
+    seg = curves["λ=0.5"].lines[2][0].get_segments()
+    np.testing.assert_allclose([s[1][1] - s[0][1] for s in seg], [2.0, 4.0, 4.0])  # 2 × std
 
 
 def test_each_reading_of_the_scores_is_its_own_grid_point_and_method():
     """score.normalize=[none, layer]: selection chooses among (sparsity, λ, reading) points; the controls table
     has a row per reading, each compared with random under the same reading."""
-    from sparsecse.report import comparisons, results_table
+    from sparsecse.select import comparisons, results_table
 
     rows = [_row(0.0, 0.5, k, 80.0, 70.0) for k in (1, 2)]
     rows += [_row(0.3, 0.5, k, 79.0, 69.0 + k) for k in (1, 2)]
     rows += [_row(0.3, 0.5, k, 81.0, 72.0 + k, normalize="layer") for k in (1, 2)]
     rows += [_row(0.3, 0.5, k, 70.0, 60.0, scorer="random", normalize=n) for k in (1, 2) for n in ("none", "layer")]
-    rows[-1]["metrics"]["test/avg"] = 50.0  # random under layer is worse than random under none at seed 2
+    rows[-1].metrics["test/avg"] = 50.0  # random under layer is worse than random under none at seed 2
     sel = select(rows)
     assert (sel["sparsity"], sel["normalize"], sel["method"], sel["candidates"]) == (
         0.3, "layer", "align_uniform (normalize=layer)", 3)
@@ -164,7 +203,8 @@ def test_each_reading_of_the_scores_is_its_own_grid_point_and_method():
 
 
 def test_a_single_seed_comparison_gets_a_bootstrap_over_test_pairs():
-    from sparsecse.report import comparisons, render_comparisons
+    from sparsecse.report import render_comparisons
+    from sparsecse.select import comparisons
 
     rng = np.random.default_rng(0)
     gold = np.round(rng.uniform(0, 5, 600), 1)
@@ -175,10 +215,10 @@ def test_a_single_seed_comparison_gets_a_bootstrap_over_test_pairs():
     from sparsecse.evaluate import sts_from_predictions
 
     for r, name in zip(rows, preds):
-        r["metrics"]["test/avg"] = sts_from_predictions(preds[name])["avg"]
+        r.metrics["test/avg"] = sts_from_predictions(preds[name])["avg"]
     ours, rand = comparisons(rows, predictions=preds)
     assert ours["vs_control"]["verdict"] == "better" and ours["vs_control"]["bootstrap"]["lo"] > 0
-    assert ours["vs_control"]["diff"] == pytest.approx(ours["mean"] - rows[0]["metrics"]["test/avg"])
+    assert ours["vs_control"]["diff"] == pytest.approx(ours["mean"] - rows[0].metrics["test/avg"])
     assert rand["vs_control"]["verdict"] == "within noise"  # the same noise level: the interval covers 0
     assert rand["vs_control"]["bootstrap"]["lo"] < 0 < rand["vs_control"]["bootstrap"]["hi"]
     md = "\n".join(render_comparisons([ours, rand], control(rows)))
@@ -190,34 +230,28 @@ def test_a_single_seed_comparison_gets_a_bootstrap_over_test_pairs():
 def test_sampled_points_are_drawn_as_a_scatter_with_a_fit():
     """sweep.search=optuna gives one trial per (continuous) sparsity: the figure is a scatter coloured by λ and a
     quadratic fit in log sparsity, not one line per λ."""
-    import matplotlib
+    from sparsecse import figures
 
-    matplotlib.use("Agg")
-    import matplotlib.axes
-
-    from sparsecse.report import render_figures
-
-    rows = [_row(0.0, 0.5, 1, 80.0, 70.0)] + [_row(s, lam, 1, 80.0, 70.0 + 10 * s - 20 * s * s)
-                                               for s, lam in ((0.013, 0.31), (0.05, 0.62), (0.12, 0.45), (0.3, 0.7))]
-    drawn = []
-    orig = matplotlib.axes.Axes.scatter
-
-    def spy(self, *a, **k):
-        drawn.append(self)
-        return orig(self, *a, **k)
-
-    matplotlib.axes.Axes.scatter = spy
-    try:
-        figs = render_figures(rows, ["STSBenchmark", "avg"], sampled=True)
-    finally:
-        matplotlib.axes.Axes.scatter = orig
-    assert figs["sts_avg_vs_sparsity.png"][:4] == b"\x89PNG" and "sts_tasks_vs_sparsity.png" in figs
-    # a scatter on a log sparsity axis in the average's figure and in the per-task panel, each with the fit line
-    assert len(drawn) >= 2 and all(ax.get_xscale() == "log" and len(ax.get_lines()) >= 2 for ax in drawn[:2])
+    pts = ((0.013, 0.31), (0.05, 0.62), (0.12, 0.45), (0.3, 0.7))
+    rows = [_row(0.0, 0.5, 1, 80.0, 70.0)] + [_row(s, lam, 1, 80.0, 70.0 + 10 * s - 20 * s * s) for s, lam in pts]
+    figs = figures.sweep_figures(rows, ["STSBenchmark", "avg"], sampled=True)
+    assert set(figs) == {"sts_avg_vs_sparsity.png", "sts_tasks_vs_sparsity.png"}
+    for ax in (figs["sts_avg_vs_sparsity.png"].axes[0], figs["sts_tasks_vs_sparsity.png"].axes[0]):
+        assert ax.get_xscale() == "log"
+        (sc,) = ax.collections
+        assert sc.get_offsets()[:, 0].tolist() == pytest.approx([100 * s for s, _ in pts])
+        np.testing.assert_allclose(sc.get_array(), [lam for _, lam in pts])  # coloured by λ
+        fit = [ln for ln in ax.get_lines() if ln.get_label() == "quadratic fit (log s)"][0]
+        # the least-squares quadratic in log s through the plotted points, drawn over their sparsity range
+        x, y = np.array([s for s, _ in pts]), sc.get_offsets()[:, 1]
+        xs = np.asarray(fit.get_xdata(), float) / 100
+        assert (xs.min(), xs.max()) == pytest.approx((0.013, 0.3))
+        np.testing.assert_allclose(fit.get_ydata(), np.polyval(np.polyfit(np.log(x), y, 2), np.log(xs)))
+        assert not [ln for ln in ax.get_lines() if ln.get_label().startswith("λ=")]  # no per-λ curves
 
 
-def _sized(row: dict, params: int) -> dict:
-    row["metrics"]["encoder_params"] = params
+def _sized(row: TrialResult, params: int) -> TrialResult:
+    row.metrics["encoder_params"] = params
     return row
 
 
@@ -226,7 +260,9 @@ def test_pareto_objective_takes_the_smallest_model_within_delta_and_reports_the_
     and selection picks the smallest model whose mean dev is within δ of the best dev — never test, never a
     control scorer; the report gets the front table and a figure."""
     from sparsecse.config import load_config
-    from sparsecse.report import pareto_front, render_markdown, render_pareto, results_table
+    from sparsecse import figures
+    from sparsecse.report import ReportInputs, pareto_table, render_markdown
+    from sparsecse.select import candidate_points, pareto_front, results_table
 
     size = {0.0: 1000, 0.1: 900, 0.3: 700, 0.5: 500}
     dev = {0.0: 80.0, 0.1: 80.6, 0.3: 80.2, 0.5: 78.0}
@@ -249,17 +285,102 @@ def test_pareto_objective_takes_the_smallest_model_within_delta_and_reports_the_
     assert pareto_front([{"dev": 1.0, "params": 5}, {"dev": 2.0, "params": 5}, {"dev": 0.5, "params": 3}]) == [
         {"dev": 0.5, "params": 3}, {"dev": 2.0, "params": 5}]
     for r in rows:
-        del r["metrics"]["encoder_params"]
+        del r.metrics["encoder_params"]
     with pytest.raises(SparseCSEError, match="encoder_params"):  # trials of a sweep from before it was reported
         select(rows, objective="pareto")
     for r, s in zip(rows, [s for s in size for _ in (1, 2, 3)] + [0.5]):
-        r["metrics"]["encoder_params"] = size[s]
-    table, fig = render_pareto(rows, sel)
-    assert fig[:8] == b"\x89PNG\r\n\x1a\n" and table.count("\n") == 4  # header, rule, 3 front rows
+        r.metrics["encoder_params"] = size[s]
+    table = pareto_table(sel["pareto"]["front"])
+    assert table.count("\n") == 4  # header, rule, 3 front rows
     assert "| 30.00% | align_uniform | 0.5 | 700 |" in table and table.count("**selected**") == 1
+    ax = figures.pareto(candidate_points(rows), sel).axes[0]
+    grid, ctrl, chosen = ax.collections[0], ax.collections[1], ax.collections[-1]
+    # every candidate point (mean dev over seeds) at its size in millions; the control apart; the chosen point
+    np.testing.assert_allclose(sorted(map(tuple, grid.get_offsets())), [(5e-4, 78.0), (7e-4, 80.2), (9e-4, 80.6)])
+    np.testing.assert_allclose(ctrl.get_offsets(), [[1e-3, 80.0]])
+    np.testing.assert_allclose(chosen.get_offsets(), [[7e-4, 80.2]])
+    front = [ln for ln in ax.get_lines() if ln.get_label() == "Pareto front"][0]
+    assert front.get_xdata().tolist() == pytest.approx([5e-4, 7e-4, 9e-4])
     cfg = load_config(None, ["sweep.sparsities=[0, 0.1, 0.3, 0.5]", "sweep.lams=[0.5]", "sweep.seeds=[1, 2, 3]",
                              "sweep.objective=pareto", "eval.tasks=[STSBenchmark]"])
-    md = render_markdown("t", cfg, rows, results_table(rows, ["STSBenchmark", "avg"]), sel, control(rows),
-                         {"STSBenchmark": 70.0, "avg": 70.0, "align": 0.1, "uniform": -2.0}, None, [], pareto_md=table)
+    md = render_markdown(ReportInputs("t", cfg, rows, results_table(rows, ["STSBenchmark", "avg"]), sel, control(rows),
+                                      {"STSBenchmark": 70.0, "avg": 70.0, "align": 0.1, "uniform": -2.0}))
     assert "## Pareto front: STS-B dev vs encoder parameters" in md and table in md
     assert "by the smallest encoder within δ = 0.5 of the best STS-B dev (80.60" in md and "700 encoder parameters" in md
+
+
+def _html_tables(page: str) -> tuple[list[list[list[str]]], list[str]]:
+    """(every <table> as rows of cell texts, the tags in document order) of an HTML page."""
+    from html.parser import HTMLParser
+
+    class Tables(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.tables, self.tags, self.cell = [], [], None
+
+        def handle_starttag(self, tag, attrs):
+            self.tags.append(tag if tag != "img" else "img:" + dict(attrs)["alt"])
+            if tag == "table":
+                self.tables.append([])
+            elif tag == "tr":
+                self.tables[-1].append([])
+            elif tag in ("td", "th"):
+                self.cell = ""
+
+        def handle_endtag(self, tag):
+            if tag in ("td", "th"):
+                self.tables[-1][-1].append(self.cell.strip())
+                self.cell = None
+
+        def handle_data(self, data):
+            if self.cell is not None:
+                self.cell += data
+
+    p = Tables()
+    p.feed(page)
+    return p.tables, p.tags
+
+
+def test_report_html_is_a_page_with_real_tables_the_answer_first_and_each_figure_beside_its_section():
+    from sparsecse import figures
+    from sparsecse.config import load_config
+    from sparsecse.report import ReportInputs, render_html, render_markdown
+    from sparsecse.select import comparisons, results_table
+
+    rows = [_sized(_row(0.0, 0.5, k, 80.0, 70.0 + k), 1_000_000) for k in (1, 2, 3)]
+    rows += [_sized(_row(0.3, 0.5, k, 82.0, 71.0 + k + k / 10), 700_000) for k in (1, 2, 3)]
+    for r in rows:
+        r.metrics.update(align=0.2 + r.point.sparsity, uniform=-2.0)
+    cfg = load_config(None, ["sweep.sparsities=[0, 0.3]", "sweep.lams=[0.5]", "sweep.seeds=[1, 2, 3]",
+                             "eval.tasks=[STSBenchmark]"])
+    flat = results_table(rows, ["STSBenchmark", "avg"])
+    sel = select(rows)
+    figs = {k: figures.png(v) for k, v in figures.sweep_figures(rows, ["STSBenchmark", "avg"]).items()}
+    inp = ReportInputs("run1", cfg, rows, flat, sel, control(rows),
+                       {"STSBenchmark": 70.0, "avg": 69.0, "align": 0.1, "uniform": -2.0}, figures=figs)
+    page = render_html(inp)
+    assert page.startswith("<!doctype html>") and "<pre" not in page and "| ---" not in page
+    tables, tags = _html_tables(page)
+    # the answer opens the page, before any table: the choice, its size against the dense model, its test
+    # average and its paired difference to the control with the 95 % t interval over the 3 seeds
+    answer = page[page.index('<div class="answer">'):page.index("</div>")]
+    assert tags.index("div") < tags.index("table") and tags.index("h1") < tags.index("div")
+    assert "SparseCSE at s=30%, λ=0.5" in answer and "0.70 M encoder parameters against 1.00 M dense (-30.0%)" in answer
+    comp = comparisons(rows)[0]["vs_control"]  # diffs 1.1, 1.2, 1.3: mean 1.2, std 0.1, t(2) = 4.303
+    assert comp["lo"] == pytest.approx(1.2 - 4.303 * 0.1 / 3 ** 0.5, abs=1e-3)
+    assert f"+1.20 [95 % CI {comp['lo']:+.2f}, {comp['hi']:+.2f}; t over 3 seeds]" in answer
+    assert f"STS test average {sel['test']['avg']:.2f}" in answer
+    # the trials table holds the results' values, row for row (report.md's "All trials" as a real table)
+    trials = next(t for t in tables if t[0][:2] == ["sparsity", "scorer"])
+    assert [(r[3], r[5], r[6]) for r in trials[1:]] == [
+        (str(x["seed"]), f"{x['best_stsb_dev']:.2f}", f"{x['test/avg']:.2f}") for x in flat]
+    test = next(t for t in tables if t[0][0] == "Model")
+    assert test[-2][0].startswith("SparseCSE, dev-selected") and test[-2][1] == f"{sel['test']['STSBenchmark']:.2f}"
+    # each figure right after its own section's table, and every figure once
+    imgs = [t for t in tags if t.startswith("img:")]
+    assert sorted(imgs) == sorted(f"img:{n}" for n in figs)
+    at = lambda text: page.index(text)  # noqa: E731
+    assert at("<h2>Controls at equal budget") < at('alt="sts_avg_vs_sparsity.png"') < at("<h2>Stability")
+    assert at("<h2>Alignment / uniformity") < at('alt="align_uniform.png"') < at("<h2>All trials")
+    # the same inputs give report.md, untouched by the page
+    assert "## Controls at equal budget" in render_markdown(inp) and "<table" not in render_markdown(inp)

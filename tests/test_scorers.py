@@ -100,9 +100,8 @@ def test_cli_score_truncates_like_the_sweep_so_both_give_the_same_masks(tiny_mod
     pairs = load_stsb(tiny_data_dir, "train")
     enc = load_encoder(str(tiny_model_dir))
     assert max(len(t) for t in enc.tokenizer(pairs.s1 + pairs.s2)["input_ids"]) > cfg.train.max_len  # truncation bites
-    sweep_scores = compute_scores(enc, pairs, batch_size=cfg.score.batch_size, threshold=cfg.score.positive_threshold,
-                                  rule=cfg.score.positive_rule,
-                                  seed=cfg.score.seed, max_pairs=cfg.score.max_pairs, pooler=cfg.model.eval_pooler,
+    sweep_scores = compute_scores(enc, pairs, batch_size=cfg.score.batch_size,
+                                  positive=(cfg.score.positive_threshold, cfg.score.positive_rule), seed=cfg.score.seed, max_pairs=cfg.score.max_pairs, pooler=cfg.model.eval_pooler,
                                   max_len=cfg.train.max_len)
     out = tmp_path / "s.parquet"
     assert main(["score", "--model", str(tiny_model_dir), "--out", str(out), "--data-dir", str(tiny_data_dir),
@@ -166,7 +165,7 @@ def test_pilot_prunes_the_trained_model_without_retraining(tiny, tiny_model_dir,
 
     tasks = ("STSBenchmark",)
     sc = compute_scores(tiny, load_stsb(tiny_data_dir, "train"), batch_size=16, max_pairs=48, max_len=32)
-    rows = pilot(tiny, sc, tiny_data_dir, [0.0, 0.5], scorers=("align_uniform", "random"), tasks=tasks)
+    rows = pilot(tiny, sc, tiny_data_dir, [0.0, 0.5], scorers=("align_uniform", "random"), sts={"tasks": tasks})
     assert [(r["scorer"], r["sparsity"]) for r in rows] == [("align_uniform", 0.0), ("align_uniform", 0.5),
                                                             ("random", 0.0), ("random", 0.5)]
     full = evaluate_sts(tiny, tiny_data_dir, tasks=tasks)
@@ -225,23 +224,25 @@ def test_readings_as_a_grid_dimension_and_one_value_where_one_mask_is_built(tmp_
     its own trial name. `sparsecse prune` builds one mask, so a list there is a one-line error."""
     from sparsecse.cli import main
     from sparsecse.config import load_config
-    from sparsecse.stages import point_name
-    from sparsecse.sweep import grid_points
+    from sparsecse.results import Point, grid_points
 
     cfg = load_config(None, ["sweep.sparsities=[0, 0.1]", "sweep.lams=[0.25, 0.75]", "sweep.seeds=[1]",
                              "sweep.scorers=[align_uniform, random]", "score.combine=[gradient, score]",
                              "score.normalize=[none, layer]"])
     pts = grid_points(cfg)
-    key = lambda p: (p["sparsity"], p["scorer"], p["combine"], p["normalize"], p["lam"])  # noqa: E731
+    key = lambda p: (p.sparsity, p.scorer, p.combine, p.normalize, p.lam)  # noqa: E731
     assert sorted(map(key, pts)) == sorted(
         [(0.0, "align_uniform", "gradient", "none", 0.25)]
         + [(0.1, "align_uniform", c, n, lam) for c in ("gradient", "score") for n in ("none", "layer") for lam in (0.25, 0.75)]
         + [(0.1, "random", "gradient", n, 0.25) for n in ("none", "layer")])
-    names = {point_name(p) for p in pts}
+    names = {p.name for p in pts}
     assert len(names) == len(pts) and "s0.100_l0.25_combine-score_norm-layer_seed1" in names
     assert "s0.100_random_norm-layer_seed1" in names and "s0.000_l0.25_seed1" in names
-    # the names of sweeps run before the readings were parameters are unchanged
-    assert point_name({"sparsity": 0.1, "lam": 0.5, "seed": 3}) == "s0.100_l0.50_seed3"
+    # the names of sweeps run before the readings (or the scorers) were parameters are unchanged
+    old = Point.from_params({"point": {"sparsity": 0.1, "lam": 0.5, "seed": 3}})
+    assert old == Point(0.1, 0.5, 3, "align_uniform", "gradient", "none") and old.name == "s0.100_l0.50_seed3"
+    assert Point.from_params({"sparsity": 0.1, "lam": 0.5, "seed": 3}, reading=("score", "layer")).normalize == "layer"
+    assert Point.from_params(old.params()) == old  # Tune's parameters round-trip
     assert load_config(None, ["score.normalize=layer"]).score.normalize == ("layer",)  # one value still reads
     (tmp_path / "c.yaml").write_text("score: {normalize: [none, layer]}\n")
     rc = main(["prune", "--pretrained", "minilm", "--scores", str(tmp_path / "s.parquet"), "--sparsity", "0.1",

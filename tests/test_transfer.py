@@ -104,9 +104,9 @@ def test_transfer_evaluation_end_to_end_on_tiny_model(tiny, data_dir):
     from sparsecse.tables import task_table
     from sparsecse.transfer import evaluate_transfer, format_transfer_markdown
 
-    r = evaluate_transfer(tiny, data_dir, tasks=("MRPC", "SST2", "CR"), max_examples=120, k=3, inner_k=3)
+    r = evaluate_transfer(tiny, data_dir, tasks=("MRPC", "SST2", "CR"), max_examples=120, folds=(3, 3))
     assert set(r) == {"MRPC", "MRPC_f1", "SST2", "CR", "avg"}
     assert all(0 <= r[t] <= 100 for t in ("MRPC", "SST2", "CR"))
-    assert r == evaluate_transfer(tiny, data_dir, tasks=("MRPC", "SST2", "CR"), max_examples=120, k=3, inner_k=3)
+    assert r == evaluate_transfer(tiny, data_dir, tasks=("MRPC", "SST2", "CR"), max_examples=120, folds=(3, 3))
     assert task_table(r, ("MRPC", "SST2", "CR")).splitlines()[0].split() == ["MRPC", "|", "SST", "|", "CR", "|", "Avg."]
     assert "| base |" in format_transfer_markdown({"base": r})

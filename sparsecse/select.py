@@ -1,0 +1,253 @@
+"""Decisions over a sweep's trials, as pure functions of TrialResults: which grid point to export (on STS-B dev,
+never test), the s = 0 control, the controls at equal budget with their paired tests, per-task stability, where a
+mask prunes, and the flat results table. No rendering here: report.py writes them, figures.py draws them."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import SparseCSEError
+from .config import CONTROL_SCORERS
+from .results import DEV, PAPER_SCORER, TrialResult, method_name, reading_label, reading_order
+from .stats import bootstrap_diff, paired, sample_std
+
+Key = tuple  # Point.key: (scorer, sparsity, λ, combine, normalize), seeds pooled
+
+
+def _candidates(results: list[TrialResult], select_lam: float | None) -> dict[Key, list[TrialResult]]:
+    """The grid points selection may choose, seeds pooled: the paper's score (λ = `select_lam` only, when set) and
+    the s = 0 control; the control scorers (random, magnitude, simcse) never."""
+    groups: dict[Key, list[TrialResult]] = {}
+    for r in results:
+        p = r.point
+        if not r.finished or not p.is_paper:
+            continue
+        if not p.is_control and select_lam is not None and p.lam != select_lam:
+            continue
+        groups.setdefault(p.key, []).append(r)
+    return groups
+
+
+def _order(key: Key) -> tuple:
+    """Grid order of a paper key: sparsity, λ, the default reading first."""
+    return key[1], key[2], reading_order(key[3:])
+
+
+def _dev(members: list[TrialResult]) -> float:
+    return float(np.mean([r.dev for r in members]))
+
+
+def _params(members: list[TrialResult]) -> int | None:
+    return members[0].params
+
+
+def select(results: list[TrialResult], select_lam: float | None = None, objective: str = "dev",
+           delta: float = 0.5) -> dict | None:
+    """The grid point to export, chosen on STS-B dev Spearman averaged over seeds — never test — among the paper's
+    points (λ = `select_lam` only, when set) **and the s = 0 control**: when the control is chosen, pruning did not
+    help and the selection says so (`control_won`). The control scorers are never selected. Each reading of the
+    scores (score.combine × score.normalize) is a grid point of its own.
+
+    objective "dev": the highest dev; ties go to the lower sparsity (the control first), then the lower λ.
+    objective "pareto": the smallest encoder (fewest parameters) whose dev is within `delta` of the best dev; ties
+    go to the higher dev. The result then carries the Pareto front of (dev ↑, parameters ↓) as `pareto`."""
+    groups = _candidates(results, select_lam)
+    if not groups:
+        return None
+    order = sorted(groups, key=_order)
+    best = max(order, key=lambda k: (_dev(groups[k]), -k[1], -k[2]))
+    pareto = None
+    if objective == "pareto":
+        if any(_params(g) is None for g in groups.values()):
+            raise SparseCSEError("sweep.objective=pareto: trials of this run did not report encoder_params (they ran "
+                                 "before it existed); rerun them, or select with sweep.objective=dev")
+        top = _dev(groups[best])
+        key = min((k for k in order if _dev(groups[k]) >= top - delta),
+                  key=lambda k: (_params(groups[k]), -_dev(groups[k])))
+        front = pareto_front([{"key": k, "dev": _dev(groups[k]), "params": _params(groups[k])} for k in order])
+        pareto = {"delta": delta, "best_dev": top,
+                  "front": [_front_row(groups[p["key"]], p, p["key"] == key) for p in front]}
+    else:
+        key = best
+    members = groups[key]
+    first = members[0].point
+    out = {"sparsity": key[1], "lam": first.lam, "combine": first.combine, "normalize": first.normalize,
+           "method": method_name(PAPER_SCORER, first.combine, first.normalize), "control_won": first.is_control,
+           "candidates": len(groups), "objective": objective, "params": _params(members), **_seed_stats(members)}
+    if pareto:
+        out["pareto"] = pareto
+    return out
+
+
+def candidate_points(results: list[TrialResult], select_lam: float | None = None) -> list[dict]:
+    """Every point selection chose from: {"sparsity", "dev" (mean over seeds), "params", "control"} — what the
+    Pareto figure plots."""
+    groups = _candidates(results, select_lam)
+    return [{"sparsity": k[1], "dev": _dev(g), "params": _params(g), "control": k[1] == 0}
+            for k, g in groups.items()]
+
+
+def pareto_front(points: list[dict]) -> list[dict]:
+    """The points no other point dominates (dev at least as high and parameters at most as many, one of them
+    strictly), by parameters ascending."""
+    front = [p for p in points if not any(
+        q["dev"] >= p["dev"] and q["params"] <= p["params"] and (q["dev"] > p["dev"] or q["params"] < p["params"])
+        for q in points)]
+    return sorted(front, key=lambda p: (p["params"], -p["dev"]))
+
+
+def _front_row(members: list[TrialResult], p: dict, chosen: bool) -> dict:
+    first = members[0].point
+    return {"sparsity": first.sparsity if not first.is_control else 0.0, "lam": first.lam, "method": first.method,
+            "dev": p["dev"], "params": p["params"], "test_avg": _seed_stats(members)["test"].get("avg"),
+            "seeds": len(members), "selected": chosen}
+
+
+def _seed_stats(members: list[TrialResult]) -> dict:
+    """Mean and sample std over seeds of the dev score and every test task of one grid point's trials; the
+    best-dev seed's checkpoint is the one to export."""
+    best_seed = max(members, key=lambda r: r.dev)
+    tasks = members[0].test_tasks()
+    return {"dev_mean": _dev(members), "seeds": [r.point.seed for r in members],
+            "test": {t: float(np.mean([r.test(t) for r in members])) for t in tasks},
+            "test_std": {t: sample_std([r.test(t) for r in members]) for t in tasks},
+            "trial": best_seed.point.name, "checkpoint": best_seed.checkpoint}
+
+
+def control(results: list[TrialResult]) -> dict | None:
+    """The rewound SimCSE control (sparsity 0, retrained per seed) over its finished seeds: SimCSE's seed spread."""
+    members = [r for r in results if r.finished and r.point.is_control]
+    if not members:
+        return None
+    # one control per seed: with several λ values in the grid the s = 0 point is run once per seed
+    by_seed: dict[int, TrialResult] = {}
+    for r in sorted(members, key=lambda r: r.point.lam):
+        by_seed.setdefault(r.point.seed, r)
+    return _seed_stats([by_seed[k] for k in sorted(by_seed)])
+
+
+def _methods_at(at: list[TrialResult], select_lam: float | None) -> dict[str, list[TrialResult]]:
+    """{method: its trials at one sparsity}: the paper's score under each reading at one λ (`select_lam`, else the
+    best on dev there), and each control scorer under each reading."""
+    by_method: dict[str, list[TrialResult]] = {}
+    for scorer in (PAPER_SCORER, *CONTROL_SCORERS):
+        mine = [r for r in at if r.point.scorer == scorer]
+        for rd in sorted({r.point.reading for r in mine}, key=reading_order):
+            members = [r for r in mine if r.point.reading == rd]
+            if scorer == PAPER_SCORER:
+                lams = sorted({r.point.lam for r in members})
+                lam = select_lam if select_lam in lams else max(lams, key=lambda x: np.mean(
+                    [r.dev for r in members if r.point.lam == x]))
+                members = [r for r in members if r.point.lam == lam]
+            by_method[method_name(scorer, *rd)] = members
+    return by_method
+
+
+def comparisons(results: list[TrialResult], select_lam: float | None = None, metric: str = "test/avg",
+                predictions: dict | None = None) -> list[dict]:
+    """At every sparsity > 0, each mask-choosing method at the same retraining budget — the paper's score under
+    each reading (at the λ best on dev at that sparsity, or `select_lam`), random, magnitude, simcse — with
+    `metric` over seeds, paired against the s = 0 control and against random (same normalize reading when run).
+    Where only one seed is shared, `predictions` ({trial name: per-pair test predictions}) give a paired bootstrap
+    over test pairs instead of no claim."""
+    fin = [r for r in results if r.finished]
+    val = lambda r: (r.metrics[metric], r.point.name)  # noqa: E731
+    ctrl = {r.point.seed: val(r) for r in fin if r.point.is_control}
+    out = []
+    for sp in sorted({r.point.sparsity for r in fin if not r.point.is_control}):
+        at = [r for r in fin if r.point.sparsity == sp]
+        randoms: dict[str, dict] = {}
+        for r in at:
+            if r.point.scorer == "random":
+                randoms.setdefault(r.point.normalize, {})[r.point.seed] = val(r)
+        for m, members in _methods_at(at, select_lam).items():
+            vals = {r.point.seed: val(r) for r in members}
+            p = members[0].point
+            rand = randoms.get(p.normalize) or next(iter(randoms.values()), {})
+            devs = [r.dev for r in members]
+            out.append({"sparsity": sp, "method": m, "scorer": p.scorer, "combine": p.combine,
+                        "normalize": p.normalize, "lam": p.lam if p.is_paper else None,
+                        "seeds": sorted(vals), "dev_mean": float(np.mean(devs)), "dev_std": sample_std(devs),
+                        "mean": float(np.mean([v for v, _ in vals.values()])),
+                        "std": sample_std([v for v, _ in vals.values()]),
+                        "vs_control": _compare(vals, ctrl, predictions, metric),
+                        "vs_random": _compare(vals, rand, predictions, metric) if p.scorer != "random" and rand else None})
+    return out
+
+
+def _compare(a: dict, b: dict, predictions: dict | None, metric: str) -> dict:
+    """`stats.paired` over seeds of {seed: (value, trial name)}; with one shared seed and both trials' test
+    predictions, a paired bootstrap over test pairs gives the verdict (for the STS average)."""
+    out = paired({k: v for k, (v, _) in a.items()}, {k: v for k, (v, _) in b.items()})
+    if out["n"] == 1 and predictions and metric == "test/avg":
+        (seed,) = set(a) & set(b)
+        pa, pb = predictions.get(a[seed][1]), predictions.get(b[seed][1])
+        if pa is not None and pb is not None:
+            out["bootstrap"] = bootstrap_diff(pa, pb)
+            out["p"], out["verdict"] = out["bootstrap"]["p"], out["bootstrap"]["verdict"]
+    return out
+
+
+def selected_comparison(comps: list[dict], selected: dict | None) -> dict | None:
+    """The controls-table row of the selected point (its Δ vs the s = 0 control), or None (the control won)."""
+    if not selected or selected["control_won"]:
+        return None
+    return next((c for c in comps if c["sparsity"] == selected["sparsity"] and c["scorer"] == PAPER_SCORER
+                 and c["combine"] == selected["combine"] and c["normalize"] == selected["normalize"]
+                 and c["lam"] == selected["lam"]), None)
+
+
+def stability(results: list[TrialResult], selected: dict | None, tasks: list[str]) -> list[dict]:
+    """Per task: the paper's grid point (s = 0 included) best on that task's test score (mean over seeds), and how
+    far it is from the dev-selected point — whether one sparsity serves every task."""
+    groups: dict[Key, list[TrialResult]] = {}
+    for r in results:
+        if r.finished and r.point.is_paper:
+            groups.setdefault(r.point.key, []).append(r)
+    if not groups or not selected:
+        return []
+    sel_key = ((PAPER_SCORER, 0.0, 0.0, "", "") if selected["sparsity"] == 0 else
+               (PAPER_SCORER, selected["sparsity"], selected["lam"], selected.get("combine", "gradient"),
+                selected.get("normalize", "none")))
+    mean = lambda k, t: float(np.mean([r.test(t, np.nan) for r in groups[k]]))  # noqa: E731
+    out = []
+    for t in tasks:
+        best = max(groups, key=lambda k: mean(k, t))
+        out.append({"task": t, "best_sparsity": best[1], "best_lam": best[2],
+                    "best_reading": reading_label(PAPER_SCORER, *best[3:]) if best[1] else "",
+                    "best": mean(best, t),
+                    "selected": mean(sel_key, t) if sel_key in groups else None,
+                    "sparsity_gap": best[1] - selected["sparsity"]})
+    return out
+
+
+def best_transfer(results: list[TrialResult]) -> dict[str, float]:
+    """{transfer task: the best accuracy over the paper's finished trials} (test-selected, for reference)."""
+    best: dict[str, float] = {}
+    for r in results:
+        if r.finished and r.point.is_paper:
+            for k, v in r.transfer().items():
+                best[k] = max(best.get(k, -1.0), v)
+    return best
+
+
+def allocation(head_mask, neuron_mask) -> dict:
+    """Where a mask prunes: per layer, the fraction of heads and of FFN neurons removed."""
+    hm, nm = np.asarray(head_mask), np.asarray(neuron_mask)
+    return {"heads": (hm == 0).mean(1).round(4).tolist(), "neurons": (nm == 0).mean(1).round(4).tolist()}
+
+
+def results_table(results: list[TrialResult], tasks: list[str]) -> list[dict]:
+    """One flat record per trial (results.parquet / results.json), sorted by (sparsity, scorer, reading, λ, seed)."""
+    flat = []
+    for r in results:
+        p, m = r.point, r.metrics
+        flat.append({"sparsity": p.sparsity, "lam": p.lam, "seed": p.seed, "scorer": p.scorer, "combine": p.combine,
+                     "normalize": p.normalize, "method": p.method, "trial": p.name, "status": r.status,
+                     "error": r.error or "", DEV: m.get(DEV), **{f"test/{t}": r.test(t) for t in tasks},
+                     "align": m.get("align"), "uniform": m.get("uniform"), "steps": m.get("step"),
+                     "encoder_params": m.get("encoder_params"), "node_id": m.get("node_id"),
+                     "checkpoint": r.checkpoint})
+    flat.sort(key=lambda x: (x["sparsity"], x["scorer"] != PAPER_SCORER, x["scorer"],
+                             reading_order((x["combine"], x["normalize"])), x["lam"], x["seed"]))
+    return flat

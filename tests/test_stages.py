@@ -1,0 +1,89 @@
+"""The trial as a plain function: `stages.trial` runs without Ray, reporting to a list — what Ray Tune gets from it
+(every evaluation with its checkpoint, then the test figures) and how it resumes from a checkpoint it reported."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from sparsecse.results import DEV, PARAMS, Point, TrialResult
+
+
+@pytest.fixture(scope="module")
+def trial_setup(tmp_path_factory, tiny_model_dir, tiny_data_dir):
+    """A run directory holding the scores every trial shares, and the config a sweep would pass its trials."""
+    from sparsecse.config import load_config
+    from sparsecse.data import load_stsb
+    from sparsecse.model import load_encoder
+    from sparsecse.score import compute_scores
+
+    cfg = load_config(None, [f"model.name={tiny_model_dir}", "data.max_train_sentences=64", "train.batch_size=8",
+                             "train.max_len=16", "train.max_steps=4", "train.eval_steps=2", "train.eval_max_pairs=40",
+                             "eval.tasks=[STSBenchmark, SICKRelatedness]", "sweep.loggers=[]"])
+    enc = load_encoder(str(tiny_model_dir), pooler="cls_before_pooler")
+    scores = compute_scores(enc, load_stsb(tiny_data_dir, "train"), batch_size=8, max_pairs=24)
+    return tmp_path_factory.mktemp("run"), cfg, scores
+
+
+def _run(point: Point, run: Path, cfg, scores, data: Path, restored=lambda local: None) -> list[tuple[dict, set]]:
+    """The trial's reports, each as (metrics, the files of its checkpoint — copied before the trial deletes it)."""
+    from sparsecse import stages
+
+    got = []
+
+    def report(metrics: dict, ckpt: Path | None) -> None:
+        got.append((metrics, None if ckpt is None else {str(p.relative_to(ckpt)) for p in ckpt.rglob("*")}))
+        if ckpt is not None:  # kept as a trial's storage would keep it
+            shutil.rmtree(run / f"ckpt-{metrics['step']}", ignore_errors=True)
+            shutil.copytree(ckpt, run / f"ckpt-{metrics['step']}")
+
+    stages.trial(point, store_uri=str(run), data_dir=str(data), cfg_dict=cfg.to_dict(), scores=scores,
+                 report=report, restored=restored)
+    return got
+
+
+def test_a_trial_reports_each_evaluation_with_its_checkpoint_then_its_test_figures(trial_setup, tiny_data_dir):
+    run, cfg, scores = trial_setup
+    point = Point(0.5, 0.5, 1)
+    got = _run(point, run, cfg, scores, tiny_data_dir)
+    *training, (final, final_ckpt) = got
+    # evaluations at steps 2 and 4, each with a checkpoint holding the best dev model; the last marked last
+    assert [m["step"] for m, _ in training] == [2, 4] and [m["last"] for m, _ in training] == [False, True]
+    assert all(c and "best/model.safetensors" in c for _, c in training)
+    # every report names its point (Tune's columns) and the pruned encoder's size (Pareto's second objective)
+    for m, _ in got:
+        assert Point.from_params(m) == point and m["trial"] == point.name and m[PARAMS] > 0
+    assert not any(m["evaluated"] for m, _ in training)
+    # the final report: no new checkpoint (the last training report holds it), test figures and dev
+    assert final_ckpt is None and final["evaluated"] and final["step"] == 4
+    assert set(final) >= {"test/STSBenchmark", "test/SICKRelatedness", "test/avg", "align", "uniform", DEV}
+    assert final[DEV] == max(m["stsb_dev"] for m, _ in training)
+    result = TrialResult(point, final, None, "ckpt-4")
+    assert result.finished and result.test_tasks() == ["STSBenchmark", "SICKRelatedness", "avg"]
+    # the per-pair predictions the report's bootstrap resamples are in the run's storage
+    assert (run / "predictions" / f"{point.name}.parquet").is_file()
+    # half the heads and neurons masked: fewer parameters than the dense control reports
+    dense = _run(Point(0.0, 0.5, 1), run, cfg, scores, tiny_data_dir)
+    assert final[PARAMS] < dense[-1][0][PARAMS]
+
+
+def test_a_restored_trial_continues_from_its_checkpoint_instead_of_rewinding(trial_setup, tiny_data_dir):
+    """Tune restarts a trial from the last checkpoint it reported (`restored`): it trains on from that step."""
+    run, cfg, scores = trial_setup
+    point = Point(0.5, 0.25, 2)
+    first = _run(point, run, cfg, scores, tiny_data_dir)
+    shutil.rmtree(run / "resume-src", ignore_errors=True)
+    shutil.copytree(run / "ckpt-2", run / "resume-src")  # as if the node died after the step-2 evaluation
+    asked = []
+
+    def restored(local: Path) -> Path:
+        asked.append(local)
+        return Path(shutil.copytree(run / "resume-src", local))
+
+    again = _run(point, run, cfg, scores, tiny_data_dir, restored=restored)
+    assert len(asked) == 1
+    # only the evaluation after the checkpoint is redone; the run ends where the uninterrupted one did
+    assert [m["step"] for m, c in again if c is not None] == [4]
+    assert again[-1][0]["evaluated"] and again[-1][0]["step"] == first[-1][0]["step"] == 4
