@@ -384,3 +384,43 @@ def test_report_html_is_a_page_with_real_tables_the_answer_first_and_each_figure
     assert at("<h2>Alignment / uniformity") < at('alt="align_uniform.png"') < at("<h2>All trials")
     # the same inputs give report.md, untouched by the page
     assert "## Controls at equal budget" in render_markdown(inp) and "<table" not in render_markdown(inp)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (__import__("shutil").which("chromium") or __import__("shutil").which("chromium-browser")),
+                    reason="needs Debian's chromium (apt-get install chromium) to render the page")
+def test_report_html_has_no_horizontal_overflow_in_a_browser(tmp_path):
+    """Headless Chromium lays the page out at a laptop's and a phone's width: the page itself never scrolls
+    sideways (wide tables scroll inside their own box, figures shrink to fit)."""
+    import re
+    import shutil
+    import subprocess
+
+    from sparsecse import figures
+    from sparsecse.config import load_config
+    from sparsecse.report import ReportInputs, render_html
+    from sparsecse.select import results_table
+
+    # a wide report: three scorers × two readings, long method names, every figure
+    rows = [_row(0.0, 0.5, k, 80.0, 70.0 + k) for k in (1, 2, 3)]
+    rows += [_row(s, lam, k, 80.0 + s + lam, 71.0 + k, scorer=sc, normalize=n, combine="score" if sc == "align_uniform" else "gradient")
+             for s in (0.01, 0.1, 0.3) for lam in (0.25, 0.75) for k in (1, 2, 3)
+             for sc in ("align_uniform", "random", "magnitude") for n in ("none", "layer")]
+    for r in rows:
+        r.metrics.update(align=0.2, uniform=-2.0)
+    cfg = load_config(None, ["sweep.sparsities=[0, 0.01, 0.1, 0.3]", "sweep.lams=[0.25, 0.75]", "sweep.seeds=[1, 2, 3]",
+                             "sweep.scorers=[align_uniform, random, magnitude]", "score.normalize=[none, layer]",
+                             "score.combine=[score]", "eval.tasks=[STSBenchmark]"])
+    flat = results_table(rows, ["STSBenchmark", "avg"])
+    figs = {k: figures.png(v) for k, v in figures.sweep_figures(rows, ["STSBenchmark", "avg"]).items()}
+    page = render_html(ReportInputs("a-rather-long-run-name-" * 3, cfg, rows, flat, select(rows), control(rows),
+                                    {"STSBenchmark": 70.0, "avg": 69.0, "align": 0.1, "uniform": -2.0}, figures=figs))
+    probe = tmp_path / "report.html"  # the page plus a line that writes what the browser measured into the title
+    probe.write_text(page.replace("</body>", "<script>document.title = 'W' + document.documentElement.scrollWidth"
+                                              " + '/' + window.innerWidth;</script></body>"))
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    for width in (1280, 600):
+        dom = subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", f"--window-size={width},900",
+                              "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120).stdout
+        scroll, inner = map(int, re.search(r"<title>W(\d+)/(\d+)</title>", dom).groups())
+        assert scroll <= inner, f"the page is {scroll} px wide in a {inner} px window"
