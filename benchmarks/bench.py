@@ -21,6 +21,7 @@ import torch
 
 from sparsecse import SparseCSEError
 from sparsecse.io import atomic_write_json
+from sparsecse.sweep import TRIAL_EXPERIMENTS
 
 
 def machine() -> str:
@@ -348,7 +349,7 @@ def _trial_records(run: Path) -> list[dict]:
     from sparsecse.results import DEV, TrialResult
 
     out = []
-    for p in sorted([*(run / "tune").rglob("result.json"), *(run / "tune-control").rglob("result.json")]):
+    for p in sorted(p for sub in TRIAL_EXPERIMENTS for p in (run / sub).rglob("result.json")):
         rows = [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
         if rows:
             last = rows[-1]
@@ -449,7 +450,7 @@ def bench_storage(run: Path, against: Path) -> dict:
     same config swept by an older version): per trial, the checkpoints Tune kept and their bytes by part."""
     arms = {}
     for key, d in (("run", run), ("against", against)):
-        trials = sorted(t for sub in ("tune", "tune-control") for t in (d / sub).glob("*/") if (t / "result.json").is_file())
+        trials = sorted(t for sub in TRIAL_EXPERIMENTS for t in (d / sub).glob("*/") if (t / "result.json").is_file())
         if not (d / "summary.json").is_file() or not trials:
             raise SparseCSEError(f"--run/--against {d}: not a finished sweep with trials (summary.json or tune/*/ "
                                  "missing); point both at the --out directories of completed `sparsecse sweep`s")

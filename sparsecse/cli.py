@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from . import SparseCSEError, TrialsFailed, __version__
+from .outputs import claim
 from .config import POOLERS, SCORERS, STS_TASKS, TRANSFER_TASKS, ScoreConfig, TrainConfig
 
 
@@ -37,12 +38,27 @@ def _tasks(spec: list[str] | None) -> tuple[list[str], list[str]]:
     return list(dict.fromkeys(sts)), list(dict.fromkeys(transfer))
 
 
-def check_out_dir(path: Path, markers: tuple[str, ...]) -> None:
-    """Refuse to write into a non-empty directory that holds something other than our own output."""
-    if path.exists() and not path.is_dir():
-        raise SparseCSEError(f"--out {path}: is a file; choose a directory path")
-    if path.is_dir() and any(path.iterdir()) and not any((path / m).exists() for m in markers):
-        raise SparseCSEError(f"--out {path}: directory holds something else; choose an empty or new directory")
+class _Parser(argparse.ArgumentParser):
+    """argparse with sparsecse's error shape: one line on stderr, exit 2 (no usage block)."""
+
+    def error(self, message: str):
+        self.exit(2, f"sparsecse: error: {self.prog.split(' ', 1)[-1]}: {message}; see `{self.prog} --help`\n")
+
+
+def _count(minimum: int):
+    """An argparse type: an integer ≥ `minimum` (batch sizes, threads, lengths), else a one-line error."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} must be at least {minimum}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
 
 
 def _threads(n: int | None) -> None:
@@ -59,8 +75,7 @@ def cmd_train(a) -> int:
 
     cfg = load_config(a.config, a.set)
     data_dir = resolve_data_dir(a.data_dir or cfg.data.dir)
-    out = Path(a.out)
-    check_out_dir(out, ("config.yaml", "best", "latest"))
+    out = claim(a.out, "train", overwrite=a.overwrite)
     res = train_simcse(cfg, out, data_dir, tb_dir=out / "tensorboard")
     print(f"trained {res.steps} steps; best STS-B dev {res.best_dev:.2f} -> {res.best_dir}")
     return 0
@@ -78,6 +93,8 @@ def cmd_eval(a) -> int:
     _threads(a.threads)
     sts, transfer = _tasks(a.tasks)
     data_dir = resolve_data_dir(a.data_dir)
+    if a.json:
+        claim(a.json, "results", overwrite=a.overwrite, flag="--json")
     if a.backend == "onnx":
         from .deploy import OnnxEncoder
 
@@ -113,6 +130,7 @@ def cmd_score(a) -> int:
 
     _threads(a.threads)
     data_dir = resolve_data_dir(a.data_dir)
+    claim(a.out, "scores", overwrite=a.overwrite)
     enc = load_encoder(a.model)
     pairs = load_stsb(data_dir, a.split)
     scores = compute_scores(enc, pairs, batch_size=a.batch_size, max_pairs=a.max_pairs, seed=a.seed,
@@ -137,8 +155,7 @@ def cmd_prune(a) -> int:
         raise SparseCSEError(f"--lam {a.lam}: must be in [0, 1]")
     cfg = load_config(a.config, a.set)
     combine, normalize = cfg.score.single("combine", "sparsecse prune"), cfg.score.single("normalize", "sparsecse prune")
-    out = Path(a.out)
-    check_out_dir(out, ("config.yaml", "best", "latest", "masked"))
+    out = claim(a.out, "prune", overwrite=a.overwrite)
     expect = weights_fingerprint(load_encoder(a.trained)) if a.trained else None
     scores = load_scores(a.scores, expect_fingerprint=expect)
     pre = load_encoder(a.pretrained, pooler=cfg.model.pooler, dropout=cfg.train.dropout)
@@ -172,6 +189,8 @@ def cmd_export(a) -> int:
     from .export import export_model, export_from_run, is_run
 
     data_dir = resolve_data_dir(a.data_dir) if a.data_dir else None
+    claim(a.out, "export", overwrite=a.overwrite)
+    results = _results_file(a.results) if a.results else None
     if is_run(a.source):  # a sweep's run, local or s3://…: its export, copied (or built from the selected trial)
         out = export_from_run(a.source, a.out, pooler=a.pooler, onnx=a.onnx, quantize=a.quantize == "int8",
                               data_dir=data_dir)
@@ -183,12 +202,25 @@ def cmd_export(a) -> int:
         if (src / sub).is_dir():
             src = src / sub
             break
-    results = json.loads(Path(a.results).read_text()) if a.results else None
     out = export_model(str(src), a.out, pooler=a.pooler, results=results, onnx=a.onnx, quantize=a.quantize == "int8",
                        data_dir=data_dir)
     print(f"exported dense -> {out}, physically pruned -> {out / 'pruned'}"
           + (f", ONNX -> {out / 'pruned' / 'onnx'}" if a.onnx else ""))
     return 0
+
+
+def _results_file(path: str) -> dict:
+    """--results: a JSON object of evaluation results (e.g. `sparsecse eval --json`) for the model card."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise SparseCSEError(f"--results {path}: file not found; pass the JSON `sparsecse eval --json` wrote") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise SparseCSEError(f"--results {path}: not a JSON file ({str(e).splitlines()[0][:120]}); pass the JSON "
+                             "`sparsecse eval --json` wrote") from None
+    if not isinstance(data, dict):
+        raise SparseCSEError(f"--results {path}: must be a JSON object of task: score")
+    return data
 
 
 def cmd_sweep(a) -> int:
@@ -215,8 +247,8 @@ def cmd_fetch(a) -> int:
 def cmd_pilot(a) -> int:
     from .data import resolve_data_dir
     from .io import atomic_write_bytes, atomic_write_json
-    from .model import load_encoder
     from . import figures
+    from .model import load_encoder, weights_fingerprint
     from .pilot import pilot, sparsities_with_zero
     from .prune import check_compatible
     from .score import load_scores
@@ -226,8 +258,11 @@ def cmd_pilot(a) -> int:
         if not 0.0 <= s < 1.0:
             raise SparseCSEError(f"--sparsities {s}: must be in [0, 1) (the fraction of heads/neurons removed)")
     data_dir = resolve_data_dir(a.data_dir)
+    if a.out:
+        claim(a.out, "pilot", overwrite=a.overwrite)
     enc = load_encoder(a.model, pooler=a.pooler)
-    scores = load_scores(a.scores)
+    # the pilot prunes the very model the scores were computed on: same shape is not enough, same weights
+    scores = load_scores(a.scores, expect_fingerprint=weights_fingerprint(enc))
     check_compatible(scores.meta, enc, a.scores)
     tasks = a.tasks or list(STS_TASKS)
     simcse = None
@@ -248,7 +283,6 @@ def cmd_pilot(a) -> int:
     print(md)
     if a.out:
         out = Path(a.out)
-        check_out_dir(out, ("pilot.json",))
         atomic_write_json(out / "pilot.json", {"model": a.model, "scores": a.scores, "lam": a.lam, "rows": rows})
         atomic_write_bytes(out / "pilot.png", png)
         print(f"-> {out / 'pilot.json'}, {out / 'pilot.png'}")
@@ -256,7 +290,7 @@ def cmd_pilot(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sparsecse", description=__doc__.splitlines()[0])
+    p = _Parser(prog="sparsecse", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"sparsecse {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
     poolers = list(POOLERS)
@@ -267,12 +301,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _overwrite(parser, what: str) -> None:
+    parser.add_argument("--overwrite", action="store_true",
+                        help=f"replace an earlier {what} of sparsecse's at the output path (anything else there is "
+                             "refused, never deleted)")
+
+
 def _model_commands(sub, poolers) -> None:
     """train, eval, score, prune: one step of the method each."""
     t = sub.add_parser("train", help="train unsupervised SimCSE")
     t.add_argument("--config", required=True)
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     t.add_argument("--out", required=True)
+    _overwrite(t, "training run")
     t.add_argument("--data-dir")
     t.set_defaults(fn=cmd_train)
 
@@ -284,9 +325,10 @@ def _model_commands(sub, poolers) -> None:
                    help="pytorch: SimCSE's protocol (SentEval usepytorch, Adam + early stopping); sklearn: SentEval's "
                         "scikit-learn logistic regression")
     e.add_argument("--data-dir")
-    e.add_argument("--json")
-    e.add_argument("--batch-size", type=int, default=128)
-    e.add_argument("--threads", type=int)
+    e.add_argument("--json", help="write the scores to this JSON file")
+    _overwrite(e, "results file (--json)")
+    e.add_argument("--batch-size", type=_count(1), default=128)
+    e.add_argument("--threads", type=_count(1))
     e.add_argument("--backend", choices=["torch", "onnx"], default="torch",
                    help="onnx: run an ONNX export (--file) with ONNX Runtime, same protocol")
     e.add_argument("--file", default="onnx/model.onnx", help="with --backend onnx: the ONNX file inside --model")
@@ -295,19 +337,20 @@ def _model_commands(sub, poolers) -> None:
     s = sub.add_parser("score", help="alignment/uniformity importance gradients of heads and neurons")
     s.add_argument("--model", required=True)
     s.add_argument("--out", required=True)
+    _overwrite(s, "scores file")
     s.add_argument("--data-dir")
-    s.add_argument("--batch-size", type=int, default=64)
-    s.add_argument("--max-pairs", type=int)
+    s.add_argument("--batch-size", type=_count(2), default=64)
+    s.add_argument("--max-pairs", type=_count(2))
     s.add_argument("--split", default="train", choices=["train", "dev", "test"])
     s.add_argument("--pooler", choices=poolers)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--max-len", type=int, default=TrainConfig.max_len,
+    s.add_argument("--max-len", type=_count(2), default=TrainConfig.max_len,
                    help="truncate as training and the sweep's scoring do (train.max_len; default %(default)s)")
     s.add_argument("--threshold", type=float, default=ScoreConfig.positive_threshold,
                    help="STS-B gold above this makes a pair positive for L_align (score.positive_threshold)")
     s.add_argument("--positive-rule", choices=["gt", "ge"], default=ScoreConfig.positive_rule,
                    help="gt: gold > threshold (SimCSE §5, default); ge: gold >= threshold (score.positive_rule)")
-    s.add_argument("--threads", type=int)
+    s.add_argument("--threads", type=_count(1))
     s.set_defaults(fn=cmd_score)
 
     r = sub.add_parser("prune", help="select masks at a sparsity, rewind, optionally retrain")
@@ -316,6 +359,7 @@ def _model_commands(sub, poolers) -> None:
     r.add_argument("--sparsity", type=float, required=True)
     r.add_argument("--lam", type=float, required=True)
     r.add_argument("--out", required=True)
+    _overwrite(r, "pruned model")
     r.add_argument("--retrain", action="store_true")
     r.add_argument("--trained", help="the scored model, to verify the scores' fingerprint")
     r.add_argument("--config")
@@ -341,13 +385,15 @@ def _study_commands(sub, poolers) -> None:
     q.add_argument("--pooler", choices=poolers, default="cls_before_pooler")
     q.add_argument("--seed", type=int, default=0, help="the random scorer's draw")
     q.add_argument("--out", help="directory for pilot.json and pilot.png")
+    _overwrite(q, "pilot study")
     q.add_argument("--data-dir")
-    q.add_argument("--threads", type=int)
+    q.add_argument("--threads", type=_count(1))
     q.set_defaults(fn=cmd_pilot)
 
     x = sub.add_parser("export", help="export dense + physically pruned checkpoints")
     x.add_argument("source", help="a sweep's run (local path or s3://… URI), a training/prune directory or a model")
     x.add_argument("--out", required=True)
+    _overwrite(x, "export")
     x.add_argument("--pooler", choices=poolers)
     x.add_argument("--results", help="JSON of evaluation results for the model card")
     x.add_argument("--onnx", action="store_true", help="also pruned/onnx/model.onnx for ONNX Runtime ([onnx] extra)")

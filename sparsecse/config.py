@@ -230,9 +230,14 @@ class RayConfig:
     cpus_per_worker: float = 1.0
     max_failures: int = 1  # Ray Train FailureConfig for stage 1
     num_cpus: int | None = None  # local Ray only: CPUs to give the embedded cluster
+    # how long the driver waits for the Ray cluster (--address / RAY_ADDRESS) and for the run's storage (--out) to
+    # answer before it gives up with one line naming what did not answer
+    connect_timeout_s: float = 60.0
 
     def __post_init__(self):
         _check(self.num_workers >= 1, "ray.num_workers", "must be >= 1")
+        _check(self.num_cpus is None or self.num_cpus >= 1, "ray.num_cpus", "must be >= 1 or null")
+        _check(0 < self.connect_timeout_s <= 3600, "ray.connect_timeout_s", "must be in (0, 3600] seconds")
         _check(self.cpus_per_worker > 0, "ray.cpus_per_worker", "must be > 0")
         _check(self.max_failures >= 0, "ray.max_failures", "must be >= 0")
 
@@ -319,19 +324,36 @@ def config_from_dict(data: dict | None) -> Config:
     return Config(**{k: _section_from_dict(hints[k], v or {}, k) for k, v in data.items()})
 
 
+def _sections(data: dict, where: str) -> dict:
+    """The raw config's sections as mappings (a missing or empty section is {}); `where` names the source."""
+    out = {}
+    for k, v in (data or {}).items():
+        if v is not None and not isinstance(v, dict):
+            raise SparseCSEError(f"{where}: config {k}: must be a mapping of keys (got {v!r}); e.g. {k}: {{...}}")
+        out[k] = dict(v or {})
+    return out
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply `section.key=value` overrides (value parsed as YAML) to a raw config dict."""
-    data = {k: dict(v or {}) for k, v in (data or {}).items()}
+    data = _sections(data, "config")
     for ov in overrides or []:
         if "=" not in ov or "." not in ov.split("=", 1)[0]:
             raise SparseCSEError(f"--set {ov!r}: expected section.key=value, e.g. --set train.lr=3e-5")
         key, raw = ov.split("=", 1)
         section, name = key.split(".", 1)
-        data.setdefault(section, {})[name] = yaml.safe_load(raw) if raw != "" else None
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as e:
+            raise SparseCSEError(f"--set {ov!r}: the value is not valid YAML ({getattr(e, 'problem', None) or e}); "
+                                 "quote it, e.g. --set 'model.name=\"a:b\"'") from None
+        data.setdefault(section, {})[name] = value
     return data
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Config:
+    """The config of a YAML file (or the defaults) with `--set` overrides; an error names the file for what the
+    file says and `--set` for what an override says."""
     data: dict = {}
     if path is not None:
         p = Path(path)
@@ -339,13 +361,19 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
             raise SparseCSEError(f"{p}: config file not found; pass a YAML such as sweeps/quickstart.yaml")
         try:
             data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
             mark = getattr(e, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""
-            raise SparseCSEError(f"{p}:{where} invalid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
+            raise SparseCSEError(f"{p}:{where} invalid YAML ({getattr(e, 'problem', None) or e}); fix the syntax") from None
         if not isinstance(data, dict):
             raise SparseCSEError(f"{p}: the YAML must be a mapping of sections (model, data, train, ...)")
+        data = _sections(data, str(p))
+        try:
+            config_from_dict(data)
+        except SparseCSEError as e:
+            raise SparseCSEError(f"{p}: {e}") from None
+    merged = apply_overrides(data, overrides or [])
     try:
-        return config_from_dict(apply_overrides(data, overrides or []))
+        return config_from_dict(merged)
     except SparseCSEError as e:
-        raise SparseCSEError(f"{path or '--set'}: {e}") from None
+        raise SparseCSEError(f"--set {' '.join(overrides or [])}: {e}" if overrides else f"{path}: {e}") from None

@@ -158,7 +158,11 @@ class OnnxEncoder:
             opts.intra_op_num_threads = threads
         if not optimize:  # ONNX Runtime's graph fusions off (what they give is measured in BENCHMARKS row 3)
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 - ONNX Runtime raises its own classes (InvalidProtobuf, Fail, …)
+            raise SparseCSEError(f"{path}: not a loadable ONNX model ({str(e).splitlines()[0][:160]}); export it "
+                                 "again with `sparsecse export … --onnx`") from None
         self.names = [i.name for i in self.session.get_inputs()]
         self.mlp = None
         if self.pooler == "cls":  # SimCSE's MLP pooler, as the PyTorch Encoder holds it

@@ -257,8 +257,10 @@ def _load_backbone_quietly(path: str, dropout: float | None, trust_remote_code: 
     try:
         backbone = AutoModel.from_pretrained(path, config=cfg, trust_remote_code=trust_remote_code, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise SparseCSEError(f"{path}: could not load weights/tokenizer: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # noqa: BLE001 - OSError/ValueError, safetensors' own error for a truncated file, …
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise SparseCSEError(f"{path}: could not load weights/tokenizer ({type(e).__name__}: {first[:200]}); the "
+                             "files are incomplete or damaged — copy or download the model again") from None
     return backbone, tokenizer
 
 

@@ -36,8 +36,9 @@ def _env(**values: str) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def connect(address: str | None, num_cpus: int | None, dashboard: bool) -> None:
+def connect(address: str | None, num_cpus: int | None, dashboard: bool, timeout_s: float = 60.0) -> None:
     """Join a cluster (address, or RAY_ADDRESS as set by `ray job submit`) or start a local one on 127.0.0.1.
+    A cluster address is checked first: malformed, or nothing answering there within `timeout_s`, is one line.
 
     No runtime_env is passed: under `ray job submit --working-dir .` the job's own runtime env (the uploaded
     checkout, the user's env_vars) is what every worker gets; per-process settings are made in the stages."""
@@ -45,13 +46,35 @@ def connect(address: str | None, num_cpus: int | None, dashboard: bool) -> None:
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
+    given = address or os.environ.get("RAY_ADDRESS")
+    if given:
+        reach(given, "--address" if address else "RAY_ADDRESS", timeout_s)
+        ray.init(address=given, log_to_driver=True)
     else:  # Ray ≥ 2.59 turns token authentication on by default for the local cluster it starts
         # address="local": always a fresh local cluster, never a stale one left by `ray start` on this machine
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
                  log_to_driver=True)
+
+
+def reach(address: str, flag: str, timeout_s: float) -> None:
+    """A Ray address (host:port, ray://host:port, or "auto"/"local") that something answers at within
+    `timeout_s`, else one line naming it (instead of Ray retrying the connection forever)."""
+    import socket
+
+    if address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[1] if address.startswith("ray://") else address
+    host, _, port = hostport.rpartition(":")
+    if "://" in hostport or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise SparseCSEError(f"{flag} {address!r}: not a Ray address; give host:port (the head's GCS, e.g. "
+                             "10.0.0.1:6379), ray://host:10001, or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        why = (f"no answer within {timeout_s:g} s" if isinstance(e, TimeoutError) else
+               (e.strerror or type(e).__name__).lower())
+        raise SparseCSEError(f"{flag} {address}: no Ray cluster answers there ({why}); "
+                             "start it (`ray start --head`) or fix the address") from None
 
 
 def compute_nodes() -> list[dict]:

@@ -30,6 +30,9 @@ def is_uri(s: str) -> bool:
     return _SCHEME_SEP in str(s) and not str(s).startswith("file://")
 
 
+FSSPEC_STORES = ("abfs", "abfss", "az", "adl", "gs", "gcs", "s3", "s3a", "oss", "memory")  # object stores fsspec opens
+
+
 def _open_fs(uri: str):
     """(filesystem, root path inside it) for a local path or a URI; one-line errors for what cannot be opened."""
     import pyarrow as pa
@@ -41,10 +44,12 @@ def _open_fs(uri: str):
     try:
         return pafs.FileSystem.from_uri(uri)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as arrow_err:
-        try:  # a scheme pyarrow lacks but an installed fsspec implementation has (e.g. abfs:// via adlfs)
+        try:  # an object store pyarrow lacks but an installed fsspec implementation has (e.g. abfs:// via adlfs)
             import fsspec
 
             proto, path = uri.split(_SCHEME_SEP, 1)
+            if proto not in FSSPEC_STORES:  # ftp://, http://…: not a run's storage (and fsspec's would need a host)
+                raise ValueError(proto)
             return pafs.PyFileSystem(pafs.FSSpecHandler(fsspec.filesystem(proto))), path.rstrip("/")
         except Exception:  # noqa: BLE001 - report the original, more specific reason
             raise SparseCSEError(f"--out {uri}: cannot open this storage ({str(arrow_err).splitlines()[0]}); use a "
@@ -52,6 +57,35 @@ def _open_fs(uri: str):
     except OSError as e:
         raise SparseCSEError(f"--out {uri}: cannot open this storage ({str(e).splitlines()[0]}); check the "
                              "credentials and endpoint (AWS_ENDPOINT_URL, AWS_* / GOOGLE_* variables)") from None
+
+
+def open_storage(uri: str, timeout_s: float = 60.0, flag: str = "--out") -> "Storage":
+    """`Storage(uri)`, probed (does the root exist?) within `timeout_s`: a cloud filesystem without credentials can
+    look for them for minutes (GCS asks a metadata server), a paused endpoint can hang. Past the time, one line
+    naming the storage; a local path is never waited for."""
+    import threading
+
+    if not is_uri(uri):
+        return Storage(uri)
+    out: dict = {}
+
+    def probe() -> None:
+        try:
+            store = Storage(uri)
+            store.exists()
+            out["store"] = store
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+            out["error"] = e
+
+    worker = threading.Thread(target=probe, name="sparsecse-storage-probe", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        raise SparseCSEError(f"{flag} {uri}: the storage did not answer within {timeout_s:g} s; check its credentials, "
+                             "endpoint (AWS_ENDPOINT_URL …) and network, or raise ray.connect_timeout_s")
+    if "error" in out:
+        raise out["error"]
+    return out["store"]
 
 
 class Storage:

@@ -16,6 +16,7 @@ Run layout (relative to --out):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -33,7 +34,7 @@ from .config import TRANSFER_TASKS, Config, config_from_dict, load_config
 from .io import parquet_bytes
 from .report import ReportInputs, render_html, render_markdown
 from .results import TrialResult, grid_points, sts_tasks
-from .storage import Storage
+from .storage import Storage, open_storage
 from .tracking import Tracking
 
 SWEEP_FILE = "sweep.json"
@@ -129,7 +130,7 @@ def open_run(out: str, cfg: Config, resume: bool | str) -> tuple[Storage, SweepS
     resume="auto" (--resume-if-exists) continues a sweep found at `out` and starts one otherwise."""
     if not ("://" in out) and Path(out).exists() and not Path(out).is_dir():
         raise SparseCSEError(f"--out {out}: is a file; choose a directory path or a URI such as s3://bucket/run")
-    store = Storage(out)
+    store = open_storage(out, cfg.ray.connect_timeout_s)
     saved = store.read_json(SWEEP_FILE) if store.is_file(SWEEP_FILE) else None
     if resume == "auto":
         resume = saved is not None
@@ -208,7 +209,7 @@ def score_stage(run: Run):
     else:
         if store.exists("tune"):  # trials chose their masks from other scores: they are not this sweep's trials
             print("[sweep] the scores changed since the trials ran: their results are discarded and they rerun")
-            for rel in ("tune", "tune-control", "predictions"):
+            for rel in (*TRIAL_EXPERIMENTS, "predictions"):
                 if store.exists(rel):
                     store.delete(rel)
         t0 = time.perf_counter()
@@ -263,9 +264,45 @@ def trials_stage(run: Run, scores) -> list[TrialResult]:
     else:
         results += ra.run_tuner(stages.trial, params, grid_points(cfg), tune_run, name="tune",
                                 asha=asha_settings(cfg))
+        missing = missing_points(cfg, results)
+        if missing and (run.resume or run.store.exists(MISSING_EXPERIMENT)):
+            # a restored experiment can lack points its searcher had already handed out (Tune saves the trial
+            # list and the searcher's position as separate files, uploaded one after the other): run them now
+            print(f"[sweep] the restored experiment lacks {len(missing)} grid point(s) "
+                  f"({', '.join(p.name for p in missing[:5])}); running them in {MISSING_EXPERIMENT}/")
+            results += ra.run_tuner(stages.trial, params, missing, tune_run, name=MISSING_EXPERIMENT,
+                                    asha=asha_settings(cfg))
     run.state.timings["tune_s"] = time.perf_counter() - t0
     run.tracking.sync()  # the trials' MLflow / W&B runs (Tune's callbacks wrote them on the driver)
+    account_for_points(cfg, results)
     return results
+
+
+MISSING_EXPERIMENT = "tune-missing"  # grid points a restored experiment had lost, run on resume
+TRIAL_EXPERIMENTS = ("tune", "tune-control", MISSING_EXPERIMENT)  # every Tune experiment a sweep's trials run in
+
+
+def missing_points(cfg: Config, results: list[TrialResult]) -> list:
+    """The grid points no trial result came back for (a finished, failed or stopped trial all count)."""
+    got = {r.point for r in results}
+    return [p for p in grid_points(cfg) if p not in got]
+
+
+def account_for_points(cfg: Config, results: list[TrialResult]) -> None:
+    """Every point of the grid (or every sample of the search, and its s = 0 controls) came back as a trial —
+    finished, failed or stopped by the scheduler; anything else is an error naming what is missing (exit 1)."""
+    if cfg.sweep.search == "optuna":
+        sampled = [r for r in results if not r.point.is_control]
+        controls = {p for p in grid_points(cfg) if p.is_control} - {r.point for r in results}
+        if len(sampled) < cfg.sweep.num_samples or controls:
+            raise TrialsFailed(f"the search returned {len(sampled)} of sweep.num_samples={cfg.sweep.num_samples} "
+                               f"trials and lacks {len(controls)} s = 0 control(s); rerun with --resume")
+        return
+    missing = missing_points(cfg, results)
+    if missing:
+        raise TrialsFailed(f"{len(missing)} grid point(s) came back from Tune with no trial: "
+                           f"{', '.join(p.name for p in missing[:10])}{' …' if len(missing) > 10 else ''}; "
+                           "rerun with --resume to run them")
 
 
 def wants_export(selected: dict | None, cfg: Config) -> bool:
@@ -392,12 +429,51 @@ def check_failures(summary: dict, cfg: Config) -> None:
 
 # --------------------------------------------------------------------------- the driver
 
+def check_sparsities(cfg: Config) -> None:
+    """A sparsity must leave the model at least one head and one FFN neuron (a layer with none is fine: physical
+    pruning drops it). Checked on the driver from the model's config when it can read it (on a cluster whose
+    model lives only on the nodes, the trials find out)."""
+    from .model import quiet_transformers, resolve_model_path
+    from .prune import count_pruned
+
+    try:
+        from transformers import AutoConfig
+
+        with quiet_transformers():
+            mc = AutoConfig.from_pretrained(resolve_model_path(cfg.model.name))
+        heads = mc.num_hidden_layers * mc.num_attention_heads
+        neurons = mc.num_hidden_layers * mc.intermediate_size
+    except Exception:  # noqa: BLE001 - not readable here (a hub name offline, a path on the nodes only)
+        return
+    top = max(cfg.sweep.sparsity_range) if cfg.sweep.search == "optuna" else max(cfg.sweep.sparsities)
+    key = "sweep.sparsity_range" if cfg.sweep.search == "optuna" else "sweep.sparsities"
+    if count_pruned(top, heads) >= heads or count_pruned(top, neurons) >= neurons:
+        raise SparseCSEError(f"config {key}: {top} removes every attention head or FFN neuron of {cfg.model.name} "
+                             f"({heads} heads, {neurons} neurons); keep at least one of each: a sparsity below "
+                             f"{1 - 0.5 / min(heads, neurons):.4f}")
+
+
+@contextlib.contextmanager
+def refused_leaves_nothing(store: Storage, fresh: bool):
+    """A new sweep refused before its first stage (a cluster check, an unreachable Ray, a tracker that cannot
+    open) takes back what it wrote into --out, so the corrected rerun starts as if nothing happened. (A new
+    sweep's --out was empty or absent: everything there is its own.)"""
+    try:
+        yield
+    except BaseException:
+        if fresh:
+            for rel in store.list():
+                store.delete(rel)
+        raise
+
+
 def run_sweep(config_path: str, overrides=None, resume: bool | str = False, address: str | None = None,
               out: str | None = None, data_dir: str | None = None) -> dict:
     from .data import default_data_dir, resolve_data_dir
 
     cfg = load_config(config_path, overrides)
     check_config(cfg)
+    check_sparsities(cfg)
     on_cluster = bool(address or os.environ.get("RAY_ADDRESS"))
     if not on_cluster:  # a local Ray: this machine is the cluster, check it before starting one
         import torch
@@ -406,34 +482,42 @@ def run_sweep(config_path: str, overrides=None, resume: bool | str = False, addr
     # on a cluster the data dir is read by the nodes, not by the driver: check_nodes asks each of them
     data = str(default_data_dir(data_dir or cfg.data.dir) if on_cluster else resolve_data_dir(data_dir or cfg.data.dir))
     store, state, resume = open_run(out or f"runs/{Path(config_path).stem}", cfg, resume)
-    run = Run(cfg, store, data, state, resume, Tracking(cfg, store))  # a missing tracker fails here, before compute
-    store.write_text("config.yaml", cfg.to_yaml())
-    run.save()
     t_start = time.perf_counter()
-    ra.connect(address, cfg.ray.num_cpus, dashboard=os.environ.get("SPARSECSE_DASHBOARD", "1") != "0")
     try:
-        res = ra.cluster_resources()
-        preflight(cfg, res.get("CPU", 0), res.get("GPU", 0), "the Ray cluster")
-        check_nodes(run)
-        train_stage(run)
-        scores = score_stage(run)
-        results = trials_stage(run, scores)
-        selected = choose.select(results, cfg.sweep.select_lam, cfg.sweep.objective, cfg.sweep.pareto_delta)
-        extras = evaluate_and_export_stage(run, selected)
-        summary = report_stage(run, results, selected, extras, scores)
-        state.timings["total_s"] = time.perf_counter() - t_start
-        state.summary = summary
-        run.save()
-        store.write_json("summary.json", {**summary, "timings": state.timings, "stage_runs": state.stage_runs})
-        print(f"[sweep] done: {store.url('report.md')}")
-        if selected and selected["control_won"]:
-            print(f"[sweep] pruning did not help on dev: the s = 0 control is best (STS-B dev "
-                  f"{selected['dev_mean']:.2f}); export: {summary['export']}")
-        elif selected:
-            print(f"[sweep] selected sparsity={selected['sparsity']} λ={selected['lam']} {selected['method']} "
-                  f"(STS-B dev {selected['dev_mean']:.2f}); export: {summary['export']}")
-        check_failures(summary, cfg)
-        return summary
+        with refused_leaves_nothing(store, fresh=not resume):
+            run = Run(cfg, store, data, state, resume, Tracking(cfg, store))  # a missing tracker fails here
+            ra.connect(address, cfg.ray.num_cpus, dashboard=os.environ.get("SPARSECSE_DASHBOARD", "1") != "0",
+                       timeout_s=cfg.ray.connect_timeout_s)
+            res = ra.cluster_resources()
+            preflight(cfg, res.get("CPU", 0), res.get("GPU", 0), "the Ray cluster")
+            check_nodes(run)
+            store.write_text("config.yaml", cfg.to_yaml())
+            run.save()
+        return run_stages(run, t_start)
     finally:
         if not on_cluster:
             ra.shutdown()
+
+
+def run_stages(run: Run, t_start: float) -> dict:
+    """Stage 1, scoring, the trials, selection, evaluation/export and the report, in order; returns the summary."""
+    cfg, store, state = run.cfg, run.store, run.state
+    train_stage(run)
+    scores = score_stage(run)
+    results = trials_stage(run, scores)
+    selected = choose.select(results, cfg.sweep.select_lam, cfg.sweep.objective, cfg.sweep.pareto_delta)
+    extras = evaluate_and_export_stage(run, selected)
+    summary = report_stage(run, results, selected, extras, scores)
+    state.timings["total_s"] = time.perf_counter() - t_start
+    state.summary = summary
+    run.save()
+    store.write_json("summary.json", {**summary, "timings": state.timings, "stage_runs": state.stage_runs})
+    print(f"[sweep] done: {store.url('report.md')}")
+    if selected and selected["control_won"]:
+        print(f"[sweep] pruning did not help on dev: the s = 0 control is best (STS-B dev "
+              f"{selected['dev_mean']:.2f}); export: {summary['export']}")
+    elif selected:
+        print(f"[sweep] selected sparsity={selected['sparsity']} λ={selected['lam']} {selected['method']} "
+              f"(STS-B dev {selected['dev_mean']:.2f}); export: {summary['export']}")
+    check_failures(summary, cfg)
+    return summary

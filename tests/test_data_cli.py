@@ -122,7 +122,7 @@ def test_output_dir_holding_something_else_is_refused(tmp_path, tiny_model_dir, 
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"model: {{name: {tiny_model_dir}}}\ntrain: {{max_steps: 1}}\n")
     r = run_cli("train", "--config", str(cfg), "--out", str(out), "--data-dir", str(data_dir))
-    assert r.returncode == 2 and "holds something else" in r.stderr
+    assert r.returncode == 2 and "holds files sparsecse did not write" in r.stderr
     assert [p.name for p in out.iterdir()] == ["thesis.tex"]
 
 

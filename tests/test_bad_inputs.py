@@ -1,0 +1,341 @@
+"""Nothing lost, ever: every bad input to every subcommand is one line on stderr, exit 2 (1 only where documented),
+no traceback — and every file that existed before is byte-identical after, nothing new is left behind.
+
+One workspace per module holds what a user has around: their own notes and folders, earlier outputs of each
+command, a sweep's run, a truncated model, a file that claims to be ONNX, scores of another model. Each case runs
+`sparsecse` in-process (argparse errors included) and compares the workspace's checksums before and after."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _tree(root: Path) -> dict[str, str]:
+    """{relative path: sha256 (files) or "dir"} of everything under root."""
+    return {p.relative_to(root).as_posix(): ("dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in sorted(root.rglob("*"))}
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory, tiny_model_dir, tiny_data_dir):
+    """The user's workspace (see the module docstring)."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from sparsecse.data import load_stsb
+    from sparsecse.model import load_encoder
+    from sparsecse.score import compute_scores, save_scores
+
+    w = tmp_path_factory.mktemp("ws")
+    (w / "notes.txt").write_text("my thesis notes\n")
+    (w / "mine").mkdir()
+    (w / "mine" / "draft.tex").write_text("\\section{precious}\n")
+    (w / "empty").mkdir()
+    (w / "scalar.yaml").write_text("train: 5\n")
+    (w / "list.yaml").write_text("- model\n- train\n")
+    (w / "broken.yaml").write_text("train: {lr: [1, 2\n")
+    (w / "binary.yaml").write_bytes(b"\x00\xff\xfe train")
+    (w / "quick.yaml").write_text((REPO / "sweeps" / "quickstart.yaml").read_text())
+    (w / "results.json").write_text('{"STSBenchmark": 80.1, "avg": 80.1}\n')  # an earlier `eval --json`
+    # earlier outputs of each command, and a sweep's run
+    (w / "prev_train" / "best").mkdir(parents=True)
+    (w / "prev_train" / "config.yaml").write_text("train: {}\n")
+    (w / "prev_export" / "pruned").mkdir(parents=True)
+    (w / "prev_export" / "manifest.json").write_text('{"files": {}}\n')
+    (w / "run").mkdir()
+    (w / "run" / "sweep.json").write_text('{"config": {}}\n')
+    (w / "run" / "report.md").write_text("# a finished sweep's report\n")
+    # a model whose weights file was cut short; a folder whose ONNX file is not ONNX
+    shutil.copytree(tiny_model_dir, w / "trunc")
+    data = (w / "trunc" / "model.safetensors").read_bytes()
+    (w / "trunc" / "model.safetensors").write_bytes(data[: len(data) // 2])
+    shutil.copytree(tiny_model_dir, w / "onnxm")
+    (w / "onnxm" / "onnx").mkdir()
+    (w / "onnxm" / "onnx" / "model.onnx").write_text("not an ONNX graph")
+    # scores of the model, and of another model of the same shape (other weights)
+    pairs = load_stsb(tiny_data_dir, "train")
+    save_scores(compute_scores(load_encoder(str(tiny_model_dir)), pairs, batch_size=8, max_pairs=16), w / "scores.parquet")
+    torch.manual_seed(1)
+    other = w / "other-model"
+    cfg = BertConfig.from_pretrained(tiny_model_dir)
+    BertModel(cfg, add_pooling_layer=False).save_pretrained(other)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(other)
+    save_scores(compute_scores(load_encoder(str(other)), pairs, batch_size=8, max_pairs=16), w / "other.parquet")
+    return w
+
+
+M, D = "{model}", "{data}"  # the tiny model and the tiny data dir
+SWEEP = ["sweep", "{ws}/quick.yaml", "--data-dir", D, "--set", f"model.name={M}"]
+CASES = [
+    # config types: sections, values, --set syntax
+    ("config section is a scalar", ["sweep", "{ws}/scalar.yaml", "--out", "{ws}/o"], "config train: must be a mapping"),
+    ("config is a list", ["sweep", "{ws}/list.yaml", "--out", "{ws}/o"], "must be a mapping of sections"),
+    ("config is broken YAML", ["sweep", "{ws}/broken.yaml", "--out", "{ws}/o"], "invalid YAML"),
+    ("config is binary", ["sweep", "{ws}/binary.yaml", "--out", "{ws}/o"], "binary.yaml"),
+    ("config file missing", ["sweep", "{ws}/nope.yaml", "--out", "{ws}/o"], "config file not found"),
+    ("train with a scalar section", ["train", "--config", "{ws}/scalar.yaml", "--out", "{ws}/o"], "config train:"),
+    ("--set not YAML", [*SWEEP, "--set", "train.lr=[", "--out", "{ws}/o"], "--set 'train.lr=[': the value is not valid YAML"),
+    ("--set without =", [*SWEEP, "--set", "train.lr", "--out", "{ws}/o"], "expected section.key=value"),
+    ("--set string for float", [*SWEEP, "--set", "train.lr=fast", "--out", "{ws}/o"], "--set"),
+    ("--set float for int", [*SWEEP, "--set", "train.batch_size=1.5", "--out", "{ws}/o"], "must be an integer"),
+    ("--set unknown key", [*SWEEP, "--set", "train.bogus=1", "--out", "{ws}/o"], "train.bogus: unknown key"),
+    ("--set unknown section", [*SWEEP, "--set", "bogus.x=1", "--out", "{ws}/o"], "unknown section"),
+    ("--set bad choice", [*SWEEP, "--set", "sweep.scheduler=fast", "--out", "{ws}/o"], "sweep.scheduler"),
+    ("--set bool", [*SWEEP, "--set", "sweep.export_best=maybe", "--out", "{ws}/o"], "true or false"),
+    ("--set list of str for ints", [*SWEEP, "--set", "sweep.seeds=[a]", "--out", "{ws}/o"], "sweep.seeds"),
+    ("sparsity ≥ 1", [*SWEEP, "--set", "sweep.sparsities=[1.5]", "--out", "{ws}/o"], "outside [0, 1)"),
+    ("sparsity leaving no head", [*SWEEP, "--set", "sweep.sparsities=[0.999]", "--out", "{ws}/o"],
+     "removes every attention head"),
+    ("negative steps", [*SWEEP, "--set", "train.max_steps=-3", "--out", "{ws}/o"], "train.max_steps"),
+    ("no workers", [*SWEEP, "--set", "ray.num_workers=0", "--out", "{ws}/o"], "ray.num_workers"),
+    ("zero timeout", [*SWEEP, "--set", "ray.connect_timeout_s=0", "--out", "{ws}/o"], "ray.connect_timeout_s"),
+    ("unknown task", [*SWEEP, "--set", "eval.tasks=[NOPE]", "--out", "{ws}/o"], "eval.tasks"),
+    ("readings with optuna", [*SWEEP, "--set", "sweep.search=optuna", "--set", "score.normalize=[none, layer]",
+                              "--out", "{ws}/o"], "score.normalize"),
+    ("batch not divisible", [*SWEEP, "--set", "train.batch_size=33", "--set", "ray.num_workers=2", "--out", "{ws}/o"],
+     "not divisible"),
+    ("GPU asked, none here", [*SWEEP, "--set", "sweep.trial_gpus=1", "--out", "{ws}/o"], "sweep.trial_gpus"),
+    # data files
+    ("data dir missing", ["eval", "--model", M, "--data-dir", "{ws}/nodata"], "data dir"),
+    ("corpus missing", ["train", "--config", "{ws}/quick.yaml", "--set", f"model.name={M}", "--set",
+                        "data.train_file={ws}/nope.txt", "--out", "{ws}/o", "--data-dir", D], "training corpus not found"),
+    ("corpus binary", ["train", "--config", "{ws}/quick.yaml", "--set", f"model.name={M}", "--set",
+                       "data.train_file={ws}/binary.yaml", "--out", "{ws}/o", "--data-dir", D], "binary"),
+    # models and checkpoints
+    ("model missing", ["eval", "--model", "{ws}/nope-model", "--data-dir", D], "not a loadable model"),
+    ("model truncated", ["eval", "--model", "{ws}/trunc", "--data-dir", D, "--tasks", "STSBenchmark"],
+     "could not load weights"),
+    ("folder is no model", ["eval", "--model", "{ws}/mine", "--data-dir", D], "not a model directory"),
+    ("export of no model", ["export", "{ws}/mine", "--out", "{ws}/o"], "not a model directory"),
+    # scores files
+    ("scores missing", ["prune", "--pretrained", M, "--scores", "{ws}/nope.parquet", "--sparsity", "0.1", "--lam",
+                        "0.5", "--out", "{ws}/o"], "scores file not found"),
+    ("scores not parquet", ["prune", "--pretrained", M, "--scores", "{ws}/notes.txt", "--sparsity", "0.1", "--lam",
+                            "0.5", "--out", "{ws}/o"], "notes.txt"),
+    ("pilot scores of another model", ["pilot", "--model", M, "--scores", "{ws}/other.parquet", "--data-dir", D],
+     "computed on another model"),
+    ("pilot scores missing", ["pilot", "--model", M, "--scores", "{ws}/nope.parquet", "--data-dir", D],
+     "scores file not found"),
+    ("prune sparsity 1", ["prune", "--pretrained", M, "--scores", "{ws}/scores.parquet", "--sparsity", "1.0",
+                          "--lam", "0.5", "--out", "{ws}/o"], "--sparsity 1.0"),
+    ("prune λ < 0", ["prune", "--pretrained", M, "--scores", "{ws}/scores.parquet", "--sparsity", "0.1", "--lam",
+                     "-1", "--out", "{ws}/o"], "--lam -1"),
+    ("pilot sparsity 1.5", ["pilot", "--model", M, "--scores", "{ws}/scores.parquet", "--sparsities", "1.5",
+                            "--data-dir", D], "--sparsities 1.5"),
+    # outputs: the rule (new, or our own of the same kind with --overwrite)
+    ("score over a user's file", ["score", "--model", M, "--out", "{ws}/notes.txt", "--data-dir", D],
+     "a file sparsecse did not write"),
+    ("score into a folder", ["score", "--model", M, "--out", "{ws}/mine", "--data-dir", D], "is a directory"),
+    ("score over earlier scores", ["score", "--model", M, "--out", "{ws}/scores.parquet", "--data-dir", D],
+     "pass --overwrite"),
+    ("eval json into a folder", ["eval", "--model", M, "--json", "{ws}/mine", "--data-dir", D], "is a directory"),
+    ("eval json over a user's file", ["eval", "--model", M, "--json", "{ws}/notes.txt", "--data-dir", D],
+     "did not write"),
+    ("eval json over earlier results", ["eval", "--model", M, "--json", "{ws}/results.json", "--data-dir", D],
+     "pass --overwrite"),
+    ("train out is a file", ["train", "--config", "{ws}/quick.yaml", "--out", "{ws}/notes.txt", "--data-dir", D],
+     "is a file"),
+    ("train out is a user's folder", ["train", "--config", "{ws}/quick.yaml", "--out", "{ws}/mine", "--data-dir", D],
+     "did not write"),
+    ("train over an earlier run", ["train", "--config", "{ws}/quick.yaml", "--out", "{ws}/prev_train", "--data-dir",
+                                   D], "pass --overwrite"),
+    ("export over a sweep", ["export", M, "--out", "{ws}/run"], "holds a sweep"),
+    ("export over a sweep, overwrite", ["export", M, "--out", "{ws}/run", "--overwrite"], "holds a sweep"),
+    ("export into a user's folder", ["export", M, "--out", "{ws}/mine", "--overwrite"], "did not write"),
+    ("export over a file", ["export", M, "--out", "{ws}/notes.txt"], "is a file"),
+    ("export over an earlier export", ["export", M, "--out", "{ws}/prev_export"], "pass --overwrite"),
+    ("export over a training run", ["export", M, "--out", "{ws}/prev_train", "--overwrite"], "holds a training run"),
+    ("prune into a user's folder", ["prune", "--pretrained", M, "--scores", "{ws}/scores.parquet", "--sparsity", "0.1",
+                                    "--lam", "0.5", "--out", "{ws}/mine"], "did not write"),
+    ("pilot into a user's folder", ["pilot", "--model", M, "--scores", "{ws}/scores.parquet", "--out", "{ws}/mine",
+                                    "--data-dir", D], "did not write"),
+    ("sweep out is a file", [*SWEEP, "--out", "{ws}/notes.txt"], "is a file"),
+    ("sweep into a user's folder", [*SWEEP, "--out", "{ws}/mine"], "already holds something else"),
+    ("sweep resumes nothing", [*SWEEP, "--resume", "--out", "{ws}/empty"], "holds no sweep"),
+    ("sweep over a sweep", [*SWEEP, "--out", "{ws}/run"], "already holds a sweep"),
+    ("export results missing", ["export", M, "--out", "{ws}/o", "--results", "{ws}/nope.json"], "file not found"),
+    ("export results not JSON", ["export", M, "--out", "{ws}/o", "--results", "{ws}/notes.txt"], "not a JSON file"),
+    # storage URIs
+    ("unknown scheme", [*SWEEP, "--out", "nosuch://bucket/run"], "cannot open this storage"),
+    ("ftp output", [*SWEEP, "--out", "ftp://host/run"], "cannot open this storage"),
+    # Ray addresses
+    ("nothing at the address", [*SWEEP, "--address", "127.0.0.1:1", "--out", "{ws}/o"], "no Ray cluster answers"),
+    ("malformed address", [*SWEEP, "--address", "head-node", "--out", "{ws}/o"], "not a Ray address"),
+    ("address port out of range", [*SWEEP, "--address", "127.0.0.1:99999", "--out", "{ws}/o"], "not a Ray address"),
+    # ONNX files
+    ("ONNX file is not ONNX", ["eval", "--model", "{ws}/onnxm", "--backend", "onnx", "--data-dir", D],
+     "not a loadable ONNX model"),
+    ("ONNX file missing", ["eval", "--model", "{ws}/onnxm", "--backend", "onnx", "--file", "onnx/nope.onnx",
+                           "--data-dir", D], "onnx/nope.onnx"),
+    # numeric options
+    ("eval batch 0", ["eval", "--model", M, "--batch-size", "0"], "--batch-size: 0 must be at least 1"),
+    ("eval threads -1", ["eval", "--model", M, "--threads", "-1"], "--threads"),
+    ("eval batch not a number", ["eval", "--model", M, "--batch-size", "many"], "is not an integer"),
+    ("score max-len -1", ["score", "--model", M, "--out", "{ws}/o.parquet", "--max-len", "-1"], "--max-len"),
+    ("score batch 1", ["score", "--model", M, "--out", "{ws}/o.parquet", "--batch-size", "1"], "--batch-size"),
+    ("score max-pairs 1", ["score", "--model", M, "--out", "{ws}/o.parquet", "--max-pairs", "1"], "--max-pairs"),
+    ("pilot threads 0", ["pilot", "--model", M, "--scores", "{ws}/scores.parquet", "--threads", "0"], "--threads"),
+    ("prune sparsity not a number", ["prune", "--pretrained", M, "--scores", "x", "--sparsity", "half", "--lam", "0.5",
+                                     "--out", "{ws}/o"], "--sparsity"),
+    ("resume twice", [*SWEEP, "--resume", "--resume-if-exists", "--out", "{ws}/o"], "pass one"),
+    ("unknown subcommand", ["frobnicate"], "invalid choice"),
+]
+
+
+def run_main(args: list[str], capsys) -> tuple[int, str]:
+    """`sparsecse ARGS` in this process: (exit code, stderr)."""
+    from sparsecse.cli import main
+
+    capsys.readouterr()
+    try:
+        rc = main(args)
+    except SystemExit as e:  # argparse's own exit
+        rc = e.code
+    return rc, capsys.readouterr().err
+
+
+def test_the_table_covers_every_subcommand_and_at_least_sixty_inputs():
+    assert len(CASES) >= 60
+    assert {a[0] for _, a, _ in CASES} >= {"train", "eval", "score", "prune", "export", "pilot", "sweep"}
+
+
+@pytest.mark.parametrize("what,args,needle", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(what, args, needle, ws, tiny_model_dir, tiny_data_dir,
+                                                         capsys, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("SPARSECSE_DASHBOARD", "0")
+    argv = [a.format(ws=ws, model=tiny_model_dir, data=tiny_data_dir) for a in args]
+    before = _tree(ws)
+    rc, err = run_main(argv, capsys)
+    assert rc == 2, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("sparsecse: error: ") and needle in err, err
+    assert _tree(ws) == before  # nothing the user had changed, nothing half-written left
+
+
+def test_a_malformed_ray_address_in_the_environment_is_one_line(ws, tiny_model_dir, tiny_data_dir, capsys, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "http://")
+    before = _tree(ws)
+    rc, err = run_main(["sweep", str(ws / "quick.yaml"), "--set", f"model.name={tiny_model_dir}", "--data-dir",
+                        str(tiny_data_dir), "--out", str(ws / "o")], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "RAY_ADDRESS 'http://': not a Ray address" in err
+    assert _tree(ws) == before
+
+
+def test_a_refused_sweep_leaves_nothing_that_blocks_the_corrected_rerun(ws, tiny_model_dir, tiny_data_dir, capsys,
+                                                                         monkeypatch):
+    """Refused after it opened --out (its tracker already made mlflow/ there): the run directory is left empty, so
+    the rerun with the address fixed is not told "already holds something" or "a different config"."""
+    from sparsecse.sweep import open_run
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    out = ws / "refused"
+    rc, err = run_main(["sweep", str(ws / "quick.yaml"), "--set", f"model.name={tiny_model_dir}", "--set",
+                        "sweep.loggers=[tensorboard, mlflow]", "--data-dir", str(tiny_data_dir), "--out", str(out),
+                        "--address", "127.0.0.1:1"], capsys)
+    assert rc == 2 and "no Ray cluster answers" in err
+    assert not out.exists() or not any(out.iterdir())
+    from sparsecse.config import load_config
+
+    fixed = load_config(ws / "quick.yaml", [f"model.name={tiny_model_dir}", "sweep.sparsities=[0, 0.1]"])
+    store, state, resume = open_run(str(out), fixed, False)  # another config, no --resume: accepted
+    assert not resume and store.list() == []
+
+
+@pytest.mark.parametrize("cmd", ["score", "eval"])
+def test_overwrite_replaces_only_our_own_file(ws, tiny_model_dir, tiny_data_dir, tmp_path, capsys, cmd):
+    """--overwrite replaces an earlier output of the same command; a user's file stays refused even with it."""
+    own = tmp_path / ("s.parquet" if cmd == "score" else "r.json")
+    args = (["score", "--model", str(tiny_model_dir), "--max-pairs", "16", "--batch-size", "8", "--out", str(own)]
+            if cmd == "score" else ["eval", "--model", str(tiny_model_dir), "--tasks", "STSBenchmark", "--json", str(own)])
+    args += ["--data-dir", str(tiny_data_dir)]
+    assert run_main(args, capsys)[0] == 0 and own.is_file()
+    first = own.read_bytes()
+    assert run_main(args, capsys)[0] == 2 and own.read_bytes() == first  # refused without --overwrite
+    assert run_main([*args, "--overwrite"], capsys)[0] == 0
+    user = tmp_path / "user.txt"
+    user.write_text("mine")
+    flag = "--out" if cmd == "score" else "--json"
+    bad = [str(user) if a == str(own) else a for a in args]
+    assert flag in bad and run_main([*bad, "--overwrite"], capsys)[0] == 2 and user.read_text() == "mine"
+
+
+# ---------------------------------------------------------------------------------------------- property
+
+def _fields():
+    """(section.key, its type) of every config field."""
+    from dataclasses import fields
+    from typing import get_type_hints
+
+    from sparsecse.config import Config
+
+    out = []
+    for sec in fields(Config):
+        hints = get_type_hints(get_type_hints(Config)[sec.name])
+        out += [(f"{sec.name}.{k}", tp) for k, tp in hints.items()]
+    return out
+
+
+def _accepts(tp, value) -> bool:
+    """Whether `value` has the field's type (so it is not a wrong-typed value for the property)."""
+    from typing import Literal, get_args, get_origin
+
+    origin, args = get_origin(tp), get_args(tp)
+    if value is None:
+        return type(None) in args
+    if origin is Literal:
+        return value in args
+    if origin is tuple:
+        vals = value if isinstance(value, list) else [value]
+        return all(_accepts(args[0], v) for v in vals)
+    if args and type(None) in args:
+        return any(_accepts(a, value) for a in args if a is not type(None))
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                float(value)
+                return True
+            except ValueError:
+                return False
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    return True
+
+
+def test_any_wrong_typed_value_for_any_config_field_is_one_line_naming_it(ws, capsys, tiny_data_dir):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    scalars = st.one_of(st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True, allow_infinity=True),
+                        st.text(min_size=1, max_size=12))
+    values = st.one_of(scalars, st.lists(scalars, max_size=3), st.dictionaries(st.text(min_size=1, max_size=4), scalars,
+                                                                                max_size=2))
+    fields = _fields()
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.sampled_from(fields), values)
+    def prop(field, value):
+        key, tp = field
+        if _accepts(tp, value):
+            return  # a well-typed value: not this property's business
+        text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+        before = _tree(ws)
+        rc, err = run_main(["train", "--config", str(ws / "quick.yaml"), "--set", f"{key}={text}", "--out",
+                            str(ws / "o"), "--data-dir", str(ws / "nodata")], capsys)
+        assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, (key, text, err)
+        assert "--set" in err and key.split(".")[0] in err, (key, text, err)
+        assert _tree(ws) == before
+
+    prop()
