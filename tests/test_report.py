@@ -424,3 +424,40 @@ def test_report_html_has_no_horizontal_overflow_in_a_browser(tmp_path):
                               "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120).stdout
         scroll, inner = map(int, re.search(r"<title>W(\d+)/(\d+)</title>", dom).groups())
         assert scroll <= inner, f"the page is {scroll} px wide in a {inner} px window"
+
+
+@pytest.mark.parametrize("name", ["grid", "pareto", "single", "sampled"])
+def test_report_md_is_byte_for_byte_what_it_was_before_the_report_was_split(name):
+    """report.md from the typed results, select.py and report.py equals what report.py wrote from dict rows before
+    (tests/golden/, rendered by sparsecse 12b9598 from the same scenario)."""
+    from pathlib import Path
+
+    import report_scenarios as S
+
+    from sparsecse import figures
+    from sparsecse.config import load_config
+    from sparsecse.report import ReportInputs, render_markdown
+    from sparsecse.select import allocation, candidate_points, comparisons, results_table
+
+    preds = pilot = alloc = transfer = None
+    if name == "single":
+        rows, preds = S.single()
+    else:
+        rows = getattr(S, name)()
+    if name == "grid":
+        pilot = S.PILOT
+        alloc = allocation(np.array([[1, 0, 1, 1], [0, 0, 1, 1]]), np.array([[1] * 8, [0] * 4 + [1] * 4]))
+        transfer = {"SimCSE": {"MR": 70.0, "CR": 75.0, "avg": 72.5}, "SparseCSE": {"MR": 71.0, "CR": 74.0, "avg": 72.5}}
+    cfg = load_config(None, getattr(S, f"{name.upper()}_OVR"))
+    res = [TrialResult.from_record(r) for r in rows]
+    tasks = ["STS12", "STSBenchmark", "SICKRelatedness", "avg"]
+    sel = select(res, cfg.sweep.select_lam, cfg.sweep.objective, cfg.sweep.pareto_delta)
+    names = list(figures.sweep_figures(res, tasks, sampled=cfg.sweep.search == "optuna"))
+    names += (["mask_allocation.png"] if alloc else []) + (["pareto.png"] if sel.get("pareto") else [])
+    names += ["pilot.png"] if pilot else []
+    if sel.get("pareto"):
+        assert candidate_points(res, cfg.sweep.select_lam)
+    md = render_markdown(ReportInputs("t", cfg, res, results_table(res, tasks), sel, control(res), S.BASELINE,
+                                      transfer, dict.fromkeys(names, b""), alloc, S.SCORING, pilot, S.BACKBONE,
+                                      comparisons(res, cfg.sweep.select_lam, predictions=preds)))
+    assert md == (Path(__file__).parent / "golden" / f"report-{name}.md").read_text()
