@@ -92,4 +92,19 @@ def claim(path: str | Path, kind: str, *, overwrite: bool = False, flag: str = "
             raise SparseCSEError(f"{flag} {p}: {what}; choose a new or empty directory (nothing was changed)")
         if not overwrite:
             raise SparseCSEError(f"{flag} {p}: holds {WHAT[kind]} already; {replace}")
+        if kind == "export":  # an export is replaced as a whole: only if all of it is the export's own
+            extra = _unlisted(p)
+            if extra:
+                raise SparseCSEError(f"{flag} {p}: holds files the export did not write ({', '.join(extra[:3])}); "
+                                     "move them out first or choose another --out (nothing was changed)")
     return p
+
+
+def _unlisted(export_dir: Path) -> list[str]:
+    """Files in an export directory that its manifest.json does not list (put there by someone else)."""
+    try:
+        listed = set(json.loads((export_dir / "manifest.json").read_text()).get("files", {}))
+    except (OSError, ValueError, AttributeError):
+        listed = set()
+    return sorted(q.relative_to(export_dir).as_posix() for q in export_dir.rglob("*")
+                  if q.is_file() and q.name != "manifest.json" and q.relative_to(export_dir).as_posix() not in listed)

@@ -49,6 +49,7 @@ def ws(tmp_path_factory, tiny_model_dir, tiny_data_dir):
     (w / "prev_train" / "config.yaml").write_text("train: {}\n")
     (w / "prev_export" / "pruned").mkdir(parents=True)
     (w / "prev_export" / "manifest.json").write_text('{"files": {}}\n')
+    (w / "prev_export" / "pruned" / "notes.md").write_text("a note the user kept beside the export\n")
     (w / "run").mkdir()
     (w / "run" / "sweep.json").write_text('{"config": {}}\n')
     (w / "run" / "report.md").write_text("# a finished sweep's report\n")
@@ -151,6 +152,8 @@ CASES = [
     ("export into a user's folder", ["export", M, "--out", "{ws}/mine", "--overwrite"], "did not write"),
     ("export over a file", ["export", M, "--out", "{ws}/notes.txt"], "is a file"),
     ("export over an earlier export", ["export", M, "--out", "{ws}/prev_export"], "pass --overwrite"),
+    ("export over an export holding a user's file", ["export", M, "--out", "{ws}/prev_export", "--overwrite"],
+     "did not write (pruned/notes.md)"),
     ("export over a training run", ["export", M, "--out", "{ws}/prev_train", "--overwrite"], "holds a training run"),
     ("prune into a user's folder", ["prune", "--pretrained", M, "--scores", "{ws}/scores.parquet", "--sparsity", "0.1",
                                     "--lam", "0.5", "--out", "{ws}/mine"], "did not write"),
@@ -339,3 +342,14 @@ def test_any_wrong_typed_value_for_any_config_field_is_one_line_naming_it(ws, ca
         assert _tree(ws) == before
 
     prop()
+
+
+def test_export_overwrite_replaces_our_export_and_keeps_everything_beside_it(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "exp"
+    (tmp_path / "beside.txt").write_text("the user's")
+    assert run_main(["export", str(tiny_model_dir), "--out", str(out)], capsys)[0] == 0
+    first = _tree(out)
+    assert run_main(["export", str(tiny_model_dir), "--out", str(out)], capsys)[0] == 2 and _tree(out) == first
+    assert run_main(["export", str(tiny_model_dir), "--out", str(out), "--overwrite"], capsys)[0] == 0
+    assert set(_tree(out)) == set(first) and (tmp_path / "beside.txt").read_text() == "the user's"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".exp")]  # no hidden leftovers of the old one
