@@ -70,7 +70,7 @@ def _vs(c: dict | None) -> str:
 
 
 def _point_label(selected: dict) -> str:
-    reading = reading_label(PAPER_SCORER, selected.get("combine", "gradient"), selected.get("normalize", "none"))
+    reading = reading_label(PAPER_SCORER, selected["combine"], selected["normalize"])
     return f"s={selected['sparsity']:.0%}, λ={selected['lam']}" + (f", {reading[1:-1]}" if reading else "")
 
 
@@ -307,6 +307,10 @@ def _selection_lines(selected: dict | None, cfg: Config) -> list[str]:
     return out + [""]
 
 
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.2f} M" if n >= 10_000 else f"{n:,}"
+
+
 def answer(inp: ReportInputs) -> str:
     """The report's first paragraph in HTML (markdown): the chosen model, its size against the dense one, its test
     average and its difference to the unpruned control with the 95 % interval."""
@@ -316,7 +320,7 @@ def answer(inp: ReportInputs) -> str:
     dense = next((r.params for r in inp.results if r.finished and r.point.is_control and r.params), None)
     size = ""
     if sel.get("params") and dense:
-        size = (f" — {sel['params'] / 1e6:.2f} M encoder parameters against {dense / 1e6:.2f} M dense "
+        size = (f" — {_millions(sel['params'])} encoder parameters against {_millions(dense)} dense "
                 f"({sel['params'] / dense - 1:+.1%})")
     avg = sel["test"].get("avg")
     what = ("**the s = 0 control**: pruning did not win on dev" if sel["control_won"] else
@@ -325,13 +329,16 @@ def answer(inp: ReportInputs) -> str:
     comp = selected_comparison(inp.comps(), sel)
     c = comp and comp["vs_control"]
     if c and c.get("diff") is not None:
+        vs = "; against the unpruned control (rewound and retrained the same way): "
         if c.get("bootstrap"):
-            ci = f" [95 % CI {c['bootstrap']['lo']:+.2f}, {c['bootstrap']['hi']:+.2f}; bootstrap over test pairs]"
+            b = c["bootstrap"]
+            vs += (f"{b['diff']:+.2f} [95 % CI {b['lo']:+.2f}, {b['hi']:+.2f}; one seed, bootstrap over test pairs], "
+                   f"{c['verdict']}")
         elif c.get("lo") is not None:
-            ci = f" [95 % CI {c['lo']:+.2f}, {c['hi']:+.2f}; t over {c['n']} seeds]"
+            vs += f"{c['diff']:+.2f} [95 % CI {c['lo']:+.2f}, {c['hi']:+.2f}; t over {c['n']} seeds], {c['verdict']}"
         else:
-            ci = " (one seed: no interval)"
-        out += f"; against the unpruned control (rewound and retrained the same way): {c['diff']:+.2f}{ci}, {c['verdict']}"
+            vs += f"{c['diff']:+.2f} (one seed: no interval, no claim)"
+        out += vs
     elif sel["control_won"] and inp.control and "avg" in inp.control["test"]:
         out += " (the unpruned control itself)"
     return out + "."

@@ -207,8 +207,7 @@ def stability(results: list[TrialResult], selected: dict | None, tasks: list[str
     if not groups or not selected:
         return []
     sel_key = ((PAPER_SCORER, 0.0, 0.0, "", "") if selected["sparsity"] == 0 else
-               (PAPER_SCORER, selected["sparsity"], selected["lam"], selected.get("combine", "gradient"),
-                selected.get("normalize", "none")))
+               (PAPER_SCORER, selected["sparsity"], selected["lam"], selected["combine"], selected["normalize"]))
     mean = lambda k, t: float(np.mean([r.test(t, np.nan) for r in groups[k]]))  # noqa: E731
     out = []
     for t in tasks:
