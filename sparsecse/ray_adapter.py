@@ -48,8 +48,13 @@ def connect(address: str | None, num_cpus: int | None, dashboard: bool, timeout_
         return
     given = address or os.environ.get("RAY_ADDRESS")
     if given:
-        reach(given, "--address" if address else "RAY_ADDRESS", timeout_s)
-        ray.init(address=given, log_to_driver=True)
+        flag = "--address" if address else "RAY_ADDRESS"
+        reach(given, flag, timeout_s)
+        try:
+            ray.init(address=given, log_to_driver=True)
+        except (RuntimeError, ConnectionError, ValueError) as e:  # e.g. a token the cluster does not accept
+            raise SparseCSEError(f"{flag} {given}: cannot join this Ray cluster ({_root_cause(e)}); check the "
+                                 "address and, with token auth, RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH") from None
     else:  # Ray ≥ 2.59 turns token authentication on by default for the local cluster it starts
         # address="local": always a fresh local cluster, never a stale one left by `ray start` on this machine
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",

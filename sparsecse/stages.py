@@ -40,10 +40,23 @@ def setup_worker(threads: float) -> None:
 
 
 def task_device(gpus: float) -> str:
-    """Where a task or trial computes: the GPU Ray gave it (Ray sets CUDA_VISIBLE_DEVICES), else the CPU."""
+    """Where a task or trial computes: the GPU Ray gave it (Ray sets CUDA_VISIBLE_DEVICES), or the CPU when it was
+    given none. Given a GPU that CUDA cannot use (old driver, a CPU-only torch wheel, a node that declares a GPU it
+    lacks), it fails in one line naming the node and what it saw — never trains on the CPU while holding a GPU."""
     import torch
 
-    return "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
+    if gpus <= 0:
+        return "cpu"
+    if not torch.cuda.is_available():
+        import socket
+
+        raise SparseCSEError(
+            f"node {socket.gethostname()}: Ray gave this task {gpus:g} GPU but torch {torch.__version__} cannot use "
+            f"CUDA (torch built for CUDA {torch.version.cuda or 'none: a CPU-only wheel'}, "
+            f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}, "
+            f"{torch.cuda.device_count()} device(s) visible); install a CUDA build of torch that matches the node's "
+            "driver, or run with sweep.trial_gpus=0 / ray.use_gpu=false")
+    return "cuda"
 
 
 def installed_callbacks(where: str, rank: int, store: Storage) -> list:
@@ -91,6 +104,8 @@ def train_loop(loop_config: dict, *, rank: int = 0, world: int = 1, device=None,
     cfg = config_from_dict(loop_config["config"])
     store = Storage(loop_config["storage"])
     setup_worker(loop_config["cpus_per_worker"])
+    if cfg.ray.use_gpu:
+        task_device(1)  # a worker given a GPU that CUDA cannot use fails here, in one line (never trains on CPU)
     with scratch_dir("stage1") as tmp:
         tb = tmp / "tensorboard" if rank == 0 and "tensorboard" in cfg.sweep.loggers else None
         callbacks = [*installed_callbacks("stage1", rank, store), *([TensorBoardSync(store, tb, "simcse")] if tb else []),

@@ -53,7 +53,8 @@ class SweepState:
     """What sweep.json keeps between runs of the driver (resume)."""
 
     config: dict
-    train_fp: str | None = None
+    train_fp: str | None = None  # the stage-1 config whose model simcse/best holds (stage 1 finished)
+    stage1_started_fp: str | None = None  # the stage-1 config stage1/ was started with (its checkpoints resume it)
     score_fp: str | None = None
     stage_runs: dict = field(default_factory=lambda: {"train": 0, "score": 0})
     timings: dict = field(default_factory=dict)
@@ -91,8 +92,9 @@ def upgrade_state(state: dict, cfg: Config) -> bool:
     if upgraded != cfg.to_dict():
         return False
     if saved != upgraded:
-        if state.get("train_fp") == _stage1_fp(saved):
-            state["train_fp"] = _stage1_fp(upgraded)
+        for key in ("train_fp", "stage1_started_fp"):
+            if state.get(key) == _stage1_fp(saved):
+                state[key] = _stage1_fp(upgraded)
         state["config"] = upgraded
     return True
 
@@ -176,8 +178,14 @@ def train_stage(run: Run) -> None:
         print(f"[sweep] stage 1 skipped (trained model {store.url('simcse/best')} matches)")
         return
     t0 = time.perf_counter()
-    for stale in ("simcse", "stage1"):
-        store.delete(stale)
+    if run.resume and st.stage1_started_fp == fp1 and store.exists("stage1"):
+        # Ray Train finds its checkpoints under stage1/ and hands the newest to the workers (`restored`)
+        print(f"[sweep] stage 1 resumes from its last checkpoint in {store.url('stage1')}")
+    else:  # a new sweep, or a changed stage-1 config: what stage1/ holds is not this stage 1
+        for stale in ("simcse", "stage1"):
+            store.delete(stale)
+    st.stage1_started_fp = fp1
+    run.save()
     ckpt = ra.run_torch_trainer(
         stages.train_loop, {"config": cfg.to_dict(), "data_dir": run.data_dir, "storage": store.uri,
                             "cpus_per_worker": cfg.ray.cpus_per_worker},

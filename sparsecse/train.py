@@ -67,14 +67,24 @@ def dev_pairs(data_dir: Path, max_pairs: int | None, seed: int = 0):
     return pairs
 
 
-def global_batches(n: int, batch_size: int, epochs: int, seed: int):
-    """The global batch order: a seeded permutation per epoch, the last short batch kept if it has ≥ 2."""
+def global_batches(n: int, batch_size: int, epochs: int, seed: int, world: int = 1):
+    """The global batch order: a seeded permutation per epoch. An epoch's last short batch is cut to a multiple of
+    the `world` size, so every rank gets a slice of the same size (the all-gather of negatives needs equal sizes on
+    every rank, with gloo and NCCL alike): at most world − 1 sentences of an epoch are left out, none with one
+    worker. A batch is kept when it has ≥ 2 sentences (and ≥ 1 per rank)."""
     for ep in range(epochs):
         perm = np.random.default_rng(seed + ep).permutation(n)
         for i in range(0, n, batch_size):
             b = perm[i:i + batch_size]
-            if len(b) >= 2:
+            b = b[:len(b) - len(b) % world]
+            if len(b) >= max(2, world):
                 yield b
+
+
+def rank_slice(batch: np.ndarray, rank: int, world: int) -> np.ndarray:
+    """This rank's equal share of a global batch (its length is a multiple of `world`: `global_batches`)."""
+    per = len(batch) // world
+    return batch[rank * per:(rank + 1) * per]
 
 
 class Callback:
@@ -320,7 +330,7 @@ def train_simcse(cfg: Config, out_dir: str | os.PathLike, data_dir: Path, *, ini
     enc.to(device).train()
     model = wrap(enc) if wrap else enc
     corpus = _corpus(cfg, data_dir, enc.tokenizer)
-    total = sum(1 for _ in global_batches(len(corpus), tc.batch_size, 1, tc.seed)) * tc.epochs
+    total = sum(1 for _ in global_batches(len(corpus), tc.batch_size, 1, tc.seed, dist.world_size)) * tc.epochs
     total = min(total, tc.max_steps) if tc.max_steps is not None else total
     dev = dev_pairs(data_dir, tc.eval_max_pairs)
     opt = make_optimizer([p for p in model.parameters() if p.requires_grad], tc.lr, tc.weight_decay, device)
@@ -335,15 +345,14 @@ def train_simcse(cfg: Config, out_dir: str | os.PathLike, data_dir: Path, *, ini
     main = dist.rank == 0
     log = _Log(total, state.step, tb_dir if main else None, progress and main)
     pad = enc.tokenizer.pad_token_id or 0
-    lo, hi = dist.rank * tc.batch_size // dist.world_size, (dist.rank + 1) * tc.batch_size // dist.world_size
     seen, t_train = 0, 0.0
-    for i, gb in enumerate(global_batches(len(corpus), tc.batch_size, tc.epochs, tc.seed)):
+    for i, gb in enumerate(global_batches(len(corpus), tc.batch_size, tc.epochs, tc.seed, dist.world_size)):
         if i >= total:
             break
         if i < state.step:  # resumed: skip batches already trained on
             continue
         t0 = time.perf_counter()
-        local = gb[lo * len(gb) // tc.batch_size: hi * len(gb) // tc.batch_size]
+        local = rank_slice(gb, dist.rank, dist.world_size)
         loss = train_step(model, opt, sched, collate([corpus[int(j)] for j in local], pad), tc, device, dist.gather)
         state.step += 1
         t_train += time.perf_counter() - t0

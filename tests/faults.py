@@ -2,6 +2,7 @@
 (SPARSECSE_CALLBACKS=faults:Faults, tests/ on PYTHONPATH); which faults fire is SPARSECSE_FAULT="kind:arg,…":
 
     stage1-kill:STEP   SIGKILL the rank-0 Ray Train worker once, at the first report after the checkpoint at STEP
+    stage1-slow:SECS   stage 1's rank 0 sleeps SECS after every report (time for a test to kill the driver mid-stage)
     trial-exit:TRIAL   that trial's process dies once, at its first report
     trial-nan:TRIAL    that trial's learning rate becomes 1e30, so its loss diverges
     trial-poor:TRIAL   that trial reports an STS-B dev of -100 (a clearly weak trial, for early-stopping tests)
@@ -46,6 +47,8 @@ class Faults(Callback):
     def on_report(self, metrics: dict, checkpoint) -> None:
         if self.spec.get("trial-poor") == self.where:
             metrics["stsb_dev"] = metrics["best_stsb_dev"] = -100.0
+        if self.where == "stage1" and self.rank == 0 and self.spec.get("stage1-slow"):
+            time.sleep(float(self.spec["stage1-slow"]))
         kill_at = self.spec.get("stage1-kill")
         if (self.where == "stage1" and kill_at and self.rank == 0 and metrics["step"] > int(kill_at)
                 and self._once("stage1-killed")):

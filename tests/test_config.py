@@ -66,7 +66,9 @@ def test_trials_and_scoring_compute_on_the_gpu_ray_gives_them(monkeypatch):
     assert task_device(0.2) == "cuda" and task_device(1) == "cuda"
     assert task_device(0) == "cpu"  # a CPU trial stays on the CPU even where a GPU exists
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert task_device(0.2) == "cpu"
+    assert task_device(0) == "cpu"
+    with pytest.raises(SparseCSEError, match=r"node .*: Ray gave this task 0.2 GPU but torch .* cannot use CUDA"):
+        task_device(0.2)  # never a silent CPU fallback while holding a GPU
 
 
 def test_resume_accepts_a_sweep_saved_before_a_defaulted_field_existed():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -102,3 +103,69 @@ def test_driver_killed_then_resumed_makes_the_same_choice_as_an_uninterrupted_sw
     ref = json.loads((killed_and_resumed["tmp"] / "ref" / "results.json").read_text())
     assert (res["selected"]["sparsity"], res["selected"]["lam"]) == (ref["selected"]["sparsity"], ref["selected"]["lam"])
     assert res["selected"]["dev_mean"] == pytest.approx(ref["selected"]["dev_mean"], abs=1e-6)
+
+
+def test_a_trial_given_a_gpu_cuda_cannot_use_fails_in_one_line_instead_of_training_on_the_cpu(
+        tmp_path, tiny_model_dir, tiny_data_dir):
+    """A Ray node that declares a GPU it does not have (as a node with a wrong torch wheel or an old driver looks to
+    Ray): asking for sweep.trial_gpus=1 must fail, naming the node and what torch saw — not train on the CPU."""
+    from conftest import RAY_BIN, free_port
+
+    head_tmp = f"/tmp/scse-gpu-{os.getpid()}"
+    token = tmp_path / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    env = {**os.environ, "SPARSECSE_DASHBOARD": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    env.pop("RAY_ADDRESS", None)
+    port = free_port()
+    subprocess.run([RAY_BIN, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+                    "--num-gpus=1", "--include-dashboard=false", f"--temp-dir={head_tmp}", "--disable-usage-stats"],
+                   env=env, capture_output=True, text=True, timeout=300, check=True)
+    try:
+        cfg = _write_cfg(tmp_path / "c.yaml", tiny_model_dir, sparsities=(0.1,), lams=(0.5,))
+        r = _sweep(cfg, tmp_path / "run", tiny_data_dir, "--address", f"127.0.0.1:{port}", "--set",
+                   "sweep.trial_gpus=1", "--set", "ray.num_cpus=null", env=env)
+    finally:
+        kill_processes_mentioning(head_tmp)
+        shutil.rmtree(head_tmp, ignore_errors=True)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode != 0 and last.startswith("sparsecse: error: "), r.stderr[-3000:]
+    assert "Ray gave this task 1 GPU but torch" in last and "cannot use CUDA" in last and "node " in last
+    assert not (tmp_path / "run" / "tune").exists()  # no trial trained anything, on any device
+
+
+def test_driver_killed_mid_stage1_resumes_stage1_from_its_last_checkpoint(tmp_path, tiny_model_dir, tiny_data_dir,
+                                                                          s3):
+    """--out s3://…: the driver dies while Ray Train runs stage 1 (after it has checkpointed into the bucket);
+    `--resume` continues stage 1 from that checkpoint (Ray Train hands it to the workers) instead of retraining."""
+    import faults
+    from conftest import s3_keys
+    from sparsecse.storage import Storage
+
+    cfg = _write_cfg(tmp_path / "c.yaml", tiny_model_dir, sparsities=(0.1,), lams=(0.5,))
+    cfg.write_text(cfg.read_text().replace("max_steps: 4, eval_steps: 2", "max_steps: 16, eval_steps: 2")
+                   .replace("max_train_sentences: 64", "max_train_sentences: 128"))  # 16 steps, 8 evaluations
+    run = f"s3://{s3.bucket}/stage1-killed"
+    ray_tmp = Path("/tmp") / f"scse-s1-{os.getpid()}"
+    env = {**os.environ, "SPARSECSE_DASHBOARD": "0", "RAY_TMPDIR": str(ray_tmp), "SPARSECSE_FAULT": "stage1-slow:1",
+           **faults.ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(faults.__file__).parent),
+                                                                      os.environ.get("PYTHONPATH")]))}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "sparsecse", "sweep", str(cfg), "--out", run, "--data-dir",
+                             str(tiny_data_dir)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if sum(k.endswith("/trainer_state.pt") for k in s3_keys("stage1-killed/stage1/")) >= 2:
+            break  # two evaluations' checkpoints are in the bucket
+        time.sleep(0.5)
+    assert proc.poll() is None, "stage 1 ended before the test could kill the driver"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    kill_processes_mentioning(str(ray_tmp))
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    r = _sweep(cfg, run, tiny_data_dir, "--resume")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "stage 1 resumes from its last checkpoint" in r.stdout
+    hist = Storage(run).read_json("simcse/history.json")
+    assert hist["resumed_at"] and hist["resumed_at"][0] > 0  # the first step after the restart is not 0
+    assert [h["step"] for h in hist["history"]] == list(range(2, 17, 2))  # one history, no step twice

@@ -329,3 +329,21 @@ def test_bf16_precision_trains_under_autocast_and_stays_close_to_fp32(tiny_model
     assert res.steps == 2 and all(np.isfinite(h["stsb_dev"]) for h in res.history)
     with pytest.raises(SparseCSEError, match=r"train\.precision.*not one of fp32, bf16"):
         load_config(None, ["train.precision=fp16"])
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_every_rank_gets_an_equal_slice_of_every_global_batch(world):
+    """The all-gather of negatives needs equal slices on every rank: an epoch's last short batch is cut to a
+    multiple of the world size (at most world − 1 sentences skipped), full batches are split evenly."""
+    from sparsecse.train import global_batches, rank_slice
+
+    for n in range(5, 45):
+        batches = list(global_batches(n, 8, 3, seed=1, world=world))
+        for b in batches:
+            parts = [rank_slice(b, r, world) for r in range(world)]
+            assert len({len(p) for p in parts}) == 1 and len(parts[0]) >= 1  # world × per-rank = the batch
+            assert np.array_equal(np.concatenate(parts), b)
+        per_epoch = sum(len(b) for b in batches) / 3
+        assert n - per_epoch <= world - 1 + (1 if n % 8 == 1 else 0)  # a lone last sentence (no pair) is dropped
+    with_one = list(global_batches(19, 8, 1, seed=1))
+    assert [len(b) for b in with_one] == [8, 8, 3]  # one worker: nothing cut
