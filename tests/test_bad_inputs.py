@@ -353,3 +353,46 @@ def test_export_overwrite_replaces_our_export_and_keeps_everything_beside_it(tin
     assert run_main(["export", str(tiny_model_dir), "--out", str(out), "--overwrite"], capsys)[0] == 0
     assert set(_tree(out)) == set(first) and (tmp_path / "beside.txt").read_text() == "the user's"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".exp")]  # no hidden leftovers of the old one
+
+
+def test_storage_that_never_answers_gives_up_in_one_line_within_the_timeout(ws, tiny_model_dir, tiny_data_dir,
+                                                                             capsys, monkeypatch):
+    """An S3 endpoint that accepts connections and then says nothing (as a paused endpoint, or a cloud SDK looking
+    for credentials, does): the sweep gives up after ray.connect_timeout_s with one line naming the storage."""
+    import socket
+    import threading
+    import time
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    held = []
+    stop = threading.Event()
+
+    def accept():  # take every connection, answer nothing
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(srv.accept()[0])
+            except OSError:
+                pass
+
+    threading.Thread(target=accept, daemon=True).start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{srv.getsockname()[1]}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    try:
+        t0 = time.time()
+        rc, err = run_main(["sweep", str(ws / "quick.yaml"), "--set", f"model.name={tiny_model_dir}", "--set",
+                            "ray.connect_timeout_s=3", "--data-dir", str(tiny_data_dir), "--out", "s3://silent/run"],
+                           capsys)
+        took = time.time() - t0
+    finally:
+        stop.set()
+        for c in held:
+            c.close()
+        srv.close()
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "--out s3://silent/run: the storage did not answer within 3 s" in err
+    assert took < 30

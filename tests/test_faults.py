@@ -77,6 +77,7 @@ def killed_and_resumed(tmp_path_factory, tiny_model_dir, tiny_data_dir, s3):
     kill_processes_mentioning(str(ray_tmp))  # its orphaned Ray (never `ray stop`: other Rays may be running)
     shutil.rmtree(ray_tmp, ignore_errors=True)
     r = _sweep(cfg, run, tiny_data_dir, "--resume")
+    print(f"[stress] restored experiment lacked points: {'lacks' in r.stdout}")  # -s shows it (the stress loop)
     return {"result": r, "store": st, "finished": finished, "after": s3_keys("killed/tune/"), "cfg": cfg, "tmp": tmp}
 
 

@@ -116,3 +116,22 @@ def test_int8_minilm_keeps_stsb_within_half_a_point_of_fp32(data_dir, tmp_path):
     int8 = torch.stack(list(encode(OnnxEncoder(pdir, "onnx/model_qint8.onnx", threads=2), sents).values()))
     assert torch.nn.functional.cosine_similarity(int8, got).min() >= INT8_COSINE  # per sentence, against fp32
     assert abs(s8 - s32) <= 0.5
+
+
+def test_int8_export_of_a_model_with_a_layer_that_has_nothing_left(tiny_model_dir, tmp_path):
+    """Layer 0 loses every head and every FFN neuron: the fp32 and int8 ONNX files still export and both equal the
+    PyTorch model (its 0-wide products are kept out of the int8 quantiser)."""
+    from sparsecse.deploy import OnnxEncoder
+    from sparsecse.evaluate import encode
+    from sparsecse.export import export_model
+
+    enc = load_encoder(str(tiny_model_dir), pooler="cls_before_pooler")
+    hm, nm = torch.ones_like(enc.head_mask), torch.ones_like(enc.neuron_mask)
+    hm[0], nm[0] = 0, 0
+    enc.set_masks(hm, nm)
+    pdir = export_model(enc, tmp_path / "e", onnx=True) / "pruned"
+    sents = [f"sentence {i} about {'many ' * (i % 7)}things" for i in range(24)]
+    ref = torch.stack(list(encode(load_encoder(str(pdir)), sents, batch_size=8).values()))
+    for f, bound in (("onnx/model.onnx", 0.9999), ("onnx/model_qint8.onnx", INT8_COSINE)):
+        got = torch.stack(list(encode(OnnxEncoder(pdir, f), sents, batch_size=8).values()))
+        assert torch.nn.functional.cosine_similarity(got, ref).min() >= bound, f
