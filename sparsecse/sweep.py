@@ -439,16 +439,19 @@ def check_failures(summary: dict, cfg: Config) -> None:
 
 def check_sparsities(cfg: Config) -> None:
     """A sparsity must leave the model at least one head and one FFN neuron (a layer with none is fine: physical
-    pruning drops it). Checked on the driver from the model's config when it can read it (on a cluster whose
-    model lives only on the nodes, the trials find out)."""
+    pruning drops it). Checked on the driver from a local model's config.json (a hub name, or a path that only the
+    nodes have, is left to the trials)."""
     from .model import quiet_transformers, resolve_model_path
     from .prune import count_pruned
 
+    path = Path(resolve_model_path(cfg.model.name)).expanduser()
+    if not (path / "config.json").is_file():  # a hub name: not looked up from the driver (no network wait here)
+        return
     try:
         from transformers import AutoConfig
 
         with quiet_transformers():
-            mc = AutoConfig.from_pretrained(resolve_model_path(cfg.model.name))
+            mc = AutoConfig.from_pretrained(str(path))
         heads = mc.num_hidden_layers * mc.num_attention_heads
         neurons = mc.num_hidden_layers * mc.intermediate_size
     except Exception:  # noqa: BLE001 - not readable here (a hub name offline, a path on the nodes only)
