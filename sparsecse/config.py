@@ -135,7 +135,9 @@ class EvalConfig:
     tasks: tuple[str, ...] = STS_TASKS
     batch_size: int = 128
     max_len: int | None = None  # None: no truncation beyond the model's limit (SentEval protocol)
-    transfer: bool = False  # also run the 7 transfer tasks: on the baseline, the selected model and every trial
+    # the 7 transfer tasks: "none"; "selected" — the stage-1 SimCSE, the s = 0 control and the selected model (the
+    # paper configs: a handful of models, not every trial); "all" — every trial too (a best-per-task row)
+    transfer: Literal["none", "selected", "all"] = "none"
     # "pytorch": SimCSE's protocol (SentEval usepytorch: Adam logistic regression, early stopping; costly on a CPU);
     # "sklearn": SentEval's scikit-learn logistic regression
     transfer_classifier: Literal["pytorch", "sklearn"] = "pytorch"
@@ -304,7 +306,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+LEGACY_VALUES = {("eval", "transfer"): {True: "all", False: "none"}}  # eval.transfer was true/false before its modes
+
+
 def _section_from_dict(cls, data: dict, section: str):
+    data = {k: LEGACY_VALUES.get((section, k), {}).get(v, v) if isinstance(v, bool) else v for k, v in data.items()} \
+        if isinstance(data, dict) else data
     hints = get_type_hints(cls)
     names = {f.name for f in fields(cls)}
     _check(isinstance(data, dict), section, "must be a mapping")

@@ -227,7 +227,7 @@ def trial(point: Point, *, store_uri: str, data_dir: str, cfg_dict: dict, scores
 
 def evaluate_trial(best, cfg, data_dir: Path, store: Storage, name: str) -> dict:
     """A trial's final metrics from its best dev model: test/<STS task>, align, uniform, and transfer/<task> when
-    eval.transfer (every trial, so the report's best-per-task transfer row exists). Its per-pair test predictions
+    eval.transfer is "all" (every trial, so the report's best-per-task transfer row exists). Its per-pair test predictions
     go to storage: what the report's bootstrap over test pairs resamples for single-seed claims."""
     from .evaluate import evaluate_sts, predictions_to_bytes
 
@@ -237,7 +237,7 @@ def evaluate_trial(best, cfg, data_dir: Path, store: Storage, name: str) -> dict
     store.write_bytes(f"predictions/{name}.parquet", predictions_to_bytes(preds))
     out = {k: table.pop(k) for k in ("align", "uniform")}
     out.update({f"test/{k}": v for k, v in table.items()})
-    if cfg.eval.transfer:
+    if cfg.eval.transfer == "all":
         from .transfer import evaluate_transfer
 
         out.update({f"transfer/{k}": v for k, v in evaluate_transfer(

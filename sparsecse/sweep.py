@@ -158,7 +158,7 @@ def check_nodes(run: Run) -> None:
     run.store.write_text(marker, "written by the driver; every node must see it\n")
     try:
         paths = needed_paths(cfg.data.train_file, cfg.score.split, cfg.eval.tasks,
-                             TRANSFER_TASKS if cfg.eval.transfer else ())
+                             TRANSFER_TASKS if cfg.eval.transfer != "none" else ())
         found = ra.run_on_each_node(stages.check_node, nodes, run.store.uri, marker, run.data_dir, paths, cfg.model.name)
     finally:
         run.store.delete(marker)
@@ -319,34 +319,40 @@ def wants_export(selected: dict | None, cfg: Config) -> bool:
         selected["control_won"] and cfg.sweep.when_control_wins == "export_nothing"))
 
 
-def evaluate_and_export_stage(run: Run, selected: dict | None) -> dict:
-    """The SimCSE baseline (STS, and transfer when eval.transfer), the selected model's transfer tasks, the pilot
-    study (sweep.pilot) and the export, as Ray tasks at once; returns {"baseline": STS of the stage-1 model,
-    "transfer": table or None, "pilot": rows or None}."""
+def evaluate_and_export_stage(run: Run, results: list[TrialResult], selected: dict | None) -> dict:
+    """The SimCSE baseline (STS; transfer unless eval.transfer is none), the transfer tasks of the selected model and
+    of the s = 0 control, the pilot study (sweep.pilot) and the export, as Ray tasks at once; returns {"baseline":
+    STS of the stage-1 model, "transfer": {model: table} or None, "backbone": STS of the pre-trained model,
+    "pilot": rows or None}."""
     cfg, store = run.cfg, run.store
     res = (cfg.sweep.trial_cpus, cfg.sweep.trial_gpus)
     common = (run.data_dir, cfg.to_dict())
-    calls = [("baseline evaluation", stages.evaluate_task, (store.uri, "simcse/best", *common),
-              {"sts": True, "transfer": cfg.eval.transfer, "threads": res[0], "gpus": res[1]}, *res)]
-    if selected and cfg.eval.transfer:
-        calls.append(("transfer evaluation", stages.evaluate_task, (store.uri, f"{selected['checkpoint']}/best", *common),
-                      {"sts": False, "transfer": True, "threads": res[0], "gpus": res[1]}, *res))
-    calls.append(("backbone evaluation", stages.evaluate_task, (store.uri, None, *common),
-                  {"sts": True, "transfer": False, "threads": res[0], "gpus": res[1]}, *res))
-    pilot_at = len(calls)
+    transfer = cfg.eval.transfer != "none" and selected is not None
+    evaluate = lambda what, rel, sts, tr: (what, stages.evaluate_task, (store.uri, rel, *common),  # noqa: E731
+                                           {"sts": sts, "transfer": tr, "threads": res[0], "gpus": res[1]}, *res)
+    calls = {"baseline": evaluate("baseline evaluation", "simcse/best", True, transfer),
+             "backbone": evaluate("backbone evaluation", None, True, False)}
+    ctrl = (choose.control(results) or {}).get("checkpoint") if transfer else None
+    if transfer:
+        calls["selected"] = evaluate("transfer evaluation", f"{selected['checkpoint']}/best", False, True)
+        if ctrl and not selected["control_won"]:
+            calls["control"] = evaluate("control transfer evaluation", f"{ctrl}/best", False, True)
     if cfg.sweep.pilot:
-        calls.append(("pilot study", stages.pilot_task, (store.uri, "simcse/best", *common, *res), {}, *res))
+        calls["pilot"] = ("pilot study", stages.pilot_task, (store.uri, "simcse/best", *common, *res), {}, *res)
     if wants_export(selected, cfg):
-        calls.append(("export", stages.export_task, (store.uri, f"{selected['checkpoint']}/best", cfg.to_dict(),
-                                                     selected.get("test"), res[0], run.data_dir), {}, res[0], 0))
+        calls["export"] = ("export", stages.export_task, (store.uri, f"{selected['checkpoint']}/best", cfg.to_dict(),
+                                                          selected.get("test"), res[0], run.data_dir), {}, res[0], 0)
     t0 = time.perf_counter()
-    out = ra.run_tasks(calls)
+    out = dict(zip(calls, ra.run_tasks(list(calls.values()))))
     run.state.timings["evaluate_export_s"] = time.perf_counter() - t0
-    transfer = None
-    if cfg.eval.transfer and selected:
-        transfer = {"SimCSE": out[0]["transfer"], "SparseCSE": out[1]["transfer"]}
-    return {"baseline": out[0]["sts"], "transfer": transfer, "backbone": out[pilot_at - 1]["sts"],
-            "pilot": out[pilot_at] if cfg.sweep.pilot else None}
+    table = None
+    if transfer:
+        table = {"SimCSE": out["baseline"]["transfer"]}
+        if "control" in out:
+            table["SimCSE control s=0 (rewound + retrained)"] = out["control"]["transfer"]
+        table["SparseCSE" if not selected["control_won"] else "SimCSE control s=0 (selected)"] = out["selected"]["transfer"]
+    return {"baseline": out["baseline"]["sts"], "transfer": table, "backbone": out["backbone"]["sts"],
+            "pilot": out["pilot"] if cfg.sweep.pilot else None}
 
 
 def report_stage(run: Run, results: list[TrialResult], selected: dict | None, extras: dict, scores) -> dict:
@@ -517,7 +523,7 @@ def run_stages(run: Run, t_start: float) -> dict:
     scores = score_stage(run)
     results = trials_stage(run, scores)
     selected = choose.select(results, cfg.sweep.select_lam, cfg.sweep.objective, cfg.sweep.pareto_delta)
-    extras = evaluate_and_export_stage(run, selected)
+    extras = evaluate_and_export_stage(run, results, selected)
     summary = report_stage(run, results, selected, extras, scores)
     state.timings["total_s"] = time.perf_counter() - t_start
     state.summary = summary

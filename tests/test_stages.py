@@ -87,3 +87,37 @@ def test_a_restored_trial_continues_from_its_checkpoint_instead_of_rewinding(tri
     # only the evaluation after the checkpoint is redone; the run ends where the uninterrupted one did
     assert [m["step"] for m, c in again if c is not None] == [4]
     assert again[-1][0]["evaluated"] and again[-1][0]["step"] == first[-1][0]["step"] == 4
+
+
+@pytest.mark.parametrize("mode", ["none", "selected", "all"])
+def test_transfer_runs_on_the_stage1_model_the_control_and_the_selection_only_when_asked(mode, tmp_path, monkeypatch):
+    """eval.transfer: none | selected | all — the driver's evaluation stage asks for the seven tasks on the stage-1
+    SimCSE, the s = 0 control and the selected model (never on every trial: that is the trials' own job under
+    `all`), and the report's transfer table has one row each."""
+    from sparsecse import ray_adapter as ra
+    from sparsecse import sweep
+    from sparsecse.config import load_config
+    from sparsecse.select import select
+    from sparsecse.storage import Storage
+
+    cfg = load_config(None, [f"eval.transfer={mode}", "sweep.export_best=false"])
+    results = [TrialResult(Point(s, 0.5, k), {"evaluated": True, DEV: 80.0 + 10 * s + k, "test/avg": 70.0},
+                           None, f"tune/t{s}_{k}/checkpoint_000001") for s in (0.0, 0.3) for k in (1, 2)]
+    selected = select(results)
+    asked = []
+
+    def run_tasks(calls):
+        asked.extend((what, args[1], kw) for what, _, args, kw, *_ in calls)
+        return [{"sts": {"avg": 1.0}, "transfer": {"MR": 80.0, "avg": 80.0}} for _ in calls]
+
+    monkeypatch.setattr(ra, "run_tasks", run_tasks)
+    run = sweep.Run(cfg, Storage(tmp_path / "run"), str(tmp_path), sweep.SweepState(config=cfg.to_dict()), False, None)
+    out = sweep.evaluate_and_export_stage(run, results, selected)
+    with_transfer = {rel for _, rel, kw in asked if kw.get("transfer")}
+    if mode == "none":
+        assert with_transfer == set() and out["transfer"] is None
+    else:
+        assert with_transfer == {"simcse/best", "tune/t0.3_2/checkpoint_000001/best", "tune/t0.0_2/checkpoint_000001/best"}
+        assert list(out["transfer"]) == ["SimCSE", "SimCSE control s=0 (rewound + retrained)", "SparseCSE"]
+    assert load_config(None, [f"eval.transfer={str(mode != 'none').lower()}"]).eval.transfer == (
+        "none" if mode == "none" else "all")  # true/false of older configs
