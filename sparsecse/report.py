@@ -233,7 +233,7 @@ def _transfer(inp: ReportInputs) -> list[str]:
     best = best_transfer(inp.results)
     if best:
         transfer = {**transfer, "best per task over the grid (test-selected)": best}
-    which = ([f"`eval.transfer: selected`: the seven tasks ran on the models below only — the stage-1 SimCSE, the "
+    which = (["`eval.transfer: selected`: the seven tasks ran on the models below only — the stage-1 SimCSE, the "
               "s = 0 control and the selected model — not on every trial (`all` runs them there too).", ""]
              if inp.cfg.eval.transfer == "selected" else [])
     return ["", f"## Transfer tasks (accuracy; classifier: {inp.cfg.eval.transfer_classifier})", "", *which,
