@@ -437,5 +437,20 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> None:
+    """The `sparsecse` command: main(), then exit — at once when a storage probe was abandoned still waiting (a
+    cloud SDK's exit hooks would wait for it too, and the one-line error would be followed by a hang)."""
+    import os
+
+    from .storage import abandoned_probes
+
+    code = main()
+    if abandoned_probes():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -59,6 +59,14 @@ def _open_fs(uri: str):
                              "credentials and endpoint (AWS_ENDPOINT_URL, AWS_* / GOOGLE_* variables)") from None
 
 
+_ABANDONED: list = []  # probe threads given up on while still waiting
+
+
+def abandoned_probes() -> bool:
+    """Whether a storage probe is still waiting after open_storage gave up on it (the CLI then exits at once)."""
+    return any(t.is_alive() for t in _ABANDONED)
+
+
 def open_storage(uri: str, timeout_s: float = 60.0, flag: str = "--out") -> "Storage":
     """`Storage(uri)`, probed (does the root exist?) within `timeout_s`: a cloud filesystem without credentials can
     look for them for minutes (GCS asks a metadata server), a paused endpoint can hang. Past the time, one line
@@ -81,6 +89,7 @@ def open_storage(uri: str, timeout_s: float = 60.0, flag: str = "--out") -> "Sto
     worker.start()
     worker.join(timeout_s)
     if worker.is_alive():
+        _ABANDONED.append(worker)
         raise SparseCSEError(f"{flag} {uri}: the storage did not answer within {timeout_s:g} s; check its credentials, "
                              "endpoint (AWS_ENDPOINT_URL …) and network, or raise ray.connect_timeout_s")
     if "error" in out:
