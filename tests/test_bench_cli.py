@@ -141,3 +141,15 @@ def test_bench_storage_compares_trial_checkpoint_bytes_by_part(tmp_path, capsys)
     empty = _storage_run(tmp_path / "empty", [])
     assert bench.main(["storage", "--run", str(new), "--against", str(empty), "--out", str(tmp_path / "o4")]) == 2
     assert "keep no checkpoint files" in capsys.readouterr().err
+
+
+def test_gpu_check_runs_its_checks_and_step_timing_on_the_cpu(tmp_path):
+    """The script kept for a lent GPU runs here too (tiny shape): every check passes — the device check by refusing
+    a GPU task without CUDA — and each precision gets a step time and an MFU."""
+    from benchmarks import gpu_check
+
+    assert gpu_check.main(["--device", "cpu", "--shape", "tiny", "--steps", "1", "--out", str(tmp_path / "g.json")]) == 0
+    out = json.loads((tmp_path / "g.json").read_text())
+    assert {k: v["ok"] for k, v in out["checks"].items()} == {"device": True, "batches": True, "resume": True}
+    assert "refused without CUDA" in out["checks"]["device"]["detail"]
+    assert [s["precision"] for s in out["steps"]] == ["fp32", "bf16"] and all(0 < s["mfu"] < 1 for s in out["steps"])
