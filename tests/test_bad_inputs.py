@@ -329,7 +329,9 @@ def test_any_wrong_typed_value_for_any_config_field_is_one_line_naming_it(ws, ca
                                                                                 max_size=2))
     fields = _fields()
 
-    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    # derandomize: the same 300 examples every run (CI never fails on a draw it did not see before); no database
+    @settings(max_examples=300, deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
     @given(st.sampled_from(fields), values)
     def prop(field, value):
         key, tp = field
