@@ -121,3 +121,42 @@ def test_transfer_runs_on_the_stage1_model_the_control_and_the_selection_only_wh
         assert list(out["transfer"]) == ["SimCSE", "SimCSE control s=0 (rewound + retrained)", "SparseCSE"]
     assert load_config(None, [f"eval.transfer={str(mode != 'none').lower()}"]).eval.transfer == (
         "none" if mode == "none" else "all")  # true/false of older configs
+
+
+def test_a_resume_runs_the_grid_points_a_restored_experiment_lost_and_never_drops_one(tmp_path, monkeypatch):
+    """Tune restores an experiment whose trial list lacks a point its searcher had already handed out: the resumed
+    sweep runs exactly the lost points in tune-missing/; a point that still has no trial is an error naming it."""
+    from sparsecse import TrialsFailed
+    from sparsecse import ray_adapter as ra
+    from sparsecse import stages, sweep
+    from sparsecse.config import load_config
+    from sparsecse.results import grid_points
+    from sparsecse.storage import Storage
+
+    cfg = load_config(None, ["sweep.sparsities=[0, 0.1, 0.3]", "sweep.lams=[0.5]", "sweep.seeds=[1]"])
+    grid = grid_points(cfg)
+    calls = []
+
+    def run_tuner(trial, params, points, run, *, name, asha=None, search=None):
+        calls.append((name, list(points)))
+        kept = points if name != "tune" else [p for p in points if p.sparsity != 0.3]  # the lost point
+        return [TrialResult(p, {"evaluated": True, DEV: 80.0}, None, f"{name}/{p.name}") for p in kept]
+
+    class NoTracking:
+        def logger_settings(self):
+            return {}
+
+        def sync(self):
+            pass
+
+    monkeypatch.setattr(ra, "run_tuner", run_tuner)
+    monkeypatch.setattr(stages, "load_simcse_scores", lambda store, cfg: None)
+    run = sweep.Run(cfg, Storage(tmp_path / "run"), str(tmp_path), sweep.SweepState(config=cfg.to_dict()), True,
+                    NoTracking())
+    results = sweep.trials_stage(run, scores=None)
+    assert [n for n, _ in calls] == ["tune", "tune-missing"] and calls[1][1] == [p for p in grid if p.sparsity == 0.3]
+    assert sorted(r.point.sparsity for r in results) == [0.0, 0.1, 0.3]
+    # a point with no trial after all that: exit 1, named
+    with pytest.raises(TrialsFailed, match=r"1 grid point\(s\) came back from Tune with no trial: s0.300_l0.50_seed1"):
+        sweep.account_for_points(cfg, [r for r in results if r.point.sparsity != 0.3])
+    sweep.account_for_points(cfg, results)  # all there: no error
