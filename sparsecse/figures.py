@@ -23,6 +23,16 @@ def png(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
+def _finish(fig: Figure, ax, xlabel: str, ylabel: str, legend_size: int) -> Figure:
+    """Axis labels, legend and grid of a single-panel figure, laid out."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=legend_size)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
 def _curves(done: list[TrialResult]) -> list[tuple[str, list[TrialResult]]]:
     """(legend, trials) per curve: one per (λ, reading) of the paper's score, then one per control method."""
     ours = [r for r in done if r.point.is_paper and not r.point.is_control]
@@ -119,12 +129,7 @@ def align_uniform(done: list[TrialResult], baseline: dict | None, backbone: dict
             ax.scatter([ref["uniform"]], [ref["align"]], marker="*", s=160, c=color, label=name)
     if sc is not None:
         fig.colorbar(sc, ax=ax, label="STS test avg")
-    ax.set_xlabel("uniformity (lower is better)")
-    ax.set_ylabel("alignment (lower is better)")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, "uniformity (lower is better)", "alignment (lower is better)", 7)
 
 
 def sweep_figures(results: list[TrialResult], tasks: list[str], baseline: dict | None = None,
@@ -178,12 +183,7 @@ def pareto(points: list[dict], selected: dict) -> Figure:
     ax.axhspan(par["best_dev"] - par["delta"], par["best_dev"], color="tab:green", alpha=0.12,
                label=f"within δ = {par['delta']:g} of the best dev")
     ax.scatter([selected["params"] / 1e6], [selected["dev_mean"]], marker="*", s=220, c="red", label="selected", zorder=3)
-    ax.set_xlabel("encoder parameters (millions, after physical pruning)")
-    ax.set_ylabel("STS-B dev Spearman × 100")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, "encoder parameters (millions, after physical pruning)", "STS-B dev Spearman × 100", 7)
 
 
 def pilot(rows: list[dict]) -> Figure:
@@ -195,10 +195,5 @@ def pilot(rows: list[dict]) -> Figure:
     for method in dict.fromkeys(row_method(r) for r in rows):
         pts = [r for r in rows if row_method(r) == method]
         ax.plot([100 * r["sparsity"] for r in pts], [r["avg"] for r in pts], marker="o", label=method)
-    ax.set_xlabel("sparsity (%)")
-    ax.set_ylabel("STS avg (Spearman × 100)")
     ax.set_title("pilot: the trained SimCSE pruned, no retraining", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, "sparsity (%)", "STS avg (Spearman × 100)", 8)
