@@ -20,7 +20,9 @@ import numpy as np
 import torch
 
 from sparsecse import SparseCSEError
+from sparsecse.checkpoints import dir_bytes
 from sparsecse.io import atomic_write_json
+from sparsecse.plan import Shape
 from sparsecse.sweep import TRIAL_EXPERIMENTS
 
 
@@ -75,8 +77,9 @@ def _sentences(data_dir: Path, n: int) -> list[str]:
 
 def fwd_flops(cfg, tokens: int, seq: int) -> float:
     """Matmul FLOPs of the encoder's forward over `tokens` tokens in sequences of length `seq`."""
-    h, inter, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
-    return L * (2 * 4 * h * h + 2 * 2 * h * inter + 2 * 2 * seq * h) * tokens
+    shape = Shape(cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
+                  cfg.vocab_size)
+    return shape.fwd_flops_per_token(seq) * tokens  # the same count `sparsecse plan` uses
 
 
 def train_flops_per_step(cfg, batch_tokens: int, seq: int) -> float:
@@ -447,7 +450,8 @@ def _checkpoint_bytes(ckpt: Path) -> dict[str, int]:
 
 def bench_storage(run: Path, against: Path) -> dict:
     """What a sweep's trial checkpoints occupy in its storage, this run (`run`) against another (`against`, e.g. the
-    same config swept by an older version): per trial, the checkpoints Tune kept and their bytes by part."""
+    same config swept by an older version): per trial, the checkpoints Tune kept and their bytes by part, the best
+    models kept beside them (models/trials/) counted as best/."""
     arms = {}
     for key, d in (("run", run), ("against", against)):
         trials = sorted(t for sub in TRIAL_EXPERIMENTS for t in (d / sub).glob("*/") if (t / "result.json").is_file())
@@ -460,14 +464,66 @@ def bench_storage(run: Path, against: Path) -> dict:
             each = [sum(c.values()) for c in ckpts]
             per.append({"trial": t.name, "checkpoints": len(ckpts), "bytes": sum(each), "each": each,
                         "parts": {k: sum(c[k] for c in ckpts) for k in CHECKPOINT_PARTS}})
-        total = sum(t["bytes"] for t in per)
+        # the trials' best models, kept beside their checkpoints since train.checkpoint_every (checkpoints.py)
+        models = dir_bytes(d / "models" / "trials") if (d / "models" / "trials").is_dir() else 0
+        total = sum(t["bytes"] for t in per) + models
         if not total:
             raise SparseCSEError(f"--run/--against {d}: its trials keep no checkpoint files (deleted after the sweep?); "
                                  "compare sweeps whose tune/*/checkpoint_* are still there")
         arms[key] = {"dir": str(d), "trials": len(per), "bytes": total, "per_trial": total / len(per),
                      "checkpoints": sum(t["checkpoints"] for t in per), "detail": per,
-                     "parts": {k: sum(t["parts"][k] for t in per) for k in CHECKPOINT_PARTS}}
+                     "parts": {k: sum(t["parts"][k] for t in per) + (models if k == "best" else 0)
+                               for k in CHECKPOINT_PARTS}}
     return {"row": "storage", **arms, "ratio": arms["run"]["per_trial"] / arms["against"]["per_trial"]}
+
+
+def _finished(run: Path, flag: str = "--run") -> tuple[dict, dict]:
+    """(summary.json, sweep.json) of a finished sweep, else a one-line error."""
+    if not (run / "summary.json").is_file() or not (run / "sweep.json").is_file():
+        raise SparseCSEError(f"{flag} {run}: not a finished sweep (summary.json/sweep.json missing); point it at the "
+                             "--out directory of a completed `sparsecse sweep`")
+    return json.loads((run / "summary.json").read_text()), json.loads((run / "sweep.json").read_text())
+
+
+def bench_checkpoints(run: Path, against: Path) -> dict:
+    """What checkpointing cost each trial of two finished sweeps (e.g. the default train.checkpoint_every against
+    checkpoint_every=1, a checkpoint at every evaluation): bytes handed to storage and seconds spent on it, as the
+    trials measured them (results.json), against the trial's wall time."""
+    arms = {}
+    for key, d, flag in (("run", run, "--run"), ("against", against, "--against")):
+        _finished(d, flag)
+        rows = [t for t in json.loads((d / "results.json").read_text())["trials"] if t.get("checkpoint_bytes") is not None]
+        if not rows:
+            raise SparseCSEError(f"{flag} {d}: its trials did not record their checkpoint uploads (a sweep from before "
+                                 "train.checkpoint_every); compare sweeps run by this version")
+        n = len(rows)
+        cfg = json.loads((d / "sweep.json").read_text())["config"]["train"]
+        arms[key] = {"dir": str(d), "trials": n, "every": cfg.get("checkpoint_every"),
+                     "evaluations": sum(-(-t["steps"] // cfg["eval_steps"]) for t in rows) / n,
+                     "checkpoints": sum(t["checkpoints"] for t in rows) / n,
+                     "bytes": sum(t["checkpoint_bytes"] for t in rows) / n,
+                     "seconds": sum(t["checkpoint_s"] for t in rows) / n, "trial_s": sum(t["trial_s"] for t in rows) / n}
+        arms[key]["share"] = arms[key]["seconds"] / arms[key]["trial_s"]
+    return {"row": "checkpoints", **arms, "bytes_ratio": arms["run"]["bytes"] / arms["against"]["bytes"]}
+
+
+def bench_plan(run: Path) -> dict:
+    """`sparsecse plan`'s prediction (plan.json, written before the sweep started) against the sweep's measured
+    times, stage by stage."""
+    summary, _ = _finished(run)
+    if not (run / "plan.json").is_file():
+        raise SparseCSEError(f"--run {run}: no plan.json (a sweep from before `sparsecse plan`); run the sweep again")
+    plan, t = json.loads((run / "plan.json").read_text()), summary["timings"]
+    waves = -(-plan["trials"] // plan["concurrency"])
+    stages = {"stage 1": (plan["stage1_s"], t.get("train_s")), "scoring": (plan["score_s"], t.get("score_s")),
+              "trials": (waves * plan["trial_s"], t.get("tune_s")),
+              "evaluation and export": (plan["after_s"], t.get("evaluate_export_s")),
+              "whole sweep": (plan["wall_s"], t.get("total_s"))}
+    return {"row": "plan", "run": str(run), "hardware": plan["hardware"], "trials": plan["trials"],
+            "stages": {k: {"planned_s": p, "measured_s": m, "ratio": p / m if m else None} for k, (p, m) in stages.items()}}
+
+
+SWEEP_ROWS = ("sweep", "search", "storage", "checkpoints", "plan")  # rows read from finished sweeps' records
 
 
 def _pct(x: float) -> str:
@@ -476,7 +532,7 @@ def _pct(x: float) -> str:
 
 def markdown(r: dict) -> str:
     """The row for BENCHMARKS.md: command, machine and date, then the figures of both arms."""
-    timing = "read from the finished sweeps' records" if r["row"] in ("sweep", "search", "storage") else \
+    timing = "read from the finished sweeps' records" if r["row"] in SWEEP_ROWS else \
         f"median of {r['reps']} after {r['warmup']} warm-up"
     head = [f"`{r['command']}`" if r.get("command") else "", f"{r['machine']}, {r['date']}, {timing}", ""]
     if r["row"] == "train":
@@ -521,6 +577,19 @@ def markdown(r: dict) -> str:
                                      "grid's compute" if r["reach_ratio"] is not None else "; it never came within "
                                      f"{r['within']} of the grid's best dev") + ". Same choice (selected dev within "
                 f"{r['within']} of the grid's selection): **{'yes' if r['same_choice'] else 'no'}**."]
+    elif r["row"] == "checkpoints":
+        def line(name, a):
+            return (f"| {name} ({a['dir']}) | {a['every']} | {a['trials']} | {a['evaluations']:.1f} | {a['checkpoints']:.1f} | "
+                    f"{a['bytes'] / 1e6:.0f} MB | {a['seconds']:.2f} s | {a['trial_s']:.1f} s | {_pct(a['share'])} |")
+        rows = ["| sweep | checkpoint_every | trials | evaluations / trial | checkpoints / trial | uploaded / trial | "
+                "checkpoint time / trial | trial wall | share of the trial |", "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+                line("run", r["run"]), line("against", r["against"]), "",
+                f"Bytes uploaded per trial, run ÷ against: **{r['bytes_ratio']:.2f}×**."]
+    elif r["row"] == "plan":
+        rows = ["| stage | planned | measured | planned ÷ measured |", "|---|---:|---:|---:|"]
+        rows += [f"| {k} | {v['planned_s']:.0f} s | {v['measured_s']:.0f} s | {v['ratio']:.2f} |"
+                 for k, v in r["stages"].items() if v["measured_s"]]
+        rows += ["", f"Planned on: {r['hardware']}; {r['trials']} trials ({r['run']})."]
     elif r["row"] == "storage":
         def mb(x):
             return f"{x / 1e6:.0f} MB"
@@ -548,7 +617,7 @@ def build_parser():
 
     b = argparse.ArgumentParser(prog="python -m benchmarks.bench",
                                 description="benchmarks against peers measured in the same run (BENCHMARKS.md rows)")
-    b.add_argument("which", nargs="+", choices=["train", "eval", "inference", "sweep", "search", "storage", "all"])
+    b.add_argument("which", nargs="+", choices=["train", "eval", "inference", *SWEEP_ROWS, "all"])
     b.add_argument("--data-dir")
     b.add_argument("--reps", type=int, default=5)
     b.add_argument("--warmup", type=int, default=1, help="untimed runs of each arm first (eval, train, inference rows)")
@@ -558,7 +627,7 @@ def build_parser():
     b.add_argument("--run", default="runs/quickstart", help="finished sweep directory for the sweep row (search row: "
                    "the grid sweep)")
     b.add_argument("--against", help="search row: the finished sweep with sweep.search=optuna to compare with --run; "
-                   "storage row: the finished sweep whose trial storage --run's is compared with")
+                   "storage and checkpoints rows: the finished sweep --run is compared with")
     b.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="train and eval rows: where to run")
     b.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="train row: the forward under bf16 autocast (ours and the peer)")
@@ -588,13 +657,14 @@ def run_bench(a, argv: list[str]) -> None:
     if "search" in which and not a.against:
         raise SparseCSEError("search row: --against DIR (the sweep.search=optuna run to compare with the grid --run) "
                              "is required")
-    if "storage" in which and not a.against:
-        raise SparseCSEError("storage row: --against DIR (the finished sweep to compare --run's trial storage with) "
-                             "is required")
-    data_dir = resolve_data_dir(a.data_dir) if which - {"sweep", "search", "storage"} else None
+    for row in ("storage", "checkpoints"):
+        if row in which and not a.against:
+            raise SparseCSEError(f"{row} row: --against DIR (the finished sweep to compare --run's trial {row} with) "
+                                 "is required")
+    data_dir = resolve_data_dir(a.data_dir) if which - set(SWEEP_ROWS) else None
     header = {"date": str(date.today()), "machine": machine(), "reps": a.reps, "warmup": a.warmup,
               "command": "python -m benchmarks.bench " + shlex.join(argv)}
-    for row in ("train", "eval", "inference", "sweep", "search", "storage"):
+    for row in ("train", "eval", "inference", *SWEEP_ROWS):
         if row not in which:
             continue
         if row == "train":
@@ -608,8 +678,12 @@ def run_bench(a, argv: list[str]) -> None:
             r = bench_sweep(Path(a.run))
         elif row == "search":
             r = bench_search(Path(a.run), Path(a.against))
-        else:
+        elif row == "storage":
             r = bench_storage(Path(a.run), Path(a.against))
+        elif row == "checkpoints":
+            r = bench_checkpoints(Path(a.run), Path(a.against))
+        else:
+            r = bench_plan(Path(a.run))
         r.update(header)
         atomic_write_json(out / f"{row}.json", r)
         print(markdown(r))

@@ -233,6 +233,20 @@ def cmd_sweep(a) -> int:
     return 0
 
 
+def cmd_plan(a) -> int:
+    from dataclasses import asdict
+
+    from .config import load_config
+    from .data import default_data_dir
+    from .plan import make_plan, render
+
+    cfg = load_config(a.config, a.set)
+    data = default_data_dir(a.data_dir or cfg.data.dir)
+    p = make_plan(cfg, data if data.is_dir() else None, a.gpu, a.gpus, a.cpus)
+    print(json.dumps(asdict(p), indent=1) if a.json else render(p))
+    return 0
+
+
 def cmd_fetch(a) -> int:
     from .fetch import DEFAULT_BASE_URL, fetch
 
@@ -415,6 +429,17 @@ def _run_commands(sub) -> None:
     w.add_argument("--out", help="run directory or storage URI, e.g. s3://bucket/run (default runs/<config name>)")
     w.add_argument("--data-dir")
     w.set_defaults(fn=cmd_sweep)
+
+    p = sub.add_parser("plan", help="what a sweep config will cost: trials, steps, GPU-hours, wall time, bytes")
+    p.add_argument("config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--gpu", choices=["cpu", "h100", "a100", "l4"], default="cpu",
+                   help="the hardware to plan for (default cpu: this machine's cores, its matmul peak measured now)")
+    p.add_argument("--gpus", type=_count(1), help="GPUs in the cluster (default: ray.num_workers when ray.use_gpu)")
+    p.add_argument("--cpus", type=_count(1), help="CPU cores for a CPU plan (default: ray.num_cpus, else this machine's)")
+    p.add_argument("--data-dir", help="where the corpus is counted (default: data.dir, SPARSECSE_DATA_DIR, the cache)")
+    p.add_argument("--json", action="store_true", help="the figures as JSON")
+    p.set_defaults(fn=cmd_plan)
 
     d = sub.add_parser("data", help="data management")
     dsub = d.add_subparsers(dest="data_cmd", required=True)

@@ -70,6 +70,9 @@ class TrainConfig:
     max_steps: int | None = None  # cap on optimizer steps (budgets on CPU)
     temperature: float = 0.05
     eval_steps: int = 125  # STS-B dev evaluation every N steps (and at the end)
+    # a resumable checkpoint (weights + AdamW state) every N evaluations (an integer) or at the first evaluation
+    # after M minutes ("30m"), and one at the end; bytes uploaded do not grow with the evaluations (checkpoints.py)
+    checkpoint_every: int | str = "30m"
     eval_max_pairs: int | None = None  # subsample STS-B dev for selection (None = all 1,500 pairs)
     seed: int = 42
     weight_decay: float = 0.0
@@ -86,6 +89,9 @@ class TrainConfig:
         _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", "must be >= 1 or null")
         _check(self.temperature > 0, "train.temperature", "must be > 0")
         _check(self.eval_steps >= 1, "train.eval_steps", "must be >= 1")
+        from .checkpoints import parse_every
+
+        parse_every(self.checkpoint_every)  # one line naming the key when neither evaluations nor minutes
         _check(self.eval_max_pairs is None or self.eval_max_pairs >= 10, "train.eval_max_pairs", "must be >= 10 or null")
         _check(self.dropout is None or 0 <= self.dropout < 1, "train.dropout", "must be in [0, 1) or null")
         _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")

@@ -163,6 +163,7 @@ def export_from_run(source: str, out: str | os.PathLike, pooler: str | None = No
                     quantize: bool = True, data_dir: Path | None = None) -> Path:
     """A local export of a sweep's run on any storage: its export/ copied, or (no export yet, another pooler or
     ONNX files it lacks asked for) built here from the selected trial's best checkpoint."""
+    from .checkpoints import best_model
     from .io import verify_manifest
     from .storage import Storage, fetch_model, scratch_dir
 
@@ -184,6 +185,6 @@ def export_from_run(source: str, out: str | os.PathLike, pooler: str | None = No
         raise SparseCSEError(f"{store.uri}: the sweep has not selected a model yet; finish it with `sparsecse sweep "
                              "… --resume` first")
     with scratch_dir("export") as tmp:
-        model = fetch_model(store, f"{selected['checkpoint']}/best", tmp)
+        model = fetch_model(store, best_model(store, selected["checkpoint"]), tmp)
         return export_model(str(model), out, pooler=pooler, results=selected.get("test"), onnx=onnx,
                             quantize=quantize, data_dir=data_dir)

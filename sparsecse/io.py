@@ -126,3 +126,11 @@ def parquet_bytes(table) -> bytes:
     buf = io.BytesIO()
     pq.write_table(table, buf)
     return buf.getvalue()
+
+
+def link_or_copy(src: str, dst: str) -> None:
+    """A hard link where the filesystem allows one (files that never change once written), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or one without hard links
+        shutil.copy2(src, dst)

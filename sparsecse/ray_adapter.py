@@ -181,7 +181,7 @@ def run_torch_trainer(loop: Callable, loop_config: dict, *, num_workers: int, us
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(name=name, storage_path=path, storage_filesystem=fs,
                              failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1)),  # one resumable kept
     )
     try:
         with _env(RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS="0"):
@@ -353,12 +353,12 @@ def _tuner_settings(tune, points: list[Point], run: TuneRun, name: str, asha: di
         "tune_config": tune.TuneConfig(metric=None if multi else METRIC, mode=None if multi else MODE,
                                        num_samples=num, search_alg=alg, max_concurrent_trials=run.max_concurrent,
                                        scheduler=sched, reuse_actors=True),
-        # num_to_keep=2: Tune forces an experiment-state snapshot whenever a trial has checkpointed num_to_keep
-        # times since the last one; with 1 that is every checkpoint (the "snapshotting" warnings)
+        # num_to_keep=1: one checkpoint per trial in storage. Tune then snapshots the experiment state at each
+        # checkpoint, which train.checkpoint_every keeps rare (checkpoints.py)
         "run_config": tune.RunConfig(name=name, storage_path=path, storage_filesystem=fs,
                                      callbacks=logger_callbacks(run.trackers),
                                      failure_config=tune.FailureConfig(max_failures=run.max_failures),
-                                     checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=1),
+                                     checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=1),
     }
 
 

@@ -246,6 +246,8 @@ def results_table(results: list[TrialResult], tasks: list[str]) -> list[dict]:
                      "error": r.error or "", DEV: m.get(DEV), **{f"test/{t}": r.test(t) for t in tasks},
                      "align": m.get("align"), "uniform": m.get("uniform"), "steps": m.get("step"),
                      "encoder_params": m.get("encoder_params"), "node_id": m.get("node_id"),
+                     "trial_s": m.get("trial_s"), "checkpoints": m.get("checkpoints"),
+                     "checkpoint_bytes": m.get("checkpoint_bytes"), "checkpoint_s": m.get("checkpoint_s"),
                      "checkpoint": r.checkpoint})
     flat.sort(key=lambda x: (x["sparsity"], x["scorer"] != PAPER_SCORER, x["scorer"],
                              reading_order((x["combine"], x["normalize"])), x["lam"], x["seed"]))

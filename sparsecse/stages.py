@@ -18,11 +18,13 @@ cluster whose nodes share no filesystem (storage.py).
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from typing import Callable
 
 from . import SparseCSEError
+from .checkpoints import Persist
 from .config import config_from_dict
 from .results import PARAMS, Point, sts_tasks
 from .storage import Storage, fetch_model, scratch_dir
@@ -106,12 +108,14 @@ def train_loop(loop_config: dict, *, rank: int = 0, world: int = 1, device=None,
     setup_worker(loop_config["cpus_per_worker"])
     if cfg.ray.use_gpu:
         task_device(1)  # a worker given a GPU that CUDA cannot use fails here, in one line (never trains on CPU)
+    persist = Persist(store, "stage1", report, owner=rank == 0)
     with scratch_dir("stage1") as tmp:
         tb = tmp / "tensorboard" if rank == 0 and "tensorboard" in cfg.sweep.loggers else None
         callbacks = [*installed_callbacks("stage1", rank, store), *([TensorBoardSync(store, tb, "simcse")] if tb else []),
-                     OnReport(report)]
+                     OnReport(persist)]
         train_simcse(cfg, tmp / "out", Path(loop_config["data_dir"]), dist=Dist(rank, world, device or "cpu", wrap),
-                     callbacks=callbacks, resume_dir=restored(tmp / "resume"), tb_dir=tb, progress=False)
+                     callbacks=callbacks, resume_dir=persist.restore(restored(tmp / "resume")), tb_dir=tb,
+                     progress=False)
 
 
 # --------------------------------------------------------------------------- stage 2: scoring task
@@ -186,13 +190,14 @@ def scoring_pairs(cfg, data_dir: Path):
 def trial(point: Point, *, store_uri: str, data_dir: str, cfg_dict: dict, scores, simcse_scores=None,
           report: Report, restored: Restored = lambda local: None) -> None:
     """One (scorer, sparsity, λ, seed): masks from the shared scores (or a control scorer), rewind, retrain with the
-    mask fixed, evaluate the best dev checkpoint on the STS test sets. Every evaluation is reported with the
-    trial's checkpoint (`report`), and the last report carries the test figures; a restarted trial continues from
-    `restored`. Nothing stays on the node: checkpoints go wherever `report` puts them, predictions to storage."""
+    mask fixed, evaluate the best dev checkpoint on the STS test sets. Every evaluation is reported (`report`),
+    with a checkpoint when train.checkpoint_every falls due and at the end (checkpoints.py); the last report
+    carries the test figures and what checkpointing cost; a restarted trial continues from `restored`. Nothing stays on the node: checkpoints go wherever `report` puts them, predictions to storage."""
     from .model import load_encoder
     from .prune import encoder_params, masks_for, rewind
     from .train import Dist, OnReport, train_simcse
 
+    t0 = time.perf_counter()
     name = point.name
     cfg = config_from_dict(cfg_dict)
     cfg = cfg.replace(train=type(cfg.train)(**{**cfg.to_dict()["train"], "seed": point.seed}))
@@ -211,18 +216,20 @@ def trial(point: Point, *, store_uri: str, data_dir: str, cfg_dict: dict, scores
         # TensorBoard reaches storage at every evaluation, before Tune hears of it: a trial a scheduler stops
         # there keeps its curves
         tb = tmp / "tensorboard" if "tensorboard" in cfg.sweep.loggers else None
+        persist = Persist(store, f"trials/{name}", lambda rec, ckpt: report({**base, **rec}, ckpt))
         callbacks = [*installed_callbacks(name, 0, store), *([TensorBoardSync(store, tb, name)] if tb else []),
-                     OnReport(lambda rec, ckpt: report({**base, **rec}, ckpt))]
-        resume = restored(tmp / "resume")
+                     OnReport(persist)]
+        resume = persist.restore(restored(tmp / "resume"))
         res = train_simcse(cfg, tmp / "out", Path(data_dir), init=None if resume else rewind(pre, hm, nm),
                            callbacks=callbacks, resume_dir=resume, tb_dir=tb, progress=False, meta=meta,
                            dist=Dist(device=device))
         best = load_encoder(str(tmp / "out" / "best"), pooler=cfg.model.eval_pooler).to(device)
         final = evaluate_trial(best, cfg, Path(data_dir), store, name)
-    # no checkpoint here: the last training report already carries the final state (latest + best), so the
-    # trial's result checkpoint is that one and nothing is uploaded twice
+    # no checkpoint here: the last training report already carries the final state (its best model's pointer),
+    # so the trial's result checkpoint is that one and nothing is uploaded twice
     report({**base, "evaluated": True, "step": res.steps, "stsb_dev": res.best_dev, "best_stsb_dev": res.best_dev,
-            "sentences_per_s": res.sentences_per_s, **final}, None)
+            "sentences_per_s": res.sentences_per_s, "trial_s": time.perf_counter() - t0, **persist.stats.metrics(),
+            **final}, None)
 
 
 def evaluate_trial(best, cfg, data_dir: Path, store: Storage, name: str) -> dict:

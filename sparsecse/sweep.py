@@ -8,7 +8,9 @@ Run layout (relative to --out):
     simcse/best, simcse/history.json   the stage-1 SimCSE model (best STS-B dev) and its dev curve
     scores.parquet                 stage-2 alignment/uniformity gradients (shared with trials via the object store)
     predictions/<trial>.parquet    each trial's per-pair STS test predictions (the single-seed bootstrap)
-    tune/                          Ray Tune's experiment: trial checkpoints (…/checkpoint_*/best = best dev model)
+    tune/                          Ray Tune's experiment: trial checkpoints (…/checkpoint_*/best.json points at
+                                   the best dev model)
+    models/trials/<trial>/…        each trial's best dev model (uploaded when it improved; checkpoints.py)
     tensorboard/<name>/            TensorBoard runs: stage 1 ("simcse") and one per trial (sweep.loggers)
     mlflow/, wandb/                MLflow's sqlite store + artifacts, W&B offline runs (sweep.loggers; tracking.py)
     results.{parquet,json}, summary.json, report.{md,html}, figures/*.png, export/
@@ -28,6 +30,7 @@ from pathlib import Path
 
 from . import SparseCSEError, TrialsFailed
 from . import ray_adapter as ra
+from .checkpoints import MODELS, best_model
 from . import figures, stages
 from . import select as choose
 from .config import TRANSFER_TASKS, Config, config_from_dict, load_config
@@ -182,7 +185,7 @@ def train_stage(run: Run) -> None:
         # Ray Train finds its checkpoints under stage1/ and hands the newest to the workers (`restored`)
         print(f"[sweep] stage 1 resumes from its last checkpoint in {store.url('stage1')}")
     else:  # a new sweep, or a changed stage-1 config: what stage1/ holds is not this stage 1
-        for stale in ("simcse", "stage1"):
+        for stale in ("simcse", "stage1", f"{MODELS}/stage1"):
             store.delete(stale)
     st.stage1_started_fp = fp1
     run.save()
@@ -191,11 +194,13 @@ def train_stage(run: Run) -> None:
                             "cpus_per_worker": cfg.ray.cpus_per_worker},
         num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu, cpus_per_worker=cfg.ray.cpus_per_worker,
         storage=store, name="stage1", max_failures=cfg.ray.max_failures)
-    if not store.is_file(f"{ckpt}/best/manifest.json"):
+    best = best_model(store, ckpt)
+    if not store.is_file(f"{best}/manifest.json"):
         raise SparseCSEError(f"stage-1 checkpoint {store.url(ckpt)} has no best model")
     history = store.read_bytes(f"{ckpt}/history.json")
     store.write_bytes("simcse/history.json", history)  # dev curve + resumes
-    store.copy_dir(f"{ckpt}/best", "simcse/best")  # manifest last: simcse/best counts only once complete
+    store.copy_dir(best, "simcse/best")  # manifest last: simcse/best counts only once complete
+    store.delete(f"{MODELS}/stage1")  # simcse/best is the copy the sweep reads from now on
     st.train_fp, st.score_fp = fp1, None
     st.stage_runs["train"] += 1
     st.timings["train_s"] = time.perf_counter() - t0
@@ -217,7 +222,7 @@ def score_stage(run: Run):
     else:
         if store.exists("tune"):  # trials chose their masks from other scores: they are not this sweep's trials
             print("[sweep] the scores changed since the trials ran: their results are discarded and they rerun")
-            for rel in (*TRIAL_EXPERIMENTS, "predictions"):
+            for rel in (*TRIAL_EXPERIMENTS, "predictions", f"{MODELS}/trials"):
                 if store.exists(rel):
                     store.delete(rel)
         t0 = time.perf_counter()
@@ -334,13 +339,13 @@ def evaluate_and_export_stage(run: Run, results: list[TrialResult], selected: di
              "backbone": evaluate("backbone evaluation", None, True, False)}
     ctrl = (choose.control(results) or {}).get("checkpoint") if transfer else None
     if transfer:
-        calls["selected"] = evaluate("transfer evaluation", f"{selected['checkpoint']}/best", False, True)
+        calls["selected"] = evaluate("transfer evaluation", best_model(store, selected["checkpoint"]), False, True)
         if ctrl and not selected["control_won"]:
-            calls["control"] = evaluate("control transfer evaluation", f"{ctrl}/best", False, True)
+            calls["control"] = evaluate("control transfer evaluation", best_model(store, ctrl), False, True)
     if cfg.sweep.pilot:
         calls["pilot"] = ("pilot study", stages.pilot_task, (store.uri, "simcse/best", *common, *res), {}, *res)
     if wants_export(selected, cfg):
-        calls["export"] = ("export", stages.export_task, (store.uri, f"{selected['checkpoint']}/best", cfg.to_dict(),
+        calls["export"] = ("export", stages.export_task, (store.uri, best_model(store, selected["checkpoint"]), cfg.to_dict(),
                                                           selected.get("test"), res[0], run.data_dir), {}, res[0], 0)
     t0 = time.perf_counter()
     out = dict(zip(calls, ra.run_tasks(list(calls.values()))))
@@ -507,6 +512,7 @@ def run_sweep(config_path: str, overrides=None, resume: bool | str = False, addr
                        timeout_s=cfg.ray.connect_timeout_s)
             res = ra.cluster_resources()
             preflight(cfg, res.get("CPU", 0), res.get("GPU", 0), "the Ray cluster")
+            print_plan(run, res)
             check_nodes(run)
             store.write_text("config.yaml", cfg.to_yaml())
             run.save()
@@ -514,6 +520,26 @@ def run_sweep(config_path: str, overrides=None, resume: bool | str = False, addr
     finally:
         if not on_cluster:
             ra.shutdown()
+
+
+def print_plan(run: Run, resources: dict) -> None:
+    """`sparsecse plan` for this sweep on this cluster, printed before anything starts and kept as plan.json (a
+    run's measured timings can be held against it). GPU figures are the H100's; `sparsecse plan --gpu` has others."""
+    from dataclasses import asdict
+
+    from .plan import make_plan, render
+
+    cfg = run.cfg
+    gpus = int(resources.get("GPU", 0))
+    gpu = "h100" if gpus and (cfg.sweep.trial_gpus or cfg.ray.use_gpu) else "cpu"
+    try:
+        data = Path(run.data_dir)
+        p = make_plan(cfg, data if data.is_dir() else None, gpu, gpus or None, int(resources.get("CPU", 0)) or None)
+    except SparseCSEError as e:  # a model or corpus only the nodes can read: no plan, the sweep still runs
+        print(f"[plan] not available here: {e}")
+        return
+    print(render(p))
+    run.store.write_json("plan.json", asdict(p))
 
 
 def run_stages(run: Run, t_start: float) -> dict:

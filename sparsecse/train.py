@@ -20,10 +20,11 @@ import numpy as np
 import torch
 
 from . import SparseCSEError
+from .checkpoints import CheckpointPolicy
 from .config import Config
 from .data import collate, load_corpus, load_stsb, train_path
 from .evaluate import evaluate_pairs
-from .io import atomic_write_bytes, atomic_write_text, verify_manifest
+from .io import atomic_write_bytes, atomic_write_text, link_or_copy, verify_manifest
 from .losses import info_nce
 from .model import META_FILE, Encoder, load_encoder, save_encoder, weights_fingerprint
 
@@ -150,22 +151,22 @@ class TrainState:
 def save_checkpoint(out_dir: Path, enc: Encoder, state: TrainState, opt, sched, *, best_is_current: bool = False,
                     final: bool = False) -> Path:
     """`latest/` = {model/, trainer_state.pt, history.json, best/}: all a resume needs, written atomically.
-    best/ is hard-linked from OUT/best (its files never change once written), not copied. Two things are left out
-    (a trial's checkpoints are most of a sweep's storage): model/ when best/ holds this very step's weights
-    (`best_is_current`; `checkpoint_weights` resolves either), and the optimizer state of the `final` checkpoint,
-    which nothing trains on from."""
+    best/ is hard-linked from OUT/best (its files never change once written), not copied. Left out (a trial's
+    checkpoints are most of a sweep's storage): model/ when best/ holds this very step's weights
+    (`best_is_current`; `checkpoint_weights` resolves either), and the `final` checkpoint's model/ and optimizer
+    state: nothing trains on from it, and what a run delivers is its best/."""
     import shutil
 
     from .io import atomic_dir
 
     with atomic_dir(out_dir / "latest") as tmp:
-        if not best_is_current:
+        if not best_is_current and not final:
             save_encoder(enc, tmp / "model", {"step": state.step})
         state.save(tmp / "trainer_state.pt", None if final else opt, None if final else sched)
         (tmp / "history.json").write_text(json.dumps({"history": state.history, "resumed_at": state.resumed_at},
                                                      indent=1))
         if (out_dir / "best").is_dir():
-            shutil.copytree(out_dir / "best", tmp / "best", copy_function=_link_or_copy)
+            shutil.copytree(out_dir / "best", tmp / "best", copy_function=link_or_copy)
     return out_dir / "latest"
 
 
@@ -173,15 +174,6 @@ def checkpoint_weights(ckpt: Path) -> Path:
     """The weights a `latest/` checkpoint was taken at: its model/, or its best/ when they were the same."""
     ckpt = Path(ckpt)
     return ckpt / "model" if (ckpt / "model").is_dir() else ckpt / "best"
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    import shutil
-
-    try:
-        os.link(src, dst)
-    except OSError:  # another filesystem, or one without hard links
-        shutil.copy2(src, dst)
 
 
 def make_optimizer(params, lr: float, weight_decay: float, device) -> torch.optim.Optimizer:
@@ -224,9 +216,10 @@ def train_step(model, opt, sched, batch: dict, tc, device, gather) -> float:
 
 
 def evaluate_and_checkpoint(enc: Encoder, state: TrainState, dev, cfg: Config, out_dir: Path, meta: dict,
-                            opt, sched, loss: float, final: bool = False) -> tuple[dict, Path]:
-    """Rank 0: STS-B dev Spearman; a new best is saved as OUT/best; OUT/latest is rewritten (`final`: the run's
-    last one). Returns the record."""
+                            opt, sched, loss: float, checkpoint: str | None = "final") -> tuple[dict, Path | None]:
+    """Rank 0: STS-B dev Spearman; a new best is saved as OUT/best; OUT/latest is rewritten when a `checkpoint`
+    falls due ("resumable", or "final": the run's last one, without optimizer state). Returns the record and the
+    checkpoint (None when none was due)."""
     dev_score = evaluate_pairs(enc, dev, pooler=cfg.model.eval_pooler)
     new_best = dev_score > state.best_dev
     if new_best:
@@ -235,7 +228,10 @@ def evaluate_and_checkpoint(enc: Encoder, state: TrainState, dev, cfg: Config, o
                                              "config": cfg.to_dict()})
     rec = {"step": state.step, "loss": loss, "stsb_dev": dev_score, "best_stsb_dev": state.best_dev}
     state.history.append(rec)
-    return rec, save_checkpoint(out_dir, enc, state, opt, sched, best_is_current=new_best, final=final)
+    if checkpoint is None:
+        return rec, None
+    return rec, save_checkpoint(out_dir, enc, state, opt, sched, best_is_current=new_best,
+                                final=checkpoint == "final")
 
 
 class _Log:
@@ -313,7 +309,8 @@ def train_simcse(cfg: Config, out_dir: str | os.PathLike, data_dir: Path, *, ini
                  dist: Dist | None = None, callbacks: Sequence[Callback] = (), resume_dir: Path | None = None,
                  tb_dir: Path | None = None, progress: bool = True, meta: dict | None = None) -> TrainResult:
     """Train SimCSE from `init` (an Encoder with its masks set, a model name/dir; default cfg.model.name), keeping
-    the best STS-B dev model in OUT/best and a resumable OUT/latest at every evaluation.
+    the best STS-B dev model in OUT/best and a resumable OUT/latest whenever train.checkpoint_every falls due
+    (and at the end); callbacks hear every evaluation, with the checkpoint when one was written.
 
     `dist` places the run (rank, world size, device, DDP wrapping); `resume_dir` continues from a `latest/`.
     """
@@ -343,6 +340,7 @@ def train_simcse(cfg: Config, out_dir: str | os.PathLike, data_dir: Path, *, ini
         cb.on_train_start(enc, opt)
 
     main = dist.rank == 0
+    policy = CheckpointPolicy(tc.checkpoint_every)
     log = _Log(total, state.step, tb_dir if main else None, progress and main)
     pad = enc.tokenizer.pad_token_id or 0
     seen, t_train = 0, 0.0
@@ -361,8 +359,9 @@ def train_simcse(cfg: Config, out_dir: str | os.PathLike, data_dir: Path, *, ini
         if state.step % tc.eval_steps == 0 or state.step == total:
             rec, ckpt = {"step": state.step, "loss": loss, "stsb_dev": float("nan")}, None
             if main:
+                last = state.step == total
                 rec, ckpt = evaluate_and_checkpoint(enc, state, dev, cfg, out_dir, meta, opt, sched, loss,
-                                                    final=state.step == total)
+                                                    ("final" if last else "resumable") if policy.due(last) else None)
                 log.eval(state.step, rec["stsb_dev"])
             rec["last"] = state.step == total  # the final evaluation of this training run
             dist.barrier()

@@ -130,6 +130,15 @@ CASES = [
                      "-1", "--out", "{ws}/o"], "--lam -1"),
     ("pilot sparsity 1.5", ["pilot", "--model", M, "--scores", "{ws}/scores.parquet", "--sparsities", "1.5",
                             "--data-dir", D], "--sparsities 1.5"),
+    ("plan unknown --gpu", ["plan", "{ws}/quick.yaml", "--gpu", "tpu"], "--gpu"),
+    ("plan zero --gpus", ["plan", "{ws}/quick.yaml", "--gpu", "h100", "--gpus", "0"], "--gpus"),
+    ("plan model of unknown shape", ["plan", "{ws}/quick.yaml", "--set", "model.name=no-such/model"],
+     "model.name no-such/model"),
+    ("checkpoint_every neither evaluations nor minutes", ["train", "--config", "{ws}/quick.yaml", "--set",
+                                                          "train.checkpoint_every=soon", "--out", "{ws}/o",
+                                                          "--data-dir", D], "train.checkpoint_every"),
+    ("checkpoint_every zero", ["train", "--config", "{ws}/quick.yaml", "--set", "train.checkpoint_every=0", "--out",
+                               "{ws}/o", "--data-dir", D], "train.checkpoint_every"),
     # outputs: the rule (new, or our own of the same kind with --overwrite)
     ("score over a user's file", ["score", "--model", M, "--out", "{ws}/notes.txt", "--data-dir", D],
      "a file sparsecse did not write"),
@@ -206,7 +215,7 @@ def run_main(args: list[str], capsys) -> tuple[int, str]:
 
 def test_the_table_covers_every_subcommand_and_at_least_sixty_inputs():
     assert len(CASES) >= 60
-    assert {a[0] for _, a, _ in CASES} >= {"train", "eval", "score", "prune", "export", "pilot", "sweep"}
+    assert {a[0] for _, a, _ in CASES} >= {"train", "eval", "score", "prune", "export", "pilot", "sweep", "plan"}
 
 
 @pytest.mark.parametrize("what,args,needle", CASES, ids=[c[0] for c in CASES])

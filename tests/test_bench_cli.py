@@ -153,3 +153,49 @@ def test_gpu_check_runs_its_checks_and_step_timing_on_the_cpu(tmp_path):
     assert {k: v["ok"] for k, v in out["checks"].items()} == {"device": True, "batches": True, "resume": True}
     assert "refused without CUDA" in out["checks"]["device"]["detail"]
     assert [s["precision"] for s in out["steps"]] == ["fp32", "bf16"] and all(0 < s["mfu"] < 1 for s in out["steps"])
+
+
+def _recorded_run(root: Path, every, trials: list[dict], plan: dict | None = None, timings: dict | None = None) -> Path:
+    """A finished sweep as the checkpoints/plan rows read it: sweep.json's config, results.json's trials, the
+    summary's timings and the plan written before it started."""
+    root.mkdir(parents=True)
+    (root / "sweep.json").write_text(json.dumps({"config": {"train": {"checkpoint_every": every, "eval_steps": 8}}}))
+    (root / "summary.json").write_text(json.dumps({"timings": timings or {}}))
+    (root / "results.json").write_text(json.dumps({"trials": trials}))
+    if plan is not None:
+        (root / "plan.json").write_text(json.dumps(plan))
+    return root
+
+
+def test_bench_checkpoints_compares_uploads_per_trial_and_their_share_of_the_trial(tmp_path, capsys):
+    def trial(n, nbytes, s):
+        return {"steps": 16, "checkpoints": n, "checkpoint_bytes": nbytes, "checkpoint_s": s, "trial_s": 30.0}
+
+    new = _recorded_run(tmp_path / "new", "30m", [trial(1, 90e6, 0.05), trial(1, 92e6, 0.07)])
+    old = _recorded_run(tmp_path / "old", 1, [trial(2, 365e6, 0.5), trial(2, 363e6, 0.7)])
+    r = bench.bench_checkpoints(new, old)
+    assert r["run"]["bytes"] == pytest.approx(91e6) and r["against"]["checkpoints"] == 2
+    assert r["run"]["share"] == pytest.approx(0.06 / 30) and r["run"]["evaluations"] == 2
+    assert r["bytes_ratio"] == pytest.approx(91 / 364)
+    assert bench.main(["checkpoints", "--run", str(new), "--against", str(old), "--out", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    assert "| run (" in out and "| 30m | 2 | 2.0 | 1.0 | 91 MB | 0.06 s | 30.0 s | 0.2 % |" in out and "**0.25×**" in out
+    legacy = _recorded_run(tmp_path / "legacy", 1, [{"steps": 16}])
+    assert bench.main(["checkpoints", "--run", str(legacy), "--against", str(old), "--out", str(tmp_path / "o2")]) == 2
+    assert "did not record their checkpoint uploads" in capsys.readouterr().err
+    assert bench.main(["checkpoints", "--run", str(new), "--out", str(tmp_path / "o3")]) == 2
+
+
+def test_bench_plan_holds_the_plan_against_the_measured_stages(tmp_path, capsys):
+    plan = {"hardware": "CPU", "trials": 5, "concurrency": 2, "stage1_s": 20.0, "score_s": 10.0, "trial_s": 30.0,
+            "after_s": 20.0, "wall_s": 150.0}
+    run = _recorded_run(tmp_path / "r", "30m", [], plan, {"train_s": 25.0, "score_s": 10.0, "tune_s": 100.0,
+                                                          "evaluate_export_s": 20.0, "total_s": 160.0})
+    r = bench.bench_plan(run)
+    assert r["stages"]["trials"] == {"planned_s": 90.0, "measured_s": 100.0, "ratio": 0.9}  # 3 waves of 2
+    assert r["stages"]["whole sweep"]["ratio"] == pytest.approx(150 / 160)
+    assert bench.main(["plan", "--run", str(run), "--out", str(tmp_path / "o")]) == 0
+    assert "| whole sweep | 150 s | 160 s | 0.94 |" in capsys.readouterr().out
+    (run / "plan.json").unlink()
+    assert bench.main(["plan", "--run", str(run), "--out", str(tmp_path / "o2")]) == 2
+    assert "no plan.json" in capsys.readouterr().err

@@ -143,7 +143,7 @@ def test_simcse_training_keeps_pruned_units_exactly_zero_and_checkpoints(tiny_mo
 def test_training_resumes_from_latest_checkpoint(tiny_model_dir, tiny_data_dir, tmp_path):
     from sparsecse.train import OnReport, train_simcse
 
-    cfg = _tiny_cfg(tiny_model_dir, max_steps=6, dropout=0.0)
+    cfg = _tiny_cfg(tiny_model_dir, max_steps=6, dropout=0.0, checkpoint_every=1)
     full = train_simcse(cfg, tmp_path / "a", tiny_data_dir, progress=False)
     stop = _stop_after(3)
     with pytest.raises(stop.Stop):  # the process "dies" right after the step-3 checkpoint
@@ -159,8 +159,8 @@ def test_training_resumes_from_latest_checkpoint(tiny_model_dir, tiny_data_dir, 
 
 def test_checkpoints_store_each_weight_set_once_and_the_final_one_no_optimizer(tiny_model_dir, tiny_data_dir,
                                                                                 tmp_path):
-    """A checkpoint leaves out model/ when best/ holds the same step's weights, and the final one leaves out the
-    optimizer state; both still resume: a mid-run checkpoint without model/ continues from best/'s weights, the final
+    """A checkpoint leaves out model/ when best/ holds the same step's weights, and the final one leaves out model/
+    and the optimizer state; both still resume: a mid-run checkpoint without model/ continues from best/'s weights, the final
     one resumes to its own end (nothing left to train) and refuses to train further with a one-line error."""
     from sparsecse.train import OnReport, train_simcse
 
@@ -171,11 +171,11 @@ def test_checkpoints_store_each_weight_set_once_and_the_final_one_no_optimizer(t
         seen.append((rec["step"], rec["stsb_dev"] == rec["best_stsb_dev"], (ckpt / "model").is_dir(),
                      "optimizer" in st, (ckpt / "best").is_dir()))
 
-    cfg = _tiny_cfg(tiny_model_dir, max_steps=6, eval_steps=1, lr=3e-3, dropout=0.0)
+    cfg = _tiny_cfg(tiny_model_dir, max_steps=6, eval_steps=1, lr=3e-3, dropout=0.0, checkpoint_every=1)
     full = train_simcse(cfg, tmp_path / "a", tiny_data_dir, progress=False, callbacks=[OnReport(inspect)])
     assert [s[0] for s in seen] == [1, 2, 3, 4, 5, 6]
     for step, new_best, has_model, has_opt, has_best in seen:
-        assert has_model == (not new_best) and has_opt == (step != 6) and has_best, (step, new_best)
+        assert has_model == (not new_best and step != 6) and has_opt == (step != 6) and has_best, (step, new_best)
     assert {s[1] for s in seen} == {True, False}  # both kinds occurred (lr 3e-3 makes dev go up and down)
     # resuming from a checkpoint whose weights live in best/ gives the uninterrupted run's final weights
     mid = next(s[0] for s in seen if s[1] and s[0] < 6)

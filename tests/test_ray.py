@@ -22,7 +22,8 @@ def _write_cfg(path: Path, model_dir: Path, sparsities=(0.1, 0.3), lams=(0.25, 0
     path.write_text(f"""
 model: {{name: {model_dir}}}
 data: {{max_train_sentences: 64}}
-train: {{batch_size: 8, max_len: 16, lr: 1.0e-3, max_steps: 4, eval_steps: 2, eval_max_pairs: 40}}
+train: {{batch_size: 8, max_len: 16, lr: 1.0e-3, max_steps: 4, eval_steps: 2, eval_max_pairs: 40,
+        checkpoint_every: 1}}
 score: {{max_pairs: 24, batch_size: 8}}
 eval: {{tasks: [STSBenchmark, SICKRelatedness], batch_size: 64}}
 sweep: {{sparsities: {list(sparsities)}, lams: {list(lams)}, seeds: [1], trial_cpus: 1, max_concurrent_trials: 2,
@@ -75,13 +76,19 @@ def test_sweep_reports_every_point_once_and_selects_the_dev_argmax(finished_swee
     assert len({p.parent.name for p in tb}) == 5  # stage 1 + four trials
     # the export is the selected trial's best checkpoint, taken from its Tune checkpoint in the run's storage
     sel = res["selected"]
-    assert sel["checkpoint"].startswith("tune/") and (run / sel["checkpoint"] / "best" / "manifest.json").exists()
+    best = best_model(Storage(str(run)), sel["checkpoint"])
+    assert sel["checkpoint"].startswith("tune/") and (run / best / "manifest.json").exists()
     exported = json.loads((run / "export" / "sparsecse.json").read_text())
     assert (exported["sparsity"], exported["lam"]) == (sel["sparsity"], sel["lam"])
-    # one checkpoint per evaluation reaches storage (4 steps, eval every 2: two), nothing under a trials/ copy
+    # a checkpoint per evaluation reaches storage (checkpoint_every: 1), one kept per trial, pointing at the one
+    # best model of the trial kept beside it; nothing under a trials/ copy
     for t in res["trials"]:
-        assert len(list((run / t["checkpoint"]).parent.glob("checkpoint_*"))) == 2, t["trial"]
-    assert not (run / "trials").exists()
+        assert len(list((run / t["checkpoint"]).parent.glob("checkpoint_*"))) == 1, t["trial"]
+        assert len(list((run / "models" / "trials" / t["trial"]).glob("*/best-*"))) == 1, t["trial"]
+        assert (run / best_model(Storage(str(run)), t["checkpoint"]) / "model.safetensors").is_file()
+    assert not (run / "trials").exists() and not (run / "models" / "stage1").exists()
+    # the plan printed before the sweep started, kept beside its results
+    assert json.loads((run / "plan.json").read_text())["trials"] == len(res["trials"])
 
 
 def test_export_of_a_run_adds_onnx_files_it_lacks(finished_sweep, tmp_path):
@@ -117,13 +124,13 @@ def test_crashed_trial_was_retried_from_its_checkpoint(finished_sweep):
 
 def test_resume_reruns_nothing_finished(finished_sweep, tiny_data_dir):
     cfg, run, _ = finished_sweep
-    before = {p: p.stat().st_mtime_ns for p in (run / "tune").glob("*/checkpoint_*/best/model.safetensors")}
+    before = {p: p.stat().st_mtime_ns for p in (run / "models" / "trials").glob("*/*/best-*/model.safetensors")}
     sel_before = json.loads((run / "results.json").read_text())["selected"]
     r = _sweep(cfg, run, tiny_data_dir, "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "stage 1 skipped" in r.stdout and "stage 2 skipped" in r.stdout
-    after = {p: p.stat().st_mtime_ns for p in (run / "tune").glob("*/checkpoint_*/best/model.safetensors")}
-    assert before == after and len(after) == 8  # 4 trials × 2 kept checkpoints, none rewritten
+    after = {p: p.stat().st_mtime_ns for p in (run / "models" / "trials").glob("*/*/best-*/model.safetensors")}
+    assert before == after and len(after) == 4  # 4 trials × 1 best model, none rewritten
     summary = json.loads((run / "summary.json").read_text())
     assert summary["stage_runs"] == {"train": 1, "score": 1}
     assert json.loads((run / "results.json").read_text())["selected"] == sel_before
@@ -140,8 +147,8 @@ def test_resume_reruns_nothing_finished(finished_sweep, tiny_data_dir):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "the scores changed since the trials ran" in r.stdout
     assert json.loads((run / "summary.json").read_text())["stage_runs"] == {"train": 1, "score": 2}
-    rerun = {p: p.stat().st_mtime_ns for p in (run / "tune").glob("*/checkpoint_*/best/model.safetensors")}
-    assert len(rerun) == 8 and not set(rerun.items()) & set(after.items())
+    rerun = {p: p.stat().st_mtime_ns for p in (run / "models" / "trials").glob("*/*/best-*/model.safetensors")}
+    assert len(rerun) == 4 and not set(rerun.items()) & set(after.items())
 
 
 def test_two_worker_ray_train_equals_one_worker(tmp_path, tiny_model_dir, tiny_data_dir):

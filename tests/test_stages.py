@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from sparsecse.results import DEV, PARAMS, Point, TrialResult
+from sparsecse.storage import Storage
 
 
 @pytest.fixture(scope="module")
@@ -27,13 +28,17 @@ def trial_setup(tmp_path_factory, tiny_model_dir, tiny_data_dir):
     return tmp_path_factory.mktemp("run"), cfg, scores
 
 
-def _run(point: Point, run: Path, cfg, scores, data: Path, restored=lambda local: None) -> list[tuple[dict, set]]:
-    """The trial's reports, each as (metrics, the files of its checkpoint — copied before the trial deletes it)."""
+def _run(point: Point, run: Path, cfg, scores, data: Path, restored=lambda local: None,
+         die_at: int | None = None) -> list[tuple[dict, set]]:
+    """The trial's reports, each as (metrics, the files of its checkpoint — copied before the trial deletes it).
+    `die_at`: the trial's node dies while reporting that step's checkpoint (Tune never receives it)."""
     from sparsecse import stages
 
     got = []
 
     def report(metrics: dict, ckpt: Path | None) -> None:
+        if ckpt is not None and metrics["step"] == die_at:
+            raise Died(die_at)
         got.append((metrics, None if ckpt is None else {str(p.relative_to(ckpt)) for p in ckpt.rglob("*")}))
         if ckpt is not None:  # kept as a trial's storage would keep it
             shutil.rmtree(run / f"ckpt-{metrics['step']}", ignore_errors=True)
@@ -44,14 +49,27 @@ def _run(point: Point, run: Path, cfg, scores, data: Path, restored=lambda local
     return got
 
 
+class Died(Exception):
+    pass
+
+
+def _with(cfg, **train):
+    return cfg.replace(train=type(cfg.train)(**{**cfg.to_dict()["train"], **train}))
+
+
 def test_a_trial_reports_each_evaluation_with_its_checkpoint_then_its_test_figures(trial_setup, tiny_data_dir):
+    from sparsecse.checkpoints import best_model
+
     run, cfg, scores = trial_setup
     point = Point(0.5, 0.5, 1)
-    got = _run(point, run, cfg, scores, tiny_data_dir)
+    got = _run(point, run, _with(cfg, checkpoint_every=1), scores, tiny_data_dir)
     *training, (final, final_ckpt) = got
-    # evaluations at steps 2 and 4, each with a checkpoint holding the best dev model; the last marked last
+    # evaluations at steps 2 and 4, each with a checkpoint (checkpoint_every=1) pointing at the best dev model,
+    # which lives beside it in the run's storage, not inside it; the last marked last
     assert [m["step"] for m, _ in training] == [2, 4] and [m["last"] for m, _ in training] == [False, True]
-    assert all(c and "best/model.safetensors" in c for _, c in training)
+    assert all(c and "best.json" in c and not any(f.startswith("best/") for f in c) for _, c in training)
+    best = run / best_model(Storage(str(run)), "ckpt-4")
+    assert (best / "model.safetensors").is_file() and best.is_relative_to(run / "models" / "trials" / point.name)
     # every report names its point (Tune's columns) and the pruned encoder's size (Pareto's second objective)
     for m, _ in got:
         assert Point.from_params(m) == point and m["trial"] == point.name and m[PARAMS] > 0
@@ -60,6 +78,7 @@ def test_a_trial_reports_each_evaluation_with_its_checkpoint_then_its_test_figur
     assert final_ckpt is None and final["evaluated"] and final["step"] == 4
     assert set(final) >= {"test/STSBenchmark", "test/SICKRelatedness", "test/avg", "align", "uniform", DEV}
     assert final[DEV] == max(m["stsb_dev"] for m, _ in training)
+    assert final["checkpoints"] == 2 and final["checkpoint_bytes"] > 0 and final["checkpoint_s"] >= 0
     result = TrialResult(point, final, None, "ckpt-4")
     assert result.finished and result.test_tasks() == ["STSBenchmark", "SICKRelatedness", "avg"]
     # the per-pair predictions the report's bootstrap resamples are in the run's storage
@@ -70,23 +89,81 @@ def test_a_trial_reports_each_evaluation_with_its_checkpoint_then_its_test_figur
 
 
 def test_a_restored_trial_continues_from_its_checkpoint_instead_of_rewinding(trial_setup, tiny_data_dir):
-    """Tune restarts a trial from the last checkpoint it reported (`restored`): it trains on from that step."""
+    """Tune restarts a trial from the last checkpoint it reported (`restored`): it trains on from that step, with
+    the best model its checkpoint points at."""
     run, cfg, scores = trial_setup
+    cfg = _with(cfg, checkpoint_every=1)
     point = Point(0.5, 0.25, 2)
-    first = _run(point, run, cfg, scores, tiny_data_dir)
-    shutil.rmtree(run / "resume-src", ignore_errors=True)
-    shutil.copytree(run / "ckpt-2", run / "resume-src")  # as if the node died after the step-2 evaluation
+    with pytest.raises(Died):  # the node dies while reporting the step-4 checkpoint: step 2's is the last kept
+        _run(point, run, cfg, scores, tiny_data_dir, die_at=4)
     asked = []
 
     def restored(local: Path) -> Path:
         asked.append(local)
-        return Path(shutil.copytree(run / "resume-src", local))
+        return Path(shutil.copytree(run / "ckpt-2", local))
 
     again = _run(point, run, cfg, scores, tiny_data_dir, restored=restored)
     assert len(asked) == 1
-    # only the evaluation after the checkpoint is redone; the run ends where the uninterrupted one did
+    # only the evaluation after the checkpoint is redone; the run ends where an uninterrupted one does
     assert [m["step"] for m, c in again if c is not None] == [4]
-    assert again[-1][0]["evaluated"] and again[-1][0]["step"] == first[-1][0]["step"] == 4
+    assert again[-1][0]["evaluated"] and again[-1][0]["step"] == 4
+    # the restored best model was the dev best up to step 2: the final dev is at least that
+    assert again[-1][0][DEV] >= again[0][0]["best_stsb_dev"] - 1e-9
+    # one best model of the trial's run left in storage: the one its final checkpoint points at
+    kept = list((run / "models" / "trials" / point.name).glob("*/best-*"))
+    assert len(kept) == 1
+
+
+def test_checkpoint_uploads_do_not_grow_with_the_evaluations(trial_setup, tiny_data_dir, monkeypatch):
+    """The policy's bound: however often a trial evaluates, it uploads its best model once per checkpoint that
+    follows an improvement — with the default policy (minutes) a short trial uploads its final best model only:
+    weights ≤ 3× the model, optimizer state ≤ 2× — and a best model is never uploaded twice."""
+    from sparsecse.storage import Storage as S
+
+    run, cfg, scores = trial_setup
+    uploads = []
+    real = S.upload_dir
+    monkeypatch.setattr(S, "upload_dir", lambda self, local, rel, replace=True: (
+        uploads.append(rel), real(self, local, rel, replace))[1])
+    weights = (Path(cfg.model.name) / "model.safetensors").stat().st_size
+    finals = {}
+    for evals in (1, 2, 4):  # eval every 4, 2, 1 steps
+        uploads.clear()
+        got = _run(Point(0.3, 0.5, 3), run, _with(cfg, eval_steps=4 // evals), scores, tiny_data_dir)
+        final = got[-1][0]
+        assert sum(1 for _, c in got if c is not None) == 1 == final["checkpoints"]  # the final one only
+        assert len([m for m, _ in got if not m["evaluated"]]) == evals
+        assert final["checkpoint_weights_bytes"] <= 3 * weights and final["checkpoint_optimizer_bytes"] <= 2 * weights
+        finals[evals] = final["checkpoint_weights_bytes"]
+        assert [r for r in uploads if r.startswith("models/")] and len(set(uploads)) == len(uploads)
+    assert len(set(finals.values())) == 1  # the same bytes whether it evaluated once or four times
+    # every evaluation a resumable checkpoint (the most the policy allows): still each best model uploaded once,
+    # and a checkpoint whose best did not change carries only its pointer
+    uploads.clear()
+    got = _run(Point(0.3, 0.5, 3), run, _with(cfg, eval_steps=1, checkpoint_every=1), scores, tiny_data_dir)
+    bests = [r for r in uploads if r.startswith("models/")]
+    improved = {m["step"] for m, _ in got if not m["evaluated"] and m["stsb_dev"] == m["best_stsb_dev"]}
+    assert len(bests) == len(set(bests)) == len(improved) and got[-1][0]["checkpoints"] == 4
+
+
+def test_checkpoint_policy_by_evaluations_and_by_minutes():
+    from sparsecse import SparseCSEError
+    from sparsecse.checkpoints import CheckpointPolicy, parse_every
+
+    every3 = CheckpointPolicy(3)
+    assert [every3.due(final=False) for _ in range(7)] == [False, False, True] * 2 + [False]
+    now = [0.0]
+    p = CheckpointPolicy("10m", clock=lambda: now[0])
+    due = []
+    for t in (60, 540, 601, 700, 1199, 1300):
+        now[0] = t
+        due.append(p.due(final=False))
+    assert due == [False, False, True, False, False, True]
+    assert p.due(final=True)  # the last evaluation always checkpoints
+    assert parse_every("2.5 min") == ("minutes", 2.5) and parse_every(4) == ("evaluations", 4)
+    for bad in (0, -1, "soon", "0m", True, 1.5):
+        with pytest.raises(SparseCSEError, match="train.checkpoint_every"):
+            parse_every(bad)
 
 
 @pytest.mark.parametrize("mode", ["none", "selected", "all"])
