@@ -193,6 +193,8 @@ class SweepConfig:
     # (Ray's WandbLoggerCallback; WANDB_MODE=offline honoured)
     loggers: tuple[Literal["tensorboard", "mlflow", "wandb"], ...] = ("tensorboard",)
     mlflow_tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else a sqlite store in the run (mlflow/)
+    # the MLflow experiment / W&B group of the run (None: the run's last path segment + a hash of its whole URI)
+    experiment: str | None = None
     wandb_project: str = "sparsecse"
 
     def __post_init__(self):
@@ -241,12 +243,16 @@ class RayConfig:
     # how long the driver waits for the Ray cluster (--address / RAY_ADDRESS) and for the run's storage (--out) to
     # answer before it gives up with one line naming what did not answer
     connect_timeout_s: float = 60.0
+    # one driver per run: a driver's lock in the run's storage counts as abandoned once its heartbeat is this old
+    # (a --resume then takes it over); a second driver on a live run is refused (runlock.py)
+    lock_stale_s: float = 120.0
 
     def __post_init__(self):
         _check(self.num_workers >= 1, "ray.num_workers", "must be >= 1")
         _check(self.num_cpus is None or self.num_cpus >= 1, "ray.num_cpus", "must be >= 1 or null")
         _check(0 < self.connect_timeout_s <= 3600, "ray.connect_timeout_s", "must be in (0, 3600] seconds")
         _check(self.cpus_per_worker > 0, "ray.cpus_per_worker", "must be > 0")
+        _check(4 <= self.lock_stale_s <= 86400, "ray.lock_stale_s", "must be in [4, 86400] seconds")
         _check(self.max_failures >= 0, "ray.max_failures", "must be >= 0")
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from . import SparseCSEError, TrialsFailed
 from . import ray_adapter as ra
 from .checkpoints import MODELS, best_model
+from .runlock import LOCK, RunLock
 from . import figures, stages
 from . import select as choose
 from .config import TRANSFER_TASKS, Config, config_from_dict, load_config
@@ -141,7 +142,7 @@ def open_run(out: str, cfg: Config, resume: bool | str) -> tuple[Storage, SweepS
         resume = saved is not None
     if resume and not saved:
         raise SparseCSEError(f"--resume: {store.uri} holds no sweep ({SWEEP_FILE} missing); drop --resume to start one")
-    if not resume and store.list():
+    if not resume and [x for x in store.list() if x != LOCK]:
         what = "a sweep" if saved else "something else"
         raise SparseCSEError(f"--out {store.uri}: already holds {what}; pass --resume to continue it or choose "
                              "another --out")
@@ -504,8 +505,10 @@ def run_sweep(config_path: str, overrides=None, resume: bool | str = False, addr
     # on a cluster the data dir is read by the nodes, not by the driver: check_nodes asks each of them
     data = str(default_data_dir(data_dir or cfg.data.dir) if on_cluster else resolve_data_dir(data_dir or cfg.data.dir))
     store, state, resume = open_run(out or f"runs/{Path(config_path).stem}", cfg, resume)
+    lock = RunLock(store, cfg.ray.lock_stale_s)
     t_start = time.perf_counter()
     try:
+        lock.acquire(resume)  # one driver per run (runlock.py); refused here, nothing of the other's is touched
         with refused_leaves_nothing(store, fresh=not resume):
             run = Run(cfg, store, data, state, resume, Tracking(cfg, store))  # a missing tracker fails here
             ra.connect(address, cfg.ray.num_cpus, dashboard=os.environ.get("SPARSECSE_DASHBOARD", "1") != "0",
@@ -518,6 +521,7 @@ def run_sweep(config_path: str, overrides=None, resume: bool | str = False, addr
             run.save()
         return run_stages(run, t_start)
     finally:
+        lock.release()
         if not on_cluster:
             ra.shutdown()
 

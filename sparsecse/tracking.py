@@ -3,7 +3,9 @@
 Every trial goes through Ray Tune's own logger callbacks (MLflowLoggerCallback, WandbLoggerCallback; ray_adapter
 builds them from `logger_settings()`, and they run in the driver). The driver logs stage 1 (its config and dev
 curve) and the sweep's outcome (the selection, report.md/html, figures, results.parquet and the exported model)
-into the same MLflow experiment / W&B group, named after the run.
+into the same MLflow experiment / W&B group: sweep.experiment, else named after the run (its last path segment and
+a hash of its whole URI). On a shared tracking server a sweep deletes only runs it created itself (their ids are in
+the run's mlflow_runs.json), never by a tag or name another sweep may share.
 
 Where it goes by default, so that it works offline:
   MLflow  a sqlite store and its artifacts in the run, mlflow/mlflow.db and mlflow/artifacts/
@@ -28,6 +30,13 @@ from .config import Config
 from .storage import Storage, scratch_dir
 
 TRACKERS = ("mlflow", "wandb")
+RUN_IDS = "mlflow_runs.json"  # in the run: {stage: MLflow run id} of the runs this sweep created
+
+
+def experiment_name(uri: str) -> str:
+    """The default MLflow experiment / W&B group of a run: its last path segment (readable) and a hash of the
+    whole URI, so two runs whose --out end in the same name never share an experiment."""
+    return f"{Path(uri.rstrip('/')).name}-{hashlib.sha1(uri.encode()).hexdigest()[:8]}"
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -46,7 +55,7 @@ class Tracking:
     def __init__(self, cfg: Config, store: Storage):
         self.cfg, self.store = cfg, store
         self.on = [t for t in cfg.sweep.loggers if t in TRACKERS]
-        self.name = Path(store.root.rstrip("/")).name
+        self.name = cfg.sweep.experiment or experiment_name(store.uri)
         if store.is_local:
             self.local = Path(store.root)
         else:  # the driver's copy of a cloud run's tracking files
@@ -89,9 +98,15 @@ class Tracking:
 
         client = MlflowClient(self._mlflow_uri)
         exp = client.get_experiment_by_name(self.name)
-        for old in client.search_runs([exp.experiment_id], f"tags.`sparsecse.stage` = '{stage}'"):
-            client.delete_run(old.info.run_id)  # a resumed sweep logs its stage again, once
-        run = client.create_run(exp.experiment_id, run_name=run_name, tags={"sparsecse.stage": stage})
+        mine = self.store.read_json(RUN_IDS) if self.store.is_file(RUN_IDS) else {}
+        if mine.get(stage):  # a resumed sweep logs its stage again, once: it deletes the run it created itself,
+            try:             # by id — never another sweep's runs that share the experiment or a tag
+                client.delete_run(mine[stage])
+            except Exception:  # noqa: BLE001 - already deleted on the server: nothing to replace
+                pass
+        run = client.create_run(exp.experiment_id, run_name=run_name,
+                                tags={"sparsecse.stage": stage, "sparsecse.run": self.store.uri})
+        self.store.write_json(RUN_IDS, {**mine, stage: run.info.run_id})
         now = int(time.time() * 1000)
         params = [Param(k, str(v)[:6000]) for k, v in params.items()]
         mets = [Metric(k.replace("@", "_"), float(v), now, step) for k, v, step in metrics]
@@ -138,7 +153,7 @@ class Tracking:
         out = {}
         if "mlflow" in self.on:
             out["mlflow"] = {"tracking_uri": self._mlflow_uri, "experiment_name": self.name,
-                             "tags": {"sparsecse.stage": "trial"}}
+                             "tags": {"sparsecse.stage": "trial", "sparsecse.run": self.store.uri}}
         if "wandb" in self.on:
             out["wandb"] = {**self._wandb_init(), "job_type": "trial"}
         return out

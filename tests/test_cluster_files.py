@@ -65,7 +65,8 @@ def test_gpu_cluster_validates_against_rays_schema_and_has_no_local_only_variabl
 # Field names and types of KubeRay's RayJob v1 CRD (ray-project/kuberay, ray-operator/config/crd/bases/
 # ray.io_rayjobs.yaml at feeaf72f): what this manifest uses, and what the CRD requires.
 RAYJOB_SPEC = {"entrypoint": str, "backoffLimit": int, "shutdownAfterJobFinishes": bool,
-               "ttlSecondsAfterFinished": int, "runtimeEnvYAML": str, "rayClusterSpec": dict, "submissionMode": str}
+               "ttlSecondsAfterFinished": int, "runtimeEnvYAML": str, "rayClusterSpec": dict, "submissionMode": str,
+               "submitterPodTemplate": dict}
 CLUSTER_SPEC = {"rayVersion": str, "authOptions": dict, "headGroupSpec": dict, "workerGroupSpecs": list}
 HEAD_REQUIRED, HEAD_FIELDS = {"template"}, {"template", "rayStartParams", "serviceType"}
 WORKER_REQUIRED = {"groupName", "maxReplicas", "minReplicas", "template"}
@@ -133,6 +134,32 @@ def test_dockerfile_installs_with_the_readme_command():
     assert f"docker build -f cluster/Dockerfile -t {image} ." in (CLUSTER / "README.md").read_text()
 
 
+# The CUDA that PyPI's Linux x86_64 torch wheel of each pinned version carries (its nvidia-*-cuXX requirements), and
+# the oldest Linux driver that runs each CUDA major. A new torch pin must be added here, read off its wheel.
+PYPI_TORCH_CUDA = {"2.13.0": "13.0"}
+DRIVER_MIN = {"12": 525, "13": 580}
+
+
+def test_the_image_ships_one_cuda_stack_and_states_the_driver_it_needs():
+    """The base image's CUDA (a -cuXYZ tag) and the torch wheel's must be the same stack: a CUDA base with
+    torch from the matching PyTorch index, or Ray's CPU base with PyPI's wheel, whose CUDA the file states;
+    the driver minimum stated for that CUDA."""
+    text = (CLUSTER / "Dockerfile").read_text()
+    platform = re.search(r"^FROM rayproject/ray:\$\{RAY_VERSION\}-py311-(\S+)$", text, re.M).group(1)
+    torch_pin = re.search(r"torch==(\S+)", text).group(1)
+    index = re.search(r"--index-url \S+/whl/(cu\d+|cpu)", text)
+    stated = re.search(r"^# CUDA: (\d+)\.(\d+)\s+driver: >= (\d+)", text, re.M)
+    assert stated, "the Dockerfile states the CUDA of its one stack and the driver it needs"
+    cuda = f"{stated.group(1)}.{stated.group(2)}"
+    if platform.startswith("cu"):  # the base's CUDA: torch must come from the same CUDA's index
+        assert index and index.group(1) == platform and platform == f"cu{stated.group(1)}{stated.group(2)}", platform
+    else:
+        assert platform == "cpu" and index is None  # PyPI's wheel and its nvidia-* wheels: the only CUDA
+        assert PYPI_TORCH_CUDA[torch_pin] == cuda, (torch_pin, cuda)
+    assert int(stated.group(3)) >= DRIVER_MIN[stated.group(1)]
+    assert f"driver >= {stated.group(3)}" in (CLUSTER / "README.md").read_text()
+
+
 @pytest.mark.parametrize("flag", ["--resume", "--resume-if-exists"])
 def test_sweep_resume_flags_refuse_what_they_cannot_do(tmp_path, flag):
     import subprocess
@@ -145,3 +172,42 @@ def test_sweep_resume_flags_refuse_what_they_cannot_do(tmp_path, flag):
                        env={**os.environ, "SPARSECSE_DATA_DIR": str(tmp_path)})
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert ("holds no sweep" if flag == "--resume" else "already holds something else") in r.stderr
+
+
+def test_the_rayjob_states_its_kuberay_minimum_and_the_older_operators_variant_is_the_same_job():
+    """rayjob.yaml needs KubeRay >= 1.5.1 (authOptions) and says so; the variant for older operators is the same job
+    with the token from a Secret in every container and the submitter instead of authOptions. Both tear the GPU pods
+    down soon after the sweep, tolerate GPU taints and request the ephemeral storage the trials use."""
+    import copy
+
+    text = (CLUSTER / "rayjob.yaml").read_text()
+    assert re.search(r"^# kuberay: >= 1\.5\.1 ", text, re.M) and "rayjob-kuberay-before-1.5.1.yaml" in text
+    job, _ = _rayjob()
+    older_docs = list(yaml.safe_load_all((CLUSTER / "rayjob-kuberay-before-1.5.1.yaml").read_text()))
+    older = next(d for d in older_docs if d["kind"] == "RayJob")
+    assert "authOptions" not in older["spec"]["rayClusterSpec"]
+    submitter = older["spec"].pop("submitterPodTemplate")["spec"]["containers"][0]
+    stripped = copy.deepcopy(older)
+    for c in _containers(stripped) + [submitter]:
+        names = {e["name"]: e for e in c.get("env", [])}
+        assert names["RAY_AUTH_MODE"]["value"] == "token"
+        assert names["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "sparsecse-ray-token"
+        c["env"] = [e for e in c["env"] if not e["name"].startswith("RAY_AUTH_")]
+        if not c["env"]:
+            del c["env"]
+    expect = copy.deepcopy(job)
+    del expect["spec"]["rayClusterSpec"]["authOptions"]
+    assert stripped == expect  # otherwise the very same job
+    for j in (job, older):
+        assert j["spec"]["ttlSecondsAfterFinished"] <= 300
+        for g in j["spec"]["rayClusterSpec"]["workerGroupSpecs"]:
+            pod = g["template"]["spec"]
+            assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+            res = pod["containers"][0]["resources"]
+            assert res["requests"]["ephemeral-storage"] == res["limits"]["ephemeral-storage"]
+
+
+def _containers(job: dict) -> list:
+    rc = job["spec"]["rayClusterSpec"]
+    pods = [rc["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in rc["workerGroupSpecs"]]
+    return [c for p in pods for c in p["containers"] + p.get("initContainers", [])]

@@ -87,10 +87,16 @@ def killed_and_resumed(tmp_path_factory, tiny_model_dir, tiny_data_dir, s3):
 
     tmp = tmp_path_factory.mktemp("killed")
     cfg = _write_cfg(tmp / "c.yaml", tiny_model_dir, sparsities=(0.1, 0.2, 0.3), lams=(0.5,))
+    cfg.write_text(cfg.read_text().replace("num_cpus: 2}", "num_cpus: 2, lock_stale_s: 8}"))  # heartbeat every 2 s
     run, st = f"s3://{s3.bucket}/killed", Storage(f"s3://{s3.bucket}/killed")
     ray_tmp = Path("/tmp") / f"scse-drv-{os.getpid()}"  # the driver's local Ray lives here (short: socket paths)
     # 1. killed mid-stage-1: rank 0 lingers 3 s after each report, time to kill once a checkpoint is in the bucket
     proc = _start_sweep(cfg, run, tiny_data_dir, ray_tmp, tmp / "first.log", fault="stage1-slow:3")
+    # meanwhile a second driver on the same run (a retried job's --resume): refused while the first one beats
+    _wait_for("the driver's lock", proc, lambda: "killed/driver.lock" in s3_keys("killed/"))
+    t0 = time.time()
+    second = _sweep(cfg, run, tiny_data_dir, "--resume")
+    second_driver = {"rc": second.returncode, "stderr": second.stderr, "s": time.time() - t0}
     def stage1_checkpointed() -> bool:  # Ray Train's snapshot lists a checkpoint: what a restart restores from
         if "killed/stage1/checkpoint_manager_snapshot.json" not in s3_keys("killed/stage1/"):
             return False
@@ -119,7 +125,20 @@ def killed_and_resumed(tmp_path_factory, tiny_model_dir, tiny_data_dir, s3):
     r = _sweep(cfg, run, tiny_data_dir, "--resume")
     print(f"[stress] restored experiment lacked points: {'lacks' in r.stdout}")  # -s shows it (the stress loop)
     return {"result": r, "store": st, "finished": finished, "after": s3_keys("killed/tune/"), "cfg": cfg, "tmp": tmp,
-            "second_log": (tmp / "second.log").read_text()}
+            "second_log": (tmp / "second.log").read_text(), "second_driver": second_driver,
+            "lock_after": "killed/driver.lock" in s3_keys("killed/")}
+
+
+def test_a_second_driver_on_a_live_run_is_refused_in_one_line_and_a_killed_ones_lock_is_taken_over(
+        killed_and_resumed):
+    """One driver per run: while the first driver beats, a `--resume` of the same run exits 2 with one line naming
+    the other driver; once that driver is killed, the next `--resume` takes its lock over at once (same host, its
+    process gone), and a finished sweep leaves no lock behind."""
+    d = killed_and_resumed["second_driver"]
+    err = d["stderr"].strip().splitlines()
+    assert d["rc"] == 2 and len(err) == 1 and "another driver is running this sweep" in err[0], d
+    assert "taking over the run from a driver that stopped" in killed_and_resumed["second_log"]
+    assert killed_and_resumed["result"].returncode == 0 and not killed_and_resumed["lock_after"]
 
 
 def test_driver_killed_mid_stage1_resumes_stage1_from_its_last_checkpoint(killed_and_resumed):

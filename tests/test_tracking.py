@@ -38,10 +38,11 @@ def _mlflow_runs(uri: str, experiment: str) -> dict:
 
 def test_mlflow_store_in_the_run_has_stage1_and_the_outcome_with_artifacts(tmp_path):
     run_dir = tmp_path / "myrun"
-    _log_a_sweep(Storage(run_dir), "[tensorboard, mlflow]")
+    tr = _log_a_sweep(Storage(run_dir), "[tensorboard, mlflow]")
+    assert tr.name.startswith("myrun-")  # the run's name and a hash of its whole URI
     db = run_dir / "mlflow" / "mlflow.db"
     assert db.is_file()  # `mlflow ui --backend-store-uri sqlite:///…/mlflow.db` browses it offline
-    client, runs = _mlflow_runs(f"sqlite:///{db}", "myrun")
+    client, runs = _mlflow_runs(f"sqlite:///{db}", tr.name)
     assert set(runs) == {"stage1", "outcome"}
     s1 = runs["stage1"]
     assert s1.data.params["train.lr"] == "3e-05" and s1.info.status == "FINISHED"
@@ -55,8 +56,32 @@ def test_mlflow_store_in_the_run_has_stage1_and_the_outcome_with_artifacts(tmp_p
     assert (run_dir / "mlflow" / "artifacts").is_dir()  # artifacts live in the run too, not in ./mlruns
     # a resumed sweep logs a stage again: it replaces its earlier run instead of adding a second one
     _log_a_sweep(Storage(run_dir), "[mlflow]")
-    client, runs = _mlflow_runs(f"sqlite:///{db}", "myrun")
-    assert len(client.search_runs([client.get_experiment_by_name("myrun").experiment_id])) == 2
+    client, runs = _mlflow_runs(f"sqlite:///{db}", tr.name)
+    assert len(client.search_runs([client.get_experiment_by_name(tr.name).experiment_id])) == 2
+
+
+def test_two_sweeps_on_one_tracking_server_keep_each_others_runs(tmp_path):
+    """Two runs whose --out end in the same name, logging to one shared MLflow server: each has its own experiment
+    (named from the whole URI), and a resumed sweep replaces only the runs it created itself (by id) — also when
+    both are told to share an experiment (sweep.experiment)."""
+    from mlflow.tracking import MlflowClient
+
+    server = f"sqlite:///{tmp_path / 'team.db'}"
+    a, b = Storage(tmp_path / "a" / "run"), Storage(tmp_path / "b" / "run")
+    client = MlflowClient(server)
+    own = ["sweep.loggers=[mlflow]", f"sweep.mlflow_tracking_uri={server}"]
+    for st in (a, b, a):  # a logs, b logs, a resumes and logs again
+        Tracking(load_config(None, own), st).log_stage1(HISTORY)
+    names = {Tracking(load_config(None, own), st).name for st in (a, b)}
+    assert len(names) == 2 and all(n.startswith("run-") for n in names)
+    for n in names:
+        assert len(client.search_runs([client.get_experiment_by_name(n).experiment_id])) == 1
+    shared = ["sweep.loggers=[mlflow]", f"sweep.mlflow_tracking_uri={server}", "sweep.experiment=team"]
+    for st in (a, b):
+        Tracking(load_config(None, shared), st).log_stage1(HISTORY)
+    Tracking(load_config(None, shared), a).log_stage1(HISTORY)  # a resumes and logs its stage 1 again
+    runs = client.search_runs([client.get_experiment_by_name("team").experiment_id])
+    assert sorted(r.data.tags["sparsecse.run"] for r in runs) == sorted([a.uri, b.uri])  # b's run survived
 
 
 def test_wandb_offline_runs_are_written_under_the_run(tmp_path, monkeypatch):
