@@ -246,6 +246,12 @@ class RayConfig:
     # one driver per run: a driver's lock in the run's storage counts as abandoned once its heartbeat is this old
     # (a --resume then takes it over); a second driver on a live run is refused (runlock.py)
     lock_stale_s: float = 120.0
+    # on a cluster: how long the driver waits for the CPUs/GPUs the config needs to join (an autoscaler starting
+    # workers) before it refuses in one line; 0 refuses at once
+    wait_for_resources_s: float = 0.0
+    # local Ray only: the port of its Prometheus metrics endpoint (Ray's metrics and the sweep's sparsecse_*; None:
+    # Ray picks one). On a cluster each node's `ray start --metrics-export-port` sets it
+    metrics_export_port: int | None = None
 
     def __post_init__(self):
         _check(self.num_workers >= 1, "ray.num_workers", "must be >= 1")
@@ -253,6 +259,9 @@ class RayConfig:
         _check(0 < self.connect_timeout_s <= 3600, "ray.connect_timeout_s", "must be in (0, 3600] seconds")
         _check(self.cpus_per_worker > 0, "ray.cpus_per_worker", "must be > 0")
         _check(4 <= self.lock_stale_s <= 86400, "ray.lock_stale_s", "must be in [4, 86400] seconds")
+        _check(0 <= self.wait_for_resources_s <= 86400, "ray.wait_for_resources_s", "must be in [0, 86400] seconds")
+        _check(self.metrics_export_port is None or 1024 <= self.metrics_export_port <= 65535,
+               "ray.metrics_export_port", "must be a port in [1024, 65535] or null")
         _check(self.max_failures >= 0, "ray.max_failures", "must be >= 0")
 
 

@@ -36,7 +36,8 @@ def _env(**values: str) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def connect(address: str | None, num_cpus: int | None, dashboard: bool, timeout_s: float = 60.0) -> None:
+def connect(address: str | None, num_cpus: int | None, dashboard: bool, timeout_s: float = 60.0,
+            metrics_port: int | None = None) -> None:
     """Join a cluster (address, or RAY_ADDRESS as set by `ray job submit`) or start a local one on 127.0.0.1.
     A cluster address is checked first: malformed, or nothing answering there within `timeout_s`, is one line.
 
@@ -57,8 +58,10 @@ def connect(address: str | None, num_cpus: int | None, dashboard: bool, timeout_
                                  "address and, with token auth, RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH") from None
     else:  # Ray ≥ 2.59 turns token authentication on by default for the local cluster it starts
         # address="local": always a fresh local cluster, never a stale one left by `ray start` on this machine
+        # metrics_port: where this node's Prometheus endpoint serves Ray's metrics and the sweep's (a cluster's
+        # nodes set theirs with `ray start --metrics-export-port`)
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
-                 log_to_driver=True)
+                 log_to_driver=True, **({"_metrics_export_port": metrics_port} if metrics_port else {}))
 
 
 def reach(address: str, flag: str, timeout_s: float) -> None:
@@ -131,7 +134,37 @@ def train_report(metrics: dict, checkpoint_dir: Path | None) -> None:
     import ray.train
 
     ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+    record_metrics("stage1", metrics, {"trial": "stage1", "sparsity": "", "lam": "", "seed": "", "scorer": ""})
     ray.train.report(metrics, checkpoint=ckpt)
+
+
+# --------------------------------------------------------------------------- Ray metrics (Prometheus, Grafana)
+
+METRIC_TAGS = ("trial", "sparsity", "lam", "seed", "scorer", "state")
+METRICS = {"step": "training steps done", "stsb_dev": "STS-B dev Spearman x100 at the last evaluation",
+           "best_stsb_dev": "best STS-B dev Spearman x100 so far", "test_avg": "STS test average (x100), when evaluated"}
+_gauges: dict = {}
+
+
+def record_metrics(stage: str, metrics: dict, tags: dict) -> None:
+    """A training report as Ray metrics (`sparsecse_<stage>_<name>`, exported by every node's metrics agent on
+    Ray's Prometheus endpoint; cluster/grafana-sparsecse.json plots them): what the sweep is doing, per trial,
+    where Ray users look. Never fails a run: metrics are for watching."""
+    try:
+        from ray.util.metrics import Gauge
+
+        state = "evaluated" if metrics.get("evaluated") else "training"
+        values = {"step": metrics.get("step"), "stsb_dev": metrics.get("stsb_dev"),
+                  "best_stsb_dev": metrics.get("best_stsb_dev"), "test_avg": metrics.get("test/avg")}
+        for name, v in values.items():
+            if v is None or v != v:  # missing or NaN (ranks other than 0 report no dev score)
+                continue
+            key = f"sparsecse_{stage}_{name}"
+            if key not in _gauges:
+                _gauges[key] = Gauge(key, description=METRICS[name], tag_keys=METRIC_TAGS)
+            _gauges[key].set(float(v), tags={**tags, "state": state})
+    except Exception:  # noqa: BLE001 - no metrics agent (a bare worker), an old Ray: the run goes on
+        pass
 
 
 def train_checkpoint(local: Path) -> Path | None:
@@ -228,6 +261,9 @@ def tune_report(metrics: dict, checkpoint_dir: Path | None) -> None:
     from ray import tune
 
     ckpt = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+    record_metrics("trial", metrics, {"trial": str(metrics.get("trial", "")), "sparsity": str(metrics.get("sparsity", "")),
+                                      "lam": str(metrics.get("lam", "")), "seed": str(metrics.get("seed", "")),
+                                      "scorer": str(metrics.get("scorer", ""))})
     tune.report({**metrics, "node_id": node_id(), **rung(metrics)}, checkpoint=ckpt)
 
 

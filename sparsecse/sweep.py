@@ -131,6 +131,42 @@ def preflight(cfg: Config, ncpu: float, ngpu: float, where: str) -> None:
         raise SparseCSEError(f"config sweep.trial_cpus: {cfg.sweep.trial_cpus} exceeds the {ncpu:g} CPUs {where} has")
 
 
+def wait_for_resources(cfg: Config, resources, sleep=time.sleep, clock=time.monotonic) -> dict:
+    """The cluster's resources once they cover what the config asks for. An autoscaling cluster starts its
+    workers after the driver: for up to ray.wait_for_resources_s the driver waits for them, saying what it waits
+    for; then (or at once, with the wait at 0) the one-line preflight error."""
+    deadline, said = clock() + cfg.ray.wait_for_resources_s, None
+    while True:
+        res = resources()
+        try:
+            preflight(cfg, res.get("CPU", 0), res.get("GPU", 0), "the Ray cluster")
+            if said is not None:
+                print(f"[sweep] the cluster now has {res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU")
+            return res
+        except SparseCSEError as e:
+            if clock() >= deadline:
+                raise
+            if said != str(e):
+                said = str(e)
+                print(f"[sweep] waiting up to {deadline - clock():.0f} s for the cluster (an autoscaler may be "
+                      f"adding nodes): {said}")
+            sleep(min(5.0, max(0.1, deadline - clock())))
+
+
+def stage1_topology(cfg: Config, nodes: list[dict]) -> str | None:
+    """A warning when stage 1's data-parallel workers cannot share one node: every step then all-gathers the
+    batch's embeddings and all-reduces the gradients over the network, slower than one node's GPUs together."""
+    if cfg.ray.num_workers <= 1:
+        return None
+    kind, need = ("GPU", 1.0) if cfg.ray.use_gpu else ("CPU", cfg.ray.cpus_per_worker)
+    fit = max((int(n["resources"].get(kind, 0) // need) for n in nodes), default=0)
+    if fit >= cfg.ray.num_workers:
+        return None
+    return (f"[sweep] WARNING: stage 1's {cfg.ray.num_workers} workers (ray.num_workers) span nodes: the largest "
+            f"node fits {fit}; each step's all-gather crosses the network. Use nodes with {cfg.ray.num_workers} "
+            f"{kind}s (cluster/README.md) or lower ray.num_workers")
+
+
 def open_run(out: str, cfg: Config, resume: bool | str) -> tuple[Storage, SweepState, bool]:
     """The run's storage, state and whether it resumes; refuses to overwrite a run or resume one that is not there.
     resume="auto" (--resume-if-exists) continues a sweep found at `out` and starts one otherwise."""
@@ -512,9 +548,11 @@ def run_sweep(config_path: str, overrides=None, resume: bool | str = False, addr
         with refused_leaves_nothing(store, fresh=not resume):
             run = Run(cfg, store, data, state, resume, Tracking(cfg, store))  # a missing tracker fails here
             ra.connect(address, cfg.ray.num_cpus, dashboard=os.environ.get("SPARSECSE_DASHBOARD", "1") != "0",
-                       timeout_s=cfg.ray.connect_timeout_s)
-            res = ra.cluster_resources()
-            preflight(cfg, res.get("CPU", 0), res.get("GPU", 0), "the Ray cluster")
+                       timeout_s=cfg.ray.connect_timeout_s, metrics_port=cfg.ray.metrics_export_port)
+            res = wait_for_resources(cfg, ra.cluster_resources)
+            warning = stage1_topology(cfg, ra.compute_nodes())
+            if warning:
+                print(warning)
             print_plan(run, res)
             check_nodes(run)
             store.write_text("config.yaml", cfg.to_yaml())

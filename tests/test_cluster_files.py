@@ -211,3 +211,26 @@ def _containers(job: dict) -> list:
     rc = job["spec"]["rayClusterSpec"]
     pods = [rc["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in rc["workerGroupSpecs"]]
     return [c for p in pods for c in p["containers"] + p.get("initContainers", [])]
+
+
+def test_the_grafana_dashboard_plots_the_sweeps_metrics_beside_rays_own():
+    """cluster/grafana-sparsecse.json: every query names a metric the sweep exports (ray_adapter.record_metrics,
+    as Ray's exporter prefixes it) or one Ray 2.60's own node agent exports; the trials' metrics are all plotted."""
+    import ray
+
+    from sparsecse.ray_adapter import METRICS
+
+    dash = json.loads((CLUSTER / "grafana-sparsecse.json").read_text())
+    ours = {f"ray_sparsecse_{stage}_{name}" for stage in ("trial", "stage1") for name in METRICS}
+    agent = Path(ray.__file__).parent / "dashboard" / "modules"
+    rays = (agent / "reporter" / "reporter_agent.py").read_text() + \
+        (agent / "metrics" / "dashboards" / "default_dashboard_panels.py").read_text()
+    used = set()
+    for p in dash["panels"]:
+        assert p["datasource"]["uid"] == "${datasource}" and p["targets"], p["title"]
+        for t in p["targets"]:
+            for name in re.findall(r"\b(ray_[a-z_]+)\{", t["expr"]):
+                used.add(name)
+                assert name in ours or f'"{name.removeprefix("ray_")}"' in rays or f"{name}{{" in rays, name
+    assert {f"ray_sparsecse_trial_{n}" for n in METRICS} <= used and "ray_node_gpus_utilization" in used
+    assert {v["name"] for v in dash["templating"]["list"]} == {"datasource", "SessionName"}

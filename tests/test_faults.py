@@ -177,8 +177,11 @@ def test_driver_killed_then_resumed_makes_the_same_choice_as_an_uninterrupted_sw
 
 def test_a_trial_given_a_gpu_cuda_cannot_use_fails_in_one_line_instead_of_training_on_the_cpu(
         tmp_path, tiny_model_dir, tiny_data_dir):
-    """A Ray node that declares a GPU it does not have (as a node with a wrong torch wheel or an old driver looks to
-    Ray): asking for sweep.trial_gpus=1 must fail, naming the node and what torch saw — not train on the CPU."""
+    """A Ray cluster whose GPU node joins after the sweep started (as an autoscaler adds one) and declares a GPU it
+    does not have (as a node with a wrong torch wheel or an old driver looks to Ray). With the wait at 0 the sweep
+    refuses at once in one line (no GPU yet); with ray.wait_for_resources_s it waits, says what for, and goes on
+    when the node joins; then asking for sweep.trial_gpus=1 must fail, naming the node and what torch saw — not
+    train on the CPU."""
     from conftest import RAY_BIN, free_port
 
     head_tmp = f"/tmp/scse-gpu-{os.getpid()}"
@@ -187,18 +190,33 @@ def test_a_trial_given_a_gpu_cuda_cannot_use_fails_in_one_line_instead_of_traini
     env = {**os.environ, "SPARSECSE_DASHBOARD": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
     env.pop("RAY_ADDRESS", None)
     port = free_port()
+    ray = dict(env=env, capture_output=True, text=True, timeout=300, check=True)
     subprocess.run([RAY_BIN, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-                    "--num-gpus=1", "--include-dashboard=false", f"--temp-dir={head_tmp}", "--disable-usage-stats"],
-                   env=env, capture_output=True, text=True, timeout=300, check=True)
+                    "--num-gpus=0", "--include-dashboard=false", f"--temp-dir={head_tmp}", "--disable-usage-stats"], **ray)
     try:
         cfg = _write_cfg(tmp_path / "c.yaml", tiny_model_dir, sparsities=(0.1,), lams=(0.5,))
-        r = _sweep(cfg, tmp_path / "run", tiny_data_dir, "--address", f"127.0.0.1:{port}", "--set",
-                   "sweep.trial_gpus=1", "--set", "ray.num_cpus=null", env=env)
+        args = ["--address", f"127.0.0.1:{port}", "--set", "sweep.trial_gpus=1", "--set", "ray.num_cpus=null"]
+        now = _sweep(cfg, tmp_path / "now", tiny_data_dir, *args, env=env)
+        err = now.stderr.strip().splitlines()
+        assert now.returncode == 2 and "asks for a GPU but the Ray cluster has none" in err[-1], now.stderr[-2000:]
+        e = {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}
+        log = tmp_path / "wait.log"
+        with log.open("w") as f:
+            proc = subprocess.Popen([sys.executable, "-m", "sparsecse", "sweep", str(cfg), "--out", str(tmp_path / "run"),
+                                     "--data-dir", str(tiny_data_dir), *args, "--set", "ray.wait_for_resources_s=120"],
+                                    env=e, stdout=f, stderr=subprocess.STDOUT)
+        _wait_for("the driver waiting for a GPU", proc, lambda: "waiting up to" in log.read_text())
+        subprocess.run([RAY_BIN, "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1",
+                        "--num-cpus=1", "--num-gpus=1", "--disable-usage-stats"], **ray)  # the GPU node joins
+        proc.wait(timeout=600)
     finally:
         kill_processes_mentioning(head_tmp)
+        kill_processes_mentioning(f"127.0.0.1:{port}")  # the joined node's processes (the head's temp dir or not)
         shutil.rmtree(head_tmp, ignore_errors=True)
-    last = r.stderr.strip().splitlines()[-1]
-    assert r.returncode != 0 and last.startswith("sparsecse: error: "), r.stderr[-3000:]
-    assert "Ray gave this task 1 GPU but torch" in last and "cannot use CUDA" in last and "node " in last
+    out = log.read_text()
+    assert "the cluster now has 3 CPU, 1 GPU" in out, out[-3000:]
+    last = [x for x in out.strip().splitlines() if x.startswith("sparsecse: error: ")][-1]
+    assert proc.returncode != 0 and "Ray gave this task 1 GPU but torch" in last and "cannot use CUDA" in last
+    assert "node " in last
     assert not (tmp_path / "run" / "tune").exists()  # no trial trained anything, on any device
 

@@ -37,8 +37,10 @@ ray: {{num_workers: 1, cpus_per_worker: 1, num_cpus: 2}}
     return path
 
 
-def _sweep(cfg: Path, out: Path, data: Path, *extra, env=None) -> subprocess.CompletedProcess:
-    """`sparsecse sweep` in a subprocess on a fresh local Ray; faults (tests/faults.py) fire as `env` says."""
+def _sweep(cfg: Path, out: Path, data: Path, *extra, env=None, scrape: int | None = None):
+    """`sparsecse sweep` in a subprocess on a fresh local Ray; faults (tests/faults.py) fire as `env` says.
+    `scrape`: every 2 s while it runs, the Prometheus endpoint at that port is read; the lines of sparsecse's own
+    metrics seen are returned as the result's `.metrics`."""
     e = {**os.environ, "SPARSECSE_DASHBOARD": "0", "RAY_ADDRESS": "", **(env or {})}
     e.pop("RAY_ADDRESS")
     if "SPARSECSE_FAULT" in e:
@@ -46,16 +48,43 @@ def _sweep(cfg: Path, out: Path, data: Path, *extra, env=None) -> subprocess.Com
 
         tests = str(Path(faults.__file__).parent)
         e.update(faults.ENV, PYTHONPATH=os.pathsep.join(filter(None, [tests, e.get("PYTHONPATH")])))
-    return subprocess.run([sys.executable, "-m", "sparsecse", "sweep", str(cfg), "--out", str(out),
-                           "--data-dir", str(data), *extra], capture_output=True, text=True, env=e, timeout=900)
+    argv = [sys.executable, "-m", "sparsecse", "sweep", str(cfg), "--out", str(out), "--data-dir", str(data), *extra]
+    if scrape is None:
+        return subprocess.run(argv, capture_output=True, text=True, env=e, timeout=900)
+    import time
+    import urllib.request
+
+    seen: set[str] = set()
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e) as proc:
+        import threading
+
+        outs: dict = {}
+        reader = threading.Thread(target=lambda: outs.update(zip(("out", "err"), proc.communicate(timeout=900))))
+        reader.start()
+        while reader.is_alive():
+            try:
+                text = urllib.request.urlopen(f"http://127.0.0.1:{scrape}/metrics", timeout=5).read().decode()
+                seen.update(x for x in text.splitlines() if x.startswith("ray_sparsecse_"))
+            except OSError:  # Ray not up yet, or gone
+                pass
+            time.sleep(2)
+        reader.join()
+    r = subprocess.CompletedProcess(argv, proc.returncode, outs.get("out", ""), outs.get("err", ""))
+    r.metrics = sorted(seen)
+    return r
 
 
 @pytest.fixture(scope="module")
 def finished_sweep(tmp_path_factory, tiny_model_dir, tiny_data_dir):
+    from conftest import free_port
+
     d = tmp_path_factory.mktemp("sweep")
     cfg = _write_cfg(d / "tiny.yaml", tiny_model_dir)
+    port = free_port()  # the local Ray's Prometheus endpoint, scraped while the sweep runs
+    cfg.write_text(cfg.read_text().replace("num_cpus: 2}", f"num_cpus: 2, metrics_export_port: {port}}}"))
     # two faults: the rank-0 stage-1 worker is SIGKILLed after its step-2 checkpoint, a trial process exits mid-run
-    r = _sweep(cfg, d / "run", tiny_data_dir, env={"SPARSECSE_FAULT": "stage1-kill:2,trial-exit:s0.300_l0.75_seed1"})
+    r = _sweep(cfg, d / "run", tiny_data_dir, env={"SPARSECSE_FAULT": "stage1-kill:2,trial-exit:s0.300_l0.75_seed1"},
+               scrape=port)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return cfg, d / "run", r
 
@@ -90,6 +119,12 @@ def test_sweep_reports_every_point_once_and_selects_the_dev_argmax(finished_swee
         assert len(list((run / "models" / "trials" / t["trial"]).glob("*/best-*"))) == 1, t["trial"]
         assert (run / best_model(Storage(str(run)), t["checkpoint"]) / "model.safetensors").is_file()
     assert not (run / "trials").exists() and not (run / "models" / "stage1").exists()
+    # while it ran, Ray's Prometheus endpoint served the trials' progress as metrics labelled with their point
+    got = "\n".join(finished_sweep[2].metrics)
+    for t in res["trials"]:
+        assert f'trial="{t["trial"]}"' in got and f'sparsity="{t["sparsity"]}"' in got, (t["trial"], got[:2000])
+    assert "ray_sparsecse_trial_best_stsb_dev{" in got and 'state="evaluated"' in got
+    assert "ray_sparsecse_stage1_step{" in got
     # the plan printed before the sweep started, kept beside its results; its wall time within a loose bound of
     # the measured one (this tiny model's sweep is all fixed costs; BENCHMARKS 9 holds the quickstart to ±30 %)
     plan = json.loads((run / "plan.json").read_text())

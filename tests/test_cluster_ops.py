@@ -1,0 +1,91 @@
+"""Cluster operations without a cluster: the driver waits for an autoscaling cluster's nodes (ray.wait_for_resources_s)
+on a fake clock. A real Ray cluster gaining its GPU node after the sweep started is in tests/test_faults.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from sparsecse import SparseCSEError
+from sparsecse.config import load_config
+from sparsecse.sweep import wait_for_resources
+
+
+class Cluster:
+    """Resources that grow when the clock passes `at` (a worker node joining)."""
+
+    def __init__(self, before: dict, after: dict, at: float):
+        self.t, self.before, self.after, self.at = 0.0, before, after, at
+
+    def resources(self) -> dict:
+        return self.after if self.t >= self.at else self.before
+
+    def sleep(self, s: float) -> None:
+        self.t += s
+
+
+def test_the_driver_waits_for_gpu_workers_an_autoscaler_adds(capsys):
+    cfg = load_config(None, ["sweep.trial_gpus=1", "ray.wait_for_resources_s=120"])
+    c = Cluster({"CPU": 4}, {"CPU": 12, "GPU": 1}, at=30)
+    res = wait_for_resources(cfg, c.resources, sleep=c.sleep, clock=lambda: c.t)
+    assert res == {"CPU": 12, "GPU": 1} and 30 <= c.t <= 35
+    out = capsys.readouterr().out
+    assert out.count("waiting up to 120 s for the cluster") == 1 and "asks for a GPU" in out
+    assert "the cluster now has 12 CPU, 1 GPU" in out
+
+
+def test_without_the_wait_or_past_it_the_preflight_refuses_in_one_line(capsys):
+    c = Cluster({"CPU": 4}, {"CPU": 12, "GPU": 1}, at=30)
+    with pytest.raises(SparseCSEError, match="sweep.trial_gpus: asks for a GPU but the Ray cluster has none"):
+        wait_for_resources(load_config(None, ["sweep.trial_gpus=1"]), c.resources, sleep=c.sleep, clock=lambda: c.t)
+    assert c.t == 0 and capsys.readouterr().out == ""  # at once: the default wait is 0
+    with pytest.raises(SparseCSEError, match="asks for a GPU"):
+        wait_for_resources(load_config(None, ["sweep.trial_gpus=1", "ray.wait_for_resources_s=10"]), c.resources,
+                           sleep=c.sleep, clock=lambda: c.t)
+    assert 10 <= c.t < 30
+
+
+def test_stage1_workers_that_cannot_share_one_node_are_warned_about():
+    from sparsecse.sweep import stage1_topology
+
+    four_gpu = [{"resources": {"CPU": 48, "GPU": 4}}, {"resources": {"CPU": 48, "GPU": 4}}]
+    one_gpu = [{"resources": {"CPU": 8, "GPU": 1}}] * 4
+    gpu = load_config(None, ["ray.num_workers=4", "ray.use_gpu=true"])
+    assert stage1_topology(gpu, four_gpu) is None
+    warning = stage1_topology(gpu, one_gpu)
+    assert "4 workers (ray.num_workers) span nodes: the largest node fits 1" in warning
+    cpu = load_config(None, ["ray.num_workers=2", "ray.cpus_per_worker=4"])
+    assert stage1_topology(cpu, [{"resources": {"CPU": 8}}]) is None
+    assert "fits 1" in stage1_topology(cpu, [{"resources": {"CPU": 6}}, {"resources": {"CPU": 6}}])
+    assert stage1_topology(load_config(None, []), one_gpu) is None  # one worker: nothing to span
+
+
+def test_the_cluster_files_fit_stage1_on_one_node_and_give_the_autoscaler_its_rights():
+    """Both cluster files run the paper config's stage 1 on one machine (its ray.num_workers GPUs in one pod / one
+    instance), and `ray up`'s head can launch workers and pass them their S3 role (an S3-only head role cannot)."""
+    import json
+    import shlex
+    from pathlib import Path
+
+    import yaml
+
+    cluster = Path(__file__).resolve().parents[1] / "cluster"
+    job = next(d for d in yaml.safe_load_all((cluster / "rayjob.yaml").read_text()) if d["kind"] == "RayJob")
+    config = shlex.split(job["spec"]["entrypoint"])[4].replace("/home/ray/sparsecse/", "")
+    workers = load_config(Path(__file__).resolve().parents[1] / config).ray.num_workers
+    pod = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    assert int(pod["resources"]["limits"]["nvidia.com/gpu"]) >= workers
+    gpus_of = {"g5.12xlarge": 4, "g5.48xlarge": 8, "p4d.24xlarge": 8, "p5.48xlarge": 8}
+    up = yaml.safe_load((cluster / "gpu-cluster.yaml").read_text())
+    nodes = up["available_node_types"]
+    assert gpus_of[nodes["gpu_worker"]["node_config"]["InstanceType"]] >= workers
+    head_profile = nodes[up["head_node_type"]]["node_config"]["IamInstanceProfile"]["Name"]
+    worker_profile = nodes["gpu_worker"]["node_config"]["IamInstanceProfile"]["Name"]
+    head = json.loads((cluster / "iam" / "head-policy.json").read_text())["Statement"]
+    actions = {a for st in head for a in st["Action"]}
+    assert {"ec2:RunInstances", "ec2:TerminateInstances", "iam:PassRole", "s3:PutObject"} <= actions
+    passes = next(st for st in head if "iam:PassRole" in st["Action"])["Resource"]
+    assert f"arn:aws:iam::*:role/{worker_profile}" in passes
+    worker = json.loads((cluster / "iam" / "worker-policy.json").read_text())["Statement"]
+    assert all(a.startswith("s3:") for st in worker for a in st["Action"])
+    readme = (cluster / "README.md").read_text()
+    assert f"for r in {head_profile} {worker_profile}; do" in readme
