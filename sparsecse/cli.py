@@ -233,6 +233,14 @@ def cmd_sweep(a) -> int:
     return 0
 
 
+def cmd_stage(a) -> int:
+    from .staging import stage
+
+    out = stage(a.to, Path(a.data_dir).expanduser() if a.data_dir else None, a.model)
+    print("[stage] point the config at the staged copies: " + " ".join(f"--set {k}={v}" for k, v in out.items()))
+    return 0
+
+
 def cmd_plan(a) -> int:
     from dataclasses import asdict
 
@@ -240,9 +248,12 @@ def cmd_plan(a) -> int:
     from .data import default_data_dir
     from .plan import make_plan, render
 
+    from .staging import is_staged_uri
+
     cfg = load_config(a.config, a.set)
-    data = default_data_dir(a.data_dir or cfg.data.dir)
-    p = make_plan(cfg, data if data.is_dir() else None, a.gpu, a.gpus, a.cpus)
+    given = a.data_dir or cfg.data.dir
+    data = None if is_staged_uri(given) else default_data_dir(given)  # staged: known corpus sizes, no download
+    p = make_plan(cfg, data if data and data.is_dir() else None, a.gpu, a.gpus, a.cpus)
     print(json.dumps(asdict(p), indent=1) if a.json else render(p))
     return 0
 
@@ -448,6 +459,11 @@ def _run_commands(sub) -> None:
     f.add_argument("--base-url")
     f.add_argument("--quiet", action="store_true")
     f.set_defaults(fn=cmd_fetch)
+    g = dsub.add_parser("stage", help="copy the data dir and a pinned model snapshot into storage, with checksums")
+    g.add_argument("--to", required=True, help="storage URI (or path) to stage under, e.g. s3://bucket/staged")
+    g.add_argument("--data-dir", help="the data dir to stage (after `sparsecse data fetch`)")
+    g.add_argument("--model", help="NAME@REVISION of a hub model (or a local directory) to stage")
+    g.set_defaults(fn=cmd_stage)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,15 +52,20 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def write_manifest(directory: str | os.PathLike) -> dict:
+def manifest_of(directory: str | os.PathLike) -> dict:
+    """{"files": {relative path: {"size", "sha256"}}} of every file under `directory` (its manifest.json aside)."""
     directory = Path(directory)
     files = {}
     for p in sorted(directory.rglob("*")):
         if p.is_file() and p.name != MANIFEST:
             rel = p.relative_to(directory).as_posix()
             files[rel] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
-    manifest = {"files": files}
-    atomic_write_json(directory / MANIFEST, manifest)
+    return {"files": files}
+
+
+def write_manifest(directory: str | os.PathLike) -> dict:
+    manifest = manifest_of(directory)
+    atomic_write_json(Path(directory) / MANIFEST, manifest)
     return manifest
 
 

@@ -72,6 +72,12 @@ def default_model_path() -> str:
 
 
 def resolve_model_path(name: str) -> str:
+    """"minilm" → the packaged model; a staged URI (`sparsecse data stage --model`) → its verified node-local copy;
+    anything else (a hub name, a directory) as it is."""
+    from .staging import is_staged_uri, local
+
+    if is_staged_uri(name):
+        return str(local(name))
     return default_model_path() if name in (DEFAULT_MODEL, "all-MiniLM-L6-v2") else name
 
 

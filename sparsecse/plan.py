@@ -83,6 +83,14 @@ def model_shape(name: str) -> Shape:
 
     from .model import resolve_model_path
 
+    from .staging import is_staged_uri
+
+    if is_staged_uri(name):  # a staged copy, models/NAME@REVISION: its shape by name (no download to plan)
+        base = name.rstrip("/").rsplit("/", 1)[-1].split("@", 1)[0]
+        name = next((k for k in KNOWN_SHAPES if k.replace("/", "_") == base), name)
+        if name in KNOWN_SHAPES:
+            return Shape(*KNOWN_SHAPES[name])
+        raise SparseCSEError(f"model.name {name}: a staged model of unknown shape; plan with a local copy")
     cfg_file = Path(resolve_model_path(name)).expanduser() / "config.json"
     if cfg_file.is_file():
         c = json.loads(cfg_file.read_text())

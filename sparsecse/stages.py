@@ -27,6 +27,7 @@ from . import SparseCSEError
 from .checkpoints import Persist
 from .config import config_from_dict
 from .results import PARAMS, Point, sts_tasks
+from .staging import is_staged_uri, local as local_data
 from .storage import Storage, fetch_model, scratch_dir
 
 Report = Callable[[dict, "Path | None"], None]  # report(metrics, checkpoint dir or None)
@@ -113,9 +114,9 @@ def train_loop(loop_config: dict, *, rank: int = 0, world: int = 1, device=None,
         tb = tmp / "tensorboard" if rank == 0 and "tensorboard" in cfg.sweep.loggers else None
         callbacks = [*installed_callbacks("stage1", rank, store), *([TensorBoardSync(store, tb, "simcse")] if tb else []),
                      OnReport(persist)]
-        train_simcse(cfg, tmp / "out", Path(loop_config["data_dir"]), dist=Dist(rank, world, device or "cpu", wrap),
-                     callbacks=callbacks, resume_dir=persist.restore(restored(tmp / "resume")), tb_dir=tb,
-                     progress=False)
+        train_simcse(cfg, tmp / "out", local_data(loop_config["data_dir"]),
+                     dist=Dist(rank, world, device or "cpu", wrap), callbacks=callbacks,
+                     resume_dir=persist.restore(restored(tmp / "resume")), tb_dir=tb, progress=False)
 
 
 # --------------------------------------------------------------------------- stage 2: scoring task
@@ -127,6 +128,7 @@ def score_task(store_uri: str, model_rel: str, data_dir: str, cfg_dict: dict, th
     setup_worker(threads)
     cfg = config_from_dict(cfg_dict)
     store = Storage(store_uri)
+    data_dir = str(local_data(data_dir))  # a staged URI: this node's verified copy
     pairs, leak = scoring_pairs(cfg, Path(data_dir))
     with scratch_dir("score") as tmp:
         enc = load_encoder(str(fetch_model(store, model_rel, tmp))).to(task_device(gpus))
@@ -199,6 +201,7 @@ def trial(point: Point, *, store_uri: str, data_dir: str, cfg_dict: dict, scores
 
     t0 = time.perf_counter()
     name = point.name
+    data_dir = str(local_data(data_dir))  # a staged URI: this node's verified copy
     cfg = config_from_dict(cfg_dict)
     cfg = cfg.replace(train=type(cfg.train)(**{**cfg.to_dict()["train"], "seed": point.seed}))
     store = Storage(store_uri)
@@ -264,6 +267,7 @@ def evaluate_task(store_uri: str, model_rel: str | None, data_dir: str, cfg_dict
     setup_worker(threads)
     cfg = config_from_dict(cfg_dict)
     store = Storage(store_uri)
+    data_dir = str(local_data(data_dir))
     out: dict = {}
     with scratch_dir("eval") as tmp:
         # model_rel None: the pre-trained backbone itself (cfg.model.name), for reference
@@ -290,6 +294,7 @@ def pilot_task(store_uri: str, model_rel: str, data_dir: str, cfg_dict: dict, th
     cfg = config_from_dict(cfg_dict)
     store = Storage(store_uri)
     scores = load_scores(store.read_bytes("scores.parquet"), name=store.url("scores.parquet"))
+    data_dir = str(local_data(data_dir))
     with scratch_dir("pilot") as tmp:
         enc = load_encoder(str(fetch_model(store, model_rel, tmp)), pooler=cfg.model.eval_pooler).to(task_device(gpus))
         return pilot(enc.eval(), scores, Path(data_dir), sparsities_with_zero(cfg.sweep.sparsities), lam=pilot_lam(cfg),
@@ -318,7 +323,7 @@ def export_task(store_uri: str, model_rel: str, cfg_dict: dict, results: dict | 
     with scratch_dir("export") as tmp:
         out = export_model(str(fetch_model(store, model_rel, tmp)), tmp / "export", pooler=cfg.model.eval_pooler,
                            results=results, onnx=cfg.sweep.export_onnx,
-                           data_dir=Path(data_dir) if data_dir and cfg.sweep.export_onnx else None)
+                           data_dir=local_data(data_dir) if data_dir and cfg.sweep.export_onnx else None)
         store.upload_dir(out, "export")
     return store.url("export")
 
@@ -337,10 +342,17 @@ def check_node(store_uri: str, marker_rel: str | None, data_dir: str, paths: lis
                             "use an s3://, gs:// or abfs:// URI or a path mounted on every node (NFS)")
     except SparseCSEError as e:
         problems.append(str(e))
-    missing = [p for p in paths if not (Path(data_dir) / p).exists()]
+    try:  # a staged data dir or model (a URI) is fetched to this node and verified here, once
+        data = local_data(data_dir)
+        if is_staged_uri(model):
+            local_data(model)
+    except SparseCSEError as e:
+        return [*problems, str(e)]
+    missing = [p for p in paths if not (data / p).exists()]
     if missing:
-        problems.append(f"cannot read {Path(data_dir) / missing[0]} ({len(missing)} of the data paths missing); "
-                        "mount the data at the same --data-dir on every node or run `sparsecse data fetch` there")
+        problems.append(f"cannot read {data / missing[0]} ({len(missing)} of the data paths missing); "
+                        "mount the data at the same --data-dir on every node, run `sparsecse data fetch` there, or "
+                        "stage it once (`sparsecse data stage`)")
     if model.startswith(("/", ".", "~")) and not Path(model).expanduser().is_dir():  # a local model directory
         problems.append(f"cannot read model.name {model} (not a directory on this node); put it on every node")
     return problems

@@ -32,6 +32,7 @@ from . import SparseCSEError, TrialsFailed
 from . import ray_adapter as ra
 from .checkpoints import MODELS, best_model
 from .runlock import LOCK, RunLock
+from .staging import is_staged_uri
 from . import figures, stages
 from . import select as choose
 from .config import TRANSFER_TASKS, Config, config_from_dict, load_config
@@ -492,6 +493,8 @@ def check_sparsities(cfg: Config) -> None:
     from .model import quiet_transformers, resolve_model_path
     from .prune import count_pruned
 
+    if is_staged_uri(cfg.model.name):  # staged in storage: the trials read its shape (no download on the driver)
+        return
     path = Path(resolve_model_path(cfg.model.name)).expanduser()
     if not (path / "config.json").is_file():  # a hub name: not looked up from the driver (no network wait here)
         return
@@ -539,7 +542,11 @@ def run_sweep(config_path: str, overrides=None, resume: bool | str = False, addr
 
         preflight(cfg, cfg.ray.num_cpus or os.cpu_count() or 1, torch.cuda.device_count(), "this machine")
     # on a cluster the data dir is read by the nodes, not by the driver: check_nodes asks each of them
-    data = str(default_data_dir(data_dir or cfg.data.dir) if on_cluster else resolve_data_dir(data_dir or cfg.data.dir))
+    given = data_dir or cfg.data.dir
+    if is_staged_uri(given):  # staged in storage (`sparsecse data stage`): every node fetches and verifies it
+        data = str(given).rstrip("/")
+    else:
+        data = str(default_data_dir(given) if on_cluster else resolve_data_dir(given))
     store, state, resume = open_run(out or f"runs/{Path(config_path).stem}", cfg, resume)
     lock = RunLock(store, cfg.ray.lock_stale_s)
     t_start = time.perf_counter()
@@ -575,8 +582,9 @@ def print_plan(run: Run, resources: dict) -> None:
     gpus = int(resources.get("GPU", 0))
     gpu = "h100" if gpus and (cfg.sweep.trial_gpus or cfg.ray.use_gpu) else "cpu"
     try:
-        data = Path(run.data_dir)
-        p = make_plan(cfg, data if data.is_dir() else None, gpu, gpus or None, int(resources.get("CPU", 0)) or None)
+        data = None if is_staged_uri(run.data_dir) else Path(run.data_dir)
+        p = make_plan(cfg, data if data and data.is_dir() else None, gpu, gpus or None,
+                      int(resources.get("CPU", 0)) or None)
     except SparseCSEError as e:  # a model or corpus only the nodes can read: no plan, the sweep still runs
         print(f"[plan] not available here: {e}")
         return

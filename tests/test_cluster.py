@@ -149,6 +149,7 @@ def job(private_tmp_cluster, node_inputs, s3, tmp_path_factory):
     trial runs on the worker node (it has reported, so its checkpoint is in the bucket), that node dies: raylet and
     workers SIGKILLed (issue 7, fault 5). The finished job, for the tests below. (The last user of this module's
     cluster: it has one node left afterwards.)"""
+    from sparsecse.staging import stage
     from sparsecse.storage import Storage
 
     c, tmp = private_tmp_cluster, tmp_path_factory.mktemp("job")
@@ -156,9 +157,13 @@ def job(private_tmp_cluster, node_inputs, s3, tmp_path_factory):
     cfg.write_text(cfg.read_text().replace("max_steps: 4, eval_steps: 2", "max_steps: 60, eval_steps: 2"))
     out = f"s3://{s3.bucket}/job"
     st = Storage(out)
-    cmd = [RAY_BIN, "job", "submit", f"--address={c['dashboard']}", f"--working-dir={REPO}", "--",
-           sys.executable, "-m", "sparsecse", "sweep", str(cfg), "--out", out,
-           "--data-dir", str(node_inputs / "data"), "--set", "ray.num_cpus=null"]
+    # the data and the model staged once in the bucket: each node fetches and verifies its own copy (its cache in
+    # its own /tmp), and no node reads a local data dir or model
+    staged = stage(f"s3://{s3.bucket}/staged", node_inputs / "data", f"{node_inputs / 'model'}@v1")
+    cmd = [RAY_BIN, "job", "submit", f"--address={c['dashboard']}", f"--working-dir={REPO}",
+           "--runtime-env-json", json.dumps({"env_vars": {"SPARSECSE_CACHE": "/tmp/sparsecse-node-cache"}}), "--",
+           sys.executable, "-m", "sparsecse", "sweep", str(cfg), "--out", out, "--data-dir", staged["data.dir"],
+           "--set", f"model.name={staged['model.name']}", "--set", "ray.num_cpus=null"]
     log = tmp / "job.log"
     deadline = time.time() + 180
     while True:  # right after `ray start` the head's job agent may not be up yet: the job is not created then

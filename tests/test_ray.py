@@ -268,7 +268,7 @@ def test_sweep_with_controls_and_both_readings_runs_every_method_and_reports_com
     scores = load_scores(tmp_path / "run" / "scores.parquet")
     by = {t["trial"]: t for t in res["trials"]}
     for name, normalize in (("s0.300_l0.50_seed1", "none"), ("s0.300_l0.50_norm-layer_seed1", "layer")):
-        best = tmp_path / "run" / by[name]["checkpoint"] / "best"
+        best = tmp_path / "run" / best_model(Storage(str(tmp_path / "run")), by[name]["checkpoint"])
         assert json.loads((best / "sparsecse.json").read_text())["normalize"] == normalize
         hm, nm = select_masks(*scores.importance(0.5, "gradient", normalize), 0.3)
         enc = load_encoder(str(best))
