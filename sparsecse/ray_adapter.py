@@ -302,6 +302,41 @@ def _tune_trainable(trial: Callable, reading: tuple[str, str]) -> Callable:
     return trial_fn
 
 
+def live_report_callback(live: dict):
+    """A Tune callback (on the driver) that rewrites report.html in the run's storage after each trial result, at
+    most every `every_s` seconds and at each trial's end: the live report (`live["write"]`, a picklable callable:
+    Tune keeps its callbacks with the experiment)."""
+    from ray.tune import Callback
+
+    class LiveReport(Callback):
+        def __init__(self, live: dict):
+            self.live, self.last = live, 0.0
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            self._write(trials, force=False)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._write(trials, force=True)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._write(trials, force=True)
+
+        def _write(self, trials, force: bool) -> None:
+            import time
+
+            if not force and time.monotonic() - self.last < self.live.get("every_s", 10.0):
+                return
+            self.last = time.monotonic()
+            records = [{"config": t.config, "metrics": t.last_result or {},
+                        "error": "error" if t.status == "ERROR" else None} for t in trials if t.last_result]
+            try:
+                self.live["write"](records)
+            except Exception as e:  # noqa: BLE001 - a live page must never stop the sweep
+                print(f"[sweep] live report not written: {str(e).splitlines()[0][:200]}")
+
+    return LiveReport(live)
+
+
 @dataclass(frozen=True)
 class TuneRun:
     """How a sweep's trials run: the run's storage, per-trial resources, concurrency, retries, whether to restore an
@@ -316,6 +351,7 @@ class TuneRun:
     resume: bool
     trackers: dict = field(default_factory=dict)
     reading: tuple[str, str] = ("gradient", "none")
+    live: dict | None = None  # {"write": callable(records), "every_s": s}: the live report (live_report_callback)
 
 
 def logger_callbacks(trackers: dict) -> list:
@@ -392,7 +428,8 @@ def _tuner_settings(tune, points: list[Point], run: TuneRun, name: str, asha: di
         # num_to_keep=1: one checkpoint per trial in storage. Tune then snapshots the experiment state at each
         # checkpoint, which train.checkpoint_every keeps rare (checkpoints.py)
         "run_config": tune.RunConfig(name=name, storage_path=path, storage_filesystem=fs,
-                                     callbacks=logger_callbacks(run.trackers),
+                                     callbacks=logger_callbacks(run.trackers)
+                                     + ([live_report_callback(run.live)] if run.live else []),
                                      failure_config=tune.FailureConfig(max_failures=run.max_failures),
                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=1),
     }

@@ -387,3 +387,28 @@ def render_html(inp: ReportInputs) -> str:
             '<meta name=viewport content="width=device-width, initial-scale=1">'
             f"<title>SparseCSE report — {html.escape(inp.title)}</title><style>{CSS}</style></head>\n<body>\n"
             + "\n".join(body) + "\n</body></html>\n")
+
+
+def render_live_html(title: str, flat: list[dict], total: int | None) -> str:
+    """report.html while the sweep runs (rewritten after each trial result): how far it is, the best STS-B dev so
+    far, and every trial as it stands; the full report replaces it when the sweep ends."""
+    from types import SimpleNamespace
+
+    from markdown_it import MarkdownIt
+
+    done = [x for x in flat if x["status"] == "done"]
+    devs = [x for x in flat if x.get("best_stsb_dev") is not None]
+    best = max(devs, key=lambda x: x["best_stsb_dev"]) if devs else None
+    lines = [f"# SparseCSE report — {title} (sweep in progress)", "",
+             f"**{len(done)} of {total if total else '?'} trials finished**, {len(flat) - len(done)} running or "
+             "stopped. This page is rewritten after every trial result and replaced by the full report when the sweep "
+             "ends; reload it to follow the sweep.", ""]
+    if best is not None:
+        lines += [f"Best STS-B dev so far: **{best['best_stsb_dev']:.2f}** — {best['method']}, sparsity "
+                  f"{best['sparsity']}, λ {best['lam']}, seed {best['seed']} ({best['status']}).", ""]
+    lines += _all_trials(SimpleNamespace(flat=flat))
+    body = MarkdownIt("commonmark", {"html": False}).enable("table").render("\n".join(lines))
+    return ("<!doctype html>\n<html lang=en><head><meta charset=utf-8><meta http-equiv=refresh content=60>"
+            '<meta name=viewport content="width=device-width, initial-scale=1">'
+            f"<title>SparseCSE (running) — {html.escape(title)}</title><style>{CSS}</style></head>\n<body>\n"
+            + body + "\n</body></html>\n")

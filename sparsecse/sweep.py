@@ -302,9 +302,12 @@ def trials_stage(run: Run, scores) -> list[TrialResult]:
     params = {"store_uri": run.store.uri, "data_dir": run.data_dir, "cfg_dict": cfg.to_dict(), "scores": scores,
               "simcse_scores": stages.load_simcse_scores(run.store, cfg)}
     # trials of sweeps from before the readings were grid parameters ran the config's first (then only) one
+    reading = (cfg.score.combine[0], cfg.score.normalize[0])
+    total = cfg.sweep.num_samples + sum(p.is_control for p in grid_points(cfg)) if cfg.sweep.search == "optuna" \
+        else len(grid_points(cfg))
     tune_run = ra.TuneRun(run.store, cfg.sweep.trial_cpus, cfg.sweep.trial_gpus, cfg.sweep.max_concurrent_trials,
-                          cfg.sweep.max_failures, run.resume, run.tracking.logger_settings(),
-                          (cfg.score.combine[0], cfg.score.normalize[0]))
+                          cfg.sweep.max_failures, run.resume, run.tracking.logger_settings(), reading,
+                          {"write": LiveReport(run.store.uri, cfg.to_dict(), total, reading), "every_s": 10.0})
     results = []
     if cfg.sweep.search == "optuna":
         controls = [p for p in grid_points(cfg) if p.is_control]
@@ -327,6 +330,24 @@ def trials_stage(run: Run, scores) -> list[TrialResult]:
     run.tracking.sync()  # the trials' MLflow / W&B runs (Tune's callbacks wrote them on the driver)
     account_for_points(cfg, results)
     return results
+
+
+class LiveReport:
+    """report.html while the trials run (Tune calls it from the driver after trial results,
+    ray_adapter.live_report_callback): every trial as it stands. Picklable (Tune keeps its callbacks with the
+    experiment): the run's storage is reopened from its URI."""
+
+    def __init__(self, store_uri: str, cfg_dict: dict, total: int, reading: tuple[str, str]):
+        self.store_uri, self.cfg_dict, self.total, self.reading = store_uri, cfg_dict, total, reading
+
+    def __call__(self, records: list[dict]) -> None:
+        from .report import render_live_html
+
+        cfg = config_from_dict(self.cfg_dict)
+        store = Storage(self.store_uri)
+        results = [TrialResult.from_record(r, self.reading) for r in records]
+        flat = choose.results_table(results, [*sts_tasks(cfg.eval.tasks), "avg"])
+        store.write_text("report.html", render_live_html(Path(store.root).name, flat, self.total))
 
 
 MISSING_EXPERIMENT = "tune-missing"  # grid points a restored experiment had lost, run on resume

@@ -89,3 +89,33 @@ def test_the_cluster_files_fit_stage1_on_one_node_and_give_the_autoscaler_its_ri
     assert all(a.startswith("s3:") for st in worker for a in st["Action"])
     readme = (cluster / "README.md").read_text()
     assert f"for r in {head_profile} {worker_profile}; do" in readme
+
+
+def test_the_live_report_is_rewritten_from_tunes_trial_results(tmp_path):
+    """While the trials run, report.html in the run is the live page: every trial as Tune last heard of it, how many
+    finished and the best dev so far; Tune's callback throttles the rewrites, writes at each trial's end, and
+    pickles (Tune keeps it with the experiment)."""
+    from types import SimpleNamespace
+
+    import ray.cloudpickle
+
+    from sparsecse import ray_adapter as ra
+    from sparsecse.results import Point
+    from sparsecse.sweep import LiveReport
+
+    cfg = load_config(None, ["eval.tasks=[STSBenchmark]"])
+    writer = LiveReport(str(tmp_path / "run"), cfg.to_dict(), 3, ("gradient", "none"))
+    done = {**Point(0.1, 0.5, 1).params(), "evaluated": True, "step": 4, "best_stsb_dev": 81.25,
+            "test/STSBenchmark": 77.5, "test/avg": 77.5}
+    running = {**Point(0.3, 0.5, 1).params(), "evaluated": False, "step": 2, "best_stsb_dev": 80.0}
+    trial = lambda m, status="RUNNING": SimpleNamespace(config=Point.from_params(m).params(), last_result=m,  # noqa
+                                                         status=status)
+    cb = ra.live_report_callback({"write": writer, "every_s": 3600})
+    cb = ray.cloudpickle.loads(ray.cloudpickle.dumps(cb))
+    cb.on_trial_complete(1, [trial(done, "TERMINATED"), trial(running)], None)
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert "sweep in progress" in page and "1 of 3 trials finished" in page and "81.25" in page
+    assert page.count("<tr>") == 3  # the header and two trials
+    (tmp_path / "run" / "report.html").unlink()
+    cb.on_trial_result(2, [trial(done, "TERMINATED"), trial(running)], None, running)
+    assert not (tmp_path / "run" / "report.html").exists()  # throttled: the last write was just now

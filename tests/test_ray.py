@@ -104,6 +104,7 @@ def test_sweep_reports_every_point_once_and_selects_the_dev_argmax(finished_swee
               "export/pruned/config.json", "export/README.md", "scores.parquet", "simcse/best/manifest.json"):
         assert (run / f).exists(), f
     assert "dev-selected" in (run / "report.md").read_text()
+    assert "sweep in progress" not in (run / "report.html").read_text()  # the live page was replaced at the end
     tb = list((run / "tensorboard").rglob("events.out.tfevents*"))
     assert len({p.parent.name for p in tb}) == 5  # stage 1 + four trials
     # the export is the selected trial's best checkpoint, taken from its Tune checkpoint in the run's storage
