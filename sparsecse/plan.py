@@ -283,7 +283,8 @@ def make_plan(cfg: Config, data_dir: Path | None, gpu: str = "cpu", gpus: int | 
     ngpu, ncpu, hw_name = _resources(cfg, gpu, gpus, cpus)
     shape = model_shape(cfg.model.name)
     n, tokens, where = corpus_stats(cfg, data_dir)
-    per_thread = per_thread or (cpu_peak_per_thread() if gpu == "cpu" or not cfg.sweep.trial_gpus else 0.0)
+    on_cpu = gpu == "cpu" or not cfg.sweep.trial_gpus or not cfg.ray.use_gpu  # some stage computes on CPUs
+    per_thread = per_thread or (cpu_peak_per_thread() if on_cpu else 0.0)
     sw, world = cfg.sweep, cfg.ray.num_workers
     on_gpu = gpu != "cpu" and sw.trial_gpus > 0
     share = max(1, round(1 / sw.trial_gpus)) if on_gpu and sw.trial_gpus < 1 else 1

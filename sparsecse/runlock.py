@@ -69,6 +69,12 @@ class RunLock:
             return True
         return held["host"] == self.me["host"] and held["pid"] != self.me["pid"] and not _pid_alive(held["pid"])
 
+    def refuse_if_held(self) -> None:
+        """One line when another live driver holds the run (before a new sweep looks at what --out holds)."""
+        held = self._read()
+        if held is not None and held.get("owner") != self.me["owner"] and not self._gone(held):
+            raise SparseCSEError(self._busy(held))
+
     def acquire(self, resume: bool) -> None:
         held = self._read()
         if held is not None and not self._gone(held):

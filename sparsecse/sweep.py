@@ -174,6 +174,8 @@ def open_run(out: str, cfg: Config, resume: bool | str) -> tuple[Storage, SweepS
     if not ("://" in out) and Path(out).exists() and not Path(out).is_dir():
         raise SparseCSEError(f"--out {out}: is a file; choose a directory path or a URI such as s3://bucket/run")
     store = open_storage(out, cfg.ray.connect_timeout_s)
+    if not resume:  # a new sweep into a run another driver is starting or running: say that, not "holds something"
+        RunLock(store, cfg.ray.lock_stale_s).refuse_if_held()
     saved = store.read_json(SWEEP_FILE) if store.is_file(SWEEP_FILE) else None
     if resume == "auto":
         resume = saved is not None
@@ -606,8 +608,8 @@ def print_plan(run: Run, resources: dict) -> None:
         data = None if is_staged_uri(run.data_dir) else Path(run.data_dir)
         p = make_plan(cfg, data if data and data.is_dir() else None, gpu, gpus or None,
                       int(resources.get("CPU", 0)) or None)
-    except SparseCSEError as e:  # a model or corpus only the nodes can read: no plan, the sweep still runs
-        print(f"[plan] not available here: {e}")
+    except Exception as e:  # noqa: BLE001 - a model or corpus only the nodes can read: no plan, the sweep runs
+        print(f"[plan] not available here: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
         return
     print(render(p))
     run.store.write_json("plan.json", asdict(p))

@@ -92,8 +92,10 @@ def killed_and_resumed(tmp_path_factory, tiny_model_dir, tiny_data_dir, s3):
     ray_tmp = Path("/tmp") / f"scse-drv-{os.getpid()}"  # the driver's local Ray lives here (short: socket paths)
     # 1. killed mid-stage-1: rank 0 lingers 3 s after each report, time to kill once a checkpoint is in the bucket
     proc = _start_sweep(cfg, run, tiny_data_dir, ray_tmp, tmp / "first.log", fault="stage1-slow:3")
-    # meanwhile a second driver on the same run (a retried job's --resume): refused while the first one beats
-    _wait_for("the driver's lock", proc, lambda: "killed/driver.lock" in s3_keys("killed/"))
+    # meanwhile (while Ray Train starts stage 1) a second driver on the same run, as a retried job's --resume:
+    # refused while the first one beats
+    _wait_for("the driver's lock and state", proc,
+              lambda: {"killed/driver.lock", "killed/sweep.json"} <= set(s3_keys("killed/")))
     t0 = time.time()
     second = _sweep(cfg, run, tiny_data_dir, "--resume")
     second_driver = {"rc": second.returncode, "stderr": second.stderr, "s": time.time() - t0}

@@ -94,3 +94,10 @@ def test_model_shape_of_a_local_directory_and_of_a_known_hub_name(tiny_model_dir
     local = model_shape(str(tiny_model_dir))
     assert local.layers >= 1 and local.hidden > 0
     assert model_shape("roberta-base").vocab == 50265
+
+
+def test_a_cpu_stage1_with_gpu_trials_is_planned_on_both(tiny_data_dir):
+    """Stage 1 on CPUs (ray.use_gpu false) and trials on GPUs: each part on its own hardware (the sweep once
+    crashed here dividing by a CPU peak it had not measured)."""
+    p = make_plan(load_config(REPO / "sweeps" / "quickstart.yaml", ["sweep.trial_gpus=1"]), tiny_data_dir, "h100", 1)
+    assert p.step_s_stage1 > p.step_s_trial > 0 and p.wall_s > 0

@@ -5,6 +5,7 @@ tests/test_faults.py's killed_and_resumed fixture."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -88,3 +89,21 @@ def test_lock_stale_s_is_checked(tmp_path):
 
     with pytest.raises(SparseCSEError, match="ray.lock_stale_s"):
         load_config(None, ["ray.lock_stale_s=1"])
+
+
+def test_a_new_sweep_into_a_run_another_driver_holds_names_that_driver(tmp_path, capsys):
+    """`sparsecse sweep` without --resume on an --out whose lock is live: one line about the other driver, exit 2,
+    nothing touched (not "already holds something else")."""
+    import socket
+
+    from sparsecse.cli import main
+    from sparsecse.config import load_config  # noqa: F401 - the sweep's config loads before the lock is read
+
+    run = tmp_path / "run"
+    Storage(run).write_text(LOCK, json.dumps({"owner": "other", "host": socket.gethostname(), "pid": 1,
+                                              "heartbeat": __import__("time").time()}))
+    before = (run / LOCK).read_text()
+    rc = main(["sweep", str(Path(__file__).resolve().parents[1] / "sweeps" / "quickstart.yaml"), "--out", str(run)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "another driver is running this sweep (host" in err[0]
+    assert (run / LOCK).read_text() == before and sorted(p.name for p in run.iterdir()) == [LOCK]
