@@ -209,8 +209,10 @@ def run_torch_trainer(loop: Callable, loop_config: dict, *, num_workers: int, us
     path, fs = storage.ray_storage()
     trainer = TorchTrainer(
         _train_worker(loop), train_loop_config=loop_config,
+        # PACK: the workers share one node where one has room for all of them (the all-gather then stays on it;
+        # the driver warns when none has, sweep.stage1_topology)
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cpus_per_worker}),
+                                     resources_per_worker={"CPU": cpus_per_worker}, placement_strategy="PACK"),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(name=name, storage_path=path, storage_filesystem=fs,
                              failure_config=FailureConfig(max_failures=max_failures),

@@ -2,7 +2,8 @@
 (SPARSECSE_CALLBACKS=faults:Faults, tests/ on PYTHONPATH); which faults fire is SPARSECSE_FAULT="kind:arg,…":
 
     stage1-kill:STEP   SIGKILL the rank-0 Ray Train worker once, at the first report after the checkpoint at STEP
-    stage1-slow:SECS   stage 1's rank 0 sleeps SECS after every report (time for a test to kill the driver mid-stage)
+    stage1-slow:SECS   stage 1's rank 0 sleeps SECS at every evaluation, before reporting it (so the previous report's
+                       checkpoint stays the latest that long: time for a test to kill the driver mid-stage)
     trial-exit:TRIAL   that trial's process dies once, at its first report
     trial-nan:TRIAL    that trial's learning rate becomes 1e30, so its loss diverges
     trial-poor:TRIAL   that trial reports an STS-B dev of -100 (a clearly weak trial, for early-stopping tests)

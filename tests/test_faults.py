@@ -90,8 +90,8 @@ def killed_and_resumed(tmp_path_factory, tiny_model_dir, tiny_data_dir, s3):
     cfg.write_text(cfg.read_text().replace("num_cpus: 2}", "num_cpus: 2, lock_stale_s: 8}"))  # heartbeat every 2 s
     run, st = f"s3://{s3.bucket}/killed", Storage(f"s3://{s3.bucket}/killed")
     ray_tmp = Path("/tmp") / f"scse-drv-{os.getpid()}"  # the driver's local Ray lives here (short: socket paths)
-    # 1. killed mid-stage-1: rank 0 lingers 3 s after each report, time to kill once a checkpoint is in the bucket
-    proc = _start_sweep(cfg, run, tiny_data_dir, ray_tmp, tmp / "first.log", fault="stage1-slow:3")
+    # 1. killed mid-stage-1: rank 0 lingers 6 s before each report, time to kill once a checkpoint is in the bucket
+    proc = _start_sweep(cfg, run, tiny_data_dir, ray_tmp, tmp / "first.log", fault="stage1-slow:6")
     # meanwhile (while Ray Train starts stage 1) a second driver on the same run, as a retried job's --resume:
     # refused while the first one beats
     _wait_for("the driver's lock and state", proc,
