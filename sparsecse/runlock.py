@@ -114,9 +114,10 @@ class RunLock:
                 continue
 
     def release(self) -> None:
+        """Stop the heartbeat (waiting for a beat in flight) and delete the lock if it is still ours; twice is fine."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=5)
+            self._thread.join(timeout=30)
         try:
             held = self._read()
             if held is not None and held.get("owner") == self.me["owner"]:

@@ -539,16 +539,22 @@ def check_sparsities(cfg: Config) -> None:
 
 
 @contextlib.contextmanager
-def refused_leaves_nothing(store: Storage, fresh: bool):
+def refused_leaves_nothing(store: Storage, fresh: bool, lock: RunLock | None = None, made_root: bool = False):
     """A new sweep refused before its first stage (a cluster check, an unreachable Ray, a tracker that cannot
     open) takes back what it wrote into --out, so the corrected rerun starts as if nothing happened. (A new
-    sweep's --out was empty or absent: everything there is its own.)"""
+    sweep's --out was empty or absent: everything there is its own.) Its lock's heartbeat stops first, so no beat
+    writes the lock back after the clean-up."""
     try:
         yield
     except BaseException:
         if fresh:
+            if lock is not None:
+                lock.release()
             for rel in store.list():
                 store.delete(rel)
+            if made_root and store.is_local:  # --out did not exist before this sweep: it does not exist after it
+                with contextlib.suppress(OSError):
+                    os.rmdir(store.root)
         raise
 
 
@@ -572,10 +578,11 @@ def run_sweep(config_path: str, overrides=None, resume: bool | str = False, addr
         data = str(default_data_dir(given) if on_cluster else resolve_data_dir(given))
     store, state, resume = open_run(out or f"runs/{Path(config_path).stem}", cfg, resume)
     lock = RunLock(store, cfg.ray.lock_stale_s)
+    made_root = not store.exists()  # the lock is the first thing a new sweep writes
     t_start = time.perf_counter()
     try:
         lock.acquire(resume)  # one driver per run (runlock.py); refused here, nothing of the other's is touched
-        with refused_leaves_nothing(store, fresh=not resume):
+        with refused_leaves_nothing(store, fresh=not resume, lock=lock, made_root=made_root):
             run = Run(cfg, store, data, state, resume, Tracking(cfg, store))  # a missing tracker fails here
             ra.connect(address, cfg.ray.num_cpus, dashboard=os.environ.get("SPARSECSE_DASHBOARD", "1") != "0",
                        timeout_s=cfg.ray.connect_timeout_s, metrics_port=cfg.ray.metrics_export_port)
