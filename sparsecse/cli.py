@@ -346,8 +346,9 @@ def _model_commands(sub, poolers) -> None:
     e.add_argument("--model", required=True)
     e.add_argument("--pooler", choices=poolers)
     e.add_argument("--tasks", nargs="+", help="sts (default), transfer, all, or task names")
-    e.add_argument("--transfer-classifier", choices=["pytorch", "sklearn"], default="pytorch",
-                   help="pytorch: SimCSE's protocol (SentEval usepytorch, Adam + early stopping); sklearn: SentEval's "
+    e.add_argument("--transfer-classifier", choices=["pytorch", "pytorch-sequential", "sklearn"], default="pytorch",
+                   help="pytorch: SimCSE's protocol (SentEval usepytorch, Adam + early stopping), every fit of a task "
+                        "at once; pytorch-sequential: the same, one fit after another; sklearn: SentEval's "
                         "scikit-learn logistic regression")
     e.add_argument("--data-dir")
     e.add_argument("--json", help="write the scores to this JSON file")

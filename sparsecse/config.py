@@ -144,9 +144,10 @@ class EvalConfig:
     # the 7 transfer tasks: "none"; "selected" — the stage-1 SimCSE, the s = 0 control and the selected model (the
     # paper configs: a handful of models, not every trial); "all" — every trial too (a best-per-task row)
     transfer: Literal["none", "selected", "all"] = "none"
-    # "pytorch": SimCSE's protocol (SentEval usepytorch: Adam logistic regression, early stopping; costly on a CPU);
-    # "sklearn": SentEval's scikit-learn logistic regression
-    transfer_classifier: Literal["pytorch", "sklearn"] = "pytorch"
+    # "pytorch": SimCSE's protocol (SentEval usepytorch: Adam logistic regression, early stopping), every fit of a
+    # task trained at once; "pytorch-sequential": the same fits one after another (slow; kept to check the batched
+    # path); "sklearn": SentEval's scikit-learn logistic regression
+    transfer_classifier: Literal["pytorch", "pytorch-sequential", "sklearn"] = "pytorch"
 
     def __post_init__(self):
         for t in self.tasks:

@@ -5,6 +5,8 @@ Two classifiers, named for what they are:
   classifier {nhid 0, optim adam, batch_size 64, tenacity 5, epoch_size 4}: logistic regression trained by Adam,
   L2 (weight decay) chosen from 1e-5 … 1e-2, early stopping on a validation split (the inner fold's held-out part,
   the dev set for SST-2, else 5 % of train) after `tenacity` rounds of `epoch_size` epochs without improvement.
+  It runs batched (`transfer_batched.py`: every fit of a task trained at once, the same fits and figures);
+  `classifier="pytorch-sequential"` runs the same protocol one fit after another (kept to check the batched one).
 - `classifier="sklearn"` — SentEval's scikit-learn path: LogisticRegression with C from 2^-2 … 2^3.
 Splits: MR/CR/SUBJ/MPQA: 10-fold stratified CV with an inner k-fold choosing the regulariser; SST-2: chosen on dev,
 test accuracy; TREC and MRPC: chosen by k-fold CV on train, test accuracy (MRPC also F1). MRPC pair features are
@@ -27,7 +29,7 @@ from .data import norm_space, read_lines
 C_GRID = tuple(2.0 ** t for t in range(-2, 4))  # sklearn: inverse L2 strength
 L2_GRID = tuple(10.0 ** t for t in range(-5, -1))  # pytorch: weight decay (SentEval's usepytorch grid)
 SEED = 1111
-CLASSIFIERS = ("pytorch", "sklearn")
+CLASSIFIERS = ("pytorch", "pytorch-sequential", "sklearn")
 TREC_CLASSES = ("ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM")
 
 
@@ -164,14 +166,15 @@ class TorchLogReg:
 
 def _grid(classifier: str):
     if classifier not in CLASSIFIERS:
-        raise SparseCSEError(f"transfer classifier {classifier!r}: choose pytorch (SimCSE's) or sklearn")
-    return L2_GRID if classifier == "pytorch" else C_GRID
+        raise SparseCSEError(f"transfer classifier {classifier!r}: choose pytorch (SimCSE's), pytorch-sequential "
+                             "or sklearn")
+    return L2_GRID if classifier.startswith("pytorch") else C_GRID
 
 
 def _fit(X, y, reg, classifier: str = "pytorch", val=None):
     """A fitted classifier at regulariser `reg` (weight decay for pytorch, C for sklearn); `val` is the early-
     stopping set of the pytorch classifier (sklearn needs none)."""
-    if classifier == "pytorch":
+    if classifier.startswith("pytorch"):
         return TorchLogReg(reg).fit(X, y, val)
     from sklearn.linear_model import LogisticRegression
 
@@ -250,23 +253,33 @@ def evaluate_transfer(enc, data_dir: Path, tasks=TRANSFER_TASKS, pooler: str | N
     def feats(xs):
         return np.stack([emb[s].numpy() for s in xs]).astype(np.float64)
 
+    _grid(classifier)  # an unknown classifier fails before any fit
     res = {}
+    if classifier == "pytorch":  # SimCSE's protocol, every fit of a task at once
+        from . import transfer_batched as tb
+
+        cv_acc, dev_test = (lambda *a: tb.cv_accuracy(*a)[0]), (lambda *a: tb.dev_test_accuracy(*a)[0])
+        scores = lambda *a: tb.train_test_scores(*a)[:2]  # noqa: E731
+    else:
+        cv_acc = lambda X, y, k, ik: cv_accuracy(X, y, k, ik, classifier.replace("-sequential", ""))  # noqa: E731
+        dev_test = lambda *a: dev_test_accuracy(*a, classifier.replace("-sequential", ""))  # noqa: E731
+        scores = lambda *a: train_test_scores(*a, classifier.replace("-sequential", ""))  # noqa: E731
     for t, task in loaded.items():
         if task.kind == "cv":
             xs, y = task.data["all"]
-            res[t] = cv_accuracy(feats(xs), y, k, inner_k, classifier)
+            res[t] = cv_acc(feats(xs), y, k, inner_k)
         elif task.kind == "dev":
             (a, ya), (b, yb), (c, yc) = (task.data[s] for s in ("train", "dev", "test"))
-            res[t] = dev_test_accuracy(feats(a), ya, feats(b), yb, feats(c), yc, classifier)
+            res[t] = dev_test(feats(a), ya, feats(b), yb, feats(c), yc)
         elif task.kind == "train_test":
             (a, ya), (c, yc) = task.data["train"], task.data["test"]
-            res[t] = train_test_scores(feats(a), ya, feats(c), yc, inner_k, classifier)[0]
+            res[t] = scores(feats(a), ya, feats(c), yc, inner_k)[0]
         else:
             def pf(pair):
                 u, v = feats(pair[0]), feats(pair[1])
                 return pair_features(u, v, mrpc_features)
             (a, ya), (c, yc) = task.data["train"], task.data["test"]
-            res[t], res[f"{t}_f1"] = train_test_scores(pf(a), ya, pf(c), yc, inner_k, classifier)
+            res[t], res[f"{t}_f1"] = scores(pf(a), ya, pf(c), yc, inner_k)
     res["avg"] = float(np.mean([res[t] for t in tasks]))
     return res
 

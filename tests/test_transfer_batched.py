@@ -1,0 +1,67 @@
+"""Issue 26: SimCSE's transfer protocol with every fit of a task trained at once equals the sequential protocol —
+the same weights fit for fit, the same chosen weight decays and accuracies — at toy size (the real-backbone check
+on MR is in tests/test_real_backbone.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sparsecse import transfer as seq
+from sparsecse import transfer_batched as tb
+
+
+def _data(n=240, d=12, classes=2, noise=1.5, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, d))
+    score = X @ rng.normal(size=d) + rng.normal(scale=noise, size=n)
+    y = (score > 0).astype(int) if classes == 2 else np.digitize(score, np.quantile(score, [1 / 3, 2 / 3]))
+    return X, y
+
+
+def test_each_fit_ends_with_the_weights_its_sequential_twin_ends_with():
+    """Fits of different sizes, weight decays and a held-out 5 % split, trained together: each one's best weights
+    are TorchLogReg's to float precision (same init, same permutation every epoch, same early stop)."""
+    X, y = _data(n=260)
+    tr, va = np.arange(200), np.arange(200, 260)
+    fits = [tb.Fit(tr, va, 1e-5), tb.Fit(tr[:130], va, 1e-2), tb.fit_with_split(tr, 1e-3)]
+    W, B = tb.train_fits(X, y, fits, 2)
+    twins = [seq.TorchLogReg(1e-5).fit(X[tr], y[tr], (X[va], y[va])),
+             seq.TorchLogReg(1e-2).fit(X[tr[:130]], y[tr[:130]], (X[va], y[va])),
+             seq.TorchLogReg(1e-3).fit(X[tr], y[tr])]
+    for f, m in enumerate(twins):
+        assert np.abs(m.model.weight.detach().numpy() - W[f].numpy()).max() < 1e-5, f
+        assert np.abs(m.model.bias.detach().numpy() - B[f].numpy()).max() < 1e-5, f
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_three_protocols_give_the_sequential_figures_and_choices(seed):
+    from sklearn.model_selection import StratifiedKFold
+
+    X, y = _data(seed=seed, noise=3.0)
+    acc, regs = tb.cv_accuracy(X, y, 3, 3)
+    assert acc == pytest.approx(seq.cv_accuracy(X, y, 3, 3, "pytorch"), abs=1e-9)
+    outer = StratifiedKFold(n_splits=3, shuffle=True, random_state=seq.SEED).split(X, y)
+    assert regs == [seq.choose_c(X[tr], y[tr], 3, "pytorch") for tr, _ in outer]
+    X3, y3 = _data(seed=seed, classes=3, noise=1.0)
+    got = tb.train_test_scores(X3[:180], y3[:180], X3[180:], y3[180:], 3)
+    want = seq.train_test_scores(X3[:180], y3[:180], X3[180:], y3[180:], 3, "pytorch")
+    assert got[0] == pytest.approx(want[0], abs=1e-9) and np.isnan(got[1]) and np.isnan(want[1])
+    got = tb.dev_test_accuracy(X[:120], y[:120], X[120:170], y[120:170], X[170:], y[170:])
+    assert got[0] == pytest.approx(seq.dev_test_accuracy(X[:120], y[:120], X[120:170], y[120:170], X[170:], y[170:],
+                                                         "pytorch"), abs=1e-9)
+
+
+def test_evaluate_transfer_runs_batched_by_default_and_sequential_on_request(tiny_model_dir, data_dir):
+    from sparsecse.model import load_encoder
+
+    enc = load_encoder(str(tiny_model_dir), pooler="cls_before_pooler")
+    kw = dict(tasks=("MR", "TREC"), folds=(3, 3), max_examples=120)
+    batched = seq.evaluate_transfer(enc, data_dir, **kw)
+    sequential = seq.evaluate_transfer(enc, data_dir, classifier="pytorch-sequential", **kw)
+    for t in ("MR", "TREC", "avg"):
+        assert batched[t] == pytest.approx(sequential[t], abs=1e-9), t
+    from sparsecse import SparseCSEError
+
+    with pytest.raises(SparseCSEError, match="transfer classifier"):
+        seq.evaluate_transfer(enc, data_dir, classifier="svm", **kw)
