@@ -337,6 +337,38 @@ def bench_inference(data_dir: Path, reps: int, sparsities=(0.1, 0.3, 0.5), n: in
     return out
 
 
+def bench_transfer(data_dir: Path, reps: int, max_examples: int | None, arms: tuple[str, ...]) -> dict:
+    """The seven transfer tasks of the packaged MiniLM at SimCSE's protocol: every fit of a task at once
+    (`pytorch`, transfer_batched.py) against one fit after another (`pytorch-sequential`), per task, arms
+    alternating; sentences encoded once beforehand (timed apart) and shared by both arms; `max_examples` subsamples
+    each split (the sequential arm takes many minutes a task at full size)."""
+    from sparsecse.config import TRANSFER_TASKS
+    from sparsecse.evaluate import encode
+    from sparsecse.model import default_model_path, load_encoder
+    from sparsecse.transfer import load_tasks, task_sentences, transfer_scores
+
+    enc = load_encoder(default_model_path(), pooler="cls_before_pooler")
+    loaded = load_tasks(data_dir, TRANSFER_TASKS, max_examples)
+    t0 = time.perf_counter()
+    emb = encode(enc, task_sentences(loaded), batch_size=128, pooler="cls_before_pooler")
+    encode_s = time.perf_counter() - t0
+    names = {"batched": "pytorch", "sequential": "pytorch-sequential"}
+    rows, scores = {}, {a: {} for a in arms}
+    for t, task in loaded.items():
+        def arm(a, t=t, task=task):
+            def run():
+                t1 = time.perf_counter()
+                scores[a].update(transfer_scores({t: task}, emb, classifier=names[a]))
+                return time.perf_counter() - t1
+            return run
+        times = abn({a: arm(a) for a in arms}, reps, warmup=0)
+        rows[t] = {a: statistics.median(v) for a, v in times.items()}
+    total = {a: sum(r[a] for r in rows.values()) for a in arms}
+    return {"row": "transfer", "max_examples": max_examples, "encode_s": encode_s, "tasks": rows, "total": total,
+            "scores": {a: {t: v for t, v in sc.items() if t != "avg"} for a, sc in scores.items()},
+            "ratio": total["sequential"] / total["batched"] if {"batched", "sequential"} <= set(arms) else None}
+
+
 def list_schedule(durations: list[float], slots: int) -> float:
     """Makespan of running `durations` in the given order on `slots` slots, each job on the first free slot, no gaps."""
     free = [0.0] * max(1, slots)
@@ -590,6 +622,17 @@ def markdown(r: dict) -> str:
         rows += [f"| {k} | {v['planned_s']:.0f} s | {v['measured_s']:.0f} s | {v['ratio']:.2f} |"
                  for k, v in r["stages"].items() if v["measured_s"]]
         rows += ["", f"Planned on: {r['hardware']}; {r['trials']} trials ({r['run']})."]
+    elif r["row"] == "transfer":
+        arms = list(r["total"])
+        rows = ["| task | " + " | ".join(f"{a} (s)" for a in arms) + " | " + " | ".join(f"{a} acc" for a in arms) + " |",
+                "|---|" + "---:|" * (2 * len(arms))]
+        for t, v in r["tasks"].items():
+            rows.append(f"| {t} | " + " | ".join(f"{v[a]:.1f}" for a in arms) + " | "
+                        + " | ".join(f"{r['scores'][a].get(t, float('nan')):.2f}" for a in arms) + " |")
+        rows.append("| all seven | " + " | ".join(f"**{r['total'][a]:.1f}**" for a in arms) + " |" + " |" * len(arms))
+        rows += ["", f"Encoding (once, shared): {r['encode_s']:.1f} s; examples per split: "
+                     f"{r['max_examples'] or 'all'}."
+                 + (f" Sequential ÷ batched: **{r['ratio']:.1f}×**." if r["ratio"] else "")]
     elif r["row"] == "storage":
         def mb(x):
             return f"{x / 1e6:.0f} MB"
@@ -617,7 +660,10 @@ def build_parser():
 
     b = argparse.ArgumentParser(prog="python -m benchmarks.bench",
                                 description="benchmarks against peers measured in the same run (BENCHMARKS.md rows)")
-    b.add_argument("which", nargs="+", choices=["train", "eval", "inference", *SWEEP_ROWS, "all"])
+    b.add_argument("which", nargs="+", choices=["train", "eval", "inference", "transfer", *SWEEP_ROWS, "all"])
+    b.add_argument("--max-examples", type=int, help="transfer row: subsample each split to this many examples")
+    b.add_argument("--arms", nargs="+", choices=["batched", "sequential"], default=["batched", "sequential"],
+                   help="transfer row: which classifier paths to time")
     b.add_argument("--data-dir")
     b.add_argument("--reps", type=int, default=5)
     b.add_argument("--warmup", type=int, default=1, help="untimed runs of each arm first (eval, train, inference rows)")
@@ -664,7 +710,7 @@ def run_bench(a, argv: list[str]) -> None:
     data_dir = resolve_data_dir(a.data_dir) if which - set(SWEEP_ROWS) else None
     header = {"date": str(date.today()), "machine": machine(), "reps": a.reps, "warmup": a.warmup,
               "command": "python -m benchmarks.bench " + shlex.join(argv)}
-    for row in ("train", "eval", "inference", *SWEEP_ROWS):
+    for row in ("train", "eval", "inference", "transfer", *SWEEP_ROWS):
         if row not in which:
             continue
         if row == "train":
@@ -674,6 +720,8 @@ def run_bench(a, argv: list[str]) -> None:
                            onnx=tuple(a.onnx_model) if a.onnx_model else None)
         elif row == "inference":
             r = bench_inference(data_dir, a.reps, work=out / "inference", warmup=a.warmup)
+        elif row == "transfer":
+            r = bench_transfer(data_dir, a.reps, a.max_examples, tuple(a.arms))
         elif row == "sweep":
             r = bench_sweep(Path(a.run))
         elif row == "search":

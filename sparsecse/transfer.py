@@ -238,32 +238,51 @@ def evaluate_transfer(enc, data_dir: Path, tasks=TRANSFER_TASKS, pooler: str | N
                       classifier: str = "pytorch") -> dict[str, float]:
     """{task: accuracy ×100, "MRPC_f1": F1, "avg": mean accuracy}. `folds` = (outer k of the cross-validated
     tasks, inner k that chooses the regulariser): SentEval's (10, 10)."""
-    k, inner_k = folds
     from .evaluate import encode
 
+    _grid(classifier)  # an unknown classifier fails before anything is encoded
+    loaded = load_tasks(data_dir, tasks, max_examples)
+    emb = encode(enc, task_sentences(loaded), batch_size=batch_size, pooler=pooler, progress=progress)
+    return transfer_scores(loaded, emb, folds, classifier, mrpc_features)
+
+
+def load_tasks(data_dir: Path, tasks=TRANSFER_TASKS, max_examples: int | None = None) -> dict[str, Task]:
     loaded = {t: load_task(data_dir, t) for t in tasks}
-    if max_examples:
-        loaded = {t: _subsample(task, max_examples) for t, task in loaded.items()}
+    return {t: _subsample(task, max_examples) for t, task in loaded.items()} if max_examples else loaded
+
+
+def task_sentences(loaded: dict[str, Task]) -> list[str]:
+    """Every sentence the tasks hold (each encoded once by the caller)."""
     sents = []
     for task in loaded.values():
         for xs, _ in task.data.values():
             sents += (xs[0] + xs[1]) if task.kind == "pairs" else xs
-    emb = encode(enc, sents, batch_size=batch_size, pooler=pooler, progress=progress)
+    return sents
+
+
+def _protocols(classifier: str):
+    """(cv accuracy, dev/test accuracy, train/test (accuracy, F1)) of a classifier, as functions of features."""
+    _grid(classifier)
+    if classifier == "pytorch":  # SimCSE's protocol, every fit of a task at once
+        from . import transfer_batched as tb
+
+        return ((lambda *a: tb.cv_accuracy(*a)[0]), (lambda *a: tb.dev_test_accuracy(*a)[0]),
+                (lambda *a: tb.train_test_scores(*a)[:2]))
+    clf = classifier.replace("-sequential", "")
+    return ((lambda X, y, k, ik: cv_accuracy(X, y, k, ik, clf)), (lambda *a: dev_test_accuracy(*a, clf)),
+            (lambda *a: train_test_scores(*a, clf)))
+
+
+def transfer_scores(loaded: dict[str, Task], emb, folds: tuple[int, int] = (10, 10), classifier: str = "pytorch",
+                    mrpc_features: str = "senteval") -> dict[str, float]:
+    """The tasks' figures from sentence embeddings (`emb[sentence]`, a tensor), by `classifier`."""
+    k, inner_k = folds
+    cv_acc, dev_test, scores = _protocols(classifier)
 
     def feats(xs):
         return np.stack([emb[s].numpy() for s in xs]).astype(np.float64)
 
-    _grid(classifier)  # an unknown classifier fails before any fit
     res = {}
-    if classifier == "pytorch":  # SimCSE's protocol, every fit of a task at once
-        from . import transfer_batched as tb
-
-        cv_acc, dev_test = (lambda *a: tb.cv_accuracy(*a)[0]), (lambda *a: tb.dev_test_accuracy(*a)[0])
-        scores = lambda *a: tb.train_test_scores(*a)[:2]  # noqa: E731
-    else:
-        cv_acc = lambda X, y, k, ik: cv_accuracy(X, y, k, ik, classifier.replace("-sequential", ""))  # noqa: E731
-        dev_test = lambda *a: dev_test_accuracy(*a, classifier.replace("-sequential", ""))  # noqa: E731
-        scores = lambda *a: train_test_scores(*a, classifier.replace("-sequential", ""))  # noqa: E731
     for t, task in loaded.items():
         if task.kind == "cv":
             xs, y = task.data["all"]
@@ -275,12 +294,10 @@ def evaluate_transfer(enc, data_dir: Path, tasks=TRANSFER_TASKS, pooler: str | N
             (a, ya), (c, yc) = task.data["train"], task.data["test"]
             res[t] = scores(feats(a), ya, feats(c), yc, inner_k)[0]
         else:
-            def pf(pair):
-                u, v = feats(pair[0]), feats(pair[1])
-                return pair_features(u, v, mrpc_features)
             (a, ya), (c, yc) = task.data["train"], task.data["test"]
-            res[t], res[f"{t}_f1"] = scores(pf(a), ya, pf(c), yc, inner_k)
-    res["avg"] = float(np.mean([res[t] for t in tasks]))
+            fa, fc = (pair_features(feats(p[0]), feats(p[1]), mrpc_features) for p in (a, c))
+            res[t], res[f"{t}_f1"] = scores(fa, ya, fc, yc, inner_k)
+    res["avg"] = float(np.mean([res[t] for t in loaded]))
     return res
 
 

@@ -103,7 +103,7 @@ def train_fits(E: np.ndarray, y: np.ndarray, fits: list[Fit], n_classes: int, ba
         B[f].uniform_(-bound, bound, generator=g)
     W, B = W.to(device), B.to(device)
     run = _Run(Et, yt, fits, gens, torch.zeros(F, dtype=torch.bool, device=device), W, B,
-               _Adam([W, B], torch.tensor([f.l2 for f in fits], device=device)))
+               _Adam([W, B], torch.tensor([f.l2 for f in fits], device=device)), _group_size(fits))
     done = run.done
     vidx, vmask = (t.to(device) for t in _pad([f.val for f in fits]))
     best_W, best_B = W.clone(), B.clone()
@@ -136,26 +136,41 @@ class _Run:
     W: torch.Tensor
     B: torch.Tensor
     opt: _Adam
+    group: int = 1  # consecutive fits that train on the same rows (a fold's weight decays): one gather for them
+
+
+def _group_size(fits: list[Fit]) -> int:
+    """R when the fits come in consecutive runs of R with the same training rows (the regulariser grid of each
+    fold), else 1. Fits with the same rows draw the same permutations (same seed, same size): their batches are
+    the same rows, gathered once."""
+    for r in (len(L2_GRID), 1):
+        if len(fits) % r == 0 and all(np.array_equal(fits[i].train, fits[i - i % r].train) for i in range(len(fits))):
+            return r
+    return 1
 
 
 def _epoch(run: _Run, batch_size: int) -> None:
-    """One epoch of every fit still training: its own permutation, its batches of `batch_size` rows."""
-    Et, yt, fits, W, B, device = run.E, run.y, run.fits, run.W, run.B, run.W.device
+    """One epoch of every fit still training: its own permutation (the same for a group's fits), its batches of
+    `batch_size` rows."""
+    Et, yt, fits, W, B, R, device = run.E, run.y, run.fits, run.W, run.B, run.group, run.W.device
     live = [f for f in range(len(fits)) if not bool(run.done[f])]
-    order = [fits[f].train[torch.randperm(len(fits[f].train), generator=run.gens[f]).numpy()] for f in live]
+    perms = {f: torch.randperm(len(fits[f].train), generator=run.gens[f]).numpy() for f in live}
+    groups = sorted({f // R for f in live})
+    order = [fits[g * R].train[perms[next(f for f in range(g * R, g * R + R) if f in perms)]] for g in groups]
     idx, mask = (t.to(device) for t in _pad(order))
-    rows = torch.zeros(len(fits), idx.shape[1], dtype=torch.long, device=device)
-    valid = torch.zeros(len(fits), idx.shape[1], dtype=torch.bool, device=device)
-    rows[live], valid[live] = idx, mask
-    n_classes = W.shape[1]
+    G, C, D = len(fits) // R, W.shape[1], W.shape[2]
+    rows = torch.zeros(G, idx.shape[1], dtype=torch.long, device=device)
+    valid = torch.zeros(G, idx.shape[1], dtype=torch.bool, device=device)
+    rows[groups], valid[groups] = idx, mask
     for start in range(0, idx.shape[1], batch_size):
         r, m = rows[:, start:start + batch_size], valid[:, start:start + batch_size]
-        active = m.any(1)
-        X = Et[r]  # fits × batch × dim
-        logits = torch.bmm(X, W.transpose(1, 2)) + B[:, None, :]
-        p = torch.softmax(logits, -1) - torch.nn.functional.one_hot(yt[r], n_classes).to(logits.dtype)
-        p = p * (m / m.sum(1, keepdim=True).clamp_min(1)).unsqueeze(-1)  # mean over each fit's own rows
-        run.opt.step([torch.bmm(p.transpose(1, 2), X), p.sum(1)], active)
+        active = m.any(1).repeat_interleave(R) & ~run.done
+        X = Et[r]  # groups × batch × dim
+        logits = torch.einsum("gbd,grcd->grbc", X, W.view(G, R, C, D)) + B.view(G, R, 1, C)
+        p = torch.softmax(logits, -1) - torch.nn.functional.one_hot(yt[r], C).to(logits.dtype)[:, None]
+        p = p * (m / m.sum(1, keepdim=True).clamp_min(1))[:, None, :, None]  # mean over each fit's own rows
+        grads = [torch.einsum("grbc,gbd->grcd", p, X).reshape(-1, C, D), p.sum(2).reshape(-1, C)]
+        run.opt.step(grads, active)
 
 
 def _predict(E: np.ndarray, W: torch.Tensor, B: torch.Tensor, rows: list[np.ndarray]) -> list[np.ndarray]:
