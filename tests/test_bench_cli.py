@@ -199,3 +199,13 @@ def test_bench_plan_holds_the_plan_against_the_measured_stages(tmp_path, capsys)
     (run / "plan.json").unlink()
     assert bench.main(["plan", "--run", str(run), "--out", str(tmp_path / "o2")]) == 2
     assert "no plan.json" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_transfer_times_both_paths_per_task_with_equal_figures(tmp_path, capsys, data_dir, monkeypatch):
+    monkeypatch.setenv("SPARSECSE_DATA_DIR", str(data_dir))
+    assert bench.main(["transfer", "--max-examples", "40", "--reps", "1", "--out", str(tmp_path / "o")]) == 0
+    r = json.loads((tmp_path / "o" / "transfer.json").read_text())
+    assert set(r["tasks"]) == {"MR", "CR", "SUBJ", "MPQA", "SST2", "TREC", "MRPC"} and r["ratio"] > 1
+    assert r["scores"]["batched"] == pytest.approx(r["scores"]["sequential"], abs=1e-9)
+    assert "Sequential ÷ batched" in capsys.readouterr().out
