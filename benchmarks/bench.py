@@ -394,6 +394,14 @@ def _trial_records(run: Path) -> list[dict]:
     return sorted(out, key=lambda t: t["end"])
 
 
+def _finished(run: Path, flag: str = "--run") -> tuple[dict, dict]:
+    """(summary.json, sweep.json) of a finished sweep, else a one-line error."""
+    if not (run / "summary.json").is_file() or not (run / "sweep.json").is_file():
+        raise SparseCSEError(f"{flag} {run}: not a finished sweep (summary.json/sweep.json missing); point it at the "
+                             "--out directory of a completed `sparsecse sweep`")
+    return json.loads((run / "summary.json").read_text()), json.loads((run / "sweep.json").read_text())
+
+
 def bench_sweep(run: Path) -> dict:
     """Overhead of a finished sweep's stage 3 (the Tune trials), from its own records.
 
@@ -401,11 +409,8 @@ def bench_sweep(run: Path) -> dict:
     schedule_s = the makespan of the same trials, in the order they started, on `concurrency` slots with no gaps —
     the best any scheduler could do with the grid as given. overhead = wall ÷ ideal − 1; ray_overhead =
     wall ÷ schedule − 1 isolates what Ray/Tune themselves cost (process start, reporting, checkpoint syncing)."""
-    if not (run / "summary.json").is_file() or not (run / "sweep.json").is_file():
-        raise SparseCSEError(f"--run {run}: not a finished sweep (summary.json/sweep.json missing); "
-                             "point it at the --out directory of a completed `sparsecse sweep`")
-    summary = json.loads((run / "summary.json").read_text())
-    cfg = json.loads((run / "sweep.json").read_text())["config"]
+    summary, state = _finished(run)
+    cfg = state["config"]
     # (start, duration) of every stage-3 trial, the s = 0 controls of a sweep.search=optuna run included
     trials = [(t["end"] - t["s"], t["s"]) for t in _trial_records(run)]
     if not trials:
@@ -430,10 +435,7 @@ def bench_search(grid_run: Path, other_run: Path, within: float = 0.1) -> dict:
     best dev (the grid needs all its trials to know its best); and the point each selected."""
     arms = {}
     for key, run in (("grid", grid_run), ("search", other_run)):
-        if not (run / "summary.json").is_file() or not (run / "sweep.json").is_file():
-            raise SparseCSEError(f"--run/--against {run}: not a finished sweep (summary.json/sweep.json missing); "
-                                 "point them at the --out directories of two completed `sparsecse sweep`s")
-        cfg = json.loads((run / "sweep.json").read_text())["config"]
+        cfg = _finished(run, "--run" if key == "grid" else "--against")[1]["config"]
         trials = _trial_records(run)
         if not trials:
             raise SparseCSEError(f"{run}: no trial results under tune/; point it at a finished sweep directory")
@@ -509,27 +511,18 @@ def bench_storage(run: Path, against: Path) -> dict:
     return {"row": "storage", **arms, "ratio": arms["run"]["per_trial"] / arms["against"]["per_trial"]}
 
 
-def _finished(run: Path, flag: str = "--run") -> tuple[dict, dict]:
-    """(summary.json, sweep.json) of a finished sweep, else a one-line error."""
-    if not (run / "summary.json").is_file() or not (run / "sweep.json").is_file():
-        raise SparseCSEError(f"{flag} {run}: not a finished sweep (summary.json/sweep.json missing); point it at the "
-                             "--out directory of a completed `sparsecse sweep`")
-    return json.loads((run / "summary.json").read_text()), json.loads((run / "sweep.json").read_text())
-
-
 def bench_checkpoints(run: Path, against: Path) -> dict:
     """What checkpointing cost each trial of two finished sweeps (e.g. the default train.checkpoint_every against
     checkpoint_every=1, a checkpoint at every evaluation): bytes handed to storage and seconds spent on it, as the
     trials measured them (results.json), against the trial's wall time."""
     arms = {}
     for key, d, flag in (("run", run, "--run"), ("against", against, "--against")):
-        _finished(d, flag)
+        cfg = _finished(d, flag)[1]["config"]["train"]
         rows = [t for t in json.loads((d / "results.json").read_text())["trials"] if t.get("checkpoint_bytes") is not None]
         if not rows:
             raise SparseCSEError(f"{flag} {d}: its trials did not record their checkpoint uploads (a sweep from before "
                                  "train.checkpoint_every); compare sweeps run by this version")
         n = len(rows)
-        cfg = json.loads((d / "sweep.json").read_text())["config"]["train"]
         arms[key] = {"dir": str(d), "trials": n, "every": cfg.get("checkpoint_every"),
                      "evaluations": sum(-(-t["steps"] // cfg["eval_steps"]) for t in rows) / n,
                      "checkpoints": sum(t["checkpoints"] for t in rows) / n,

@@ -105,6 +105,7 @@ class Persist:
         self.store, self.where, self.report, self.owner = store, where, report, owner
         self.token = secrets.token_hex(4)  # this run's own folder: a rerun of the same trial never deletes it
         self.uploaded: str | None = None  # the best model last uploaded (its rel)
+        self.stale = False  # older best models of this run may be in storage (a new upload, or a restore)
         self.stats = Uploads()
 
     @property
@@ -118,7 +119,7 @@ class Persist:
                 self.store.delete(f"{MODELS}/{self.where}")  # best models (a run killed before its first report)
             return ckpt  # none, or an older run's checkpoint that holds best/ itself
         ptr = json.loads((ckpt / POINTER).read_text())
-        self.token, self.uploaded = ptr["token"], ptr["rel"]
+        self.token, self.uploaded, self.stale = ptr["token"], ptr["rel"], True
         self.store.download_dir(ptr["rel"], ckpt / "best")
         return ckpt
 
@@ -138,7 +139,7 @@ class Persist:
             if rel != self.uploaded:
                 self.store.upload_dir(ckpt / "best", rel)
                 self._count(ckpt / "best", weights=True)
-                self.uploaded = rel
+                self.uploaded, self.stale = rel, True
             (out / POINTER).write_text(json.dumps({"rel": rel, "token": self.token}) + "\n")
         self._count(out / "model", weights=True)
         self._count(out / "trainer_state.pt", weights=False)
@@ -162,8 +163,9 @@ class Persist:
 
     def _prune(self) -> None:
         """This run's older best models: no kept checkpoint points at them any more."""
-        if self.uploaded is None or not self.store.is_dir(self.prefix):
+        if not self.stale:
             return
+        self.stale = False
         for name in self.store.list(self.prefix):
             if f"{self.prefix}/{name}" != self.uploaded:
                 self.store.delete(f"{self.prefix}/{name}")

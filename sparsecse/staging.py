@@ -27,10 +27,6 @@ MANIFEST = "manifest.json"
 _DONE = ".staged-complete"
 
 
-def _cache_root() -> Path:
-    return Path(os.environ.get("SPARSECSE_CACHE", "~/.cache/sparsecse")).expanduser() / "staged"
-
-
 def is_staged_uri(s: str | os.PathLike | None) -> bool:
     from .storage import is_uri
 
@@ -45,8 +41,7 @@ def _upload(local: Path, store, rel: str, extra: dict) -> dict:
     if not manifest["files"]:
         raise SparseCSEError(f"{local}: no files to stage")
     store.delete(rel)
-    for name in manifest["files"]:
-        store.write_bytes(f"{rel}/{name}", (local / name).read_bytes())
+    store.upload_dir(local, rel, replace=False)
     store.write_json(f"{rel}/{MANIFEST}", manifest)  # last: its presence means the copy is complete
     return manifest
 
@@ -121,10 +116,10 @@ def local(uri: str | os.PathLike) -> Path:
     if not is_staged_uri(uri):
         return Path(uri).expanduser()
     from .io import sha256_file
-    from .storage import Storage
+    from .storage import Storage, cache_root
 
     uri = str(uri).rstrip("/")
-    dest = _cache_root() / hashlib.sha1(uri.encode()).hexdigest()[:16]
+    dest = cache_root() / "staged" / hashlib.sha1(uri.encode()).hexdigest()[:16]
     with _locked(dest.with_suffix(".lock")):
         if (dest / _DONE).is_file():
             return dest

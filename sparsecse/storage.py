@@ -244,6 +244,11 @@ class Storage:
             self.fs.delete_file(self.path(rel))
 
 
+def cache_root() -> Path:
+    """This machine's sparsecse cache ($SPARSECSE_CACHE, else ~/.cache/sparsecse): staged data, tracking copies."""
+    return Path(os.environ.get("SPARSECSE_CACHE", "~/.cache/sparsecse")).expanduser()
+
+
 @contextlib.contextmanager
 def scratch_dir(what: str) -> Iterator[Path]:
     """Node-local scratch for one task or trial (TMPDIR of the node), removed when the block ends."""

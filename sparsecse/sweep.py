@@ -305,8 +305,9 @@ def trials_stage(run: Run, scores) -> list[TrialResult]:
               "simcse_scores": stages.load_simcse_scores(run.store, cfg)}
     # trials of sweeps from before the readings were grid parameters ran the config's first (then only) one
     reading = (cfg.score.combine[0], cfg.score.normalize[0])
-    total = cfg.sweep.num_samples + sum(p.is_control for p in grid_points(cfg)) if cfg.sweep.search == "optuna" \
-        else len(grid_points(cfg))
+    from .plan import count_trials
+
+    total = count_trials(cfg)
     tune_run = ra.TuneRun(run.store, cfg.sweep.trial_cpus, cfg.sweep.trial_gpus, cfg.sweep.max_concurrent_trials,
                           cfg.sweep.max_failures, run.resume, run.tracking.logger_settings(), reading,
                           {"write": LiveReport(run.store.uri, cfg.to_dict(), total, reading), "every_s": 10.0})

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from . import SparseCSEError
 from .config import Config
-from .storage import Storage, scratch_dir
+from .storage import Storage, cache_root, scratch_dir
 
 TRACKERS = ("mlflow", "wandb")
 RUN_IDS = "mlflow_runs.json"  # in the run: {stage: MLflow run id} of the runs this sweep created
@@ -60,7 +60,7 @@ class Tracking:
             self.local = Path(store.root)
         else:  # the driver's copy of a cloud run's tracking files
             key = hashlib.sha1(store.uri.encode()).hexdigest()[:12]
-            self.local = Path(os.environ.get("SPARSECSE_CACHE", "~/.cache/sparsecse")).expanduser() / "tracking" / key
+            self.local = cache_root() / "tracking" / key
         self._mlflow_uri = None
         if "mlflow" in self.on:
             self._mlflow_uri = self._setup_mlflow()
