@@ -42,7 +42,6 @@ class RunLock:
         self.me = {"owner": secrets.token_hex(8), "host": socket.gethostname(), "pid": os.getpid()}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.lost = False
 
     @property
     def every_s(self) -> float:
@@ -106,7 +105,7 @@ class RunLock:
                 if held is None:  # deleted: this driver's own clean-up (a refused new sweep), or by hand
                     return
                 if held.get("owner") != self.me["owner"]:
-                    self.lost = True  # taken over (we were thought dead): stop writing, say so at the end
+                    # taken over (this driver was thought dead): stop writing the lock, and say so
                     print(f"[sweep] WARNING: another driver took over {self.store.uri}; this one no longer holds it")
                     return
                 self._write()
