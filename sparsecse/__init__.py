@@ -7,5 +7,9 @@ class SparseCSEError(Exception):
     """A user-facing error: the CLI prints its one-line message and exits with code 2."""
 
 
-class TrialsFailed(SparseCSEError):
-    """A sweep finished and wrote its report, but some trials failed: exit code 1 (not 2, which means bad input)."""
+class RunFailed(SparseCSEError):
+    """Work that was valid input failed (one line, exit code 1: not 2, which means bad input)."""
+
+
+class TrialsFailed(RunFailed):
+    """A sweep finished and wrote its report, but some trials failed."""

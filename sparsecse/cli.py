@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from . import SparseCSEError, TrialsFailed, __version__
+from . import RunFailed, SparseCSEError, __version__
 from .outputs import claim
 from .config import POOLERS, SCORERS, STS_TASKS, TRANSFER_TASKS, ScoreConfig, TrainConfig
 
@@ -228,8 +228,13 @@ def cmd_sweep(a) -> int:
 
     if a.resume and a.resume_if_exists:
         raise SparseCSEError("--resume and --resume-if-exists: pass one (--resume-if-exists also starts a new sweep)")
-    run_sweep(a.config, overrides=a.set, resume="auto" if a.resume_if_exists else a.resume, address=a.address,
-              out=a.out, data_dir=a.data_dir)
+    resume = "auto" if a.resume_if_exists else a.resume
+    if a.check:
+        from .sweep import check_run
+
+        print(check_run(a.config, a.set, resume, a.out, a.data_dir))
+        return 0
+    run_sweep(a.config, overrides=a.set, resume=resume, address=a.address, out=a.out, data_dir=a.data_dir)
     return 0
 
 
@@ -238,6 +243,13 @@ def cmd_stage(a) -> int:
 
     out = stage(a.to, Path(a.data_dir).expanduser() if a.data_dir else None, a.model)
     print("[stage] point the config at the staged copies: " + " ".join(f"--set {k}={v}" for k, v in out.items()))
+    return 0
+
+
+def cmd_k8s_submit(a) -> int:
+    from .k8s import submit
+
+    print(submit(a.file, a.namespace, a.timeout_s, a.kubectl))
     return 0
 
 
@@ -440,6 +452,9 @@ def _run_commands(sub) -> None:
     w.add_argument("--address")
     w.add_argument("--out", help="run directory or storage URI, e.g. s3://bucket/run (default runs/<config name>)")
     w.add_argument("--data-dir")
+    w.add_argument("--check", action="store_true",
+                   help="check the config, data, model and --out as the sweep would (exit 2 on an error), start "
+                        "nothing and leave nothing behind")
     w.set_defaults(fn=cmd_sweep)
 
     p = sub.add_parser("plan", help="what a sweep config will cost: trials, steps, GPU-hours, wall time, bytes")
@@ -452,6 +467,13 @@ def _run_commands(sub) -> None:
     p.add_argument("--data-dir", help="where the corpus is counted (default: data.dir, SPARSECSE_DATA_DIR, the cache)")
     p.add_argument("--json", action="store_true", help="the figures as JSON")
     p.set_defaults(fn=cmd_plan)
+
+    k = sub.add_parser("k8s-submit", help="check the sweep in the Kubernetes cluster, then apply the RayJob (KubeRay)")
+    k.add_argument("file", help="the RayJob file, e.g. cluster/rayjob.yaml")
+    k.add_argument("--namespace", "-n")
+    k.add_argument("--timeout-s", type=float, default=900.0, help="how long the check may take (default 900)")
+    k.add_argument("--kubectl", default="kubectl", help="the kubectl to run (default: kubectl on PATH)")
+    k.set_defaults(fn=cmd_k8s_submit)
 
     d = sub.add_parser("data", help="data management")
     dsub = d.add_subparsers(dest="data_cmd", required=True)
@@ -473,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except SparseCSEError as e:
         print(f"sparsecse: error: {e}", file=sys.stderr)
-        return 1 if isinstance(e, TrialsFailed) else 2
+        return 1 if isinstance(e, RunFailed) else 2
     except KeyboardInterrupt:
         print("sparsecse: interrupted", file=sys.stderr)
         return 130

@@ -114,6 +114,14 @@ def cluster_resources() -> dict:
     return ray.cluster_resources()
 
 
+def request_resources(bundles: list[dict]) -> None:
+    """Ask the cluster's autoscaler for at least these bundles now ([] withdraws the request): without a demand an
+    autoscaler whose workers start at zero never adds the nodes a driver waits for. No autoscaler: no effect."""
+    from ray.autoscaler.sdk import request_resources as ask
+
+    ask(bundles=bundles)
+
+
 def shutdown() -> None:
     import ray
 

@@ -111,6 +111,25 @@ def _with_retries(what: str, fn, tries: int = 4):
             time.sleep(min(30.0, 2.0 ** i))
 
 
+def check_staged(uri: str, what: str) -> int:
+    """A staged copy is complete in storage: its manifest is there and every file it lists has that size (one
+    listing, nothing downloaded; the nodes check the sha256 when they fetch). Returns the number of files."""
+    from .storage import Storage
+
+    uri = str(uri).rstrip("/")
+    store = Storage(uri)
+    if not store.is_file(MANIFEST):
+        raise SparseCSEError(f"{what} {uri}: not a staged copy ({MANIFEST} missing); stage it with "
+                             "`sparsecse data stage --to …`")
+    files = json.loads(store.read_bytes(MANIFEST))["files"]
+    sizes = store.sizes()
+    for rel, meta in files.items():
+        if sizes.get(rel) != meta["size"]:
+            found = "missing" if rel not in sizes else f"{sizes[rel]} bytes, the manifest says {meta['size']}"
+            raise SparseCSEError(f"{uri}/{rel}: {found}; re-stage it with `sparsecse data stage`")
+    return len(files)
+
+
 def local(uri: str | os.PathLike) -> Path:
     """A staged URI as a verified node-local directory (a local path is returned as it is)."""
     if not is_staged_uri(uri):

@@ -160,6 +160,16 @@ class Storage:
         infos = self.fs.get_file_info(pafs.FileSelector(self.path(rel), recursive=False))
         return sorted(posixpath.basename(i.path.rstrip("/")) for i in infos)
 
+    def sizes(self, rel: str = "") -> dict[str, int]:
+        """{path relative to `rel`: size in bytes} of every file under `rel`, in one listing ({} when absent)."""
+        import pyarrow.fs as pafs
+
+        if not self.is_dir(rel):
+            return {}
+        base = self.path(rel).rstrip("/") + "/"
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path(rel), recursive=True))
+        return {i.path.split(base, 1)[-1]: i.size for i in infos if i.type == pafs.FileType.File}
+
     # ------------------------------------------------------------------ files
     def read_bytes(self, rel: str) -> bytes:
         if not self.is_file(rel):

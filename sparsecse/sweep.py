@@ -132,26 +132,43 @@ def preflight(cfg: Config, ncpu: float, ngpu: float, where: str) -> None:
         raise SparseCSEError(f"config sweep.trial_cpus: {cfg.sweep.trial_cpus} exceeds the {ncpu:g} CPUs {where} has")
 
 
-def wait_for_resources(cfg: Config, resources, sleep=time.sleep, clock=time.monotonic) -> dict:
-    """The cluster's resources once they cover what the config asks for. An autoscaling cluster starts its
-    workers after the driver: for up to ray.wait_for_resources_s the driver waits for them, saying what it waits
-    for; then (or at once, with the wait at 0) the one-line preflight error."""
+def demand(cfg: Config) -> list[dict]:
+    """The resource bundles the config's first stage and a trial need (what an autoscaler is asked to add)."""
+    worker = {"CPU": float(cfg.ray.cpus_per_worker), **({"GPU": 1.0} if cfg.ray.use_gpu else {})}
+    bundles = [dict(worker) for _ in range(cfg.ray.num_workers)]
+    if cfg.sweep.trial_gpus > 0 and not cfg.ray.use_gpu:
+        bundles.append({"CPU": float(cfg.sweep.trial_cpus), "GPU": float(cfg.sweep.trial_gpus)})
+    return bundles
+
+
+def wait_for_resources(cfg: Config, resources, request=None, sleep=time.sleep, clock=time.monotonic) -> dict:
+    """The cluster's resources once they cover what the config asks for. An autoscaling cluster whose workers
+    start at zero adds them only on demand: the driver asks for the config's bundles (`request`, Ray's
+    request_resources) and waits up to ray.wait_for_resources_s, saying what it waits for, then withdraws the
+    request (Ray Train and Tune ask for their own). Past the wait (or at once, with the wait at 0) the one-line
+    preflight error."""
     deadline, said = clock() + cfg.ray.wait_for_resources_s, None
-    while True:
-        res = resources()
-        try:
-            preflight(cfg, res.get("CPU", 0), res.get("GPU", 0), "the Ray cluster")
-            if said is not None:
-                print(f"[sweep] the cluster now has {res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU")
-            return res
-        except SparseCSEError as e:
-            if clock() >= deadline:
-                raise
-            if said != str(e):
-                said = str(e)
-                print(f"[sweep] waiting up to {deadline - clock():.0f} s for the cluster (an autoscaler may be "
-                      f"adding nodes): {said}")
-            sleep(min(5.0, max(0.1, deadline - clock())))
+    try:
+        while True:
+            res = resources()
+            try:
+                preflight(cfg, res.get("CPU", 0), res.get("GPU", 0), "the Ray cluster")
+                if said is not None:
+                    print(f"[sweep] the cluster now has {res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU")
+                return res
+            except SparseCSEError as e:
+                if clock() >= deadline:
+                    raise
+                if said is None and request is not None:
+                    request(demand(cfg))
+                if said != str(e):
+                    said = str(e)
+                    print(f"[sweep] waiting up to {deadline - clock():.0f} s for the cluster (its autoscaler is asked "
+                          f"for {len(demand(cfg))} bundle(s)): {said}")
+                sleep(min(5.0, max(0.1, deadline - clock())))
+    finally:
+        if said is not None and request is not None:
+            request([])
 
 
 def stage1_topology(cfg: Config, nodes: list[dict]) -> str | None:
@@ -587,7 +604,7 @@ def run_sweep(config_path: str, overrides=None, resume: bool | str = False, addr
             run = Run(cfg, store, data, state, resume, Tracking(cfg, store))  # a missing tracker fails here
             ra.connect(address, cfg.ray.num_cpus, dashboard=os.environ.get("SPARSECSE_DASHBOARD", "1") != "0",
                        timeout_s=cfg.ray.connect_timeout_s, metrics_port=cfg.ray.metrics_export_port)
-            res = wait_for_resources(cfg, ra.cluster_resources)
+            res = wait_for_resources(cfg, ra.cluster_resources, ra.request_resources)
             warning = stage1_topology(cfg, ra.compute_nodes())
             if warning:
                 print(warning)
@@ -600,6 +617,52 @@ def run_sweep(config_path: str, overrides=None, resume: bool | str = False, addr
         lock.release()
         if not on_cluster:
             ra.shutdown()
+
+
+def check_run(config_path: str, overrides=None, resume: bool | str = False, out: str | None = None,
+              data_dir: str | None = None) -> str:
+    """`sparsecse sweep … --check`: everything a sweep refuses with exit 2 that can be known without a Ray cluster —
+    the config, the data and model (a staged copy complete in storage), --out (a run another driver holds, a run
+    to resume or one that is not there) and that --out can be written — checked and nothing left behind. Run where
+    the cluster's pods run (cluster/README.md: the K8s validation Job), so a config error stops before a RayJob
+    that KubeRay would retry. Returns the one-line verdict."""
+    from .data import default_data_dir, needed_paths
+    from .staging import check_staged
+
+    cfg = load_config(config_path, overrides)
+    check_config(cfg)
+    check_sparsities(cfg)
+    given = data_dir or cfg.data.dir
+    paths = needed_paths(cfg.data.train_file, cfg.score.split, cfg.eval.tasks,
+                         TRANSFER_TASKS if cfg.eval.transfer != "none" else ())
+    if is_staged_uri(given):
+        check_staged(given, "--data-dir")
+        staged = Storage(str(given).rstrip("/")).read_json("manifest.json")["files"]
+        missing = [p for p in paths if p not in staged and not any(f.startswith(p + "/") for f in staged)]
+        where = f"{given} (staged)"
+    else:
+        data = default_data_dir(given)
+        missing = [p for p in paths if not (data / p).exists()]
+        where = str(data)
+    if missing:
+        raise SparseCSEError(f"data dir {where}: {missing[0]} is missing ({len(missing)} of the sweep's paths); "
+                             "fetch or stage the full data (`sparsecse data fetch`, `sparsecse data stage`)")
+    if is_staged_uri(cfg.model.name):
+        check_staged(cfg.model.name, "model.name")
+    out = out or f"runs/{Path(config_path).stem}"
+    store, state, resuming = open_run(out, cfg, resume)
+    probe = f".check-{secrets.token_hex(4)}"
+    made_root = not store.exists()
+    try:
+        store.write_text(probe, "sparsecse sweep --check: can --out be written?\n")
+    finally:
+        store.delete(probe)
+        if made_root and store.is_local:
+            with contextlib.suppress(OSError):
+                os.rmdir(store.root)
+    run = (f"resumes {store.uri} (stage 1 {'finished' if state.train_fp else 'not finished'})" if resuming
+           else f"starts a new sweep in {store.uri}")
+    return f"[check] ok: config {config_path}, data {where}, model {cfg.model.name}; the sweep {run}"
 
 
 def print_plan(run: Run, resources: dict) -> None:

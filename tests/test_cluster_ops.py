@@ -1,5 +1,6 @@
-"""Cluster operations without a cluster: the driver waits for an autoscaling cluster's nodes (ray.wait_for_resources_s)
-on a fake clock. A real Ray cluster gaining its GPU node after the sweep started is in tests/test_faults.py."""
+"""Cluster operations: the driver asks an autoscaling cluster for its nodes and waits for them
+(ray.wait_for_resources_s), on a fake clock and on Ray's own autoscaler (the fake multi-node provider). A real Ray
+cluster gaining its GPU node after the sweep started is in tests/test_faults.py."""
 
 from __future__ import annotations
 
@@ -11,13 +12,19 @@ from sparsecse.sweep import wait_for_resources
 
 
 class Cluster:
-    """Resources that grow when the clock passes `at` (a worker node joining)."""
+    """An autoscaler: resources grow `at` seconds after a request asks for a GPU (a worker node joining), and
+    never without one (its workers start at zero)."""
 
     def __init__(self, before: dict, after: dict, at: float):
-        self.t, self.before, self.after, self.at = 0.0, before, after, at
+        self.t, self.before, self.after, self.at, self.requests, self.asked_at = 0.0, before, after, at, [], None
 
     def resources(self) -> dict:
-        return self.after if self.t >= self.at else self.before
+        return self.after if self.asked_at is not None and self.t >= self.asked_at + self.at else self.before
+
+    def request(self, bundles: list) -> None:
+        self.requests.append(bundles)
+        if any(b.get("GPU") for b in bundles) and self.asked_at is None:
+            self.asked_at = self.t
 
     def sleep(self, s: float) -> None:
         self.t += s
@@ -26,8 +33,9 @@ class Cluster:
 def test_the_driver_waits_for_gpu_workers_an_autoscaler_adds(capsys):
     cfg = load_config(None, ["sweep.trial_gpus=1", "ray.wait_for_resources_s=120"])
     c = Cluster({"CPU": 4}, {"CPU": 12, "GPU": 1}, at=30)
-    res = wait_for_resources(cfg, c.resources, sleep=c.sleep, clock=lambda: c.t)
+    res = wait_for_resources(cfg, c.resources, c.request, sleep=c.sleep, clock=lambda: c.t)
     assert res == {"CPU": 12, "GPU": 1} and 30 <= c.t <= 35
+    assert c.requests == [[{"CPU": 1.0}, {"CPU": 1.0, "GPU": 1.0}], []]  # asked for once, withdrawn when there
     out = capsys.readouterr().out
     assert out.count("waiting up to 120 s for the cluster") == 1 and "asks for a GPU" in out
     assert "the cluster now has 12 CPU, 1 GPU" in out
@@ -36,12 +44,21 @@ def test_the_driver_waits_for_gpu_workers_an_autoscaler_adds(capsys):
 def test_without_the_wait_or_past_it_the_preflight_refuses_in_one_line(capsys):
     c = Cluster({"CPU": 4}, {"CPU": 12, "GPU": 1}, at=30)
     with pytest.raises(SparseCSEError, match="sweep.trial_gpus: asks for a GPU but the Ray cluster has none"):
-        wait_for_resources(load_config(None, ["sweep.trial_gpus=1"]), c.resources, sleep=c.sleep, clock=lambda: c.t)
-    assert c.t == 0 and capsys.readouterr().out == ""  # at once: the default wait is 0
+        wait_for_resources(load_config(None, ["sweep.trial_gpus=1"]), c.resources, c.request, sleep=c.sleep,
+                           clock=lambda: c.t)
+    assert c.t == 0 and capsys.readouterr().out == "" and c.requests == []  # at once: the default wait is 0
     with pytest.raises(SparseCSEError, match="asks for a GPU"):
         wait_for_resources(load_config(None, ["sweep.trial_gpus=1", "ray.wait_for_resources_s=10"]), c.resources,
-                           sleep=c.sleep, clock=lambda: c.t)
-    assert 10 <= c.t < 30
+                           c.request, sleep=c.sleep, clock=lambda: c.t)
+    assert 10 <= c.t < 30 and c.requests[-1] == []  # a request that timed out is withdrawn too
+
+
+def test_stage_one_on_gpus_asks_for_its_workers_bundles():
+    from sparsecse.sweep import demand
+
+    gpu = load_config(None, ["ray.num_workers=4", "ray.use_gpu=true", "ray.cpus_per_worker=8", "sweep.trial_gpus=0.5"])
+    assert demand(gpu) == [{"CPU": 8.0, "GPU": 1.0}] * 4
+    assert demand(load_config(None, [])) == [{"CPU": 1.0}]
 
 
 def test_stage1_workers_that_cannot_share_one_node_are_warned_about():

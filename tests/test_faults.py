@@ -222,3 +222,50 @@ def test_a_trial_given_a_gpu_cuda_cannot_use_fails_in_one_line_instead_of_traini
     assert "node " in last
     assert not (tmp_path / "run" / "tune").exists()  # no trial trained anything, on any device
 
+
+
+def test_an_autoscaler_whose_gpu_workers_start_at_zero_adds_one_for_the_waiting_sweep(tmp_path, tiny_model_dir,
+                                                                                       tiny_data_dir):
+    """Ray's own autoscaler (its fake multi-node provider: nodes are local raylets) with GPU workers at min 0, as
+    cluster/gpu-cluster.yaml and rayjob.yaml ship them: nothing adds a worker until someone asks. The waiting sweep
+    asks for its bundles (request_resources), the autoscaler adds the GPU node, the sweep goes on (and its trial
+    then fails on the GPU torch cannot use, as above), and the request is withdrawn so idle workers can go."""
+    from conftest import RAY_BIN, free_port
+
+    import ray._private.services as services
+
+    port, ip = free_port(), services.get_node_ip_address()
+    config = {"cluster_name": "scse-fake", "max_workers": 1, "upscaling_speed": 1.0, "idle_timeout_minutes": 0.1,
+              "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                           "disable_launch_config_check": True, "gcs_address": f"{ip}:{port}"},
+              "head_node_type": "ray.head.default",
+              "available_node_types": {
+                  "ray.head.default": {"resources": {"CPU": 1}, "node_config": {}, "max_workers": 0},
+                  "gpu": {"resources": {"CPU": 2, "GPU": 1}, "node_config": {}, "min_workers": 0, "max_workers": 1}},
+              "auth": {}, "docker": {}, "file_mounts": {}, "cluster_synced_files": [], "rsync_exclude": [],
+              "rsync_filter": [], "file_mounts_sync_continuously": False, **{k: [] for k in (
+                  "initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
+                  "head_start_ray_commands", "worker_start_ray_commands")}}
+    (tmp_path / "autoscaler.json").write_text(json.dumps(config))
+    token = tmp_path / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    env = {**os.environ, "SPARSECSE_DASHBOARD": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
+           "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_FAKE_CLUSTER": "1"}
+    env.pop("RAY_ADDRESS", None)
+    head_tmp = f"/tmp/scse-asc-{os.getpid()}"
+    subprocess.run([RAY_BIN, "start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
+                    f"--autoscaling-config={tmp_path / 'autoscaler.json'}", f"--temp-dir={head_tmp}",
+                    "--disable-usage-stats"], env=env, capture_output=True, text=True, timeout=300, check=True)
+    try:
+        cfg = _write_cfg(tmp_path / "c.yaml", tiny_model_dir, sparsities=(0.1,), lams=(0.5,))
+        r = _sweep(cfg, tmp_path / "run", tiny_data_dir, "--address", f"{ip}:{port}", "--set", "sweep.trial_gpus=1",
+                   "--set", "ray.num_cpus=null", "--set", "ray.wait_for_resources_s=240", env=env)
+        monitor = "".join(p.read_text(errors="replace") for p in Path(head_tmp).glob("session_*/logs/monitor.log"))
+    finally:
+        kill_processes_mentioning(head_tmp)
+        kill_processes_mentioning(f"{ip}:{port}")
+        shutil.rmtree(head_tmp, ignore_errors=True)
+    out = r.stdout + r.stderr
+    assert "its autoscaler is asked for 2 bundle(s)" in out and "the cluster now has 3 CPU, 1 GPU" in out, out[-3000:]
+    assert "Ray gave this task 1 GPU but torch" in out  # the fake GPU, as in the test above
+    assert "'GPU': 1" in monitor  # the autoscaler saw the sweep's request
