@@ -67,7 +67,8 @@ def test_gpu_cluster_validates_against_rays_schema_and_has_no_local_only_variabl
 RAYJOB_SPEC = {"entrypoint": str, "backoffLimit": int, "shutdownAfterJobFinishes": bool,
                "ttlSecondsAfterFinished": int, "runtimeEnvYAML": str, "rayClusterSpec": dict, "submissionMode": str,
                "submitterPodTemplate": dict}
-CLUSTER_SPEC = {"rayVersion": str, "authOptions": dict, "headGroupSpec": dict, "workerGroupSpecs": list}
+CLUSTER_SPEC = {"rayVersion": str, "authOptions": dict, "headGroupSpec": dict, "workerGroupSpecs": list,
+                "enableInTreeAutoscaling": bool, "autoscalerOptions": dict}
 HEAD_REQUIRED, HEAD_FIELDS = {"template"}, {"template", "rayStartParams", "serviceType"}
 WORKER_REQUIRED = {"groupName", "maxReplicas", "minReplicas", "template"}
 WORKER_FIELDS = WORKER_REQUIRED | {"replicas", "rayStartParams"}
@@ -120,6 +121,27 @@ def test_rayjob_entrypoint_resumes_and_names_files_the_image_has():
     from sparsecse.config import load_config
 
     load_config(REPO / rel)
+
+
+def test_no_node_or_pod_downloads_the_data_or_the_model_from_the_hub():
+    """Both files run from the copy staged once in the bucket (`sparsecse data stage`): no set-up command or init
+    container fetches per node, and the job's data dir and model are staged URIs in the run's bucket. The RayJob's
+    GPU pods start at zero and come on the sweep's demand (the driver asks: request_resources)."""
+    cfg = _gpu_cluster()
+    for k in ("setup_commands", "head_setup_commands", "worker_setup_commands"):
+        assert not any("data fetch" in c for c in cfg.get(k, [])), k
+    job, _ = _rayjob()
+    assert not any(c["name"] == "fetch-data" or "fetch" in str(c.get("command", "")) for c in _containers(job))
+    argv = shlex.split(job["spec"]["entrypoint"])
+    bucket = argv[argv.index("--out") + 1].split("/")[2]
+    assert argv[argv.index("--data-dir") + 1] == f"s3://{bucket}/staged/data"
+    sets = dict(a.split("=", 1) for a in argv[argv.index("--set") + 1::2] if "=" in a)
+    assert sets["model.name"].startswith(f"s3://{bucket}/staged/models/bert-base-uncased@")
+    rc = job["spec"]["rayClusterSpec"]
+    assert rc["enableInTreeAutoscaling"] is True
+    assert all(g["minReplicas"] == 0 == g.get("replicas", 0) for g in rc["workerGroupSpecs"])
+    workers = [t for t in cfg["available_node_types"].values() if "min_workers" in t]
+    assert workers and all(t["min_workers"] == 0 for t in workers)
 
 
 def test_dockerfile_installs_with_the_readme_command():

@@ -53,3 +53,27 @@ def test_a_corrupted_staged_object_fails_in_one_line_naming_it(s3, tiny_data_dir
     assert not list((tmp_path / "cache").rglob("wiki1m_sample.txt"))  # nothing half-verified left for the next run
     with pytest.raises(SparseCSEError, match="not a staged copy"):
         staging.local(f"s3://{s3.bucket}/nothing-here")
+
+
+def test_sweep_check_reads_a_staged_copy_without_downloading_it_and_names_a_missing_object(
+        s3, tiny_data_dir, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """`sparsecse sweep --check` (what k8s-submit's Job runs) accepts a complete staged data dir and model from one
+    listing each, and names the object a partial copy lacks."""
+    from sparsecse import staging
+    from sparsecse.cli import main
+
+    monkeypatch.setenv("SPARSECSE_CACHE", str(tmp_path / "cache"))
+    to = f"s3://{s3.bucket}/chk"
+    staged = staging.stage(to, tiny_data_dir, f"{tiny_model_dir}@v1")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {{name: {staged['model.name']}}}\neval: {{tasks: [STSBenchmark]}}\n"
+                   "sweep: {sparsities: [0.1], lams: [0.5]}\n")
+    argv = ["sweep", str(cfg), "--out", f"s3://{s3.bucket}/chk-run", "--data-dir", staged["data.dir"], "--check"]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert f"data {staged['data.dir']} (staged)" in capsys.readouterr().out
+    assert not (tmp_path / "cache").exists()  # nothing fetched to check it
+    assert not boto3.client("s3").list_objects_v2(Bucket=s3.bucket, Prefix="chk-run").get("KeyCount")
+    boto3.client("s3").delete_object(Bucket=s3.bucket, Key="chk/data/wiki/wiki1m_sample.txt")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"sparsecse: error: {to}/data/wiki/wiki1m_sample.txt: missing; re-stage it with `sparsecse data stage`"
