@@ -14,6 +14,7 @@ from .config import Config
 from .results import PAPER_SCORER, TrialResult, reading_label, sts_tasks
 from .select import comparisons, selected_comparison, stability
 from .tables import label, render
+from .stats import ALPHA, EXACT_BELOW
 
 
 @dataclass
@@ -58,10 +59,16 @@ def _table(rows: list[tuple[str, dict]], tasks: list[str]) -> str:
     return render(["Model", *map(label, tasks)], [[name, *(v.get(t) for t in tasks)] for name, v in rows])
 
 
+def _p(p: float) -> str:
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+
+
 def _vs(c: dict | None) -> str:
     if not c or c["diff"] is None:
         return "—"
-    p = "" if c["p"] is None else (", p < 0.001" if c["p"] < 0.001 else f", p = {c['p']:.3f}")
+    test = {"exact sign-flip": "exact ", "paired t": "t "}.get(c.get("test"), "")
+    p = "" if c["p"] is None else f", {test}{_p(c.get('p_raw', c['p']))}" + (
+        f", Holm {_p(c['p'])}" if "family" in c else "")
     if c.get("bootstrap"):
         b = c["bootstrap"]
         return (f"{c['diff']:+.2f} [95 % CI {b['lo']:+.2f}, {b['hi']:+.2f}] (one seed; bootstrap over test pairs, "
@@ -101,6 +108,10 @@ def pilot_table(rows: list[dict], tasks: list[str]) -> str:
                   [[row_method(r), f"{r['sparsity']:.0%}", *(r[t] for t in cols)] for r in rows], left=2)
 
 
+def _family(comps: list[dict]) -> int:
+    return next((c[k]["family"] for c in comps for k in ("vs_control", "vs_random") if c[k] and "family" in c[k]), 0)
+
+
 def render_comparisons(comps: list[dict], ctrl: dict | None) -> list[str]:
     """The controls section of report.md."""
     if not comps:
@@ -109,9 +120,11 @@ def render_comparisons(comps: list[dict], ctrl: dict | None) -> list[str]:
             f" over seeds {ctrl['seeds']}" if ctrl and "avg" in ctrl["test"] else "no s = 0 control finished")
     return ["## Controls at equal budget (STS test avg, Spearman × 100)", "",
             f"Every method retrains the same way from the same pre-trained weights; only how the mask is chosen differs. "
-            f"Mean ± sample std over seeds (ddof = 1); Δ is paired over shared seeds (two-sided paired t-test); with "
-            f"one seed, a paired bootstrap over the STS test pairs (it measures test-set noise, not training noise); "
-            f"{base}.",
+            f"Mean ± sample std over seeds (ddof = 1); Δ is paired over shared seeds (two-sided; below "
+            f"{EXACT_BELOW} seeds the exact sign-flip test, whose smallest attainable p is 2/2^n, else the paired "
+            f"t-test); with one seed, a paired bootstrap over the STS test pairs (it measures test-set noise, not "
+            f"training noise). The table is one family of {_family(comps)} tests: verdicts use Holm-adjusted p at "
+            f"α = {ALPHA} (raw p beside it); {base}.",
             "", render(["sparsity", "method", "λ", "n seeds", "STS-B dev", "test avg", "Δ vs s = 0 control", "Δ vs random"],
                        [[f"{c['sparsity']:.0%}", c["method"], "—" if c["lam"] is None else str(c["lam"]),
                          str(len(c["seeds"])), _pm1(c["dev_mean"], c["dev_std"]), _pm1(c["mean"], c["std"]),
@@ -338,7 +351,9 @@ def answer(inp: ReportInputs) -> str:
             vs += (f"{b['diff']:+.2f} [95 % CI {b['lo']:+.2f}, {b['hi']:+.2f}; one seed, bootstrap over test pairs], "
                    f"{c['verdict']}")
         elif c.get("lo") is not None:
-            vs += f"{c['diff']:+.2f} [95 % CI {c['lo']:+.2f}, {c['hi']:+.2f}; t over {c['n']} seeds], {c['verdict']}"
+            vs += (f"{c['diff']:+.2f} [95 % CI {c['lo']:+.2f}, {c['hi']:+.2f}; t over {c['n']} seeds; "
+                   f"{c.get('test', 'paired t')} {_p(c.get('p_raw', c['p']))}, Holm {_p(c['p'])} in a family of "
+                   f"{c.get('family', 1)}], {c['verdict']}")
         else:
             vs += f"{c['diff']:+.2f} (one seed: no interval, no claim)"
         out += vs

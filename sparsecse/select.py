@@ -9,7 +9,7 @@ import numpy as np
 from . import SparseCSEError
 from .config import CONTROL_SCORERS
 from .results import DEV, PAPER_SCORER, TrialResult, method_name, reading_label, reading_order
-from .stats import bootstrap_diff, paired, sample_std
+from .stats import bootstrap_diff, correct_family, paired, sample_std
 
 Key = tuple  # Point.key: (scorer, sparsity, λ, combine, normalize), seeds pooled
 
@@ -148,6 +148,8 @@ def comparisons(results: list[TrialResult], select_lam: float | None = None, met
     """At every sparsity > 0, each mask-choosing method at the same retraining budget — the paper's score under
     each reading (at the λ best on dev at that sparsity, or `select_lam`), random, magnitude, simcse — with
     `metric` over seeds, paired against the s = 0 control and against random (same normalize reading when run).
+    Every test of the table is one family: p is Holm-adjusted over it (p_raw the test's own) and the verdicts use
+    the adjusted p.
     Where only one seed is shared, `predictions` ({trial name: per-pair test predictions}) give a paired bootstrap
     over test pairs instead of no claim."""
     fin = [r for r in results if r.finished]
@@ -172,6 +174,7 @@ def comparisons(results: list[TrialResult], select_lam: float | None = None, met
                         "std": sample_std([v for v, _ in vals.values()]),
                         "vs_control": _compare(vals, ctrl, predictions, metric),
                         "vs_random": _compare(vals, rand, predictions, metric) if p.scorer != "random" and rand else None})
+    correct_family([c[k] for c in out for k in ("vs_control", "vs_random")])  # the table is one family: Holm
     return out
 
 

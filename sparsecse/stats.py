@@ -16,10 +16,42 @@ def sample_std(xs) -> float | None:
     return float(np.std(xs, ddof=1)) if len(xs) > 1 else None
 
 
+EXACT_BELOW = 10  # pairs: below this many, the exact sign-flip test decides (the t-test's normality is a guess)
+
+
+def holm(pvals: list) -> list:
+    """Holm's step-down adjustment of a family of p-values (None entries are not tests and stay None): the k-th
+    smallest of m is multiplied by m − k + 1, then made monotone and capped at 1. Controls the family-wise error
+    rate at α without assuming independence."""
+    idx = sorted((i for i, p in enumerate(pvals) if p is not None), key=lambda i: pvals[i])
+    m, out, running = len(idx), list(pvals), 0.0
+    for k, i in enumerate(idx):
+        running = max(running, min(1.0, (m - k) * pvals[i]))
+        out[i] = running
+    return out
+
+
+def sign_flip(d) -> float:
+    """Exact two-sided paired permutation (sign-flip) test of mean(d) = 0: the share of the 2^n sign patterns whose
+    |mean| is at least the observed one. Its smallest attainable value is 2 / 2^n (sign_flip_floor)."""
+    import itertools
+
+    d = np.asarray(d, dtype=float)
+    obs = abs(d.mean())
+    signs = np.array(list(itertools.product((1.0, -1.0), repeat=len(d))))
+    return float(np.mean(np.abs((signs * np.abs(d)).mean(1)) >= obs - 1e-12))
+
+
+def sign_flip_floor(n: int) -> float:
+    return min(1.0, 2.0 / 2 ** n)
+
+
 def paired(a: dict, b: dict) -> dict:
-    """Paired comparison over the seeds both have ({seed: value}): mean and sample std of a − b, its 95 % t interval
-    (lo, hi), and a two-sided paired t-test; "within noise" unless p < 0.05. One shared seed gives a difference but
-    no interval and no verdict."""
+    """Paired comparison over the units both have ({unit: value}, a unit is a seed or a stage-1 replicate): mean
+    and sample std of a − b, its 95 % t interval (lo, hi), a two-sided paired t-test (p_t) and the exact sign-flip
+    test (p_exact, with the smallest p it can reach, p_floor). `p` is the exact test's below EXACT_BELOW pairs, the
+    t-test's from there (`test` names it); "within noise" unless p < 0.05 — before any correction for the family
+    the comparison belongs to (`correct_family`). One shared unit gives a difference but no test."""
     seeds = sorted(set(a) & set(b))
     d = [a[k] - b[k] for k in seeds]
     out = {"n": len(d), "diff": float(np.mean(d)) if d else None, "std": sample_std(d), "p": None}
@@ -31,13 +63,29 @@ def paired(a: dict, b: dict) -> dict:
     half = float(student_t.ppf(0.975, len(d) - 1)) * out["std"] / np.sqrt(len(d))  # the 95 % t interval
     out["lo"], out["hi"] = out["diff"] - half, out["diff"] + half
     if out["std"] == 0:
-        out["p"] = 1.0 if out["diff"] == 0 else 0.0
+        out["p_t"] = 1.0 if out["diff"] == 0 else 0.0
     else:
         from scipy.stats import ttest_rel
 
-        out["p"] = float(ttest_rel([a[k] for k in seeds], [b[k] for k in seeds]).pvalue)
+        out["p_t"] = float(ttest_rel([a[k] for k in seeds], [b[k] for k in seeds]).pvalue)
+    out["p_exact"], out["p_floor"] = sign_flip(d), sign_flip_floor(len(d))
+    exact = len(d) < EXACT_BELOW
+    out["test"] = "exact sign-flip" if exact else "paired t"
+    out["p"] = out["p_exact"] if exact else out["p_t"]
     out["verdict"] = _verdict(out["p"], out["diff"])
     return out
+
+
+def correct_family(tests: list[dict]) -> int:
+    """Holm-adjusts the p of every test in `tests` (dicts as `paired`/`bootstrap_diff` return; those without a p
+    take no part) as one family: each gets p_raw, p (adjusted), family (its size) and the verdict from the
+    adjusted p. Returns the family's size."""
+    family = [t for t in tests if t is not None and t.get("p") is not None]
+    adjusted = holm([t["p"] for t in family])
+    for t, p in zip(family, adjusted):
+        t["p_raw"], t["p"], t["family"] = t["p"], p, len(family)
+        t["verdict"] = _verdict(p, t["diff"])
+    return len(family)
 
 
 def _verdict(p: float, diff: float) -> str:

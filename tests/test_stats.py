@@ -15,10 +15,40 @@ def test_paired_comparison_over_seeds():
     c = paired(a, b)
     assert c["n"] == 3 and c["diff"] == pytest.approx(np.mean([1.0, 0.5, 2.0]))
     assert c["std"] == pytest.approx(np.std([1.0, 0.5, 2.0], ddof=1))
-    assert c["p"] == pytest.approx(sps.ttest_rel([80, 81, 83], [79, 80.5, 81]).pvalue)
-    assert c["verdict"] == "within noise"  # +1.17 over 3 seeds with this spread: p ≈ 0.12
-    assert paired({1: 80.0, 2: 81.0, 3: 82.0}, {1: 70.0, 2: 71.5, 3: 71.0})["verdict"] == "better"
+    assert c["p_t"] == pytest.approx(sps.ttest_rel([80, 81, 83], [79, 80.5, 81]).pvalue)
+    # three pairs: the exact sign-flip test decides, and it cannot go below 2/2^3 = 0.25 (all 3 signs agree)
+    assert c["test"] == "exact sign-flip" and c["p"] == c["p_exact"] == c["p_floor"] == 0.25
+    assert c["verdict"] == "within noise"
+    big = paired({1: 80.0, 2: 81.0, 3: 82.0}, {1: 70.0, 2: 71.5, 3: 71.0})
+    assert big["p_t"] < 0.01 and big["verdict"] == "within noise"  # a t-test would claim it; 3 seeds cannot
+    ten = paired({k: 80.0 + k % 3 for k in range(10)}, {k: 70.0 + (k * 7) % 5 for k in range(10)})
+    assert ten["test"] == "paired t" and ten["p"] == ten["p_t"] and ten["verdict"] == "better"
     assert paired({1: 80.0}, {1: 70.0})["verdict"].startswith("one seed")
+
+
+def test_the_exact_sign_flip_test_against_hand_counted_patterns():
+    from sparsecse.stats import sign_flip, sign_flip_floor
+
+    # d = (1, 2, 3): 8 sign patterns, |mean| >= 2 only for (+,+,+) and (−,−,−): p = 2/8
+    assert sign_flip([1.0, 2.0, 3.0]) == 0.25 == sign_flip_floor(3)
+    # d = (3, −1, 1, 1): |sum| >= 4 for ±(3,−1,1,1) and ±(3,1,1,1), ±(3,1,−1,1), ±(3,1,1,−1): sums 4, 6, 4, 4 → 8/16
+    assert sign_flip([3.0, -1.0, 1.0, 1.0]) == 0.5
+    assert sign_flip_floor(5) == 0.0625 and sign_flip_floor(6) == 0.03125  # five replicates can never reach 0.05
+
+
+def test_holm_against_hand_computed_values():
+    from sparsecse.stats import correct_family, holm
+
+    # sorted 0.01, 0.02, 0.03, 0.04 → ×4, ×3, ×2, ×1 = 0.04, 0.06, 0.06, 0.04 → monotone 0.04, 0.06, 0.06, 0.06
+    assert holm([0.03, 0.01, None, 0.04, 0.02]) == pytest.approx([0.06, 0.04, None, 0.06, 0.06])
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])  # capped at 1
+    assert holm([]) == [] and holm([None]) == [None]
+    # BENCHMARKS 6d's two best raw p-values in its family of 14: 0.018 → 0.252 and 0.030 → 0.39
+    assert holm([0.018, 0.030] + [0.5] * 12)[:2] == pytest.approx([0.252, 0.39])
+    tests = [{"p": 0.01, "diff": 1.0}, {"p": 0.04, "diff": -1.0}, {"p": None, "diff": 0.5}, None]
+    assert correct_family(tests) == 2
+    assert tests[0] == {"p_raw": 0.01, "p": 0.02, "diff": 1.0, "family": 2, "verdict": "better"}
+    assert tests[1]["p"] == 0.04 and tests[1]["verdict"] == "worse" and "family" not in tests[2]
 
 
 def test_resampled_ranks_are_scipys_average_ranks_with_ties():
