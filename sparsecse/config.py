@@ -189,6 +189,12 @@ class SweepConfig:
     # (with sweep.search=optuna, TPE searches both objectives)
     objective: Literal["dev", "pareto"] = "dev"
     pareto_delta: float = 0.5
+    # how the dev scores choose (objective "dev"): "noninferior" — the sparsest point shown, by a one-sided paired
+    # test over seeds in a fixed sequence of sparsities, to be within `margin` dev points of the s = 0 control (one
+    # seed: the point estimate, said so); "superior" — a pruned point only if it beats the control after Holm's
+    # correction, else the control; "best_dev" — the highest mean dev (the paper's rule; its configs keep it)
+    select: Literal["noninferior", "superior", "best_dev"] = "noninferior"
+    margin: float = 0.5
     # experiment tracking: "tensorboard" (one stream per trial and stage 1, under tensorboard/), "mlflow" (Ray's
     # MLflowLoggerCallback; stage 1, every trial, the report, figures and export in one experiment), "wandb"
     # (Ray's WandbLoggerCallback; WANDB_MODE=offline honoured)
@@ -226,6 +232,8 @@ class SweepConfig:
                "sweep.lam_range", "must be [lo, hi] with 0 <= lo < hi <= 1, or null")
         _check(self.pareto_delta >= 0 and math.isfinite(self.pareto_delta), "sweep.pareto_delta",
                f"{self.pareto_delta} must be >= 0 (STS-B dev Spearman × 100 points below the best dev)")
+        _check(self.margin >= 0 and math.isfinite(self.margin), "sweep.margin",
+               f"{self.margin} must be >= 0 (STS-B dev Spearman × 100 points below the s = 0 control)")
         _check(len(set(self.loggers)) == len(self.loggers), "sweep.loggers", "lists each logger once")
         if self.search == "optuna":
             _check(self.scorers == ("align_uniform",), "sweep.scorers", "the controls run at grid sparsities; with "

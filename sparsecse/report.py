@@ -308,10 +308,11 @@ def _selection_lines(selected: dict | None, cfg: Config) -> list[str]:
     out = [f"Selection chose among {selected['candidates']} grid points{lam}, the s = 0 control included"
            + (f", by the smallest encoder within δ = {selected['pareto']['delta']:g} of the best STS-B dev "
               f"({selected['pareto']['best_dev']:.2f}; `sweep.objective: pareto`). " if selected.get("pareto") else ". ")]
+    detail = selected.get("rule_detail")
     if selected["control_won"]:
         what = "the control is exported" if cfg.sweep.when_control_wins == "export_control" else "nothing is exported"
         why = ("no pruned point comes within δ of the best dev" if selected.get("pareto") else
-               "the s = 0 control has the best STS-B dev")
+               detail["why"] if detail else "the s = 0 control has the best STS-B dev")
         out[0] += (f"**Pruning did not help on dev**: {why} ({selected['dev_mean']:.2f}); {what} "
                    "(`sweep.when_control_wins`).")
     else:
@@ -320,7 +321,30 @@ def _selection_lines(selected: dict | None, cfg: Config) -> list[str]:
     if "STSBenchmark" in selected["test"]:
         gap = selected["dev_mean"] - selected["test"]["STSBenchmark"]
         out[0] += f" Dev/test gap of the selected point (STS-B dev − STS-B test): {gap:+.2f}."
-    return out + [""]
+    return out + [""] + _rule_lines(selected)
+
+
+def _rule_lines(selected: dict) -> list[str]:
+    """The selection rule, named, with the tests it made."""
+    rule, detail = selected.get("rule", "best_dev"), selected.get("rule_detail")
+    if rule == "pareto":
+        return []
+    if not detail:
+        return ["Selection rule: `sweep.select: best_dev` — the highest mean STS-B dev (the paper's rule; no test "
+                "against the control's noise).", ""]
+    head = (f"Selection rule: `sweep.select: {rule}`, margin {detail['margin']:g} STS-B dev points, α = "
+            f"{detail.get('alpha', 0.05)}; chosen: {detail['why']}.")
+    if rule == "noninferior":
+        head += (" Sparsities are tested from the least pruned up, each sparsity's best-dev point, one-sided against "
+                 "the s = 0 control over the seeds both ran; the sequence stops at the first failure (a fixed "
+                 "sequence keeps the family-wise error at α).")
+    rows = [[f"{st['sparsity']:.0%}", str(st["lam"]), f"{st['dev']:.2f}",
+             "—" if st.get("diff") is None else f"{st['diff']:+.2f}", str(st["n"]), st.get("test", ""),
+             "—" if st.get("p") is None else f"{st['p']:.3f}", "yes" if st["passed"] else "no"]
+            for st in detail["steps"]]
+    table = render(["sparsity", "λ", "STS-B dev", "Δ dev vs control", "n", "test", "p (Holm for superior)",
+                    "passed"], rows, left=0) if rows else ""
+    return [head, "", *([table, ""] if table else [])]
 
 
 def _millions(n: int) -> str:

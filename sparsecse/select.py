@@ -9,7 +9,7 @@ import numpy as np
 from . import SparseCSEError
 from .config import CONTROL_SCORERS
 from .results import DEV, PAPER_SCORER, TrialResult, method_name, reading_label, reading_order
-from .stats import bootstrap_diff, correct_family, paired, sample_std
+from .stats import ALPHA, bootstrap_diff, correct_family, noninferior, paired, sample_std
 
 Key = tuple  # Point.key: (scorer, sparsity, λ, combine, normalize), seeds pooled
 
@@ -41,14 +41,69 @@ def _params(members: list[TrialResult]) -> int | None:
     return members[0].params
 
 
+CONTROL_KEY = (PAPER_SCORER, 0.0, 0.0, "", "")
+
+
+def _units(members: list[TrialResult]) -> dict:
+    """{unit: dev} of one grid point's trials — the unit of replication (the retraining seed)."""
+    return {r.point.seed: r.dev for r in members}
+
+
+def _best_per_sparsity(groups: dict[Key, list[TrialResult]]) -> list[Key]:
+    """One candidate per pruned sparsity, ascending: the λ/reading with the best mean dev there."""
+    best: dict[float, Key] = {}
+    for k in sorted((k for k in groups if k != CONTROL_KEY), key=_order):
+        if k[1] not in best or _dev(groups[k]) > _dev(groups[best[k[1]]]):
+            best[k[1]] = k
+    return [best[sp] for sp in sorted(best)]
+
+
+def rule_choice(groups: dict[Key, list[TrialResult]], rule: str, margin: float) -> tuple[Key, dict]:
+    """The grid point a noise-aware rule chooses, and why ({"rule", "margin", "steps", "why"}).
+
+    noninferior: a fixed-sequence test from the least to the most pruned sparsity (each sparsity's best-dev point):
+    each one-sided test that the point's dev is not worse than the s = 0 control's by `margin` or more, over the
+    units both ran; the sparsest point before the first failure is chosen, the control when the first fails. A fixed
+    sequence holds the family-wise error at α without a correction.
+    superior: each sparsity's best-dev point against the control (`stats.paired`), Holm-corrected as one family;
+    the best dev among those credited "better", else the control."""
+    ctrl = groups.get(CONTROL_KEY)
+    if ctrl is None:  # nothing to be non-inferior or superior to
+        key = max(groups, key=lambda k: (_dev(groups[k]), -k[1], -k[2]))
+        return key, {"rule": rule, "margin": margin, "steps": [], "why": "no s = 0 control finished: the best dev"}
+    steps, key = [], CONTROL_KEY
+    if rule == "noninferior":
+        for k in _best_per_sparsity(groups):
+            t = noninferior(_units(groups[k]), _units(ctrl), margin)
+            steps.append({"sparsity": k[1], "lam": k[2], "dev": _dev(groups[k]), **t})
+            if not t["passed"]:
+                break
+            key = k
+        why = (f"the sparsest point before the first that was not shown within {margin:g} dev points of the control"
+               if key != CONTROL_KEY else f"no pruned point was shown within {margin:g} dev points of the control")
+    else:
+        cands = _best_per_sparsity(groups)
+        tests = [paired(_units(groups[k]), _units(ctrl)) for k in cands]
+        correct_family(tests)
+        for k, t in zip(cands, tests):
+            steps.append({"sparsity": k[1], "lam": k[2], "dev": _dev(groups[k]),
+                          "passed": t["verdict"] == "better", **t})
+        winners = [k for k, t in zip(cands, tests) if t["verdict"] == "better"]
+        key = max(winners, key=lambda k: _dev(groups[k])) if winners else CONTROL_KEY
+        why = ("the best dev among the points that beat the control after Holm's correction" if winners else
+               "no pruned point beat the control on dev after Holm's correction")
+    return key, {"rule": rule, "margin": margin, "alpha": ALPHA, "steps": steps, "why": why}
+
+
 def select(results: list[TrialResult], select_lam: float | None = None, objective: str = "dev",
-           delta: float = 0.5) -> dict | None:
+           delta: float = 0.5, rule: str = "best_dev", margin: float = 0.5) -> dict | None:
     """The grid point to export, chosen on STS-B dev Spearman averaged over seeds — never test — among the paper's
     points (λ = `select_lam` only, when set) **and the s = 0 control**: when the control is chosen, pruning did not
     help and the selection says so (`control_won`). The control scorers are never selected. Each reading of the
     scores (score.combine × score.normalize) is a grid point of its own.
 
-    objective "dev": the highest dev; ties go to the lower sparsity (the control first), then the lower λ.
+    objective "dev", rule "best_dev": the highest dev; ties go to the lower sparsity (the control first), then the
+    lower λ. rule "noninferior" / "superior": a tested choice against the control (rule_choice).
     objective "pareto": the smallest encoder (fewest parameters) whose dev is within `delta` of the best dev; ties
     go to the higher dev. The result then carries the Pareto front of (dev ↑, parameters ↓) as `pareto`."""
     groups = _candidates(results, select_lam)
@@ -67,6 +122,8 @@ def select(results: list[TrialResult], select_lam: float | None = None, objectiv
         front = pareto_front([{"key": k, "dev": _dev(groups[k]), "params": _params(groups[k])} for k in order])
         pareto = {"delta": delta, "best_dev": top,
                   "front": [_front_row(groups[p["key"]], p, p["key"] == key) for p in front]}
+    elif rule != "best_dev":
+        key, why = rule_choice(groups, rule, margin)
     else:
         key = best
     members = groups[key]
@@ -76,6 +133,9 @@ def select(results: list[TrialResult], select_lam: float | None = None, objectiv
            "candidates": len(groups), "objective": objective, "params": _params(members), **_seed_stats(members)}
     if pareto:
         out["pareto"] = pareto
+    out["rule"] = "pareto" if pareto else rule
+    if objective != "pareto" and rule != "best_dev":
+        out["rule_detail"] = why
     return out
 
 

@@ -76,6 +76,33 @@ def paired(a: dict, b: dict) -> dict:
     return out
 
 
+def noninferior(a: dict, b: dict, margin: float) -> dict:
+    """One-sided paired test over shared units ({unit: value}) that a is not worse than b by `margin` or more:
+    H0 mean(a − b) ≤ −margin against H1 mean(a − b) > −margin. Below EXACT_BELOW pairs the exact one-sided
+    sign-flip test of d = a − b + margin (smallest p 1/2^n), else the one-sided t-test. One unit: no test — the
+    point estimate decides and says so. `passed`: H0 rejected at α (or, with one unit, d ≥ 0)."""
+    units = sorted(set(a) & set(b))
+    d = np.array([a[k] - b[k] + margin for k in units])
+    out = {"n": len(d), "diff": float(d.mean() - margin) if len(d) else None, "margin": margin, "p": None}
+    if len(d) < 2:
+        out["test"] = "one unit: point estimate, no test" if len(d) else "no shared units"
+        out["passed"] = bool(len(d) and d[0] >= 0)
+        return out
+    if len(d) < EXACT_BELOW:
+        import itertools
+
+        signs = np.array(list(itertools.product((1.0, -1.0), repeat=len(d))))
+        out["p"] = float(np.mean((signs * np.abs(d)).mean(1) >= d.mean() - 1e-12))
+        out["test"] = "exact one-sided sign-flip"
+    else:
+        from scipy.stats import ttest_1samp
+
+        out["p"] = float(ttest_1samp(d, 0.0, alternative="greater").pvalue) if d.std() > 0 else float(d.mean() <= 0)
+        out["test"] = "one-sided t"
+    out["passed"] = out["p"] < ALPHA
+    return out
+
+
 def correct_family(tests: list[dict]) -> int:
     """Holm-adjusts the p of every test in `tests` (dicts as `paired`/`bootstrap_diff` return; those without a p
     take no part) as one family: each gets p_raw, p (adjusted), family (its size) and the verdict from the

@@ -692,7 +692,8 @@ def run_stages(run: Run, t_start: float) -> dict:
     train_stage(run)
     scores = score_stage(run)
     results = trials_stage(run, scores)
-    selected = choose.select(results, cfg.sweep.select_lam, cfg.sweep.objective, cfg.sweep.pareto_delta)
+    selected = choose.select(results, cfg.sweep.select_lam, cfg.sweep.objective, cfg.sweep.pareto_delta,
+                             cfg.sweep.select, cfg.sweep.margin)
     extras = evaluate_and_export_stage(run, results, selected)
     summary = report_stage(run, results, selected, extras, scores)
     state.timings["total_s"] = time.perf_counter() - t_start
