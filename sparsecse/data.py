@@ -190,6 +190,27 @@ def sts_test_overlap(pairs: Pairs, data_dir: Path, years=("STS12", "STS13", "STS
     return len({(a, b) for a, b in zip(pairs.s1, pairs.s2)} & test)
 
 
+def _pair_set(pairs: Pairs) -> set:
+    return {(a, b) for a, b in zip(pairs.s1, pairs.s2)} | {(b, a) for a, b in zip(pairs.s1, pairs.s2)}
+
+
+def overlap_counts(data_dir: Path, tasks, selection: Pairs, scoring: Pairs | None) -> list[dict]:
+    """Per STS test task: its unique pairs, and how many of them also occur (verbatim, either order) in the data
+    that selects (checkpoints and the sweep's choice: STS-B dev) and in the data importance was scored on (None:
+    label-free scoring reads no pairs). A task with both counts at 0 is clean of the sweep's choices."""
+    sel, score = _pair_set(selection), (_pair_set(scoring) if scoring is not None else set())
+    out = []
+    for task in tasks:
+        mine = set()
+        for p in load_sts_task(data_dir, task).values():
+            mine.update(zip(p.s1, p.s2))
+        unordered = {tuple(sorted(x)) for x in mine}
+        out.append({"task": task, "pairs": len(unordered),
+                    "in_selection": sum(1 for x in unordered if x in sel),
+                    "in_scoring": None if scoring is None else sum(1 for x in unordered if x in score)})
+    return out
+
+
 def load_sts_task(data_dir: Path, task: str) -> dict[str, Pairs]:
     """The pairs a task is scored on: all subsets for STS12–16, the test split for STS-B and SICK-R."""
     if task in STS_SUBSETS:

@@ -145,7 +145,8 @@ def _intro(inp: ReportInputs) -> list[str]:
             f"Backbone `{cfg.model.name}`; {space} ({len(inp.flat)} trials, {failed} failed). "
             f"Importance: score.combine = {_values(cfg.score.combine)}, score.normalize = {_values(cfg.score.normalize)}. "
             "Selection uses STS-B **dev** (mean over seeds); test figures are reported, never used to choose.", "",
-            *_scoring_lines(inp.scoring, cfg), *_stopped_lines(inp.flat, cfg), *_selection_lines(inp.selected, cfg)]
+            *_scoring_lines(inp.scoring, cfg), *_overlap_lines(inp), *_stopped_lines(inp.flat, cfg),
+            *_selection_lines(inp.selected, cfg)]
 
 
 def _test_results(inp: ReportInputs) -> list[str]:
@@ -290,6 +291,37 @@ def _scoring_lines(scoring: dict | None, cfg: Config) -> list[str]:
     elif leak == 0:
         line += " None of them is an STS12–16 test pair."
     return [line, ""]
+
+
+def clean_tasks(overlap: list[dict]) -> list[str]:
+    """The test tasks none of whose pairs occur in the selection data or the scoring data."""
+    return [o["task"] for o in overlap if o["in_selection"] == 0 and not o["in_scoring"]]
+
+
+def _overlap_lines(inp: ReportInputs) -> list[str]:
+    """Per test task, its pairs that the data choosing checkpoints and the sweep's point (STS-B dev) or the data
+    importance was scored on also hold; and the average over the tasks clean of both, beside the standard one."""
+    overlap = (inp.scoring or {}).get("overlap")
+    if not overlap:
+        return []
+    rows = [[o["task"], f"{o['pairs']:,}", f"{o['in_selection']:,}",
+             "— (label-free)" if o["in_scoring"] is None else f"{o['in_scoring']:,}"] for o in overlap]
+    clean = clean_tasks(overlap)
+    out = ["## Overlap of the test sets with the data that chose", "",
+           "Unique test pairs (either order) that also occur verbatim in STS-B dev — which picks each trial's "
+           "checkpoint and the sweep's point — and in the pairs importance was scored on. A test figure with overlap "
+           "is not clean of the choices made on it.", "",
+           render(["test task", "pairs", "in STS-B dev (selection)", "in the scoring pairs"], rows, left=1), ""]
+    sel, ctrl = inp.selected, inp.control
+    if not clean:
+        return out + ["No test task is clean of both: every average above is partly chosen on its own pairs.", ""]
+    avg = lambda d: (sum(d["test"][t] for t in clean) / len(clean)  # noqa: E731
+                     if d and all(t in d["test"] for t in clean) else None)
+    line = f"Tasks clean of both: {', '.join(label(t) for t in clean)}."
+    if avg(sel) is not None:
+        line += f" Their average for the selected point: {avg(sel):.2f}"
+        line += f" (the s = 0 control: {avg(ctrl):.2f})." if avg(ctrl) is not None else "."
+    return out + [line, ""]
 
 
 def _stopped_lines(flat: list[dict], cfg: Config) -> list[str]:

@@ -143,8 +143,21 @@ def score_task(store_uri: str, model_rel: str, data_dir: str, cfg_dict: dict, th
                                             max_len=cfg.train.max_len, pooler=cfg.model.pooler)
             store.write_bytes("scores_simcse.parquet", scores_to_bytes(simcse))
     sc.meta["sts_test_overlap"] = leak
+    sc.meta["overlap"] = test_overlap(cfg, Path(data_dir), pairs)
     store.write_bytes("scores.parquet", scores_to_bytes(sc))  # last: its presence means scoring finished
     return sc.meta
+
+
+def test_overlap(cfg, data_dir: Path, pairs) -> list[dict] | None:
+    """data.overlap_counts of the sweep's STS test tasks against STS-B dev (what selects) and the scoring pairs;
+    None when a file it needs is not here."""
+    from .data import load_stsb, overlap_counts
+
+    try:
+        return overlap_counts(data_dir, sts_tasks(cfg.eval.tasks), load_stsb(data_dir, "dev"),
+                              None if cfg.score.source == "unlabeled" else pairs)
+    except SparseCSEError:
+        return None
 
 
 def labelfree_pairs(cfg, data_dir: Path):
