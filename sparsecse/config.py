@@ -160,6 +160,9 @@ class SweepConfig:
     sparsities: tuple[float, ...] = PAPER_SPARSITIES
     lams: tuple[float, ...] = (0.25, 0.5, 0.75)
     seeds: tuple[int, ...] = (42,)
+    # independent stage-1 SimCSE runs (train.seed + r: own seed, own data order), each scored; every trial and
+    # control runs per replicate and comparisons are paired within a replicate and tested over replicates
+    replicates: int = 1
     trial_cpus: float = 1.0
     trial_gpus: float = 0.0
     max_concurrent_trials: int | None = None
@@ -212,6 +215,7 @@ class SweepConfig:
         for lam in self.lams:
             _check(0 <= lam <= 1, "sweep.lams", f"{lam} is outside [0, 1]")
         _check(len(self.seeds) > 0, "sweep.seeds", "needs at least one seed")
+        _check(self.replicates >= 1, "sweep.replicates", f"{self.replicates} must be >= 1 (stage-1 runs)")
         _check(self.trial_cpus > 0, "sweep.trial_cpus", "must be > 0")
         _check(self.trial_gpus >= 0, "sweep.trial_gpus", "must be >= 0")
         _check(self.max_failures >= 0, "sweep.max_failures", "must be >= 0")
@@ -238,6 +242,8 @@ class SweepConfig:
         if self.search == "optuna":
             _check(self.scorers == ("align_uniform",), "sweep.scorers", "the controls run at grid sparsities; with "
                    "sweep.search=optuna keep [align_uniform] and run the controls as a grid sweep")
+            _check(self.replicates == 1, "sweep.replicates", "replicates run as a grid; with sweep.search=optuna "
+                   "keep 1")
             _check(self.lam_range is None or self.select_lam is None, "sweep.select_lam",
                    "fixes λ among sweep.lams; with a continuous sweep.lam_range set it to null")
 

@@ -304,10 +304,14 @@ def make_plan(cfg: Config, data_dir: Path | None, gpu: str = "cpu", gpus: int | 
     transfer_s = models * _eval_s(shape, tr_dev, TRANSFER_SENTENCES, cfg.eval.batch_size)
     # the baseline's and the backbone's STS run side by side with the transfer tasks and the export; then the report
     after_s = OVERHEAD_S["task"] + max(test_s, transfer_s) + OVERHEAD_S["report"]
-    wall = OVERHEAD_S["ray"] + stage1_s + score_s + math.ceil(trials / slots) * trial_s + after_s
-    gpu_h = ((world * stage1_s if cfg.ray.use_gpu else 0) + trials * trial_s * sw.trial_gpus
-             + (score_s + after_s) * sw.trial_gpus) / 3600 if gpu != "cpu" else 0.0
+    reps = sw.replicates  # stage-1 runs and scorings, one after the other
+    wall = OVERHEAD_S["ray"] + reps * (stage1_s + score_s) + math.ceil(trials / slots) * trial_s + after_s
+    gpu_h = ((reps * world * stage1_s if cfg.ray.use_gpu else 0) + trials * trial_s * sw.trial_gpus
+             + (reps * score_s + after_s) * sw.trial_gpus) / 3600 if gpu != "cpu" else 0.0
     notes = [f"corpus: {n:,} sentences from {where}, {tokens:.1f} tokens each after truncation"]
+    if reps > 1:
+        notes.append(f"{reps} stage-1 replicates (sweep.replicates), each trained and scored in turn: the stage-1 "
+                     "and scoring figures above are per replicate")
     if share > 1:
         mem = 16 * shape.params / 1e9 + 2 * cfg.train.batch_size * tokens * shape.layers * shape.hidden * 80 / 1e9
         notes.append(f"{share} trials share each GPU (sweep.trial_gpus={sw.trial_gpus:g}); each needs about "

@@ -35,6 +35,7 @@ class ReportInputs:
     pilot: list[dict] | None = None  # pilot.pilot rows
     backbone: dict | None = None  # STS of the pre-trained backbone
     comparisons: list[dict] | None = None  # select.comparisons (computed without predictions when None)
+    replicates: list[dict] | None = None  # sweep.replicate_devs: each stage-1 run's seed and best dev
 
     @property
     def tasks(self) -> list[str]:
@@ -145,7 +146,8 @@ def _intro(inp: ReportInputs) -> list[str]:
             f"Backbone `{cfg.model.name}`; {space} ({len(inp.flat)} trials, {failed} failed). "
             f"Importance: score.combine = {_values(cfg.score.combine)}, score.normalize = {_values(cfg.score.normalize)}. "
             "Selection uses STS-B **dev** (mean over seeds); test figures are reported, never used to choose.", "",
-            *_scoring_lines(inp.scoring, cfg), *_overlap_lines(inp), *_stopped_lines(inp.flat, cfg),
+            *_scoring_lines(inp.scoring, cfg), *_replicate_lines(inp.replicates), *_overlap_lines(inp),
+            *_stopped_lines(inp.flat, cfg),
             *_selection_lines(inp.selected, cfg)]
 
 
@@ -291,6 +293,20 @@ def _scoring_lines(scoring: dict | None, cfg: Config) -> list[str]:
     elif leak == 0:
         line += " None of them is an STS12–16 test pair."
     return [line, ""]
+
+
+def _replicate_lines(reps: list[dict] | None) -> list[str]:
+    """The stage-1 replicates: how far independent SimCSE runs differ, before any pruning."""
+    if not reps or len(reps) < 2:
+        return []
+    from .stats import sample_std
+
+    devs = [r["best_stsb_dev"] for r in reps]
+    return [f"Stage 1 ran {len(reps)} independent replicates (train.seed {', '.join(str(r['seed']) for r in reps)}), "
+            f"each scored and each with its own trials; their best STS-B dev: "
+            f"{', '.join(f'{d:.2f}' for d in devs)} ({_pm1(sum(devs) / len(devs), sample_std(devs))}). "
+            "Comparisons below are paired within a replicate and tested over replicates (seeds within one are "
+            "averaged).", ""]
 
 
 def clean_tasks(overlap: list[dict]) -> list[str]:

@@ -3,7 +3,7 @@
     Point        one grid point of the sweep: (sparsity, λ, seed, scorer, combine, normalize); its trial name, its
                  seed-pooled key, the method that chose its mask, its Tune parameters
     TrialResult  a trial's point, last reported metrics, error and checkpoint (relative to the run)
-    grid_points  the config's grid as Points
+    grid_points  the config's grid as Points (× stage-1 replicates)
 
 Records written by earlier versions of sparsecse (Tune parameters nested under "point", no scorer, no reading)
 are read in one place only: `Point.from_params`. Nothing here imports more than the config.
@@ -62,8 +62,9 @@ class Point:
     scorer: str = PAPER_SCORER
     combine: str = DEFAULT_READING[0]
     normalize: str = DEFAULT_READING[1]
+    replicate: int = 0  # which stage-1 run's scores chose the mask (sweep.replicates)
 
-    KEYS = ("sparsity", "lam", "seed", "scorer", "combine", "normalize")  # Tune's parameter names, in this order
+    KEYS = ("sparsity", "lam", "seed", "scorer", "combine", "normalize", "replicate")  # Tune's parameters, in order
 
     @property
     def is_control(self) -> bool:
@@ -76,6 +77,12 @@ class Point:
         return self.scorer == PAPER_SCORER
 
     @property
+    def run_seed(self) -> int:
+        """The seed a trial retrains (and a random mask draws) with: `seed`, offset by 1000 per stage-1 replicate,
+        so replicates share no randomness."""
+        return self.seed + 1000 * self.replicate
+
+    @property
     def reading(self) -> tuple[str, str]:
         return self.combine, self.normalize
 
@@ -86,18 +93,20 @@ class Point:
     @property
     def name(self) -> str:
         """s0.100_l0.50_seed1 for the paper's score; s0.100_random_seed1 for a control scorer (λ-free); a reading
-        other than the default adds _combine-score / _norm-layer (s0.100_l0.50_norm-layer_seed1). Trial names,
+        other than the default adds _combine-score / _norm-layer (s0.100_l0.50_norm-layer_seed1), a stage-1
+        replicate other than the first _rep<r> (s0.100_l0.50_seed1_rep2). Trial names,
         prediction files and TensorBoard runs use it."""
         mid = f"l{_num(self.lam, 2)}" if self.is_paper or self.is_control else self.scorer
         if not self.is_control:
             mid += "_combine-score" if self.is_paper and self.combine == "score" else ""
             mid += "_norm-layer" if self.normalize == "layer" else ""
-        return f"s{_num(self.sparsity, 3)}_{mid}_seed{self.seed}"
+        rep = f"_rep{self.replicate}" if self.replicate else ""
+        return f"s{_num(self.sparsity, 3)}_{mid}_seed{self.seed}{rep}"
 
     @property
     def key(self) -> tuple:
-        """The grid point with seeds pooled: (scorer, sparsity, λ, combine, normalize); the s = 0 control is one key
-        whatever its λ (nothing is masked)."""
+        """The grid point with seeds and replicates pooled: (scorer, sparsity, λ, combine, normalize); the s = 0
+        control is one key whatever its λ (nothing is masked)."""
         if self.is_control:
             return (PAPER_SCORER, 0.0, 0.0, "", "")
         return (self.scorer, self.sparsity, self.lam, self.combine, self.normalize)
@@ -114,7 +123,7 @@ class Point:
         p = params.get("point") or params
         return cls(sparsity=float(p["sparsity"]), lam=float(p["lam"]), seed=int(p["seed"]),
                    scorer=p.get("scorer") or PAPER_SCORER, combine=p.get("combine") or reading[0],
-                   normalize=p.get("normalize") or reading[1])
+                   normalize=p.get("normalize") or reading[1], replicate=int(p.get("replicate") or 0))
 
 
 @dataclass(frozen=True)
@@ -178,13 +187,24 @@ def grid_points(cfg: Config) -> list[Point]:
     per (normalize, sparsity, seed)."""
     pts = []
     first = (cfg.score.combine[0], cfg.score.normalize[0])
-    for seed in cfg.sweep.seeds:
-        for s in cfg.sweep.sparsities:
-            for scorer in ((PAPER_SCORER,) if s == 0 else cfg.sweep.scorers):
-                lams = cfg.sweep.lams if (s > 0 and scorer == PAPER_SCORER) else cfg.sweep.lams[:1]
-                for combine, normalize in (cfg.score.allocations(scorer) if s > 0 else [first]):
-                    pts += [Point(float(s), float(lam), int(seed), scorer, combine, normalize) for lam in lams]
+    for rep in range(cfg.sweep.replicates):
+        for seed in cfg.sweep.seeds:
+            for s in cfg.sweep.sparsities:
+                for scorer in ((PAPER_SCORER,) if s == 0 else cfg.sweep.scorers):
+                    lams = cfg.sweep.lams if (s > 0 and scorer == PAPER_SCORER) else cfg.sweep.lams[:1]
+                    for combine, normalize in (cfg.score.allocations(scorer) if s > 0 else [first]):
+                        pts += [Point(float(s), float(lam), int(seed), scorer, combine, normalize, rep)
+                                for lam in lams]
     return pts
+
+
+def replicate_name(base: str, replicate: int) -> str:
+    """Where a stage-1 replicate's artifacts live: the first under the usual names (simcse, stage1,
+    scores.parquet), the r-th (r ≥ 1) beside them with -rep<r> (simcse-rep1, stage1-rep1, scores-rep1.parquet)."""
+    if not replicate:
+        return base
+    stem, dot, ext = base.partition(".")
+    return f"{stem}-rep{replicate}{dot}{ext}"
 
 
 def sts_tasks(tasks) -> tuple[str, ...]:

@@ -44,9 +44,23 @@ def _params(members: list[TrialResult]) -> int | None:
 CONTROL_KEY = (PAPER_SCORER, 0.0, 0.0, "", "")
 
 
-def _units(members: list[TrialResult]) -> dict:
-    """{unit: dev} of one grid point's trials — the unit of replication (the retraining seed)."""
-    return {r.point.seed: r.dev for r in members}
+def by_unit(members: list[TrialResult], value, replicates: bool) -> dict:
+    """{unit: (mean of `value` over the unit's trials, the first trial's name)}. The unit of replication is the
+    stage-1 replicate when the sweep ran several (seeds within one are averaged: paired within a replicate, tested
+    over replicates), else the retraining seed."""
+    groups: dict[int, list[TrialResult]] = {}
+    for r in members:
+        groups.setdefault(r.point.replicate if replicates else r.point.seed, []).append(r)
+    return {u: (float(np.mean([value(r) for r in g])), g[0].point.name) for u, g in groups.items()}
+
+
+def has_replicates(results: list[TrialResult]) -> bool:
+    return any(r.point.replicate for r in results)
+
+
+def _units(members: list[TrialResult], replicates: bool = False) -> dict:
+    """{unit: mean dev} of one grid point's trials (by_unit)."""
+    return {u: v for u, (v, _) in by_unit(members, lambda r: r.dev, replicates).items()}
 
 
 def _best_per_sparsity(groups: dict[Key, list[TrialResult]]) -> list[Key]:
@@ -68,13 +82,14 @@ def rule_choice(groups: dict[Key, list[TrialResult]], rule: str, margin: float) 
     superior: each sparsity's best-dev point against the control (`stats.paired`), Holm-corrected as one family;
     the best dev among those credited "better", else the control."""
     ctrl = groups.get(CONTROL_KEY)
+    reps = any(has_replicates(g) for g in groups.values())
     if ctrl is None:  # nothing to be non-inferior or superior to
         key = max(groups, key=lambda k: (_dev(groups[k]), -k[1], -k[2]))
         return key, {"rule": rule, "margin": margin, "steps": [], "why": "no s = 0 control finished: the best dev"}
     steps, key = [], CONTROL_KEY
     if rule == "noninferior":
         for k in _best_per_sparsity(groups):
-            t = noninferior(_units(groups[k]), _units(ctrl), margin)
+            t = noninferior(_units(groups[k], reps), _units(ctrl, reps), margin)
             steps.append({"sparsity": k[1], "lam": k[2], "dev": _dev(groups[k]), **t})
             if not t["passed"]:
                 break
@@ -83,7 +98,7 @@ def rule_choice(groups: dict[Key, list[TrialResult]], rule: str, margin: float) 
                if key != CONTROL_KEY else f"no pruned point was shown within {margin:g} dev points of the control")
     else:
         cands = _best_per_sparsity(groups)
-        tests = [paired(_units(groups[k]), _units(ctrl)) for k in cands]
+        tests = [paired(_units(groups[k], reps), _units(ctrl, reps)) for k in cands]
         correct_family(tests)
         for k, t in zip(cands, tests):
             steps.append({"sparsity": k[1], "lam": k[2], "dev": _dev(groups[k]),
@@ -171,7 +186,8 @@ def _seed_stats(members: list[TrialResult]) -> dict:
     return {"dev_mean": _dev(members), "seeds": [r.point.seed for r in members],
             "test": {t: float(np.mean([r.test(t) for r in members])) for t in tasks},
             "test_std": {t: sample_std([r.test(t) for r in members]) for t in tasks},
-            "trial": best_seed.point.name, "checkpoint": best_seed.checkpoint}
+            "trial": best_seed.point.name, "checkpoint": best_seed.checkpoint,
+            "replicate": best_seed.point.replicate}
 
 
 def control(results: list[TrialResult]) -> dict | None:
@@ -179,11 +195,16 @@ def control(results: list[TrialResult]) -> dict | None:
     members = [r for r in results if r.finished and r.point.is_control]
     if not members:
         return None
-    # one control per seed: with several λ values in the grid the s = 0 point is run once per seed
-    by_seed: dict[int, TrialResult] = {}
+    return _seed_stats(_one_control_per_run(members))
+
+
+def _one_control_per_run(members: list[TrialResult]) -> list[TrialResult]:
+    """One s = 0 trial per (replicate, seed): with several λ values in the grid an older sweep ran the s = 0 point
+    once per λ."""
+    by_run: dict[tuple, TrialResult] = {}
     for r in sorted(members, key=lambda r: r.point.lam):
-        by_seed.setdefault(r.point.seed, r)
-    return _seed_stats([by_seed[k] for k in sorted(by_seed)])
+        by_run.setdefault((r.point.replicate, r.point.seed), r)
+    return [by_run[k] for k in sorted(by_run)]
 
 
 def _methods_at(at: list[TrialResult], select_lam: float | None) -> dict[str, list[TrialResult]]:
@@ -213,23 +234,22 @@ def comparisons(results: list[TrialResult], select_lam: float | None = None, met
     Where only one seed is shared, `predictions` ({trial name: per-pair test predictions}) give a paired bootstrap
     over test pairs instead of no claim."""
     fin = [r for r in results if r.finished]
-    val = lambda r: (r.metrics[metric], r.point.name)  # noqa: E731
-    ctrl = {r.point.seed: val(r) for r in fin if r.point.is_control}
+    reps = has_replicates(fin)
+    val = lambda members: by_unit(members, lambda r: r.metrics[metric], reps)  # noqa: E731
+    ctrl = val(_one_control_per_run([r for r in fin if r.point.is_control]))
     out = []
     for sp in sorted({r.point.sparsity for r in fin if not r.point.is_control}):
         at = [r for r in fin if r.point.sparsity == sp]
-        randoms: dict[str, dict] = {}
-        for r in at:
-            if r.point.scorer == "random":
-                randoms.setdefault(r.point.normalize, {})[r.point.seed] = val(r)
+        randoms = {nz: val([r for r in at if r.point.scorer == "random" and r.point.normalize == nz])
+                   for nz in sorted({r.point.normalize for r in at if r.point.scorer == "random"})}
         for m, members in _methods_at(at, select_lam).items():
-            vals = {r.point.seed: val(r) for r in members}
+            vals = val(members)
             p = members[0].point
             rand = randoms.get(p.normalize) or next(iter(randoms.values()), {})
             devs = [r.dev for r in members]
             out.append({"sparsity": sp, "method": m, "scorer": p.scorer, "combine": p.combine,
                         "normalize": p.normalize, "lam": p.lam if p.is_paper else None,
-                        "seeds": sorted(vals), "dev_mean": float(np.mean(devs)), "dev_std": sample_std(devs),
+                        "seeds": sorted(vals), "unit": "replicate" if reps else "seed", "dev_mean": float(np.mean(devs)), "dev_std": sample_std(devs),
                         "mean": float(np.mean([v for v, _ in vals.values()])),
                         "std": sample_std([v for v, _ in vals.values()]),
                         "vs_control": _compare(vals, ctrl, predictions, metric),

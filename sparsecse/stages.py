@@ -26,7 +26,7 @@ from typing import Callable
 from . import SparseCSEError
 from .checkpoints import Persist
 from .config import config_from_dict
-from .results import PARAMS, Point, sts_tasks
+from .results import PARAMS, Point, replicate_name, sts_tasks
 from .staging import is_staged_uri, local as local_data
 from .storage import Storage, fetch_model, scratch_dir
 
@@ -109,11 +109,12 @@ def train_loop(loop_config: dict, *, rank: int = 0, world: int = 1, device=None,
     setup_worker(loop_config["cpus_per_worker"])
     if cfg.ray.use_gpu:
         task_device(1)  # a worker given a GPU that CUDA cannot use fails here, in one line (never trains on CPU)
-    persist = Persist(store, "stage1", report, owner=rank == 0)
+    name = loop_config.get("name", "stage1")  # stage1, stage1-rep<r> (sweep.replicates)
+    persist = Persist(store, name, report, owner=rank == 0)
     with scratch_dir("stage1") as tmp:
         tb = tmp / "tensorboard" if rank == 0 and "tensorboard" in cfg.sweep.loggers else None
-        callbacks = [*installed_callbacks("stage1", rank, store), *([TensorBoardSync(store, tb, "simcse")] if tb else []),
-                     OnReport(persist)]
+        sync = [TensorBoardSync(store, tb, loop_config.get("tensorboard", "simcse"))] if tb else []
+        callbacks = [*installed_callbacks(name, rank, store), *sync, OnReport(persist)]
         train_simcse(cfg, tmp / "out", local_data(loop_config["data_dir"]),
                      dist=Dist(rank, world, device or "cpu", wrap), callbacks=callbacks,
                      resume_dir=persist.restore(restored(tmp / "resume")), tb_dir=tb, progress=False)
@@ -121,7 +122,8 @@ def train_loop(loop_config: dict, *, rank: int = 0, world: int = 1, device=None,
 
 # --------------------------------------------------------------------------- stage 2: scoring task
 
-def score_task(store_uri: str, model_rel: str, data_dir: str, cfg_dict: dict, threads: float, gpus: float) -> dict:
+def score_task(store_uri: str, model_rel: str, data_dir: str, cfg_dict: dict, threads: float, gpus: float,
+               out: str = "scores.parquet") -> dict:
     from .model import load_encoder
     from .score import compute_infonce_scores, compute_scores, scores_to_bytes
 
@@ -141,10 +143,10 @@ def score_task(store_uri: str, model_rel: str, data_dir: str, cfg_dict: dict, th
             simcse = compute_infonce_scores(enc, simcse_sentences(cfg, Path(data_dir)), batch_size=cfg.score.batch_size,
                                             temperature=cfg.train.temperature, seed=cfg.score.seed,
                                             max_len=cfg.train.max_len, pooler=cfg.model.pooler)
-            store.write_bytes("scores_simcse.parquet", scores_to_bytes(simcse))
+            store.write_bytes(out.replace("scores", "scores_simcse", 1), scores_to_bytes(simcse))
     sc.meta["sts_test_overlap"] = leak
     sc.meta["overlap"] = test_overlap(cfg, Path(data_dir), pairs)
-    store.write_bytes("scores.parquet", scores_to_bytes(sc))  # last: its presence means scoring finished
+    store.write_bytes(out, scores_to_bytes(sc))  # last: its presence means scoring finished
     return sc.meta
 
 
@@ -172,13 +174,14 @@ def simcse_sentences(cfg, data_dir: Path) -> list[str]:
     return labelfree_pairs(cfg, data_dir).s1
 
 
-def load_simcse_scores(store: Storage, cfg):
-    """The SimCSE control's scores when the sweep asks for that scorer, else None."""
+def load_simcse_scores(store: Storage, cfg, replicate: int = 0):
+    """The SimCSE control's scores (of a stage-1 replicate) when the sweep asks for that scorer, else None."""
     from .score import load_scores
 
     if "simcse" not in cfg.sweep.scorers:
         return None
-    return load_scores(store.read_bytes("scores_simcse.parquet"), name=store.url("scores_simcse.parquet"))
+    rel = replicate_name("scores_simcse.parquet", replicate)
+    return load_scores(store.read_bytes(rel), name=store.url(rel))
 
 
 def scoring_pairs(cfg, data_dir: Path):
@@ -216,16 +219,19 @@ def trial(point: Point, *, store_uri: str, data_dir: str, cfg_dict: dict, scores
     name = point.name
     data_dir = str(local_data(data_dir))  # a staged URI: this node's verified copy
     cfg = config_from_dict(cfg_dict)
-    cfg = cfg.replace(train=type(cfg.train)(**{**cfg.to_dict()["train"], "seed": point.seed}))
+    cfg = cfg.replace(train=type(cfg.train)(**{**cfg.to_dict()["train"], "seed": point.run_seed}))
     store = Storage(store_uri)
     setup_worker(cfg.sweep.trial_cpus)
+    if isinstance(scores, (list, tuple)):  # sweep.replicates: each replicate's trials use its own scores
+        scores, simcse_scores = scores[point.replicate], simcse_scores and simcse_scores[point.replicate]
     pre = load_encoder(cfg.model.name, pooler=cfg.model.pooler, dropout=cfg.train.dropout)
-    hm, nm = masks_for(point.scorer, point.sparsity, point.lam, point.seed, scores=scores, pretrained=pre,
+    hm, nm = masks_for(point.scorer, point.sparsity, point.lam, point.run_seed, scores=scores, pretrained=pre,
                        simcse_scores=simcse_scores, combine=point.combine, normalize=point.normalize)
     pre.set_masks(hm, nm)
     # every report carries the point and the model's size: the second objective of sweep.objective=pareto
     base = {**point.params(), "trial": name, "evaluated": False, PARAMS: encoder_params(pre)}
-    meta = {**point.params(), "pretrained": cfg.model.name, "scores": store.url("scores.parquet"),
+    meta = {**point.params(), "pretrained": cfg.model.name,
+            "scores": store.url(replicate_name("scores.parquet", point.replicate)),
             "scores_fingerprint": scores.meta["model_fingerprint"]}
     device = task_device(cfg.sweep.trial_gpus)
     with scratch_dir("trial") as tmp:

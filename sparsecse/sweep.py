@@ -38,7 +38,7 @@ from . import select as choose
 from .config import TRANSFER_TASKS, Config, config_from_dict, load_config
 from .io import parquet_bytes
 from .report import ReportInputs, render_html, render_markdown
-from .results import TrialResult, grid_points, sts_tasks
+from .results import TrialResult, grid_points, replicate_name, sts_tasks
 from .storage import Storage, open_storage
 from .tracking import Tracking
 
@@ -64,10 +64,21 @@ class SweepState:
     stage_runs: dict = field(default_factory=lambda: {"train": 0, "score": 0})
     timings: dict = field(default_factory=dict)
     summary: dict | None = None
+    replicate_fps: dict = field(default_factory=dict)  # {"<r>": {train_fp, stage1_started_fp, score_fp}}, r ≥ 1
 
     @classmethod
     def from_dict(cls, d: dict) -> "SweepState":
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+    def fp(self, replicate: int, key: str) -> str | None:
+        """A stage fingerprint of a stage-1 replicate (the first keeps the fields above, as before replicates)."""
+        return getattr(self, key) if not replicate else self.replicate_fps.get(str(replicate), {}).get(key)
+
+    def set_fp(self, replicate: int, key: str, value: str | None) -> None:
+        if not replicate:
+            setattr(self, key, value)
+        else:
+            self.replicate_fps.setdefault(str(replicate), {})[key] = value
 
 
 @dataclass
@@ -230,67 +241,98 @@ def check_nodes(run: Run) -> None:
 
 # --------------------------------------------------------------------------- stages, in order
 
+def replicate_config(cfg: Config, replicate: int) -> Config:
+    """Stage 1 of a replicate: the config with train.seed + replicate (its own dropout, init and data order)."""
+    if not replicate:
+        return cfg
+    d = cfg.to_dict()
+    return config_from_dict({**d, "train": {**d["train"], "seed": d["train"]["seed"] + replicate}})
+
+
 def train_stage(run: Run) -> None:
-    """Stage 1, once: Ray Train SimCSE; its best dev model becomes simcse/best."""
-    cfg, st, store = run.cfg, run.state, run.store
+    """Stage 1, once per replicate (sweep.replicates, one after the other): Ray Train SimCSE; its best dev model
+    becomes simcse/best (simcse-rep<r>/best)."""
+    run.state.timings["train_s"] = 0.0
+    for r in range(run.cfg.sweep.replicates):
+        _train_replicate(run, r)
+
+
+def _train_replicate(run: Run, r: int) -> None:
+    cfg, st, store = replicate_config(run.cfg, r), run.state, run.store
+    simcse, stage1 = replicate_name("simcse", r), replicate_name("stage1", r)
     fp1 = _stage1_fp(cfg.to_dict())
-    if st.train_fp == fp1 and store.is_file("simcse/best/manifest.json"):
-        print(f"[sweep] stage 1 skipped (trained model {store.url('simcse/best')} matches)")
+    if st.fp(r, "train_fp") == fp1 and store.is_file(f"{simcse}/best/manifest.json"):
+        print(f"[sweep] stage 1 skipped (trained model {store.url(f'{simcse}/best')} matches)")
         return
     t0 = time.perf_counter()
-    if run.resume and st.stage1_started_fp == fp1 and store.exists("stage1"):
+    if run.resume and st.fp(r, "stage1_started_fp") == fp1 and store.exists(stage1):
         # Ray Train finds its checkpoints under stage1/ and hands the newest to the workers (`restored`)
-        print(f"[sweep] stage 1 resumes from its last checkpoint in {store.url('stage1')}")
+        print(f"[sweep] stage 1 resumes from its last checkpoint in {store.url(stage1)}")
     else:  # a new sweep, or a changed stage-1 config: what stage1/ holds is not this stage 1
-        for stale in ("simcse", "stage1", f"{MODELS}/stage1"):
+        for stale in (simcse, stage1, f"{MODELS}/{stage1}"):
             store.delete(stale)
-    st.stage1_started_fp = fp1
+    st.set_fp(r, "stage1_started_fp", fp1)
     run.save()
     ckpt = ra.run_torch_trainer(
         stages.train_loop, {"config": cfg.to_dict(), "data_dir": run.data_dir, "storage": store.uri,
-                            "cpus_per_worker": cfg.ray.cpus_per_worker},
+                            "cpus_per_worker": cfg.ray.cpus_per_worker, "name": stage1, "tensorboard": simcse},
         num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu, cpus_per_worker=cfg.ray.cpus_per_worker,
-        storage=store, name="stage1", max_failures=cfg.ray.max_failures)
+        storage=store, name=stage1, max_failures=cfg.ray.max_failures)
     best = best_model(store, ckpt)
     if not store.is_file(f"{best}/manifest.json"):
         raise SparseCSEError(f"stage-1 checkpoint {store.url(ckpt)} has no best model")
     history = store.read_bytes(f"{ckpt}/history.json")
-    store.write_bytes("simcse/history.json", history)  # dev curve + resumes
-    store.copy_dir(best, "simcse/best")  # manifest last: simcse/best counts only once complete
-    store.delete(f"{MODELS}/stage1")  # simcse/best is the copy the sweep reads from now on
-    st.train_fp, st.score_fp = fp1, None
+    store.write_bytes(f"{simcse}/history.json", history)  # dev curve + resumes
+    store.copy_dir(best, f"{simcse}/best")  # manifest last: simcse/best counts only once complete
+    store.delete(f"{MODELS}/{stage1}")  # simcse/best is the copy the sweep reads from now on
+    st.set_fp(r, "train_fp", fp1)
+    st.set_fp(r, "score_fp", None)
     st.stage_runs["train"] += 1
-    st.timings["train_s"] = time.perf_counter() - t0
+    st.timings["train_s"] = st.timings.get("train_s", 0.0) + time.perf_counter() - t0
     run.save()
-    run.tracking.log_stage1(json.loads(history)["history"])
+    if not r:  # the tracker's stage-1 run is the first replicate's (the report lists every replicate's dev)
+        run.tracking.log_stage1(json.loads(history)["history"])
 
 
-def score_stage(run: Run):
-    """Stage 2, once: scores.parquet from the stage-1 model; returns the Scores every trial shares."""
+def score_stage(run: Run) -> list:
+    """Stage 2, once per replicate: scores.parquet (scores-rep<r>.parquet) from that replicate's stage-1 model;
+    returns each replicate's Scores, which its trials share."""
     from .score import load_scores
 
+    out, discarded = [], False
+    for r in range(run.cfg.sweep.replicates):
+        rel = replicate_name("scores.parquet", r)
+        if _score_replicate(run, r, rel) and not discarded and run.store.exists("tune"):
+            # trials chose their masks from other scores: they are not this sweep's trials
+            print("[sweep] the scores changed since the trials ran: their results are discarded and they rerun")
+            for stale in (*TRIAL_EXPERIMENTS, "predictions", f"{MODELS}/trials"):
+                if run.store.exists(stale):
+                    run.store.delete(stale)
+            discarded = True
+        out.append(load_scores(run.store.read_bytes(rel), name=run.store.url(rel)))
+    return out
+
+
+def _score_replicate(run: Run, r: int, rel: str) -> bool:
+    """Scores replicate r unless its file matches its model and settings; whether it scored."""
     cfg, st, store = run.cfg, run.state, run.store
-    model_fp = _fp(store.read_json("simcse/best/manifest.json"))  # identifies the weights without loading them
+    model = f"{replicate_name('simcse', r)}/best"
+    model_fp = _fp(store.read_json(f"{model}/manifest.json"))  # identifies the weights without loading them
     reads = {k: v for k, v in cfg.to_dict()["score"].items() if k not in ("combine", "normalize")}  # not in the file
     fp2 = _fp({"model": model_fp, "score": reads, "eval_pooler": cfg.model.eval_pooler, "max_len": cfg.train.max_len,
                "train_file": cfg.data.train_file if cfg.score.source == "unlabeled" else None})
-    if st.score_fp == fp2 and store.is_file("scores.parquet"):
-        print(f"[sweep] stage 2 skipped ({store.url('scores.parquet')} matches the trained model)")
-    else:
-        if store.exists("tune"):  # trials chose their masks from other scores: they are not this sweep's trials
-            print("[sweep] the scores changed since the trials ran: their results are discarded and they rerun")
-            for rel in (*TRIAL_EXPERIMENTS, "predictions", f"{MODELS}/trials"):
-                if store.exists(rel):
-                    store.delete(rel)
-        t0 = time.perf_counter()
-        ra.run_tasks([("scoring", stages.score_task, (store.uri, "simcse/best", run.data_dir, cfg.to_dict(),
-                                                      cfg.sweep.trial_cpus, cfg.sweep.trial_gpus), {},
-                       cfg.sweep.trial_cpus, cfg.sweep.trial_gpus)])
-        st.score_fp = fp2
-        st.stage_runs["score"] += 1
-        st.timings["score_s"] = time.perf_counter() - t0
-        run.save()
-    return load_scores(store.read_bytes("scores.parquet"), name=store.url("scores.parquet"))
+    if st.fp(r, "score_fp") == fp2 and store.is_file(rel):
+        print(f"[sweep] stage 2 skipped ({store.url(rel)} matches the trained model)")
+        return False
+    t0 = time.perf_counter()
+    ra.run_tasks([("scoring", stages.score_task, (store.uri, model, run.data_dir, cfg.to_dict(),
+                                                  cfg.sweep.trial_cpus, cfg.sweep.trial_gpus, rel), {},
+                   cfg.sweep.trial_cpus, cfg.sweep.trial_gpus)])
+    st.set_fp(r, "score_fp", fp2)
+    st.stage_runs["score"] += 1
+    st.timings["score_s"] = st.timings.get("score_s", 0.0) + time.perf_counter() - t0
+    run.save()
+    return True
 
 
 def asha_settings(cfg: Config) -> dict | None:
@@ -318,8 +360,11 @@ def trials_stage(run: Run, scores) -> list[TrialResult]:
     ("tune-control") and Optuna's samples ("tune") — resumed from storage with --resume; one result per trial."""
     cfg = run.cfg
     t0 = time.perf_counter()
-    params = {"store_uri": run.store.uri, "data_dir": run.data_dir, "cfg_dict": cfg.to_dict(), "scores": scores,
-              "simcse_scores": stages.load_simcse_scores(run.store, cfg)}
+    scores = scores if isinstance(scores, list) else [scores]  # one per stage-1 replicate
+    simcse = [stages.load_simcse_scores(run.store, cfg, r) for r in range(len(scores))]
+    one = len(scores) == 1  # one replicate: the Scores themselves, as before replicates; else one per replicate
+    params = {"store_uri": run.store.uri, "data_dir": run.data_dir, "cfg_dict": cfg.to_dict(),
+              "scores": scores[0] if one else scores, "simcse_scores": simcse[0] if one else simcse}
     # trials of sweeps from before the readings were grid parameters ran the config's first (then only) one
     reading = (cfg.score.combine[0], cfg.score.normalize[0])
     from .plan import count_trials
@@ -452,7 +497,8 @@ def report_stage(run: Run, results: list[TrialResult], selected: dict | None, ex
                "export": store.url("export") if wants_export(selected, cfg) else None,
                "comparisons": choose.comparisons(results, cfg.sweep.select_lam,
                                                  predictions=predictions_for_bootstrap(run, results)),
-               "allocation": selected_allocation(selected, scores), "pilot": extras["pilot"]}
+               "allocation": selected_allocation(selected, scores[(selected or {}).get("replicate", 0)]),
+               "pilot": extras["pilot"], "replicates": replicate_devs(run)}
     table_bytes = parquet_bytes(flat)
     store.write_bytes("results.parquet", table_bytes)
     store.write_json("results.json", {"trials": flat, **summary})
@@ -460,8 +506,8 @@ def report_stage(run: Run, results: list[TrialResult], selected: dict | None, ex
     for name, data in figs.items():
         store.write_bytes(f"figures/{name}", data)
     inputs = ReportInputs(Path(store.root).name, cfg, results, flat, selected, summary["control"], baseline, transfer,
-                          figs, summary["allocation"], scores.meta, extras["pilot"], extras.get("backbone"),
-                          summary["comparisons"])
+                          figs, summary["allocation"], scores[0].meta, extras["pilot"], extras.get("backbone"),
+                          summary["comparisons"], summary["replicates"])
     md, html_text = render_markdown(inputs), render_html(inputs)
     store.write_text("report.md", md)
     store.write_text("report.html", html_text)
@@ -470,6 +516,17 @@ def report_stage(run: Run, results: list[TrialResult], selected: dict | None, ex
                                        **{f"figures/{k}": v for k, v in figs.items()}},
                              "export" if summary["export"] else None)
     return summary
+
+
+def replicate_devs(run: Run) -> list[dict]:
+    """Each stage-1 replicate's seed and best STS-B dev: the spread between SimCSE runs, which a gain from pruning
+    has to exceed."""
+    out = []
+    for r in range(run.cfg.sweep.replicates):
+        history = run.store.read_json(f"{replicate_name('simcse', r)}/history.json")["history"]
+        out.append({"replicate": r, "seed": run.cfg.train.seed + r,
+                    "best_stsb_dev": max(h.get("best_stsb_dev", h["stsb_dev"]) for h in history)})
+    return out
 
 
 def selected_allocation(selected: dict | None, scores) -> dict | None:

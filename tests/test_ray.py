@@ -375,3 +375,35 @@ def test_optuna_pareto_search_with_mlflow_and_wandb_tracking(tmp_path, tiny_mode
     assert all("best_stsb_dev" in x.data.metrics and "encoder_params" in x.data.metrics for x in trial_runs)
     offline = [p for p in (tmp_path / "run" / "wandb").rglob("offline-run-*") if p.is_dir()]
     assert len(offline) == 7  # stage 1, 5 trials, the outcome
+
+
+def test_two_stage1_replicates_each_trained_scored_and_pruned_then_resumed_without_rerunning(
+        tmp_path, tiny_model_dir, tiny_data_dir):
+    """sweep.replicates=2: two stage-1 runs (train.seed, train.seed + 1), each scored; the control, the paper's
+    point and random per replicate; the report pairs them within a replicate and tests over replicates; a resume
+    reruns nothing."""
+    cfg = _write_cfg(tmp_path / "c.yaml", tiny_model_dir, sparsities=(0.0, 0.3), lams=(0.5,))
+    args = ("--set", "sweep.seeds=[1]", "--set", "sweep.replicates=2", "--set", "sweep.scorers=[align_uniform,random]")
+    r = _sweep(cfg, tmp_path / "run", tiny_data_dir, *args)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run = tmp_path / "run"
+    for f in ("simcse/best/manifest.json", "simcse-rep1/best/manifest.json", "scores.parquet", "scores-rep1.parquet"):
+        assert (run / f).exists(), f
+    res = json.loads((run / "results.json").read_text())
+    assert sorted(t["trial"] for t in res["trials"]) == sorted(
+        ["s0.000_l0.50_seed1", "s0.300_l0.50_seed1", "s0.300_random_seed1",
+         "s0.000_l0.50_seed1_rep1", "s0.300_l0.50_seed1_rep1", "s0.300_random_seed1_rep1"])
+    assert all(t["status"] == "done" for t in res["trials"])
+    devs = [x["best_stsb_dev"] for x in res["replicates"]]
+    assert [x["seed"] for x in res["replicates"]] == [42, 43] and devs[0] != devs[1]  # two different SimCSE runs
+    from sparsecse.score import load_scores
+
+    s0, s1 = (load_scores((run / f).read_bytes()) for f in ("scores.parquet", "scores-rep1.parquet"))
+    assert s0.meta["model_fingerprint"] != s1.meta["model_fingerprint"]  # each replicate scored its own model
+    assert all(c["unit"] == "replicate" and c["vs_control"]["n"] == 2 for c in res["comparisons"])
+    assert "Stage 1 ran 2 independent replicates (train.seed 42, 43)" in (run / "report.md").read_text()
+    state = json.loads((run / "sweep.json").read_text())
+    assert state["stage_runs"] == {"train": 2, "score": 2}
+    r2 = _sweep(cfg, run, tiny_data_dir, *args, "--resume")
+    assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
+    assert json.loads((run / "sweep.json").read_text())["stage_runs"] == {"train": 2, "score": 2}

@@ -227,7 +227,7 @@ def test_a_resume_runs_the_grid_points_a_restored_experiment_lost_and_never_drop
             pass
 
     monkeypatch.setattr(ra, "run_tuner", run_tuner)
-    monkeypatch.setattr(stages, "load_simcse_scores", lambda store, cfg: None)
+    monkeypatch.setattr(stages, "load_simcse_scores", lambda store, cfg, replicate=0: None)
     run = sweep.Run(cfg, Storage(tmp_path / "run"), str(tmp_path), sweep.SweepState(config=cfg.to_dict()), True,
                     NoTracking())
     results = sweep.trials_stage(run, scores=None)
