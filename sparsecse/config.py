@@ -99,10 +99,11 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class ScoreConfig:
-    # where positives come from: "stsb" (the paper: STS-B pairs with high gold scores — labels, and STS-B train
-    # repeats many STS12–16 test pairs) or "unlabeled" (label-free: two dropout views of data.train_file sentences,
-    # as SimCSE trains; score.max_pairs sentences, default 1024)
-    source: Literal["stsb", "unlabeled"] = "stsb"
+    # where positives come from: "unlabeled" (the default: label-free, two dropout views of data.train_file
+    # sentences, as SimCSE trains; score.max_pairs sentences, default 1024) or "stsb" (the paper's setting, which
+    # sweeps/paper-*.yaml keep: STS-B pairs with high gold scores — labels, and STS-B train repeats many STS12–16
+    # test pairs)
+    source: Literal["stsb", "unlabeled"] = "unlabeled"
     split: Literal["train", "dev", "test"] = "train"  # STS-B split the importance scores are computed on
     batch_size: int = 64  # pairs per batch
     max_pairs: int | None = None

@@ -44,7 +44,7 @@ def grid():
     return rows
 
 
-GRID_OVR = ["sweep.sparsities=[0, 0.1, 0.3, 0.5]", "sweep.lams=[0.25, 0.75]", "sweep.seeds=[1, 2, 3]",
+GRID_OVR = ["score.source=stsb", "sweep.sparsities=[0, 0.1, 0.3, 0.5]", "sweep.lams=[0.25, 0.75]", "sweep.seeds=[1, 2, 3]",
             "sweep.scorers=[align_uniform, random, magnitude]", "score.normalize=[none, layer]",
             "eval.tasks=[STS12, STSBenchmark, SICKRelatedness]", "sweep.scheduler=asha", "eval.transfer=true"]
 
@@ -57,7 +57,7 @@ def pareto():
     return rows
 
 
-PARETO_OVR = ["sweep.sparsities=[0, 0.1, 0.3, 0.5]", "sweep.lams=[0.5]", "sweep.seeds=[1, 2, 3]",
+PARETO_OVR = ["score.source=stsb", "sweep.sparsities=[0, 0.1, 0.3, 0.5]", "sweep.lams=[0.5]", "sweep.seeds=[1, 2, 3]",
               "sweep.objective=pareto", "eval.tasks=[STS12, STSBenchmark, SICKRelatedness]", "sweep.select_lam=0.5"]
 
 
@@ -71,7 +71,7 @@ def single():
     return rows, preds
 
 
-SINGLE_OVR = ["sweep.sparsities=[0, 0.3]", "sweep.lams=[0.5]", "sweep.seeds=[1]",
+SINGLE_OVR = ["score.source=stsb", "sweep.sparsities=[0, 0.3]", "sweep.lams=[0.5]", "sweep.seeds=[1]",
               "sweep.scorers=[align_uniform, random]", "eval.tasks=[STS12, STSBenchmark, SICKRelatedness]"]
 
 
@@ -82,7 +82,7 @@ def sampled():
     return rows
 
 
-SAMPLED_OVR = ["sweep.search=optuna", "sweep.seeds=[1, 2]", "eval.tasks=[STS12, STSBenchmark, SICKRelatedness]",
+SAMPLED_OVR = ["score.source=stsb", "sweep.search=optuna", "sweep.seeds=[1, 2]", "eval.tasks=[STS12, STSBenchmark, SICKRelatedness]",
                "sweep.num_samples=5"]
 
 BASELINE = {"STS12": 60.0, "STSBenchmark": 75.0, "SICKRelatedness": 70.0, "avg": 68.3, "align": 0.21, "uniform": -2.4}

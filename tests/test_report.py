@@ -98,7 +98,8 @@ def test_controls_section_compares_each_method_at_equal_budget():
     assert rand["vs_random"] is None and rand["vs_control"]["verdict"] == "within noise"
     assert mag["vs_control"]["diff"] == pytest.approx(1.0) and mag["vs_random"]["diff"] == pytest.approx(11.0)
     cfg = load_config(None, ["sweep.sparsities=[0, 0.3]", "sweep.lams=[0.25, 0.75]", "sweep.seeds=[1, 2, 3]",
-                             "sweep.scorers=[align_uniform, random, magnitude]", "eval.tasks=[STSBenchmark]"])
+                             "sweep.scorers=[align_uniform, random, magnitude]", "eval.tasks=[STSBenchmark]",
+                             "score.source=stsb"])
     for r in rows:
         r.metrics["test/avg"] = r.metrics["test/STSBenchmark"]
     sel = select(rows)
@@ -134,7 +135,7 @@ def test_scoring_on_the_test_split_warns_in_one_line(capsys):
     from sparsecse.config import load_config
     from sparsecse.sweep import check_config
 
-    check_config(load_config(None, ["score.split=test"]))
+    check_config(load_config(None, ["score.source=stsb", "score.split=test"]))
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "warning: score.split=test" in err and "not clean" in err
     check_config(load_config(None))

@@ -146,7 +146,7 @@ def test_stsb_scoring_reports_its_overlap_with_sts12_16_test_pairs(data_dir):
     from sparsecse.data import load_sts_task
     from sparsecse.stages import scoring_pairs
 
-    pairs, leak = scoring_pairs(load_config(None, ["score.max_pairs=400"]), data_dir)
+    pairs, leak = scoring_pairs(load_config(None, ["score.source=stsb", "score.max_pairs=400"]), data_dir)
     assert 0 < leak <= 400
     # one of them, checked by hand against the STS12–16 files
     test = {(a, b) for y in ("STS12", "STS13", "STS14", "STS15", "STS16") for p in load_sts_task(data_dir, y).values()
