@@ -115,9 +115,21 @@ class ScoreConfig:
     # sweep grid dimension (e.g. normalize: [none, layer] runs both readings side by side):
     combine: tuple[Combine, ...] = ("gradient",)  # E|λ·g_align + (1−λ)·g_uniform| | λ·E|g_align| + (1−λ)·E|g_uniform|
     normalize: tuple[Normalize, ...] = ("none",)  # "layer": each layer's scores L2-normalised before ranking (StarK)
+    # instead of every combine × normalize: exactly these [combine, normalize] readings of the paper's score, e.g.
+    # [[gradient, none], [score, layer]] (the paper's formula and StarK's); the controls run under each normalize
+    # among them. combine and normalize then list the values these use.
+    readings: tuple[tuple[str, str], ...] | None = None
 
     def __post_init__(self):
         _check(self.batch_size >= 2, "score.batch_size", "must be >= 2")
+        if self.readings is not None:
+            _check(len(self.readings) > 0 and len(set(map(tuple, self.readings))) == len(self.readings)
+                   and all(len(r) == 2 and r[0] in ("gradient", "score") and r[1] in ("none", "layer")
+                           for r in self.readings), "score.readings",
+                   "a list of distinct [combine, normalize] pairs, combine gradient|score, normalize none|layer")
+            _check(tuple(dict.fromkeys(r[0] for r in self.readings)) == tuple(self.combine)
+                   and tuple(dict.fromkeys(r[1] for r in self.readings)) == tuple(self.normalize), "score.readings",
+                   "set score.combine and score.normalize to the values the readings use, in their order")
         _check(self.max_pairs is None or self.max_pairs >= 2, "score.max_pairs", "must be >= 2 or null")
         for key in ("combine", "normalize"):
             v = getattr(self, key)
@@ -133,6 +145,10 @@ class ScoreConfig:
     def allocations(self, scorer: str) -> list[tuple[str, str]]:
         """The (combine, normalize) readings a scorer runs under: combine is about the paper's two objectives, so
         the control scorers (one score each) take only its first value; normalize applies to every scorer."""
+        if self.readings is not None:
+            if scorer == "align_uniform":
+                return [tuple(r) for r in self.readings]
+            return [(self.combine[0], n) for n in self.normalize]
         combines = self.combine if scorer == "align_uniform" else self.combine[:1]
         return [(c, n) for c in combines for n in self.normalize]
 

@@ -144,7 +144,10 @@ def _intro(inp: ReportInputs) -> list[str]:
              + f", seed {sw.seeds[0]}; the s = 0 control with seeds {list(sw.seeds)}")
     return [f"# SparseCSE sweep report — {inp.title}", "",
             f"Backbone `{cfg.model.name}`; {space} ({len(inp.flat)} trials, {failed} failed). "
-            f"Importance: score.combine = {_values(cfg.score.combine)}, score.normalize = {_values(cfg.score.normalize)}. "
+            (f"Importance: score.readings = {' | '.join(f'{c}/{n}' for c, n in cfg.score.readings)} (each its own "
+             "grid point). " if cfg.score.readings else
+             f"Importance: score.combine = {_values(cfg.score.combine)}, score.normalize = {_values(cfg.score.normalize)}. ")
+            +
             "Selection uses STS-B **dev** (mean over seeds); test figures are reported, never used to choose.", "",
             *_scoring_lines(inp.scoring, cfg), *_replicate_lines(inp.replicates), *_overlap_lines(inp),
             *_stopped_lines(inp.flat, cfg),

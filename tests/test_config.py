@@ -125,3 +125,22 @@ def test_optuna_search_settings_are_checked():
             load_config(None, bad)
     with pytest.raises(SparseCSEError, match="score.normalize: one value with sweep.search=optuna"):
         check_config(load_config(None, ["sweep.search=optuna", "score.normalize=[none, layer]"]))
+
+
+def test_score_readings_run_exactly_the_listed_readings_of_the_paper_score():
+    """score.readings: the paper's formula and StarK's side by side, without the two mixed readings a
+    combine × normalize grid would add; the controls run under each normalize value."""
+    from sparsecse.config import config_from_dict
+    from sparsecse.results import grid_points
+
+    cfg = load_config(None, ["score.combine=[gradient, score]", "score.normalize=[none, layer]",
+                             "score.readings=[[gradient, none], [score, layer]]", "sweep.sparsities=[0, 0.1]",
+                             "sweep.lams=[0.5]", "sweep.scorers=[align_uniform, random]"])
+    got = sorted((p.scorer, p.combine, p.normalize) for p in grid_points(cfg) if p.sparsity)
+    assert got == [("align_uniform", "gradient", "none"), ("align_uniform", "score", "layer"),
+                   ("random", "gradient", "layer"), ("random", "gradient", "none")]
+    assert config_from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(SparseCSEError, match="score.readings"):
+        load_config(None, ["score.readings=[[gradient, none], [score, layer]]"])  # combine/normalize disagree
+    with pytest.raises(SparseCSEError, match="score.readings"):
+        load_config(None, ["score.readings=[[gradient, sideways]]"])
