@@ -143,12 +143,8 @@ def _intro(inp: ReportInputs) -> list[str]:
              f"({sw.sparsity_scale}) and λ " + (f"in {list(sw.lam_range)}" if sw.lam_range else f"from {list(sw.lams)}")
              + f", seed {sw.seeds[0]}; the s = 0 control with seeds {list(sw.seeds)}")
     return [f"# SparseCSE sweep report — {inp.title}", "",
-            f"Backbone `{cfg.model.name}`; {space} ({len(inp.flat)} trials, {failed} failed). "
-            (f"Importance: score.readings = {' | '.join(f'{c}/{n}' for c, n in cfg.score.readings)} (each its own "
-             "grid point). " if cfg.score.readings else
-             f"Importance: score.combine = {_values(cfg.score.combine)}, score.normalize = {_values(cfg.score.normalize)}. ")
-            +
-            "Selection uses STS-B **dev** (mean over seeds); test figures are reported, never used to choose.", "",
+            f"Backbone `{cfg.model.name}`; {space} ({len(inp.flat)} trials, {failed} failed). " + _importance(cfg)
+            + "Selection uses STS-B **dev** (mean over seeds); test figures are reported, never used to choose.", "",
             *_scoring_lines(inp.scoring, cfg), *_replicate_lines(inp.replicates), *_overlap_lines(inp),
             *_stopped_lines(inp.flat, cfg),
             *_selection_lines(inp.selected, cfg)]
@@ -296,6 +292,13 @@ def _scoring_lines(scoring: dict | None, cfg: Config) -> list[str]:
     elif leak == 0:
         line += " None of them is an STS12–16 test pair."
     return [line, ""]
+
+
+def _importance(cfg: Config) -> str:
+    sc = cfg.score
+    if sc.readings:
+        return f"Importance: score.readings = {' | '.join(f'{c}/{n}' for c, n in sc.readings)} (each a grid point). "
+    return f"Importance: score.combine = {_values(sc.combine)}, score.normalize = {_values(sc.normalize)}. "
 
 
 def _replicate_lines(reps: list[dict] | None) -> list[str]:
