@@ -324,7 +324,8 @@ def results_table(results: list[TrialResult], tasks: list[str]) -> list[dict]:
     flat = []
     for r in results:
         p, m = r.point, r.metrics
-        flat.append({"sparsity": p.sparsity, "lam": p.lam, "seed": p.seed, "scorer": p.scorer, "combine": p.combine,
+        flat.append({"sparsity": p.sparsity, "lam": p.lam, "seed": p.seed, "replicate": p.replicate,
+                     "scorer": p.scorer, "combine": p.combine,
                      "normalize": p.normalize, "method": p.method, "trial": p.name, "status": r.status,
                      "error": r.error or "", DEV: m.get(DEV), **{f"test/{t}": r.test(t) for t in tasks},
                      "align": m.get("align"), "uniform": m.get("uniform"), "steps": m.get("step"),

@@ -46,7 +46,7 @@ def sign_flip_floor(n: int) -> float:
     return min(1.0, 2.0 / 2 ** n)
 
 
-def paired(a: dict, b: dict) -> dict:
+def paired(a: dict, b: dict, exact_below: int = EXACT_BELOW) -> dict:
     """Paired comparison over the units both have ({unit: value}, a unit is a seed or a stage-1 replicate): mean
     and sample std of a − b, its 95 % t interval (lo, hi), a two-sided paired t-test (p_t) and the exact sign-flip
     test (p_exact, with the smallest p it can reach, p_floor). `p` is the exact test's below EXACT_BELOW pairs, the
@@ -69,14 +69,14 @@ def paired(a: dict, b: dict) -> dict:
 
         out["p_t"] = float(ttest_rel([a[k] for k in seeds], [b[k] for k in seeds]).pvalue)
     out["p_exact"], out["p_floor"] = sign_flip(d), sign_flip_floor(len(d))
-    exact = len(d) < EXACT_BELOW
+    exact = len(d) < exact_below
     out["test"] = "exact sign-flip" if exact else "paired t"
     out["p"] = out["p_exact"] if exact else out["p_t"]
     out["verdict"] = _verdict(out["p"], out["diff"])
     return out
 
 
-def noninferior(a: dict, b: dict, margin: float) -> dict:
+def noninferior(a: dict, b: dict, margin: float, exact_below: int = EXACT_BELOW) -> dict:
     """One-sided paired test over shared units ({unit: value}) that a is not worse than b by `margin` or more:
     H0 mean(a − b) ≤ −margin against H1 mean(a − b) > −margin. Below EXACT_BELOW pairs the exact one-sided
     sign-flip test of d = a − b + margin (smallest p 1/2^n), else the one-sided t-test. One unit: no test — the
@@ -88,7 +88,7 @@ def noninferior(a: dict, b: dict, margin: float) -> dict:
         out["test"] = "one unit: point estimate, no test" if len(d) else "no shared units"
         out["passed"] = bool(len(d) and d[0] >= 0)
         return out
-    if len(d) < EXACT_BELOW:
+    if len(d) < exact_below:
         import itertools
 
         signs = np.array(list(itertools.product((1.0, -1.0), repeat=len(d))))

@@ -717,9 +717,9 @@ def check_run(config_path: str, overrides=None, resume: bool | str = False, out:
         if made_root:  # --out did not exist: neither does it after the check (an object store's marker included)
             with contextlib.suppress(OSError):
                 store.fs.delete_dir(store.root)
-    run = (f"resumes {store.uri} (stage 1 {'finished' if state.train_fp else 'not finished'})" if resuming
-           else f"starts a new sweep in {store.uri}")
-    return f"[check] ok: config {config_path}, data {where}, model {cfg.model.name}; the sweep {run}"
+    run = (f"would resume {store.uri} (stage 1 {'finished' if state.train_fp else 'not finished'})" if resuming
+           else f"would start a new sweep in {store.uri}")
+    return f"[check] ok: config {config_path}, data {where}, model {cfg.model.name}; {run}"
 
 
 def print_plan(run: Run, resources: dict) -> None:

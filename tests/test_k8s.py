@@ -131,7 +131,7 @@ def test_sweep_check_passes_a_good_run_and_leaves_nothing(tmp_path, tiny_model_d
     cfg, out = _cfg(tmp_path, tiny_model_dir), tmp_path / "run"
     assert main(["sweep", str(cfg), "--out", str(out), "--data-dir", str(tiny_data_dir), "--check"]) == 0
     printed = capsys.readouterr().out
-    assert "[check] ok" in printed and f"starts a new sweep in {out}" in printed
+    assert "[check] ok" in printed and f"would start a new sweep in {out}" in printed
     assert not out.exists()  # nothing written, no directory made
 
 
