@@ -172,6 +172,14 @@ class EvalConfig:
                    f"unknown task {t!r}; choose from {', '.join(STS_TASKS + TRANSFER_TASKS)}")
 
 
+SELECT_ON = {"stsb-dev": "STS-B dev", "sickr-dev": "SICK-R dev"}  # sweep.select_on's named sets, as reports name them
+
+
+def select_on_label(select_on: str) -> str:
+    """How reports name the selection data: "STS-B dev", "SICK-R dev" or "dev file NAME"."""
+    return SELECT_ON.get(select_on) or f"dev file {select_on.rsplit('/', 1)[-1]}"
+
+
 @dataclass(frozen=True)
 class SweepConfig:
     sparsities: tuple[float, ...] = PAPER_SPARSITIES
@@ -215,6 +223,10 @@ class SweepConfig:
     # correction, else the control; "best_dev" — the highest mean dev (the paper's rule; its configs keep it)
     select: Literal["noninferior", "superior", "best_dev"] = "noninferior"
     margin: float = 0.5
+    # the data every dev evaluation reads — checkpoints of stage 1 and of each trial, and the sweep's choice:
+    # "stsb-dev" (SimCSE's; it shares 1,131 pairs with STS12–16 test), "sickr-dev" (SICK's trial split, disjoint
+    # from every STS test set), or a file of `sentence1<TAB>sentence2<TAB>score` lines (relative to the data dir)
+    select_on: str = "stsb-dev"
     # experiment tracking: "tensorboard" (one stream per trial and stage 1, under tensorboard/), "mlflow" (Ray's
     # MLflowLoggerCallback; stage 1, every trial, the report, figures and export in one experiment), "wandb"
     # (Ray's WandbLoggerCallback; WANDB_MODE=offline honoured)
@@ -253,6 +265,8 @@ class SweepConfig:
                "sweep.lam_range", "must be [lo, hi] with 0 <= lo < hi <= 1, or null")
         _check(self.pareto_delta >= 0 and math.isfinite(self.pareto_delta), "sweep.pareto_delta",
                f"{self.pareto_delta} must be >= 0 (STS-B dev Spearman × 100 points below the best dev)")
+        _check(self.select_on in SELECT_ON or self.select_on.endswith((".tsv", ".txt", ".csv")), "sweep.select_on",
+               f"{self.select_on!r}: choose stsb-dev, sickr-dev or a .tsv/.txt/.csv file of s1<TAB>s2<TAB>score lines")
         _check(self.margin >= 0 and math.isfinite(self.margin), "sweep.margin",
                f"{self.margin} must be >= 0 (STS-B dev Spearman × 100 points below the s = 0 control)")
         _check(len(set(self.loggers)) == len(self.loggers), "sweep.loggers", "lists each logger once")

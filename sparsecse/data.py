@@ -58,9 +58,10 @@ _TASK_PATHS = {**{y: f"senteval/STS/{y}-en-test" for y in STS_SUBSETS},
                "SST2": "senteval/SST/binary", "TREC": "senteval/TREC", "MRPC": "senteval/MRPC"}
 
 
-def needed_paths(train_file: str, score_split: str, tasks, transfer_tasks=()) -> list[str]:
+def needed_paths(train_file: str, score_split: str, tasks, transfer_tasks=(),
+                 select_on: str = "stsb-dev") -> list[str]:
     """The files and folders (relative to the data dir, or absolute) a sweep reads: checked on every node first."""
-    paths = [train_file, "senteval/STS/STSBenchmark/sts-dev.csv", f"senteval/STS/STSBenchmark/sts-{score_split}.csv"]
+    paths = [train_file, selection_path(select_on), f"senteval/STS/STSBenchmark/sts-{score_split}.csv"]
     paths += [_TASK_PATHS[t] for t in (*tasks, *transfer_tasks) if t in _TASK_PATHS]
     return list(dict.fromkeys(paths))
 
@@ -165,6 +166,35 @@ def load_sick(data_dir: Path, split: str) -> Pairs:
         s1.append(norm_space(cols[1]))
         s2.append(norm_space(cols[2]))
     return Pairs(s1, s2, np.asarray(gold, dtype=np.float64))
+
+
+def selection_pairs(data_dir: Path, select_on: str = "stsb-dev") -> Pairs:
+    """The pairs dev evaluations read (sweep.select_on): STS-B dev, SICK-R dev (SICK_trial), or a user file of
+    sentence1<TAB>sentence2<TAB>score lines (relative to the data dir, or absolute)."""
+    if select_on == "stsb-dev":
+        return load_stsb(data_dir, "dev")
+    if select_on == "sickr-dev":
+        return load_sick(data_dir, "dev")
+    path = Path(select_on) if Path(select_on).is_absolute() else Path(data_dir) / select_on
+    s1, s2, gold = [], [], []
+    for i, line in enumerate(read_lines(path), start=1):
+        if not line.strip():
+            continue
+        cols = line.rstrip("\n").split("\t")
+        if len(cols) != 3:
+            raise SparseCSEError(f"{path}:{i}: expected sentence1<TAB>sentence2<TAB>score, found {len(cols)} columns")
+        gold.append(_float(cols[2], path, i, "score"))
+        s1.append(norm_space(cols[0]))
+        s2.append(norm_space(cols[1]))
+    if len(gold) < 10:
+        raise SparseCSEError(f"{path}: {len(gold)} scored pairs; a dev set needs at least 10 (sweep.select_on)")
+    return Pairs(s1, s2, np.asarray(gold, dtype=np.float64))
+
+
+def selection_path(select_on: str) -> str:
+    """The file sweep.select_on reads, relative to the data dir (or absolute): what every node must see."""
+    return {"stsb-dev": "senteval/STS/STSBenchmark/sts-dev.csv", "sickr-dev": "senteval/SICK/SICK_trial.txt"}.get(
+        select_on, select_on)
 
 
 def unlabeled_pairs(path: Path, n: int, seed: int = 0) -> Pairs:

@@ -10,7 +10,7 @@ import base64
 import html
 from dataclasses import dataclass, field
 
-from .config import Config
+from .config import Config, select_on_label
 from .results import PAPER_SCORER, TrialResult, reading_label, sts_tasks
 from .select import comparisons, selected_comparison, stability
 from .tables import label, render
@@ -36,6 +36,11 @@ class ReportInputs:
     backbone: dict | None = None  # STS of the pre-trained backbone
     comparisons: list[dict] | None = None  # select.comparisons (computed without predictions when None)
     replicates: list[dict] | None = None  # sweep.replicate_devs: each stage-1 run's seed and best dev
+
+    @property
+    def dev(self) -> str:
+        """How the report names the selection data (sweep.select_on)."""
+        return select_on_label(self.cfg.sweep.select_on)
 
     @property
     def tasks(self) -> list[str]:
@@ -94,8 +99,8 @@ def allocation_table(alloc: dict) -> str:
                    ["neurons pruned", *(f"{v:.0%}" for v in alloc["neurons"])]])
 
 
-def pareto_table(front: list[dict]) -> str:
-    return render(["sparsity", "method", "λ", "params", "STS-B dev", "test avg", "seeds", ""],
+def pareto_table(front: list[dict], dev: str = "STS-B dev") -> str:
+    return render(["sparsity", "method", "λ", "params", dev, "test avg", "seeds", ""],
                   [[f"{f['sparsity']:.2%}", "SimCSE control" if f["sparsity"] == 0 else f["method"],
                     "—" if f["sparsity"] == 0 else str(f["lam"]), f"{f['params']:,}", f["dev"], f["test_avg"],
                     str(f["seeds"]), "**selected**" if f["selected"] else ""] for f in front], left=0)
@@ -113,7 +118,7 @@ def _family(comps: list[dict]) -> int:
     return next((c[k]["family"] for c in comps for k in ("vs_control", "vs_random") if c[k] and "family" in c[k]), 0)
 
 
-def render_comparisons(comps: list[dict], ctrl: dict | None) -> list[str]:
+def render_comparisons(comps: list[dict], ctrl: dict | None, dev: str = "STS-B dev") -> list[str]:
     """The controls section of report.md."""
     if not comps:
         return []
@@ -126,7 +131,7 @@ def render_comparisons(comps: list[dict], ctrl: dict | None) -> list[str]:
             f"t-test); with one seed, a paired bootstrap over the STS test pairs (it measures test-set noise, not "
             f"training noise). The table is one family of {_family(comps)} tests: verdicts use Holm-adjusted p at "
             f"α = {ALPHA} (raw p beside it); {base}.",
-            "", render(["sparsity", "method", "λ", "n seeds", "STS-B dev", "test avg", "Δ vs s = 0 control", "Δ vs random"],
+            "", render(["sparsity", "method", "λ", "n seeds", dev, "test avg", "Δ vs s = 0 control", "Δ vs random"],
                        [[f"{c['sparsity']:.0%}", c["method"], "—" if c["lam"] is None else str(c["lam"]),
                          str(len(c["seeds"])), _pm1(c["dev_mean"], c["dev_std"]), _pm1(c["mean"], c["std"]),
                          _vs(c["vs_control"]), _vs(c["vs_random"])] for c in comps], left=2), ""]
@@ -144,8 +149,9 @@ def _intro(inp: ReportInputs) -> list[str]:
              + f", seed {sw.seeds[0]}; the s = 0 control with seeds {list(sw.seeds)}")
     return [f"# SparseCSE sweep report — {inp.title}", "",
             f"Backbone `{cfg.model.name}`; {space} ({len(inp.flat)} trials, {failed} failed). " + _importance(cfg)
-            + "Selection uses STS-B **dev** (mean over seeds); test figures are reported, never used to choose.", "",
-            *_scoring_lines(inp.scoring, cfg), *_replicate_lines(inp.replicates), *_overlap_lines(inp),
+            + ("Selection uses STS-B **dev**" if inp.dev == "STS-B dev" else f"Selection uses **{inp.dev}**")
+            + " (mean over seeds); test figures are reported, never used to choose.", "",
+            *_scoring_lines(inp.scoring, cfg), *_replicate_lines(inp.replicates, inp.dev), *_overlap_lines(inp),
             *_stopped_lines(inp.flat, cfg),
             *_selection_lines(inp.selected, cfg)]
 
@@ -186,10 +192,10 @@ def _pareto(inp: ReportInputs) -> list[str]:
     if not (inp.selected and inp.selected.get("pareto")):
         return []
     par = inp.selected["pareto"]
-    return ["## Pareto front: STS-B dev vs encoder parameters (`sweep.objective: pareto`)", "",
+    return [f"## Pareto front: {inp.dev} vs encoder parameters (`sweep.objective: pareto`)", "",
             f"Points no other point beats on both dev (mean over seeds) and size. Selection takes the smallest model "
             f"within δ = {par['delta']:g} dev points of the best dev ({par['best_dev']:.2f}); test figures are shown, "
-            "never used to choose.", "", pareto_table(par["front"]), ""]
+            "never used to choose.", "", pareto_table(par["front"], inp.dev), ""]
 
 
 def _pilot(inp: ReportInputs) -> list[str]:
@@ -232,7 +238,7 @@ def _align_uniform(inp: ReportInputs) -> list[str]:
 def _all_trials(inp: ReportInputs) -> list[str]:
     g = lambda v: None if v is None else f"{v:.4f}"  # noqa: E731
     return ["## All trials", "", render(
-        ["sparsity", "scorer", "λ", "seed", "status", "STS-B dev", "test avg", "align", "uniform"],
+        ["sparsity", "scorer", "λ", "seed", "status", inp.dev, "test avg", "align", "uniform"],
         [[x["sparsity"], x["method"], str(x["lam"]) if x["scorer"] == PAPER_SCORER else "—", str(x["seed"]),
           f"{x['status']} {x['error'][:60]}", x["best_stsb_dev"], x["test/avg"], g(x["align"]), g(x["uniform"])]
          for x in inp.flat], left=0)]
@@ -257,7 +263,7 @@ def _transfer(inp: ReportInputs) -> list[str]:
 
 # (section, the figures that belong beside it in report.html)
 SECTIONS = ((_intro, ()), (_test_results, ()), (_over_seeds, ()), (_pareto, ("pareto.png",)),
-            (lambda inp: render_comparisons(inp.comps(), inp.control), ("sts_avg_vs_sparsity.png", "sts_tasks_vs_sparsity.png")),
+            (lambda inp: render_comparisons(inp.comps(), inp.control, inp.dev), ("sts_avg_vs_sparsity.png", "sts_tasks_vs_sparsity.png")),
             (_pilot, ("pilot.png",)), (_stability, ()), (_allocation, ("mask_allocation.png",)),
             (_align_uniform, ("align_uniform.png",)), (_all_trials, ()), (_transfer, ()))
 
@@ -301,7 +307,7 @@ def _importance(cfg: Config) -> str:
     return f"Importance: score.combine = {_values(sc.combine)}, score.normalize = {_values(sc.normalize)}. "
 
 
-def _replicate_lines(reps: list[dict] | None) -> list[str]:
+def _replicate_lines(reps: list[dict] | None, dev: str = "STS-B dev") -> list[str]:
     """The stage-1 replicates: how far independent SimCSE runs differ, before any pruning."""
     if not reps or len(reps) < 2:
         return []
@@ -309,7 +315,7 @@ def _replicate_lines(reps: list[dict] | None) -> list[str]:
 
     devs = [r["best_stsb_dev"] for r in reps]
     return [f"Stage 1 ran {len(reps)} independent replicates (train.seed {', '.join(str(r['seed']) for r in reps)}), "
-            f"each scored and each with its own trials; their best STS-B dev: "
+            f"each scored and each with its own trials; their best {dev}: "
             f"{', '.join(f'{d:.2f}' for d in devs)} ({_pm1(sum(devs) / len(devs), sample_std(devs))}). "
             "Comparisons below are paired within a replicate and tested over replicates (seeds within one are "
             "averaged).", ""]
@@ -330,10 +336,10 @@ def _overlap_lines(inp: ReportInputs) -> list[str]:
              "— (label-free)" if o["in_scoring"] is None else f"{o['in_scoring']:,}"] for o in overlap]
     clean = clean_tasks(overlap)
     out = ["## Overlap of the test sets with the data that chose", "",
-           "Unique test pairs (either order) that also occur verbatim in STS-B dev — which picks each trial's "
+           f"Unique test pairs (either order) that also occur verbatim in {inp.dev} — which picks each trial's "
            "checkpoint and the sweep's point — and in the pairs importance was scored on. A test figure with overlap "
            "is not clean of the choices made on it.", "",
-           render(["test task", "pairs", "in STS-B dev (selection)", "in the scoring pairs"], rows, left=1), ""]
+           render(["test task", "pairs", f"in {inp.dev} (selection)", "in the scoring pairs"], rows, left=1), ""]
     sel, ctrl = inp.selected, inp.control
     if not clean:
         return out + ["No test task is clean of both: every average above is partly chosen on its own pairs.", ""]
@@ -358,35 +364,36 @@ def _stopped_lines(flat: list[dict], cfg: Config) -> list[str]:
 def _selection_lines(selected: dict | None, cfg: Config) -> list[str]:
     if not selected:
         return ["No trial finished: nothing was selected.", ""]
+    dev = select_on_label(cfg.sweep.select_on)
     lam = f" (λ fixed at {cfg.sweep.select_lam} for selection)" if cfg.sweep.select_lam is not None else ""
     out = [f"Selection chose among {selected['candidates']} grid points{lam}, the s = 0 control included"
-           + (f", by the smallest encoder within δ = {selected['pareto']['delta']:g} of the best STS-B dev "
+           + (f", by the smallest encoder within δ = {selected['pareto']['delta']:g} of the best {dev} "
               f"({selected['pareto']['best_dev']:.2f}; `sweep.objective: pareto`). " if selected.get("pareto") else ". ")]
     detail = selected.get("rule_detail")
     if selected["control_won"]:
         what = "the control is exported" if cfg.sweep.when_control_wins == "export_control" else "nothing is exported"
         why = ("no pruned point comes within δ of the best dev" if selected.get("pareto") else
-               detail["why"] if detail else "the s = 0 control has the best STS-B dev")
+               detail["why"] if detail else f"the s = 0 control has the best {dev}")
         out[0] += (f"**Pruning did not help on dev**: {why} ({selected['dev_mean']:.2f}); {what} "
                    "(`sweep.when_control_wins`).")
     else:
-        out[0] += f"Selected: {_point_label(selected)}, STS-B dev {selected['dev_mean']:.2f}" + (
+        out[0] += f"Selected: {_point_label(selected)}, {dev} {selected['dev_mean']:.2f}" + (
             f", {selected['params']:,} encoder parameters." if selected.get("params") else ".")
     if "STSBenchmark" in selected["test"]:
         gap = selected["dev_mean"] - selected["test"]["STSBenchmark"]
-        out[0] += f" Dev/test gap of the selected point (STS-B dev − STS-B test): {gap:+.2f}."
-    return out + [""] + _rule_lines(selected)
+        out[0] += f" Dev/test gap of the selected point ({dev} − STS-B test): {gap:+.2f}."
+    return out + [""] + _rule_lines(selected, dev)
 
 
-def _rule_lines(selected: dict) -> list[str]:
+def _rule_lines(selected: dict, dev: str = "STS-B dev") -> list[str]:
     """The selection rule, named, with the tests it made."""
     rule, detail = selected.get("rule", "best_dev"), selected.get("rule_detail")
     if rule == "pareto":
         return []
     if not detail:
-        return ["Selection rule: `sweep.select: best_dev` — the highest mean STS-B dev (the paper's rule; no test "
+        return [f"Selection rule: `sweep.select: best_dev` — the highest mean {dev} (the paper's rule; no test "
                 "against the control's noise).", ""]
-    head = (f"Selection rule: `sweep.select: {rule}`, margin {detail['margin']:g} STS-B dev points, α = "
+    head = (f"Selection rule: `sweep.select: {rule}`, margin {detail['margin']:g} {dev} points, α = "
             f"{detail.get('alpha', 0.05)}; chosen: {detail['why']}.")
     if rule == "noninferior":
         head += (" Sparsities are tested from the least pruned up, each sparsity's best-dev point, one-sided against "
@@ -396,7 +403,7 @@ def _rule_lines(selected: dict) -> list[str]:
              "—" if st.get("diff") is None else f"{st['diff']:+.2f}", str(st["n"]), st.get("test", ""),
              "—" if st.get("p") is None else f"{st['p']:.3f}", "yes" if st["passed"] else "no"]
             for st in detail["steps"]]
-    table = render(["sparsity", "λ", "STS-B dev", "Δ dev vs control", "n", "test", "p (Holm for superior)",
+    table = render(["sparsity", "λ", dev, "Δ dev vs control", "n", "test", "p (Holm for superior)",
                     "passed"], rows, left=0) if rows else ""
     return [head, "", *([table, ""] if table else [])]
 
@@ -482,9 +489,9 @@ def render_html(inp: ReportInputs) -> str:
             + "\n".join(body) + "\n</body></html>\n")
 
 
-def render_live_html(title: str, flat: list[dict], total: int | None) -> str:
-    """report.html while the sweep runs (rewritten after each trial result): how far it is, the best STS-B dev so
-    far, and every trial as it stands; the full report replaces it when the sweep ends."""
+def render_live_html(title: str, flat: list[dict], total: int | None, dev: str = "STS-B dev") -> str:
+    """report.html while the sweep runs (rewritten after each trial result): how far it is, the best dev score (on
+    `dev`, the selection data) so far, and every trial as it stands; the full report replaces it at the end."""
     from types import SimpleNamespace
 
     from markdown_it import MarkdownIt
@@ -497,9 +504,9 @@ def render_live_html(title: str, flat: list[dict], total: int | None) -> str:
              "stopped. This page is rewritten after every trial result and replaced by the full report when the sweep "
              "ends; reload it to follow the sweep.", ""]
     if best is not None:
-        lines += [f"Best STS-B dev so far: **{best['best_stsb_dev']:.2f}** — {best['method']}, sparsity "
+        lines += [f"Best {dev} so far: **{best['best_stsb_dev']:.2f}** — {best['method']}, sparsity "
                   f"{best['sparsity']}, λ {best['lam']}, seed {best['seed']} ({best['status']}).", ""]
-    lines += _all_trials(SimpleNamespace(flat=flat))
+    lines += _all_trials(SimpleNamespace(flat=flat, dev=dev))
     body = MarkdownIt("commonmark", {"html": False}).enable("table").render("\n".join(lines))
     return ("<!doctype html>\n<html lang=en><head><meta charset=utf-8><meta http-equiv=refresh content=60>"
             '<meta name=viewport content="width=device-width, initial-scale=1">'

@@ -151,12 +151,12 @@ def score_task(store_uri: str, model_rel: str, data_dir: str, cfg_dict: dict, th
 
 
 def test_overlap(cfg, data_dir: Path, pairs) -> list[dict] | None:
-    """data.overlap_counts of the sweep's STS test tasks against STS-B dev (what selects) and the scoring pairs;
-    None when a file it needs is not here."""
-    from .data import load_stsb, overlap_counts
+    """data.overlap_counts of the sweep's STS test tasks against the dev data that selects (sweep.select_on) and
+    the scoring pairs; None when a file it needs is not here."""
+    from .data import overlap_counts, selection_pairs
 
     try:
-        return overlap_counts(data_dir, sts_tasks(cfg.eval.tasks), load_stsb(data_dir, "dev"),
+        return overlap_counts(data_dir, sts_tasks(cfg.eval.tasks), selection_pairs(data_dir, cfg.sweep.select_on),
                               None if cfg.score.source == "unlabeled" else pairs)
     except SparseCSEError:
         return None

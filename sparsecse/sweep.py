@@ -35,7 +35,7 @@ from .runlock import LOCK, RunLock
 from .staging import is_staged_uri
 from . import figures, stages
 from . import select as choose
-from .config import TRANSFER_TASKS, Config, config_from_dict, load_config
+from .config import TRANSFER_TASKS, Config, config_from_dict, load_config, select_on_label
 from .io import parquet_bytes
 from .report import ReportInputs, render_html, render_markdown
 from .results import TrialResult, grid_points, replicate_name, sts_tasks
@@ -50,7 +50,10 @@ def _fp(obj) -> str:
 
 
 def _stage1_fp(cd: dict) -> str:
-    return _fp({k: cd[k] for k in ("model", "data", "train")})
+    """What stage 1's model depends on: model, data, train, and the dev data that picks its checkpoint when it is
+    not STS-B dev (so fingerprints from before sweep.select_on stay valid)."""
+    on = cd.get("sweep", {}).get("select_on", "stsb-dev")
+    return _fp({k: cd[k] for k in ("model", "data", "train")} | ({"select_on": on} if on != "stsb-dev" else {}))
 
 
 @dataclass
@@ -229,7 +232,7 @@ def check_nodes(run: Run) -> None:
     run.store.write_text(marker, "written by the driver; every node must see it\n")
     try:
         paths = needed_paths(cfg.data.train_file, cfg.score.split, cfg.eval.tasks,
-                             TRANSFER_TASKS if cfg.eval.transfer != "none" else ())
+                             TRANSFER_TASKS if cfg.eval.transfer != "none" else (), cfg.sweep.select_on)
         found = ra.run_on_each_node(stages.check_node, nodes, run.store.uri, marker, run.data_dir, paths, cfg.model.name)
     finally:
         run.store.delete(marker)
@@ -412,7 +415,8 @@ class LiveReport:
         store = Storage(self.store_uri)
         results = [TrialResult.from_record(r, self.reading) for r in records]
         flat = choose.results_table(results, [*sts_tasks(cfg.eval.tasks), "avg"])
-        store.write_text("report.html", render_live_html(Path(store.root).name, flat, self.total))
+        store.write_text("report.html", render_live_html(Path(store.root).name, flat, self.total,
+                                                         select_on_label(cfg.sweep.select_on)))
 
 
 MISSING_EXPERIMENT = "tune-missing"  # grid points a restored experiment had lost, run on resume
@@ -691,7 +695,7 @@ def check_run(config_path: str, overrides=None, resume: bool | str = False, out:
     check_sparsities(cfg)
     given = data_dir or cfg.data.dir
     paths = needed_paths(cfg.data.train_file, cfg.score.split, cfg.eval.tasks,
-                         TRANSFER_TASKS if cfg.eval.transfer != "none" else ())
+                         TRANSFER_TASKS if cfg.eval.transfer != "none" else (), cfg.sweep.select_on)
     if is_staged_uri(given):
         check_staged(given, "--data-dir")
         staged = Storage(str(given).rstrip("/")).read_json("manifest.json")["files"]

@@ -22,7 +22,7 @@ import torch
 from . import SparseCSEError
 from .checkpoints import CheckpointPolicy
 from .config import Config
-from .data import collate, load_corpus, load_stsb, train_path
+from .data import collate, load_corpus, selection_pairs, train_path
 from .evaluate import evaluate_pairs
 from .io import atomic_write_bytes, atomic_write_text, link_or_copy, verify_manifest
 from .losses import info_nce
@@ -60,8 +60,9 @@ class TrainResult:
     sentences_per_s: float = 0.0
 
 
-def dev_pairs(data_dir: Path, max_pairs: int | None, seed: int = 0):
-    pairs = load_stsb(data_dir, "dev")
+def dev_pairs(data_dir: Path, max_pairs: int | None, seed: int = 0, select_on: str = "stsb-dev"):
+    """The dev pairs every evaluation reads (sweep.select_on), subsampled to `max_pairs` (train.eval_max_pairs)."""
+    pairs = selection_pairs(data_dir, select_on)
     if max_pairs is not None and max_pairs < len(pairs):
         idx = np.random.default_rng(seed).permutation(len(pairs))[:max_pairs]
         pairs = pairs.subset(sorted(idx))
@@ -329,7 +330,7 @@ def train_simcse(cfg: Config, out_dir: str | os.PathLike, data_dir: Path, *, ini
     corpus = _corpus(cfg, data_dir, enc.tokenizer)
     total = sum(1 for _ in global_batches(len(corpus), tc.batch_size, 1, tc.seed, dist.world_size)) * tc.epochs
     total = min(total, tc.max_steps) if tc.max_steps is not None else total
-    dev = dev_pairs(data_dir, tc.eval_max_pairs)
+    dev = dev_pairs(data_dir, tc.eval_max_pairs, select_on=cfg.sweep.select_on)
     opt = make_optimizer([p for p in model.parameters() if p.requires_grad], tc.lr, tc.weight_decay, device)
     sched = linear_schedule(opt, total)
     state = TrainState()

@@ -62,3 +62,60 @@ def test_the_report_shows_the_overlap_and_the_clean_average():
     assert "| STS12 | 10 | 2 | 3 |" in text and "| SICK-R | 6 | 0 | — (label-free) |" in text.replace(
         "SICKRelatedness", "SICK-R")
     assert "Their average for the selected point: 75.00 (the s = 0 control: 74.00)." in text
+
+
+def test_select_on_sick_r_dev_leaves_every_sts_test_set_clean(data_dir):
+    """sweep.select_on: sickr-dev — SICK's trial split shares no pair with STS12–16 or STS-B test (9 with SICK-R
+    test); with label-free scoring, six of the seven STS tasks are clean of every choice the sweep makes."""
+    from sparsecse.data import selection_pairs
+    from sparsecse.report import clean_tasks
+
+    tasks = ["STS12", "STS13", "STS14", "STS15", "STS16", "STSBenchmark", "SICKRelatedness"]
+    got = overlap_counts(data_dir, tasks, selection_pairs(data_dir, "sickr-dev"), None)
+    assert [o["in_selection"] for o in got] == [0, 0, 0, 0, 0, 0, 9]
+    assert clean_tasks(got) == tasks[:6]
+
+
+def test_select_on_reads_named_sets_and_a_users_file(tmp_path, tiny_data_dir):
+    import pytest
+
+    from sparsecse import SparseCSEError
+    from sparsecse.config import load_config
+    from sparsecse.data import needed_paths, selection_pairs
+    from sparsecse.train import dev_pairs
+
+    assert len(selection_pairs(tiny_data_dir, "stsb-dev").s1) == len(load_stsb(tiny_data_dir, "dev").s1)
+    mine = tmp_path / "mine.tsv"
+    mine.write_text("".join(f"sentence {i} a\tsentence {i} b\t{i % 5}.0\n" for i in range(12)))
+    pairs = selection_pairs(tiny_data_dir, str(mine))
+    assert pairs.s1[3] == "sentence 3 a" and pairs.gold[4] == 4.0 and len(pairs.s1) == 12
+    assert len(dev_pairs(tiny_data_dir, 10, select_on=str(mine)).s1) == 10  # eval_max_pairs subsamples it
+    mine.write_text("only\ttwo\n" + mine.read_text())
+    with pytest.raises(SparseCSEError, match=r"mine.tsv:1: expected sentence1<TAB>sentence2<TAB>score"):
+        selection_pairs(tiny_data_dir, str(mine))
+    (tmp_path / "few.tsv").write_text("a\tb\t1\n")
+    with pytest.raises(SparseCSEError, match="a dev set needs at least 10"):
+        selection_pairs(tiny_data_dir, str(tmp_path / "few.tsv"))
+    with pytest.raises(SparseCSEError, match="sweep.select_on"):
+        load_config(None, ["sweep.select_on=sts-b"])
+    assert "senteval/SICK/SICK_trial.txt" in needed_paths("wiki/x.txt", "train", [], select_on="sickr-dev")
+    assert "senteval/STS/STSBenchmark/sts-dev.csv" not in needed_paths("wiki/x.txt", "train", [],
+                                                                        select_on="sickr-dev")
+
+
+def test_stage_one_depends_on_the_selection_data_and_reports_name_it():
+    from sparsecse.config import load_config
+    from sparsecse.report import ReportInputs, _selection_lines
+    from sparsecse.sweep import _stage1_fp
+
+    base, sick = load_config(None, []), load_config(None, ["sweep.select_on=sickr-dev"])
+    assert _stage1_fp(base.to_dict()) != _stage1_fp(sick.to_dict())  # a different checkpoint pick: a new stage 1
+    old = {k: v for k, v in base.to_dict().items()}
+    old["sweep"] = {k: v for k, v in old["sweep"].items() if k != "select_on"}  # a sweep.json from before the key
+    assert _stage1_fp(old) == _stage1_fp(base.to_dict())
+    inp = ReportInputs("t", sick, [], [], None, None, {})
+    assert inp.dev == "SICK-R dev"
+    sel = {"candidates": 2, "control_won": False, "sparsity": 0.1, "lam": 0.5, "combine": "gradient",
+           "normalize": "none", "dev_mean": 80.0, "test": {"STSBenchmark": 78.0}, "rule": "best_dev"}
+    text = "\n".join(_selection_lines(sel, sick))
+    assert "SICK-R dev 80.00" in text and "(SICK-R dev − STS-B test): +2.00" in text and "STS-B dev" not in text

@@ -347,3 +347,28 @@ def test_every_rank_gets_an_equal_slice_of_every_global_batch(world):
         assert n - per_epoch <= world - 1 + (1 if n % 8 == 1 else 0)  # a lone last sentence (no pair) is dropped
     with_one = list(global_batches(19, 8, 1, seed=1))
     assert [len(b) for b in with_one] == [8, 8, 3]  # one worker: nothing cut
+
+
+def test_every_dev_evaluation_reads_the_selection_data_the_config_names(tiny_model_dir, tiny_data_dir, tmp_path):
+    """sweep.select_on: the dev score that picks the checkpoint is the Spearman on that data (here a user file of
+    SICK-R pairs), not STS-B dev."""
+    from sparsecse.config import load_config
+    from sparsecse.data import load_sick, selection_pairs
+    from sparsecse.evaluate import evaluate_pairs
+    from sparsecse.train import train_simcse
+
+    sick = load_sick(tiny_data_dir, "test")
+    mine = tmp_path / "sick.tsv"
+    mine.write_text("".join(f"{a}\t{b}\t{g}\n" for a, b, g in zip(sick.s1[:40], sick.s2[:40], sick.gold[:40])))
+    base = _tiny_cfg(tiny_model_dir, max_steps=3)
+    cfg = load_config(None, [f"{k}={v}" for k, v in (("model.name", tiny_model_dir), ("train.batch_size", 8),
+                                                       ("train.max_len", 16), ("train.eval_steps", 3),
+                                                       ("train.eval_max_pairs", 40), ("train.lr", 1e-3),
+                                                       ("train.max_steps", 3), ("data.max_train_sentences", 64),
+                                                       ("sweep.select_on", str(mine)))])
+    res = train_simcse(cfg, tmp_path / "a", tiny_data_dir, progress=False)
+    ref = train_simcse(base, tmp_path / "b", tiny_data_dir, progress=False)
+    best = load_encoder(str(res.best_dir))
+    want = evaluate_pairs(best, selection_pairs(tiny_data_dir, str(mine)), pooler=cfg.model.eval_pooler)
+    assert res.history[-1]["stsb_dev"] == pytest.approx(want, abs=1e-6)
+    assert res.history[-1]["stsb_dev"] != pytest.approx(ref.history[-1]["stsb_dev"], abs=1e-3)
