@@ -101,6 +101,8 @@ def _attach_mlp_as_hf_pooler(enc: Encoder) -> None:
     models do, so `save_pretrained` writes `pooler.dense`: `AutoModel` then loads with no missing weights,
     `pooler_output` is the training-time pooler and `last_hidden_state[:, 0]` the evaluation embedding."""
     bb = enc.backbone
+    if not enc.adapter.pooling_layer:  # a family with no pooler (ELECTRA, DistilBERT, ModernBERT): the MLP stays in
+        return  # sparsecse.safetensors and the sentence-transformers Dense module only
     with torch.device("meta"):  # the family's own pooler, as its constructor builds it (no memory for the rest)
         pooler = type(bb)(bb.config, add_pooling_layer=True).pooler
     bb.pooler = pooler.to_empty(device="cpu")

@@ -33,33 +33,72 @@ DEFAULT_MODEL = "minilm"
 
 @dataclass(frozen=True)
 class Adapter:
-    """Where a backbone family keeps the modules masks and pruning touch (paths relative to a layer)."""
+    """Where a backbone family keeps the modules masks and pruning touch (paths relative to a layer), and how its
+    config names them. Heads: the output projection's input (B, T, H·d) is scaled per head (a pre-hook), and head
+    h owns rows h·d … (h+1)·d of the query, key and value projections — or, in a fused [q; k; v] projection (`qkv`,
+    ModernBERT's Wqkv, which the attention views as (3, H, d)), those rows of each third. Neurons: neuron j is the
+    j-th output of the FFN's first projection — in a gated one (`gated`, ModernBERT's Wi = [value; gate], chunked
+    in two), rows j and I + j together, so the value and its gate are kept or removed as a pair — and the j-th
+    input of its second; the mask scales that input (a hook on `intermediate`, act(dense(x)), or, where no module
+    computes it alone, a pre-hook on `ffn_out`)."""
 
     layers: str = "encoder.layer"
     query: str = "attention.self.query"
     key: str = "attention.self.key"
     value: str = "attention.self.value"
+    qkv: str | None = None  # a fused [q; k; v] projection replaces query/key/value
     attn_out: str = "attention.output.dense"
     attn_self: str = "attention.self"  # has query/key/value, num_attention_heads, attention_head_size, scaling, dropout
     attn_output: str = "attention.output"  # forward(context, residual) = LayerNorm(dropout(dense(context)) + residual)
     ffn_output: str = "output"  # forward(intermediate, residual), same shape as attn_output
-    intermediate: str = "intermediate"  # output = act(dense(x)), (B, T, I)
+    intermediate: str | None = "intermediate"  # output = act(dense(x)), (B, T, I); None: pre-hook on ffn_out
     inter_dense: str = "intermediate.dense"
+    gated: bool = False
     ffn_out: str = "output.dense"
+    intermediate_size: str = "intermediate_size"  # the config attribute holding I
+    dropouts: tuple[str, ...] = ("hidden_dropout_prob", "attention_probs_dropout_prob")  # train.dropout sets these
+    pooling_layer: bool = True  # the model's constructor takes add_pooling_layer (BERT's pooler)
 
     def get(self, module: nn.Module, what: str) -> nn.Module:
         return operator.attrgetter(getattr(self, what))(module)
 
+    def head_rows(self, layer: nn.Module, heads: torch.Tensor, d: int, num_heads: int) -> list:
+        """[(projection, its output rows)] that compute the given heads' queries, keys and values."""
+        cols = (heads[:, None] * d + torch.arange(d)).flatten()
+        if self.qkv:
+            return [(self.get(layer, "qkv"), torch.cat([cols + i * num_heads * d for i in range(3)]))]
+        return [(self.get(layer, n), cols) for n in ("query", "key", "value")]
 
-ADAPTERS = {"bert": Adapter(), "roberta": Adapter(), "sparsecse_bert": Adapter(), "sparsecse_roberta": Adapter()}
+    def neuron_rows(self, layer: nn.Module, neurons: torch.Tensor, size: int) -> list:
+        """[(projection, its output rows)] that compute the given FFN neurons (value and gate rows when gated)."""
+        return [(self.get(layer, "inter_dense"), torch.cat([neurons, neurons + size]) if self.gated else neurons)]
+
+
+BERT_LIKE = Adapter()
+ADAPTERS = {
+    "bert": BERT_LIKE, "roberta": BERT_LIKE, "xlm-roberta": BERT_LIKE,
+    "electra": Adapter(pooling_layer=False),
+    "mpnet": Adapter(query="attention.attn.q", key="attention.attn.k", value="attention.attn.v",
+                     attn_out="attention.attn.o", attn_self="attention.attn", attn_output="attention"),
+    "distilbert": Adapter(layers="transformer.layer", query="attention.q_lin", key="attention.k_lin",
+                          value="attention.v_lin", attn_out="attention.out_lin", attn_self="attention",
+                          attn_output="attention", ffn_output="ffn", intermediate="ffn.activation",
+                          inter_dense="ffn.lin1", ffn_out="ffn.lin2", intermediate_size="hidden_dim",
+                          dropouts=("dropout", "attention_dropout"), pooling_layer=False),
+    "modernbert": Adapter(layers="layers", qkv="attn.Wqkv", attn_out="attn.Wo", attn_self="attn", attn_output="attn",
+                          ffn_output="mlp", intermediate=None, inter_dense="mlp.Wi", gated=True, ffn_out="mlp.Wo",
+                          dropouts=("attention_dropout", "mlp_dropout", "embedding_dropout"), pooling_layer=False),
+}
+ADAPTERS.update({f"sparsecse_{k.replace('-', '_')}": v for k, v in list(ADAPTERS.items())})  # physically pruned
 
 
 def adapter_for(config) -> Adapter:
     try:
         return ADAPTERS[config.model_type]
     except KeyError:
+        families = sorted(k for k in ADAPTERS if not k.startswith("sparsecse_"))
         raise SparseCSEError(f"model_type {config.model_type!r} is not supported; supported families: "
-                             f"{', '.join(sorted(ADAPTERS))} (add an Adapter in sparsecse/model.py)") from None
+                             f"{', '.join(families)} (add an Adapter in sparsecse/model.py)") from None
 
 
 def default_model_path() -> str:
@@ -113,6 +152,19 @@ class _NeuronMaskHook:
         return out * m.to(out.dtype)  # (B, T, I)
 
 
+class _NeuronMaskPreHook:
+    """Pre-hook on the FFN's second projection (families with no act(dense(x)) module): scale input j by ν[l, j]."""
+
+    def __init__(self, owner: "Encoder", li: int):
+        self.owner, self.li = owner, li
+
+    def __call__(self, module, args):
+        m = self.owner.neuron_mask[self.li]  # (I,)
+        if not m.requires_grad and bool((m == 1).all()):
+            return None
+        return (args[0] * m.to(args[0].dtype),) + tuple(args[1:])
+
+
 class Encoder(nn.Module):
     """backbone + pooler; `forward(input_ids, attention_mask) -> (B, D)` sentence embeddings."""
 
@@ -140,7 +192,7 @@ class Encoder(nn.Module):
         self.packed = supports(backbone, self.adapter) if packed is None else packed
         self._hooks = []
         if not self.physical:
-            L, H, inter = len(self.layers), cfg.num_attention_heads, cfg.intermediate_size
+            L, H, inter = len(self.layers), cfg.num_attention_heads, intermediate_size(cfg)
             self.register_buffer("head_mask", torch.ones(L, H))  # ξ: (layers, heads)
             self.register_buffer("neuron_mask", torch.ones(L, inter))  # ν: (layers, intermediate)
             self._install_hooks()
@@ -149,7 +201,11 @@ class Encoder(nn.Module):
     def _install_hooks(self) -> None:
         for li, layer in enumerate(self.layers):
             self._hooks.append(self.adapter.get(layer, "attn_out").register_forward_pre_hook(_HeadMaskHook(self, li)))
-            self._hooks.append(self.adapter.get(layer, "intermediate").register_forward_hook(_NeuronMaskHook(self, li)))
+            if self.adapter.intermediate is None:
+                hook = self.adapter.get(layer, "ffn_out").register_forward_pre_hook(_NeuronMaskPreHook(self, li))
+            else:
+                hook = self.adapter.get(layer, "intermediate").register_forward_hook(_NeuronMaskHook(self, li))
+            self._hooks.append(hook)
 
     @property
     def packed(self) -> bool:
@@ -242,6 +298,11 @@ def head_dim(config) -> int:
     return config.hidden_size // config.num_attention_heads
 
 
+def intermediate_size(config) -> int:
+    """FFN neurons per layer (I), under the family's own config name (DistilBERT: hidden_dim)."""
+    return getattr(config, adapter_for(config).intermediate_size)
+
+
 def _load_backbone(path: str, dropout: float | None = None, trust_remote_code: bool = False):
     with quiet_transformers():
         return _load_backbone_quietly(path, dropout, trust_remote_code)
@@ -255,11 +316,11 @@ def _load_backbone_quietly(path: str, dropout: float | None, trust_remote_code: 
     except (OSError, ValueError) as e:
         raise SparseCSEError(f"{path}: not a loadable model (no usable config.json, and not a hub name reachable "
                              f"from here): {str(e).splitlines()[0]}") from None
-    adapter_for(cfg)
+    adapter = adapter_for(cfg)
     if dropout is not None:
-        cfg.hidden_dropout_prob = dropout
-        cfg.attention_probs_dropout_prob = dropout
-    kwargs = {"add_pooling_layer": False} if cfg.model_type in ("bert", "roberta") else {}
+        for key in adapter.dropouts:
+            setattr(cfg, key, dropout)
+    kwargs = {"add_pooling_layer": False} if adapter.pooling_layer else {}
     try:
         backbone = AutoModel.from_pretrained(path, config=cfg, trust_remote_code=trust_remote_code, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-LAYER_CLASSES = ("BertLayer", "RobertaLayer")  # the layer classes whose sub-modules this forward reimplements
+LAYER_CLASSES = ("BertLayer", "RobertaLayer", "XLMRobertaLayer")  # the layer classes whose sub-modules this forward reimplements
 
 
 def _two_arg_forward(module: nn.Module) -> bool:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from . import SparseCSEError
-from .model import Encoder, head_dim, load_encoder
+from .model import Encoder, head_dim, intermediate_size, load_encoder
 
 
 def count_pruned(sparsity: float, total: int) -> int:
@@ -63,16 +63,28 @@ def masks_for(scorer: str, sparsity: float, lam: float, seed: int, *, scores=Non
     return select_masks(head, neuron, sparsity)
 
 
+def unit_params(enc: Encoder) -> tuple[int, int]:
+    """(parameters one head owns, parameters one FFN neuron owns) in this backbone: a head its query/key/value rows
+    with their biases and its columns of the attention output; a neuron its FFN row(s) (value and gate when gated)
+    with their biases and its column of the FFN output. Read off layer 0's modules."""
+    cfg, a = enc.backbone.config, enc.adapter
+    d, layer = head_dim(cfg), enc.layers[0]
+    head = sum(len(rows) * (lin.in_features + (lin.bias is not None))
+               for lin, rows in a.head_rows(layer, torch.tensor([0]), d, cfg.num_attention_heads))
+    head += d * a.get(layer, "attn_out").out_features
+    neuron = sum(len(rows) * (lin.in_features + (lin.bias is not None))
+                 for lin, rows in a.neuron_rows(layer, torch.tensor([0]), intermediate_size(cfg)))
+    return head, neuron + a.get(layer, "ffn_out").out_features
+
+
 def encoder_params(enc: Encoder) -> int:
     """Parameters of the backbone once its masked heads and neurons are physically removed (what `physical_prune`
-    leaves), from the masks alone: a head owns its Q/K/V rows with their biases and its columns of the attention
-    output (4·d·hidden + 3·d), a neuron its FFN row with its bias and its output column (2·hidden + 1)."""
-    cfg = enc.backbone.config
-    hidden, d = cfg.hidden_size, head_dim(cfg)
+    leaves), from the masks alone (unit_params: for BERT a head is 4·d·hidden + 3·d, a neuron 2·hidden + 1)."""
+    per_head, per_neuron = unit_params(enc)
     heads = int((enc.head_mask == 0).sum())
     neurons = int((enc.neuron_mask == 0).sum())
     dense = sum(p.numel() for p in enc.backbone.parameters())
-    return dense - heads * (4 * d * hidden + 3 * d) - neurons * (2 * hidden + 1)
+    return dense - heads * per_head - neurons * per_neuron
 
 
 @torch.no_grad()
@@ -80,19 +92,21 @@ def zero_pruned_weights(enc: Encoder) -> None:
     """Zero every weight that only feeds masked units, so the dense checkpoint equals the masked model."""
     a = enc.adapter
     cfg = enc.backbone.config
-    d = head_dim(cfg)
+    d, H, inter = head_dim(cfg), cfg.num_attention_heads, intermediate_size(cfg)
     for li, layer in enumerate(enc.layers):
-        for h in torch.nonzero(enc.head_mask[li] == 0).flatten().tolist():
-            sl = slice(h * d, (h + 1) * d)
-            for name in ("query", "key", "value"):
-                lin = a.get(layer, name)
-                lin.weight[sl] = 0
-                lin.bias[sl] = 0
-            a.get(layer, "attn_out").weight[:, sl] = 0
-        dead = torch.nonzero(enc.neuron_mask[li] == 0).flatten()
+        dead_h = torch.nonzero(enc.head_mask[li].cpu() == 0).flatten()
+        if dead_h.numel():
+            for lin, rows in a.head_rows(layer, dead_h, d, H):
+                lin.weight[rows] = 0
+                if lin.bias is not None:
+                    lin.bias[rows] = 0
+            a.get(layer, "attn_out").weight[:, (dead_h[:, None] * d + torch.arange(d)).flatten()] = 0
+        dead = torch.nonzero(enc.neuron_mask[li].cpu() == 0).flatten()
         if dead.numel():
-            a.get(layer, "inter_dense").weight[dead] = 0
-            a.get(layer, "inter_dense").bias[dead] = 0
+            for lin, rows in a.neuron_rows(layer, dead, inter):
+                lin.weight[rows] = 0
+                if lin.bias is not None:
+                    lin.bias[rows] = 0
             a.get(layer, "ffn_out").weight[:, dead] = 0
 
 
@@ -111,9 +125,10 @@ def _slice_linear(lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch.
 
 @torch.no_grad()
 def physical_prune(enc: Encoder) -> nn.Module:
-    """The masked encoder as a physically smaller SparseCSE{Bert,Roberta}Model (pruned_modeling.py): masked
-    heads' Q/K/V rows and output-projection columns, masked neurons' FFN rows and columns removed, module by
-    module (as Torch-Pruning slices). Its output equals the masked encoder's."""
+    """The masked encoder as a physically smaller SparseCSE<family>Model (pruned_modeling.py): masked heads'
+    query/key/value rows (a fused projection's rows in each third) and output-projection columns, masked neurons'
+    FFN rows (value and gate rows together when gated) and columns removed, module by module (as Torch-Pruning
+    slices). Its output equals the masked encoder's."""
     import copy
     import warnings
 
@@ -121,33 +136,35 @@ def physical_prune(enc: Encoder) -> nn.Module:
 
     cfg = enc.backbone.config
     if cfg.model_type not in pruned_modeling.CLASSES:
-        raise SparseCSEError(f"physical pruning supports bert and roberta, not {cfg.model_type!r}")
-    a, d = enc.adapter, head_dim(cfg)
+        raise SparseCSEError(f"physical pruning supports {', '.join(sorted(pruned_modeling.CLASSES))}, not "
+                             f"{cfg.model_type!r}")
+    a, d, H, inter = enc.adapter, head_dim(cfg), cfg.num_attention_heads, intermediate_size(cfg)
     sliced = copy.deepcopy(enc.backbone).cpu()
-    heads, neurons = [], []
+    heads, neurons, kept = [], [], []
     for li, layer in enumerate(a.get(sliced, "layers")):
         keep_h = torch.nonzero(enc.head_mask[li].cpu() != 0).flatten()
         keep_n = torch.nonzero(enc.neuron_mask[li].cpu() != 0).flatten()
-        cols = (keep_h[:, None] * d + torch.arange(d)).flatten()  # the kept heads' slices of the (H·d) context
         with warnings.catch_warnings():  # a layer with no heads/neurons left has zero-element weights
             warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
-            for name in ("query", "key", "value"):
-                _slice_linear(a.get(layer, name), rows=cols)
-            _slice_linear(a.get(layer, "attn_out"), cols=cols)
-            _slice_linear(a.get(layer, "inter_dense"), rows=keep_n)
+            for lin, rows in a.head_rows(layer, keep_h, d, H):
+                _slice_linear(lin, rows=rows)
+            _slice_linear(a.get(layer, "attn_out"), cols=(keep_h[:, None] * d + torch.arange(d)).flatten())
+            for lin, rows in a.neuron_rows(layer, keep_n, inter):
+                _slice_linear(lin, rows=rows)
             _slice_linear(a.get(layer, "ffn_out"), cols=keep_n)
         heads.append(int(keep_h.numel()))
         neurons.append(int(keep_n.numel()))
+        kept.append(keep_h.tolist())
     cfg_cls, model_cls = pruned_modeling.CLASSES[cfg.model_type]
     base = {k: v for k, v in cfg.to_dict().items()
             if k not in ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path")}
-    new = model_cls(cfg_cls(heads_per_layer=heads, intermediate_per_layer=neurons, **base))
+    new = model_cls(cfg_cls(heads_per_layer=heads, intermediate_per_layer=neurons, kept_heads=kept, **base))
     new.config.architectures = [model_cls.__name__]
     src, want = sliced.state_dict(), new.state_dict()
     missing = [k for k in want if k not in src or src[k].shape != want[k].shape]
     if missing:
         raise SparseCSEError(f"physical pruning: {missing[0]} does not match the pruned model's shape")
-    new.load_state_dict({k: src[k] for k in want})  # Q/K/V of a layer with no heads left have no place: dropped
+    new.load_state_dict({k: src[k] for k in want})  # projections of a layer with no heads left have no place
     return new.eval()
 
 

@@ -66,16 +66,26 @@ def random_importance(layers: int, heads: int, intermediate: int, seed: int) -> 
 @torch.no_grad()
 def magnitude_importance(enc: Encoder) -> tuple[np.ndarray, np.ndarray]:
     """The magnitude control: a head's score is the L2 norm of every weight that only serves it (its Q/K/V rows and
-    biases, its columns of the output projection); a neuron's, of its FFN input row + bias and output column."""
+    biases, its columns of the output projection); a neuron's, of its FFN input row(s) + bias (value and gate when
+    gated) and output column (the units of Adapter.head_rows / neuron_rows)."""
+    from .model import intermediate_size
+
     a, cfg = enc.adapter, enc.backbone.config
-    d = head_dim(cfg)
+    d, H, inter = head_dim(cfg), cfg.num_attention_heads, intermediate_size(cfg)
+    every_head, every_neuron = torch.arange(H), torch.arange(inter)
     heads, neurons = [], []
     for layer in enc.layers:
-        sq = sum(a.get(layer, n).weight.pow(2).sum(1) + a.get(layer, n).bias.pow(2) for n in ("query", "key", "value"))
+        sq = 0
+        for lin, rows in a.head_rows(layer, every_head, d, H):  # rows in head order, each head's d rows together
+            part = lin.weight[rows].pow(2).sum(1) + (lin.bias[rows].pow(2) if lin.bias is not None else 0)
+            sq = sq + part.view(-1, H * d).sum(0)  # a fused projection's q, k and v thirds added per row
         sq = sq + a.get(layer, "attn_out").weight.pow(2).sum(0)  # (H·d,)
         heads.append(sq.view(-1, d).sum(1).sqrt())
-        inter, out = a.get(layer, "inter_dense"), a.get(layer, "ffn_out")
-        neurons.append((inter.weight.pow(2).sum(1) + inter.bias.pow(2) + out.weight.pow(2).sum(0)).sqrt())
+        nsq = 0
+        for lin, rows in a.neuron_rows(layer, every_neuron, inter):
+            part = lin.weight[rows].pow(2).sum(1) + (lin.bias[rows].pow(2) if lin.bias is not None else 0)
+            nsq = nsq + part.view(-1, inter).sum(0)  # a gated projection's value and gate rows added per neuron
+        neurons.append((nsq + a.get(layer, "ffn_out").weight.pow(2).sum(0)).sqrt())
     return torch.stack(heads).double().cpu().numpy(), torch.stack(neurons).double().cpu().numpy()
 
 

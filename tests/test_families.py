@@ -1,0 +1,202 @@
+"""Every supported encoder family, without the hub: a tiny random-weight model built from the family's own config
+class (with the packaged MiniLM tokenizer), masked and pruned the same way. One parametrised module: masked forward
+= zeroed weights = physically pruned forward (fully masked layers included), mask gradients = finite differences,
+the magnitude control, the export through AutoModel and sentence-transformers, and a one-step SimCSE run."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from sparsecse import SparseCSEError
+
+FAMILIES = ["bert", "roberta", "xlm-roberta", "electra", "mpnet", "distilbert", "modernbert"]
+TOKENS = {"pad_token_id": 0, "bos_token_id": 101, "eos_token_id": 102}  # the MiniLM (BERT) vocabulary's ids
+
+
+def _config(family: str):
+    import transformers as tf
+
+    common = dict(vocab_size=30522, max_position_embeddings=128, **TOKENS)
+    if family == "distilbert":
+        return tf.DistilBertConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=37, dropout=0.1, attention_dropout=0.1,
+                                   pad_token_id=0, vocab_size=30522, max_position_embeddings=128)
+    if family == "modernbert":
+        return tf.ModernBertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                                   global_attn_every_n_layers=2, local_attention=16, cls_token_id=101,
+                                   sep_token_id=102, attention_dropout=0.1, mlp_dropout=0.1, **common)
+    cls = {"bert": tf.BertConfig, "roberta": tf.RobertaConfig, "xlm-roberta": tf.XLMRobertaConfig,
+           "electra": tf.ElectraConfig, "mpnet": tf.MPNetConfig}[family]
+    extra = {"embedding_size": 16} if family == "electra" else {}  # ELECTRA projects its embeddings up
+    return cls(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+               hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, **extra, **common)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_dir(request, tmp_path_factory):
+    from transformers import AutoModel, AutoTokenizer
+
+    from sparsecse.model import default_model_path
+
+    torch.manual_seed(0)
+    model = AutoModel.from_config(_config(request.param))
+    d = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(d)
+    AutoTokenizer.from_pretrained(default_model_path()).save_pretrained(d)
+    return request.param, d
+
+
+SENTENCES = ["a man is playing a guitar .", "the cat sleeps on the warm mat", "stocks fell sharply"]
+
+
+def _encoder(d, pooler="cls_before_pooler"):
+    from sparsecse.model import load_encoder
+
+    return load_encoder(str(d), pooler=pooler).eval()
+
+
+def _masks(enc, full_layer: bool = False):
+    hm, nm = torch.ones_like(enc.head_mask), torch.ones_like(enc.neuron_mask)
+    hm[0, 1], hm[1, 3], nm[0, :10], nm[1, 5:9] = 0, 0, 0, 0
+    if full_layer:  # no heads left in layer 0, no neurons in layer 1
+        hm[0], nm[1] = 0, 0
+    return hm, nm
+
+
+def _states(enc, batch):
+    return enc.backbone(**batch).last_hidden_state
+
+
+@pytest.mark.parametrize("full_layer", [False, True])
+def test_masked_equals_zeroed_equals_physically_pruned(family_dir, full_layer):
+    from sparsecse.prune import encoder_params, physical_prune, zero_pruned_weights
+
+    family, d = family_dir
+    enc = _encoder(d)
+    batch = enc.tokenize(SENTENCES)
+    dense = _states(enc, batch)
+    enc.set_masks(*_masks(enc, full_layer))
+    masked = _states(enc, batch)
+    assert not torch.allclose(masked, dense, atol=1e-4)  # the masks act
+    zeroed = copy.deepcopy(enc)
+    zero_pruned_weights(zeroed)
+    zeroed.set_masks(torch.ones_like(enc.head_mask), torch.ones_like(enc.neuron_mask))
+    torch.testing.assert_close(_states(zeroed, batch), masked, atol=1e-5, rtol=1e-4)
+    pruned = physical_prune(enc)
+    torch.testing.assert_close(pruned(**batch).last_hidden_state, masked, atol=1e-5, rtol=1e-4)
+    assert sum(p.numel() for p in pruned.parameters()) == encoder_params(enc)  # the size the sweep reports
+
+
+def test_mask_gradients_equal_finite_differences(family_dir):
+    family, d = family_dir
+    enc = _encoder(d).double()
+    batch = enc.tokenize(SENTENCES)
+
+    w = torch.randn(len(SENTENCES), enc.backbone.config.hidden_size, generator=torch.Generator().manual_seed(1),
+                    dtype=torch.float64)
+
+    def loss() -> torch.Tensor:  # not the squared norm: a final LayerNorm makes that constant
+        return (enc(**batch) * w).sum()
+
+    with enc.mask_grads() as (hm, nm):
+        loss().backward()
+        gh, gn = hm.grad.clone(), nm.grad.clone()
+    # the head and the neuron of layer 0 the loss is most sensitive to (a random net has near-dead units)
+    picks = [(enc.head_mask, (0, int(gh[0].abs().argmax())), gh), (enc.neuron_mask, (0, int(gn[0].abs().argmax())), gn)]
+    eps = 1e-3  # central differences: O(eps²) error; ModernBERT's rotary tables are float32 even in a float64 net
+    for mask, idx, grad in picks:
+        with torch.no_grad():
+            mask[idx] = 1 + eps
+            up = loss().item()
+            mask[idx] = 1 - eps
+            down = loss().item()
+            mask[idx] = 1
+        assert abs(grad[idx].item()) > 1e-6
+        assert grad[idx].item() == pytest.approx((up - down) / (2 * eps), rel=1e-4)
+
+
+def test_the_magnitude_control_scores_each_unit_by_its_own_weights(family_dir):
+    from sparsecse.model import head_dim
+    from sparsecse.score import magnitude_importance
+
+    family, d = family_dir
+    enc = _encoder(d)
+    head, neuron = magnitude_importance(enc)
+    a, layer, dh = enc.adapter, enc.layers[1], head_dim(enc.backbone.config)
+    want = sum(lin.weight[rows].pow(2).sum() + (lin.bias[rows].pow(2).sum() if lin.bias is not None else 0)
+               for lin, rows in a.head_rows(layer, torch.tensor([2]), dh, 4))
+    want += a.get(layer, "attn_out").weight[:, 2 * dh:3 * dh].pow(2).sum()
+    assert head.shape == (2, 4) and head[1, 2] == pytest.approx(float(want.sqrt()), rel=1e-5)
+    size = enc.neuron_mask.shape[1]
+    rows = a.neuron_rows(layer, torch.tensor([5]), size)
+    want_n = sum(lin.weight[r].pow(2).sum() + (lin.bias[r].pow(2).sum() if lin.bias is not None else 0)
+                 for lin, r in rows) + a.get(layer, "ffn_out").weight[:, 5].pow(2).sum()
+    assert neuron.shape == (2, 37) and neuron[1, 5] == pytest.approx(float(want_n.sqrt()), rel=1e-5)
+
+
+def test_export_loads_in_automodel_and_sentence_transformers_with_the_masked_embeddings(family_dir, tmp_path):
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel
+
+    from sparsecse.export import export_model
+
+    family, d = family_dir
+    enc = _encoder(d)
+    enc.set_masks(*_masks(enc, full_layer=True))
+    want = enc(**enc.tokenize(SENTENCES))
+    out = export_model(enc, tmp_path / "export", pooler="cls_before_pooler")
+    pruned = AutoModel.from_pretrained(out / "pruned", trust_remote_code=True).eval()
+    got = pruned(**enc.tokenize(SENTENCES)).last_hidden_state[:, 0]
+    assert torch.nn.functional.cosine_similarity(got, want).min() >= 0.9999
+    st = SentenceTransformer(str(out / "pruned"), device="cpu", trust_remote_code=True)
+    emb = torch.as_tensor(st.encode(SENTENCES))
+    assert torch.nn.functional.cosine_similarity(emb, want).min() >= 0.9999
+    dense = SentenceTransformer(str(out), device="cpu")
+    assert torch.nn.functional.cosine_similarity(torch.as_tensor(dense.encode(SENTENCES)), want).min() >= 0.9999
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in enc.backbone.parameters())
+
+
+def test_one_simcse_step_trains_every_family(family_dir, tiny_data_dir, tmp_path):
+    from sparsecse.config import load_config
+    from sparsecse.model import load_encoder
+    from sparsecse.train import train_simcse
+
+    family, d = family_dir
+    cfg = load_config(None, [f"model.name={d}", "train.batch_size=8", "train.max_len=16", "train.max_steps=1",
+                             "train.eval_steps=1", "train.eval_max_pairs=20", "data.max_train_sentences=16"])
+    enc = _encoder(d, pooler="cls")
+    enc.set_masks(*_masks(enc))
+    before = copy.deepcopy(enc.backbone.state_dict())
+    res = train_simcse(cfg, tmp_path / "run", tiny_data_dir, init=enc, progress=False)
+    assert res.steps == 1 and res.best_dir is not None
+    best = load_encoder(str(res.best_dir))
+    assert torch.equal(best.head_mask, enc.head_mask)
+    changed = [k for k, v in best.backbone.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed  # the step moved the weights
+
+
+def test_the_padding_free_forward_matches_where_it_applies(family_dir):
+    family, d = family_dir
+    enc = _encoder(d)
+    assert enc.packed == (family in ("bert", "roberta", "xlm-roberta"))  # the others fall back to their own
+    if enc.packed:
+        enc.set_masks(*_masks(enc))
+        batch = enc.tokenize(SENTENCES)
+        packed = enc(**batch)
+        enc.packed = False
+        torch.testing.assert_close(packed, enc(**batch), atol=1e-5, rtol=1e-4)
+
+
+def test_an_unsupported_family_is_one_line_naming_the_supported_ones(tmp_path):
+    from transformers import GPT2Config, GPT2Model
+
+    from sparsecse.model import load_encoder
+
+    GPT2Model(GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=100)).save_pretrained(tmp_path)
+    with pytest.raises(SparseCSEError) as e:
+        load_encoder(str(tmp_path))
+    msg = str(e.value)
+    assert "model_type 'gpt2' is not supported" in msg and "\n" not in msg
+    assert all(f in msg for f in FAMILIES) and "sparsecse_" not in msg
