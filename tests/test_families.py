@@ -200,3 +200,22 @@ def test_an_unsupported_family_is_one_line_naming_the_supported_ones(tmp_path):
     msg = str(e.value)
     assert "model_type 'gpt2' is not supported" in msg and "\n" not in msg
     assert all(f in msg for f in FAMILIES) and "sparsecse_" not in msg
+
+
+@pytest.mark.slow
+def test_the_pruned_export_runs_in_onnx_runtime_with_the_masked_embeddings(family_dir, tmp_path):
+    """Every family's physically pruned graph exports (torch.onnx, dynamo) and ONNX Runtime gives the masked
+    model's embeddings (fp32); the int8 file is written beside it."""
+    from sparsecse.deploy import OnnxEncoder
+    from sparsecse.evaluate import encode
+    from sparsecse.export import export_model
+
+    family, d = family_dir
+    enc = _encoder(d)
+    enc.set_masks(*_masks(enc, full_layer=True))
+    want = enc(**enc.tokenize(SENTENCES))
+    out = export_model(enc, tmp_path / "export", pooler="cls_before_pooler", onnx=True)
+    assert (out / "pruned" / "onnx" / "model_qint8.onnx").is_file()
+    emb = encode(OnnxEncoder(out / "pruned", "onnx/model.onnx", pooler="cls_before_pooler"), SENTENCES, batch_size=8)
+    got = torch.stack([torch.as_tensor(emb[s]) for s in SENTENCES])
+    assert torch.nn.functional.cosine_similarity(got, want.float()).min() >= 0.9999
