@@ -28,6 +28,13 @@ KNOWN_SHAPES = {  # (layers, hidden, intermediate, heads, vocab) of the hub mode
     "bert-base-uncased": (12, 768, 3072, 12, 30522), "bert-base-cased": (12, 768, 3072, 12, 28996),
     "bert-large-uncased": (24, 1024, 4096, 16, 30522), "bert-large-cased": (24, 1024, 4096, 16, 28996),
     "roberta-base": (12, 768, 3072, 12, 50265), "roberta-large": (24, 1024, 4096, 16, 50265),
+    # the other families' deployed sentence encoders (their config.json)
+    "sentence-transformers/all-mpnet-base-v2": (12, 768, 3072, 12, 30527),
+    "sentence-transformers/paraphrase-multilingual-mpnet-base-v2": (12, 768, 3072, 12, 250002),  # XLM-RoBERTa
+    "intfloat/multilingual-e5-base": (12, 768, 3072, 12, 250002),
+    "distilbert-base-uncased": (6, 768, 3072, 12, 30522),
+    "google/electra-base-discriminator": (12, 768, 3072, 12, 30522),
+    "answerdotai/ModernBERT-base": (22, 768, 1152, 12, 50368),
 }
 KNOWN_CORPORA = {"wiki1m_for_simcse.txt": 1_000_000}  # sentences, when the file is not on this machine
 STS_TEST_PAIRS = 3108 + 1500 + 3750 + 3000 + 1186 + 1379 + 4927  # STS12–16, STS-B test, SICK-R test
@@ -94,6 +101,8 @@ def model_shape(name: str) -> Shape:
     cfg_file = Path(resolve_model_path(name)).expanduser() / "config.json"
     if cfg_file.is_file():
         c = json.loads(cfg_file.read_text())
+        if c.get("model_type") == "distilbert":  # DistilBERT's own names
+            return Shape(c["n_layers"], c["dim"], c["hidden_dim"], c["n_heads"], c["vocab_size"])
         return Shape(c["num_hidden_layers"], c["hidden_size"], c["intermediate_size"], c["num_attention_heads"],
                      c["vocab_size"])
     if name in KNOWN_SHAPES:

@@ -605,8 +605,10 @@ def check_sparsities(cfg: Config) -> None:
 
         with quiet_transformers():
             mc = AutoConfig.from_pretrained(str(path))
+        from .model import intermediate_size
+
         heads = mc.num_hidden_layers * mc.num_attention_heads
-        neurons = mc.num_hidden_layers * mc.intermediate_size
+        neurons = mc.num_hidden_layers * intermediate_size(mc)
     except Exception:  # noqa: BLE001 - not readable here (a hub name offline, a path on the nodes only)
         return
     top = max(cfg.sweep.sparsity_range) if cfg.sweep.search == "optuna" else max(cfg.sweep.sparsities)
