@@ -24,6 +24,7 @@ import json
 import os
 import secrets
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -92,9 +93,11 @@ class Run:
     state: SweepState
     resume: bool
     tracking: Tracking
+    lock: threading.RLock = field(default_factory=threading.RLock)  # stage-1 replicates update the state in parallel
 
     def save(self) -> None:
-        self.store.write_json(SWEEP_FILE, asdict(self.state))
+        with self.lock:
+            self.store.write_json(SWEEP_FILE, asdict(self.state))
 
 
 # --------------------------------------------------------------------------- checks before anything runs
@@ -252,12 +255,32 @@ def replicate_config(cfg: Config, replicate: int) -> Config:
     return config_from_dict({**d, "train": {**d["train"], "seed": d["train"]["seed"] + replicate}})
 
 
+def stage1_slots(cfg: Config, resources: dict) -> int:
+    """How many stage-1 runs the cluster holds at once (each needs ray.num_workers × its CPUs and GPU)."""
+    need_cpu = cfg.ray.num_workers * cfg.ray.cpus_per_worker
+    slots = int(resources.get("CPU", 0) // need_cpu) if need_cpu else 1
+    if cfg.ray.use_gpu:
+        slots = min(slots, int(resources.get("GPU", 0) // cfg.ray.num_workers))
+    return max(1, slots)
+
+
 def train_stage(run: Run) -> None:
-    """Stage 1, once per replicate (sweep.replicates, one after the other): Ray Train SimCSE; its best dev model
-    becomes simcse/best (simcse-rep<r>/best)."""
+    """Stage 1, once per replicate (sweep.replicates): Ray Train SimCSE; its best dev model becomes simcse/best
+    (simcse-rep<r>/best). Replicates run as parallel Ray Train runs, as many at once as the cluster holds (each
+    run's window is kept in the timings)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     run.state.timings["train_s"] = 0.0
-    for r in range(run.cfg.sweep.replicates):
-        _train_replicate(run, r)
+    reps = run.cfg.sweep.replicates
+    slots = min(reps, stage1_slots(run.cfg, ra.cluster_resources())) if reps > 1 else 1
+    if slots == 1:
+        for r in range(reps):
+            _train_replicate(run, r)
+        return
+    print(f"[sweep] stage 1: {reps} replicates, {slots} at a time")
+    with ThreadPoolExecutor(slots, thread_name_prefix="stage1") as pool:
+        for done in [pool.submit(_train_replicate, run, r) for r in range(reps)]:
+            done.result()  # the first failure, in replicate order
 
 
 def _train_replicate(run: Run, r: int) -> None:
@@ -267,15 +290,16 @@ def _train_replicate(run: Run, r: int) -> None:
     if st.fp(r, "train_fp") == fp1 and store.is_file(f"{simcse}/best/manifest.json"):
         print(f"[sweep] stage 1 skipped (trained model {store.url(f'{simcse}/best')} matches)")
         return
-    t0 = time.perf_counter()
+    t0, start = time.perf_counter(), time.time()
     if run.resume and st.fp(r, "stage1_started_fp") == fp1 and store.exists(stage1):
         # Ray Train finds its checkpoints under stage1/ and hands the newest to the workers (`restored`)
         print(f"[sweep] stage 1 resumes from its last checkpoint in {store.url(stage1)}")
     else:  # a new sweep, or a changed stage-1 config: what stage1/ holds is not this stage 1
         for stale in (simcse, stage1, f"{MODELS}/{stage1}"):
             store.delete(stale)
-    st.set_fp(r, "stage1_started_fp", fp1)
-    run.save()
+    with run.lock:
+        st.set_fp(r, "stage1_started_fp", fp1)
+        run.save()
     ckpt = ra.run_torch_trainer(
         stages.train_loop, {"config": cfg.to_dict(), "data_dir": run.data_dir, "storage": store.uri,
                             "cpus_per_worker": cfg.ray.cpus_per_worker, "name": stage1, "tensorboard": simcse},
@@ -288,11 +312,13 @@ def _train_replicate(run: Run, r: int) -> None:
     store.write_bytes(f"{simcse}/history.json", history)  # dev curve + resumes
     store.copy_dir(best, f"{simcse}/best")  # manifest last: simcse/best counts only once complete
     store.delete(f"{MODELS}/{stage1}")  # simcse/best is the copy the sweep reads from now on
-    st.set_fp(r, "train_fp", fp1)
-    st.set_fp(r, "score_fp", None)
-    st.stage_runs["train"] += 1
-    st.timings["train_s"] = st.timings.get("train_s", 0.0) + time.perf_counter() - t0
-    run.save()
+    with run.lock:
+        st.set_fp(r, "train_fp", fp1)
+        st.set_fp(r, "score_fp", None)
+        st.stage_runs["train"] += 1
+        st.timings["train_s"] = st.timings.get("train_s", 0.0) + time.perf_counter() - t0
+        st.timings.setdefault("stage1_windows", {})[str(r)] = [start, time.time()]
+        run.save()
     if not r:  # the tracker's stage-1 run is the first replicate's (the report lists every replicate's dev)
         run.tracking.log_stage1(json.loads(history)["history"])
 

@@ -379,9 +379,9 @@ def test_optuna_pareto_search_with_mlflow_and_wandb_tracking(tmp_path, tiny_mode
 
 def test_two_stage1_replicates_each_trained_scored_and_pruned_then_resumed_without_rerunning(
         tmp_path, tiny_model_dir, tiny_data_dir):
-    """sweep.replicates=2: two stage-1 runs (train.seed, train.seed + 1), each scored; the control, the paper's
-    point and random per replicate; the report pairs them within a replicate and tests over replicates; a resume
-    reruns nothing."""
+    """sweep.replicates=2: two stage-1 runs (train.seed, train.seed + 1) trained side by side as parallel Ray Train
+    runs, each scored; the control, the paper's point and random per replicate; the report pairs them within a
+    replicate and tests over replicates; a resume reruns nothing."""
     cfg = _write_cfg(tmp_path / "c.yaml", tiny_model_dir, sparsities=(0.0, 0.3), lams=(0.5,))
     args = ("--set", "sweep.seeds=[1]", "--set", "sweep.replicates=2", "--set", "sweep.scorers=[align_uniform,random]")
     r = _sweep(cfg, tmp_path / "run", tiny_data_dir, *args)
@@ -404,6 +404,9 @@ def test_two_stage1_replicates_each_trained_scored_and_pruned_then_resumed_witho
     assert "Stage 1 ran 2 independent replicates (train.seed 42, 43)" in (run / "report.md").read_text()
     state = json.loads((run / "sweep.json").read_text())
     assert state["stage_runs"] == {"train": 2, "score": 2}
+    (a0, b0), (a1, b1) = state["timings"]["stage1_windows"]["0"], state["timings"]["stage1_windows"]["1"]
+    assert a1 < b0 and a0 < b1  # 2 CPUs, 1 per stage-1 run: the two replicates trained at the same time
+    assert "stage 1: 2 replicates, 2 at a time" in r.stdout
     r2 = _sweep(cfg, run, tiny_data_dir, *args, "--resume")
     assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
     assert json.loads((run / "sweep.json").read_text())["stage_runs"] == {"train": 2, "score": 2}
