@@ -218,9 +218,10 @@ class SweepConfig:
     objective: Literal["dev", "pareto"] = "dev"
     pareto_delta: float = 0.5
     # how the dev scores choose (objective "dev"): "noninferior" — the sparsest point shown, by a one-sided paired
-    # test over seeds in a fixed sequence of sparsities, to be within `margin` dev points of the s = 0 control (one
-    # seed: the point estimate, said so); "superior" — a pruned point only if it beats the control after Holm's
-    # correction, else the control; "best_dev" — the highest mean dev (the paper's rule; its configs keep it)
+    # test over seeds in a fixed sequence of sparsities, to be within `margin` dev points of the s = 0 control
+    # (one seed and one replicate: a bootstrap over the dev pairs); "superior" — a pruned point only if it beats
+    # the control after Holm's correction, else the control; "best_dev" — the highest mean dev (the paper's rule;
+    # its configs keep it)
     select: Literal["noninferior", "superior", "best_dev"] = "noninferior"
     margin: float = 0.5
     # the data every dev evaluation reads — checkpoints of stage 1 and of each trial, and the sweep's choice:

@@ -397,8 +397,8 @@ def _rule_lines(selected: dict, dev: str = "STS-B dev") -> list[str]:
             f"{detail.get('alpha', 0.05)}; chosen: {detail['why']}.")
     if rule == "noninferior":
         head += (" Sparsities are tested from the least pruned up, each sparsity's best-dev point, one-sided against "
-                 "the s = 0 control over the seeds both ran; the sequence stops at the first failure (a fixed "
-                 "sequence keeps the family-wise error at α).")
+                 "the s = 0 control over the seeds (replicates) both ran — with one, by a bootstrap over the dev "
+                 "pairs; the sequence stops at the first failure (a fixed sequence keeps the family-wise error at α).")
     rows = [[f"{st['sparsity']:.0%}", str(st["lam"]), f"{st['dev']:.2f}",
              "—" if st.get("diff") is None else f"{st['diff']:+.2f}", str(st["n"]), st.get("test", ""),
              "—" if st.get("p") is None else f"{st['p']:.3f}", "yes" if st["passed"] else "no"]

@@ -72,7 +72,25 @@ def _best_per_sparsity(groups: dict[Key, list[TrialResult]]) -> list[Key]:
     return [best[sp] for sp in sorted(best)]
 
 
-def rule_choice(groups: dict[Key, list[TrialResult]], rule: str, margin: float) -> tuple[Key, dict]:
+def _dev_bootstrap(point: list[TrialResult], ctrl: list[TrialResult], dev_predictions: dict | None, rule: str,
+                   margin: float) -> dict | None:
+    """With one unit, the test over the dev pairs themselves: a paired bootstrap of the dev Spearman (the point's
+    best model against the control's, from their per-pair dev predictions), one-sided against −margin for
+    non-inferiority, two-sided for superiority. None when the predictions are not there."""
+    a, b = ((dev_predictions or {}).get(m[0].point.name) for m in (point, ctrl))
+    if a is None or b is None:
+        return None
+    if rule == "noninferior":
+        bt = bootstrap_diff(a, b, null=-margin, alternative="greater")
+        return {"n": 1, "diff": bt["diff"], "margin": margin, "p": bt["p"], "lo": bt["lo"], "hi": bt["hi"],
+                "test": "one-sided bootstrap over dev pairs", "passed": bt["p"] < ALPHA}
+    bt = bootstrap_diff(a, b)
+    return {"n": 1, "diff": bt["diff"], "p": bt["p"], "lo": bt["lo"], "hi": bt["hi"],
+            "test": "bootstrap over dev pairs", "verdict": bt["verdict"]}
+
+
+def rule_choice(groups: dict[Key, list[TrialResult]], rule: str, margin: float,
+                dev_predictions: dict | None = None) -> tuple[Key, dict]:
     """The grid point a noise-aware rule chooses, and why ({"rule", "margin", "steps", "why"}).
 
     noninferior: a fixed-sequence test from the least to the most pruned sparsity (each sparsity's best-dev point):
@@ -90,6 +108,8 @@ def rule_choice(groups: dict[Key, list[TrialResult]], rule: str, margin: float) 
     if rule == "noninferior":
         for k in _best_per_sparsity(groups):
             t = noninferior(_units(groups[k], reps), _units(ctrl, reps), margin)
+            if t["n"] == 1:  # one unit: test on the dev pairs when their predictions were kept
+                t = _dev_bootstrap(groups[k], ctrl, dev_predictions, rule, margin) or t
             steps.append({"sparsity": k[1], "lam": k[2], "dev": _dev(groups[k]), **t})
             if not t["passed"]:
                 break
@@ -99,6 +119,8 @@ def rule_choice(groups: dict[Key, list[TrialResult]], rule: str, margin: float) 
     else:
         cands = _best_per_sparsity(groups)
         tests = [paired(_units(groups[k], reps), _units(ctrl, reps)) for k in cands]
+        tests = [(_dev_bootstrap(groups[k], ctrl, dev_predictions, rule, margin) or t) if t["n"] == 1 else t
+                 for k, t in zip(cands, tests)]
         correct_family(tests)
         for k, t in zip(cands, tests):
             steps.append({"sparsity": k[1], "lam": k[2], "dev": _dev(groups[k]),
@@ -111,14 +133,16 @@ def rule_choice(groups: dict[Key, list[TrialResult]], rule: str, margin: float) 
 
 
 def select(results: list[TrialResult], select_lam: float | None = None, objective: str = "dev",
-           delta: float = 0.5, rule: str = "best_dev", margin: float = 0.5) -> dict | None:
+           delta: float = 0.5, rule: str = "best_dev", margin: float = 0.5,
+           dev_predictions: dict | None = None) -> dict | None:
     """The grid point to export, chosen on STS-B dev Spearman averaged over seeds — never test — among the paper's
     points (λ = `select_lam` only, when set) **and the s = 0 control**: when the control is chosen, pruning did not
     help and the selection says so (`control_won`). The control scorers are never selected. Each reading of the
     scores (score.combine × score.normalize) is a grid point of its own.
 
     objective "dev", rule "best_dev": the highest dev; ties go to the lower sparsity (the control first), then the
-    lower λ. rule "noninferior" / "superior": a tested choice against the control (rule_choice).
+    lower λ. rule "noninferior" / "superior": a tested choice against the control (rule_choice; with one unit,
+    over the dev pairs of `dev_predictions`, {trial name: {"dev": (pred, gold)}}).
     objective "pareto": the smallest encoder (fewest parameters) whose dev is within `delta` of the best dev; ties
     go to the higher dev. The result then carries the Pareto front of (dev ↑, parameters ↓) as `pareto`."""
     groups = _candidates(results, select_lam)
@@ -138,7 +162,7 @@ def select(results: list[TrialResult], select_lam: float | None = None, objectiv
         pareto = {"delta": delta, "best_dev": top,
                   "front": [_front_row(groups[p["key"]], p, p["key"] == key) for p in front]}
     elif rule != "best_dev":
-        key, why = rule_choice(groups, rule, margin)
+        key, why = rule_choice(groups, rule, margin, dev_predictions)
     else:
         key = best
     members = groups[key]

@@ -20,8 +20,9 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-
 from typing import Callable
+
+import numpy as np
 
 from . import SparseCSEError
 from .checkpoints import Persist
@@ -254,6 +255,23 @@ def trial(point: Point, *, store_uri: str, data_dir: str, cfg_dict: dict, scores
             **final}, None)
 
 
+def selection_needs_dev_pairs(cfg) -> bool:
+    """A tested selection rule with one unit (one seed, one replicate) tests on the dev pairs themselves: each trial
+    then keeps its best model's per-pair dev predictions (predictions/<trial>.dev.parquet)."""
+    return cfg.sweep.select != "best_dev" and len(cfg.sweep.seeds) == 1 and cfg.sweep.replicates == 1
+
+
+def dev_predictions(best, cfg, data_dir: Path) -> dict:
+    """{"dev": (cosine per pair, gold)} of the model on the dev pairs its checkpoint was chosen on (the same
+    train.eval_max_pairs subsample of sweep.select_on, so their Spearman is the trial's best dev score)."""
+    from .evaluate import cosine_scores, encode
+    from .train import dev_pairs
+
+    pairs = dev_pairs(data_dir, cfg.train.eval_max_pairs, select_on=cfg.sweep.select_on)
+    emb = encode(best, pairs.s1 + pairs.s2, batch_size=cfg.eval.batch_size, pooler=cfg.model.eval_pooler)
+    return {"dev": (cosine_scores(emb, pairs), np.asarray(pairs.gold, dtype=np.float64))}
+
+
 def evaluate_trial(best, cfg, data_dir: Path, store: Storage, name: str) -> dict:
     """A trial's final metrics from its best dev model: test/<STS task>, align, uniform, and transfer/<task> when
     eval.transfer is "all" (every trial, so the report's best-per-task transfer row exists). Its per-pair test predictions
@@ -264,6 +282,8 @@ def evaluate_trial(best, cfg, data_dir: Path, store: Storage, name: str) -> dict
     table = evaluate_sts(best, data_dir, tasks=sts_tasks(cfg.eval.tasks), batch_size=cfg.eval.batch_size,
                          pooler=cfg.model.eval_pooler, alignment_uniformity=True, predictions=preds)
     store.write_bytes(f"predictions/{name}.parquet", predictions_to_bytes(preds))
+    if selection_needs_dev_pairs(cfg):
+        store.write_bytes(f"predictions/{name}.dev.parquet", predictions_to_bytes(dev_predictions(best, cfg, data_dir)))
     out = {k: table.pop(k) for k in ("align", "uniform")}
     out.update({f"test/{k}": v for k, v in table.items()})
     if cfg.eval.transfer == "all":

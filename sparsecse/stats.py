@@ -138,13 +138,13 @@ def _pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def bootstrap_diff(a: dict[str, tuple], b: dict[str, tuple], n_boot: int = 1000, seed: int = 0,
-                   chunk: int = 100) -> dict:
+                   chunk: int = 100, null: float = 0.0, alternative: str = "two-sided") -> dict:
     """Paired bootstrap over test pairs for two models evaluated on the same pairs: ({task: (pred, gold)} each, as
     `evaluate.sts_predictions` gives). Each replicate resamples every task's pairs with replacement — the same
     indices for both models — and recomputes the STS average (mean over tasks of Spearman × 100). Returns the
-    observed difference a − b, the 95 % percentile interval, a two-sided p (twice the smaller tail of the
-    replicate differences around 0) and the verdict. This measures the noise of the test set, not of training:
-    it is what one seed can support."""
+    observed difference a − b, the 95 % percentile interval, a p (two-sided: twice the smaller tail of the
+    replicate differences around `null`, 0 by default; "greater": the share at or below `null`) and the verdict.
+    This measures the noise of the test set, not of training: it is what one seed can support."""
     tasks = [t for t in a if t in b]
     if not tasks:
         raise ValueError("bootstrap_diff: the two models share no STS task")
@@ -166,6 +166,9 @@ def bootstrap_diff(a: dict[str, tuple], b: dict[str, tuple], n_boot: int = 1000,
 
     observed = float(np.mean([100.0 * (spearman(a[t][0], a[t][1]) - spearman(b[t][0], b[t][1])) for t in tasks]))
     lo, hi = np.percentile(diffs, [2.5, 97.5])
-    p = float(min(1.0, 2 * min(np.mean(diffs <= 0), np.mean(diffs >= 0))))
+    if alternative == "greater":  # H1: the difference exceeds `null` (non-inferiority: null = −margin)
+        p = float(np.mean(diffs <= null))
+    else:
+        p = float(min(1.0, 2 * min(np.mean(diffs <= null), np.mean(diffs >= null))))
     return {"diff": observed, "lo": float(lo), "hi": float(hi), "p": p, "n_boot": n_boot, "tasks": tasks,
             "verdict": _verdict(p, observed)}

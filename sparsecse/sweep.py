@@ -7,7 +7,8 @@ Run layout (relative to --out):
     stage1/                        Ray Train's run of stage 1 (its checkpoints)
     simcse/best, simcse/history.json   the stage-1 SimCSE model (best STS-B dev) and its dev curve
     scores.parquet                 stage-2 alignment/uniformity gradients (shared with trials via the object store)
-    predictions/<trial>.parquet    each trial's per-pair STS test predictions (the single-seed bootstrap)
+    predictions/<trial>.parquet    each trial's per-pair STS test predictions (the single-seed bootstrap);
+                                   <trial>.dev.parquet its dev predictions, when a tested rule has one unit
     tune/                          Ray Tune's experiment: trial checkpoints (…/checkpoint_*/best.json points at
                                    the best dev model)
     models/trials/<trial>/…        each trial's best dev model (uploaded when it improved; checkpoints.py)
@@ -601,6 +602,21 @@ def predictions_for_bootstrap(run: Run, results: list[TrialResult]) -> dict:
     return out
 
 
+def dev_predictions_for_selection(run: Run, results: list[TrialResult]) -> dict:
+    """{trial name: its per-pair dev predictions} when a tested selection rule has one unit to test over (then
+    each trial kept them, stages.selection_needs_dev_pairs); {} otherwise."""
+    from .evaluate import predictions_from_bytes
+
+    if not stages.selection_needs_dev_pairs(run.cfg):
+        return {}
+    out = {}
+    for r in results:
+        rel = f"predictions/{r.point.name}.dev.parquet"
+        if r.finished and run.store.is_file(rel):
+            out[r.point.name] = predictions_from_bytes(run.store.read_bytes(rel))
+    return out
+
+
 def check_failures(summary: dict, cfg: Config) -> None:
     """A sweep whose trials failed is not a success unless the config says failures are tolerated."""
     failed = summary["failed"]
@@ -782,7 +798,7 @@ def run_stages(run: Run, t_start: float) -> dict:
     scores = score_stage(run)
     results = trials_stage(run, scores)
     selected = choose.select(results, cfg.sweep.select_lam, cfg.sweep.objective, cfg.sweep.pareto_delta,
-                             cfg.sweep.select, cfg.sweep.margin)
+                             cfg.sweep.select, cfg.sweep.margin, dev_predictions_for_selection(run, results))
     extras = evaluate_and_export_stage(run, results, selected)
     summary = report_stage(run, results, selected, extras, scores)
     state.timings["total_s"] = time.perf_counter() - t_start

@@ -267,7 +267,11 @@ def test_sweep_with_controls_and_both_readings_runs_every_method_and_reports_com
         assert b["diff"] == pytest.approx(c["mean"] - res["control"]["test"]["avg"], abs=1e-9)
     trials = {t["trial"] for t in res["trials"]}
     assert "s0.300_l0.50_norm-layer_seed1" in trials and "s0.300_random_norm-layer_seed1" in trials
-    assert {p.stem for p in (tmp_path / "run" / "predictions").glob("*.parquet")} == trials
+    preds = {p.name for p in (tmp_path / "run" / "predictions").glob("*.parquet")}
+    assert preds == {f"{t}.parquet" for t in trials} | {f"{t}.dev.parquet" for t in trials}
+    # one seed, one replicate: the default noninferior rule tested each sparsity on the dev pairs themselves
+    steps = res["selected"]["rule_detail"]["steps"]
+    assert steps and all(s["test"] == "one-sided bootstrap over dev pairs" and s["n"] == 1 for s in steps)
     # each trial trained under its own reading's mask: the one select_masks gives for it from the shared scores
     from sparsecse.model import load_encoder
     from sparsecse.prune import select_masks

@@ -3,6 +3,7 @@ of sparsities (choosing the control when the first fails), superiority after Hol
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from sparsecse.results import Point, TrialResult
@@ -70,3 +71,29 @@ def test_superior_needs_a_win_that_survives_holm_else_the_control():
     sel = select(many, rule="superior")
     assert sel["sparsity"] == 0.1 and [s["passed"] for s in sel["rule_detail"]["steps"]] == [True, False]
     assert sel["rule_detail"]["steps"][0]["family"] == 2  # both sparsities' tests, Holm-corrected together
+
+
+def _dev(base, noise: float, seed: int, gold):
+    rng = np.random.default_rng(seed)
+    return {"dev": (base + rng.normal(0, noise, len(gold)), gold)}
+
+
+def test_with_one_seed_the_rules_test_on_the_dev_pairs():
+    """One seed, one replicate: no test over units exists, so each rule bootstraps the dev pairs of the two
+    trials' best models (their kept predictions): a point as good as the control is non-inferior, one far worse
+    is not, and the sequence stops there."""
+    gold = np.random.default_rng(0).uniform(0, 5, 400)
+    rows = [_r(0.0, 1, 80.0), _r(0.02, 1, 79.9), _r(0.1, 1, 70.0), _r(0.3, 1, 81.0)]
+    ctrl = _dev(gold, 1.0, 1, gold)
+    near = ctrl["dev"][0]  # a model that ranks the dev pairs almost as the control does
+    preds = {"s0.000_l0.50_seed1": ctrl, "s0.020_l0.50_seed1": _dev(near, 0.05, 2, gold),
+             "s0.100_l0.50_seed1": _dev(gold, 4.0, 3, gold), "s0.300_l0.50_seed1": _dev(near, 0.05, 4, gold)}
+    sel = select(rows, rule="noninferior", margin=0.5, dev_predictions=preds)
+    steps = sel["rule_detail"]["steps"]
+    assert [(s["sparsity"], s["passed"]) for s in steps] == [(0.02, True), (0.1, False)]
+    assert steps[0]["test"] == "one-sided bootstrap over dev pairs" and steps[0]["p"] < 0.05
+    assert sel["sparsity"] == 0.02
+    without = select(rows, rule="noninferior", margin=0.5)  # no predictions kept: the point estimate, said so
+    assert without["rule_detail"]["steps"][0]["test"].startswith("one unit: point estimate")
+    sup = select(rows, rule="superior", dev_predictions=preds)
+    assert all(s["test"] == "bootstrap over dev pairs" for s in sup["rule_detail"]["steps"])
