@@ -261,9 +261,10 @@ def test_sweep_with_controls_and_both_readings_runs_every_method_and_reports_com
     methods = {c["method"] for c in res["comparisons"]}
     assert methods == {f"{m}{x}" for m in ("align_uniform", "random", "magnitude", "simcse")
                        for x in ("", " (normalize=layer)")}
-    for c in res["comparisons"]:  # one seed: the verdict comes from the bootstrap over test pairs
-        b = c["vs_control"]["bootstrap"]
-        assert c["vs_control"]["n"] == 1 and b["lo"] <= b["hi"] and c["vs_control"]["verdict"] == b["verdict"]
+    for c in res["comparisons"]:  # one seed: the test is the bootstrap over test pairs, Holm-adjusted in the table
+        b, vs = c["vs_control"]["bootstrap"], c["vs_control"]
+        assert vs["n"] == 1 and b["lo"] <= b["hi"] and vs["p_raw"] == b["p"] and vs["p"] >= b["p"]
+        assert vs["verdict"] == ("within noise" if vs["p"] >= 0.05 else "better" if vs["diff"] > 0 else "worse")
         assert b["diff"] == pytest.approx(c["mean"] - res["control"]["test"]["avg"], abs=1e-9)
     trials = {t["trial"] for t in res["trials"]}
     assert "s0.300_l0.50_norm-layer_seed1" in trials and "s0.300_random_norm-layer_seed1" in trials
