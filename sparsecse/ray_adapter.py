@@ -381,21 +381,24 @@ def logger_callbacks(trackers: dict) -> list:
 
 
 def run_tuner(trial: Callable, params: dict, points: list[Point], run: TuneRun, *, name: str,
-              asha: dict | None = None, search: dict | None = None) -> list[TrialResult]:
+              asha: dict | None = None, search: dict | None = None,
+              restart_errored: bool = False) -> list[TrialResult]:
     """One trial per point (each Point key a Tune parameter of its own), `params` shared through the object store;
     one TrialResult per trial. `asha` = {"grace": steps, "max_t": steps, "rf": reduction factor} stops weak trials
     early, measured in training steps. `run.resume` restores an interrupted experiment from the run's storage.
     `search` = {"space": {name: ("uniform" | "loguniform", lo, hi) | ("choice", values)}, "constants": {...},
     "num_samples": n, "seed": s} samples the points with Optuna's TPE instead (`points` unused); with "pareto": True
-    it searches dev and encoder size together."""
+    it searches dev and encoder size together. `restart_errored`: restore the experiment and run its errored
+    trials again from scratch (not from their last checkpoint)."""
     from ray import tune
 
     trainable = tune.with_resources(tune.with_parameters(_tune_trainable(trial, run.reading), **params),
                                     {"cpu": run.cpus, "gpu": run.gpus})
     path, fs = run.storage.ray_storage()
     exp = run.storage.path(name)
-    if run.resume and tune.Tuner.can_restore(exp, storage_filesystem=fs):
-        tuner = tune.Tuner.restore(exp, trainable=trainable, resume_errored=True, storage_filesystem=fs)
+    if (run.resume or restart_errored) and tune.Tuner.can_restore(exp, storage_filesystem=fs):
+        tuner = tune.Tuner.restore(exp, trainable=trainable, resume_errored=not restart_errored,
+                                   restart_errored=restart_errored, storage_filesystem=fs)
     else:
         tuner = tune.Tuner(trainable, **_tuner_settings(tune, points, run, name, asha, search, path, fs))
     # one TensorBoard stream per trial: the trial's own (tensorboard/<trial>: per-step loss, lr, dev), not also

@@ -413,6 +413,15 @@ def trials_stage(run: Run, scores) -> list[TrialResult]:
     else:
         results += ra.run_tuner(stages.trial, params, grid_points(cfg), tune_run, name="tune",
                                 asha=asha_settings(cfg))
+        lost = [r.point.name for r in results if r.error and LOST_CHECKPOINT in r.error]
+        if lost:
+            # a driver killed between Tune deleting a trial's older checkpoint (num_to_keep=1) and uploading the
+            # experiment state that names the newer one restores the trial from a checkpoint that is gone: those
+            # trials run again from scratch (their progress is lost, the trial is not)
+            print(f"[sweep] {len(lost)} trial(s) restored from a checkpoint no longer in storage "
+                  f"({', '.join(lost[:5])}); running them again from the start")
+            results = ra.run_tuner(stages.trial, params, grid_points(cfg), tune_run, name="tune",
+                                   asha=asha_settings(cfg), restart_errored=True)
         missing = missing_points(cfg, results)
         if missing and (run.resume or run.store.exists(MISSING_EXPERIMENT)):
             # a restored experiment can lack points its searcher had already handed out (Tune saves the trial
@@ -447,6 +456,7 @@ class LiveReport:
 
 
 MISSING_EXPERIMENT = "tune-missing"  # grid points a restored experiment had lost, run on resume
+LOST_CHECKPOINT = "does not exist on storage anymore"  # Tune's error for a trial restored from a deleted checkpoint
 TRIAL_EXPERIMENTS = ("tune", "tune-control", MISSING_EXPERIMENT)  # every Tune experiment a sweep's trials run in
 
 

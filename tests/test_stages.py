@@ -214,7 +214,7 @@ def test_a_resume_runs_the_grid_points_a_restored_experiment_lost_and_never_drop
     grid = grid_points(cfg)
     calls = []
 
-    def run_tuner(trial, params, points, run, *, name, asha=None, search=None):
+    def run_tuner(trial, params, points, run, *, name, asha=None, search=None, restart_errored=False):
         calls.append((name, list(points)))
         kept = points if name != "tune" else [p for p in points if p.sparsity != 0.3]  # the lost point
         return [TrialResult(p, {"evaluated": True, DEV: 80.0}, None, f"{name}/{p.name}") for p in kept]
@@ -237,3 +237,40 @@ def test_a_resume_runs_the_grid_points_a_restored_experiment_lost_and_never_drop
     with pytest.raises(TrialsFailed, match=r"1 grid point\(s\) came back from Tune with no trial: s0.300_l0.50_seed1"):
         sweep.account_for_points(cfg, [r for r in results if r.point.sparsity != 0.3])
     sweep.account_for_points(cfg, results)  # all there: no error
+
+
+def test_a_trial_restored_from_a_checkpoint_storage_no_longer_has_runs_again_from_scratch(tmp_path, monkeypatch, capsys):
+    """A driver killed between Tune deleting a trial's older checkpoint (num_to_keep=1) and uploading the experiment
+    state naming the newer one: the resumed trial fails to restore (Tune's "does not exist on storage anymore"). The
+    sweep then restores the experiment once more with its errored trials restarted from scratch: no trial is lost."""
+    from sparsecse import ray_adapter as ra
+    from sparsecse import stages, sweep
+    from sparsecse.config import load_config
+    from sparsecse.storage import Storage
+
+    cfg = load_config(None, ["sweep.sparsities=[0, 0.1]", "sweep.lams=[0.5]", "sweep.seeds=[1]"])
+    calls = []
+    gone = ("ValueError: Could not recover from checkpoint as it does not exist on storage anymore. Got storage fs "
+            "type `s3` and path: bucket/run/tune/trial_x/checkpoint_000002")
+
+    def run_tuner(trial, params, points, run, *, name, asha=None, search=None, restart_errored=False):
+        calls.append((name, restart_errored))
+        lost = not restart_errored
+        return [TrialResult(p, {"evaluated": not (lost and p.sparsity), DEV: 80.0},
+                            gone if lost and p.sparsity else None, f"{name}/{p.name}") for p in points]
+
+    class NoTracking:
+        def logger_settings(self):
+            return {}
+
+        def sync(self):
+            pass
+
+    monkeypatch.setattr(ra, "run_tuner", run_tuner)
+    monkeypatch.setattr(stages, "load_simcse_scores", lambda store, cfg, replicate=0: None)
+    run = sweep.Run(cfg, Storage(tmp_path / "run"), str(tmp_path), sweep.SweepState(config=cfg.to_dict()), True,
+                    NoTracking())
+    results = sweep.trials_stage(run, scores=None)
+    assert calls == [("tune", False), ("tune", True)]
+    assert all(r.error is None and r.finished for r in results) and len(results) == 2
+    assert "1 trial(s) restored from a checkpoint no longer in storage (s0.100_l0.50_seed1)" in capsys.readouterr().out
