@@ -133,9 +133,19 @@ def scoring_batches(n: int, batch_size: int, seed: int, max_pairs: int | None, w
 
 
 def _mask_gradients(enc: Encoder, batches: list[np.ndarray], losses, dropout: bool,
-                    progress: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
+                    progress: bool = False, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
     """For each of the losses `losses(batch)` returns, its per-batch gradients w.r.t. the head and neuron masks:
-    [(heads (nb, L, H), neurons (nb, L, I))], float64. Dropout on or off as asked, restored after."""
+    [(heads (nb, L, H), neurons (nb, L, I))], float64. Dropout on or off as asked, restored after; with dropout
+    on, its draws come from `seed` (in a forked RNG: the caller's stream is left as it was), so the same model,
+    data and seed give the same scores."""
+    device = next(enc.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        return _mask_gradients_seeded(enc, batches, losses, dropout, progress)
+
+
+def _mask_gradients_seeded(enc: Encoder, batches: list[np.ndarray], losses, dropout: bool,
+                           progress: bool) -> list[tuple[np.ndarray, np.ndarray]]:
     was_training = enc.training
     enc.train(dropout)
     out: list[tuple[list, list]] = []
@@ -188,7 +198,8 @@ def compute_scores(enc: Encoder, pairs: Pairs, batch_size: int = 64, positive: t
         return score_loss(z[:len(b)], z[len(b):], torch.as_tensor(positives(pairs.gold[b], threshold, rule), device=device))
 
     t0 = time.perf_counter()
-    (ga_h, ga_n), (gu_h, gu_n) = _mask_gradients(enc, batches, losses, dropout=dropout_views, progress=progress)
+    (ga_h, ga_n), (gu_h, gu_n) = _mask_gradients(enc, batches, losses, dropout=dropout_views, progress=progress,
+                                                 seed=seed)
     meta = {**_encoder_meta(enc, pooler), "data_fingerprint": data_fingerprint(pairs), "batch_size": batch_size,
             "seed": seed, "threshold": threshold, "positive_rule": rule, "max_pairs": max_pairs,
             "positives": "dropout views" if dropout_views else "labelled pairs",
@@ -211,7 +222,7 @@ def compute_infonce_scores(enc: Encoder, sentences: list[str], batch_size: int =
         return [info_nce(z[:len(b)], z[len(b):], temperature)]
 
     t0 = time.perf_counter()
-    ((gh, gn),) = _mask_gradients(enc, batches, losses, dropout=True)  # dropout on: it makes the two views
+    ((gh, gn),) = _mask_gradients(enc, batches, losses, dropout=True, seed=seed)  # dropout makes the two views
     meta = {**_encoder_meta(enc, pooler), "loss": "infonce", "temperature": temperature, "batch_size": batch_size,
             "seed": seed, "num_batches": len(batches), "sentences": sum(len(b) for b in batches),
             "seconds": round(time.perf_counter() - t0, 3)}
