@@ -342,7 +342,7 @@ def _overlap_lines(inp: ReportInputs) -> list[str]:
            render(["test task", "pairs", f"in {inp.dev} (selection)", "in the scoring pairs"], rows, left=1), ""]
     sel, ctrl = inp.selected, inp.control
     if not clean:
-        return out + ["No test task is clean of both: every average above is partly chosen on its own pairs.", ""]
+        return out + ["No test task is clean of both: every test figure below is partly chosen on its own pairs.", ""]
     avg = lambda d: (sum(d["test"][t] for t in clean) / len(clean)  # noqa: E731
                      if d and all(t in d["test"] for t in clean) else None)
     line = f"Tasks clean of both: {', '.join(label(t) for t in clean)}."
