@@ -24,7 +24,7 @@ import json
 import sys
 from pathlib import Path
 
-from sparsecse.stats import correct_family, noninferior, paired
+from sparsecse.stats import correct_family, holm, noninferior, paired
 
 MARGIN = 0.5
 H1_SPARSITIES = (0.02, 0.1)
@@ -70,16 +70,10 @@ def cell(paper_trials: list[dict], control_trials: list[dict], reading: tuple[st
             row["H1"] = noninferior(ours, ctrl, MARGIN, below)
             h1.append(row["H1"])
         rows.append(row)
-    for t, p in zip(h1, _holm([t["p"] for t in h1])):
+    for t, p in zip(h1, holm([t["p"] for t in h1])):
         t["p_raw"], t["p"], t["passed"] = t["p"], p, p is not None and p < 0.05
     correct_family([r[h] for r in rows for h in ("H2", "H3")])
     return {"reading": f"{combine}/{normalize}", "rows": rows}
-
-
-def _holm(ps: list) -> list:
-    from sparsecse.stats import holm
-
-    return holm(ps)
 
 
 def _mean(d: dict) -> float | None:

@@ -200,12 +200,30 @@ def test_transfer_runs_on_the_stage1_model_the_control_and_the_selection_only_wh
         "none" if mode == "none" else "all")  # true/false of older configs
 
 
+class _NoTracking:
+    def logger_settings(self):
+        return {}
+
+    def sync(self):
+        pass
+
+
+def _resumed_run(cfg, tmp_path, monkeypatch, run_tuner):
+    """A resumed sweep's Run whose Tune is `run_tuner` (no Ray, no tracker, no SimCSE scores)."""
+    from sparsecse import ray_adapter as ra
+    from sparsecse import stages, sweep
+
+    monkeypatch.setattr(ra, "run_tuner", run_tuner)
+    monkeypatch.setattr(stages, "load_simcse_scores", lambda store, cfg, replicate=0: None)
+    return sweep.Run(cfg, Storage(tmp_path / "run"), str(tmp_path), sweep.SweepState(config=cfg.to_dict()), True,
+                     _NoTracking())
+
+
 def test_a_resume_runs_the_grid_points_a_restored_experiment_lost_and_never_drops_one(tmp_path, monkeypatch):
     """Tune restores an experiment whose trial list lacks a point its searcher had already handed out: the resumed
     sweep runs exactly the lost points in tune-missing/; a point that still has no trial is an error naming it."""
     from sparsecse import TrialsFailed
-    from sparsecse import ray_adapter as ra
-    from sparsecse import stages, sweep
+    from sparsecse import sweep
     from sparsecse.config import load_config
     from sparsecse.results import grid_points
     from sparsecse.storage import Storage
@@ -219,18 +237,7 @@ def test_a_resume_runs_the_grid_points_a_restored_experiment_lost_and_never_drop
         kept = points if name != "tune" else [p for p in points if p.sparsity != 0.3]  # the lost point
         return [TrialResult(p, {"evaluated": True, DEV: 80.0}, None, f"{name}/{p.name}") for p in kept]
 
-    class NoTracking:
-        def logger_settings(self):
-            return {}
-
-        def sync(self):
-            pass
-
-    monkeypatch.setattr(ra, "run_tuner", run_tuner)
-    monkeypatch.setattr(stages, "load_simcse_scores", lambda store, cfg, replicate=0: None)
-    run = sweep.Run(cfg, Storage(tmp_path / "run"), str(tmp_path), sweep.SweepState(config=cfg.to_dict()), True,
-                    NoTracking())
-    results = sweep.trials_stage(run, scores=None)
+    results = sweep.trials_stage(_resumed_run(cfg, tmp_path, monkeypatch, run_tuner), scores=None)
     assert [n for n, _ in calls] == ["tune", "tune-missing"] and calls[1][1] == [p for p in grid if p.sparsity == 0.3]
     assert sorted(r.point.sparsity for r in results) == [0.0, 0.1, 0.3]
     # a point with no trial after all that: exit 1, named
@@ -243,8 +250,7 @@ def test_a_trial_restored_from_a_checkpoint_storage_no_longer_has_runs_again_fro
     """A driver killed between Tune deleting a trial's older checkpoint (num_to_keep=1) and uploading the experiment
     state naming the newer one: the resumed trial fails to restore (Tune's "does not exist on storage anymore"). The
     sweep then restores the experiment once more with its errored trials restarted from scratch: no trial is lost."""
-    from sparsecse import ray_adapter as ra
-    from sparsecse import stages, sweep
+    from sparsecse import sweep
     from sparsecse.config import load_config
     from sparsecse.storage import Storage
 
@@ -259,18 +265,7 @@ def test_a_trial_restored_from_a_checkpoint_storage_no_longer_has_runs_again_fro
         return [TrialResult(p, {"evaluated": not (lost and p.sparsity), DEV: 80.0},
                             gone if lost and p.sparsity else None, f"{name}/{p.name}") for p in points]
 
-    class NoTracking:
-        def logger_settings(self):
-            return {}
-
-        def sync(self):
-            pass
-
-    monkeypatch.setattr(ra, "run_tuner", run_tuner)
-    monkeypatch.setattr(stages, "load_simcse_scores", lambda store, cfg, replicate=0: None)
-    run = sweep.Run(cfg, Storage(tmp_path / "run"), str(tmp_path), sweep.SweepState(config=cfg.to_dict()), True,
-                    NoTracking())
-    results = sweep.trials_stage(run, scores=None)
+    results = sweep.trials_stage(_resumed_run(cfg, tmp_path, monkeypatch, run_tuner), scores=None)
     assert calls == [("tune", False), ("tune", True)]
     assert all(r.error is None and r.finished for r in results) and len(results) == 2
     assert "1 trial(s) restored from a checkpoint no longer in storage (s0.100_l0.50_seed1)" in capsys.readouterr().out
