@@ -2,15 +2,21 @@
 
 The sequential protocol (`transfer.TorchLogReg`, SentEval's PyTorch classifier with nhid 0) fits hundreds of tiny
 logistic regressions one after another: for a 10-fold task with 4 weight decays, 10 × (10 × 4) inner fits and 10
-final ones. Each fit is a linear model over the same embeddings, so here they are one tensor program: a batch of
-weight matrices (fits × classes × dim), each fit with its own rows, weight decay, Adam state and early-stopping
-counter, and the same mini-batch schedule as its sequential twin (its own generator seeded as SentEval's; the same
-initial weights, the same permutation every epoch). A fit that has stopped early stops updating; the batch goes on
-until every fit has stopped. Gradients are written out (softmax cross-entropy), Adam is torch's own update rule.
+final ones. Each fit is a linear model over the same embeddings, so here they are one tensor program, with the same
+mini-batch schedule as each fit's sequential twin (its own generator seeded as SentEval's: the same initial weights,
+the same permutation every epoch), its own weight decay, Adam state (torch's update rule) and early stopping.
+
+- Fits that train and early-stop on the same rows (a fold's weight decays) form a group: one gather of each batch,
+  one (members·classes × dim + 1) matrix product; the bias is the last column.
+- A group leaves the batch when all its fits have stopped (the live groups are compacted); a fit that stopped
+  inside a live group keeps updating unseen, its best weights already kept apart.
+- The gradient of the softmax cross-entropy is written out (mean over each group's own rows; only an epoch's last
+  batches, where groups have different sizes, are masked per group).
+- The final fits run in the same batch as the fits that choose their weight decay, at every weight decay
+  (`choose_and_fit`), so a task is one pass, not two.
 
 `cv_accuracy`, `dev_test_accuracy` and `train_test_scores` mirror `transfer.py`'s and return the same figures
-(and the chosen regularisers), in two batched phases each: the fits that choose the regulariser, then the final
-fits at the chosen ones.
+(and the chosen regularisers).
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ def fit_with_split(rows: np.ndarray, l2: float, val: np.ndarray | None = None, s
 
 
 def _pad(rows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fits × longest) row indices padded with 0, and the mask of the real ones."""
+    """(lists × longest) row indices padded with 0, and the mask of the real ones."""
     n = max(len(r) for r in rows)
     idx = torch.zeros(len(rows), n, dtype=torch.long)
     mask = torch.zeros(len(rows), n, dtype=torch.bool)
@@ -54,37 +60,102 @@ def _pad(rows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     return idx, mask
 
 
-class _Adam:
-    """torch.optim.Adam's update (L2 added to the gradient), one state per fit; fits outside `active` keep theirs."""
+@dataclass
+class _Groups:
+    """The fits, grouped by the rows they train and early-stop on: a group's fits (its weight decays) draw the same
+    init and the same permutation every epoch (same seed, same rows), so they share one gather of each batch."""
 
-    def __init__(self, params: list[torch.Tensor], l2: torch.Tensor, lr: float = 1e-3, betas=(0.9, 0.999),
-                 eps: float = 1e-8):
-        self.params, self.l2, self.lr, self.b1, self.b2, self.eps = params, l2, lr, *betas, eps
-        self.m = [torch.zeros_like(p) for p in params]
-        self.v = [torch.zeros_like(p) for p in params]
-        self.t = torch.zeros(len(l2), dtype=torch.float64)
-
-    def step(self, grads: list[torch.Tensor], active: torch.Tensor) -> None:
-        self.t += active.double()
-        bc1 = (1 - self.b1 ** self.t).clamp_min(1e-30)
-        bc2 = (1 - self.b2 ** self.t).clamp_min(1e-30)
-        for p, g, m, v in zip(self.params, grads, self.m, self.v):
-            shape = (-1,) + (1,) * (p.dim() - 1)
-            a = active.view(shape)
-            g = g + self.l2.view(shape).to(p.dtype) * p
-            m.copy_(torch.where(a, m.lerp(g, 1 - self.b1), m))
-            v.copy_(torch.where(a, v * self.b2 + (1 - self.b2) * g * g, v))
-            denom = v.sqrt() / bc2.sqrt().view(shape).to(p.dtype) + self.eps
-            upd = (self.lr / bc1).view(shape).to(p.dtype) * m / denom
-            p.sub_(torch.where(a, upd, torch.zeros_like(upd)))
+    train: list[np.ndarray]
+    val: list[np.ndarray]
+    l2: np.ndarray  # (groups × members); a group with fewer fits than the widest has empty members (never read)
+    slot: list[tuple[int, int]]  # each fit's (group, member), in the fits' order
 
 
-def _accuracy(E: torch.Tensor, y: torch.Tensor, W: torch.Tensor, B: torch.Tensor, idx: torch.Tensor,
-              mask: torch.Tensor) -> torch.Tensor:
-    """Accuracy of every fit on its own rows (fits × rows padded)."""
-    logits = torch.bmm(E[idx], W.transpose(1, 2)) + B[:, None, :]
-    hit = (logits.argmax(-1) == y[idx]) & mask
-    return hit.sum(1).double() / mask.sum(1).clamp_min(1).double()
+def _group(fits: list[Fit]) -> _Groups:
+    keys: dict[tuple[bytes, bytes], int] = {}
+    train, val, members, slot = [], [], [], []
+    for f in fits:
+        key = (np.asarray(f.train, dtype=np.int64).tobytes(), np.asarray(f.val, dtype=np.int64).tobytes())
+        if key not in keys:
+            keys[key] = len(train)
+            train.append(np.asarray(f.train))
+            val.append(np.asarray(f.val))
+            members.append([])
+        g = keys[key]
+        slot.append((g, len(members[g])))
+        members[g].append(f.l2)
+    l2 = np.zeros((len(train), max(len(m) for m in members)))
+    for g, m in enumerate(members):
+        l2[g, :len(m)] = m
+    return _Groups(train, val, l2, slot)
+
+
+@dataclass
+class _Live:
+    """The groups still training, compacted: their ids, generators, weights (groups × members·classes × dim + 1,
+    the bias as the last column) and torch.optim.Adam's state (moments; steps per group, as a group's fits step
+    together). Fits that have stopped inside a live group go on updating; their best weights were kept apart."""
+
+    ids: torch.Tensor
+    gens: list
+    W: torch.Tensor
+    m: torch.Tensor
+    v: torch.Tensor
+    t: torch.Tensor
+    l2: torch.Tensor  # (groups × members × 1 × 1)
+    tables: tuple = ()  # Adam's bias corrections by step (`corrections`)
+    lr: float = 1e-3
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+
+    def keep(self, sel: torch.Tensor) -> None:
+        """Drop the groups outside `sel` (a bool per live group)."""
+        if bool(sel.all()):
+            return
+        self.gens = [g for g, k in zip(self.gens, sel.tolist()) if k]
+        for name in ("ids", "W", "m", "v", "t", "l2"):
+            setattr(self, name, getattr(self, name)[sel])
+
+    def step(self, grad: torch.Tensor, active: torch.Tensor | None) -> None:
+        """torch.optim.Adam's update (weight decay added to the gradient) for every group, or the `active` ones."""
+        G, R = self.l2.shape[:2]
+        self.t += 1 if active is None else active.long()
+        size, bc2 = (tab[self.t].view(G, 1, 1, 1) for tab in self.tables)
+        W = self.W.view(G, R, -1, self.W.shape[-1])
+        g = torch.addcmul(grad.view(W.shape), self.l2, W)
+        if active is None:
+            self.m.lerp_(g, 1 - self.b1)
+            self.v.mul_(self.b2).addcmul_(g, g, value=1 - self.b2)
+            W.sub_(self.m / (self.v.sqrt() / bc2).add_(self.eps) * size)
+            return
+        a = active.view(G, 1, 1, 1)
+        self.m.copy_(torch.where(a, self.m.lerp(g, 1 - self.b1), self.m))
+        self.v.copy_(torch.where(a, self.v * self.b2 + (1 - self.b2) * g * g, self.v))
+        W.sub_(torch.where(a, self.m / (self.v.sqrt() / bc2).add_(self.eps) * size, 0.0))
+
+    def corrections(self, steps: int) -> None:
+        """Adam's step size lr / (1 − β1^t) and √(1 − β2^t) for t = 0 … `steps`, computed as torch does (in double,
+        then used in float): looked up per group at each step."""
+        t = torch.arange(steps + 1, dtype=torch.float64)
+        bc1, bc2 = (1 - self.b1 ** t).clamp_min(1e-30), (1 - self.b2 ** t).clamp_min(1e-30)
+        self.tables = ((self.lr / bc1).float().to(self.W.device), bc2.sqrt().float().to(self.W.device))
+
+
+def _start(groups: _Groups, n_classes: int, dim: int, seed: int, device: str) -> _Live:
+    """Every group's seeded init, as TorchLogReg draws it (weight, then bias, from the fit's own generator)."""
+    G, R = groups.l2.shape
+    gens = [torch.Generator().manual_seed(seed) for _ in range(G)]
+    W = torch.empty(G, R, n_classes, dim + 1)
+    bound = 1 / np.sqrt(dim)
+    for g, gen in enumerate(gens):
+        w, b = torch.empty(n_classes, dim), torch.empty(n_classes)
+        w.uniform_(-bound, bound, generator=gen)
+        b.uniform_(-bound, bound, generator=gen)
+        W[g] = torch.cat([w, b[:, None]], 1)
+    l2 = torch.as_tensor(groups.l2, dtype=torch.float32).view(G, R, 1, 1)
+    return _Live(torch.arange(G), gens, W.view(G, R * n_classes, dim + 1).to(device), torch.zeros_like(W).to(device),
+                 torch.zeros_like(W).to(device), torch.zeros(G, dtype=torch.long, device=device), l2.to(device))
 
 
 def train_fits(E: np.ndarray, y: np.ndarray, fits: list[Fit], n_classes: int, batch_size: int = 64,
@@ -92,85 +163,75 @@ def train_fits(E: np.ndarray, y: np.ndarray, fits: list[Fit], n_classes: int, ba
                device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Every fit's best-validation (weights, biases): (fits × classes × dim, fits × classes), as TorchLogReg would
     have ended each of them. `y` holds class indices 0 … n_classes − 1."""
-    Et = torch.as_tensor(E, dtype=torch.float32, device=device)
+    groups = _group(fits)
+    G, R = groups.l2.shape
+    E1 = torch.cat([torch.as_tensor(E, dtype=torch.float32), torch.ones(len(E), 1)], 1).to(device)
     yt = torch.as_tensor(y, dtype=torch.long, device=device)
-    F, D = len(fits), Et.shape[1]
-    gens = [torch.Generator().manual_seed(seed) for _ in fits]
-    W, B = torch.empty(F, n_classes, D), torch.empty(F, n_classes)
-    bound = 1 / np.sqrt(D)
-    for f, g in enumerate(gens):  # the seeded init TorchLogReg draws, in its order
-        W[f].uniform_(-bound, bound, generator=g)
-        B[f].uniform_(-bound, bound, generator=g)
-    W, B = W.to(device), B.to(device)
-    run = _Run(Et, yt, fits, gens, torch.zeros(F, dtype=torch.bool, device=device), W, B,
-               _Adam([W, B], torch.tensor([f.l2 for f in fits], device=device)), _group_size(fits))
-    done = run.done
-    vidx, vmask = (t.to(device) for t in _pad([f.val for f in fits]))
-    best_W, best_B = W.clone(), B.clone()
-    best_acc = torch.full((F,), -1.0, dtype=torch.float64, device=device)
-    stale = torch.zeros(F, dtype=torch.long, device=device)
+    Y = torch.nn.functional.one_hot(yt, n_classes).to(torch.float32)
+    live = _start(groups, n_classes, E1.shape[1] - 1, seed, device)
+    live.corrections((max_epoch + epoch_size + 1) * -(-max(len(t) for t in groups.train) // batch_size))
+    vidx, vmask = (t.to(device) for t in _pad(groups.val))
+    best = torch.zeros(G, R, n_classes, E1.shape[1], device=device)
+    best_acc = torch.full((G, R), -1.0, dtype=torch.float64, device=device)
+    stale = torch.zeros(G, R, dtype=torch.long, device=device)
+    done = torch.zeros(G, R, dtype=torch.bool, device=device)
+    sizes = np.bincount([g for g, _ in groups.slot], minlength=G)
+    done[torch.as_tensor(np.arange(R)[None, :] >= sizes[:, None])] = True  # a group's empty members: done at once
     epoch = 0
-    while epoch <= max_epoch and not bool(done.all()):
+    while epoch <= max_epoch and len(live.ids):
         for _ in range(epoch_size):
-            _epoch(run, batch_size)
+            _epoch(live, groups.train, E1, Y, batch_size)
         epoch += epoch_size
-        acc = _accuracy(Et, yt, W, B, vidx, vmask)
-        better = (acc > best_acc) & ~done
-        best_W[better], best_B[better], best_acc[better] = W[better], B[better], acc[better]
-        worse = ~better & ~done
-        done |= worse & (stale >= tenacity)
-        stale += (worse & ~done).long()
-    return best_W, best_B
+        ids = live.ids
+        acc, d = _val_accuracy(live, E1, yt, vidx[ids], vmask[ids]), done[ids]
+        better = (acc > best_acc[ids]) & ~d
+        gi, ri = better.nonzero(as_tuple=True)
+        best[ids[gi], ri] = live.W.view(len(ids), R, n_classes, -1)[gi, ri]
+        best_acc[ids[gi], ri] = acc[gi, ri]
+        worse = ~better & ~d
+        d = d | (worse & (stale[ids] >= tenacity))
+        stale[ids] += (worse & ~d).long()
+        done[ids] = d
+        live.keep(~d.all(1))
+    out = torch.stack([best[g, r] for g, r in groups.slot])
+    return out[..., :-1].contiguous(), out[..., -1].contiguous()
 
 
-@dataclass
-class _Run:
-    """What every epoch of `train_fits` updates: embeddings, labels, the fits with their generators, which have
-    stopped, the weights and their optimiser."""
-
-    E: torch.Tensor
-    y: torch.Tensor
-    fits: list
-    gens: list
-    done: torch.Tensor
-    W: torch.Tensor
-    B: torch.Tensor
-    opt: _Adam
-    group: int = 1  # consecutive fits that train on the same rows (a fold's weight decays): one gather for them
+def _val_accuracy(live: _Live, E1: torch.Tensor, y: torch.Tensor, vidx: torch.Tensor, vmask: torch.Tensor,
+                  chunk: int = 16) -> torch.Tensor:
+    """Accuracy of every live fit on its group's early-stopping rows: (groups × members)."""
+    G, D1 = len(live.ids), E1.shape[1]
+    R = live.l2.shape[1]
+    hits = []
+    for s in range(0, G, chunk):  # a few groups at a time: the gathered rows stay small
+        X = E1.index_select(0, vidx[s:s + chunk].reshape(-1)).view(-1, vidx.shape[1], D1)
+        logits = torch.bmm(live.W[s:s + chunk], X.transpose(1, 2)).view(len(X), R, -1, vidx.shape[1])
+        hit = (logits.argmax(2) == y[vidx[s:s + chunk]][:, None]) & vmask[s:s + chunk][:, None]
+        hits.append(hit.sum(2))
+    return torch.cat(hits).double() / vmask.sum(1, keepdim=True).clamp_min(1).double()
 
 
-def _group_size(fits: list[Fit]) -> int:
-    """R when the fits come in consecutive runs of R with the same training rows (the regulariser grid of each
-    fold), else 1. Fits with the same rows draw the same permutations (same seed, same size): their batches are
-    the same rows, gathered once."""
-    for r in (len(L2_GRID), 1):
-        if len(fits) % r == 0 and all(np.array_equal(fits[i].train, fits[i - i % r].train) for i in range(len(fits))):
-            return r
-    return 1
-
-
-def _epoch(run: _Run, batch_size: int) -> None:
-    """One epoch of every fit still training: its own permutation (the same for a group's fits), its batches of
-    `batch_size` rows."""
-    Et, yt, fits, W, B, R, device = run.E, run.y, run.fits, run.W, run.B, run.group, run.W.device
-    live = [f for f in range(len(fits)) if not bool(run.done[f])]
-    perms = {f: torch.randperm(len(fits[f].train), generator=run.gens[f]).numpy() for f in live}
-    groups = sorted({f // R for f in live})
-    order = [fits[g * R].train[perms[next(f for f in range(g * R, g * R + R) if f in perms)]] for g in groups]
-    idx, mask = (t.to(device) for t in _pad(order))
-    G, C, D = len(fits) // R, W.shape[1], W.shape[2]
-    rows = torch.zeros(G, idx.shape[1], dtype=torch.long, device=device)
-    valid = torch.zeros(G, idx.shape[1], dtype=torch.bool, device=device)
-    rows[groups], valid[groups] = idx, mask
-    for start in range(0, idx.shape[1], batch_size):
-        r, m = rows[:, start:start + batch_size], valid[:, start:start + batch_size]
-        active = m.any(1).repeat_interleave(R) & ~run.done
-        X = Et[r]  # groups × batch × dim
-        logits = torch.einsum("gbd,grcd->grbc", X, W.view(G, R, C, D)) + B.view(G, R, 1, C)
-        p = torch.softmax(logits, -1) - torch.nn.functional.one_hot(yt[r], C).to(logits.dtype)[:, None]
-        p = p * (m / m.sum(1, keepdim=True).clamp_min(1))[:, None, :, None]  # mean over each fit's own rows
-        grads = [torch.einsum("grbc,gbd->grcd", p, X).reshape(-1, C, D), p.sum(2).reshape(-1, C)]
-        run.opt.step(grads, active)
+def _epoch(live: _Live, train: list[np.ndarray], E1: torch.Tensor, Y: torch.Tensor, batch_size: int) -> None:
+    """One epoch of every live group: its own permutation of its rows, in batches of `batch_size`; the softmax
+    cross-entropy's gradient written out (mean over each group's own rows)."""
+    G, D1, device = len(live.ids), E1.shape[1], E1.device
+    perms = [train[g][torch.randperm(len(train[g]), generator=gen).numpy()]
+             for g, gen in zip(live.ids.tolist(), live.gens)]
+    idx, mask = (t.to(device) for t in _pad(perms))
+    counts = mask.sum(1)
+    Yp = Y[idx].transpose(1, 2)  # groups × classes × rows, in each group's order
+    R, C = live.l2.shape[1], Y.shape[1]
+    shortest = min(len(p) for p in perms)
+    for s in range(0, idx.shape[1], batch_size):
+        r = idx[:, s:s + batch_size]
+        X = E1.index_select(0, r.reshape(-1)).view(G, -1, D1)
+        P = torch.bmm(live.W, X.transpose(1, 2)).view(G, R, C, -1).softmax(2).sub_(Yp[:, None, :, s:s + batch_size])
+        if s + batch_size <= shortest:  # every group has a full batch: the common step
+            live.step(torch.bmm(P.mul_(1.0 / batch_size).view(G, R * C, -1), X), None)
+            continue
+        n = (counts - s).clamp(0, batch_size)
+        w = mask[:, s:s + batch_size] / n.clamp_min(1)[:, None]
+        live.step(torch.bmm(P.mul_(w[:, None, None, :]).view(G, R * C, -1), X), n > 0)
 
 
 def _predict(E: np.ndarray, W: torch.Tensor, B: torch.Tensor, rows: list[np.ndarray]) -> list[np.ndarray]:
@@ -191,20 +252,26 @@ def _inner(tr: np.ndarray, y: np.ndarray, k: int) -> list[tuple[np.ndarray, np.n
     return [(tr[a], tr[b]) for a, b in StratifiedKFold(n_splits=k, shuffle=True, random_state=SEED).split(tr, y[tr])]
 
 
-def choose_regs(E, yi, n_classes, parts: list[np.ndarray], k: int, device: str = "cpu") -> list[float]:
-    """For each training part, the weight decay with the best mean accuracy over its stratified k-fold (every part
-    × fold × weight decay trained together); ties go to the first, as np.argmax does."""
+def choose_and_fit(E, yi, n_classes, parts: list[np.ndarray], k: int, device: str = "cpu"
+                   ) -> tuple[list[float], torch.Tensor, torch.Tensor]:
+    """For each training part, the weight decay with the best mean accuracy over its stratified k-fold (ties go to
+    the first, as np.argmax does), and the final fit on the whole part at that weight decay (early-stopped on its
+    seeded 5 %). Every fit is trained in one batch: the inner folds × weight decays, and the final fit at every
+    weight decay (the unchosen ones are dropped), so the final fits need no second pass. (regs, weights, biases)."""
     fits, where = [], []
     for p, tr in enumerate(parts):
         for a, b in _inner(tr, yi, k):
             for j, l2 in enumerate(L2_GRID):
                 fits.append(Fit(a, b, l2))
                 where.append((p, j))
-    W, B = train_fits(E, yi, fits, n_classes, device=device)
+    finals = [fit_with_split(tr, l2) for tr in parts for l2 in L2_GRID]
+    W, B = train_fits(E, yi, fits + finals, n_classes, device=device)
     accs = np.zeros((len(parts), len(L2_GRID)))
     for (p, j), pred, fit in zip(where, _predict(E, W, B, [f.val for f in fits]), fits):
         accs[p, j] += (pred == yi[fit.val]).mean() / k
-    return [float(L2_GRID[int(np.argmax(a))]) for a in accs]
+    chosen = [int(np.argmax(a)) for a in accs]
+    keep = [len(fits) + p * len(L2_GRID) + j for p, j in enumerate(chosen)]
+    return [float(L2_GRID[j]) for j in chosen], W[keep], B[keep]
 
 
 def cv_accuracy(X: np.ndarray, y: np.ndarray, k: int = 10, inner_k: int = 10, device: str = "cpu"
@@ -214,9 +281,7 @@ def cv_accuracy(X: np.ndarray, y: np.ndarray, k: int = 10, inner_k: int = 10, de
 
     classes, yi = _classes(y)
     outer = list(StratifiedKFold(n_splits=k, shuffle=True, random_state=SEED).split(X, y))
-    regs = choose_regs(X, yi, len(classes), [tr for tr, _ in outer], inner_k, device)
-    fits = [fit_with_split(tr, l2) for (tr, _), l2 in zip(outer, regs)]
-    W, B = train_fits(X, yi, fits, len(classes), device=device)
+    regs, W, B = choose_and_fit(X, yi, len(classes), [tr for tr, _ in outer], inner_k, device)
     preds = _predict(X, W, B, [te for _, te in outer])
     return 100.0 * float(np.mean([(p == yi[te]).mean() for p, (_, te) in zip(preds, outer)])), regs
 
@@ -242,8 +307,7 @@ def train_test_scores(Xtr, ytr, Xte, yte, k: int = 10, device: str = "cpu") -> t
     E = np.concatenate([Xtr, Xte])
     classes, yi = _classes(np.concatenate([ytr, yte]))
     tr, te = np.arange(len(Xtr)), np.arange(len(Xtr), len(E))
-    reg = choose_regs(E, yi, len(classes), [tr], k, device)[0]
-    W, B = train_fits(E, yi, [fit_with_split(tr, reg)], len(classes), device=device)
+    (reg,), W, B = choose_and_fit(E, yi, len(classes), [tr], k, device)
     pred = classes[_predict(E, W, B, [te])[0]]
     f1 = 100.0 * f1_score(yte, pred) if len(classes) == 2 else float("nan")
     return 100.0 * float((pred == yte).mean()), float(f1), reg

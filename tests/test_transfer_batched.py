@@ -20,15 +20,20 @@ def _data(n=240, d=12, classes=2, noise=1.5, seed=0):
 
 
 def test_each_fit_ends_with_the_weights_its_sequential_twin_ends_with():
-    """Fits of different sizes, weight decays and a held-out 5 % split, trained together: each one's best weights
-    are TorchLogReg's to float precision (same init, same permutation every epoch, same early stop)."""
+    """Fits of different sizes, weight decays and a held-out 5 % split, trained together — two of them on the same
+    rows (one group, not adjacent in the list; the other groups have an empty member), groups leaving the batch at
+    different epochs: each one's best weights are TorchLogReg's to float precision (same init, same permutation
+    every epoch, same early stop)."""
     X, y = _data(n=260)
     tr, va = np.arange(200), np.arange(200, 260)
-    fits = [tb.Fit(tr, va, 1e-5), tb.Fit(tr[:130], va, 1e-2), tb.fit_with_split(tr, 1e-3)]
+    fits = [tb.Fit(tr, va, 1e-5), tb.Fit(tr[:130], va, 1e-2), tb.fit_with_split(tr, 1e-3), tb.Fit(tr, va, 1e-2)]
+    groups = tb._group(fits)
+    assert groups.slot == [(0, 0), (1, 0), (2, 0), (0, 1)] and groups.l2.shape == (3, 2)
     W, B = tb.train_fits(X, y, fits, 2)
     twins = [seq.TorchLogReg(1e-5).fit(X[tr], y[tr], (X[va], y[va])),
              seq.TorchLogReg(1e-2).fit(X[tr[:130]], y[tr[:130]], (X[va], y[va])),
-             seq.TorchLogReg(1e-3).fit(X[tr], y[tr])]
+             seq.TorchLogReg(1e-3).fit(X[tr], y[tr]),
+             seq.TorchLogReg(1e-2).fit(X[tr], y[tr], (X[va], y[va]))]
     for f, m in enumerate(twins):
         assert np.abs(m.model.weight.detach().numpy() - W[f].numpy()).max() < 1e-5, f
         assert np.abs(m.model.bias.detach().numpy() - B[f].numpy()).max() < 1e-5, f
