@@ -337,28 +337,34 @@ def bench_inference(data_dir: Path, reps: int, sparsities=(0.1, 0.3, 0.5), n: in
     return out
 
 
-def bench_transfer(data_dir: Path, reps: int, max_examples: int | None, arms: tuple[str, ...]) -> dict:
-    """The seven transfer tasks of the packaged MiniLM at SimCSE's protocol: every fit of a task at once
-    (`pytorch`, transfer_batched.py) against one fit after another (`pytorch-sequential`), per task, arms
-    alternating; sentences encoded once beforehand (timed apart) and shared by both arms; `max_examples` subsamples
-    each split (the sequential arm takes many minutes a task at full size)."""
+def bench_transfer(data_dir: Path, reps: int, max_examples: int | None, arms: tuple[str, ...],
+                   tasks: tuple[str, ...] | None = None) -> dict:
+    """The transfer tasks of the packaged MiniLM at SimCSE's protocol: every fit of a task at once (`batched`,
+    transfer_batched.py) against one fit after another (`sequential`), per task, arms alternating; sentences encoded
+    once beforehand (timed apart) and shared by the arms; `batched-bf16` runs the batched classifiers on embeddings
+    encoded under bf16 autocast (its encoding timed beside fp32's). `max_examples` subsamples each split (the
+    sequential arm takes many minutes a task at full size)."""
     from sparsecse.config import TRANSFER_TASKS
     from sparsecse.evaluate import encode
     from sparsecse.model import default_model_path, load_encoder
     from sparsecse.transfer import load_tasks, task_sentences, transfer_scores
 
     enc = load_encoder(default_model_path(), pooler="cls_before_pooler")
-    loaded = load_tasks(data_dir, TRANSFER_TASKS, max_examples)
-    t0 = time.perf_counter()
-    emb = encode(enc, task_sentences(loaded), batch_size=128, pooler="cls_before_pooler")
-    encode_s = time.perf_counter() - t0
-    names = {"batched": "pytorch", "sequential": "pytorch-sequential"}
+    loaded = load_tasks(data_dir, tuple(tasks or TRANSFER_TASKS), max_examples)
+    embs, encode_s = {}, {}
+    for precision in ("fp32", "bf16") if "batched-bf16" in arms else ("fp32",):
+        t0 = time.perf_counter()
+        embs[precision] = encode(enc, task_sentences(loaded), batch_size=128, pooler="cls_before_pooler",
+                                 precision=precision)
+        encode_s[precision] = time.perf_counter() - t0
+    names = {"batched": ("pytorch", "fp32"), "sequential": ("pytorch-sequential", "fp32"),
+             "batched-bf16": ("pytorch", "bf16")}
     rows, scores = {}, {a: {} for a in arms}
     for t, task in loaded.items():
         def arm(a, t=t, task=task):
             def run():
                 t1 = time.perf_counter()
-                scores[a].update(transfer_scores({t: task}, emb, classifier=names[a]))
+                scores[a].update(transfer_scores({t: task}, embs[names[a][1]], classifier=names[a][0]))
                 return time.perf_counter() - t1
             return run
         times = abn({a: arm(a) for a in arms}, reps, warmup=0)
@@ -622,9 +628,11 @@ def markdown(r: dict) -> str:
         for t, v in r["tasks"].items():
             rows.append(f"| {t} | " + " | ".join(f"{v[a]:.1f}" for a in arms) + " | "
                         + " | ".join(f"{r['scores'][a].get(t, float('nan')):.2f}" for a in arms) + " |")
-        rows.append("| all seven | " + " | ".join(f"**{r['total'][a]:.1f}**" for a in arms) + " |" + " |" * len(arms))
-        rows += ["", f"Encoding (once, shared): {r['encode_s']:.1f} s; examples per split: "
-                     f"{r['max_examples'] or 'all'}."
+        rows.append(f"| all {len(r['tasks'])} | " + " | ".join(f"**{r['total'][a]:.1f}**" for a in arms) + " |"
+                    + " |" * len(arms))
+        enc = r["encode_s"] if isinstance(r["encode_s"], dict) else {"fp32": r["encode_s"]}
+        rows += ["", "Encoding (once, shared by the arms): " + ", ".join(f"{p} {v:.1f} s" for p, v in enc.items())
+                 + f"; examples per split: {r['max_examples'] or 'all'}."
                  + (f" Sequential ÷ batched: **{r['ratio']:.1f}×**." if r["ratio"] else "")]
     elif r["row"] == "storage":
         def mb(x):
@@ -655,8 +663,11 @@ def build_parser():
                                 description="benchmarks against peers measured in the same run (BENCHMARKS.md rows)")
     b.add_argument("which", nargs="+", choices=["train", "eval", "inference", "transfer", *SWEEP_ROWS, "all"])
     b.add_argument("--max-examples", type=int, help="transfer row: subsample each split to this many examples")
-    b.add_argument("--arms", nargs="+", choices=["batched", "sequential"], default=["batched", "sequential"],
-                   help="transfer row: which classifier paths to time")
+    b.add_argument("--arms", nargs="+", choices=["batched", "sequential", "batched-bf16"],
+                   default=["batched", "sequential"],
+                   help="transfer row: which classifier paths to time (batched-bf16: on embeddings encoded under bf16 "
+                        "autocast)")
+    b.add_argument("--transfer-tasks", nargs="+", help="transfer row: these tasks only (default: all seven)")
     b.add_argument("--data-dir")
     b.add_argument("--reps", type=int, default=5)
     b.add_argument("--warmup", type=int, default=1, help="untimed runs of each arm first (eval, train, inference rows)")
@@ -714,7 +725,7 @@ def run_bench(a, argv: list[str]) -> None:
         elif row == "inference":
             r = bench_inference(data_dir, a.reps, work=out / "inference", warmup=a.warmup)
         elif row == "transfer":
-            r = bench_transfer(data_dir, a.reps, a.max_examples, tuple(a.arms))
+            r = bench_transfer(data_dir, a.reps, a.max_examples, tuple(a.arms), a.transfer_tasks)
         elif row == "sweep":
             r = bench_sweep(Path(a.run))
         elif row == "search":

@@ -98,12 +98,16 @@ def cmd_eval(a) -> int:
     if a.backend == "onnx":
         from .deploy import OnnxEncoder
 
+        if a.precision != "fp32":
+            raise SparseCSEError("--precision bf16 runs the torch backend under autocast; an ONNX model keeps the "
+                                 "precision it was exported at (drop --precision, or use --backend torch)")
         enc = OnnxEncoder(a.model, a.file, pooler=a.pooler, threads=a.threads)
     else:
         enc = load_encoder(a.model, pooler=a.pooler)
     results: dict[str, float] = {}
     if sts:
-        r = evaluate_sts(enc, data_dir, tasks=tuple(sts), batch_size=a.batch_size, pooler=a.pooler, progress=True)
+        r = evaluate_sts(enc, data_dir, tasks=tuple(sts), batch_size=a.batch_size, pooler=a.pooler, progress=True,
+                         precision=a.precision)
         print(task_table(r, sts, title=f"{a.model} ({a.pooler or enc.pooler})"))
         results.update({t: r[t] for t in sts})
         results["avg"] = r["avg"]
@@ -111,7 +115,7 @@ def cmd_eval(a) -> int:
         from .transfer import evaluate_transfer
 
         tr = evaluate_transfer(enc, data_dir, tasks=tuple(transfer), pooler=a.pooler, progress=True,
-                               classifier=a.transfer_classifier)
+                               classifier=a.transfer_classifier, precision=a.precision)
         print(task_table(tr, transfer))
         results.update({k: v for k, v in tr.items()})
         if not sts:
@@ -377,6 +381,9 @@ def _model_commands(sub, poolers) -> None:
     e.add_argument("--backend", choices=["torch", "onnx"], default="torch",
                    help="onnx: run an ONNX export (--file) with ONNX Runtime, same protocol")
     e.add_argument("--file", default="onnx/model.onnx", help="with --backend onnx: the ONNX file inside --model")
+    e.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: encode under bfloat16 autocast (GPUs; CPUs with AMX/AVX-512-bf16): faster, figures "
+                        "not SentEval's to the digit (BENCHMARKS 11); fp32 (default): the protocol")
     e.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("score", help="alignment/uniformity importance gradients of heads and neurons")

@@ -184,6 +184,8 @@ CASES = [
     # ONNX files
     ("ONNX file is not ONNX", ["eval", "--model", "{ws}/onnxm", "--backend", "onnx", "--data-dir", D],
      "not a loadable ONNX model"),
+    ("ONNX at bf16", ["eval", "--model", "{ws}/onnxm", "--backend", "onnx", "--precision", "bf16", "--data-dir", D],
+     "--precision bf16 runs the torch backend"),
     ("ONNX file missing", ["eval", "--model", "{ws}/onnxm", "--backend", "onnx", "--file", "onnx/nope.onnx",
                            "--data-dir", D], "onnx/nope.onnx"),
     # numeric options

@@ -209,3 +209,15 @@ def test_bench_transfer_times_both_paths_per_task_with_equal_figures(tmp_path, c
     assert set(r["tasks"]) == {"MR", "CR", "SUBJ", "MPQA", "SST2", "TREC", "MRPC"} and r["ratio"] > 1
     assert r["scores"]["batched"] == pytest.approx(r["scores"]["sequential"], abs=1e-9)
     assert "Sequential ÷ batched" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_bench_transfer_bf16_arm_encodes_twice_and_runs_chosen_tasks(tmp_path, capsys, data_dir, monkeypatch):
+    monkeypatch.setenv("SPARSECSE_DATA_DIR", str(data_dir))
+    assert bench.main(["transfer", "--max-examples", "40", "--reps", "1", "--arms", "batched", "batched-bf16",
+                       "--transfer-tasks", "TREC", "MRPC", "--out", str(tmp_path / "o")]) == 0
+    r = json.loads((tmp_path / "o" / "transfer.json").read_text())
+    assert set(r["tasks"]) == {"TREC", "MRPC"} and set(r["encode_s"]) == {"fp32", "bf16"} and r["ratio"] is None
+    assert set(r["scores"]["batched-bf16"]) == {"TREC", "MRPC", "MRPC_f1"}
+    out = capsys.readouterr().out
+    assert "| all 2 |" in out and "bf16" in out and "Sequential" not in out

@@ -72,6 +72,22 @@ def test_evaluate_transfer_runs_batched_by_default_and_sequential_on_request(tin
         seq.evaluate_transfer(enc, data_dir, classifier="svm", **kw)
 
 
+def test_bf16_encoding_is_autocast_and_close_to_fp32(tiny_model_dir, data_dir):
+    """`eval --precision bf16`'s encoder pass: bfloat16 autocast (other embeddings than fp32's, returned as fp32),
+    each within cosine 0.99 of its fp32 twin."""
+    import torch
+
+    from sparsecse.evaluate import encode
+    from sparsecse.model import load_encoder
+
+    enc = load_encoder(str(tiny_model_dir), pooler="cls_before_pooler")
+    sents = seq.task_sentences(seq.load_tasks(data_dir, ("MR",), 40))
+    a, b = (encode(enc, sents, pooler="cls_before_pooler", precision=p) for p in ("fp32", "bf16"))
+    A, B = (torch.stack([e[s] for s in sents]) for e in (a, b))
+    assert B.dtype == torch.float32 and not torch.equal(A, B)
+    assert torch.nn.functional.cosine_similarity(A, B).min() > 0.99
+
+
 @pytest.mark.slow
 def test_on_minilm_embeddings_mr_gives_the_sequential_accuracy_and_regularisers(data_dir):
     """The real backbone on MR (400 examples, SentEval's 10 × 10 folds): the batched protocol's accuracy equals the
