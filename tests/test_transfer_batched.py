@@ -39,6 +39,16 @@ def test_each_fit_ends_with_the_weights_its_sequential_twin_ends_with():
         assert np.abs(m.model.bias.detach().numpy() - B[f].numpy()).max() < 1e-5, f
 
 
+def test_argmax_over_classes_is_torch_argmax_ties_included():
+    import torch
+
+    for C in (2, 3, 6):
+        L = torch.randn(3, 4, C, 50)
+        L[0, 0, :, :5] = 1.0  # every class tied: the first wins
+        L[1, 2, 1:, 7] = L[1, 2, 1:, 7].max() + 1  # a tie between later classes
+        assert torch.equal(tb._argmax_classes(L), L.argmax(2))
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_the_three_protocols_give_the_sequential_figures_and_choices(seed):
     from sklearn.model_selection import StratifiedKFold
