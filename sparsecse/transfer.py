@@ -232,19 +232,17 @@ def pair_features(u: np.ndarray, v: np.ndarray, kind: str = "full") -> np.ndarra
     return np.c_[u, v, np.abs(u - v), u * v]
 
 
-def evaluate_transfer(enc, data_dir: Path, tasks=TRANSFER_TASKS, pooler: str | None = None, batch_size: int = 128,
-                      folds: tuple[int, int] = (10, 10), max_examples: int | None = None,
-                      mrpc_features: str = "senteval", progress: bool = False,
-                      classifier: str = "pytorch", precision: str = "fp32") -> dict[str, float]:
+def evaluate_transfer(enc, data_dir: Path, tasks=TRANSFER_TASKS, folds: tuple[int, int] = (10, 10),
+                      max_examples: int | None = None, mrpc_features: str = "senteval", classifier: str = "pytorch",
+                      **encode_kw) -> dict[str, float]:
     """{task: accuracy ×100, "MRPC_f1": F1, "avg": mean accuracy}. `folds` = (outer k of the cross-validated
-    tasks, inner k that chooses the regulariser): SentEval's (10, 10). `precision`: the encoder's (see
-    evaluate.encode)."""
+    tasks, inner k that chooses the regulariser): SentEval's (10, 10). `encode_kw` (pooler, batch_size, progress,
+    precision) go to evaluate.encode; batch_size defaults to 128."""
     from .evaluate import encode
 
     _grid(classifier)  # an unknown classifier fails before anything is encoded
     loaded = load_tasks(data_dir, tasks, max_examples)
-    emb = encode(enc, task_sentences(loaded), batch_size=batch_size, pooler=pooler, progress=progress,
-                 precision=precision)
+    emb = encode(enc, task_sentences(loaded), **{"batch_size": 128, **encode_kw})
     return transfer_scores(loaded, emb, folds, classifier, mrpc_features)
 
 
