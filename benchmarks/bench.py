@@ -370,7 +370,7 @@ def bench_transfer(data_dir: Path, reps: int, max_examples: int | None, arms: tu
         times = abn({a: arm(a) for a in arms}, reps, warmup=0)
         rows[t] = {a: statistics.median(v) for a, v in times.items()}
     total = {a: sum(r[a] for r in rows.values()) for a in arms}
-    return {"row": "transfer", "max_examples": max_examples, "encode_s": encode_s, "tasks": rows, "total": total,
+    return {"row": "transfer", "warmup": 0, "max_examples": max_examples, "encode_s": encode_s, "tasks": rows, "total": total,
             "scores": {a: {t: v for t, v in sc.items() if t != "avg"} for a, sc in scores.items()},
             "ratio": total["sequential"] / total["batched"] if {"batched", "sequential"} <= set(arms) else None}
 
@@ -736,7 +736,7 @@ def run_bench(a, argv: list[str]) -> None:
             r = bench_checkpoints(Path(a.run), Path(a.against))
         else:
             r = bench_plan(Path(a.run))
-        r.update(header)
+        r = {**header, **r}  # a row that sets its own warm-up (transfer: none, each run takes minutes) keeps it
         atomic_write_json(out / f"{row}.json", r)
         print(markdown(r))
         print(f"(every repetition: {out / (row + '.json')})\n")

@@ -208,7 +208,8 @@ def test_bench_transfer_times_both_paths_per_task_with_equal_figures(tmp_path, c
     r = json.loads((tmp_path / "o" / "transfer.json").read_text())
     assert set(r["tasks"]) == {"MR", "CR", "SUBJ", "MPQA", "SST2", "TREC", "MRPC"} and r["ratio"] > 1
     assert r["scores"]["batched"] == pytest.approx(r["scores"]["sequential"], abs=1e-9)
-    assert "Sequential ÷ batched" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "Sequential ÷ batched" in out and "after 0 warm-up" in out and r["warmup"] == 0  # no untimed run
 
 
 @pytest.mark.slow
