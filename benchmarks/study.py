@@ -1,5 +1,6 @@
-"""`python -m benchmarks.study LABELFREE_RUN LABELLED_RUN`: the analysis docs/study.md pre-registers, applied to the
-two finished sweeps' results.json (local paths or storage URIs). It prints the BENCHMARKS row (markdown) and writes
+"""`python -m benchmarks.study LABELFREE_RUN[,RUN…] LABELLED_RUN[,RUN…]`: the analysis docs/study.md pre-registers,
+applied to the finished sweeps' results.json (local paths, storage URIs, or results JSON files; several runs of one
+scoring, such as one run per replicate, comma-separated). It prints the BENCHMARKS row (markdown) and writes
 the figures as JSON beside (bench-results/study.json).
 
 Unit: the stage-1 replicate (each run has one retraining seed per replicate). Outcome: test/avg, the mean Spearman
@@ -32,10 +33,18 @@ READINGS = {"paper": ("gradient", "none"), "stark": ("score", "layer")}
 METRIC = "test/avg"
 
 
-def _load(uri: str) -> list[dict]:
+def _load(uris: str) -> list[dict]:
+    """The trials of one or more runs (comma-separated): run directories or storage URIs holding results.json, or
+    a results JSON file itself (the per-replicate runs' copies kept in docs/study-results/)."""
     from sparsecse.storage import Storage
 
-    return Storage(uri).read_json("results.json")["trials"]
+    trials = []
+    for uri in filter(None, uris.split(",")):
+        if uri.endswith(".json"):
+            trials += json.loads(Path(uri).read_text())["trials"]
+        else:
+            trials += Storage(uri).read_json("results.json")["trials"]
+    return trials
 
 
 def by_replicate(trials: list[dict], **match) -> dict[int, float]:
@@ -44,12 +53,17 @@ def by_replicate(trials: list[dict], **match) -> dict[int, float]:
     vals: dict[int, list[float]] = {}
     for t in trials:
         if t["status"] == "done" and all(t.get(k) == v for k, v in match.items()):
-            vals.setdefault(int(t.get("replicate") or _replicate_of(t["trial"])), []).append(t[METRIC])
+            vals.setdefault(replicate_of(t), []).append(t[METRIC])
     return {r: sum(v) / len(v) for r, v in vals.items()}
 
 
-def _replicate_of(name: str) -> int:
-    return int(name.rsplit("_rep", 1)[1]) if "_rep" in name else 0
+def replicate_of(t: dict) -> int:
+    """A trial's stage-1 replicate, the same in both layouts of the study: one run of five replicates (replicate
+    r, seed 1), or one run per replicate (replicate 0, seed 1 + 1000 r, the seeds replicate r of the five-replicate
+    run retrains with; docs/study.md, Deviations)."""
+    name = t.get("trial", "")
+    rep = t.get("replicate") or (int(name.rsplit("_rep", 1)[1]) if "_rep" in name else 0)
+    return int(rep) + int(t.get("seed") or 0) // 1000
 
 
 def cell(paper_trials: list[dict], control_trials: list[dict], reading: tuple[str, str],

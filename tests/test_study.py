@@ -56,3 +56,51 @@ def test_the_labelled_cell_pairs_with_the_labelfree_controls():
     assert row["mean"] == pytest.approx(np.mean(CTRL) + 0.5) and row["random"] == pytest.approx(np.mean(CTRL) - 1.12)
     assert row["H3"]["diff"] == pytest.approx(0.5)
     assert by_replicate(labelled, sparsity=0.1)[3] == pytest.approx(CTRL[3] + 0.7)
+
+
+def _per_replicate_config(r: int, path: str = "sweeps/study-labelfree.yaml"):
+    from sparsecse.config import load_config
+
+    return load_config(path, ["sweep.replicates=1", f"train.seed={42 + r}",
+                                                       f"sweep.seeds=[{1 + 1000 * r}]"])
+
+
+@pytest.mark.parametrize("path, per_replicate", [("sweeps/study-labelfree.yaml", 31), ("sweeps/study-labelled.yaml", 11)])
+def test_one_run_per_replicate_computes_what_the_five_replicate_run_does(monkeypatch, path, per_replicate):
+    """docs/study.md, Deviations: the study runs one sweep per replicate; each must train stage 1, score and
+    retrain exactly as replicate r of the pre-registered five-replicate sweep (same seeds, same grid)."""
+    from pathlib import Path
+
+    from sparsecse.config import load_config
+    from sparsecse.results import grid_points
+    from sparsecse.sweep import replicate_config
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    whole = load_config(path)
+    assert whole.sweep.replicates == 5
+    pts = grid_points(whole)
+    for r in range(5):
+        one = _per_replicate_config(r, path)
+        assert replicate_config(whole, r).to_dict()["train"] == one.to_dict()["train"]
+        assert whole.to_dict()["score"] == one.to_dict()["score"]
+        key = lambda p: (p.sparsity, p.lam, p.scorer, p.combine, p.normalize, p.run_seed)  # noqa: E731
+        mine = sorted(key(p) for p in grid_points(one))
+        assert mine == sorted(key(p) for p in pts if p.replicate == r) and len(mine) == per_replicate
+
+
+def test_the_analysis_reads_per_replicate_runs_as_the_five_replicate_run(tmp_path):
+    import json
+
+    from benchmarks.study import _load, replicate_of
+
+    whole = _labelfree()
+    split = [{**t, "replicate": 0, "seed": 1 + 1000 * t["replicate"], "trial": t["trial"].split("_rep")[0]}
+             for t in whole]
+    files = []
+    for r in range(5):
+        files.append(tmp_path / f"rep{r}.json")
+        files[-1].write_text(json.dumps({"trials": [t for t in split if t["seed"] // 1000 == r]}))
+    merged = _load(",".join(map(str, files)))
+    assert sorted(replicate_of(t) for t in merged) == sorted(t["replicate"] for t in whole)
+    assert analyse(merged, merged, [0.02, 0.1]) == analyse(whole, whole, [0.02, 0.1])
+    assert by_replicate(merged, sparsity=0.1, scorer="random")[4] == pytest.approx(CTRL[4] - 2.1)
