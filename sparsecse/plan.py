@@ -330,7 +330,7 @@ def make_plan(cfg: Config, data_dir: Path | None, gpu: str = "cpu", gpus: int | 
                          f"{GPUS[gpu].name}; raise sweep.trial_gpus")
     if models:
         notes.append(f"transfer ({cfg.eval.transfer}): {models} model(s) × 7 tasks; encoding is planned, the "
-                     "classifiers' fits are not (MiniLM's took 3.7 min on a 2-core CPU, BENCHMARKS 11)")
+                     "classifiers' fits are not (MiniLM's took 1.0 min on a 2-core CPU, BENCHMARKS 11)")
     return Plan(cfg.model.name, hw_name, shape.params, trials, slots, n, tokens, _steps(cfg, n, world),
                 _steps(cfg, n, 1), tr["evals"], tr["flops"], s1["step_s"], tr["step_s"], stage1_s, score_s, trial_s,
                 after_s, wall, gpu_h, tr["checkpoints"], tr["upload"], tr["every_eval"],
