@@ -104,3 +104,30 @@ def test_the_analysis_reads_per_replicate_runs_as_the_five_replicate_run(tmp_pat
     assert sorted(replicate_of(t) for t in merged) == sorted(t["replicate"] for t in whole)
     assert analyse(merged, merged, [0.02, 0.1]) == analyse(whole, whole, [0.02, 0.1])
     assert by_replicate(merged, sparsity=0.1, scorer="random")[4] == pytest.approx(CTRL[4] - 2.1)
+
+
+def test_the_replicate_runner_runs_each_remaining_replicate_with_its_seeds(tmp_path):
+    """benchmarks/study_replicates.sh --dry-run: one sweep per (scoring, replicate) not yet in docs/study-results/,
+    each with the --set overrides that make it replicate r of the five-replicate sweep (checked above)."""
+    import os
+    import shlex
+    import subprocess
+    from pathlib import Path
+
+    from sparsecse.config import load_config
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "STUDY_CLONE": str(tmp_path), "RUNS": str(tmp_path / "runs")}
+    out = subprocess.run(["bash", str(repo / "benchmarks" / "study_replicates.sh"), "--dry-run"], env=env,
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    done = {p.stem for p in (repo / "docs" / "study-results").glob("*-rep*.json")}
+    assert len(out) == 10 - len(done) and not (tmp_path / "runs").exists()
+    for line in out:
+        args = shlex.split(line)
+        kind, r = args[args.index("--out") + 1].rsplit("study-", 1)[1].split("-rep")
+        sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+        assert f"{kind}-rep{r}" not in done and args[4] == f"sweeps/study-{kind}.yaml"
+        got = load_config(repo / args[4], sets).to_dict()
+        want = _per_replicate_config(int(r), str(repo / args[4])).to_dict()
+        assert got["train"] == want["train"] and got["sweep"] == want["sweep"]
+        assert got["eval"]["transfer"] == ("selected" if r == "0" else "none")
