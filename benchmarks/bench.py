@@ -370,7 +370,8 @@ def bench_transfer(data_dir: Path, reps: int, max_examples: int | None, arms: tu
         times = abn({a: arm(a) for a in arms}, reps, warmup=0)
         rows[t] = {a: statistics.median(v) for a, v in times.items()}
     total = {a: sum(r[a] for r in rows.values()) for a in arms}
-    return {"row": "transfer", "warmup": 0, "max_examples": max_examples, "encode_s": encode_s, "tasks": rows, "total": total,
+    return {"row": "transfer", "warmup": 0, "max_examples": max_examples, "encode_s": encode_s, "tasks": rows,
+            "total": total,
             "scores": {a: {t: v for t, v in sc.items() if t != "avg"} for a, sc in scores.items()},
             "ratio": total["sequential"] / total["batched"] if {"batched", "sequential"} <= set(arms) else None}
 

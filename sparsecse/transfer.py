@@ -237,12 +237,12 @@ def evaluate_transfer(enc, data_dir: Path, tasks=TRANSFER_TASKS, folds: tuple[in
                       **encode_kw) -> dict[str, float]:
     """{task: accuracy ×100, "MRPC_f1": F1, "avg": mean accuracy}. `folds` = (outer k of the cross-validated
     tasks, inner k that chooses the regulariser): SentEval's (10, 10). `encode_kw` (pooler, batch_size, progress,
-    precision) go to evaluate.encode; batch_size defaults to 128."""
+    precision) go to evaluate.encode."""
     from .evaluate import encode
 
     _grid(classifier)  # an unknown classifier fails before anything is encoded
     loaded = load_tasks(data_dir, tasks, max_examples)
-    emb = encode(enc, task_sentences(loaded), **{"batch_size": 128, **encode_kw})
+    emb = encode(enc, task_sentences(loaded), **encode_kw)
     return transfer_scores(loaded, emb, folds, classifier, mrpc_features)
 
 
