@@ -117,11 +117,19 @@ def test_the_replicate_runner_runs_each_remaining_replicate_with_its_seeds(tmp_p
     from sparsecse.config import load_config
 
     repo = Path(__file__).resolve().parents[1]
+    copy = tmp_path / "repo"  # a copy of the script beside its own results folder, so the test does not depend on
+    (copy / "benchmarks").mkdir(parents=True)  # how many replicates the real docs/study-results/ holds
+    (copy / "benchmarks" / "study_replicates.sh").write_text((repo / "benchmarks" / "study_replicates.sh").read_text())
+    (copy / "docs" / "study-results").mkdir(parents=True)
+    done = {"labelfree-rep0", "labelled-rep0", "labelled-rep2"}
+    for name in done:
+        (copy / "docs" / "study-results" / f"{name}.json").write_text("{}")
     env = {**os.environ, "STUDY_CLONE": str(tmp_path), "RUNS": str(tmp_path / "runs")}
-    out = subprocess.run(["bash", str(repo / "benchmarks" / "study_replicates.sh"), "--dry-run"], env=env,
+    out = subprocess.run(["bash", str(copy / "benchmarks" / "study_replicates.sh"), "--dry-run"], env=env,
                          capture_output=True, text=True, check=True).stdout.splitlines()
-    done = {p.stem for p in (repo / "docs" / "study-results").glob("*-rep*.json")}
-    assert len(out) == 10 - len(done) and not (tmp_path / "runs").exists()
+    order = [f"{k}-rep{r}" for r in range(5) for k in ("labelfree", "labelled") if f"{k}-rep{r}" not in done]
+    assert [line.split("--out ")[1].split()[0].rsplit("study-", 1)[1] for line in out] == order and len(out) == 7
+    assert not (tmp_path / "runs").exists()
     for line in out:
         args = shlex.split(line)
         kind, r = args[args.index("--out") + 1].rsplit("study-", 1)[1].split("-rep")
