@@ -25,35 +25,42 @@ import json
 import sys
 from pathlib import Path
 
+from sparsecse.io import atomic_write_text
 from sparsecse.stats import correct_family, holm, noninferior, paired
 
 MARGIN = 0.5
 H1_SPARSITIES = (0.02, 0.1)
 READINGS = {"paper": ("gradient", "none"), "stark": ("score", "layer")}
 METRIC = "test/avg"
+LEAK_FREE = "SICKRelatedness"  # no pair shared with STS-B dev or the scoring data
 
 
-def _load(uris: str) -> list[dict]:
-    """The trials of one or more runs (comma-separated): run directories or storage URIs holding results.json, or
+def _runs(uris: str) -> list[dict]:
+    """The results of one or more runs (comma-separated): run directories or storage URIs holding results.json, or
     a results JSON file itself (the per-replicate runs' copies kept in docs/study-results/)."""
     from sparsecse.storage import Storage
 
-    trials = []
+    runs = []
     for uri in filter(None, uris.split(",")):
         if uri.endswith(".json"):
-            trials += json.loads(Path(uri).read_text())["trials"]
+            runs.append(json.loads(Path(uri).read_text()))
         else:
-            trials += Storage(uri).read_json("results.json")["trials"]
-    return trials
+            runs.append(Storage(uri).read_json("results.json"))
+    return runs
 
 
-def by_replicate(trials: list[dict], **match) -> dict[int, float]:
-    """{replicate: METRIC} of the finished trials matching every field given (seeds within a replicate
-    averaged)."""
+def _load(uris: str) -> list[dict]:
+    """The trials of one or more runs (as `_runs` reads them), merged."""
+    return [t for run in _runs(uris) for t in run["trials"]]
+
+
+def by_replicate(trials: list[dict], metric: str = METRIC, **match) -> dict[int, float]:
+    """{replicate: metric} of the finished trials matching every field given (seeds within a replicate
+    averaged; a trial without that metric, such as one evaluated on other tasks, is left out)."""
     vals: dict[int, list[float]] = {}
     for t in trials:
-        if t["status"] == "done" and all(t.get(k) == v for k, v in match.items()):
-            vals.setdefault(replicate_of(t), []).append(t[METRIC])
+        if t["status"] == "done" and t.get(metric) is not None and all(t.get(k) == v for k, v in match.items()):
+            vals.setdefault(replicate_of(t), []).append(t[metric])
     return {r: sum(v) / len(v) for r, v in vals.items()}
 
 
@@ -102,7 +109,42 @@ def analyse(labelfree: list[dict], labelled: list[dict], sparsities: list[float]
                     "stark": cell(labelfree, labelfree, READINGS["stark"], sparsities, exact),
                     "labelled": cell(labelled, labelfree, READINGS["paper"], sparsities, exact),
                     "labelled_stark": cell(labelled, labelfree, READINGS["stark"], sparsities, exact)}
+    out["leak_free"] = leak_free(labelfree, sparsities)
     return out
+
+
+def leak_free(trials: list[dict], sparsities: list[float]) -> list[dict]:
+    """The primary comparison (paper's reading, label-free, against the s = 0 control) on SICK-R test alone, the
+    one test task sharing no pair with STS-B dev or the scoring data (docs/study.md, Leakage): descriptive — the
+    paired difference and its 95 % t interval over replicates, no correction, no verdict."""
+    metric, (combine, normalize) = f"{METRIC.split('/')[0]}/{LEAK_FREE}", READINGS["paper"]
+    ctrl = by_replicate(trials, metric, sparsity=0.0)
+    rows = []
+    for s in sparsities:
+        ours = by_replicate(trials, metric, sparsity=s, scorer="align_uniform", combine=combine, normalize=normalize)
+        t = paired(ours, ctrl, 0)
+        rows.append({"sparsity": s, "n": t["n"], "mean": _mean(ours), "control": _mean(ctrl), "diff": t["diff"],
+                     "lo": t.get("lo"), "hi": t.get("hi")})
+    return rows
+
+
+def summary(runs: list[dict], kind: str) -> list[dict]:
+    """One row per run (a replicate's sweep): the rule its report selected with, what it selected and why, that
+    model's test average beside the control's, the failed trials, and its transfer rows where it has them."""
+    rows = []
+    for run in runs:
+        sel, ctrl = run.get("selected") or {}, run.get("control") or {}
+        rep = min((replicate_of(t) for t in run["trials"]), default=None)
+        chosen = "control (s = 0)" if sel.get("control_won") or not sel.get("sparsity") else \
+            f"{sel.get('method')} {sel.get('combine')}/{sel.get('normalize')} at {sel['sparsity']:.0%}"
+        rows.append({"kind": kind, "replicate": rep, "rule": sel.get("rule"), "chosen": chosen,
+                     "why": (sel.get("rule_detail") or {}).get("why"), "test": (sel.get("test") or {}).get("avg"),
+                     "control_test": (ctrl.get("test") or {}).get("avg"),
+                     "failed": [f["trial"] for f in run.get("failed") or []],
+                     "transfer": {name: t.get("avg") for name, t in (run.get("transfer") or {}).items()
+                                  if isinstance(t, dict)},
+                     "transfer_tasks": run.get("transfer") or {}})
+    return rows
 
 
 def _fmt(t: dict | None) -> str:
@@ -110,21 +152,38 @@ def _fmt(t: dict | None) -> str:
         return "—"
     p = "" if t.get("p") is None else f", p = {t.get('p_raw', t['p']):.3f}, Holm {t['p']:.3f}"
     verdict = t.get("verdict") or ("non-inferior" if t.get("passed") else "not shown")
-    return f"{t['diff']:+.2f} (n = {t['n']}{p}: {verdict})"
+    return f"{_ci(t)} (n = {t['n']}{p}: {verdict})"
+
+
+def _ci(t: dict) -> str:
+    """A difference and, where it has one, its 95 % interval."""
+    if t.get("diff") is None:
+        return "—"
+    return f"{t['diff']:+.2f}" + (f" [{t['lo']:+.2f}, {t['hi']:+.2f}]" if t.get("lo") is not None else "")
 
 
 def markdown(result: dict) -> str:
-    lines = []
+    lines, f = [], lambda x: "—" if x is None else f"{x:.2f}"  # noqa: E731
     for name, c in result["t"].items():
         lines += [f"**{name}** (reading {c['reading']}; paired t over replicates, Holm per family)", "",
                   "| sparsity | n | paper | random | magnitude | control | H1: ≥ control − 0.5 | H2: vs random | "
                   "H3: vs control |", "|---:|---:|---:|---:|---:|---:|---|---|---|"]
         for r in c["rows"]:
-            f = lambda x: "—" if x is None else f"{x:.2f}"  # noqa: E731
             lines.append(f"| {r['sparsity']:.0%} | {r['n']} | {f(r['mean'])} | {f(r['random'])} | "
                          f"{f(r['magnitude'])} | {f(r['control'])} | {_fmt(r.get('H1'))} | {_fmt(r['H2'])} | "
                          f"{_fmt(r['H3'])} |")
         lines.append("")
+    lines += [f"**Leak-free** ({LEAK_FREE} test alone, primary cell against the control; descriptive, 95 % t "
+              "interval, no test)", "", "| sparsity | n | paper | control | difference |", "|---:|---:|---:|---:|---|"]
+    lines += [f"| {r['sparsity']:.0%} | {r['n']} | {f(r['mean'])} | {f(r['control'])} | "
+              f"{_ci(r)} |" for r in result["leak_free"]]
+    lines.append("")
+    for r in result.get("runs", []):
+        lines.append(f"- {r['kind']} replicate {r['replicate']}: rule {r['rule']} chose {r['chosen']} — test "
+                     f"{f(r['test'])} against the control's {f(r['control_test'])}"
+                     + (f"; failed: {', '.join(map(str, r['failed']))}" if r["failed"] else "")
+                     + ("; transfer avg " + ", ".join(f"{k} {f(v)}" for k, v in r["transfer"].items())
+                        if r["transfer"] else ""))
     return "\n".join(lines)
 
 
@@ -135,9 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sparsities", type=float, nargs="+", default=[0.01, 0.02, 0.05, 0.1, 0.3])
     ap.add_argument("--out", default="bench-results/study.json")
     a = ap.parse_args(argv)
-    result = analyse(_load(a.labelfree), _load(a.labelled), a.sparsities)
+    free, lab = _runs(a.labelfree), _runs(a.labelled)
+    result = analyse([t for r in free for t in r["trials"]], [t for r in lab for t in r["trials"]], a.sparsities)
+    result["runs"] = summary(free, "label-free") + summary(lab, "labelled")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=1, default=str))
+    atomic_write_text(a.out, json.dumps(result, indent=1, default=str))
     print(markdown(result))
     return 0
 

@@ -139,3 +139,44 @@ def test_the_replicate_runner_runs_each_remaining_replicate_with_its_seeds(tmp_p
         want = _per_replicate_config(int(r), str(repo / args[4])).to_dict()
         assert got["train"] == want["train"] and got["sweep"] == want["sweep"]
         assert got["eval"]["transfer"] == ("selected" if r == "0" else "none")
+
+
+def test_the_leak_free_row_and_each_run_s_selection_and_transfer(tmp_path, capsys):
+    """SICK-R alone for the primary comparison (hand-computed mean difference and t interval), and each
+    per-replicate run's selection, failures and transfer read from its own results file, through main()."""
+    import json
+
+    from benchmarks.study import main
+
+    sick = [0.3, -0.1, 0.2, 0.4, 0.0]
+    free = [{**t, "test/SICKRelatedness": 70.0 + t["replicate"] + (sick[t["replicate"]] if t["sparsity"] == 0.02
+                                                                 and t["scorer"] == "align_uniform" else 0.0)}
+            for t in _labelfree()]
+    files = {}
+    for kind, trials in (("free", free), ("lab", _trials({0.02: [0.5] * 5, 0.1: [0.6] * 5}))):
+        files[kind] = []
+        for r in range(5):
+            run = {"trials": [t for t in trials if t["replicate"] == r], "failed": [], "transfer": {},
+                   "control": {"test": {"avg": CTRL[r]}},
+                   "selected": {"rule": "noninferior", "control_won": r == 1, "sparsity": 0.1, "method": "sparsecse",
+                                "combine": "gradient", "normalize": "none", "test": {"avg": CTRL[r] - 0.2},
+                                "rule_detail": {"why": "sparsest within the margin"}}}
+            if kind == "free" and r == 0:
+                run["transfer"] = {"SimCSE": {"avg": 77.5, "CR": 80.0}, "SparseCSE": {"avg": 77.25}}
+                run["failed"] = [{"trial": "s0.3_random_rep0", "error": "boom"}]
+            files[kind].append(tmp_path / f"{kind}{r}.json")
+            files[kind][-1].write_text(json.dumps(run))
+    out = tmp_path / "study.json"
+    assert main([",".join(map(str, files["free"])), ",".join(map(str, files["lab"])), "--sparsities", "0.02", "0.1",
+                 "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    two = res["leak_free"][0]
+    half = sps.t.ppf(0.975, 4) * np.std(sick, ddof=1) / np.sqrt(5)
+    assert two["diff"] == pytest.approx(np.mean(sick)) and two["lo"] == pytest.approx(np.mean(sick) - half)
+    assert res["leak_free"][1]["diff"] == pytest.approx(0.0) and len(res["runs"]) == 10
+    md = capsys.readouterr().out
+    assert "| 2% | 5 | 72.16 | 72.00 | +0.16 [" in md
+    assert ("label-free replicate 0: rule noninferior chose sparsecse gradient/none at 10% — test 74.80 against the "
+            "control's 75.00; failed: s0.3_random_rep0; transfer avg SimCSE 77.50, SparseCSE 77.25") in md
+    assert "label-free replicate 1: rule noninferior chose control (s = 0)" in md
+    assert "labelled replicate 4: rule noninferior chose sparsecse" in md
