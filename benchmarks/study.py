@@ -32,7 +32,7 @@ MARGIN = 0.5
 H1_SPARSITIES = (0.02, 0.1)
 READINGS = {"paper": ("gradient", "none"), "stark": ("score", "layer")}
 METRIC = "test/avg"
-LEAK_FREE = "SICKRelatedness"  # no pair shared with STS-B dev or the scoring data
+LEAK_FREE = "test/SICKRelatedness"  # no pair shared with STS-B dev or the scoring data
 
 
 def _runs(uris: str) -> list[dict]:
@@ -51,7 +51,11 @@ def _runs(uris: str) -> list[dict]:
 
 def _load(uris: str) -> list[dict]:
     """The trials of one or more runs (as `_runs` reads them), merged."""
-    return [t for run in _runs(uris) for t in run["trials"]]
+    return _trials(_runs(uris))
+
+
+def _trials(runs: list[dict]) -> list[dict]:
+    return [t for run in runs for t in run["trials"]]
 
 
 def by_replicate(trials: list[dict], metric: str = METRIC, **match) -> dict[int, float]:
@@ -117,11 +121,11 @@ def leak_free(trials: list[dict], sparsities: list[float]) -> list[dict]:
     """The primary comparison (paper's reading, label-free, against the s = 0 control) on SICK-R test alone, the
     one test task sharing no pair with STS-B dev or the scoring data (docs/study.md, Leakage): descriptive — the
     paired difference and its 95 % t interval over replicates, no correction, no verdict."""
-    metric, (combine, normalize) = f"{METRIC.split('/')[0]}/{LEAK_FREE}", READINGS["paper"]
-    ctrl = by_replicate(trials, metric, sparsity=0.0)
+    combine, normalize = READINGS["paper"]
+    ctrl = by_replicate(trials, LEAK_FREE, sparsity=0.0)
     rows = []
     for s in sparsities:
-        ours = by_replicate(trials, metric, sparsity=s, scorer="align_uniform", combine=combine, normalize=normalize)
+        ours = by_replicate(trials, LEAK_FREE, sparsity=s, scorer="align_uniform", combine=combine, normalize=normalize)
         t = paired(ours, ctrl, 0)
         rows.append({"sparsity": s, "n": t["n"], "mean": _mean(ours), "control": _mean(ctrl), "diff": t["diff"],
                      "lo": t.get("lo"), "hi": t.get("hi")})
@@ -141,9 +145,7 @@ def summary(runs: list[dict], kind: str) -> list[dict]:
                      "why": (sel.get("rule_detail") or {}).get("why"), "test": (sel.get("test") or {}).get("avg"),
                      "control_test": (ctrl.get("test") or {}).get("avg"),
                      "failed": [f["trial"] for f in run.get("failed") or []],
-                     "transfer": {name: t.get("avg") for name, t in (run.get("transfer") or {}).items()
-                                  if isinstance(t, dict)},
-                     "transfer_tasks": run.get("transfer") or {}})
+                     "transfer": run.get("transfer") or {}})
     return rows
 
 
@@ -173,7 +175,7 @@ def markdown(result: dict) -> str:
                          f"{f(r['magnitude'])} | {f(r['control'])} | {_fmt(r.get('H1'))} | {_fmt(r['H2'])} | "
                          f"{_fmt(r['H3'])} |")
         lines.append("")
-    lines += [f"**Leak-free** ({LEAK_FREE} test alone, primary cell against the control; descriptive, 95 % t "
+    lines += [f"**Leak-free** ({LEAK_FREE.split('/')[1]} test alone, primary cell against the control; descriptive, 95 % t "
               "interval, no test)", "", "| sparsity | n | paper | control | difference |", "|---:|---:|---:|---:|---|"]
     lines += [f"| {r['sparsity']:.0%} | {r['n']} | {f(r['mean'])} | {f(r['control'])} | "
               f"{_ci(r)} |" for r in result["leak_free"]]
@@ -181,8 +183,8 @@ def markdown(result: dict) -> str:
     for r in result.get("runs", []):
         lines.append(f"- {r['kind']} replicate {r['replicate']}: rule {r['rule']} chose {r['chosen']} — test "
                      f"{f(r['test'])} against the control's {f(r['control_test'])}"
-                     + (f"; failed: {', '.join(map(str, r['failed']))}" if r["failed"] else "")
-                     + ("; transfer avg " + ", ".join(f"{k} {f(v)}" for k, v in r["transfer"].items())
+                     + (f"; failed: {', '.join(r['failed'])}" if r["failed"] else "")
+                     + ("; transfer avg " + ", ".join(f"{k} {f(v.get('avg'))}" for k, v in r["transfer"].items())
                         if r["transfer"] else ""))
     return "\n".join(lines)
 
@@ -195,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="bench-results/study.json")
     a = ap.parse_args(argv)
     free, lab = _runs(a.labelfree), _runs(a.labelled)
-    result = analyse([t for r in free for t in r["trials"]], [t for r in lab for t in r["trials"]], a.sparsities)
+    result = analyse(_trials(free), _trials(lab), a.sparsities)
     result["runs"] = summary(free, "label-free") + summary(lab, "labelled")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(a.out, json.dumps(result, indent=1, default=str))
