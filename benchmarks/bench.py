@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 from sparsecse import SparseCSEError
-from sparsecse.checkpoints import dir_bytes
-from sparsecse.io import atomic_write_json
-from sparsecse.plan import Shape
-from sparsecse.sweep import TRIAL_EXPERIMENTS
+from sparsecse.core.checkpoints import dir_bytes
+from sparsecse.core.io import atomic_write_json
+from sparsecse.run.plan import Shape
+from sparsecse.run.sweep import TRIAL_EXPERIMENTS
 
 
 def machine() -> str:
@@ -97,9 +97,9 @@ def bench_train(data_dir: Path, reps: int, steps: int = 3, batch: int = 64, max_
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
     from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
 
-    from sparsecse.data import collate
-    from sparsecse.model import default_model_path, load_encoder
-    from sparsecse.train import make_optimizer, simcse_loss
+    from sparsecse.method.data import collate
+    from sparsecse.method.model import default_model_path, load_encoder
+    from sparsecse.method.train import make_optimizer, simcse_loss
 
     sents = _sentences(data_dir, batch * steps)
     batches = [sents[i * batch:(i + 1) * batch] for i in range(steps)]
@@ -178,7 +178,7 @@ def eval_token_work(enc, data_dir: Path, tasks: tuple[str, ...]) -> dict:
     """How much the two eval arms must compute: token slots through the encoder. The peer encodes both sides of
     every pair, padded to the longest in its 64-pair batch; ours encodes each unique sentence once, real tokens
     only. Their ratio bounds the speed-up either arm can get at equal GFLOP/s (attention aside)."""
-    from sparsecse.data import load_sts_task
+    from sparsecse.method.data import load_sts_task
 
     pairs = [p for t in tasks for p in load_sts_task(data_dir, t).values()]
     sents = list(dict.fromkeys(x for p in pairs for x in (*p.s1, *p.s2)))
@@ -207,9 +207,9 @@ def bench_eval(data_dir: Path, reps: int, tasks: tuple[str, ...], before: bool =
     `before` adds our evaluator with the padded forward; `onnx` = (export dir, ONNX file) adds our evaluator on
     that ONNX model through ONNX Runtime (`sparsecse eval --backend onnx`; a different model, so its STS figures
     are reported beside the peer's, not compared with them)."""
-    from sparsecse.data import load_sts_task
-    from sparsecse.evaluate import aggregate_all, evaluate_sts
-    from sparsecse.model import load_encoder
+    from sparsecse.method.data import load_sts_task
+    from sparsecse.method.evaluate import aggregate_all, evaluate_sts
+    from sparsecse.method.model import load_encoder
 
     enc = load_encoder("minilm", pooler="avg").to(device).eval()
     res = {}
@@ -252,7 +252,7 @@ def bench_eval(data_dir: Path, reps: int, tasks: tuple[str, ...], before: bool =
     if before:
         arms["ours_before"] = ours_arm(False, "ours_before")
     if onnx:
-        from sparsecse.deploy import OnnxEncoder
+        from sparsecse.ops.onnx_export import OnnxEncoder
 
         ort_enc = OnnxEncoder(onnx[0], onnx[1], pooler="avg", threads=torch.get_num_threads())
 
@@ -288,11 +288,11 @@ def bench_inference(data_dir: Path, reps: int, sparsities=(0.1, 0.3, 0.5), n: in
     off, then on) and int8 — each step's speed-up over the baseline in the same run — and STS-B test beside each."""
     from sentence_transformers import SentenceTransformer
 
-    from sparsecse.deploy import INT8_FILE, OnnxEncoder
-    from sparsecse.evaluate import encode, evaluate_sts
-    from sparsecse.export import export_model
-    from sparsecse.model import load_encoder
-    from sparsecse.prune import rewind, select_masks
+    from sparsecse.ops.onnx_export import INT8_FILE, OnnxEncoder
+    from sparsecse.method.evaluate import encode, evaluate_sts
+    from sparsecse.ops.export import export_model
+    from sparsecse.method.model import load_encoder
+    from sparsecse.method.prune import rewind, select_masks
 
     sents = _sentences(data_dir, n)
     threads = torch.get_num_threads()
@@ -337,18 +337,31 @@ def bench_inference(data_dir: Path, reps: int, sparsities=(0.1, 0.3, 0.5), n: in
     return out
 
 
+def _transfer_oracle():
+    """The one-fit-after-another classifier the batched one is checked against; it lives with the tests."""
+    import sys
+
+    tests = str(Path(__file__).resolve().parent.parent / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    from transfer_oracle import PYTORCH_SEQUENTIAL
+
+    return PYTORCH_SEQUENTIAL
+
+
 def bench_transfer(data_dir: Path, reps: int, max_examples: int | None, arms: tuple[str, ...],
                    tasks: tuple[str, ...] | None = None) -> dict:
     """The transfer tasks of the packaged MiniLM at SimCSE's protocol: every fit of a task at once (`batched`,
-    transfer_batched.py) against one fit after another (`sequential`), per task, arms alternating; sentences encoded
+    sparsecse/method/classifier.py) against one fit after another (`sequential`, the tests' oracle), per task, arms alternating; sentences encoded
     once beforehand (timed apart) and shared by the arms; `batched-bf16` runs the batched classifiers on embeddings
     encoded under bf16 autocast (its encoding timed beside fp32's). `max_examples` subsamples each split (the
     sequential arm takes many minutes a task at full size)."""
-    from sparsecse.config import TRANSFER_TASKS
-    from sparsecse.evaluate import encode
-    from sparsecse.model import default_model_path, load_encoder
-    from sparsecse.transfer import load_tasks, task_sentences, transfer_scores
+    from sparsecse.core.config import TRANSFER_TASKS
+    from sparsecse.method.evaluate import encode
+    from sparsecse.method.model import default_model_path, load_encoder
+    from sparsecse.method.transfer import load_tasks, task_sentences, transfer_scores
 
+    sequential = _transfer_oracle()
     enc = load_encoder(default_model_path(), pooler="cls_before_pooler")
     loaded = load_tasks(data_dir, tuple(tasks or TRANSFER_TASKS), max_examples)
     embs, encode_s = {}, {}
@@ -357,7 +370,7 @@ def bench_transfer(data_dir: Path, reps: int, max_examples: int | None, arms: tu
         embs[precision] = encode(enc, task_sentences(loaded), batch_size=128, pooler="cls_before_pooler",
                                  precision=precision)
         encode_s[precision] = time.perf_counter() - t0
-    names = {"batched": ("pytorch", "fp32"), "sequential": ("pytorch-sequential", "fp32"),
+    names = {"batched": ("pytorch", "fp32"), "sequential": (sequential, "fp32"),
              "batched-bf16": ("pytorch", "bf16")}
     rows, scores = {}, {a: {} for a in arms}
     for t, task in loaded.items():
@@ -388,7 +401,7 @@ def list_schedule(durations: list[float], slots: int) -> float:
 def _trial_records(run: Path) -> list[dict]:
     """Every trial of a finished sweep (tune/ and, for sweep.search=optuna, tune-control/), each as its last
     record: the end time, the trial's own time, steps trained, best dev so far, whether it was evaluated on test."""
-    from sparsecse.results import DEV, TrialResult
+    from sparsecse.core.results import DEV, TrialResult
 
     out = []
     for p in sorted(p for sub in TRIAL_EXPERIMENTS for p in (run / sub).rglob("result.json")):
@@ -658,7 +671,7 @@ def markdown(r: dict) -> str:
 def build_parser():
     import argparse
 
-    from sparsecse.config import STS_TASKS
+    from sparsecse.core.config import STS_TASKS
 
     b = argparse.ArgumentParser(prog="python -m benchmarks.bench",
                                 description="benchmarks against peers measured in the same run (BENCHMARKS.md rows)")
@@ -692,7 +705,7 @@ def build_parser():
 def run_bench(a, argv: list[str]) -> None:
     import shlex
 
-    from sparsecse.data import resolve_data_dir
+    from sparsecse.method.data import resolve_data_dir
 
     if a.device == "cuda" and not torch.cuda.is_available():
         raise SparseCSEError("--device cuda: no CUDA GPU is visible to torch here; drop --device or run on a GPU "

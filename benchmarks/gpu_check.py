@@ -43,7 +43,7 @@ def random_encoder(shape: str, where: Path) -> Path:
     """A randomly initialised BERT of `shape` with the packaged MiniLM tokenizer, saved as an HF directory."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from sparsecse.model import default_model_path
+    from sparsecse.method.model import default_model_path
 
     torch.manual_seed(0)
     BertModel(BertConfig(vocab_size=30522, max_position_embeddings=128, **SHAPES[shape]),
@@ -65,7 +65,7 @@ def synthetic_data(where: Path, n: int = 512) -> Path:
 
 
 def check_device(device: str) -> str:
-    from sparsecse.stages import task_device
+    from sparsecse.run.stages import task_device
 
     if torch.device(device).type == "cuda":
         got = task_device(1)
@@ -79,7 +79,7 @@ def check_device(device: str) -> str:
 
 
 def check_batches() -> str:
-    from sparsecse.train import global_batches, rank_slice
+    from sparsecse.method.train import global_batches, rank_slice
 
     for world in range(1, 9):
         for n in range(world * 2, 200, 7):
@@ -90,8 +90,8 @@ def check_batches() -> str:
 
 
 def check_resume(model: Path, data: Path, device: str, work: Path) -> str:
-    from sparsecse.config import load_config
-    from sparsecse.train import Dist, OnReport, train_simcse
+    from sparsecse.core.config import load_config
+    from sparsecse.method.train import Dist, OnReport, train_simcse
 
     cfg = load_config(None, [f"model.name={model}", "data.train_file=wiki/wiki1m_sample.txt", "train.batch_size=16",
                              "train.max_len=32", "train.max_steps=4", "train.eval_steps=2", "train.eval_max_pairs=64",
@@ -118,9 +118,9 @@ def check_resume(model: Path, data: Path, device: str, work: Path) -> str:
 def step_time(model: Path, data: Path, device: str, precision: str, steps: int, batch: int = 64,
               max_len: int = 32) -> dict:
     """Median SimCSE step time at `batch` × `max_len` of the encoder at `model`, and its MFU."""
-    from sparsecse.data import collate
-    from sparsecse.model import load_encoder
-    from sparsecse.train import make_optimizer, simcse_loss
+    from sparsecse.method.data import collate
+    from sparsecse.method.model import load_encoder
+    from sparsecse.method.train import make_optimizer, simcse_loss
 
     enc = load_encoder(str(model), pooler="cls").to(device).train()
     opt = make_optimizer([p for p in enc.parameters() if p.requires_grad], 3e-5, 0.0, device)

@@ -31,12 +31,12 @@ def _timed(fn, sentences) -> float:
 def run(model_dir: str, data_dir: Path, out: Path, sparsity: float = 0.3) -> dict:
     from sentence_transformers import SentenceTransformer
 
-    from sparsecse.data import read_lines, unlabeled_pairs
-    from sparsecse.evaluate import evaluate_sts
-    from sparsecse.export import export_model
-    from sparsecse.model import load_encoder
-    from sparsecse.prune import encoder_params, select_masks
-    from sparsecse.score import compute_scores
+    from sparsecse.method.data import read_lines, unlabeled_pairs
+    from sparsecse.method.evaluate import evaluate_sts
+    from sparsecse.ops.export import export_model
+    from sparsecse.method.model import load_encoder
+    from sparsecse.method.prune import encoder_params, select_masks
+    from sparsecse.method.score import compute_scores
 
     enc = load_encoder(model_dir, pooler="avg").eval()
     res = {"model": model_dir, "sparsity": sparsity, "threads": torch.get_num_threads()}

@@ -25,8 +25,8 @@ import json
 import sys
 from pathlib import Path
 
-from sparsecse.io import atomic_write_text
-from sparsecse.stats import correct_family, holm, noninferior, paired
+from sparsecse.core.io import atomic_write_text
+from sparsecse.study.stats import correct_family, holm, noninferior, paired
 
 MARGIN = 0.5
 H1_SPARSITIES = (0.02, 0.1)
@@ -38,7 +38,7 @@ LEAK_FREE = "test/SICKRelatedness"  # no pair shared with STS-B dev or the scori
 def _runs(uris: str) -> list[dict]:
     """The results of one or more runs (comma-separated): run directories or storage URIs holding results.json, or
     a results JSON file itself (the per-replicate runs' copies kept in docs/study-results/)."""
-    from sparsecse.storage import Storage
+    from sparsecse.core.storage import Storage
 
     runs = []
     for uri in filter(None, uris.split(",")):

@@ -10,9 +10,9 @@ import json
 import sys
 from pathlib import Path
 
+from .core.config import POOLERS, SCORERS, STS_TASKS, TRANSFER_TASKS, ScoreConfig, TrainConfig
+from .core.outputs import claim
 from . import RunFailed, SparseCSEError, __version__
-from .outputs import claim
-from .config import POOLERS, SCORERS, STS_TASKS, TRANSFER_TASKS, ScoreConfig, TrainConfig
 
 
 def _tasks(spec: list[str] | None) -> tuple[list[str], list[str]]:
@@ -69,9 +69,9 @@ def _threads(n: int | None) -> None:
 
 
 def cmd_train(a) -> int:
-    from .config import load_config
-    from .data import resolve_data_dir
-    from .train import train_simcse
+    from .core.config import load_config
+    from .method.data import resolve_data_dir
+    from .method.train import train_simcse
 
     cfg = load_config(a.config, a.set)
     data_dir = resolve_data_dir(a.data_dir or cfg.data.dir)
@@ -84,11 +84,11 @@ def cmd_train(a) -> int:
 def cmd_eval(a) -> int:
     import numpy as np
 
-    from .data import resolve_data_dir
-    from .evaluate import evaluate_sts
-    from .tables import task_table
-    from .io import atomic_write_json
-    from .model import load_encoder
+    from .method.data import resolve_data_dir
+    from .method.evaluate import evaluate_sts
+    from .core.tables import task_table
+    from .core.io import atomic_write_json
+    from .method.model import load_encoder
 
     _threads(a.threads)
     sts, transfer = _tasks(a.tasks)
@@ -96,7 +96,7 @@ def cmd_eval(a) -> int:
     if a.json:
         claim(a.json, "results", overwrite=a.overwrite, flag="--json")
     if a.backend == "onnx":
-        from .deploy import OnnxEncoder
+        from .ops.onnx_export import OnnxEncoder
 
         if a.precision != "fp32":
             raise SparseCSEError("--precision bf16 runs the torch backend under autocast; an ONNX model keeps the "
@@ -112,7 +112,7 @@ def cmd_eval(a) -> int:
         results.update({t: r[t] for t in sts})
         results["avg"] = r["avg"]
     if transfer:
-        from .transfer import evaluate_transfer
+        from .method.transfer import evaluate_transfer
 
         tr = evaluate_transfer(enc, data_dir, tasks=tuple(transfer), pooler=a.pooler, progress=True,
                                classifier=a.transfer_classifier, precision=a.precision)
@@ -128,9 +128,9 @@ def cmd_eval(a) -> int:
 
 
 def cmd_score(a) -> int:
-    from .data import load_stsb, resolve_data_dir
-    from .model import load_encoder
-    from .score import compute_scores, save_scores
+    from .method.data import load_stsb, resolve_data_dir
+    from .method.model import load_encoder
+    from .method.score import compute_scores, save_scores
 
     _threads(a.threads)
     data_dir = resolve_data_dir(a.data_dir)
@@ -147,11 +147,11 @@ def cmd_score(a) -> int:
 
 
 def cmd_prune(a) -> int:
-    from .config import load_config
-    from .data import resolve_data_dir
-    from .model import load_encoder, weights_fingerprint
-    from .prune import check_compatible, rewind, select_masks
-    from .score import load_scores
+    from .core.config import load_config
+    from .method.data import resolve_data_dir
+    from .method.model import load_encoder, weights_fingerprint
+    from .method.prune import check_compatible, rewind, select_masks
+    from .method.score import load_scores
 
     if not 0.0 <= a.sparsity < 1.0:
         raise SparseCSEError(f"--sparsity {a.sparsity}: must be in [0, 1) (the fraction of heads/neurons removed)")
@@ -174,14 +174,14 @@ def cmd_prune(a) -> int:
             "pretrained": a.pretrained, "scores": str(a.scores),
             "scores_fingerprint": scores.meta.get("model_fingerprint"), "eval_pooler": cfg.model.eval_pooler}
     if a.retrain:
-        from .train import train_simcse
+        from .method.train import train_simcse
 
         data_dir = resolve_data_dir(a.data_dir or cfg.data.dir)
         res = train_simcse(cfg, out, data_dir, init=enc, meta=meta, tb_dir=out / "tensorboard")
         print(f"rewound + retrained {res.steps} steps at sparsity {a.sparsity}, λ={a.lam}; "
               f"best STS-B dev {res.best_dev:.2f} -> {res.best_dir}")
     else:
-        from .model import save_encoder
+        from .method.model import save_encoder
 
         save_encoder(enc, out / "masked", meta)
         print(f"masked (rewound, not retrained) model -> {out / 'masked'}")
@@ -189,8 +189,8 @@ def cmd_prune(a) -> int:
 
 
 def cmd_export(a) -> int:
-    from .data import resolve_data_dir
-    from .export import export_model, export_from_run, is_run
+    from .method.data import resolve_data_dir
+    from .ops.export import export_model, export_from_run, is_run
 
     data_dir = resolve_data_dir(a.data_dir) if a.data_dir else None
     claim(a.out, "export", overwrite=a.overwrite)
@@ -228,13 +228,13 @@ def _results_file(path: str) -> dict:
 
 
 def cmd_sweep(a) -> int:
-    from .sweep import run_sweep
+    from .run.sweep import run_sweep
 
     if a.resume and a.resume_if_exists:
         raise SparseCSEError("--resume and --resume-if-exists: pass one (--resume-if-exists also starts a new sweep)")
     resume = "auto" if a.resume_if_exists else a.resume
     if a.check:
-        from .sweep import check_run
+        from .run.sweep import check_run
 
         print(check_run(a.config, a.set, resume, a.out, a.data_dir))
         return 0
@@ -243,7 +243,7 @@ def cmd_sweep(a) -> int:
 
 
 def cmd_stage(a) -> int:
-    from .staging import stage
+    from .core.staging import stage
 
     out = stage(a.to, Path(a.data_dir).expanduser() if a.data_dir else None, a.model)
     print("[stage] point the config at the staged copies: " + " ".join(f"--set {k}={v}" for k, v in out.items()))
@@ -251,14 +251,14 @@ def cmd_stage(a) -> int:
 
 
 def cmd_k8s_submit(a) -> int:
-    from .k8s import submit
+    from .ops.k8s import submit
 
     print(submit(a.file, a.namespace, a.timeout_s, a.kubectl))
     return 0
 
 
 def cmd_split_model(a) -> int:
-    from .split_models import fetch_model
+    from .ops.split_models import fetch_model
 
     print(f"[model] {a.name} -> {fetch_model(a.name, a.to)}")
     return 0
@@ -267,11 +267,11 @@ def cmd_split_model(a) -> int:
 def cmd_plan(a) -> int:
     from dataclasses import asdict
 
-    from .config import load_config
-    from .data import default_data_dir
-    from .plan import make_plan, render
+    from .core.config import load_config
+    from .method.data import default_data_dir
+    from .run.plan import make_plan, render
 
-    from .staging import is_staged_uri
+    from .core.staging import is_staged_uri
 
     cfg = load_config(a.config, a.set)
     given = a.data_dir or cfg.data.dir
@@ -282,9 +282,9 @@ def cmd_plan(a) -> int:
 
 
 def cmd_fetch(a) -> int:
-    from .fetch import DEFAULT_BASE_URL, fetch
+    from .core.fetch import DEFAULT_BASE_URL, fetch
 
-    from .data import default_data_dir
+    from .method.data import default_data_dir
 
     data_dir = default_data_dir(a.data_dir)
     for p in fetch(data_dir, base_url=a.base_url or DEFAULT_BASE_URL, progress=not a.quiet):
@@ -293,13 +293,13 @@ def cmd_fetch(a) -> int:
 
 
 def cmd_pilot(a) -> int:
-    from .data import resolve_data_dir
-    from .io import atomic_write_bytes, atomic_write_json
-    from . import figures
-    from .model import load_encoder, weights_fingerprint
-    from .pilot import pilot, sparsities_with_zero
-    from .prune import check_compatible
-    from .score import load_scores
+    from .method.data import resolve_data_dir
+    from .core.io import atomic_write_bytes, atomic_write_json
+    from .study import figures
+    from .method.model import load_encoder, weights_fingerprint
+    from .study.pilot import pilot, sparsities_with_zero
+    from .method.prune import check_compatible
+    from .method.score import load_scores
 
     _threads(a.threads)
     for s in a.sparsities:
@@ -315,9 +315,9 @@ def cmd_pilot(a) -> int:
     tasks = a.tasks or list(STS_TASKS)
     simcse = None
     if "simcse" in a.scorers:  # SimCSE's own InfoNCE Taylor score, on unlabeled sentences
-        from .config import DataConfig
-        from .data import train_path, unlabeled_pairs
-        from .score import compute_infonce_scores
+        from .core.config import DataConfig
+        from .method.data import train_path, unlabeled_pairs
+        from .method.score import compute_infonce_scores
 
         sents = unlabeled_pairs(train_path(DataConfig.train_file, data_dir), 1024, a.seed).s1
         simcse = compute_infonce_scores(enc, sents, max_len=TrainConfig.max_len, pooler="cls")
@@ -325,7 +325,7 @@ def cmd_pilot(a) -> int:
                  readings=ScoreConfig(combine=tuple(dict.fromkeys(a.combine)),
                                       normalize=tuple(dict.fromkeys(a.normalize))).allocations,
                  seed=a.seed, simcse_scores=simcse, sts={"tasks": tuple(tasks), "pooler": a.pooler})
-    from .report import pilot_table
+    from .study.report import pilot_table
 
     md, png = pilot_table(rows, tasks), figures.png(figures.pilot(rows))
     print(md)
@@ -369,9 +369,9 @@ def _model_commands(sub, poolers) -> None:
     e.add_argument("--model", required=True)
     e.add_argument("--pooler", choices=poolers)
     e.add_argument("--tasks", nargs="+", help="sts (default), transfer, all, or task names")
-    e.add_argument("--transfer-classifier", choices=["pytorch", "pytorch-sequential", "sklearn"], default="pytorch",
+    e.add_argument("--transfer-classifier", choices=["pytorch", "sklearn"], default="pytorch",
                    help="pytorch: SimCSE's protocol (SentEval usepytorch, Adam + early stopping), every fit of a task "
-                        "at once; pytorch-sequential: the same, one fit after another; sklearn: SentEval's "
+                        "at once; sklearn: SentEval's "
                         "scikit-learn logistic regression")
     e.add_argument("--data-dir")
     e.add_argument("--json", help="write the scores to this JSON file")
@@ -524,7 +524,7 @@ def entry() -> None:
     cloud SDK's exit hooks would wait for it too, and the one-line error would be followed by a hang)."""
     import os
 
-    from .storage import abandoned_probes
+    from .core.storage import abandoned_probes
 
     code = main()
     if abandoned_probes():

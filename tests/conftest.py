@@ -33,7 +33,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random BertModel + the packaged MiniLM tokenizer, as an HF directory."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from sparsecse.model import default_model_path
+    from sparsecse.method.model import default_model_path
 
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -48,7 +48,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def tiny(tiny_model_dir):
-    from sparsecse.model import load_encoder
+    from sparsecse.method.model import load_encoder
 
     return load_encoder(str(tiny_model_dir), pooler="cls_before_pooler").eval()
 

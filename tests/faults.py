@@ -17,7 +17,7 @@ import os
 import signal
 import time
 
-from sparsecse.train import Callback
+from sparsecse.method.train import Callback
 
 ENV = {"SPARSECSE_CALLBACKS": "faults:Faults"}
 

@@ -29,9 +29,9 @@ def ws(tmp_path_factory, tiny_model_dir, tiny_data_dir):
     """The user's workspace (see the module docstring)."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from sparsecse.data import load_stsb
-    from sparsecse.model import load_encoder
-    from sparsecse.score import compute_scores, save_scores
+    from sparsecse.method.data import load_stsb
+    from sparsecse.method.model import load_encoder
+    from sparsecse.method.score import compute_scores, save_scores
 
     w = tmp_path_factory.mktemp("ws")
     (w / "notes.txt").write_text("my thesis notes\n")
@@ -247,7 +247,7 @@ def test_a_refused_sweep_leaves_nothing_that_blocks_the_corrected_rerun(ws, tiny
                                                                          monkeypatch):
     """Refused after it opened --out (its tracker already made mlflow/ there): the run directory is left empty, so
     the rerun with the address fixed is not told "already holds something" or "a different config"."""
-    from sparsecse.sweep import open_run
+    from sparsecse.run.sweep import open_run
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     out = ws / "refused"
@@ -256,7 +256,7 @@ def test_a_refused_sweep_leaves_nothing_that_blocks_the_corrected_rerun(ws, tiny
                         "--address", "127.0.0.1:1"], capsys)
     assert rc == 2 and "no Ray cluster answers" in err
     assert not out.exists() or not any(out.iterdir())
-    from sparsecse.config import load_config
+    from sparsecse.core.config import load_config
 
     fixed = load_config(ws / "quick.yaml", [f"model.name={tiny_model_dir}", "sweep.sparsities=[0, 0.1]"])
     store, state, resume = open_run(str(out), fixed, False)  # another config, no --resume: accepted
@@ -288,7 +288,7 @@ def _fields():
     from dataclasses import fields
     from typing import get_type_hints
 
-    from sparsecse.config import Config
+    from sparsecse.core.config import Config
 
     out = []
     for sec in fields(Config):
@@ -332,7 +332,7 @@ def test_any_wrong_typed_value_for_any_config_field_is_one_line_naming_it(ws, ca
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    from sparsecse.config import LEGACY_VALUES
+    from sparsecse.core.config import LEGACY_VALUES
 
     scalars = st.one_of(st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True, allow_infinity=True),
                         st.text(min_size=1, max_size=12))

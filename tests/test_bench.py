@@ -47,8 +47,8 @@ def test_bench_eval_peer_and_ours_agree(tiny_data_dir):
 
 def test_bench_eval_onnx_arm(tiny_data_dir, tiny_model_dir, tmp_path):
     """The eval row's ONNX arm: our evaluator on an ONNX export through ONNX Runtime, timed beside the peer."""
-    from sparsecse.export import export_model
-    from sparsecse.model import load_encoder
+    from sparsecse.ops.export import export_model
+    from sparsecse.method.model import load_encoder
 
     pdir = export_model(load_encoder(str(tiny_model_dir)), tmp_path / "e", onnx=True, quantize=False) / "pruned"
     r = bench.bench_eval(tiny_data_dir, reps=1, tasks=("STSBenchmark",), warmup=0, onnx=(str(pdir), "onnx/model.onnx"))

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_storage_on_s3_and_local_round_trips(s3, tmp_path):
     from sparsecse import SparseCSEError
-    from sparsecse.storage import Storage
+    from sparsecse.core.storage import Storage
 
     src = tmp_path / "d"
     (src / "sub").mkdir(parents=True)
@@ -149,8 +149,8 @@ def job(private_tmp_cluster, node_inputs, s3, tmp_path_factory):
     trial runs on the worker node (it has reported, so its checkpoint is in the bucket), that node dies: raylet and
     workers SIGKILLed (issue 7, fault 5). The finished job, for the tests below. (The last user of this module's
     cluster: it has one node left afterwards.)"""
-    from sparsecse.staging import stage
-    from sparsecse.storage import Storage
+    from sparsecse.core.staging import stage
+    from sparsecse.core.storage import Storage
 
     c, tmp = private_tmp_cluster, tmp_path_factory.mktemp("job")
     cfg = _write_cfg(tmp / "job.yaml", node_inputs / "model", sparsities=(0.1, 0.2), lams=(0.5,))

@@ -118,7 +118,7 @@ def test_rayjob_entrypoint_resumes_and_names_files_the_image_has():
     rel = config.relative_to(workdir)
     assert rel.parts[0] in copied and (REPO / rel).is_file(), config
     # the sweep config parses (the image carries this checkout's sweeps/)
-    from sparsecse.config import load_config
+    from sparsecse.core.config import load_config
 
     load_config(REPO / rel)
 
@@ -240,7 +240,7 @@ def test_the_grafana_dashboard_plots_the_sweeps_metrics_beside_rays_own():
     as Ray's exporter prefixes it) or one Ray 2.60's own node agent exports; the trials' metrics are all plotted."""
     import ray
 
-    from sparsecse.ray_adapter import METRICS
+    from sparsecse.run.ray_adapter import METRICS
 
     dash = json.loads((CLUSTER / "grafana-sparsecse.json").read_text())
     ours = {f"ray_sparsecse_{stage}_{name}" for stage in ("trial", "stage1") for name in METRICS}

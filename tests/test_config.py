@@ -2,7 +2,7 @@
 import pytest
 
 from sparsecse import SparseCSEError
-from sparsecse.config import config_from_dict, load_config
+from sparsecse.core.config import config_from_dict, load_config
 
 
 def test_round_trip_through_yaml(tmp_path):
@@ -60,7 +60,7 @@ def test_from_dict_rejects_non_mapping():
 def test_trials_and_scoring_compute_on_the_gpu_ray_gives_them(monkeypatch):
     import torch
 
-    from sparsecse.stages import task_device
+    from sparsecse.run.stages import task_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert task_device(0.2) == "cuda" and task_device(1) == "cuda"
@@ -72,8 +72,8 @@ def test_trials_and_scoring_compute_on_the_gpu_ray_gives_them(monkeypatch):
 
 
 def test_resume_accepts_a_sweep_saved_before_a_defaulted_field_existed():
-    from sparsecse.config import load_config
-    from sparsecse.sweep import _stage1_fp, upgrade_state
+    from sparsecse.core.config import load_config
+    from sparsecse.run.sweep import _stage1_fp, upgrade_state
 
     cfg = load_config("sweeps/quickstart.yaml")
     old = cfg.to_dict()
@@ -93,8 +93,8 @@ def test_resume_accepts_a_sweep_saved_before_a_defaulted_field_existed():
 
 
 def test_asha_is_measured_in_training_steps_and_never_judges_a_finished_trial():
-    from sparsecse.ray_adapter import rung
-    from sparsecse.sweep import asha_settings
+    from sparsecse.run.ray_adapter import rung
+    from sparsecse.run.sweep import asha_settings
 
     assert asha_settings(load_config(None)) is None
     a = asha_settings(load_config(None, ["sweep.scheduler=asha", "train.eval_steps=125", "train.max_steps=15625"]))
@@ -106,9 +106,9 @@ def test_asha_is_measured_in_training_steps_and_never_judges_a_finished_trial():
 
 def test_optuna_search_settings_are_checked():
     from sparsecse import SparseCSEError
-    from sparsecse.config import load_config
-    from sparsecse.results import Point
-    from sparsecse.sweep import check_config, search_space
+    from sparsecse.core.config import load_config
+    from sparsecse.core.results import Point
+    from sparsecse.run.sweep import check_config, search_space
 
     cfg = load_config(None, ["sweep.search=optuna", "sweep.num_samples=5", "sweep.sparsity_range=[0.02, 0.4]",
                              "sweep.seeds=[3, 4]"])
@@ -130,8 +130,8 @@ def test_optuna_search_settings_are_checked():
 def test_score_readings_run_exactly_the_listed_readings_of_the_paper_score():
     """score.readings: the paper's formula and StarK's side by side, without the two mixed readings a
     combine × normalize grid would add; the controls run under each normalize value."""
-    from sparsecse.config import config_from_dict
-    from sparsecse.results import grid_points
+    from sparsecse.core.config import config_from_dict
+    from sparsecse.core.results import grid_points
 
     cfg = load_config(None, ["score.combine=[gradient, score]", "score.normalize=[none, layer]",
                              "score.readings=[[gradient, none], [score, layer]]", "sweep.sparsities=[0, 0.1]",

@@ -7,10 +7,10 @@ import torch.nn.functional as F
 from scipy import stats
 
 from sparsecse import SparseCSEError
-from sparsecse.evaluate import aggregate_all, spearman
-from sparsecse.losses import alignment, info_nce, uniformity
-from sparsecse.prune import count_pruned, lowest_mask, select_masks
-from sparsecse.score import combine
+from sparsecse.method.evaluate import aggregate_all, spearman
+from sparsecse.method.losses import alignment, info_nce, uniformity
+from sparsecse.method.prune import count_pruned, lowest_mask, select_masks
+from sparsecse.method.score import combine
 
 
 def test_info_nce_equals_hand_built_cross_entropy():

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from sparsecse import SparseCSEError
-from sparsecse.data import load_sick, load_sts_year, load_stsb, resolve_data_dir
+from sparsecse.method.data import load_sick, load_sts_year, load_stsb, resolve_data_dir
 
 
 def run_cli(*args, env=None, cwd=None):
@@ -97,8 +97,8 @@ def test_cli_user_errors(tmp_path, data_dir, args, needle):
 
 
 def test_corpus_errors(tmp_path, tiny_model_dir):
-    from sparsecse.data import load_corpus
-    from sparsecse.model import load_encoder
+    from sparsecse.method.data import load_corpus
+    from sparsecse.method.model import load_encoder
 
     tok = load_encoder(str(tiny_model_dir)).tokenizer
     empty = tmp_path / "empty.txt"
@@ -134,7 +134,7 @@ def _serve(directory: Path):
 
 
 def test_data_fetch_from_local_http_server(tmp_path):
-    from sparsecse.fetch import fetch
+    from sparsecse.core.fetch import fetch
 
     src = tmp_path / "srv"
     src.mkdir()
@@ -168,7 +168,7 @@ def test_data_fetch_from_local_http_server(tmp_path):
 
 @pytest.mark.parametrize("member", ["../evil.txt", "senteval/../../evil2.txt", "link:senteval/STS/ln"])
 def test_data_fetch_refuses_an_archive_that_writes_outside_the_data_dir(tmp_path, member):
-    from sparsecse.fetch import fetch
+    from sparsecse.core.fetch import fetch
 
     src = tmp_path / "srv"
     src.mkdir()

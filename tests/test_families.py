@@ -38,7 +38,7 @@ def _config(family: str):
 def family_dir(request, tmp_path_factory):
     from transformers import AutoModel, AutoTokenizer
 
-    from sparsecse.model import default_model_path
+    from sparsecse.method.model import default_model_path
 
     torch.manual_seed(0)
     model = AutoModel.from_config(_config(request.param))
@@ -52,7 +52,7 @@ SENTENCES = ["a man is playing a guitar .", "the cat sleeps on the warm mat", "s
 
 
 def _encoder(d, pooler="cls_before_pooler"):
-    from sparsecse.model import load_encoder
+    from sparsecse.method.model import load_encoder
 
     return load_encoder(str(d), pooler=pooler).eval()
 
@@ -71,7 +71,7 @@ def _states(enc, batch):
 
 @pytest.mark.parametrize("full_layer", [False, True])
 def test_masked_equals_zeroed_equals_physically_pruned(family_dir, full_layer):
-    from sparsecse.prune import encoder_params, physical_prune, zero_pruned_weights
+    from sparsecse.method.prune import encoder_params, physical_prune, zero_pruned_weights
 
     family, d = family_dir
     enc = _encoder(d)
@@ -118,8 +118,8 @@ def test_mask_gradients_equal_finite_differences(family_dir):
 
 
 def test_the_magnitude_control_scores_each_unit_by_its_own_weights(family_dir):
-    from sparsecse.model import head_dim
-    from sparsecse.score import magnitude_importance
+    from sparsecse.method.model import head_dim
+    from sparsecse.method.score import magnitude_importance
 
     family, d = family_dir
     enc = _encoder(d)
@@ -140,7 +140,7 @@ def test_export_loads_in_automodel_and_sentence_transformers_with_the_masked_emb
     from sentence_transformers import SentenceTransformer
     from transformers import AutoModel
 
-    from sparsecse.export import export_model
+    from sparsecse.ops.export import export_model
 
     family, d = family_dir
     enc = _encoder(d)
@@ -159,9 +159,9 @@ def test_export_loads_in_automodel_and_sentence_transformers_with_the_masked_emb
 
 
 def test_one_simcse_step_trains_every_family(family_dir, tiny_data_dir, tmp_path):
-    from sparsecse.config import load_config
-    from sparsecse.model import load_encoder
-    from sparsecse.train import train_simcse
+    from sparsecse.core.config import load_config
+    from sparsecse.method.model import load_encoder
+    from sparsecse.method.train import train_simcse
 
     family, d = family_dir
     cfg = load_config(None, [f"model.name={d}", "train.batch_size=8", "train.max_len=16", "train.max_steps=1",
@@ -192,7 +192,7 @@ def test_the_padding_free_forward_matches_where_it_applies(family_dir):
 def test_an_unsupported_family_is_one_line_naming_the_supported_ones(tmp_path):
     from transformers import GPT2Config, GPT2Model
 
-    from sparsecse.model import load_encoder
+    from sparsecse.method.model import load_encoder
 
     GPT2Model(GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=100)).save_pretrained(tmp_path)
     with pytest.raises(SparseCSEError) as e:
@@ -206,9 +206,9 @@ def test_an_unsupported_family_is_one_line_naming_the_supported_ones(tmp_path):
 def test_the_pruned_export_runs_in_onnx_runtime_with_the_masked_embeddings(family_dir, tmp_path):
     """Every family's physically pruned graph exports (torch.onnx, dynamo) and ONNX Runtime gives the masked
     model's embeddings (fp32); the int8 file is written beside it."""
-    from sparsecse.deploy import OnnxEncoder
-    from sparsecse.evaluate import encode
-    from sparsecse.export import export_model
+    from sparsecse.ops.onnx_export import OnnxEncoder
+    from sparsecse.method.evaluate import encode
+    from sparsecse.ops.export import export_model
 
     family, d = family_dir
     enc = _encoder(d)

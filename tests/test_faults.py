@@ -83,7 +83,7 @@ def killed_and_resumed(tmp_path_factory, tiny_model_dir, tiny_data_dir, s3):
     the tune-missing/ recovery did not have to run (tests/test_stages.py drives it with a lost point).
     """
     from conftest import s3_keys
-    from sparsecse.storage import Storage
+    from sparsecse.core.storage import Storage
 
     tmp = tmp_path_factory.mktemp("killed")
     cfg = _write_cfg(tmp / "c.yaml", tiny_model_dir, sparsities=(0.1, 0.2, 0.3), lams=(0.5,))

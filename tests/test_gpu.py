@@ -10,11 +10,11 @@ import math
 import pytest
 import torch
 
-from sparsecse.data import load_stsb
-from sparsecse.evaluate import evaluate_sts
-from sparsecse.model import load_encoder
-from sparsecse.score import compute_scores
-from sparsecse.train import Dist, train_simcse
+from sparsecse.method.data import load_stsb
+from sparsecse.method.evaluate import evaluate_sts
+from sparsecse.method.model import load_encoder
+from sparsecse.method.score import compute_scores
+from sparsecse.method.train import Dist, train_simcse
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
 
@@ -73,7 +73,7 @@ def test_mask_gradients_on_cuda_match_the_cpu(tiny):
 
 
 def _cfg(tiny_model_dir, **train):
-    from sparsecse.config import load_config
+    from sparsecse.core.config import load_config
 
     sets = [f"model.name={tiny_model_dir}", "train.batch_size=8", "train.max_len=16", "train.eval_steps=2",
             "train.eval_max_pairs=40", "train.lr=1e-3", "data.max_train_sentences=64", "train.max_steps=4"]
@@ -117,8 +117,8 @@ def test_sts_evaluation_on_cuda_agrees_with_the_cpu(tiny_data_dir):
 
 
 def test_export_of_a_model_on_cuda(tiny, tmp_path):
-    from sparsecse.export import export_model
-    from sparsecse.prune import rewind
+    from sparsecse.ops.export import export_model
+    from sparsecse.method.prune import rewind
 
     hm = torch.ones_like(tiny.head_mask)
     hm[0, 1] = 0
@@ -133,6 +133,6 @@ def test_export_of_a_model_on_cuda(tiny, tmp_path):
 
 
 def test_trials_compute_on_the_gpu_they_are_given():
-    from sparsecse.stages import task_device
+    from sparsecse.run.stages import task_device
 
     assert task_device(1) == "cuda" and task_device(0) == "cpu"

@@ -61,7 +61,7 @@ def _rayjob() -> dict:
 
 
 def test_the_check_job_runs_the_rayjobs_entrypoint_with_check_and_fails_at_once_on_exit_2():
-    from sparsecse.k8s import check_job
+    from sparsecse.ops.k8s import check_job
 
     job = check_job(_rayjob())
     spec, pod = job["spec"], job["spec"]["template"]["spec"]
@@ -81,7 +81,7 @@ def test_the_check_job_runs_the_rayjobs_entrypoint_with_check_and_fails_at_once_
 def test_k8s_submit_applies_the_rayjob_only_after_the_check_passed(kubectl, monkeypatch, capsys):
     path, calls = kubectl
     monkeypatch.setenv("KUBECTL_OUTCOME", "passed")
-    from sparsecse.k8s import submit
+    from sparsecse.ops.k8s import submit
 
     msg = submit(RAYJOB, namespace="ml", kubectl=path, poll_s=0.01)
     assert "check passed; RayJob sparsecse-sweep submitted" in msg
@@ -99,7 +99,7 @@ def test_k8s_submit_applies_the_rayjob_only_after_the_check_passed(kubectl, monk
 def test_a_failed_check_submits_nothing_and_says_why_in_one_line(kubectl, monkeypatch, capsys, outcome, error, code):
     path, calls = kubectl
     monkeypatch.setenv("KUBECTL_OUTCOME", outcome)
-    from sparsecse.k8s import submit
+    from sparsecse.ops.k8s import submit
 
     with pytest.raises(error) as e:
         submit(RAYJOB, kubectl=path, poll_s=0.01)

@@ -5,8 +5,8 @@ import copy
 import torch
 
 from conftest import make_batch
-from sparsecse.prune import encoder_params, physical_prune
-from sparsecse.prune import zero_pruned_weights
+from sparsecse.method.prune import encoder_params, physical_prune
+from sparsecse.method.prune import zero_pruned_weights
 
 
 def _hidden(enc, ids, att):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from sparsecse.model import load_encoder
+from sparsecse.method.model import load_encoder
 
 
 # int8 (dynamic) quantisation moves each sentence's embedding a little, never far: its cosine to the fp32 ONNX
@@ -31,11 +31,11 @@ def _masked_tiny(tiny_model_dir):
 def test_onnx_export_of_the_pruned_model_equals_pytorch_and_evaluates_the_same(tiny_model_dir, tiny_data_dir, tmp_path,
                                                                                 capsys):
     from sparsecse.cli import main
-    from sparsecse.deploy import OnnxEncoder
-    from sparsecse.evaluate import encode, evaluate_sts
-    from sparsecse.io import verify_manifest
+    from sparsecse.ops.onnx_export import OnnxEncoder
+    from sparsecse.method.evaluate import encode, evaluate_sts
+    from sparsecse.core.io import verify_manifest
 
-    from sparsecse.model import save_encoder
+    from sparsecse.method.model import save_encoder
 
     save_encoder(_masked_tiny(tiny_model_dir), tmp_path / "masked")
     out = tmp_path / "export"
@@ -74,8 +74,8 @@ def test_onnx_export_of_the_pruned_model_equals_pytorch_and_evaluates_the_same(t
 
 def test_onnx_pooler_cls_applies_simcse_mlp(tiny_model_dir, tmp_path):
     """pooler=cls on the ONNX model: CLS through SimCSE's MLP (tanh), as the PyTorch encoder computes it."""
-    from sparsecse.deploy import OnnxEncoder
-    from sparsecse.export import export_model
+    from sparsecse.ops.onnx_export import OnnxEncoder
+    from sparsecse.ops.export import export_model
 
     enc = _masked_tiny(tiny_model_dir)
     torch.nn.init.normal_(enc.mlp[0].weight, std=0.2)
@@ -94,10 +94,10 @@ def test_onnx_pooler_cls_applies_simcse_mlp(tiny_model_dir, tmp_path):
 def test_int8_minilm_keeps_stsb_within_half_a_point_of_fp32(data_dir, tmp_path):
     """The packaged MiniLM, 30 % of heads and neurons pruned (magnitude masks): int8 ONNX vs fp32 ONNX on STS-B
     test (measured and printed), and fp32 ONNX equal to the PyTorch model (cosine ≥ 0.9999)."""
-    from sparsecse.deploy import OnnxEncoder
-    from sparsecse.evaluate import encode, evaluate_sts
-    from sparsecse.export import export_model
-    from sparsecse.prune import masks_for
+    from sparsecse.ops.onnx_export import OnnxEncoder
+    from sparsecse.method.evaluate import encode, evaluate_sts
+    from sparsecse.ops.export import export_model
+    from sparsecse.method.prune import masks_for
 
     torch.set_num_threads(2)
     enc = load_encoder("minilm", pooler="cls_before_pooler")
@@ -121,9 +121,9 @@ def test_int8_minilm_keeps_stsb_within_half_a_point_of_fp32(data_dir, tmp_path):
 def test_int8_export_of_a_model_with_a_layer_that_has_nothing_left(tiny_model_dir, tmp_path):
     """Layer 0 loses every head and every FFN neuron: the fp32 and int8 ONNX files still export and both equal the
     PyTorch model (its 0-wide products are kept out of the int8 quantiser)."""
-    from sparsecse.deploy import OnnxEncoder
-    from sparsecse.evaluate import encode
-    from sparsecse.export import export_model
+    from sparsecse.ops.onnx_export import OnnxEncoder
+    from sparsecse.method.evaluate import encode
+    from sparsecse.ops.export import export_model
 
     enc = load_encoder(str(tiny_model_dir), pooler="cls_before_pooler")
     hm, nm = torch.ones_like(enc.head_mask), torch.ones_like(enc.neuron_mask)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 import numpy as np
 
-from sparsecse.data import Pairs, load_stsb, overlap_counts
+from sparsecse.method.data import Pairs, load_stsb, overlap_counts
 
 
 def _stsb_line(s1: str, s2: str, gold: float) -> str:
@@ -37,7 +37,7 @@ def test_overlap_counts_against_hand_made_files(tmp_path, tiny_data_dir):
 def test_stsb_dev_overlaps_sts12_to_16_and_only_sick_r_is_clean(data_dir):
     """On the shared SentEval data: selecting on STS-B dev touches 1,131 unique STS12–16 test pairs (the figure
     issue 25 counted from the dev side: 1,130 of 1,498), so only SICK-R is clean of both selection and scoring."""
-    from sparsecse.report import clean_tasks
+    from sparsecse.study.report import clean_tasks
 
     data = data_dir
     tasks = ["STS12", "STS13", "STS14", "STS15", "STS16", "STSBenchmark", "SICKRelatedness"]
@@ -48,8 +48,8 @@ def test_stsb_dev_overlaps_sts12_to_16_and_only_sick_r_is_clean(data_dir):
 
 
 def test_the_report_shows_the_overlap_and_the_clean_average():
-    from sparsecse.config import load_config
-    from sparsecse.report import ReportInputs, _overlap_lines
+    from sparsecse.core.config import load_config
+    from sparsecse.study.report import ReportInputs, _overlap_lines
 
     cfg = load_config(None, [])
     overlap = [{"task": "STS12", "pairs": 10, "in_selection": 2, "in_scoring": 3},
@@ -67,8 +67,8 @@ def test_the_report_shows_the_overlap_and_the_clean_average():
 def test_select_on_sick_r_dev_leaves_every_sts_test_set_clean(data_dir):
     """sweep.select_on: sickr-dev — SICK's trial split shares no pair with STS12–16 or STS-B test (9 with SICK-R
     test); with label-free scoring, six of the seven STS tasks are clean of every choice the sweep makes."""
-    from sparsecse.data import selection_pairs
-    from sparsecse.report import clean_tasks
+    from sparsecse.method.data import selection_pairs
+    from sparsecse.study.report import clean_tasks
 
     tasks = ["STS12", "STS13", "STS14", "STS15", "STS16", "STSBenchmark", "SICKRelatedness"]
     got = overlap_counts(data_dir, tasks, selection_pairs(data_dir, "sickr-dev"), None)
@@ -80,9 +80,9 @@ def test_select_on_reads_named_sets_and_a_users_file(tmp_path, tiny_data_dir):
     import pytest
 
     from sparsecse import SparseCSEError
-    from sparsecse.config import load_config
-    from sparsecse.data import needed_paths, selection_pairs
-    from sparsecse.train import dev_pairs
+    from sparsecse.core.config import load_config
+    from sparsecse.method.data import needed_paths, selection_pairs
+    from sparsecse.method.train import dev_pairs
 
     assert len(selection_pairs(tiny_data_dir, "stsb-dev").s1) == len(load_stsb(tiny_data_dir, "dev").s1)
     mine = tmp_path / "mine.tsv"
@@ -104,9 +104,9 @@ def test_select_on_reads_named_sets_and_a_users_file(tmp_path, tiny_data_dir):
 
 
 def test_stage_one_depends_on_the_selection_data_and_reports_name_it():
-    from sparsecse.config import load_config
-    from sparsecse.report import ReportInputs, _selection_lines
-    from sparsecse.sweep import _stage1_fp
+    from sparsecse.core.config import load_config
+    from sparsecse.study.report import ReportInputs, _selection_lines
+    from sparsecse.run.sweep import _stage1_fp
 
     base, sick = load_config(None, []), load_config(None, ["sweep.select_on=sickr-dev"])
     assert _stage1_fp(base.to_dict()) != _stage1_fp(sick.to_dict())  # a different checkpoint pick: a new stage 1

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparsecse.model import Encoder
+from sparsecse.method.model import Encoder
 
 SENTS = ("a man is playing a guitar on the street corner tonight .", "the cat sleeps", "ok",
          "stocks fell sharply on monday after the central bank raised rates again .")
@@ -99,8 +99,8 @@ def test_packed_forward_trains_with_dropout(tiny):
 @pytest.mark.parametrize("pooler", ["cls_before_pooler", "avg"])
 def test_packed_forward_on_a_physically_pruned_model(tiny, pooler):
     """Narrower layers and a layer with no heads left (the export's shapes) run padding-free too."""
-    from sparsecse.prune import physical_prune
-    from sparsecse.prune import zero_pruned_weights
+    from sparsecse.method.prune import physical_prune
+    from sparsecse.method.prune import zero_pruned_weights
 
     hm = torch.ones_like(tiny.head_mask)
     hm[0] = 0  # layer 0 loses every head
@@ -124,7 +124,7 @@ def test_backbones_it_does_not_handle_fall_back_to_their_own_forward(tiny):
     import copy
 
     from sparsecse import SparseCSEError
-    from sparsecse.packed import why_not
+    from sparsecse.method.packed import why_not
 
     assert tiny.packed and why_not(tiny.backbone, tiny.adapter) is None
     bb = copy.deepcopy(tiny.backbone).eval()

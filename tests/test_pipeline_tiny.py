@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from sparsecse import SparseCSEError
-from sparsecse.data import Pairs
-from sparsecse.model import load_encoder, save_encoder, weights_fingerprint
-from sparsecse.prune import rewind, select_masks
-from sparsecse.score import compute_scores, load_scores, save_scores, score_loss
-from sparsecse.train import checkpoint_weights
+from sparsecse.method.data import Pairs
+from sparsecse.method.model import load_encoder, save_encoder, weights_fingerprint
+from sparsecse.method.prune import rewind, select_masks
+from sparsecse.method.score import compute_scores, load_scores, save_scores, score_loss
+from sparsecse.method.train import checkpoint_weights
 
 PAIRS = Pairs(
     ["a man is playing a guitar .", "a woman is slicing an onion .", "the cat sleeps on the sofa .",
@@ -109,7 +109,7 @@ def test_rewound_weights_bit_equal_pretrained_except_masked_units(tiny_model_dir
 
 
 def _tiny_cfg(tiny_model_dir, **train):
-    from sparsecse.config import load_config
+    from sparsecse.core.config import load_config
 
     sets = [f"model.name={tiny_model_dir}", "train.batch_size=8", "train.max_len=16", "train.eval_steps=3",
             "train.eval_max_pairs=40", "train.lr=1e-3", "data.max_train_sentences=64"]
@@ -118,7 +118,7 @@ def _tiny_cfg(tiny_model_dir, **train):
 
 
 def test_simcse_training_keeps_pruned_units_exactly_zero_and_checkpoints(tiny_model_dir, tiny_data_dir, tmp_path):
-    from sparsecse.train import train_simcse
+    from sparsecse.method.train import train_simcse
 
     cfg = _tiny_cfg(tiny_model_dir, max_steps=4)
     hm = torch.ones(2, 4)
@@ -141,7 +141,7 @@ def test_simcse_training_keeps_pruned_units_exactly_zero_and_checkpoints(tiny_mo
 
 
 def test_training_resumes_from_latest_checkpoint(tiny_model_dir, tiny_data_dir, tmp_path):
-    from sparsecse.train import OnReport, train_simcse
+    from sparsecse.method.train import OnReport, train_simcse
 
     cfg = _tiny_cfg(tiny_model_dir, max_steps=6, dropout=0.0, checkpoint_every=1)
     full = train_simcse(cfg, tmp_path / "a", tiny_data_dir, progress=False)
@@ -162,7 +162,7 @@ def test_checkpoints_store_each_weight_set_once_and_the_final_one_no_optimizer(t
     """A checkpoint leaves out model/ when best/ holds the same step's weights, and the final one leaves out model/
     and the optimizer state; both still resume: a mid-run checkpoint without model/ continues from best/'s weights, the final
     one resumes to its own end (nothing left to train) and refuses to train further with a one-line error."""
-    from sparsecse.train import OnReport, train_simcse
+    from sparsecse.method.train import OnReport, train_simcse
 
     seen = []
 
@@ -209,7 +209,7 @@ def _stop_after(step):
 
 
 def test_non_finite_loss_stops_with_clear_error(tiny_model_dir, tiny_data_dir, tmp_path):
-    from sparsecse.train import train_simcse
+    from sparsecse.method.train import train_simcse
 
     cfg = _tiny_cfg(tiny_model_dir, max_steps=3, temperature=1e-45)
     with pytest.raises(SparseCSEError, match="non-finite"):
@@ -220,7 +220,7 @@ def test_export_round_trips_through_automodel_and_sentence_transformers(tiny_mod
     from sentence_transformers import SentenceTransformer
     from transformers import AutoModel
 
-    from sparsecse.export import export_model
+    from sparsecse.ops.export import export_model
 
     enc = load_encoder(str(tiny_model_dir), pooler="cls_before_pooler")
     hm, nm = torch.ones(2, 4), torch.ones(2, 37)
@@ -261,7 +261,7 @@ def test_export_round_trips_through_automodel_and_sentence_transformers(tiny_mod
 def test_export_with_mlp_pooler_loads_in_sentence_transformers(tiny_model_dir, tmp_path):
     from sentence_transformers import SentenceTransformer
 
-    from sparsecse.export import export_model
+    from sparsecse.ops.export import export_model
 
     enc = load_encoder(str(tiny_model_dir), pooler="cls")
     out = export_model(enc, tmp_path / "exp", pooler="cls")
@@ -273,7 +273,7 @@ def test_export_with_mlp_pooler_loads_in_sentence_transformers(tiny_model_dir, t
 
 
 def test_crash_during_export_leaves_previous_version(tiny_model_dir, tmp_path, monkeypatch):
-    import sparsecse.export as ex
+    import sparsecse.ops.export as ex
 
     enc = load_encoder(str(tiny_model_dir))
     out = ex.export_model(enc, tmp_path / "exp")
@@ -306,9 +306,9 @@ def test_selected_masks_have_exact_counts_on_real_architecture_shapes():
 
 
 def test_bf16_precision_trains_under_autocast_and_stays_close_to_fp32(tiny_model_dir, tiny_data_dir, tmp_path):
-    from sparsecse.config import load_config
-    from sparsecse.data import collate
-    from sparsecse.train import simcse_loss, train_simcse
+    from sparsecse.core.config import load_config
+    from sparsecse.method.data import collate
+    from sparsecse.method.train import simcse_loss, train_simcse
 
     enc = load_encoder(str(tiny_model_dir), dropout=0.0).train()  # no dropout: the two runs see the same views
     tok = enc.tokenizer(["a cat sat on the mat", "stocks fell sharply today", "the rain in spain", "hello"],
@@ -335,7 +335,7 @@ def test_bf16_precision_trains_under_autocast_and_stays_close_to_fp32(tiny_model
 def test_every_rank_gets_an_equal_slice_of_every_global_batch(world):
     """The all-gather of negatives needs equal slices on every rank: an epoch's last short batch is cut to a
     multiple of the world size (at most world − 1 sentences skipped), full batches are split evenly."""
-    from sparsecse.train import global_batches, rank_slice
+    from sparsecse.method.train import global_batches, rank_slice
 
     for n in range(5, 45):
         batches = list(global_batches(n, 8, 3, seed=1, world=world))
@@ -352,10 +352,10 @@ def test_every_rank_gets_an_equal_slice_of_every_global_batch(world):
 def test_every_dev_evaluation_reads_the_selection_data_the_config_names(tiny_model_dir, tiny_data_dir, tmp_path):
     """sweep.select_on: the dev score that picks the checkpoint is the Spearman on that data (here a user file of
     SICK-R pairs), not STS-B dev."""
-    from sparsecse.config import load_config
-    from sparsecse.data import load_sick, selection_pairs
-    from sparsecse.evaluate import evaluate_pairs
-    from sparsecse.train import train_simcse
+    from sparsecse.core.config import load_config
+    from sparsecse.method.data import load_sick, selection_pairs
+    from sparsecse.method.evaluate import evaluate_pairs
+    from sparsecse.method.train import train_simcse
 
     sick = load_sick(tiny_data_dir, "test")
     mine = tmp_path / "sick.tsv"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from sparsecse.config import load_config
-from sparsecse.plan import GPUS, Shape, make_plan, model_shape, render
+from sparsecse.core.config import load_config
+from sparsecse.run.plan import GPUS, Shape, make_plan, model_shape, render
 
 REPO = Path(__file__).resolve().parents[1]
 PER_THREAD = 30e9  # a fixed CPU peak: the arithmetic below does not depend on this machine's
@@ -38,7 +38,7 @@ def test_flops_per_step_follow_the_model_shape_and_the_tokens():
     assert large.flops_per_step / base.flops_per_step == pytest.approx(
         lg.fwd_flops_per_token(t) / b.fwd_flops_per_token(t))
     # a step can be no faster than the measured launch floor, nor than its FLOPs at the stated MFU
-    from sparsecse.plan import GPU_MFU, LAUNCH_S_PER_LAYER
+    from sparsecse.run.plan import GPU_MFU, LAUNCH_S_PER_LAYER
 
     assert base.step_s_trial >= max(12 * LAUNCH_S_PER_LAYER, base.flops_per_step / (GPUS["h100"].peak_fp32 * GPU_MFU))
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparsecse.checkpoints import best_model
-from sparsecse.storage import Storage
+from sparsecse.core.checkpoints import best_model
+from sparsecse.core.storage import Storage
 
 
 pytestmark = pytest.mark.slow
@@ -201,11 +201,11 @@ def test_resume_reruns_nothing_finished(finished_sweep, tiny_data_dir):
 
 
 def test_two_worker_ray_train_equals_one_worker(tmp_path, tiny_model_dir, tiny_data_dir):
-    from sparsecse import ray_adapter as ra
-    from sparsecse.config import load_config
-    from sparsecse.model import load_encoder
-    from sparsecse.stages import train_loop
-    from sparsecse.storage import Storage
+    from sparsecse.run import ray_adapter as ra
+    from sparsecse.core.config import load_config
+    from sparsecse.method.model import load_encoder
+    from sparsecse.run.stages import train_loop
+    from sparsecse.core.storage import Storage
 
     cfg = load_config(_write_cfg(tmp_path / "c.yaml", tiny_model_dir), ["train.dropout=0.0", "train.max_steps=3",
                                                                        "train.eval_steps=3"])
@@ -274,9 +274,9 @@ def test_sweep_with_controls_and_both_readings_runs_every_method_and_reports_com
     steps = res["selected"]["rule_detail"]["steps"]
     assert steps and all(s["test"] == "one-sided bootstrap over dev pairs" and s["n"] == 1 for s in steps)
     # each trial trained under its own reading's mask: the one select_masks gives for it from the shared scores
-    from sparsecse.model import load_encoder
-    from sparsecse.prune import select_masks
-    from sparsecse.score import load_scores
+    from sparsecse.method.model import load_encoder
+    from sparsecse.method.prune import select_masks
+    from sparsecse.method.score import load_scores
 
     scores = load_scores(tmp_path / "run" / "scores.parquet")
     by = {t["trial"]: t for t in res["trials"]}
@@ -370,7 +370,7 @@ def test_optuna_pareto_search_with_mlflow_and_wandb_tracking(tmp_path, tiny_mode
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'run' / 'mlflow' / 'mlflow.db'}")
-    from sparsecse.tracking import experiment_name
+    from sparsecse.run.tracking import experiment_name
 
     runs = client.search_runs([client.get_experiment_by_name(experiment_name(str(tmp_path / "run"))).experiment_id])
     stages = sorted(x.data.tags.get("sparsecse.stage") for x in runs)
@@ -401,7 +401,7 @@ def test_two_stage1_replicates_each_trained_scored_and_pruned_then_resumed_witho
     assert all(t["status"] == "done" for t in res["trials"])
     devs = [x["best_stsb_dev"] for x in res["replicates"]]
     assert [x["seed"] for x in res["replicates"]] == [42, 43] and devs[0] != devs[1]  # two different SimCSE runs
-    from sparsecse.score import load_scores
+    from sparsecse.method.score import load_scores
 
     s0, s1 = (load_scores((run / f).read_bytes()) for f in ("scores.parquet", "scores-rep1.parquet"))
     assert s0.meta["model_fingerprint"] != s1.meta["model_fingerprint"]  # each replicate scored its own model

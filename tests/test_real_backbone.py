@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from sparsecse.evaluate import evaluate_sts
-from sparsecse.model import load_encoder
+from sparsecse.method.evaluate import evaluate_sts
+from sparsecse.method.model import load_encoder
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +37,7 @@ def test_cli_eval_writes_json_and_table(data_dir, tmp_path):
 
 def test_a_few_simcse_steps_lower_the_loss(data_dir, tmp_path):
     """Same fixed batch, dropout views: the InfoNCE loss falls after a few optimizer steps."""
-    from sparsecse.losses import info_nce
+    from sparsecse.method.losses import info_nce
 
     torch.manual_seed(0)
     enc = load_encoder("minilm", pooler="cls").train()
@@ -63,8 +63,8 @@ def test_a_few_simcse_steps_lower_the_loss(data_dir, tmp_path):
 def test_thirty_percent_physical_export_has_thirty_percent_fewer_layer_params(tmp_path):
     import numpy as np
 
-    from sparsecse.prune import physical_prune
-    from sparsecse.prune import rewind, select_masks
+    from sparsecse.method.prune import physical_prune
+    from sparsecse.method.prune import rewind, select_masks
 
     rng = np.random.default_rng(0)
     enc = rewind(load_encoder("minilm"), *select_masks(rng.random((6, 12)), rng.random((6, 1536)), 0.3))
@@ -75,7 +75,7 @@ def test_thirty_percent_physical_export_has_thirty_percent_fewer_layer_params(tm
 
 
 def test_one_transfer_task_on_the_real_backbone(minilm, data_dir):
-    from sparsecse.transfer import evaluate_transfer
+    from sparsecse.method.transfer import evaluate_transfer
 
     r = evaluate_transfer(minilm, data_dir, tasks=("TREC",), pooler="avg", folds=(10, 3))  # 3 inner folds: CI time
     assert 70.0 < r["TREC"] <= 100.0 and r["avg"] == r["TREC"]

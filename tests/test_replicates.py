@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from sparsecse.config import load_config
-from sparsecse.results import Point, TrialResult, grid_points, replicate_name
-from sparsecse.select import comparisons, control, select
+from sparsecse.core.config import load_config
+from sparsecse.core.results import Point, TrialResult, grid_points, replicate_name
+from sparsecse.study.select import comparisons, control, select
 
 
 def test_the_grid_repeats_per_replicate_with_names_and_seeds_of_their_own():
@@ -28,7 +28,7 @@ def test_the_grid_repeats_per_replicate_with_names_and_seeds_of_their_own():
 
 
 def test_stage_one_of_a_replicate_has_its_own_seed():
-    from sparsecse.sweep import replicate_config
+    from sparsecse.run.sweep import replicate_config
 
     cfg = load_config(None, ["train.seed=7"])
     assert replicate_config(cfg, 0) is cfg and replicate_config(cfg, 3).train.seed == 10

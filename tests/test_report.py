@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from sparsecse import SparseCSEError
-from sparsecse.report import _pm, _table
-from sparsecse.results import Point, TrialResult
-from sparsecse.select import control, select
+from sparsecse.study.report import _pm, _table
+from sparsecse.core.results import Point, TrialResult
+from sparsecse.study.select import control, select
 
 
 def _row(s, lam, seed, dev, test_b, error=None, done=True, scorer="align_uniform", **reading):
@@ -65,8 +65,8 @@ def test_selection_can_say_pruning_did_not_help_and_never_picks_a_control_scorer
 
 def test_failed_trials_fail_the_sweep_unless_allowed():
     from sparsecse import TrialsFailed
-    from sparsecse.config import load_config
-    from sparsecse.sweep import check_failures
+    from sparsecse.core.config import load_config
+    from sparsecse.run.sweep import check_failures
 
     summary = {"failed": [{"trial": "s0.100_l0.50_seed1", "error": "training loss became non-finite"}],
                "num_trials": 2, "selected": {"sparsity": 0.3}}
@@ -78,9 +78,9 @@ def test_failed_trials_fail_the_sweep_unless_allowed():
 
 
 def test_controls_section_compares_each_method_at_equal_budget():
-    from sparsecse.config import load_config
-    from sparsecse.report import ReportInputs, render_markdown
-    from sparsecse.select import comparisons, results_table
+    from sparsecse.core.config import load_config
+    from sparsecse.study.report import ReportInputs, render_markdown
+    from sparsecse.study.select import comparisons, results_table
 
     rows = [_row(0.0, 0.25, k, 80.0, 70.0 + k) for k in (1, 2, 3)]
     rows += [_row(0.3, lam, k, 80.0 + lam + k / 10, 72.0 + k) for lam in (0.25, 0.75) for k in (1, 2, 3)]
@@ -113,9 +113,9 @@ def test_controls_section_compares_each_method_at_equal_budget():
 
 
 def test_mask_allocation_per_layer_table_and_heat_map():
-    from sparsecse import figures
-    from sparsecse.report import allocation_table
-    from sparsecse.select import allocation
+    from sparsecse.study import figures
+    from sparsecse.study.report import allocation_table
+    from sparsecse.study.select import allocation
 
     hm = np.ones((3, 4))
     hm[2, :3] = 0
@@ -132,8 +132,8 @@ def test_mask_allocation_per_layer_table_and_heat_map():
 
 
 def test_scoring_on_the_test_split_warns_in_one_line(capsys):
-    from sparsecse.config import load_config
-    from sparsecse.sweep import check_config
+    from sparsecse.core.config import load_config
+    from sparsecse.run.sweep import check_config
 
     check_config(load_config(None, ["score.source=stsb", "score.split=test"]))
     err = capsys.readouterr().err.strip()
@@ -143,8 +143,8 @@ def test_scoring_on_the_test_split_warns_in_one_line(capsys):
 
 
 def test_stability_and_the_alignment_uniformity_figure():
-    from sparsecse import figures
-    from sparsecse.select import stability
+    from sparsecse.study import figures
+    from sparsecse.study.select import stability
 
     rows = [_row(0.0, 0.5, 1, 80.0, 70.0), _row(0.1, 0.5, 1, 82.0, 69.0), _row(0.3, 0.5, 1, 81.0, 75.0),
             _row(0.3, 0.5, 1, 99.0, 99.0, scorer="random")]  # a control scorer is never a task's "best sparsity"
@@ -166,7 +166,7 @@ def test_stability_and_the_alignment_uniformity_figure():
 
 
 def test_the_sts_figure_plots_each_method_as_mean_and_std_over_seeds_from_the_control():
-    from sparsecse import figures
+    from sparsecse.study import figures
 
     rows = [_row(0.0, 0.5, k, 80.0, 70.0 + k) for k in (1, 2, 3)]
     rows += [_row(s, 0.5, k, 80.0, 60.0 + 10 * s + 2 * k) for s in (0.1, 0.3) for k in (1, 2, 3)]
@@ -189,7 +189,7 @@ def test_the_sts_figure_plots_each_method_as_mean_and_std_over_seeds_from_the_co
 def test_each_reading_of_the_scores_is_its_own_grid_point_and_method():
     """score.normalize=[none, layer]: selection chooses among (sparsity, λ, reading) points; the controls table
     has a row per reading, each compared with random under the same reading."""
-    from sparsecse.select import comparisons, results_table
+    from sparsecse.study.select import comparisons, results_table
 
     rows = [_row(0.0, 0.5, k, 80.0, 70.0) for k in (1, 2)]
     rows += [_row(0.3, 0.5, k, 79.0, 69.0 + k) for k in (1, 2)]
@@ -210,8 +210,8 @@ def test_each_reading_of_the_scores_is_its_own_grid_point_and_method():
 
 
 def test_a_single_seed_comparison_gets_a_bootstrap_over_test_pairs():
-    from sparsecse.report import render_comparisons
-    from sparsecse.select import comparisons
+    from sparsecse.study.report import render_comparisons
+    from sparsecse.study.select import comparisons
 
     rng = np.random.default_rng(0)
     gold = np.round(rng.uniform(0, 5, 600), 1)
@@ -219,7 +219,7 @@ def test_a_single_seed_comparison_gets_a_bootstrap_over_test_pairs():
              "s0.300_l0.50_seed1": {"STSBenchmark": (gold + rng.normal(0, 1.0, 600), gold)},  # much closer to gold
              "s0.300_random_seed1": {"STSBenchmark": (gold + rng.normal(0, 2.0, 600), gold)}}
     rows = [_row(0.0, 0.5, 1, 80.0, 0.0), _row(0.3, 0.5, 1, 80.0, 0.0), _row(0.3, 0.5, 1, 80.0, 0.0, scorer="random")]
-    from sparsecse.evaluate import sts_from_predictions
+    from sparsecse.method.evaluate import sts_from_predictions
 
     for r, name in zip(rows, preds):
         r.metrics["test/avg"] = sts_from_predictions(preds[name])["avg"]
@@ -237,7 +237,7 @@ def test_a_single_seed_comparison_gets_a_bootstrap_over_test_pairs():
 def test_sampled_points_are_drawn_as_a_scatter_with_a_fit():
     """sweep.search=optuna gives one trial per (continuous) sparsity: the figure is a scatter coloured by λ and a
     quadratic fit in log sparsity, not one line per λ."""
-    from sparsecse import figures
+    from sparsecse.study import figures
 
     pts = ((0.013, 0.31), (0.05, 0.62), (0.12, 0.45), (0.3, 0.7))
     rows = [_row(0.0, 0.5, 1, 80.0, 70.0)] + [_row(s, lam, 1, 80.0, 70.0 + 10 * s - 20 * s * s) for s, lam in pts]
@@ -266,10 +266,10 @@ def test_pareto_objective_takes_the_smallest_model_within_delta_and_reports_the_
     """sweep.objective=pareto: the front of (dev ↑, encoder parameters ↓) over the candidate points (seeds pooled),
     and selection picks the smallest model whose mean dev is within δ of the best dev — never test, never a
     control scorer; the report gets the front table and a figure."""
-    from sparsecse.config import load_config
-    from sparsecse import figures
-    from sparsecse.report import ReportInputs, pareto_table, render_markdown
-    from sparsecse.select import candidate_points, pareto_front, results_table
+    from sparsecse.core.config import load_config
+    from sparsecse.study import figures
+    from sparsecse.study.report import ReportInputs, pareto_table, render_markdown
+    from sparsecse.study.select import candidate_points, pareto_front, results_table
 
     size = {0.0: 1000, 0.1: 900, 0.3: 700, 0.5: 500}
     dev = {0.0: 80.0, 0.1: 80.6, 0.3: 80.2, 0.5: 78.0}
@@ -349,10 +349,10 @@ def _html_tables(page: str) -> tuple[list[list[list[str]]], list[str]]:
 
 
 def test_report_html_is_a_page_with_real_tables_the_answer_first_and_each_figure_beside_its_section():
-    from sparsecse import figures
-    from sparsecse.config import load_config
-    from sparsecse.report import ReportInputs, render_html, render_markdown
-    from sparsecse.select import comparisons, results_table
+    from sparsecse.study import figures
+    from sparsecse.core.config import load_config
+    from sparsecse.study.report import ReportInputs, render_html, render_markdown
+    from sparsecse.study.select import comparisons, results_table
 
     rows = [_sized(_row(0.0, 0.5, k, 80.0, 70.0 + k), 1_000_000) for k in (1, 2, 3)]
     rows += [_sized(_row(0.3, 0.5, k, 82.0, 71.0 + k + k / 10), 700_000) for k in (1, 2, 3)]
@@ -404,10 +404,10 @@ def test_report_html_has_no_horizontal_overflow_in_a_browser(tmp_path):
     import shutil
     import subprocess
 
-    from sparsecse import figures
-    from sparsecse.config import load_config
-    from sparsecse.report import ReportInputs, render_html
-    from sparsecse.select import results_table
+    from sparsecse.study import figures
+    from sparsecse.core.config import load_config
+    from sparsecse.study.report import ReportInputs, render_html
+    from sparsecse.study.select import results_table
 
     # a wide report: three scorers × two readings, long method names, every figure
     rows = [_row(0.0, 0.5, k, 80.0, 70.0 + k) for k in (1, 2, 3)]
@@ -443,10 +443,10 @@ def test_report_md_is_byte_for_byte_what_it_was_before_the_report_was_split(name
 
     import report_scenarios as S
 
-    from sparsecse import figures
-    from sparsecse.config import load_config
-    from sparsecse.report import ReportInputs, render_markdown
-    from sparsecse.select import allocation, candidate_points, comparisons, results_table
+    from sparsecse.study import figures
+    from sparsecse.core.config import load_config
+    from sparsecse.study.report import ReportInputs, render_markdown
+    from sparsecse.study.select import allocation, candidate_points, comparisons, results_table
 
     preds = pilot = alloc = transfer = None
     if name == "single":

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from sparsecse import SparseCSEError
-from sparsecse.runlock import LOCK, RunLock
-from sparsecse.storage import Storage
+from sparsecse.run.runlock import LOCK, RunLock
+from sparsecse.core.storage import Storage
 
 
 class Clock:
@@ -85,7 +85,7 @@ def test_a_driver_that_loses_the_race_for_the_lock_steps_aside(tmp_path):
 
 
 def test_lock_stale_s_is_checked(tmp_path):
-    from sparsecse.config import load_config
+    from sparsecse.core.config import load_config
 
     with pytest.raises(SparseCSEError, match="ray.lock_stale_s"):
         load_config(None, ["ray.lock_stale_s=1"])
@@ -97,7 +97,7 @@ def test_a_new_sweep_into_a_run_another_driver_holds_names_that_driver(tmp_path,
     import socket
 
     from sparsecse.cli import main
-    from sparsecse.config import load_config  # noqa: F401 - the sweep's config loads before the lock is read
+    from sparsecse.core.config import load_config  # noqa: F401 - the sweep's config loads before the lock is read
 
     run = tmp_path / "run"
     Storage(run).write_text(LOCK, json.dumps({"owner": "other", "host": socket.gethostname(), "pid": 1,

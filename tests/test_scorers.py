@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from sparsecse.prune import masks_for, select_masks
-from sparsecse.score import Scores, importance, magnitude_importance, per_layer_l2, random_importance
+from sparsecse.method.prune import masks_for, select_masks
+from sparsecse.method.score import Scores, importance, magnitude_importance, per_layer_l2, random_importance
 
 
 def _grads(seed=0, nb=5, L=3, U=4):
@@ -91,10 +91,10 @@ def test_cli_score_truncates_like_the_sweep_so_both_give_the_same_masks(tiny_mod
     """`sparsecse score` and the sweep's scoring stage read the same pairs the same way (truncated at
     train.max_len — the CLI's --max-len defaults to it —, gold ≥ 4): equal scores, so equal masks either way."""
     from sparsecse.cli import main
-    from sparsecse.config import load_config
-    from sparsecse.data import load_stsb
-    from sparsecse.model import load_encoder
-    from sparsecse.score import compute_scores, load_scores
+    from sparsecse.core.config import load_config
+    from sparsecse.method.data import load_stsb
+    from sparsecse.method.model import load_encoder
+    from sparsecse.method.score import compute_scores, load_scores
 
     cfg = load_config(None, ["score.max_pairs=48", "score.batch_size=16", "train.max_len=12"])
     pairs = load_stsb(tiny_data_dir, "train")
@@ -113,8 +113,8 @@ def test_cli_score_truncates_like_the_sweep_so_both_give_the_same_masks(tiny_mod
 
 
 def test_positive_pairs_follow_simcse_strictly_above_4_unless_configured():
-    from sparsecse.config import load_config
-    from sparsecse.data import positives
+    from sparsecse.core.config import load_config
+    from sparsecse.method.data import positives
 
     gold = np.array([3.9, 4.0, 4.2, 5.0])
     assert positives(gold).tolist() == [False, False, True, True]  # SimCSE §5: "a score higher than 4"
@@ -124,9 +124,9 @@ def test_positive_pairs_follow_simcse_strictly_above_4_unless_configured():
 
 
 def test_label_free_scoring_uses_dropout_views_of_unlabeled_sentences(tiny, tiny_data_dir):
-    from sparsecse.config import load_config
-    from sparsecse.score import compute_scores
-    from sparsecse.stages import scoring_pairs
+    from sparsecse.core.config import load_config
+    from sparsecse.method.score import compute_scores
+    from sparsecse.run.stages import scoring_pairs
 
     cfg = load_config(None, ["score.source=unlabeled", "score.max_pairs=24", "score.batch_size=8"])
     pairs, leak = scoring_pairs(cfg, tiny_data_dir)
@@ -142,9 +142,9 @@ def test_label_free_scoring_uses_dropout_views_of_unlabeled_sentences(tiny, tiny
 def test_stsb_scoring_reports_its_overlap_with_sts12_16_test_pairs(data_dir):
     """The paper's setting reads STS-B train pairs chosen by their labels; many are verbatim STS12–16 test pairs
     (STS-B is built from STS 2012–2017). The overlap is measured, not assumed."""
-    from sparsecse.config import load_config
-    from sparsecse.data import load_sts_task
-    from sparsecse.stages import scoring_pairs
+    from sparsecse.core.config import load_config
+    from sparsecse.method.data import load_sts_task
+    from sparsecse.run.stages import scoring_pairs
 
     pairs, leak = scoring_pairs(load_config(None, ["score.source=stsb", "score.max_pairs=400"]), data_dir)
     assert 0 < leak <= 400
@@ -158,10 +158,10 @@ def test_pilot_prunes_the_trained_model_without_retraining(tiny, tiny_model_dir,
     import json
 
     from sparsecse.cli import main
-    from sparsecse.evaluate import evaluate_sts
-    from sparsecse.pilot import pilot
-    from sparsecse.score import compute_scores, save_scores
-    from sparsecse.data import load_stsb
+    from sparsecse.method.evaluate import evaluate_sts
+    from sparsecse.study.pilot import pilot
+    from sparsecse.method.score import compute_scores, save_scores
+    from sparsecse.method.data import load_stsb
 
     tasks = ("STSBenchmark",)
     sc = compute_scores(tiny, load_stsb(tiny_data_dir, "train"), batch_size=16, max_pairs=48, max_len=32)
@@ -191,8 +191,8 @@ def test_pilot_prunes_the_trained_model_without_retraining(tiny, tiny_model_dir,
 def test_simcse_control_is_the_taylor_score_of_infonce(tiny, tiny_data_dir):
     """The SimCSE scorer's importance = E_batches |∂L_InfoNCE/∂mask| (checked against a direct computation with
     the same dropout draws), the same for every λ; masks_for uses it."""
-    from sparsecse.losses import info_nce
-    from sparsecse.score import compute_infonce_scores, scoring_order
+    from sparsecse.method.losses import info_nce
+    from sparsecse.method.score import compute_infonce_scores, scoring_order
 
     sents = [f"sentence number {i} about topic {i % 3}" for i in range(12)]
     sc = compute_infonce_scores(tiny, sents, batch_size=6, temperature=0.05, pooler="cls", seed=0)
@@ -222,8 +222,8 @@ def test_readings_as_a_grid_dimension_and_one_value_where_one_mask_is_built(tmp_
     the control scorers (one score each, no λ) under each normalize only, the s = 0 control once; each point has
     its own trial name. `sparsecse prune` builds one mask, so a list there is a one-line error."""
     from sparsecse.cli import main
-    from sparsecse.config import load_config
-    from sparsecse.results import Point, grid_points
+    from sparsecse.core.config import load_config
+    from sparsecse.core.results import Point, grid_points
 
     cfg = load_config(None, ["sweep.sparsities=[0, 0.1]", "sweep.lams=[0.25, 0.75]", "sweep.seeds=[1]",
                              "sweep.scorers=[align_uniform, random]", "score.combine=[gradient, score]",
@@ -253,7 +253,7 @@ def test_readings_as_a_grid_dimension_and_one_value_where_one_mask_is_built(tmp_
 def test_every_control_is_ranked_under_the_normalize_reading(tiny):
     """normalize=layer applies to the controls' scores as to the paper's: magnitude's allocation across layers
     follows the per-layer-normalised weight norms (a different mask from the raw ranking)."""
-    from sparsecse.score import per_layer_l2
+    from sparsecse.method.score import per_layer_l2
 
     head, neuron = magnitude_importance(tiny)
     for normalize, (h, n) in (("none", (head, neuron)), ("layer", (per_layer_l2(head), per_layer_l2(neuron)))):
@@ -268,8 +268,8 @@ def test_every_control_is_ranked_under_the_normalize_reading(tiny):
 def test_label_free_scores_are_the_same_for_the_same_seed_and_leave_the_callers_rng_alone(tiny, tiny_data_dir):
     """Dropout makes the two views of a sentence: its draws come from score.seed, so a sweep that scores again
     (a resume, a rerun, another machine) gets the same masks; another seed gives other draws."""
-    from sparsecse.data import unlabeled_pairs
-    from sparsecse.score import compute_infonce_scores, compute_scores
+    from sparsecse.method.data import unlabeled_pairs
+    from sparsecse.method.score import compute_infonce_scores, compute_scores
 
     pairs = unlabeled_pairs(tiny_data_dir / "wiki" / "wiki1m_sample.txt", 24, 0)
     torch.manual_seed(123)

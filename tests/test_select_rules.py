@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sparsecse.results import Point, TrialResult
-from sparsecse.select import select
-from sparsecse.stats import noninferior
+from sparsecse.core.results import Point, TrialResult
+from sparsecse.study.select import select
+from sparsecse.study.stats import noninferior
 
 
 def _r(s, seed, dev, lam=0.5):

@@ -9,7 +9,7 @@ import zipfile
 import pytest
 
 from sparsecse import SparseCSEError
-from sparsecse.split_models import assemble
+from sparsecse.ops.split_models import assemble
 
 
 def _wheels(tmp_path, members: dict[str, bytes], pieces: int = 3, drop: int | None = None):

@@ -8,17 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from sparsecse.results import DEV, PARAMS, Point, TrialResult
-from sparsecse.storage import Storage
+from sparsecse.core.results import DEV, PARAMS, Point, TrialResult
+from sparsecse.core.storage import Storage
 
 
 @pytest.fixture(scope="module")
 def trial_setup(tmp_path_factory, tiny_model_dir, tiny_data_dir):
     """A run directory holding the scores every trial shares, and the config a sweep would pass its trials."""
-    from sparsecse.config import load_config
-    from sparsecse.data import load_stsb
-    from sparsecse.model import load_encoder
-    from sparsecse.score import compute_scores
+    from sparsecse.core.config import load_config
+    from sparsecse.method.data import load_stsb
+    from sparsecse.method.model import load_encoder
+    from sparsecse.method.score import compute_scores
 
     cfg = load_config(None, [f"model.name={tiny_model_dir}", "data.max_train_sentences=64", "train.batch_size=8",
                              "train.max_len=16", "train.max_steps=4", "train.eval_steps=2", "train.eval_max_pairs=40",
@@ -32,7 +32,7 @@ def _run(point: Point, run: Path, cfg, scores, data: Path, restored=lambda local
          die_at: int | None = None) -> list[tuple[dict, set]]:
     """The trial's reports, each as (metrics, the files of its checkpoint — copied before the trial deletes it).
     `die_at`: the trial's node dies while reporting that step's checkpoint (Tune never receives it)."""
-    from sparsecse import stages
+    from sparsecse.run import stages
 
     got = []
 
@@ -58,7 +58,7 @@ def _with(cfg, **train):
 
 
 def test_a_trial_reports_each_evaluation_with_its_checkpoint_then_its_test_figures(trial_setup, tiny_data_dir):
-    from sparsecse.checkpoints import best_model
+    from sparsecse.core.checkpoints import best_model
 
     run, cfg, scores = trial_setup
     point = Point(0.5, 0.5, 1)
@@ -118,7 +118,7 @@ def test_checkpoint_uploads_do_not_grow_with_the_evaluations(trial_setup, tiny_d
     """The policy's bound: however often a trial evaluates, it uploads its best model once per checkpoint that
     follows an improvement — with the default policy (minutes) a short trial uploads its final best model only:
     weights ≤ 3× the model, optimizer state ≤ 2× — and a best model is never uploaded twice."""
-    from sparsecse.storage import Storage as S
+    from sparsecse.core.storage import Storage as S
 
     run, cfg, scores = trial_setup
     uploads = []
@@ -136,7 +136,9 @@ def test_checkpoint_uploads_do_not_grow_with_the_evaluations(trial_setup, tiny_d
         assert final["checkpoint_weights_bytes"] <= 3 * weights and final["checkpoint_optimizer_bytes"] <= 2 * weights
         finals[evals] = final["checkpoint_weights_bytes"]
         assert [r for r in uploads if r.startswith("models/")] and len(set(uploads)) == len(uploads)
-    assert len(set(finals.values())) == 1  # the same bytes whether it evaluated once or four times
+    # the same bytes whether it evaluated once or four times (the best model's metadata may differ by a digit:
+    # its step and dev score are those of whichever evaluation was best)
+    assert max(finals.values()) - min(finals.values()) <= 16, finals
     # every evaluation a resumable checkpoint (the most the policy allows): still each best model uploaded once,
     # and a checkpoint whose best did not change carries only its pointer
     uploads.clear()
@@ -148,7 +150,7 @@ def test_checkpoint_uploads_do_not_grow_with_the_evaluations(trial_setup, tiny_d
 
 def test_checkpoint_policy_by_evaluations_and_by_minutes():
     from sparsecse import SparseCSEError
-    from sparsecse.checkpoints import CheckpointPolicy, parse_every
+    from sparsecse.core.checkpoints import CheckpointPolicy, parse_every
 
     every3 = CheckpointPolicy(3)
     assert [every3.due(final=False) for _ in range(7)] == [False, False, True] * 2 + [False]
@@ -171,11 +173,11 @@ def test_transfer_runs_on_the_stage1_model_the_control_and_the_selection_only_wh
     """eval.transfer: none | selected | all — the driver's evaluation stage asks for the seven tasks on the stage-1
     SimCSE, the s = 0 control and the selected model (never on every trial: that is the trials' own job under
     `all`), and the report's transfer table has one row each."""
-    from sparsecse import ray_adapter as ra
-    from sparsecse import sweep
-    from sparsecse.config import load_config
-    from sparsecse.select import select
-    from sparsecse.storage import Storage
+    from sparsecse.run import ray_adapter as ra
+    from sparsecse.run import sweep
+    from sparsecse.core.config import load_config
+    from sparsecse.study.select import select
+    from sparsecse.core.storage import Storage
 
     cfg = load_config(None, [f"eval.transfer={mode}", "sweep.export_best=false"])
     results = [TrialResult(Point(s, 0.5, k), {"evaluated": True, DEV: 80.0 + 10 * s + k, "test/avg": 70.0},
@@ -210,8 +212,9 @@ class _NoTracking:
 
 def _resumed_run(cfg, tmp_path, monkeypatch, run_tuner):
     """A resumed sweep's Run whose Tune is `run_tuner` (no Ray, no tracker, no SimCSE scores)."""
-    from sparsecse import ray_adapter as ra
-    from sparsecse import stages, sweep
+    from sparsecse.run import ray_adapter as ra
+    from sparsecse.run import stages
+    from sparsecse.run import sweep
 
     monkeypatch.setattr(ra, "run_tuner", run_tuner)
     monkeypatch.setattr(stages, "load_simcse_scores", lambda store, cfg, replicate=0: None)
@@ -223,10 +226,10 @@ def test_a_resume_runs_the_grid_points_a_restored_experiment_lost_and_never_drop
     """Tune restores an experiment whose trial list lacks a point its searcher had already handed out: the resumed
     sweep runs exactly the lost points in tune-missing/; a point that still has no trial is an error naming it."""
     from sparsecse import TrialsFailed
-    from sparsecse import sweep
-    from sparsecse.config import load_config
-    from sparsecse.results import grid_points
-    from sparsecse.storage import Storage
+    from sparsecse.run import sweep
+    from sparsecse.core.config import load_config
+    from sparsecse.core.results import grid_points
+    from sparsecse.core.storage import Storage
 
     cfg = load_config(None, ["sweep.sparsities=[0, 0.1, 0.3]", "sweep.lams=[0.5]", "sweep.seeds=[1]"])
     grid = grid_points(cfg)
@@ -250,9 +253,9 @@ def test_a_trial_restored_from_a_checkpoint_storage_no_longer_has_runs_again_fro
     """A driver killed between Tune deleting a trial's older checkpoint (num_to_keep=1) and uploading the experiment
     state naming the newer one: the resumed trial fails to restore (Tune's "does not exist on storage anymore"). The
     sweep then restores the experiment once more with its errored trials restarted from scratch: no trial is lost."""
-    from sparsecse import sweep
-    from sparsecse.config import load_config
-    from sparsecse.storage import Storage
+    from sparsecse.run import sweep
+    from sparsecse.core.config import load_config
+    from sparsecse.core.storage import Storage
 
     cfg = load_config(None, ["sweep.sparsities=[0, 0.1]", "sweep.lams=[0.5]", "sweep.seeds=[1]"])
     calls = []

@@ -14,9 +14,9 @@ from sparsecse import SparseCSEError
 
 def test_stage_then_every_node_gets_a_verified_copy_once(s3, tiny_data_dir, tiny_model_dir, tmp_path, monkeypatch,
                                                           capsys):
-    from sparsecse import staging
+    from sparsecse.core import staging
     from sparsecse.cli import main
-    from sparsecse.model import load_encoder, resolve_model_path
+    from sparsecse.method.model import load_encoder, resolve_model_path
 
     monkeypatch.setenv("SPARSECSE_CACHE", str(tmp_path / "cache"))
     to = f"s3://{s3.bucket}/staged"
@@ -28,7 +28,7 @@ def test_stage_then_every_node_gets_a_verified_copy_once(s3, tiny_data_dir, tiny
     data = staging.local(f"{to}/data")
     assert (data / "wiki" / "wiki1m_sample.txt").read_bytes() == (tiny_data_dir / "wiki" / "wiki1m_sample.txt").read_bytes()
     calls = []
-    monkeypatch.setattr("sparsecse.storage.Storage.read_bytes", lambda self, rel: calls.append(rel) or b"")
+    monkeypatch.setattr("sparsecse.core.storage.Storage.read_bytes", lambda self, rel: calls.append(rel) or b"")
     assert staging.local(f"{to}/data") == data and not calls  # fetched once per node, then reused
     monkeypatch.undo()
     monkeypatch.setenv("SPARSECSE_CACHE", str(tmp_path / "cache"))
@@ -40,7 +40,7 @@ def test_stage_then_every_node_gets_a_verified_copy_once(s3, tiny_data_dir, tiny
 
 
 def test_a_corrupted_staged_object_fails_in_one_line_naming_it(s3, tiny_data_dir, tmp_path, monkeypatch):
-    from sparsecse import staging
+    from sparsecse.core import staging
 
     monkeypatch.setenv("SPARSECSE_CACHE", str(tmp_path / "cache"))
     to = f"s3://{s3.bucket}/corrupt"
@@ -59,7 +59,7 @@ def test_sweep_check_reads_a_staged_copy_without_downloading_it_and_names_a_miss
         s3, tiny_data_dir, tiny_model_dir, tmp_path, monkeypatch, capsys):
     """`sparsecse sweep --check` (what k8s-submit's Job runs) accepts a complete staged data dir and model from one
     listing each, and names the object a partial copy lacks."""
-    from sparsecse import staging
+    from sparsecse.core import staging
     from sparsecse.cli import main
 
     monkeypatch.setenv("SPARSECSE_CACHE", str(tmp_path / "cache"))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from sparsecse.stats import bootstrap_diff, paired, resampled_ranks
+from sparsecse.study.stats import bootstrap_diff, paired, resampled_ranks
 
 
 def test_paired_comparison_over_seeds():
@@ -27,7 +27,7 @@ def test_paired_comparison_over_seeds():
 
 
 def test_the_exact_sign_flip_test_against_hand_counted_patterns():
-    from sparsecse.stats import sign_flip, sign_flip_floor
+    from sparsecse.study.stats import sign_flip, sign_flip_floor
 
     # d = (1, 2, 3): 8 sign patterns, |mean| >= 2 only for (+,+,+) and (−,−,−): p = 2/8
     assert sign_flip([1.0, 2.0, 3.0]) == 0.25 == sign_flip_floor(3)
@@ -37,7 +37,7 @@ def test_the_exact_sign_flip_test_against_hand_counted_patterns():
 
 
 def test_holm_against_hand_computed_values():
-    from sparsecse.stats import correct_family, holm
+    from sparsecse.study.stats import correct_family, holm
 
     # sorted 0.01, 0.02, 0.03, 0.04 → ×4, ×3, ×2, ×1 = 0.04, 0.06, 0.06, 0.04 → monotone 0.04, 0.06, 0.06, 0.06
     assert holm([0.03, 0.01, None, 0.04, 0.02]) == pytest.approx([0.06, 0.04, None, 0.06, 0.06])

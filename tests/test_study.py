@@ -59,7 +59,7 @@ def test_the_labelled_cell_pairs_with_the_labelfree_controls():
 
 
 def _per_replicate_config(r: int, path: str = "sweeps/study-labelfree.yaml"):
-    from sparsecse.config import load_config
+    from sparsecse.core.config import load_config
 
     return load_config(path, ["sweep.replicates=1", f"train.seed={42 + r}",
                                                        f"sweep.seeds=[{1 + 1000 * r}]"])
@@ -71,9 +71,9 @@ def test_one_run_per_replicate_computes_what_the_five_replicate_run_does(monkeyp
     retrain exactly as replicate r of the pre-registered five-replicate sweep (same seeds, same grid)."""
     from pathlib import Path
 
-    from sparsecse.config import load_config
-    from sparsecse.results import grid_points
-    from sparsecse.sweep import replicate_config
+    from sparsecse.core.config import load_config
+    from sparsecse.core.results import grid_points
+    from sparsecse.run.sweep import replicate_config
 
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     whole = load_config(path)
@@ -114,7 +114,7 @@ def test_the_replicate_runner_runs_each_remaining_replicate_with_its_seeds(tmp_p
     import subprocess
     from pathlib import Path
 
-    from sparsecse.config import load_config
+    from sparsecse.core.config import load_config
 
     repo = Path(__file__).resolve().parents[1]
     copy = tmp_path / "repo"  # a copy of the script beside its own results folder, so the test does not depend on

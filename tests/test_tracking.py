@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 
 from sparsecse import SparseCSEError
-from sparsecse.config import load_config
-from sparsecse.storage import Storage
-from sparsecse.tracking import Tracking
+from sparsecse.core.config import load_config
+from sparsecse.core.storage import Storage
+from sparsecse.run.tracking import Tracking
 
 HISTORY = [{"step": 2, "loss": 0.5, "stsb_dev": 70.0, "best_stsb_dev": 70.0, "last": False},
            {"step": 4, "loss": 0.25, "stsb_dev": 71.5, "best_stsb_dev": 71.5}]

@@ -4,8 +4,11 @@ import numpy as np
 import pytest
 
 from sparsecse import SparseCSEError
-from sparsecse.transfer import (C_GRID, L2_GRID, TorchLogReg, choose_c, cv_accuracy, dev_test_accuracy, load_task,
-                                train_test_scores)
+from sparsecse.method.classifier import L2_GRID
+from sparsecse.method.transfer import SKLEARN, C_GRID, choose_c, cv_accuracy, dev_test_accuracy, load_task, train_test_scores
+from transfer_oracle import PYTORCH_SEQUENTIAL, TorchLogReg
+
+LEARNERS = {"pytorch": PYTORCH_SEQUENTIAL, "sklearn": SKLEARN}
 
 
 def _blobs(n, sep, seed):
@@ -22,27 +25,27 @@ def test_cv_accuracy_on_separable_and_random_data(clf):
     # Adam keeps the first round that is best on validation (SentEval's rule): on ~130 training points that round
     # has had a few steps, so the pytorch classifier is near, not at, the separable optimum (3 × 2 folds: the
     # protocol's 10 × 10 is the same code with more fits)
-    assert cv_accuracy(X, y, k=3, inner_k=2, classifier=clf) >= (100.0 if clf == "sklearn" else 90.0)
+    assert cv_accuracy(X, y, k=3, inner_k=2, learner=LEARNERS[clf]) >= (100.0 if clf == "sklearn" else 90.0)
     rng = np.random.default_rng(1)
     Xr, yr = rng.normal(size=(200, 5)), rng.integers(0, 2, 200)
-    acc = cv_accuracy(Xr, yr, k=3, inner_k=2, classifier=clf)
+    acc = cv_accuracy(Xr, yr, k=3, inner_k=2, learner=LEARNERS[clf])
     assert 30.0 < acc < 70.0  # chance level on labels unrelated to the features
 
 
 @pytest.mark.parametrize("clf,grid", [("pytorch", L2_GRID), ("sklearn", C_GRID)])
 def test_results_repeat_exactly_and_the_regulariser_comes_from_the_grid(clf, grid):
     X, y = _blobs(120, 0.7, 2)
-    assert cv_accuracy(X, y, k=3, inner_k=2, classifier=clf) == cv_accuracy(X, y, k=3, inner_k=2, classifier=clf)
-    assert choose_c(X, y, k=2, classifier=clf) in grid
+    assert cv_accuracy(X, y, k=3, inner_k=2, learner=LEARNERS[clf]) == cv_accuracy(X, y, k=3, inner_k=2, learner=LEARNERS[clf])
+    assert choose_c(X, y, k=2, learner=LEARNERS[clf]) in grid
     assert L2_GRID == (1e-5, 1e-4, 1e-3, 1e-2)  # SentEval's usepytorch grid, as SimCSE runs it
 
 
 @pytest.mark.parametrize("clf", ["pytorch", "sklearn"])
 def test_dev_selected_and_train_test_protocols(clf):
     X, y = _blobs(300, 3.0, 3)
-    acc = dev_test_accuracy(X[:200], y[:200], X[200:250], y[200:250], X[250:], y[250:], classifier=clf)
+    acc = dev_test_accuracy(X[:200], y[:200], X[200:250], y[200:250], X[250:], y[250:], learner=LEARNERS[clf])
     assert acc >= 90.0
-    acc, f1 = train_test_scores(X[:200], y[:200], X[200:], y[200:], k=3, classifier=clf)
+    acc, f1 = train_test_scores(X[:200], y[:200], X[200:], y[200:], k=3, learner=LEARNERS[clf])
     assert acc >= 90.0 and 0 < f1 <= 100
 
 
@@ -93,7 +96,7 @@ def test_malformed_transfer_files_name_file_and_line(tmp_path):
 
 
 def test_pair_features():
-    from sparsecse.transfer import pair_features
+    from sparsecse.method.transfer import pair_features
 
     u, v = np.array([[1.0, -2.0]]), np.array([[3.0, 1.0]])
     assert pair_features(u, v).tolist() == [[1, -2, 3, 1, 2, 3, 3, -2]]
@@ -101,8 +104,8 @@ def test_pair_features():
 
 
 def test_transfer_evaluation_end_to_end_on_tiny_model(tiny, data_dir):
-    from sparsecse.tables import task_table
-    from sparsecse.transfer import evaluate_transfer, format_transfer_markdown
+    from sparsecse.core.tables import task_table
+    from sparsecse.method.transfer import evaluate_transfer, format_transfer_markdown
 
     r = evaluate_transfer(tiny, data_dir, tasks=("MRPC", "SST2", "CR"), max_examples=120, folds=(3, 3))
     assert set(r) == {"MRPC", "MRPC_f1", "SST2", "CR", "avg"}

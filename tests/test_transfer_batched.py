@@ -7,8 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sparsecse import transfer as seq
-from sparsecse import transfer_batched as tb
+import transfer_oracle as oracle
+from sparsecse.method import classifier as tb
+from sparsecse.method import transfer as seq
 
 
 def _data(n=240, d=12, classes=2, noise=1.5, seed=0):
@@ -30,10 +31,10 @@ def test_each_fit_ends_with_the_weights_its_sequential_twin_ends_with():
     groups = tb._group(fits)
     assert groups.slot == [(0, 0), (1, 0), (2, 0), (0, 1)] and groups.l2.shape == (3, 2)
     W, B = tb.train_fits(X, y, fits, 2)
-    twins = [seq.TorchLogReg(1e-5).fit(X[tr], y[tr], (X[va], y[va])),
-             seq.TorchLogReg(1e-2).fit(X[tr[:130]], y[tr[:130]], (X[va], y[va])),
-             seq.TorchLogReg(1e-3).fit(X[tr], y[tr]),
-             seq.TorchLogReg(1e-2).fit(X[tr], y[tr], (X[va], y[va]))]
+    twins = [oracle.TorchLogReg(1e-5).fit(X[tr], y[tr], (X[va], y[va])),
+             oracle.TorchLogReg(1e-2).fit(X[tr[:130]], y[tr[:130]], (X[va], y[va])),
+             oracle.TorchLogReg(1e-3).fit(X[tr], y[tr]),
+             oracle.TorchLogReg(1e-2).fit(X[tr], y[tr], (X[va], y[va]))]
     for f, m in enumerate(twins):
         assert np.abs(m.model.weight.detach().numpy() - W[f].numpy()).max() < 1e-5, f
         assert np.abs(m.model.bias.detach().numpy() - B[f].numpy()).max() < 1e-5, f
@@ -55,25 +56,25 @@ def test_the_three_protocols_give_the_sequential_figures_and_choices(seed):
 
     X, y = _data(seed=seed, noise=3.0)
     acc, regs = tb.cv_accuracy(X, y, 3, 3)
-    assert acc == pytest.approx(seq.cv_accuracy(X, y, 3, 3, "pytorch"), abs=1e-9)
-    outer = StratifiedKFold(n_splits=3, shuffle=True, random_state=seq.SEED).split(X, y)
-    assert regs == [seq.choose_c(X[tr], y[tr], 3, "pytorch") for tr, _ in outer]
+    assert acc == pytest.approx(seq.cv_accuracy(X, y, 3, 3, oracle.PYTORCH_SEQUENTIAL), abs=1e-9)
+    outer = StratifiedKFold(n_splits=3, shuffle=True, random_state=tb.SEED).split(X, y)
+    assert regs == [seq.choose_c(X[tr], y[tr], 3, oracle.PYTORCH_SEQUENTIAL) for tr, _ in outer]
     X3, y3 = _data(seed=seed, classes=3, noise=1.0)
     got = tb.train_test_scores(X3[:180], y3[:180], X3[180:], y3[180:], 3)
-    want = seq.train_test_scores(X3[:180], y3[:180], X3[180:], y3[180:], 3, "pytorch")
+    want = seq.train_test_scores(X3[:180], y3[:180], X3[180:], y3[180:], 3, oracle.PYTORCH_SEQUENTIAL)
     assert got[0] == pytest.approx(want[0], abs=1e-9) and np.isnan(got[1]) and np.isnan(want[1])
     got = tb.dev_test_accuracy(X[:120], y[:120], X[120:170], y[120:170], X[170:], y[170:])
     assert got[0] == pytest.approx(seq.dev_test_accuracy(X[:120], y[:120], X[120:170], y[120:170], X[170:], y[170:],
-                                                         "pytorch"), abs=1e-9)
+                                                         oracle.PYTORCH_SEQUENTIAL), abs=1e-9)
 
 
 def test_evaluate_transfer_runs_batched_by_default_and_sequential_on_request(tiny_model_dir, data_dir):
-    from sparsecse.model import load_encoder
+    from sparsecse.method.model import load_encoder
 
     enc = load_encoder(str(tiny_model_dir), pooler="cls_before_pooler")
     kw = dict(tasks=("MR", "TREC"), folds=(3, 3), max_examples=120)
     batched = seq.evaluate_transfer(enc, data_dir, **kw)
-    sequential = seq.evaluate_transfer(enc, data_dir, classifier="pytorch-sequential", **kw)
+    sequential = seq.evaluate_transfer(enc, data_dir, classifier=oracle.PYTORCH_SEQUENTIAL, **kw)
     for t in ("MR", "TREC", "avg"):
         assert batched[t] == pytest.approx(sequential[t], abs=1e-9), t
     from sparsecse import SparseCSEError
@@ -87,8 +88,8 @@ def test_bf16_encoding_is_autocast_and_close_to_fp32(tiny_model_dir, data_dir):
     each within cosine 0.99 of its fp32 twin."""
     import torch
 
-    from sparsecse.evaluate import encode
-    from sparsecse.model import load_encoder
+    from sparsecse.method.evaluate import encode
+    from sparsecse.method.model import load_encoder
 
     enc = load_encoder(str(tiny_model_dir), pooler="cls_before_pooler")
     sents = seq.task_sentences(seq.load_tasks(data_dir, ("MR",), 40))
@@ -104,8 +105,8 @@ def test_on_minilm_embeddings_mr_gives_the_sequential_accuracy_and_regularisers(
     sequential one's within 0.5 and picks the same weight decay in at least 90 % of the outer folds."""
     from sklearn.model_selection import StratifiedKFold
 
-    from sparsecse.evaluate import encode
-    from sparsecse.model import default_model_path, load_encoder
+    from sparsecse.method.evaluate import encode
+    from sparsecse.method.model import default_model_path, load_encoder
 
     loaded = seq.load_tasks(data_dir, ("MR",), 400)
     enc = load_encoder(default_model_path(), pooler="cls_before_pooler")
@@ -113,7 +114,7 @@ def test_on_minilm_embeddings_mr_gives_the_sequential_accuracy_and_regularisers(
     xs, y = loaded["MR"].data["all"]
     X = np.stack([emb[s].numpy() for s in xs]).astype(np.float64)
     acc, regs = tb.cv_accuracy(X, y, 10, 10)
-    assert abs(acc - seq.cv_accuracy(X, y, 10, 10, "pytorch")) <= 0.5
-    outer = StratifiedKFold(n_splits=10, shuffle=True, random_state=seq.SEED).split(X, y)
-    same = [r == seq.choose_c(X[tr], y[tr], 10, "pytorch") for r, (tr, _) in zip(regs, outer)]
+    assert abs(acc - seq.cv_accuracy(X, y, 10, 10, oracle.PYTORCH_SEQUENTIAL)) <= 0.5
+    outer = StratifiedKFold(n_splits=10, shuffle=True, random_state=tb.SEED).split(X, y)
+    same = [r == seq.choose_c(X[tr], y[tr], 10, oracle.PYTORCH_SEQUENTIAL) for r, (tr, _) in zip(regs, outer)]
     assert sum(same) >= 9, same

@@ -1,0 +1,189 @@
+"""Export a masked model as (1) a dense checkpoint with pruned weights zeroed, loadable by
+`transformers.AutoModel` and `sentence_transformers.SentenceTransformer`, and (2) a physically pruned
+checkpoint (`pruned/`, narrower Linear layers, its modeling code included), plus a model card.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import SparseCSEError, __version__
+from ..core.checkpoints import EXTRA_FILE, META_FILE
+from ..core.checkpoints import best_model
+from ..core.io import atomic_dir, verify_manifest
+from ..core.storage import Storage, fetch_model, is_uri, scratch_dir
+from ..core.tables import label, render
+from ..method.data import read_lines
+from ..method import pruned_modeling
+from ..method.model import Encoder, load_encoder
+from ..method.prune import physical_prune, zero_pruned_weights
+from .onnx_export import export_onnx, measure
+
+MODELING_FILE = "modeling_sparsecse.py"
+
+
+def _add_sentence_transformers(d: Path, pooler: str, mlp: nn.Linear, max_seq_length: int, remote: bool) -> None:
+    """Make the HF model directory `d` a SentenceTransformer too, through sentence-transformers' own save: its
+    Transformer (loaded from `d`), CLS or mean Pooling and, for SimCSE's MLP pooler, a Dense(tanh) head holding
+    the MLP. Its files are added beside the HF ones, which stay as written (ST's copy of them is dropped)."""
+    import tempfile
+
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Dense, Pooling, Transformer
+
+    kw = {"trust_remote_code": True} if remote else {}
+    tr = Transformer(str(d), max_seq_length=max_seq_length, model_kwargs=kw, config_kwargs=kw, processor_kwargs=kw)
+    dim = tr.get_embedding_dimension()
+    modules = [tr, Pooling(dim, "mean" if pooler == "avg" else "cls")]
+    if pooler == "cls":  # SimCSE's MLP pooler = a Dense(tanh) module after CLS pooling
+        modules.append(Dense(dim, dim, activation_function=nn.Tanh(), init_weight=mlp.weight.detach().cpu(),
+                             init_bias=mlp.bias.detach().cpu()))
+    with tempfile.TemporaryDirectory(dir=d.parent) as st_dir:
+        SentenceTransformer(modules=modules, device="cpu").save(st_dir, create_model_card=False)
+        for f in sorted(Path(st_dir).iterdir()):
+            if not (d / f.name).exists():
+                shutil.move(str(f), d / f.name)
+
+
+def _model_card(meta: dict, results: dict | None, params: dict, onnx_rows: list[dict] | None = None) -> str:
+
+    fields = [[k, str(meta[k])] for k in ("source", "pretrained", "sparsity", "lam", "seed", "scores",
+                                          "scores_fingerprint", "stsb_dev", "pooler") if k in meta]
+    fields += [["parameters (dense)", f"{params['dense']:,}"], ["parameters (pruned/)", f"{params['pruned']:,}"],
+               ["encoder-layer parameters (dense → pruned)", f"{params['layers_dense']:,} → {params['layers_pruned']:,}"]]
+    lines = ["---", "library_name: sentence-transformers", "tags: [sentence-embeddings, sparsecse, pruning]", "---", "",
+             f"# SparseCSE model (sparsity {meta.get('sparsity', 0):.0%}, λ={meta.get('lam', '—')})", "",
+             "Produced by [sparsecse](https://pypi.org/project/sparsecse/): unsupervised SimCSE, heads and FFN "
+             "neurons scored by alignment/uniformity, the lowest-scoring fraction pruned, remaining weights "
+             "rewound to the pre-trained checkpoint and retrained (An, Zhang & Song 2023).", "",
+             render(["field", "value"], fields, left=2),
+             "", "## Loading", "", "```python", "from sentence_transformers import SentenceTransformer",
+             "model = SentenceTransformer('THIS_DIR')                      # dense, pruned units zeroed",
+             "model = SentenceTransformer('THIS_DIR/pruned', trust_remote_code=True)  # physically smaller",
+             "```", "",
+             "With `transformers.AutoModel`, `last_hidden_state[:, 0]` is the embedding evaluated above (CLS, no "
+             "MLP) and `pooler_output` is SimCSE's training-time MLP pooler (stored as `pooler.dense`, as SimCSE's "
+             "released checkpoints do).", ""]
+    if results:
+        lines += ["## Evaluation (Spearman × 100)", "",
+                  render([label(t) for t in results], [list(results.values())], left=0), ""]
+    if onnx_rows:
+        lines += ["## ONNX (physically pruned, in `pruned/onnx/`)", "",
+                  "For ONNX Runtime: inputs as the tokenizer gives them, output `last_hidden_state`; the embedding is "
+                  "its CLS row (`[:, 0]`). Evaluate with `sparsecse eval --model THIS_DIR/pruned --backend onnx "
+                  "--file FILE`. Speed: sentences/s encoding 256 wiki sentences in length-sorted batches of 64 on "
+                  "the exporting machine; STS-B test: Spearman × 100.", "",
+                  render(["file", "size (MB)", "sentences/s", "STS-B test"],
+                         [[r["file"], f"{r['mb']:.1f}", r.get("sentences_per_s"), r.get("stsb_test")]
+                          for r in onnx_rows], left=1), ""]
+    return "\n".join(lines)
+
+
+def _onnx(pruned, tokenizer, pdir: Path, quantize: bool, data_dir: Path | None, pooler: str) -> list[dict]:
+    """pruned/onnx/: the physically pruned model as ONNX (+ int8), each file measured for the model card."""
+    files = export_onnx(pruned, tokenizer, pdir, quantize=quantize)
+    wiki = data_dir / "wiki" / "wiki1m_sample.txt" if data_dir is not None else None
+    sentences = read_lines(wiki)[:256] if wiki is not None and wiki.is_file() else None
+    return measure(pdir, files, sentences=sentences, data_dir=data_dir, pooler=pooler)
+
+
+def _layer_params(model: nn.Module, layers_attr: str) -> int:
+    import operator
+    return sum(p.numel() for p in operator.attrgetter(layers_attr)(model).parameters())
+
+
+def _attach_mlp_as_hf_pooler(enc: Encoder) -> None:
+    """Give the backbone its family's pooler (dense + tanh) holding SimCSE's MLP pooler, as SimCSE's released
+    models do, so `save_pretrained` writes `pooler.dense`: `AutoModel` then loads with no missing weights,
+    `pooler_output` is the training-time pooler and `last_hidden_state[:, 0]` the evaluation embedding."""
+    bb = enc.backbone
+    if not enc.adapter.pooling_layer:  # a family with no pooler (ELECTRA, DistilBERT, ModernBERT): the MLP stays in
+        return  # sparsecse.safetensors and the sentence-transformers Dense module only
+    with torch.device("meta"):  # the family's own pooler, as its constructor builds it (no memory for the rest)
+        pooler = type(bb)(bb.config, add_pooling_layer=True).pooler
+    bb.pooler = pooler.to_empty(device="cpu")
+    bb.pooler.dense.load_state_dict(enc.mlp[0].state_dict())
+
+
+def export_model(source: str | Encoder, out: str | os.PathLike, pooler: str | None = None,
+                 results: dict | None = None, meta: dict | None = None, max_seq_length: int = 128,
+                 onnx: bool = False, quantize: bool = True, data_dir: Path | None = None) -> Path:
+    """Write OUT/ (dense, AutoModel + SentenceTransformer) and OUT/pruned/ (physical) atomically; with `onnx`,
+    also OUT/pruned/onnx/ (fp32, and int8 with `quantize`), measured for the model card (size; speed and STS-B
+    test with `data_dir`)."""
+    enc = load_encoder(source) if isinstance(source, str) else source
+    if enc.physical:
+        raise SparseCSEError(f"{source}: is already physically pruned; export the masked checkpoint instead")
+    meta = {**enc.meta, **(meta or {})}
+    meta.pop("config", None)
+    pooler = pooler or meta.get("eval_pooler") or "cls_before_pooler"
+    dense = copy.deepcopy(enc).cpu().eval()
+    zero_pruned_weights(dense)
+    pruned = physical_prune(dense)
+    out = Path(out)
+    params = {"dense": sum(p.numel() for p in dense.backbone.parameters()),
+              "pruned": sum(p.numel() for p in pruned.parameters()),
+              "layers_dense": _layer_params(dense.backbone, dense.adapter.layers),
+              "layers_pruned": _layer_params(pruned, dense.adapter.layers)}
+    with atomic_dir(out) as tmp:
+        _attach_mlp_as_hf_pooler(dense)  # after physical_prune: the pruned model keeps no pooler
+        dense.backbone.save_pretrained(tmp, safe_serialization=True)
+        dense.tokenizer.save_pretrained(tmp)
+        _add_sentence_transformers(tmp, pooler, dense.mlp[0], max_seq_length, remote=False)
+        pdir = tmp / "pruned"
+        pruned.config.auto_map = {"AutoConfig": f"{MODELING_FILE[:-3]}.{type(pruned.config).__name__}",
+                                  "AutoModel": f"{MODELING_FILE[:-3]}.{type(pruned).__name__}"}
+        pruned.save_pretrained(pdir, safe_serialization=True)
+        dense.tokenizer.save_pretrained(pdir)
+        shutil.copyfile(pruned_modeling.__file__, pdir / MODELING_FILE)
+        _add_sentence_transformers(pdir, pooler, dense.mlp[0], max_seq_length, remote=True)
+        from safetensors.torch import save_file
+        mlp = {"mlp.weight": dense.mlp[0].weight.detach().contiguous().cpu(),
+               "mlp.bias": dense.mlp[0].bias.detach().contiguous().cpu()}
+        save_file(mlp, str(tmp / EXTRA_FILE))
+        save_file(mlp, str(pdir / EXTRA_FILE))
+        info = {**meta, "pooler": pooler, "version": __version__, "params": params}
+        (tmp / META_FILE).write_text(json.dumps({**info, "physical": False}, indent=2, sort_keys=True, default=str))
+        (pdir / META_FILE).write_text(json.dumps({**info, "physical": True}, indent=2, sort_keys=True, default=str))
+        onnx_rows = _onnx(pruned, dense.tokenizer, pdir, quantize, data_dir, pooler) if onnx else None
+        (tmp / "README.md").write_text(_model_card(meta | {"pooler": pooler}, results, params, onnx_rows))
+    return out
+
+
+def is_run(source: str) -> bool:
+    """Whether `source` names a sweep's run: a URI (s3://…) or a directory holding sweep.json."""
+    return is_uri(source) or (Path(source) / "sweep.json").is_file()
+
+
+def export_from_run(source: str, out: str | os.PathLike, pooler: str | None = None, onnx: bool = False,
+                    quantize: bool = True, data_dir: Path | None = None) -> Path:
+    """A local export of a sweep's run on any storage: its export/ copied, or (no export yet, another pooler or
+    ONNX files it lacks asked for) built here from the selected trial's best checkpoint."""
+    store = Storage(source)
+    if not store.is_file("sweep.json"):
+        raise SparseCSEError(f"{store.uri}: holds no sweep (sweep.json missing); pass a run's --out")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "manifest.json").exists())):
+        raise SparseCSEError(f"--out {out}: exists and is not an export; choose an empty or new directory")
+    onnx_files = ["export/pruned/onnx/model.onnx"] + (["export/pruned/onnx/model_qint8.onnx"] if quantize else [])
+    if pooler is None and store.is_file("export/manifest.json") and (
+            not onnx or all(store.is_file(f) for f in onnx_files)):
+        with atomic_dir(out) as tmp:
+            store.download_dir("export", tmp)
+            verify_manifest(tmp)
+        return out
+    selected = (store.read_json("sweep.json").get("summary") or {}).get("selected")
+    if not selected or not selected.get("checkpoint"):
+        raise SparseCSEError(f"{store.uri}: the sweep has not selected a model yet; finish it with `sparsecse sweep "
+                             "… --resume` first")
+    with scratch_dir("export") as tmp:
+        model = fetch_model(store, best_model(store, selected["checkpoint"]), tmp)
+        return export_model(str(model), out, pooler=pooler, results=selected.get("test"), onnx=onnx,
+                            quantize=quantize, data_dir=data_dir)

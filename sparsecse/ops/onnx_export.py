@@ -1,0 +1,196 @@
+"""Deployment: a (physically pruned) encoder as ONNX for ONNX Runtime, fp32 and dynamically quantised int8, and an
+ONNX Runtime encoder that the project's own evaluation runs with the same protocol as the PyTorch models.
+
+Layout (sentence-transformers' ONNX layout, beside the PyTorch weights of the same directory):
+    onnx/model.onnx          fp32; inputs input_ids, attention_mask (token_type_ids for BERT); output last_hidden_state
+    onnx/model_qint8.onnx    int8 weights (ONNX Runtime dynamic quantisation: MatMul, per output channel)
+
+The graph comes from torch's own exporter (dynamo, opset 18) over the project's modeling code, so layers with
+uneven head/neuron counts export as they are; ONNX Runtime's quantiser writes the int8 file. Requires the
+`[onnx]` extra (onnx, onnxscript, onnxruntime).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import SparseCSEError
+from ..method.evaluate import encode, evaluate_sts
+from ..method.model import pool
+from ..method.pruned_modeling import load_tokenizer
+
+OPSET = 18
+FP32_FILE = "onnx/model.onnx"
+INT8_FILE = "onnx/model_qint8.onnx"
+# per-channel int8 weights: measured on the 30 %-pruned MiniLM (512 wiki sentences), min cosine to fp32 0.9955
+# against 0.983 per tensor, for a few % of speed (BENCHMARKS row 3)
+QUANT_SETTINGS = {"per_channel": True, "reduce_range": False, "op_types_to_quantize": ["MatMul"]}
+
+
+def empty_matmuls(onnx_path: str | Path) -> list[str]:
+    """MatMul nodes whose weight has a zero-sized dimension: a layer pruned to no heads has 0-wide Q/K/V and a
+    0-deep output projection. ONNX Runtime's MatMulInteger leaves such a product uninitialised (garbage, NaN)
+    where fp32 MatMul returns the zeros it should, so these stay fp32 (they hold no weights to quantise)."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    empty = {t.name for t in model.graph.initializer if 0 in t.dims}
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and any(i in empty for i in n.input)]
+
+
+def _require():
+    import importlib.util
+
+    for name in ("onnx", "onnxruntime", "onnxscript"):
+        if importlib.util.find_spec(name) is None:
+            raise SparseCSEError(f"ONNX export/runtime needs the [onnx] extra ({name} is missing): "
+                                 "pip install 'sparsecse[onnx]'")
+
+
+class _LastHidden(torch.nn.Module):
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        kw = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        return self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kw).last_hidden_state
+
+
+@contextlib.contextmanager
+def _quiet_logs():
+    """The exporter's and quantiser's INFO/WARNING chatter (absent torchvision ops, the exporter's steps) off."""
+    loggers = [logging.getLogger(), logging.getLogger("torch.onnx"), logging.getLogger("torch.export")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def input_names(tokenizer) -> list[str]:
+    return [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in tokenizer.model_input_names]
+
+
+def export_onnx(backbone, tokenizer, out_dir: str | Path, quantize: bool = True) -> list[str]:
+    """Write `out_dir`/onnx/model.onnx (and model_qint8.onnx) from a backbone (dense or physically pruned);
+    returns the files written. The caller writes into a directory it publishes atomically (export.export_model)."""
+    _require()
+    import warnings
+
+    out_dir = Path(out_dir)
+    (out_dir / "onnx").mkdir(parents=True, exist_ok=True)
+    names = input_names(tokenizer)
+    model = _LastHidden(backbone).cpu().eval()
+    sample = tokenizer(["a short one", "a longer sentence, so that the batch is padded"], padding=True,
+                           return_tensors="pt")
+    dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")}
+    with warnings.catch_warnings(), torch.no_grad(), _quiet_logs():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, tuple(sample[n] for n in names), str(out_dir / FP32_FILE), dynamo=True,
+                          external_data=False, opset_version=OPSET, input_names=names,
+                          output_names=["last_hidden_state"], dynamic_shapes=tuple(dims for _ in names), verbose=False)
+    files = [FP32_FILE]
+    if quantize:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        with _quiet_logs():  # its advice to pre-process: symbolic shape inference does not complete on this graph
+            quantize_dynamic(str(out_dir / FP32_FILE), str(out_dir / INT8_FILE), weight_type=QuantType.QInt8,
+                             nodes_to_exclude=empty_matmuls(out_dir / FP32_FILE), **QUANT_SETTINGS)
+        files.append(INT8_FILE)
+    return files
+
+
+def measure(model_dir: str | Path, files: list[str], sentences: list[str] | None = None, data_dir: Path | None = None,
+            pooler: str = "cls_before_pooler", threads: int | None = None) -> list[dict]:
+    """Per ONNX file: size, encode throughput on `sentences` (batches of 64 sorted by length) and STS-B test
+    Spearman × 100 (with `data_dir`) — what the model card lists."""
+    import time
+
+
+    rows = []
+    for f in files:
+        enc = OnnxEncoder(model_dir, f, pooler=pooler, threads=threads)
+        row = {"file": f, "mb": (Path(model_dir) / f).stat().st_size / 2 ** 20}
+        if sentences:
+            t0 = time.perf_counter()
+            encode(enc, sentences, batch_size=64)
+            row["sentences_per_s"] = len(sentences) / (time.perf_counter() - t0)
+        if data_dir is not None:
+            row["stsb_test"] = evaluate_sts(enc, data_dir, tasks=("STSBenchmark",), pooler=pooler)["STSBenchmark"]
+        rows.append(row)
+    return rows
+
+
+class OnnxEncoder:
+    """An ONNX Runtime session with the Encoder interface evaluation uses (tokenizer, pooled forward, eval/train):
+    `evaluate.encode`, the STS evaluation and the transfer tasks run on it unchanged. `pooler`: cls_before_pooler
+    (CLS), avg (mean over tokens) or cls (CLS + SimCSE's MLP, read from the directory's sparsecse.safetensors)."""
+
+    def __init__(self, model_dir: str | Path, file: str = FP32_FILE, pooler: str | None = None,
+                 threads: int | None = None, optimize: bool = True):
+        _require()
+        import onnxruntime as ort
+
+        d = Path(model_dir)
+        path = d / file
+        if not path.is_file():
+            have = sorted(str(p.relative_to(d)) for p in d.glob("onnx/*.onnx"))
+            raise SparseCSEError(f"{path}: no such ONNX file; "
+                                 + (f"choose --file from {', '.join(have)}" if have else
+                                    "export one with `sparsecse export SOURCE --out DIR --onnx`"))
+        meta = json.loads((d / "sparsecse.json").read_text()) if (d / "sparsecse.json").is_file() else {}
+        self.pooler = pooler or meta.get("pooler", "cls_before_pooler")
+        self.training = False
+
+        self.tokenizer = load_tokenizer(d)
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        if not optimize:  # ONNX Runtime's graph fusions off (what they give is measured in BENCHMARKS row 3)
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 - ONNX Runtime raises its own classes (InvalidProtobuf, Fail, …)
+            raise SparseCSEError(f"{path}: not a loadable ONNX model ({str(e).splitlines()[0][:160]}); export it "
+                                 "again with `sparsecse export … --onnx`") from None
+        self.names = [i.name for i in self.session.get_inputs()]
+        self.mlp = None
+        if self.pooler == "cls":  # SimCSE's MLP pooler, as the PyTorch Encoder holds it
+            from safetensors.torch import load_file
+
+            t = load_file(str(d / "sparsecse.safetensors"))
+            self.mlp = torch.nn.Sequential(torch.nn.Linear(*t["mlp.weight"].shape[::-1]), torch.nn.Tanh()).eval()
+            self.mlp[0].load_state_dict({"weight": t["mlp.weight"], "bias": t["mlp.bias"]})
+        self._device = torch.zeros(0)
+
+    # the parts of torch.nn.Module's interface evaluation touches
+    def parameters(self):
+        yield self._device
+
+    def eval(self):
+        return self
+
+    def train(self, mode: bool = True):
+        return self
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooler: str | None = None) -> torch.Tensor:
+        feed = {"input_ids": input_ids.numpy().astype(np.int64), "attention_mask": attention_mask.numpy().astype(np.int64)}
+        if "token_type_ids" in self.names:
+            feed["token_type_ids"] = np.zeros_like(feed["input_ids"])
+        out = torch.from_numpy(self.session.run(None, {n: feed[n] for n in self.names})[0])
+        pooler = pooler or self.pooler
+        if pooler == "cls" and self.mlp is None:
+            raise SparseCSEError("pooler cls: build the OnnxEncoder with pooler='cls' so SimCSE's MLP "
+                                 "(sparsecse.safetensors) is loaded")
+        with torch.no_grad():
+            return pool(out, attention_mask, pooler, self.mlp)

@@ -1,0 +1,490 @@
+"""The one place sparsecse touches Ray's API (Ray's example API changed several times: keep it here).
+
+Everything else is plain torch. Ray calls sparsecse, not the other way round: the stage functions (stages.py) take
+their reporting and checkpoint hooks as arguments, and this module binds them to Ray Train / Ray Tune. It also
+connects, checks every node, runs Ray tasks, builds/restores the Tune sweep with its logger callbacks (TensorBoard
+is the trials' own; MLflow / W&B through Tune's integrations) — all with the run's storage (storage.py) as Ray's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from .. import SparseCSEError
+from ..core.results import DEV, PARAMS, Point, TrialResult
+from ..core.storage import Storage
+
+
+@contextlib.contextmanager
+def _env(**values: str) -> Iterator[None]:
+    """Environment variables Ray reads, set for one call and restored after it (a driver's env stays its own)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def connect(address: str | None, num_cpus: int | None, dashboard: bool, timeout_s: float = 60.0,
+            metrics_port: int | None = None) -> None:
+    """Join a cluster (address, or RAY_ADDRESS as set by `ray job submit`) or start a local one on 127.0.0.1.
+    A cluster address is checked first: malformed, or nothing answering there within `timeout_s`, is one line.
+
+    No runtime_env is passed: under `ray job submit --working-dir .` the job's own runtime env (the uploaded
+    checkout, the user's env_vars) is what every worker gets; per-process settings are made in the stages."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    given = address or os.environ.get("RAY_ADDRESS")
+    if given:
+        flag = "--address" if address else "RAY_ADDRESS"
+        reach(given, flag, timeout_s)
+        try:
+            ray.init(address=given, log_to_driver=True)
+        except (RuntimeError, ConnectionError, ValueError) as e:  # e.g. a token the cluster does not accept
+            raise SparseCSEError(f"{flag} {given}: cannot join this Ray cluster ({_root_cause(e)}); check the "
+                                 "address and, with token auth, RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH") from None
+    else:  # Ray ≥ 2.59 turns token authentication on by default for the local cluster it starts
+        # address="local": always a fresh local cluster, never a stale one left by `ray start` on this machine
+        # metrics_port: where this node's Prometheus endpoint serves Ray's metrics and the sweep's (a cluster's
+        # nodes set theirs with `ray start --metrics-export-port`)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                 log_to_driver=True, **({"_metrics_export_port": metrics_port} if metrics_port else {}))
+
+
+def reach(address: str, flag: str, timeout_s: float) -> None:
+    """A Ray address (host:port, ray://host:port, or "auto"/"local") that something answers at within
+    `timeout_s`, else one line naming it (instead of Ray retrying the connection forever)."""
+    import socket
+
+    if address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[1] if address.startswith("ray://") else address
+    host, _, port = hostport.rpartition(":")
+    if "://" in hostport or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise SparseCSEError(f"{flag} {address!r}: not a Ray address; give host:port (the head's GCS, e.g. "
+                             "10.0.0.1:6379), ray://host:10001, or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        why = (f"no answer within {timeout_s:g} s" if isinstance(e, TimeoutError) else
+               (e.strerror or type(e).__name__).lower())
+        raise SparseCSEError(f"{flag} {address}: no Ray cluster answers there ({why}); "
+                             "start it (`ray start --head`) or fix the address") from None
+
+
+def compute_nodes() -> list[dict]:
+    """The alive nodes that can run work (CPU or GPU > 0): [{"id", "ip", "resources"}]."""
+    import ray
+
+    return [{"id": n["NodeID"], "ip": n.get("NodeManagerAddress", "?"), "resources": n.get("Resources", {})}
+            for n in ray.nodes() if n.get("Alive") and (n.get("Resources", {}).get("CPU", 0) > 0
+                                                        or n.get("Resources", {}).get("GPU", 0) > 0)]
+
+
+def run_on_each_node(fn: Callable, nodes: list[dict], *args) -> dict[str, Any]:
+    """fn(*args) once on every node (pinned, no resources held, so it runs beside anything); {node id: result}."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    remote = ray.remote(num_cpus=0)(fn)
+    refs = {n["id"]: remote.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["id"], soft=False)).remote(*args)
+            for n in nodes}
+    try:
+        return {k: v for k, v in zip(refs, ray.get(list(refs.values())))}
+    except ray.exceptions.RayTaskError as e:
+        raise SparseCSEError(f"node check failed: {_root_cause(e)}") from None
+
+
+def cluster_resources() -> dict:
+    import ray
+
+    return ray.cluster_resources()
+
+
+def request_resources(bundles: list[dict]) -> None:
+    """Ask the cluster's autoscaler for at least these bundles now ([] withdraws the request): without a demand an
+    autoscaler whose workers start at zero never adds the nodes a driver waits for. No autoscaler: no effect."""
+    from ray.autoscaler.sdk import request_resources as ask
+
+    ask(bundles=bundles)
+
+
+def shutdown() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+# --------------------------------------------------------------------------- Ray Train (stage 1)
+
+def train_context() -> tuple[int, int]:
+    import ray.train
+
+    ctx = ray.train.get_context()
+    return ctx.get_world_rank(), ctx.get_world_size()
+
+
+def train_report(metrics: dict, checkpoint_dir: Path | None) -> None:
+    import ray.train
+
+    ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+    record_metrics("stage1", metrics, {"trial": "stage1", "sparsity": "", "lam": "", "seed": "", "scorer": ""})
+    ray.train.report(metrics, checkpoint=ckpt)
+
+
+# --------------------------------------------------------------------------- Ray metrics (Prometheus, Grafana)
+
+METRIC_TAGS = ("trial", "sparsity", "lam", "seed", "scorer", "state")
+METRICS = {"step": "training steps done", "stsb_dev": "STS-B dev Spearman x100 at the last evaluation",
+           "best_stsb_dev": "best STS-B dev Spearman x100 so far", "test_avg": "STS test average (x100), when evaluated"}
+_gauges: dict = {}
+
+
+def record_metrics(stage: str, metrics: dict, tags: dict) -> None:
+    """A training report as Ray metrics (`sparsecse_<stage>_<name>`, exported by every node's metrics agent on
+    Ray's Prometheus endpoint; cluster/grafana-sparsecse.json plots them): what the sweep is doing, per trial,
+    where Ray users look. Never fails a run: metrics are for watching."""
+    try:
+        from ray.util.metrics import Gauge
+
+        state = "evaluated" if metrics.get("evaluated") else "training"
+        values = {"step": metrics.get("step"), "stsb_dev": metrics.get("stsb_dev"),
+                  "best_stsb_dev": metrics.get("best_stsb_dev"), "test_avg": metrics.get("test/avg")}
+        for name, v in values.items():
+            if v is None or v != v:  # missing or NaN (ranks other than 0 report no dev score)
+                continue
+            key = f"sparsecse_{stage}_{name}"
+            if key not in _gauges:
+                _gauges[key] = Gauge(key, description=METRICS[name], tag_keys=METRIC_TAGS)
+            _gauges[key].set(float(v), tags={**tags, "state": state})
+    except Exception:  # noqa: BLE001 - no metrics agent (a bare worker), an old Ray: the run goes on
+        pass
+
+
+def train_checkpoint(local: Path) -> Path | None:
+    """The latest reported checkpoint (after a worker failure), downloaded into `local` (the caller's scratch)."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    return None if ckpt is None else Path(ckpt.to_directory(str(local)))
+
+
+def prepare_ddp(model):
+    import ray.train.torch
+
+    return ray.train.torch.prepare_model(model, move_to_device=True)
+
+
+def train_device():
+    import ray.train.torch
+
+    return ray.train.torch.get_device()
+
+
+def _train_worker(loop: Callable) -> Callable[[dict], None]:
+    """Ray Train's worker function for `loop(loop_config, rank=, world=, device=, wrap=, report=, restored=)`: the
+    worker's rank and device, DDP wrapping when there are several workers, Ray Train's report and checkpoint."""
+
+    def train_loop(loop_config: dict) -> None:
+        rank, world = train_context()
+        loop(loop_config, rank=rank, world=world, device=train_device(), wrap=prepare_ddp if world > 1 else None,
+             report=train_report, restored=train_checkpoint)
+
+    return train_loop
+
+
+def run_torch_trainer(loop: Callable, loop_config: dict, *, num_workers: int, use_gpu: bool,
+                      cpus_per_worker: float, storage: "Storage", name: str, max_failures: int) -> str:
+    """Stage 1: data-parallel SimCSE on `num_workers` workers (`loop` as `_train_worker` calls it); returns the
+    last checkpoint, relative to `storage`."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    path, fs = storage.ray_storage()
+    trainer = TorchTrainer(
+        _train_worker(loop), train_loop_config=loop_config,
+        # PACK: the workers share one node where one has room for all of them (the all-gather then stays on it;
+        # the driver warns when none has, sweep.stage1_topology)
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cpus_per_worker}, placement_strategy="PACK"),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(name=name, storage_path=path, storage_filesystem=fs,
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1)),  # one resumable kept
+    )
+    try:
+        with _env(RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS="0"):
+            result = trainer.fit()
+    except Exception as e:  # Ray wraps worker errors; surface the root cause in one line
+        raise SparseCSEError(f"stage-1 training failed: {_root_cause(e)}") from None
+    if result.error is not None:
+        raise SparseCSEError(f"stage-1 training failed: {_root_cause(result.error)}")
+    if result.checkpoint is None:
+        raise SparseCSEError("stage-1 training reported no checkpoint")
+    return storage.rel(result.checkpoint.path)
+
+
+def _root_cause(e: BaseException) -> str:
+    seen = e
+    while seen.__cause__ is not None:
+        seen = seen.__cause__
+    msg = str(seen).strip().splitlines()
+    return (msg[-1] if msg else type(seen).__name__)[:500]
+
+
+# --------------------------------------------------------------------------- Ray task (stage 2)
+
+def run_tasks(calls: list[tuple[str, Callable, tuple, dict, float, float]]) -> list[Any]:
+    """Run (what, fn, args, kwargs, cpus, gpus) calls as Ray tasks at once, holding those resources; their results
+    in order. A failure is one line naming the stage."""
+    import ray
+
+    refs = [(what, ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=1)(fn).remote(*args, **kwargs))
+            for what, fn, args, kwargs, cpus, gpus in calls]
+    out = []
+    for what, ref in refs:
+        try:
+            out.append(ray.get(ref))
+        except ray.exceptions.RayTaskError as e:
+            raise SparseCSEError(f"{what} failed: {_root_cause(e)}") from None
+    return out
+
+
+# --------------------------------------------------------------------------- Ray Tune (stage 3)
+
+def tune_report(metrics: dict, checkpoint_dir: Path | None) -> None:
+    """A trial's report to Tune, with the node it ran on and ASHA's clock (see `rung`)."""
+    from ray import tune
+
+    ckpt = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+    record_metrics("trial", metrics, {"trial": str(metrics.get("trial", "")), "sparsity": str(metrics.get("sparsity", "")),
+                                      "lam": str(metrics.get("lam", "")), "seed": str(metrics.get("seed", "")),
+                                      "scorer": str(metrics.get("scorer", ""))})
+    tune.report({**metrics, "node_id": node_id(), **rung(metrics)}, checkpoint=ckpt)
+
+
+def tune_checkpoint(local: Path) -> Path | None:
+    """The trial's last checkpoint (when Tune restarts it), downloaded into `local` (the caller's scratch)."""
+    from ray import tune
+
+    ckpt = tune.get_checkpoint()
+    return None if ckpt is None else Path(ckpt.to_directory(str(local)))
+
+
+def node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
+METRIC, MODE = DEV, "max"  # what Tune, its schedulers and selection optimise: STS-B dev
+RUNG_ATTR = "rung_step"  # ASHA's clock: training steps, on intermediate evaluations only
+
+
+def rung(rec: dict) -> dict:
+    """The early-stopping clock for one report: the step of an intermediate evaluation; nothing on a trial's last
+    training evaluation and its final test report, so a scheduler never stops a trial that finished training."""
+    return {} if rec.get("last", True) else {RUNG_ATTR: rec["step"]}
+
+
+def _tune_trainable(trial: Callable, reading: tuple[str, str]) -> Callable:
+    """Ray Tune's function trainable for `trial(point, report=, restored=, **params)`: the point from Tune's
+    parameters (older sweeps' records read with the config's first `reading`), Tune's report and checkpoint."""
+
+    def trial_fn(config: dict, **params) -> None:
+        trial(Point.from_params(config, reading), report=tune_report, restored=tune_checkpoint, **params)
+
+    trial_fn.__name__ = "trial"  # Tune names trial directories after the trainable: trial_<id>_…
+    return trial_fn
+
+
+def live_report_callback(live: dict):
+    """A Tune callback (on the driver) that rewrites report.html in the run's storage after each trial result, at
+    most every `every_s` seconds and at each trial's end: the live report (`live["write"]`, a picklable callable:
+    Tune keeps its callbacks with the experiment)."""
+    from ray.tune import Callback
+
+    class LiveReport(Callback):
+        def __init__(self, live: dict):
+            self.live, self.last = live, 0.0
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            self._write(trials, force=False)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._write(trials, force=True)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._write(trials, force=True)
+
+        def _write(self, trials, force: bool) -> None:
+            import time
+
+            if not force and time.monotonic() - self.last < self.live.get("every_s", 10.0):
+                return
+            self.last = time.monotonic()
+            records = [{"config": t.config, "metrics": t.last_result or {},
+                        "error": "error" if t.status == "ERROR" else None} for t in trials if t.last_result]
+            try:
+                self.live["write"](records)
+            except Exception as e:  # noqa: BLE001 - a live page must never stop the sweep
+                print(f"[sweep] live report not written: {str(e).splitlines()[0][:200]}")
+
+    return LiveReport(live)
+
+
+@dataclass(frozen=True)
+class TuneRun:
+    """How a sweep's trials run: the run's storage, per-trial resources, concurrency, retries, whether to restore an
+    interrupted experiment, the trackers (`tracking.Tracking.logger_settings()`: {"mlflow"|"wandb": kwargs}) and
+    the reading old records default to."""
+
+    storage: "Storage"
+    cpus: float
+    gpus: float
+    max_concurrent: int | None
+    max_failures: int
+    resume: bool
+    trackers: dict = field(default_factory=dict)
+    reading: tuple[str, str] = ("gradient", "none")
+    live: dict | None = None  # {"write": callable(records), "every_s": s}: the live report (live_report_callback)
+
+
+def logger_callbacks(trackers: dict) -> list:
+    """Tune's own JSON/CSV loggers, and its MLflow / W&B integrations for the trackers the sweep uses."""
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    out = [JsonLoggerCallback(), CSVLoggerCallback()]
+    if "mlflow" in trackers:
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        out.append(MLflowLoggerCallback(**trackers["mlflow"]))
+    if "wandb" in trackers:
+        from ray.air.integrations.wandb import WandbLoggerCallback
+
+        out.append(WandbLoggerCallback(**trackers["wandb"]))
+    return out
+
+
+def run_tuner(trial: Callable, params: dict, points: list[Point], run: TuneRun, *, name: str,
+              asha: dict | None = None, search: dict | None = None,
+              restart_errored: bool = False) -> list[TrialResult]:
+    """One trial per point (each Point key a Tune parameter of its own), `params` shared through the object store;
+    one TrialResult per trial. `asha` = {"grace": steps, "max_t": steps, "rf": reduction factor} stops weak trials
+    early, measured in training steps. `run.resume` restores an interrupted experiment from the run's storage.
+    `search` = {"space": {name: ("uniform" | "loguniform", lo, hi) | ("choice", values)}, "constants": {...},
+    "num_samples": n, "seed": s} samples the points with Optuna's TPE instead (`points` unused); with "pareto": True
+    it searches dev and encoder size together. `restart_errored`: restore the experiment and run its errored
+    trials again from scratch (not from their last checkpoint)."""
+    from ray import tune
+
+    trainable = tune.with_resources(tune.with_parameters(_tune_trainable(trial, run.reading), **params),
+                                    {"cpu": run.cpus, "gpu": run.gpus})
+    path, fs = run.storage.ray_storage()
+    exp = run.storage.path(name)
+    if (run.resume or restart_errored) and tune.Tuner.can_restore(exp, storage_filesystem=fs):
+        tuner = tune.Tuner.restore(exp, trainable=trainable, resume_errored=not restart_errored,
+                                   restart_errored=restart_errored, storage_filesystem=fs)
+    else:
+        tuner = tune.Tuner(trainable, **_tuner_settings(tune, points, run, name, asha, search, path, fs))
+    # one TensorBoard stream per trial: the trial's own (tensorboard/<trial>: per-step loss, lr, dev), not also
+    # Tune's TBX copy of its reports; Tune's JSON/CSV results stay (read by the sweep benchmark and by tests)
+    with _env(TUNE_DISABLE_AUTO_CALLBACK_LOGGERS="1"), _optuna_warnings_only(bool(search)):
+        grid = tuner.fit()
+    return _trial_results(grid, run)
+
+
+def _tuner_settings(tune, points: list[Point], run: TuneRun, name: str, asha: dict | None, search: dict | None,
+                    path: str, fs) -> dict:
+    """tune.Tuner's keyword arguments for a new experiment: the grid (or Optuna's search), ASHA, the run config."""
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    # rungs at grace · rf^k training steps, judged on intermediate evaluations only (see `rung`); max_t only
+    # bounds the rungs, it never stops a trial itself. A multi-objective search (sweep.objective=pareto) optimises
+    # a list of metrics: Tune's own metric stays unset (it would replace the searcher's list) and ASHA names
+    # STS-B dev itself
+    multi = bool(search and search.get("pareto"))
+    sched = (ASHAScheduler(time_attr=RUNG_ATTR, max_t=asha["max_t"], grace_period=asha["grace"],
+                           reduction_factor=asha["rf"], stop_last_trials=False,
+                           **({"metric": METRIC, "mode": MODE} if multi else {})) if asha else None)
+    if search:
+        space, alg, num = _optuna(tune, search, run.max_concurrent)
+    else:
+        # the grid as points of a search space: every point exactly once, each parameter named in Tune's table;
+        # the generator itself must cap concurrency: Tune applies max_concurrent_trials only to the generator
+        # it creates
+        rows = [p.params() for p in points]
+        space = {k: tune.choice(sorted({r[k] for r in rows}, key=str)) for k in Point.KEYS}
+        alg, num = BasicVariantGenerator(points_to_evaluate=rows, max_concurrent=run.max_concurrent or 0), len(rows)
+    return {
+        "param_space": space,
+        # reuse_actors: a finished trial's process takes the next point (no new process, no re-import of
+        # torch/transformers per trial); a crashed one is replaced as usual
+        "tune_config": tune.TuneConfig(metric=None if multi else METRIC, mode=None if multi else MODE,
+                                       num_samples=num, search_alg=alg, max_concurrent_trials=run.max_concurrent,
+                                       scheduler=sched, reuse_actors=True),
+        # num_to_keep=1: one checkpoint per trial in storage. Tune then snapshots the experiment state at each
+        # checkpoint, which train.checkpoint_every keeps rare (checkpoints.py)
+        "run_config": tune.RunConfig(name=name, storage_path=path, storage_filesystem=fs,
+                                     callbacks=logger_callbacks(run.trackers)
+                                     + ([live_report_callback(run.live)] if run.live else []),
+                                     failure_config=tune.FailureConfig(max_failures=run.max_failures),
+                                     checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=1),
+    }
+
+
+def _optuna(tune, search: dict, max_concurrent: int | None):
+    """(param space, Optuna TPE searcher capped at `max_concurrent`, number of samples)."""
+    import optuna
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    kinds = {"uniform": tune.uniform, "loguniform": tune.loguniform}
+    space = dict(search["constants"])
+    for k, (kind, *args) in search["space"].items():
+        space[k] = tune.choice(args[0]) if kind == "choice" else kinds[kind](*args)
+    n = search["num_samples"]
+    # TPE models the results after a few random starts (Optuna's default waits for 10, most of a small budget)
+    sampler = optuna.samplers.TPESampler(seed=search["seed"], n_startup_trials=max(2, n // 3))
+    # sweep.objective=pareto: TPE over both objectives, dev up and encoder size down
+    metric, mode = ([METRIC, PARAMS], [MODE, "min"]) if search.get("pareto") else (METRIC, MODE)
+    alg = OptunaSearch(metric=metric, mode=mode, sampler=sampler)
+    return space, (ConcurrencyLimiter(alg, max_concurrent=max_concurrent) if max_concurrent else alg), n
+
+
+@contextlib.contextmanager
+def _optuna_warnings_only(on: bool) -> Iterator[None]:
+    """Optuna's per-trial INFO lines off while a search runs, its log level restored after."""
+    if not on:
+        yield
+        return
+    import optuna
+
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(level)
+
+
+def _trial_results(grid, run: TuneRun) -> list[TrialResult]:
+    """One TrialResult per trial of a ResultGrid: its point, last metrics, error (one line) and last checkpoint
+    (relative to the run)."""
+    return [TrialResult(Point.from_params(r.config or {}, run.reading), dict(r.metrics or {}),
+                        None if r.error is None else _root_cause(r.error),
+                        run.storage.rel(r.checkpoint.path) if r.checkpoint is not None else None)
+            for r in grid]

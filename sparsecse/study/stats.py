@@ -1,0 +1,174 @@
+"""The statistics behind the report's claims: spread over seeds, paired tests over seeds, and — for single runs —
+a paired bootstrap over STS test pairs.
+
+A difference between two methods is credited only when its test says so; everything else is "within noise".
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from ..method.evaluate import spearman
+
+ALPHA = 0.05
+
+
+def sample_std(xs) -> float | None:
+    """Sample standard deviation (ddof = 1) over seeds; None with fewer than two (no spread to show)."""
+    return float(np.std(xs, ddof=1)) if len(xs) > 1 else None
+
+
+EXACT_BELOW = 10  # pairs: below this many, the exact sign-flip test decides (the t-test's normality is a guess)
+
+
+def holm(pvals: list) -> list:
+    """Holm's step-down adjustment of a family of p-values (None entries are not tests and stay None): the k-th
+    smallest of m is multiplied by m − k + 1, then made monotone and capped at 1. Controls the family-wise error
+    rate at α without assuming independence."""
+    idx = sorted((i for i, p in enumerate(pvals) if p is not None), key=lambda i: pvals[i])
+    m, out, running = len(idx), list(pvals), 0.0
+    for k, i in enumerate(idx):
+        running = max(running, min(1.0, (m - k) * pvals[i]))
+        out[i] = running
+    return out
+
+
+def sign_flip(d) -> float:
+    """Exact two-sided paired permutation (sign-flip) test of mean(d) = 0: the share of the 2^n sign patterns whose
+    |mean| is at least the observed one. Its smallest attainable value is 2 / 2^n (sign_flip_floor)."""
+    import itertools
+
+    d = np.asarray(d, dtype=float)
+    obs = abs(d.mean())
+    signs = np.array(list(itertools.product((1.0, -1.0), repeat=len(d))))
+    return float(np.mean(np.abs((signs * np.abs(d)).mean(1)) >= obs - 1e-12))
+
+
+def sign_flip_floor(n: int) -> float:
+    return min(1.0, 2.0 / 2 ** n)
+
+
+def paired(a: dict, b: dict, exact_below: int = EXACT_BELOW) -> dict:
+    """Paired comparison over the units both have ({unit: value}, a unit is a seed or a stage-1 replicate): mean
+    and sample std of a − b, its 95 % t interval (lo, hi), a two-sided paired t-test (p_t) and the exact sign-flip
+    test (p_exact, with the smallest p it can reach, p_floor). `p` is the exact test's below EXACT_BELOW pairs, the
+    t-test's from there (`test` names it); "within noise" unless p < 0.05 — before any correction for the family
+    the comparison belongs to (`correct_family`). One shared unit gives a difference but no test."""
+    seeds = sorted(set(a) & set(b))
+    d = [a[k] - b[k] for k in seeds]
+    out = {"n": len(d), "diff": float(np.mean(d)) if d else None, "std": sample_std(d), "p": None}
+    if len(d) < 2:
+        out["verdict"] = "one seed: no spread, no claim" if d else "no shared seeds"
+        return out
+    from scipy.stats import t as student_t
+
+    half = float(student_t.ppf(0.975, len(d) - 1)) * out["std"] / np.sqrt(len(d))  # the 95 % t interval
+    out["lo"], out["hi"] = out["diff"] - half, out["diff"] + half
+    if out["std"] == 0:
+        out["p_t"] = 1.0 if out["diff"] == 0 else 0.0
+    else:
+        from scipy.stats import ttest_rel
+
+        out["p_t"] = float(ttest_rel([a[k] for k in seeds], [b[k] for k in seeds]).pvalue)
+    out["p_exact"], out["p_floor"] = sign_flip(d), sign_flip_floor(len(d))
+    exact = len(d) < exact_below
+    out["test"] = "exact sign-flip" if exact else "paired t"
+    out["p"] = out["p_exact"] if exact else out["p_t"]
+    out["verdict"] = _verdict(out["p"], out["diff"])
+    return out
+
+
+def noninferior(a: dict, b: dict, margin: float, exact_below: int = EXACT_BELOW) -> dict:
+    """One-sided paired test over shared units ({unit: value}) that a is not worse than b by `margin` or more:
+    H0 mean(a − b) ≤ −margin against H1 mean(a − b) > −margin. Below EXACT_BELOW pairs the exact one-sided
+    sign-flip test of d = a − b + margin (smallest p 1/2^n), else the one-sided t-test. One unit: no test — the
+    point estimate decides and says so. `passed`: H0 rejected at α (or, with one unit, d ≥ 0)."""
+    units = sorted(set(a) & set(b))
+    d = np.array([a[k] - b[k] + margin for k in units])
+    out = {"n": len(d), "diff": float(d.mean() - margin) if len(d) else None, "margin": margin, "p": None}
+    if len(d) < 2:
+        out["test"] = "one unit: point estimate, no test" if len(d) else "no shared units"
+        out["passed"] = bool(len(d) and d[0] >= 0)
+        return out
+    if len(d) < exact_below:
+        import itertools
+
+        signs = np.array(list(itertools.product((1.0, -1.0), repeat=len(d))))
+        out["p"] = float(np.mean((signs * np.abs(d)).mean(1) >= d.mean() - 1e-12))
+        out["test"] = "exact one-sided sign-flip"
+    else:
+        from scipy.stats import ttest_1samp
+
+        out["p"] = float(ttest_1samp(d, 0.0, alternative="greater").pvalue) if d.std() > 0 else float(d.mean() <= 0)
+        out["test"] = "one-sided t"
+    out["passed"] = out["p"] < ALPHA
+    return out
+
+
+def correct_family(tests: list[dict]) -> int:
+    """Holm-adjusts the p of every test in `tests` (dicts as `paired`/`bootstrap_diff` return; those without a p
+    take no part) as one family: each gets p_raw, p (adjusted), family (its size) and the verdict from the
+    adjusted p. Returns the family's size."""
+    family = [t for t in tests if t is not None and t.get("p") is not None]
+    adjusted = holm([t["p"] for t in family])
+    for t, p in zip(family, adjusted):
+        t["p_raw"], t["p"], t["family"] = t["p"], p, len(family)
+        t["verdict"] = _verdict(p, t["diff"])
+    return len(family)
+
+
+def _verdict(p: float, diff: float) -> str:
+    return "within noise" if p >= ALPHA else ("better" if diff > 0 else "worse")
+
+
+def resampled_ranks(values: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Average ranks (ties share their mean rank, as scipy's rankdata) of `values[idx]`, row by row of the
+    (replicates, n) index array — by counting, in O(n) per row, since every row draws from the same values."""
+    groups, dense = np.unique(values, return_inverse=True)
+    g = len(groups)
+    d = dense.reshape(-1)[idx]
+    counts = np.bincount((d + g * np.arange(len(idx))[:, None]).ravel(), minlength=g * len(idx)).reshape(len(idx), g)
+    cum = np.cumsum(counts, axis=1)
+    return np.take_along_axis(cum - (counts - 1) / 2.0, d, axis=1)
+
+
+def _pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    x = x - x.mean(1, keepdims=True)
+    y = y - y.mean(1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (x * y).sum(1) / np.sqrt((x * x).sum(1) * (y * y).sum(1))
+
+
+def bootstrap_diff(a: dict[str, tuple], b: dict[str, tuple], n_boot: int = 1000, seed: int = 0,
+                   chunk: int = 100, null: float = 0.0, alternative: str = "two-sided") -> dict:
+    """Paired bootstrap over test pairs for two models evaluated on the same pairs: ({task: (pred, gold)} each, as
+    `evaluate.sts_predictions` gives). Each replicate resamples every task's pairs with replacement — the same
+    indices for both models — and recomputes the STS average (mean over tasks of Spearman × 100). Returns the
+    observed difference a − b, the 95 % percentile interval, a p (two-sided: twice the smaller tail of the
+    replicate differences around `null`, 0 by default; "greater": the share at or below `null`) and the verdict.
+    This measures the noise of the test set, not of training: it is what one seed can support."""
+    tasks = [t for t in a if t in b]
+    if not tasks:
+        raise ValueError("bootstrap_diff: the two models share no STS task")
+    for t in tasks:
+        if len(a[t][1]) != len(b[t][1]) or not np.array_equal(a[t][1], b[t][1]):
+            raise ValueError(f"bootstrap_diff: {t}: the two models were evaluated on different pairs")
+    rng = np.random.default_rng(seed)
+    diffs = np.zeros(n_boot)
+    for t in tasks:
+        (pa, gold), (pb, _) = a[t], b[t]
+        n = len(gold)
+        for lo in range(0, n_boot, chunk):
+            idx = rng.integers(0, n, size=(min(chunk, n_boot - lo), n))
+            rg = resampled_ranks(gold, idx)  # Spearman's ρ = Pearson's r of the ranks
+            diffs[lo:lo + len(idx)] += 100.0 * (_pearson_rows(resampled_ranks(pa, idx), rg)
+                                                - _pearson_rows(resampled_ranks(pb, idx), rg))
+    diffs /= len(tasks)
+
+    observed = float(np.mean([100.0 * (spearman(a[t][0], a[t][1]) - spearman(b[t][0], b[t][1])) for t in tasks]))
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    if alternative == "greater":  # H1: the difference exceeds `null` (non-inferiority: null = −margin)
+        p = float(np.mean(diffs <= null))
+    else:
+        p = float(min(1.0, 2 * min(np.mean(diffs <= null), np.mean(diffs >= null))))
+    return {"diff": observed, "lo": float(lo), "hi": float(hi), "p": p, "n_boot": n_boot, "tasks": tasks,
+            "verdict": _verdict(p, observed)}
