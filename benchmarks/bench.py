@@ -23,7 +23,7 @@ from sparsecse import SparseCSEError
 from sparsecse.core.checkpoints import dir_bytes
 from sparsecse.core.io import atomic_write_json
 from sparsecse.run.plan import Shape
-from sparsecse.run.sweep import TRIAL_EXPERIMENTS
+from sparsecse.run.ray_adapter import TRIAL_EXPERIMENTS
 
 
 def machine() -> str:

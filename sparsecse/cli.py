@@ -234,7 +234,7 @@ def cmd_sweep(a) -> int:
         raise SparseCSEError("--resume and --resume-if-exists: pass one (--resume-if-exists also starts a new sweep)")
     resume = "auto" if a.resume_if_exists else a.resume
     if a.check:
-        from .run.sweep import check_run
+        from .run.checks import check_run
 
         print(check_run(a.config, a.set, resume, a.out, a.data_dir))
         return 0

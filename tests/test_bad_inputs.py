@@ -247,7 +247,7 @@ def test_a_refused_sweep_leaves_nothing_that_blocks_the_corrected_rerun(ws, tiny
                                                                          monkeypatch):
     """Refused after it opened --out (its tracker already made mlflow/ there): the run directory is left empty, so
     the rerun with the address fixed is not told "already holds something" or "a different config"."""
-    from sparsecse.run.sweep import open_run
+    from sparsecse.run.rundir import open_run
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     out = ws / "refused"

@@ -8,7 +8,7 @@ import pytest
 
 from sparsecse import SparseCSEError
 from sparsecse.core.config import load_config
-from sparsecse.run.sweep import wait_for_resources
+from sparsecse.run.checks import wait_for_resources
 
 
 class Cluster:
@@ -54,7 +54,7 @@ def test_without_the_wait_or_past_it_the_preflight_refuses_in_one_line(capsys):
 
 
 def test_stage_one_on_gpus_asks_for_its_workers_bundles():
-    from sparsecse.run.sweep import demand
+    from sparsecse.run.checks import demand
 
     gpu = load_config(None, ["ray.num_workers=4", "ray.use_gpu=true", "ray.cpus_per_worker=8", "sweep.trial_gpus=0.5"])
     assert demand(gpu) == [{"CPU": 8.0, "GPU": 1.0}] * 4
@@ -62,7 +62,7 @@ def test_stage_one_on_gpus_asks_for_its_workers_bundles():
 
 
 def test_stage1_workers_that_cannot_share_one_node_are_warned_about():
-    from sparsecse.run.sweep import stage1_topology
+    from sparsecse.run.checks import stage1_topology
 
     four_gpu = [{"resources": {"CPU": 48, "GPU": 4}}, {"resources": {"CPU": 48, "GPU": 4}}]
     one_gpu = [{"resources": {"CPU": 8, "GPU": 1}}] * 4
@@ -118,7 +118,7 @@ def test_the_live_report_is_rewritten_from_tunes_trial_results(tmp_path):
 
     from sparsecse.run import ray_adapter as ra
     from sparsecse.core.results import Point
-    from sparsecse.run.sweep import LiveReport
+    from sparsecse.run.outcome import LiveReport
 
     cfg = load_config(None, ["eval.tasks=[STSBenchmark]"])
     writer = LiveReport(str(tmp_path / "run"), cfg.to_dict(), 3, ("gradient", "none"))

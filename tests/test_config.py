@@ -73,7 +73,7 @@ def test_trials_and_scoring_compute_on_the_gpu_ray_gives_them(monkeypatch):
 
 def test_resume_accepts_a_sweep_saved_before_a_defaulted_field_existed():
     from sparsecse.core.config import load_config
-    from sparsecse.run.sweep import _stage1_fp, upgrade_state
+    from sparsecse.run.rundir import stage1_fingerprint as _stage1_fp, upgrade_state
 
     cfg = load_config("sweeps/quickstart.yaml")
     old = cfg.to_dict()
@@ -94,7 +94,7 @@ def test_resume_accepts_a_sweep_saved_before_a_defaulted_field_existed():
 
 def test_asha_is_measured_in_training_steps_and_never_judges_a_finished_trial():
     from sparsecse.run.ray_adapter import rung
-    from sparsecse.run.sweep import asha_settings
+    from sparsecse.run.ray_adapter import asha_settings
 
     assert asha_settings(load_config(None)) is None
     a = asha_settings(load_config(None, ["sweep.scheduler=asha", "train.eval_steps=125", "train.max_steps=15625"]))
@@ -108,7 +108,8 @@ def test_optuna_search_settings_are_checked():
     from sparsecse import SparseCSEError
     from sparsecse.core.config import load_config
     from sparsecse.core.results import Point
-    from sparsecse.run.sweep import check_config, search_space
+    from sparsecse.run.checks import check_config
+    from sparsecse.run.ray_adapter import search_space
 
     cfg = load_config(None, ["sweep.search=optuna", "sweep.num_samples=5", "sweep.sparsity_range=[0.02, 0.4]",
                              "sweep.seeds=[3, 4]"])

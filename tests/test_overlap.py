@@ -106,7 +106,7 @@ def test_select_on_reads_named_sets_and_a_users_file(tmp_path, tiny_data_dir):
 def test_stage_one_depends_on_the_selection_data_and_reports_name_it():
     from sparsecse.core.config import load_config
     from sparsecse.study.report import ReportInputs, _selection_lines
-    from sparsecse.run.sweep import _stage1_fp
+    from sparsecse.run.rundir import stage1_fingerprint as _stage1_fp
 
     base, sick = load_config(None, []), load_config(None, ["sweep.select_on=sickr-dev"])
     assert _stage1_fp(base.to_dict()) != _stage1_fp(sick.to_dict())  # a different checkpoint pick: a new stage 1

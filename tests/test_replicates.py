@@ -28,7 +28,7 @@ def test_the_grid_repeats_per_replicate_with_names_and_seeds_of_their_own():
 
 
 def test_stage_one_of_a_replicate_has_its_own_seed():
-    from sparsecse.run.sweep import replicate_config
+    from sparsecse.run.rundir import replicate_config
 
     cfg = load_config(None, ["train.seed=7"])
     assert replicate_config(cfg, 0) is cfg and replicate_config(cfg, 3).train.seed == 10

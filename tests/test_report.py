@@ -66,7 +66,7 @@ def test_selection_can_say_pruning_did_not_help_and_never_picks_a_control_scorer
 def test_failed_trials_fail_the_sweep_unless_allowed():
     from sparsecse import TrialsFailed
     from sparsecse.core.config import load_config
-    from sparsecse.run.sweep import check_failures
+    from sparsecse.run.outcome import check_failures
 
     summary = {"failed": [{"trial": "s0.100_l0.50_seed1", "error": "training loss became non-finite"}],
                "num_trials": 2, "selected": {"sparsity": 0.3}}
@@ -133,7 +133,7 @@ def test_mask_allocation_per_layer_table_and_heat_map():
 
 def test_scoring_on_the_test_split_warns_in_one_line(capsys):
     from sparsecse.core.config import load_config
-    from sparsecse.run.sweep import check_config
+    from sparsecse.run.checks import check_config
 
     check_config(load_config(None, ["score.source=stsb", "score.split=test"]))
     err = capsys.readouterr().err.strip()

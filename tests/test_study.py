@@ -73,7 +73,7 @@ def test_one_run_per_replicate_computes_what_the_five_replicate_run_does(monkeyp
 
     from sparsecse.core.config import load_config
     from sparsecse.core.results import grid_points
-    from sparsecse.run.sweep import replicate_config
+    from sparsecse.run.rundir import replicate_config
 
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     whole = load_config(path)

@@ -23,7 +23,17 @@ DEFAULT_READING = ("gradient", "none")  # (score.combine, score.normalize) of th
 DEV = "best_stsb_dev"  # what Tune, its schedulers and selection optimise: STS-B dev Spearman × 100
 PARAMS = "encoder_params"  # the second objective of sweep.objective=pareto, in every trial report
 EVALUATED = "evaluated"  # True on a trial's final report (its test evaluation)
+LAST_DEV = "stsb_dev"  # STS-B dev Spearman × 100 at the latest evaluation (DEV is the best so far)
 TEST, TRANSFER = "test/", "transfer/"  # prefixes: test/<STS task>, transfer/<transfer task>
+
+
+def metric_key(kind: str, task: str) -> str:
+    """The one spelling of a per-task metric: metric_key("test", "avg") is the STS test average's key,
+    metric_key("transfer", "MR") MR's accuracy. No other module spells these keys."""
+    prefix = {"test": TEST, "transfer": TRANSFER}.get(kind)
+    if prefix is None:
+        raise ValueError(f"metric kind {kind!r}: test or transfer")
+    return f"{prefix}{task}"
 
 
 def reading_label(scorer: str, combine: str = "gradient", normalize: str = "none") -> str:

@@ -20,13 +20,14 @@ import numpy as np
 import torch
 
 from .. import SparseCSEError
-from ..core.checkpoints import CheckpointPolicy
+from ..core.checkpoints import META_FILE, CheckpointPolicy
 from ..core.config import Config
 from ..core.io import atomic_dir, atomic_write_bytes, atomic_write_text, link_or_copy, verify_manifest
+from ..core.results import DEV, LAST_DEV
 from .data import collate, load_corpus, selection_pairs, train_path
 from .evaluate import evaluate_pairs
 from .losses import info_nce
-from .model import META_FILE, Encoder, load_encoder, save_encoder, weights_fingerprint
+from .model import Encoder, load_encoder, save_encoder, weights_fingerprint
 
 
 @dataclass
@@ -224,9 +225,9 @@ def evaluate_and_checkpoint(enc: Encoder, state: TrainState, dev, cfg: Config, o
     new_best = dev_score > state.best_dev
     if new_best:
         state.best_dev = dev_score
-        save_encoder(enc, out_dir / "best", {**meta, "step": state.step, "stsb_dev": dev_score,
+        save_encoder(enc, out_dir / "best", {**meta, "step": state.step, LAST_DEV: dev_score,
                                              "config": cfg.to_dict()})
-    rec = {"step": state.step, "loss": loss, "stsb_dev": dev_score, "best_stsb_dev": state.best_dev}
+    rec = {"step": state.step, "loss": loss, LAST_DEV: dev_score, DEV: state.best_dev}
     state.history.append(rec)
     if checkpoint is None:
         return rec, None
@@ -357,12 +358,12 @@ def train_simcse(cfg: Config, out_dir: str | os.PathLike, data_dir: Path, *, ini
         seen += len(gb)
         log.step(state.step, loss, sched.get_last_lr()[0])
         if state.step % tc.eval_steps == 0 or state.step == total:
-            rec, ckpt = {"step": state.step, "loss": loss, "stsb_dev": float("nan")}, None
+            rec, ckpt = {"step": state.step, "loss": loss, LAST_DEV: float("nan")}, None
             if main:
                 last = state.step == total
                 rec, ckpt = evaluate_and_checkpoint(enc, state, dev, cfg, out_dir, meta, opt, sched, loss,
                                                     ("final" if last else "resumable") if policy.due(last) else None)
-                log.eval(state.step, rec["stsb_dev"])
+                log.eval(state.step, rec[LAST_DEV])
             rec["last"] = state.step == total  # the final evaluation of this training run
             dist.barrier()
             for cb in callbacks:

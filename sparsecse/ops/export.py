@@ -18,10 +18,11 @@ from .. import SparseCSEError, __version__
 from ..core.checkpoints import EXTRA_FILE, META_FILE
 from ..core.checkpoints import best_model
 from ..core.io import atomic_dir, verify_manifest
+from ..core.results import LAST_DEV
 from ..core.storage import Storage, fetch_model, is_uri, scratch_dir
 from ..core.tables import label, render
-from ..method.data import read_lines
 from ..method import pruned_modeling
+from ..method.data import read_lines
 from ..method.model import Encoder, load_encoder
 from ..method.prune import physical_prune, zero_pruned_weights
 from .onnx_export import export_onnx, measure
@@ -55,7 +56,7 @@ def _add_sentence_transformers(d: Path, pooler: str, mlp: nn.Linear, max_seq_len
 def _model_card(meta: dict, results: dict | None, params: dict, onnx_rows: list[dict] | None = None) -> str:
 
     fields = [[k, str(meta[k])] for k in ("source", "pretrained", "sparsity", "lam", "seed", "scores",
-                                          "scores_fingerprint", "stsb_dev", "pooler") if k in meta]
+                                          "scores_fingerprint", LAST_DEV, "pooler") if k in meta]
     fields += [["parameters (dense)", f"{params['dense']:,}"], ["parameters (pruned/)", f"{params['pruned']:,}"],
                ["encoder-layer parameters (dense → pruned)", f"{params['layers_dense']:,} → {params['layers_pruned']:,}"]]
     lines = ["---", "library_name: sentence-transformers", "tags: [sentence-embeddings, sparsecse, pruning]", "---", "",

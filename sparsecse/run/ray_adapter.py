@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .. import SparseCSEError
-from ..core.results import DEV, PARAMS, Point, TrialResult
+from ..core.config import Config
+from ..core.results import DEV, EVALUATED, LAST_DEV, PARAMS, Point, TrialResult, metric_key
 from ..core.storage import Storage
 
 
@@ -147,8 +148,8 @@ def train_report(metrics: dict, checkpoint_dir: Path | None) -> None:
 # --------------------------------------------------------------------------- Ray metrics (Prometheus, Grafana)
 
 METRIC_TAGS = ("trial", "sparsity", "lam", "seed", "scorer", "state")
-METRICS = {"step": "training steps done", "stsb_dev": "STS-B dev Spearman x100 at the last evaluation",
-           "best_stsb_dev": "best STS-B dev Spearman x100 so far", "test_avg": "STS test average (x100), when evaluated"}
+METRICS = {"step": "training steps done", LAST_DEV: "STS-B dev Spearman x100 at the last evaluation",
+           DEV: "best STS-B dev Spearman x100 so far", "test_avg": "STS test average (x100), when evaluated"}
 _gauges: dict = {}
 
 
@@ -159,9 +160,9 @@ def record_metrics(stage: str, metrics: dict, tags: dict) -> None:
     try:
         from ray.util.metrics import Gauge
 
-        state = "evaluated" if metrics.get("evaluated") else "training"
-        values = {"step": metrics.get("step"), "stsb_dev": metrics.get("stsb_dev"),
-                  "best_stsb_dev": metrics.get("best_stsb_dev"), "test_avg": metrics.get("test/avg")}
+        state = "evaluated" if metrics.get(EVALUATED) else "training"
+        values = {"step": metrics.get("step"), LAST_DEV: metrics.get(LAST_DEV),
+                  DEV: metrics.get(DEV), "test_avg": metrics.get(metric_key("test", "avg"))}
         for name, v in values.items():
             if v is None or v != v:  # missing or NaN (ranks other than 0 report no dev score)
                 continue
@@ -488,3 +489,64 @@ def _trial_results(grid, run: TuneRun) -> list[TrialResult]:
                         None if r.error is None else _root_cause(r.error),
                         run.storage.rel(r.checkpoint.path) if r.checkpoint is not None else None)
             for r in grid]
+
+
+# --------------------------------------------------------------------------- the trials, Tune's quirks included
+
+def asha_settings(cfg: Config) -> dict | None:
+    """ASHA in training steps: rungs at grace · rf^k steps (grace default: two evaluations) up to the trial's
+    budget (max_steps; without it the corpus decides, unknown here, so no bound)."""
+    if cfg.sweep.scheduler != "asha":
+        return None
+    grace = cfg.sweep.asha_grace_steps or 2 * cfg.train.eval_steps
+    return {"grace": grace, "max_t": max(grace, cfg.train.max_steps or 10 ** 9), "rf": cfg.sweep.asha_reduction_factor}
+
+
+def search_space(cfg: Config) -> dict:
+    """sweep.search=optuna: continuous sparsity (log or uniform) and λ (continuous or from sweep.lams), the rest
+    fixed (seeds[0], the paper's scorer, the one reading)."""
+    sw = cfg.sweep
+    space = {"sparsity": ("loguniform" if sw.sparsity_scale == "log" else "uniform", *sw.sparsity_range),
+             "lam": ("uniform", *sw.lam_range) if sw.lam_range else ("choice", list(sw.lams))}
+    return {"space": space, "num_samples": sw.num_samples, "seed": sw.search_seed, "pareto": sw.objective == "pareto",
+            "constants": {"seed": sw.seeds[0], "scorer": "align_uniform", "combine": cfg.score.combine[0],
+                          "normalize": cfg.score.normalize[0]}}
+
+
+CONTROL_EXPERIMENT = "tune-control"  # sweep.search=optuna: the s = 0 controls, run as a grid
+MISSING_EXPERIMENT = "tune-missing"  # grid points a restored experiment had lost, run on resume
+
+
+LOST_CHECKPOINT = "does not exist on storage anymore"  # Tune's error for a trial restored from a deleted checkpoint
+
+
+TRIAL_EXPERIMENTS = ("tune", CONTROL_EXPERIMENT, MISSING_EXPERIMENT)  # every Tune experiment a sweep's trials run in
+
+
+def run_trials(trial: Callable, params: dict, points: list[Point], run: TuneRun, cfg: Config) -> list[TrialResult]:
+    """One result per point of the grid, whatever Tune did on the way — or, with sweep.search=optuna, `points` (the
+    s = 0 controls) as a grid in tune-control/ and Optuna's samples in tune/. Tune's recovery quirks stay here:
+    trials restored from a checkpoint storage no longer has run again from scratch, and grid points a restored
+    experiment lost run in tune-missing/."""
+    asha = asha_settings(cfg)
+    if cfg.sweep.search == "optuna":
+        results = run_tuner(trial, params, points, run, name=CONTROL_EXPERIMENT) if points else []
+        return results + run_tuner(trial, params, [], run, name="tune", asha=asha, search=search_space(cfg))
+    results = run_tuner(trial, params, points, run, name="tune", asha=asha)
+    lost = [r.point.name for r in results if r.error and LOST_CHECKPOINT in r.error]
+    if lost:
+        # a driver killed between Tune deleting a trial's older checkpoint (num_to_keep=1) and uploading the
+        # experiment state that names the newer one restores the trial from a checkpoint that is gone: those
+        # trials run again from scratch (their progress is lost, the trial is not)
+        print(f"[sweep] {len(lost)} trial(s) restored from a checkpoint no longer in storage "
+              f"({', '.join(lost[:5])}); running them again from the start")
+        results = run_tuner(trial, params, points, run, name="tune", asha=asha, restart_errored=True)
+    got = {r.point for r in results}
+    missing = [p for p in points if p not in got]
+    if missing and (run.resume or run.storage.exists(MISSING_EXPERIMENT)):
+        # a restored experiment can lack points its searcher had already handed out (Tune saves the trial list
+        # and the searcher's position as separate files, uploaded one after the other): run them now
+        print(f"[sweep] the restored experiment lacks {len(missing)} grid point(s) "
+              f"({', '.join(p.name for p in missing[:5])}); running them in {MISSING_EXPERIMENT}/")
+        results += run_tuner(trial, params, missing, run, name=MISSING_EXPERIMENT, asha=asha)
+    return results

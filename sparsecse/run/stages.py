@@ -27,7 +27,7 @@ import numpy as np
 from .. import SparseCSEError
 from ..core.checkpoints import Persist
 from ..core.config import config_from_dict
-from ..core.results import PARAMS, Point, replicate_name, sts_tasks
+from ..core.results import DEV, EVALUATED, LAST_DEV, PARAMS, Point, metric_key, replicate_name, sts_tasks
 from ..core.staging import is_staged_uri, local as local_data
 from ..core.storage import Storage, fetch_model, scratch_dir
 from ..method.data import (load_stsb, overlap_counts, positives, selection_pairs, sts_test_overlap, train_path,
@@ -221,7 +221,7 @@ def trial(point: Point, *, store_uri: str, data_dir: str, cfg_dict: dict, scores
                        simcse_scores=simcse_scores, combine=point.combine, normalize=point.normalize)
     pre.set_masks(hm, nm)
     # every report carries the point and the model's size: the second objective of sweep.objective=pareto
-    base = {**point.params(), "trial": name, "evaluated": False, PARAMS: encoder_params(pre)}
+    base = {**point.params(), "trial": name, EVALUATED: False, PARAMS: encoder_params(pre)}
     meta = {**point.params(), "pretrained": cfg.model.name,
             "scores": store.url(replicate_name("scores.parquet", point.replicate)),
             "scores_fingerprint": scores.meta["model_fingerprint"]}
@@ -241,7 +241,7 @@ def trial(point: Point, *, store_uri: str, data_dir: str, cfg_dict: dict, scores
         final = evaluate_trial(best, cfg, Path(data_dir), store, name)
     # no checkpoint here: the last training report already carries the final state (its best model's pointer),
     # so the trial's result checkpoint is that one and nothing is uploaded twice
-    report({**base, "evaluated": True, "step": res.steps, "stsb_dev": res.best_dev, "best_stsb_dev": res.best_dev,
+    report({**base, EVALUATED: True, "step": res.steps, LAST_DEV: res.best_dev, DEV: res.best_dev,
             "sentences_per_s": res.sentences_per_s, "trial_s": time.perf_counter() - t0, **persist.stats.metrics(),
             **final}, None)
 
@@ -271,9 +271,9 @@ def evaluate_trial(best, cfg, data_dir: Path, store: Storage, name: str) -> dict
     if selection_needs_dev_pairs(cfg):
         store.write_bytes(f"predictions/{name}.dev.parquet", predictions_to_bytes(dev_predictions(best, cfg, data_dir)))
     out = {k: table.pop(k) for k in ("align", "uniform")}
-    out.update({f"test/{k}": v for k, v in table.items()})
+    out.update({metric_key("test", k): v for k, v in table.items()})
     if cfg.eval.transfer == "all":
-        out.update({f"transfer/{k}": v for k, v in evaluate_transfer(
+        out.update({metric_key("transfer", k): v for k, v in evaluate_transfer(
             best, data_dir, pooler=cfg.model.eval_pooler, classifier=cfg.eval.transfer_classifier).items()})
     return out
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from .. import SparseCSEError
 from ..core.config import Config
+from ..core.results import DEV, LAST_DEV
 from ..core.storage import Storage, cache_root, scratch_dir
 
 TRACKERS = ("mlflow", "wandb")
@@ -172,7 +173,7 @@ class Tracking:
         cd = self.cfg.to_dict()
         params = _flat({k: cd[k] for k in ("model", "data", "train", "ray")})
         metrics = [(k, v, int(h["step"])) for h in history for k, v in h.items()
-                   if k in ("loss", "stsb_dev", "best_stsb_dev") and v is not None]
+                   if k in ("loss", LAST_DEV, DEV) and v is not None]
         self._log("stage1 (SimCSE)", "stage1", params, metrics)
 
     def log_outcome(self, summary: dict, files: dict[str, bytes], export_rel: str | None) -> None:

@@ -11,7 +11,7 @@ import html
 from dataclasses import dataclass, field
 
 from ..core.config import Config, select_on_label
-from ..core.results import PAPER_SCORER, TrialResult, reading_label, sts_tasks
+from ..core.results import DEV, PAPER_SCORER, TrialResult, metric_key, reading_label, sts_tasks
 from ..core.tables import label, render
 from ..method.transfer import format_transfer_markdown
 from .pilot import row_method
@@ -241,7 +241,7 @@ def _all_trials(inp: ReportInputs) -> list[str]:
     return ["## All trials", "", render(
         ["sparsity", "scorer", "λ", "seed", "status", inp.dev, "test avg", "align", "uniform"],
         [[x["sparsity"], x["method"], str(x["lam"]) if x["scorer"] == PAPER_SCORER else "—", str(x["seed"]),
-          f"{x['status']} {x['error'][:60]}", x["best_stsb_dev"], x["test/avg"], g(x["align"]), g(x["uniform"])]
+          f"{x['status']} {x['error'][:60]}", x[DEV], x[metric_key("test", "avg")], g(x["align"]), g(x["uniform"])]
          for x in inp.flat], left=0)]
 
 
@@ -311,7 +311,7 @@ def _replicate_lines(reps: list[dict] | None, dev: str = "STS-B dev") -> list[st
     if not reps or len(reps) < 2:
         return []
 
-    devs = [r["best_stsb_dev"] for r in reps]
+    devs = [r[DEV] for r in reps]
     return [f"Stage 1 ran {len(reps)} independent replicates (train.seed {', '.join(str(r['seed']) for r in reps)}), "
             f"each scored and each with its own trials; their best {dev}: "
             f"{', '.join(f'{d:.2f}' for d in devs)} ({_pm1(sum(devs) / len(devs), sample_std(devs))}). "
@@ -495,14 +495,14 @@ def render_live_html(title: str, flat: list[dict], total: int | None, dev: str =
     from markdown_it import MarkdownIt
 
     done = [x for x in flat if x["status"] == "done"]
-    devs = [x for x in flat if x.get("best_stsb_dev") is not None]
-    best = max(devs, key=lambda x: x["best_stsb_dev"]) if devs else None
+    devs = [x for x in flat if x.get(DEV) is not None]
+    best = max(devs, key=lambda x: x[DEV]) if devs else None
     lines = [f"# SparseCSE report — {title} (sweep in progress)", "",
              f"**{len(done)} of {total if total else '?'} trials finished**, {len(flat) - len(done)} running or "
              "stopped. This page is rewritten after every trial result and replaced by the full report when the sweep "
              "ends; reload it to follow the sweep.", ""]
     if best is not None:
-        lines += [f"Best {dev} so far: **{best['best_stsb_dev']:.2f}** — {best['method']}, sparsity "
+        lines += [f"Best {dev} so far: **{best[DEV]:.2f}** — {best['method']}, sparsity "
                   f"{best['sparsity']}, λ {best['lam']}, seed {best['seed']} ({best['status']}).", ""]
     lines += _all_trials(SimpleNamespace(flat=flat, dev=dev))
     body = MarkdownIt("commonmark", {"html": False}).enable("table").render("\n".join(lines))

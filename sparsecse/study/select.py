@@ -8,7 +8,7 @@ import numpy as np
 
 from .. import SparseCSEError
 from ..core.config import CONTROL_SCORERS
-from ..core.results import DEV, PAPER_SCORER, TrialResult, method_name, reading_label, reading_order
+from ..core.results import DEV, PAPER_SCORER, PARAMS, TrialResult, metric_key, method_name, reading_label, reading_order
 from .stats import ALPHA, bootstrap_diff, correct_family, noninferior, paired, sample_std
 
 Key = tuple  # Point.key: (scorer, sparsity, λ, combine, normalize), seeds pooled
@@ -248,7 +248,7 @@ def _methods_at(at: list[TrialResult], select_lam: float | None) -> dict[str, li
     return by_method
 
 
-def comparisons(results: list[TrialResult], select_lam: float | None = None, metric: str = "test/avg",
+def comparisons(results: list[TrialResult], select_lam: float | None = None, metric: str = metric_key("test", "avg"),
                 predictions: dict | None = None) -> list[dict]:
     """At every sparsity > 0, each mask-choosing method at the same retraining budget — the paper's score under
     each reading (at the λ best on dev at that sparsity, or `select_lam`), random, magnitude, simcse — with
@@ -286,7 +286,7 @@ def _compare(a: dict, b: dict, predictions: dict | None, metric: str) -> dict:
     """`stats.paired` over seeds of {seed: (value, trial name)}; with one shared seed and both trials' test
     predictions, a paired bootstrap over test pairs gives the verdict (for the STS average)."""
     out = paired({k: v for k, (v, _) in a.items()}, {k: v for k, (v, _) in b.items()})
-    if out["n"] == 1 and predictions and metric == "test/avg":
+    if out["n"] == 1 and predictions and metric == metric_key("test", "avg"):
         (seed,) = set(a) & set(b)
         pa, pb = predictions.get(a[seed][1]), predictions.get(b[seed][1])
         if pa is not None and pb is not None:
@@ -351,9 +351,9 @@ def results_table(results: list[TrialResult], tasks: list[str]) -> list[dict]:
         flat.append({"sparsity": p.sparsity, "lam": p.lam, "seed": p.seed, "replicate": p.replicate,
                      "scorer": p.scorer, "combine": p.combine,
                      "normalize": p.normalize, "method": p.method, "trial": p.name, "status": r.status,
-                     "error": r.error or "", DEV: m.get(DEV), **{f"test/{t}": r.test(t) for t in tasks},
+                     "error": r.error or "", DEV: m.get(DEV), **{metric_key("test", t): r.test(t) for t in tasks},
                      "align": m.get("align"), "uniform": m.get("uniform"), "steps": m.get("step"),
-                     "encoder_params": m.get("encoder_params"), "node_id": m.get("node_id"),
+                     PARAMS: m.get(PARAMS), "node_id": m.get("node_id"),
                      "trial_s": m.get("trial_s"), "checkpoints": m.get("checkpoints"),
                      "checkpoint_bytes": m.get("checkpoint_bytes"), "checkpoint_s": m.get("checkpoint_s"),
                      "checkpoint": r.checkpoint})

@@ -1,0 +1,189 @@
+"""After the trials: the evaluations and the export as Ray tasks (`evaluate_and_export_stage`), then
+results.{parquet,json}, the figures and report.{md,html} (`report_stage`); the live report while the trials run
+(`LiveReport`); and whether the sweep counts as a success (`check_failures`)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .. import TrialsFailed
+from ..core.checkpoints import best_model
+from ..core.config import Config, config_from_dict, select_on_label
+from ..core.io import parquet_bytes
+from ..core.results import DEV, LAST_DEV, TrialResult, replicate_name, sts_tasks
+from ..core.storage import Storage
+from ..method.evaluate import predictions_from_bytes
+from ..method.prune import select_masks
+from ..study import figures
+from ..study import select as choose
+from ..study.report import ReportInputs, render_html, render_live_html, render_markdown
+from .rundir import Run
+from . import ray_adapter as ra
+from . import stages
+
+
+def wants_export(selected: dict | None, cfg: Config) -> bool:
+    """Export the selection — the control too when it won on dev, unless sweep.when_control_wins says nothing."""
+    return bool(selected and cfg.sweep.export_best and not (
+        selected["control_won"] and cfg.sweep.when_control_wins == "export_nothing"))
+
+
+def evaluate_and_export_stage(run: Run, results: list[TrialResult], selected: dict | None) -> dict:
+    """The SimCSE baseline (STS; transfer unless eval.transfer is none), the transfer tasks of the selected model and
+    of the s = 0 control, the pilot study (sweep.pilot) and the export, as Ray tasks at once; returns {"baseline":
+    STS of the stage-1 model, "transfer": {model: table} or None, "backbone": STS of the pre-trained model,
+    "pilot": rows or None}."""
+    cfg, store = run.cfg, run.store
+    res = (cfg.sweep.trial_cpus, cfg.sweep.trial_gpus)
+    common = (run.data_dir, cfg.to_dict())
+    transfer = cfg.eval.transfer != "none" and selected is not None
+    evaluate = lambda what, rel, sts, tr: (what, stages.evaluate_task, (store.uri, rel, *common),  # noqa: E731
+                                           {"sts": sts, "transfer": tr, "threads": res[0], "gpus": res[1]}, *res)
+    calls = {"baseline": evaluate("baseline evaluation", "simcse/best", True, transfer),
+             "backbone": evaluate("backbone evaluation", None, True, False)}
+    ctrl = (choose.control(results) or {}).get("checkpoint") if transfer else None
+    if transfer:
+        calls["selected"] = evaluate("transfer evaluation", best_model(store, selected["checkpoint"]), False, True)
+        if ctrl and not selected["control_won"]:
+            calls["control"] = evaluate("control transfer evaluation", best_model(store, ctrl), False, True)
+    if cfg.sweep.pilot:
+        calls["pilot"] = ("pilot study", stages.pilot_task, (store.uri, "simcse/best", *common, *res), {}, *res)
+    if wants_export(selected, cfg):
+        calls["export"] = ("export", stages.export_task, (store.uri, best_model(store, selected["checkpoint"]), cfg.to_dict(),
+                                                          selected.get("test"), res[0], run.data_dir), {}, res[0], 0)
+    t0 = time.perf_counter()
+    out = dict(zip(calls, ra.run_tasks(list(calls.values()))))
+    run.state.timings["evaluate_export_s"] = time.perf_counter() - t0
+    table = None
+    if transfer:
+        table = {"SimCSE": out["baseline"]["transfer"]}
+        if "control" in out:
+            table["SimCSE control s=0 (rewound + retrained)"] = out["control"]["transfer"]
+        table["SparseCSE" if not selected["control_won"] else "SimCSE control s=0 (selected)"] = out["selected"]["transfer"]
+    return {"baseline": out["baseline"]["sts"], "transfer": table, "backbone": out["backbone"]["sts"],
+            "pilot": out["pilot"] if cfg.sweep.pilot else None}
+
+
+def report_stage(run: Run, results: list[TrialResult], selected: dict | None, extras: dict, scores) -> dict:
+    """results.{parquet,json}, figures, report.{md,html}; returns the summary."""
+    cfg, store = run.cfg, run.store
+    baseline, transfer = extras["baseline"], extras["transfer"]
+    tasks = [*sts_tasks(cfg.eval.tasks), "avg"]
+    flat = choose.results_table(results, tasks)
+    summary = {"baseline": baseline, "backbone": extras.get("backbone"), "selected": selected,
+               "control": choose.control(results), "num_trials": len(results),
+               "failed": [{"trial": x["trial"], "error": x["error"]} for x in flat if x["status"] == "error"],
+               "transfer": transfer, "storage": store.uri,
+               "export": store.url("export") if wants_export(selected, cfg) else None,
+               "comparisons": choose.comparisons(results, cfg.sweep.select_lam,
+                                                 predictions=predictions_for_bootstrap(run, results)),
+               "allocation": selected_allocation(selected, scores[(selected or {}).get("replicate", 0)]),
+               "pilot": extras["pilot"], "replicates": replicate_devs(run)}
+    table_bytes = parquet_bytes(flat)
+    store.write_bytes("results.parquet", table_bytes)
+    store.write_json("results.json", {"trials": flat, **summary})
+    figs = {name: figures.png(fig) for name, fig in report_figures(cfg, results, summary).items()}
+    for name, data in figs.items():
+        store.write_bytes(f"figures/{name}", data)
+    inputs = ReportInputs(Path(store.root).name, cfg, results, flat, selected, summary["control"], baseline, transfer,
+                          figs, summary["allocation"], scores[0].meta, extras["pilot"], extras.get("backbone"),
+                          summary["comparisons"], summary["replicates"])
+    md, html_text = render_markdown(inputs), render_html(inputs)
+    store.write_text("report.md", md)
+    store.write_text("report.html", html_text)
+    run.tracking.log_outcome(summary, {"report.md": md.encode(), "report.html": html_text.encode(),
+                                       "results.parquet": table_bytes,
+                                       **{f"figures/{k}": v for k, v in figs.items()}},
+                             "export" if summary["export"] else None)
+    return summary
+
+
+def replicate_devs(run: Run) -> list[dict]:
+    """Each stage-1 replicate's seed and best STS-B dev: the spread between SimCSE runs, which a gain from pruning
+    has to exceed."""
+    out = []
+    for r in range(run.cfg.sweep.replicates):
+        history = run.store.read_json(f"{replicate_name('simcse', r)}/history.json")["history"]
+        out.append({"replicate": r, "seed": run.cfg.train.seed + r,
+                    DEV: max(h.get(DEV, h[LAST_DEV]) for h in history)})
+    return out
+
+
+def selected_allocation(selected: dict | None, scores) -> dict | None:
+    """Where the selected mask prunes (the same masks its trial used); None when nothing is pruned."""
+    if not selected or selected["control_won"]:
+        return None
+    return choose.allocation(*select_masks(*scores.importance(selected["lam"], selected["combine"],
+                                                              selected["normalize"]), selected["sparsity"]))
+
+
+def report_figures(cfg: Config, results: list[TrialResult], summary: dict) -> dict:
+    """{file name: figure} of the report, in the order report.md lists them."""
+    selected = summary["selected"]
+    tasks = [*sts_tasks(cfg.eval.tasks), "avg"]
+    figs = figures.sweep_figures(results, tasks, summary["baseline"], summary.get("backbone"),
+                                 sampled=cfg.sweep.search == "optuna")
+    if summary["allocation"]:
+        figs["mask_allocation.png"] = figures.allocation(
+            summary["allocation"], f"pruned per layer: s={selected['sparsity']:.0%}, λ={selected['lam']}, "
+            f"combine={selected['combine']}, normalize={selected['normalize']}")
+    if selected and selected.get("pareto"):
+        figs["pareto.png"] = figures.pareto(choose.candidate_points(results, cfg.sweep.select_lam), selected)
+    if summary["pilot"]:
+        figs["pilot.png"] = figures.pilot(summary["pilot"])
+    return figs
+
+
+def predictions_for_bootstrap(run: Run, results: list[TrialResult]) -> dict:
+    """{trial name: its per-pair STS test predictions} when some grid point has a single seed — the comparisons
+    that seeds cannot test get a bootstrap over test pairs instead; {} otherwise (nothing to read)."""
+    if len(run.cfg.sweep.seeds) > 1:
+        return {}
+    out = {}
+    for r in results:
+        rel = f"predictions/{r.point.name}.parquet"
+        if not r.error and r.evaluated and run.store.is_file(rel):
+            out[r.point.name] = predictions_from_bytes(run.store.read_bytes(rel))
+    return out
+
+
+def dev_predictions_for_selection(run: Run, results: list[TrialResult]) -> dict:
+    """{trial name: its per-pair dev predictions} when a tested selection rule has one unit to test over (then
+    each trial kept them, stages.selection_needs_dev_pairs); {} otherwise."""
+    if not stages.selection_needs_dev_pairs(run.cfg):
+        return {}
+    out = {}
+    for r in results:
+        rel = f"predictions/{r.point.name}.dev.parquet"
+        if r.finished and run.store.is_file(rel):
+            out[r.point.name] = predictions_from_bytes(run.store.read_bytes(rel))
+    return out
+
+
+def check_failures(summary: dict, cfg: Config) -> None:
+    """A sweep whose trials failed is not a success unless the config says failures are tolerated."""
+    failed = summary["failed"]
+    if failed and not cfg.sweep.allow_failed_trials:
+        raise TrialsFailed(f"{len(failed)} of {summary['num_trials']} trials failed (first: {failed[0]['trial']}: "
+                           f"{failed[0]['error'][:200]}); the report lists them — set sweep.allow_failed_trials=true "
+                           "to accept a sweep with failed trials")
+    if summary["selected"] is None:
+        raise TrialsFailed("no trial finished, so nothing was selected or exported; see the report's trial table")
+
+
+class LiveReport:
+    """report.html while the trials run (Tune calls it from the driver after trial results,
+    ray_adapter.live_report_callback): every trial as it stands. Picklable (Tune keeps its callbacks with the
+    experiment): the run's storage is reopened from its URI."""
+
+    def __init__(self, store_uri: str, cfg_dict: dict, total: int, reading: tuple[str, str]):
+        self.store_uri, self.cfg_dict, self.total, self.reading = store_uri, cfg_dict, total, reading
+
+    def __call__(self, records: list[dict]) -> None:
+        cfg = config_from_dict(self.cfg_dict)
+        store = Storage(self.store_uri)
+        results = [TrialResult.from_record(r, self.reading) for r in records]
+        flat = choose.results_table(results, [*sts_tasks(cfg.eval.tasks), "avg"])
+        store.write_text("report.html", render_live_html(Path(store.root).name, flat, self.total,
+                                                         select_on_label(cfg.sweep.select_on)))
