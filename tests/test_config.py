@@ -145,3 +145,43 @@ def test_score_readings_run_exactly_the_listed_readings_of_the_paper_score():
         load_config(None, ["score.readings=[[gradient, none], [score, layer]]"])  # combine/normalize disagree
     with pytest.raises(SparseCSEError, match="score.readings"):
         load_config(None, ["score.readings=[[gradient, sideways]]"])
+
+
+def test_fields_no_shipped_sweep_sets_still_do_what_they_say(tmp_path, monkeypatch):
+    """Config fields that only a user's YAML sets each reach the code they configure: the optimiser's weight decay,
+    the evaluation batch, the export when the control wins, the search's sparsity scale and seed, the W&B project."""
+    import torch
+
+    from sparsecse.core.storage import Storage
+    from sparsecse.method.train import make_optimizer
+    from sparsecse.run import stages
+    from sparsecse.run.outcome import wants_export
+    from sparsecse.run.ray_adapter import search_space
+    from sparsecse.run.tracking import Tracking
+    from sparsecse.study.select import select
+    from sparsecse.core.results import DEV, Point, TrialResult, metric_key
+
+    cfg = load_config(None, ["train.weight_decay=0.01"])
+    opt = make_optimizer([torch.nn.Parameter(torch.zeros(2))], cfg.train.lr, cfg.train.weight_decay, "cpu")
+    assert opt.param_groups[0]["weight_decay"] == 0.01
+
+    seen = []
+    monkeypatch.setattr(stages, "evaluate_sts", lambda enc, d, **kw: seen.append(kw["batch_size"]) or {
+        "align": 0.1, "uniform": -2.0, "avg": 1.0})
+    monkeypatch.setattr(stages, "predictions_to_bytes", lambda preds: b"")
+    stages.evaluate_trial(None, load_config(None, ["eval.batch_size=7", "sweep.select=best_dev"]), tmp_path, Storage(tmp_path / "r"), "t")
+    assert seen == [7]
+
+    won = select([TrialResult(Point(s, 0.5, 1), {"evaluated": True, DEV: 80.0 - 10 * s, metric_key("test", "avg"): 70.0},
+                              None, "ckpt") for s in (0.0, 0.2)])
+    assert won.control_won
+    assert wants_export(won, load_config(None)) is True  # default: the control is exported when it wins
+    assert wants_export(won, load_config(None, ["sweep.when_control_wins=export_nothing"])) is False
+
+    opt_cfg = ["sweep.search=optuna", "sweep.num_samples=4", "sweep.sparsity_range=[0.02, 0.4]"]
+    assert search_space(load_config(None, opt_cfg + ["sweep.sparsity_scale=uniform"]))["space"]["sparsity"][0] == "uniform"
+    assert search_space(load_config(None, opt_cfg + ["sweep.search_seed=99"]))["seed"] == 99
+
+    tr = Tracking(load_config(None, ["sweep.loggers=[tensorboard, wandb]", "sweep.wandb_project=my-proj"]),
+                  Storage(tmp_path / "w"))
+    assert tr.logger_settings()["wandb"]["project"] == "my-proj"

@@ -37,7 +37,7 @@ def test_overlap_counts_against_hand_made_files(tmp_path, tiny_data_dir):
 def test_stsb_dev_overlaps_sts12_to_16_and_only_sick_r_is_clean(data_dir):
     """On the shared SentEval data: selecting on STS-B dev touches 1,131 unique STS12–16 test pairs (the figure
     issue 25 counted from the dev side: 1,130 of 1,498), so only SICK-R is clean of both selection and scoring."""
-    from sparsecse.study.report import clean_tasks
+    from sparsecse.study.select import clean_tasks
 
     data = data_dir
     tasks = ["STS12", "STS13", "STS14", "STS15", "STS16", "STSBenchmark", "SICKRelatedness"]
@@ -50,14 +50,18 @@ def test_stsb_dev_overlaps_sts12_to_16_and_only_sick_r_is_clean(data_dir):
 def test_the_report_shows_the_overlap_and_the_clean_average():
     from sparsecse.core.config import load_config
     from sparsecse.study.report import ReportInputs, _overlap_lines
+    from sparsecse.study.select import Findings, clean_average, clean_tasks
 
     cfg = load_config(None, [])
     overlap = [{"task": "STS12", "pairs": 10, "in_selection": 2, "in_scoring": 3},
                {"task": "STSBenchmark", "pairs": 8, "in_selection": 0, "in_scoring": 0},
                {"task": "SICKRelatedness", "pairs": 6, "in_selection": 0, "in_scoring": None}]
-    sel = {"test": {"STS12": 70.0, "STSBenchmark": 80.0, "SICKRelatedness": 70.0}}
-    ctrl = {"test": {"STS12": 71.0, "STSBenchmark": 79.0, "SICKRelatedness": 69.0}}
-    inp = ReportInputs("t", cfg, [], [], sel, ctrl, {}, scoring={"overlap": overlap})
+    sel = {"STS12": 70.0, "STSBenchmark": 80.0, "SICKRelatedness": 70.0}
+    ctrl = {"STS12": 71.0, "STSBenchmark": 79.0, "SICKRelatedness": 69.0}
+    clean = clean_tasks(overlap)
+    assert clean == ["STSBenchmark", "SICKRelatedness"]
+    found = Findings(clean_tasks=clean, clean_selected=clean_average(sel, clean), clean_control=clean_average(ctrl, clean))
+    inp = ReportInputs("t", cfg, [], [], None, {"test": ctrl}, {}, scoring={"overlap": overlap}, findings=found)
     text = "\n".join(_overlap_lines(inp))
     assert "| STS12 | 10 | 2 | 3 |" in text and "| SICK-R | 6 | 0 | — (label-free) |" in text.replace(
         "SICKRelatedness", "SICK-R")
@@ -68,7 +72,7 @@ def test_select_on_sick_r_dev_leaves_every_sts_test_set_clean(data_dir):
     """sweep.select_on: sickr-dev — SICK's trial split shares no pair with STS12–16 or STS-B test (9 with SICK-R
     test); with label-free scoring, six of the seven STS tasks are clean of every choice the sweep makes."""
     from sparsecse.method.data import selection_pairs
-    from sparsecse.study.report import clean_tasks
+    from sparsecse.study.select import clean_tasks
 
     tasks = ["STS12", "STS13", "STS14", "STS15", "STS16", "STSBenchmark", "SICKRelatedness"]
     got = overlap_counts(data_dir, tasks, selection_pairs(data_dir, "sickr-dev"), None)
@@ -106,6 +110,7 @@ def test_select_on_reads_named_sets_and_a_users_file(tmp_path, tiny_data_dir):
 def test_stage_one_depends_on_the_selection_data_and_reports_name_it():
     from sparsecse.core.config import load_config
     from sparsecse.study.report import ReportInputs, _selection_lines
+    from sparsecse.study.select import Selection
     from sparsecse.run.rundir import stage1_fingerprint as _stage1_fp
 
     base, sick = load_config(None, []), load_config(None, ["sweep.select_on=sickr-dev"])
@@ -115,7 +120,9 @@ def test_stage_one_depends_on_the_selection_data_and_reports_name_it():
     assert _stage1_fp(old) == _stage1_fp(base.to_dict())
     inp = ReportInputs("t", sick, [], [], None, None, {})
     assert inp.dev == "SICK-R dev"
-    sel = {"candidates": 2, "control_won": False, "sparsity": 0.1, "lam": 0.5, "combine": "gradient",
-           "normalize": "none", "dev_mean": 80.0, "test": {"STSBenchmark": 78.0}, "rule": "best_dev"}
+    sel = Selection(sparsity=0.1, lam=0.5, combine="gradient", normalize="none", method="align_uniform",
+                    control_won=False, candidates=2, objective="dev", params=None, dev_mean=80.0, seeds=[1],
+                    test={"STSBenchmark": 78.0}, test_std={"STSBenchmark": None}, trial="t", checkpoint=None,
+                    replicate=0, rule="best_dev")
     text = "\n".join(_selection_lines(sel, sick))
     assert "SICK-R dev 80.00" in text and "(SICK-R dev − STS-B test): +2.00" in text and "STS-B dev" not in text

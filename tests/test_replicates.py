@@ -52,4 +52,4 @@ def test_comparisons_average_seeds_within_a_replicate_and_test_over_replicates()
     assert vs["p_raw"] == 0.25  # three replicates: the exact test's floor
     assert len(control(rows)["seeds"]) == 6  # one control per (replicate, seed), none collapsed
     sel = select(rows, rule="noninferior", margin=0.5)
-    assert sel["rule_detail"]["steps"][0]["n"] == 3  # the rule's units are the replicates too
+    assert sel.rule_detail["steps"][0]["n"] == 3  # the rule's units are the replicates too

@@ -11,7 +11,7 @@ import pytest
 from sparsecse import SparseCSEError
 from sparsecse.study.report import _pm, _table
 from sparsecse.core.results import Point, TrialResult
-from sparsecse.study.select import control, select
+from sparsecse.study.select import control, findings, select
 
 
 def _row(s, lam, seed, dev, test_b, error=None, done=True, scorer="align_uniform", **reading):
@@ -29,11 +29,11 @@ def test_select_averages_dev_over_seeds_and_reports_test_mean_std():
     rows.append(_row(0.5, 0.75, 1, 99.0, 99.0, error="boom"))  # failed: never chosen
     sel = select(rows)
     # mean dev: s=0.1 → 80.667, s=0.3 → 81.467: the higher mean wins although s=0.1 has the single best seed
-    assert (sel["sparsity"], sel["lam"]) == (0.3, 0.25)
-    assert sel["dev_mean"] == pytest.approx(np.mean([81.5, 81.5, 81.4]))
-    assert sel["seeds"] == [1, 2, 3] and sel["test"]["STSBenchmark"] == pytest.approx(90.0)
+    assert (sel.sparsity, sel.lam) == (0.3, 0.25)
+    assert sel.dev_mean == pytest.approx(np.mean([81.5, 81.5, 81.4]))
+    assert sel.seeds == [1, 2, 3] and sel.test["STSBenchmark"] == pytest.approx(90.0)
     # the best-dev seed of the chosen point is exported, from its trial's checkpoint in the run's storage
-    assert sel["checkpoint"] == "tune/t0.3_0.25_1/checkpoint_000001" and sel["trial"] == "s0.300_l0.25_seed1"
+    assert sel.checkpoint == "tune/t0.3_0.25_1/checkpoint_000001" and sel.trial == "s0.300_l0.25_seed1"
     ctrl = control(rows)
     assert ctrl["seeds"] == [1, 2, 3]
     # the λ=0.75 duplicate of the control (99.0) is dropped in favour of the first λ per seed
@@ -45,20 +45,20 @@ def test_select_averages_dev_over_seeds_and_reports_test_mean_std():
     md = _table([("ctrl", cells)], ["STSBenchmark", "avg"])
     assert md.splitlines()[-1] == "| ctrl | 72.00 ± 1.00 | 71.00 ± 1.00 |"
     one = select([_row(0.1, 0.5, 1, 80.0, 70.0)])
-    assert one["test_std"]["STSBenchmark"] is None  # one seed: no spread, shown as the mean alone
-    assert _pm(one["test"], one["test_std"], ["STSBenchmark"]) == {"STSBenchmark": "70.00"}
+    assert one.test_std["STSBenchmark"] is None  # one seed: no spread, shown as the mean alone
+    assert _pm(one.test, one.test_std, ["STSBenchmark"]) == {"STSBenchmark": "70.00"}
 
 
 def test_selection_can_say_pruning_did_not_help_and_never_picks_a_control_scorer():
     rows = [_row(0.0, 0.5, 1, 90.0, 80.0), _row(0.2, 0.5, 1, 70.0, 60.0), _row(0.2, 0.5, 1, 95.0, 85.0, scorer="random")]
     sel = select(rows)  # the control is best on dev (random is better still, but random is a control, not a method)
-    assert sel["sparsity"] == 0.0 and sel["control_won"] and sel["candidates"] == 2
-    assert select([_row(0.0, 0.5, 1, 70.0, 60.0), _row(0.2, 0.5, 1, 70.0, 60.0)])["control_won"]  # a tie: the control
+    assert sel.sparsity == 0.0 and sel.control_won and sel.candidates == 2
+    assert select([_row(0.0, 0.5, 1, 70.0, 60.0), _row(0.2, 0.5, 1, 70.0, 60.0)]).control_won  # a tie: the control
     win = select([_row(0.0, 0.5, 1, 70.0, 60.0), _row(0.2, 0.5, 1, 71.0, 60.0)])
-    assert win["sparsity"] == 0.2 and not win["control_won"]
+    assert win.sparsity == 0.2 and not win.control_won
     # select_lam: the paper's fixed λ = 0.5 even when another λ is better on dev
     rows = [_row(0.1, 0.25, 1, 85.0, 70.0), _row(0.1, 0.5, 1, 80.0, 70.0), _row(0.0, 0.25, 1, 60.0, 50.0)]
-    assert (select(rows)["lam"], select(rows, select_lam=0.5)["lam"]) == (0.25, 0.5)
+    assert (select(rows).lam, select(rows, select_lam=0.5).lam) == (0.25, 0.5)
     assert select([_row(0.2, 0.5, 1, 70.0, 60.0, done=False)]) is None
     assert control([_row(0.2, 0.5, 1, 70.0, 60.0)]) is None
 
@@ -105,7 +105,8 @@ def test_controls_section_compares_each_method_at_equal_budget():
     sel = select(rows)
     md = render_markdown(ReportInputs("t", cfg, rows, results_table(rows, ["STSBenchmark", "avg"]), sel,
                                       control(rows), {"STSBenchmark": 70.0, "avg": 70.0, "align": 0.1, "uniform": -2.0},
-                                      scoring={"positive_pairs": 10, "sts_test_overlap": 7}))
+                                      scoring={"positive_pairs": 10, "sts_test_overlap": 7},
+                                      findings=findings(rows, sel, ["STSBenchmark", "avg"])))
     assert "10 positive pairs (gold > 4)" in md and "**7 of the unique positive pairs are verbatim STS12–16 test" in md
     assert "## Controls at equal budget" in md and "| 30% | random |" in md
     assert "Selection chose among 3 grid points, the s = 0 control included." in md
@@ -151,7 +152,7 @@ def test_stability_and_the_alignment_uniformity_figure():
     for r, (a, u) in zip(rows, ((0.2, -2.0), (0.25, -2.1), (0.3, -2.2), (0.1, -1.0))):
         r.metrics.update(align=a, uniform=u)
     sel = select(rows)
-    assert sel["sparsity"] == 0.1
+    assert sel.sparsity == 0.1
     (st,) = stability(rows, sel, ["STSBenchmark"])
     assert (st["best_sparsity"], st["best"], st["selected"]) == (0.3, 75.0, 69.0)
     assert st["sparsity_gap"] == pytest.approx(0.2)
@@ -197,7 +198,7 @@ def test_each_reading_of_the_scores_is_its_own_grid_point_and_method():
     rows += [_row(0.3, 0.5, k, 70.0, 60.0, scorer="random", normalize=n) for k in (1, 2) for n in ("none", "layer")]
     rows[-1].metrics["test/avg"] = 50.0  # random under layer is worse than random under none at seed 2
     sel = select(rows)
-    assert (sel["sparsity"], sel["normalize"], sel["method"], sel["candidates"]) == (
+    assert (sel.sparsity, sel.normalize, sel.method, sel.candidates) == (
         0.3, "layer", "align_uniform (normalize=layer)", 3)
     comps = {c["method"]: c for c in comparisons(rows)}
     assert list(comps) == ["align_uniform", "align_uniform (normalize=layer)", "random", "random (normalize=layer)"]
@@ -275,19 +276,19 @@ def test_pareto_objective_takes_the_smallest_model_within_delta_and_reports_the_
     dev = {0.0: 80.0, 0.1: 80.6, 0.3: 80.2, 0.5: 78.0}
     rows = [_sized(_row(s, 0.5, k, dev[s] + (k - 2) / 10, 70.0 + 10 * s), size[s]) for s in size for k in (1, 2, 3)]
     rows.append(_sized(_row(0.5, 0.5, 1, 99.0, 99.0, scorer="random"), 500))  # a control scorer: never chosen
-    assert select(rows)["sparsity"] == 0.1  # objective dev: the best dev
+    assert select(rows).sparsity == 0.1  # objective dev: the best dev
     sel = select(rows, objective="pareto", delta=0.5)
     # best dev 80.6 (s = 10 %); within 0.5: s = 10 % and 30 % (80.2); the smaller of them is 30 %
-    assert (sel["sparsity"], sel["params"], sel["control_won"]) == (0.3, 700, False)
-    assert sel["pareto"]["best_dev"] == pytest.approx(80.6)
+    assert (sel.sparsity, sel.params, sel.control_won) == (0.3, 700, False)
+    assert sel.pareto["best_dev"] == pytest.approx(80.6)
     # s = 0 (1000 params, dev 80.0) is dominated by s = 10 % (fewer params, higher dev); the rest form the front
-    assert [f["sparsity"] for f in sel["pareto"]["front"]] == [0.5, 0.3, 0.1]
-    assert [f["params"] for f in sel["pareto"]["front"]] == [500, 700, 900] and sel["pareto"]["front"][0]["seeds"] == 3
-    assert select(rows, objective="pareto", delta=3.0)["sparsity"] == 0.5  # a wider δ admits the smallest model
-    assert select(rows, objective="pareto", delta=0.0)["sparsity"] == 0.1  # δ = 0: the best dev itself
+    assert [f["sparsity"] for f in sel.pareto["front"]] == [0.5, 0.3, 0.1]
+    assert [f["params"] for f in sel.pareto["front"]] == [500, 700, 900] and sel.pareto["front"][0]["seeds"] == 3
+    assert select(rows, objective="pareto", delta=3.0).sparsity == 0.5  # a wider δ admits the smallest model
+    assert select(rows, objective="pareto", delta=0.0).sparsity == 0.1  # δ = 0: the best dev itself
     # only the control within δ: pruning did not help
     alone = [_sized(_row(0.0, 0.5, 1, 81.0, 70.0), 1000), _sized(_row(0.3, 0.5, 1, 79.0, 70.0), 700)]
-    assert select(alone, objective="pareto", delta=0.5)["control_won"]
+    assert select(alone, objective="pareto", delta=0.5).control_won
     # equal size, the higher dev; ties in the front are dropped as dominated
     assert pareto_front([{"dev": 1.0, "params": 5}, {"dev": 2.0, "params": 5}, {"dev": 0.5, "params": 3}]) == [
         {"dev": 0.5, "params": 3}, {"dev": 2.0, "params": 5}]
@@ -297,7 +298,7 @@ def test_pareto_objective_takes_the_smallest_model_within_delta_and_reports_the_
         select(rows, objective="pareto")
     for r, s in zip(rows, [s for s in size for _ in (1, 2, 3)] + [0.5]):
         r.metrics["encoder_params"] = size[s]
-    table = pareto_table(sel["pareto"]["front"])
+    table = pareto_table(sel.pareto["front"])
     assert table.count("\n") == 4  # header, rule, 3 front rows
     assert "| 30.00% | align_uniform | 0.5 | 700 |" in table and table.count("**selected**") == 1
     ax = figures.pareto(candidate_points(rows), sel).axes[0]
@@ -311,7 +312,8 @@ def test_pareto_objective_takes_the_smallest_model_within_delta_and_reports_the_
     cfg = load_config(None, ["sweep.sparsities=[0, 0.1, 0.3, 0.5]", "sweep.lams=[0.5]", "sweep.seeds=[1, 2, 3]",
                              "sweep.objective=pareto", "eval.tasks=[STSBenchmark]"])
     md = render_markdown(ReportInputs("t", cfg, rows, results_table(rows, ["STSBenchmark", "avg"]), sel, control(rows),
-                                      {"STSBenchmark": 70.0, "avg": 70.0, "align": 0.1, "uniform": -2.0}))
+                                      {"STSBenchmark": 70.0, "avg": 70.0, "align": 0.1, "uniform": -2.0},
+                                      findings=findings(rows, sel, ["STSBenchmark", "avg"])))
     assert "## Pareto front: STS-B dev vs encoder parameters" in md and table in md
     assert "by the smallest encoder within δ = 0.5 of the best STS-B dev (80.60" in md and "700 encoder parameters" in md
 
@@ -364,7 +366,8 @@ def test_report_html_is_a_page_with_real_tables_the_answer_first_and_each_figure
     sel = select(rows)
     figs = {k: figures.png(v) for k, v in figures.sweep_figures(rows, ["STSBenchmark", "avg"]).items()}
     inp = ReportInputs("run1", cfg, rows, flat, sel, control(rows),
-                       {"STSBenchmark": 70.0, "avg": 69.0, "align": 0.1, "uniform": -2.0}, figures=figs)
+                       {"STSBenchmark": 70.0, "avg": 69.0, "align": 0.1, "uniform": -2.0}, figures=figs,
+                       findings=findings(rows, sel, ["STSBenchmark", "avg"]))
     page = render_html(inp)
     assert page.startswith("<!doctype html>") and "<pre" not in page and "| ---" not in page
     tables, tags = _html_tables(page)
@@ -377,13 +380,13 @@ def test_report_html_is_a_page_with_real_tables_the_answer_first_and_each_figure
     assert comp["lo"] == pytest.approx(1.2 - 4.303 * 0.1 / 3 ** 0.5, abs=1e-3)
     assert (f"+1.20 [95 % CI {comp['lo']:+.2f}, {comp['hi']:+.2f}; t over 3 seeds; exact sign-flip p = 0.250, Holm "
             f"p = 0.250 in a family of 1], within noise") in answer  # 3 seeds cannot reach p < 0.25
-    assert f"STS test average {sel['test']['avg']:.2f}" in answer
+    assert f"STS test average {sel.test['avg']:.2f}" in answer
     # the trials table holds the results' values, row for row (report.md's "All trials" as a real table)
     trials = next(t for t in tables if t[0][:2] == ["sparsity", "scorer"])
     assert [(r[3], r[5], r[6]) for r in trials[1:]] == [
         (str(x["seed"]), f"{x['best_stsb_dev']:.2f}", f"{x['test/avg']:.2f}") for x in flat]
     test = next(t for t in tables if t[0][0] == "Model")
-    assert test[-2][0].startswith("SparseCSE, dev-selected") and test[-2][1] == f"{sel['test']['STSBenchmark']:.2f}"
+    assert test[-2][0].startswith("SparseCSE, dev-selected") and test[-2][1] == f"{sel.test['STSBenchmark']:.2f}"
     # each figure right after its own section's table, and every figure once
     imgs = [t for t in tags if t.startswith("img:")]
     assert sorted(imgs) == sorted(f"img:{n}" for n in figs)
@@ -421,8 +424,10 @@ def test_report_html_has_no_horizontal_overflow_in_a_browser(tmp_path):
                              "score.combine=[score]", "eval.tasks=[STSBenchmark]"])
     flat = results_table(rows, ["STSBenchmark", "avg"])
     figs = {k: figures.png(v) for k, v in figures.sweep_figures(rows, ["STSBenchmark", "avg"]).items()}
-    page = render_html(ReportInputs("a-rather-long-run-name-" * 3, cfg, rows, flat, select(rows), control(rows),
-                                    {"STSBenchmark": 70.0, "avg": 69.0, "align": 0.1, "uniform": -2.0}, figures=figs))
+    sel = select(rows)
+    page = render_html(ReportInputs("a-rather-long-run-name-" * 3, cfg, rows, flat, sel, control(rows),
+                                    {"STSBenchmark": 70.0, "avg": 69.0, "align": 0.1, "uniform": -2.0}, figures=figs,
+                                    findings=findings(rows, sel, ["STSBenchmark", "avg"])))
     probe = tmp_path / "report.html"  # the page plus a line that writes what the browser measured into the title
     probe.write_text(page.replace("</body>", "<script>document.title = 'W' + document.documentElement.scrollWidth"
                                               " + '/' + window.innerWidth;</script></body>"))
@@ -446,7 +451,7 @@ def test_report_md_is_byte_for_byte_what_it_was_before_the_report_was_split(name
     from sparsecse.study import figures
     from sparsecse.core.config import load_config
     from sparsecse.study.report import ReportInputs, render_markdown
-    from sparsecse.study.select import allocation, candidate_points, comparisons, results_table
+    from sparsecse.study.select import allocation, candidate_points, results_table
 
     preds = pilot = alloc = transfer = None
     if name == "single":
@@ -462,13 +467,14 @@ def test_report_md_is_byte_for_byte_what_it_was_before_the_report_was_split(name
     tasks = ["STS12", "STSBenchmark", "SICKRelatedness", "avg"]
     sel = select(res, cfg.sweep.select_lam, cfg.sweep.objective, cfg.sweep.pareto_delta)
     names = list(figures.sweep_figures(res, tasks, sampled=cfg.sweep.search == "optuna"))
-    names += (["mask_allocation.png"] if alloc else []) + (["pareto.png"] if sel.get("pareto") else [])
+    names += (["mask_allocation.png"] if alloc else []) + (["pareto.png"] if sel.pareto else [])
     names += ["pilot.png"] if pilot else []
-    if sel.get("pareto"):
+    if sel.pareto:
         assert candidate_points(res, cfg.sweep.select_lam)
     md = render_markdown(ReportInputs("t", cfg, res, results_table(res, tasks), sel, control(res), S.BASELINE,
                                       transfer, dict.fromkeys(names, b""), alloc, S.SCORING, pilot, S.BACKBONE,
-                                      comparisons(res, cfg.sweep.select_lam, predictions=preds)))
+                                      findings=findings(res, sel, tasks, cfg.sweep.select_lam, predictions=preds,
+                                                        overlap=S.SCORING.get("overlap"))))
     golden = Path(__file__).parent / "golden" / f"report-{name}.md"
     if os.environ.get("SPARSECSE_UPDATE_GOLDEN") == "1":
         golden.write_text(md)

@@ -46,31 +46,31 @@ def test_noninferior_takes_the_sparsest_point_before_the_first_failure():
                   0.3: [-2.0, -1.5, -1.8, -2.2, -1.0],  # fails: the sequence stops here
                   0.5: [0.2, 0.3, 0.1, 0.2, 0.4]})      # would pass, but lies after a failure
     sel = select(rows, rule="noninferior", margin=0.5)
-    assert sel["sparsity"] == 0.1 and not sel["control_won"] and sel["rule"] == "noninferior"
-    steps = sel["rule_detail"]["steps"]
+    assert sel.sparsity == 0.1 and not sel.control_won and sel.rule == "noninferior"
+    steps = sel.rule_detail["steps"]
     assert [(s["sparsity"], s["passed"]) for s in steps] == [(0.02, True), (0.1, True), (0.3, False)]
-    assert select(rows)["sparsity"] == 0.5  # best_dev, by contrast, takes the best mean dev
+    assert select(rows).sparsity == 0.5  # best_dev, by contrast, takes the best mean dev
 
 
 def test_noninferior_chooses_the_control_when_the_first_sparsity_fails():
     rows = _grid({0.02: [-1.0, -0.9, -1.2, -0.8, -1.1], 0.1: [0.5, 0.5, 0.5, 0.5, 0.5]})
     sel = select(rows, rule="noninferior", margin=0.5)
-    assert sel["control_won"] and sel["sparsity"] == 0.0
-    assert "no pruned point was shown within 0.5" in sel["rule_detail"]["why"]
+    assert sel.control_won and sel.sparsity == 0.0
+    assert "no pruned point was shown within 0.5" in sel.rule_detail["why"]
 
 
 def test_superior_needs_a_win_that_survives_holm_else_the_control():
     small = _grid({0.1: [0.3, 0.2, 0.4, 0.1, 0.2], 0.3: [1.0, 0.9, 1.2, 0.8, 1.1]})
     sel = select(small, rule="superior")
     # 5 seeds: the two-sided exact test's floor is 2/32 = 0.0625 > 0.05, so no gain can be credited: the control
-    assert sel["control_won"] and all(not s["passed"] for s in sel["rule_detail"]["steps"])
-    assert sel["rule_detail"]["steps"][0]["p_raw"] == pytest.approx(0.0625)
+    assert sel.control_won and all(not s["passed"] for s in sel.rule_detail["steps"])
+    assert sel.rule_detail["steps"][0]["p_raw"] == pytest.approx(0.0625)
     many = [_r(0.0, k, 80.0 + (k % 3) * 0.1) for k in range(12)]
     many += [_r(0.1, k, 80.0 + (k % 3) * 0.1 + 1.0 + (k % 2) * 0.1) for k in range(12)]  # +1.0..+1.1 each seed
     many += [_r(0.3, k, 80.0 + (k % 3) * 0.1 + (0.2 if k % 2 else -0.2)) for k in range(12)]  # +0.0 on average
     sel = select(many, rule="superior")
-    assert sel["sparsity"] == 0.1 and [s["passed"] for s in sel["rule_detail"]["steps"]] == [True, False]
-    assert sel["rule_detail"]["steps"][0]["family"] == 2  # both sparsities' tests, Holm-corrected together
+    assert sel.sparsity == 0.1 and [s["passed"] for s in sel.rule_detail["steps"]] == [True, False]
+    assert sel.rule_detail["steps"][0]["family"] == 2  # both sparsities' tests, Holm-corrected together
 
 
 def _dev(base, noise: float, seed: int, gold):
@@ -89,11 +89,11 @@ def test_with_one_seed_the_rules_test_on_the_dev_pairs():
     preds = {"s0.000_l0.50_seed1": ctrl, "s0.020_l0.50_seed1": _dev(near, 0.05, 2, gold),
              "s0.100_l0.50_seed1": _dev(gold, 4.0, 3, gold), "s0.300_l0.50_seed1": _dev(near, 0.05, 4, gold)}
     sel = select(rows, rule="noninferior", margin=0.5, dev_predictions=preds)
-    steps = sel["rule_detail"]["steps"]
+    steps = sel.rule_detail["steps"]
     assert [(s["sparsity"], s["passed"]) for s in steps] == [(0.02, True), (0.1, False)]
     assert steps[0]["test"] == "one-sided bootstrap over dev pairs" and steps[0]["p"] < 0.05
-    assert sel["sparsity"] == 0.02
+    assert sel.sparsity == 0.02
     without = select(rows, rule="noninferior", margin=0.5)  # no predictions kept: the point estimate, said so
-    assert without["rule_detail"]["steps"][0]["test"].startswith("one unit: point estimate")
+    assert without.rule_detail["steps"][0]["test"].startswith("one unit: point estimate")
     sup = select(rows, rule="superior", dev_predictions=preds)
-    assert all(s["test"] == "bootstrap over dev pairs" for s in sup["rule_detail"]["steps"])
+    assert all(s["test"] == "bootstrap over dev pairs" for s in sup.rule_detail["steps"])

@@ -174,7 +174,7 @@ def test_transfer_runs_on_the_stage1_model_the_control_and_the_selection_only_wh
     SimCSE, the s = 0 control and the selected model (never on every trial: that is the trials' own job under
     `all`), and the report's transfer table has one row each."""
     from sparsecse.run import ray_adapter as ra
-    from sparsecse.run import outcome, rundir, sweep
+    from sparsecse.run import outcome, rundir
     from sparsecse.core.config import load_config
     from sparsecse.study.select import select
     from sparsecse.core.storage import Storage
@@ -214,7 +214,7 @@ def _resumed_run(cfg, tmp_path, monkeypatch, run_tuner):
     """A resumed sweep's Run whose Tune is `run_tuner` (no Ray, no tracker, no SimCSE scores)."""
     from sparsecse.run import ray_adapter as ra
     from sparsecse.run import stages
-    from sparsecse.run import outcome, rundir, sweep
+    from sparsecse.run import rundir
 
     monkeypatch.setattr(ra, "run_tuner", run_tuner)
     monkeypatch.setattr(stages, "load_simcse_scores", lambda store, cfg, replicate=0: None)
@@ -226,10 +226,9 @@ def test_a_resume_runs_the_grid_points_a_restored_experiment_lost_and_never_drop
     """Tune restores an experiment whose trial list lacks a point its searcher had already handed out: the resumed
     sweep runs exactly the lost points in tune-missing/; a point that still has no trial is an error naming it."""
     from sparsecse import TrialsFailed
-    from sparsecse.run import outcome, rundir, sweep
+    from sparsecse.run import sweep
     from sparsecse.core.config import load_config
     from sparsecse.core.results import grid_points
-    from sparsecse.core.storage import Storage
 
     cfg = load_config(None, ["sweep.sparsities=[0, 0.1, 0.3]", "sweep.lams=[0.5]", "sweep.seeds=[1]"])
     grid = grid_points(cfg)
@@ -253,9 +252,8 @@ def test_a_trial_restored_from_a_checkpoint_storage_no_longer_has_runs_again_fro
     """A driver killed between Tune deleting a trial's older checkpoint (num_to_keep=1) and uploading the experiment
     state naming the newer one: the resumed trial fails to restore (Tune's "does not exist on storage anymore"). The
     sweep then restores the experiment once more with its errored trials restarted from scratch: no trial is lost."""
-    from sparsecse.run import outcome, rundir, sweep
+    from sparsecse.run import sweep
     from sparsecse.core.config import load_config
-    from sparsecse.core.storage import Storage
 
     cfg = load_config(None, ["sweep.sparsities=[0, 0.1]", "sweep.lams=[0.5]", "sweep.seeds=[1]"])
     calls = []

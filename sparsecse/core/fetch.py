@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import SparseCSEError
-from .io import atomic_write_text
+from .io import as_created, atomic_write_text
 
 DEFAULT_BASE_URL = "https://huggingface.co/datasets/princeton-nlp/datasets-for-simcse/resolve/main"
 
@@ -52,6 +52,7 @@ def _download(url: str, dest: Path, progress: bool = True) -> str:
                     bar.update(len(chunk))
             if bar:
                 bar.close()
+        as_created(tmp)
         os.replace(tmp, dest)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)

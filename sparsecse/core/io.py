@@ -28,6 +28,29 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+_UMASK: list[int] = []
+
+
+def umask() -> int:
+    """The process's umask, read once (Linux: /proc/self/status, which changes nothing; elsewhere set and restored)."""
+    if not _UMASK:
+        try:
+            line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("Umask:"))
+            _UMASK.append(int(line.split()[1], 8))
+        except (OSError, StopIteration, ValueError):
+            old = os.umask(0o022)
+            os.umask(old)
+            _UMASK.append(old)
+    return _UMASK[0]
+
+
+def as_created(path: str | os.PathLike, is_dir: bool = False) -> None:
+    """Give a temp file or folder (mkstemp: 0600, mkdtemp: 0700) the mode a plain open()/mkdir() would have given it
+    under the user's umask (0644 / 0755 at umask 022), so what is renamed into place reads like any other output —
+    for a model server running as another user, or a shared filesystem."""
+    os.chmod(path, (0o777 if is_dir else 0o666) & ~umask())
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -37,6 +60,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        as_created(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -110,6 +134,7 @@ def atomic_dir(dest: str | os.PathLike, *, overwrite: bool = True) -> Iterator[P
     if dest.exists() and not overwrite:
         raise SparseCSEError(f"{dest}: already exists; choose another --out or remove it")
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
+    as_created(tmp, is_dir=True)
     try:
         yield tmp
         write_manifest(tmp)

@@ -36,11 +36,16 @@ def metric_key(kind: str, task: str) -> str:
     return f"{prefix}{task}"
 
 
-def reading_label(scorer: str, combine: str = "gradient", normalize: str = "none") -> str:
-    """The reading of the scores when it is not the default, as the report writes it ("(normalize=layer)"), else
-    "". combine is about the paper's two objectives, so it never labels a control scorer."""
-    parts = ([f"combine={combine}"] if scorer == PAPER_SCORER and combine != "gradient" else []) + (
+def reading_parts(scorer: str, combine: str = "gradient", normalize: str = "none") -> list[str]:
+    """The reading of the scores where it is not the default (["normalize=layer"]); combine is about the paper's two
+    objectives, so it never describes a control scorer."""
+    return ([f"combine={combine}"] if scorer == PAPER_SCORER and combine != "gradient" else []) + (
         [f"normalize={normalize}"] if normalize != "none" else [])
+
+
+def reading_label(scorer: str, combine: str = "gradient", normalize: str = "none") -> str:
+    """The reading as the report writes it beside a method ("(normalize=layer)"), else ""."""
+    parts = reading_parts(scorer, combine, normalize)
     return f"({', '.join(parts)})" if parts else ""
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .. import SparseCSEError
 from .io import manifest_of, sha256_file
-from .storage import Storage, cache_root, is_uri
+from .storage import Storage, cache_root, is_uri, open_storage
 
 MANIFEST = "manifest.json"
 _DONE = ".staged-complete"
@@ -34,14 +34,41 @@ def is_staged_uri(s: str | os.PathLike | None) -> bool:
     return s is not None and is_uri(str(s))
 
 
+_STAGING = ".sparsecse-staging"  # written first, removed after the manifest: an interrupted stage is still ours
+
+
+def _ours(store, rel: str, kind: str) -> bool:
+    """Whether `rel` holds nothing, or only what `data stage` wrote there (a complete or interrupted staged copy of
+    the same kind): only then may it be replaced."""
+    if store.is_local and Path(store.path(rel)).is_symlink():
+        return False
+    if not store.exists(rel):
+        return True
+    if store.is_file(rel):
+        return False
+    for marker in (MANIFEST, _STAGING):
+        if store.is_file(f"{rel}/{marker}"):
+            with contextlib.suppress(SparseCSEError):
+                if store.read_json(f"{rel}/{marker}").get("kind") == kind:
+                    return True
+    return not store.list(rel)
+
+
 def _upload(local: Path, store, rel: str, extra: dict) -> dict:
-    """`local` to `rel` in the storage with its manifest (computed here: the source directory is not touched)."""
+    """`local` to `rel` in the storage with its manifest (computed here: the source directory is not touched).
+    What is at `rel` is replaced only when it is an earlier staged copy of the same kind; anything else there — the
+    user's files, a link — is refused in one line and left as it was."""
     manifest = {**manifest_of(local), **extra}
     if not manifest["files"]:
         raise SparseCSEError(f"{local}: no files to stage")
+    if not _ours(store, rel, extra["kind"]):
+        raise SparseCSEError(f"--to {store.uri}: {rel} already exists and was not staged by sparsecse (or is a link); "
+                             "nothing was changed — choose another --to or move it away")
     store.delete(rel)
+    store.write_json(f"{rel}/{_STAGING}", {"kind": extra["kind"]})
     store.upload_dir(local, rel, replace=False)
-    store.write_json(f"{rel}/{MANIFEST}", manifest)  # last: its presence means the copy is complete
+    store.write_json(f"{rel}/{MANIFEST}", manifest)  # its presence means the copy is complete
+    store.delete(f"{rel}/{_STAGING}")
     return manifest
 
 
@@ -60,11 +87,27 @@ def _snapshot(name: str, revision: str | None) -> tuple[Path, str]:
                              "directory") from None
 
 
+def _target(to: str, timeout_s: float = 60.0) -> Storage:
+    """The storage `--to` names, probed within `timeout_s`; a local path must be a directory that can be written."""
+    if not str(to).strip():
+        raise SparseCSEError("--to: empty; pass a directory or a URI such as s3://bucket/staged")
+    store = open_storage(str(to), timeout_s, flag="--to")
+    if store.is_local:
+        root = Path(store.root)
+        parent = next((p for p in (root, *root.parents) if p.exists()), None)
+        if parent is not None and not parent.is_dir():
+            raise SparseCSEError(f"--to {to}: {parent} is a file, not a directory; choose a directory path")
+        if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
+            raise SparseCSEError(f"--to {to}: {parent} cannot be written (permission denied); choose a directory "
+                                 "you can write")
+    return store
+
+
 def stage(to: str, data_dir: Path | None, model: str | None) -> dict[str, str]:
     """Stage the data dir and/or a model under `to`; returns {what: URI} for the config."""
     if data_dir is None and model is None:
         raise SparseCSEError("data stage: nothing to stage; pass --data-dir and/or --model NAME@REVISION")
-    store, out = Storage(to), {}
+    store, out = _target(to), {}
     if data_dir is not None:
         if not Path(data_dir).is_dir():
             raise SparseCSEError(f"--data-dir {data_dir}: not a directory; run `sparsecse data fetch` first")

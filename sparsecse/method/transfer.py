@@ -26,7 +26,7 @@ import numpy as np
 from .. import SparseCSEError
 from ..core.config import TRANSFER_TASKS
 from ..core.tables import label, render
-from .classifier import L2_GRID, SEED
+from .classifier import SEED
 from .data import norm_space, read_lines
 from .evaluate import encode
 from . import classifier as batched

@@ -30,6 +30,10 @@ def _docs(path: Path) -> list[dict]:
     except (OSError, yaml.YAMLError) as e:
         raise SparseCSEError(f"{path}: cannot read it as YAML ({str(e).splitlines()[0]}); pass the RayJob file, "
                              "e.g. cluster/rayjob.yaml") from None
+    odd = next((d for d in docs if not isinstance(d, dict)), None)
+    if odd is not None:
+        raise SparseCSEError(f"{path}: a YAML document is a {type(odd).__name__}, not a Kubernetes object; pass the "
+                             "RayJob file, e.g. cluster/rayjob.yaml")
     if not any(d.get("kind") == "RayJob" for d in docs):
         raise SparseCSEError(f"{path}: holds no RayJob; pass the RayJob file, e.g. cluster/rayjob.yaml")
     return docs

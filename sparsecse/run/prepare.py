@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from .. import SparseCSEError
 from ..core.checkpoints import MODELS, best_model
+from ..core.config import Config
 from ..core.results import replicate_name
 from ..method.score import load_scores
 from .rundir import Run, fingerprint, replicate_config, stage1_fingerprint

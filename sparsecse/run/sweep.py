@@ -118,11 +118,11 @@ def run_stages(run: Run, t_start: float) -> dict:
     run.save()
     store.write_json("summary.json", {**summary, "timings": state.timings, "stage_runs": state.stage_runs})
     print(f"[sweep] done: {store.url('report.md')}")
-    if selected and selected["control_won"]:
+    if selected and selected.control_won:
         print(f"[sweep] pruning did not help on dev: the s = 0 control is best (STS-B dev "
-              f"{selected['dev_mean']:.2f}); export: {summary['export']}")
+              f"{selected.dev_mean:.2f}); export: {summary['export']}")
     elif selected:
-        print(f"[sweep] selected sparsity={selected['sparsity']} λ={selected['lam']} {selected['method']} "
-              f"(STS-B dev {selected['dev_mean']:.2f}); export: {summary['export']}")
+        print(f"[sweep] selected sparsity={selected.sparsity} λ={selected.lam} {selected.method} "
+              f"(STS-B dev {selected.dev_mean:.2f}); export: {summary['export']}")
     check_failures(summary, cfg)
     return summary

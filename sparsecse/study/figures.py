@@ -5,16 +5,14 @@ Pareto front, the pilot study (Figure 1). `png` turns one into bytes. Tests read
 from __future__ import annotations
 
 import io
-import math
 
 import numpy as np
 from matplotlib.figure import Figure
 
-from ..core.config import CONTROL_SCORERS
-from ..core.results import PAPER_SCORER, TrialResult, reading_label, reading_order
+from ..core.results import PAPER_SCORER, TrialResult
 from ..core.tables import label
 from .pilot import row_method
-from .stats import sample_std
+from .select import Sampled, Selection, sampled_points, sts_curves
 
 
 def png(fig: Figure) -> bytes:
@@ -34,52 +32,30 @@ def _finish(fig: Figure, ax, xlabel: str, ylabel: str, legend_size: int) -> Figu
     return fig
 
 
-def _curves(done: list[TrialResult]) -> list[tuple[str, list[TrialResult]]]:
-    """(legend, trials) per curve: one per (λ, reading) of the paper's score, then one per control method."""
-    ours = [r for r in done if r.point.is_paper and not r.point.is_control]
-    curves = []
-    for rd in sorted({r.point.reading for r in ours}, key=reading_order):
-        for lam in sorted({r.point.lam for r in ours if r.point.reading == rd}):
-            lbl = reading_label(PAPER_SCORER, *rd)
-            curves.append((f"λ={lam}" + (f" {lbl}" if lbl else ""),
-                           [r for r in ours if r.point.lam == lam and r.point.reading == rd]))
-    others = [r for r in done if not r.point.is_paper and not r.point.is_control]
-    methods = sorted({r.point.method for r in others}, key=lambda m: (CONTROL_SCORERS.index(m.split()[0]), m))
-    return curves + [(f"{m} (control)", [r for r in others if r.point.method == m]) for m in methods]
-
-
-def _scatter(ax, ours: list[TrialResult], task: str) -> None:
-    """Sampled points (sweep.search=optuna): test score vs sparsity coloured by λ, and a quadratic fit in log s."""
-    pts = [r for r in ours if math.isfinite(r.test(task, np.nan))]
-    if not pts:
+def _scatter(ax, sampled: Sampled | None) -> None:
+    """Sampled points (sweep.search=optuna): test score vs sparsity coloured by λ, and the search's trend."""
+    if sampled is None:
         return
-    x = np.array([r.point.sparsity for r in pts])
-    y = np.array([r.test(task) for r in pts])
-    sc = ax.scatter(100 * x, y, c=[r.point.lam for r in pts], cmap="viridis", label="sampled trials")
+    sc = ax.scatter([100 * x for x in sampled.sparsity], sampled.score, c=sampled.lam, cmap="viridis",
+                    label="sampled trials")
     ax.figure.colorbar(sc, ax=ax, label="λ")
-    if len(pts) >= 4:  # the trend the search followed: quadratic in log sparsity
-        coef = np.polyfit(np.log(x), y, 2)
-        xs = np.geomspace(x.min(), x.max(), 50)
-        ax.plot(100 * xs, np.polyval(coef, np.log(xs)), color="black", lw=1, label="quadratic fit (log s)")
+    if sampled.trend:
+        xs, ys = sampled.trend
+        ax.plot([100 * x for x in xs], ys, color="black", lw=1, label="quadratic fit (log s)")
     ax.set_xscale("log")
 
 
 def _sts_panel(ax, done: list[TrialResult], task: str, sampled: bool) -> None:
     """One task's test score vs sparsity: a curve per method (mean ± sample std over seeds, each starting at the
     s = 0 control), or the sampled scatter; the control as a dashed line."""
-    ctrl = [r for r in done if r.point.is_control]
+    curves, ctrl = sts_curves(done, task)
     if sampled:
-        _scatter(ax, [r for r in done if r.point.is_paper and not r.point.is_control], task)
-    for name, members in ([] if sampled else _curves(done)):
-        pts: dict[float, list[float]] = {}
-        for r in members + ctrl:
-            pts.setdefault(r.point.sparsity, []).append(r.test(task, np.nan))
-        xs = sorted(pts)
-        ax.errorbar([100 * x for x in xs], [np.mean(pts[x]) for x in xs], yerr=[sample_std(pts[x]) or 0.0 for x in xs],
-                    marker="o", capsize=3, label=name, ls="-" if name.startswith("λ") else ":")
-    if ctrl:
-        ax.axhline(np.mean([r.test(task, np.nan) for r in ctrl]), color="grey", ls="--", lw=1,
-                   label="rewound SimCSE (s=0)")
+        _scatter(ax, sampled_points(done, task))
+    for c in ([] if sampled else curves):
+        ax.errorbar([100 * x for x in c.sparsity], c.mean, yerr=c.std, marker="o", capsize=3, label=c.label,
+                    ls="-" if c.paper else ":")
+    if ctrl is not None:
+        ax.axhline(ctrl, color="grey", ls="--", lw=1, label="rewound SimCSE (s=0)")
     ax.set_xlabel("sparsity (%)")
     ax.set_title("STS average" if task == "avg" else label(task))
     ax.grid(alpha=0.3)
@@ -168,10 +144,10 @@ def allocation(alloc: dict, title: str) -> Figure:
     return fig
 
 
-def pareto(points: list[dict], selected: dict) -> Figure:
+def pareto(points: list[dict], selected: Selection) -> Figure:
     """Every candidate point's dev vs encoder parameters (select.candidate_points), the front, the δ band and the
     chosen point (sweep.objective=pareto)."""
-    par = selected["pareto"]
+    par = selected.pareto
     pts = [p for p in points if p["params"] is not None]
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
@@ -183,7 +159,7 @@ def pareto(points: list[dict], selected: dict) -> Figure:
     ax.plot([f["params"] / 1e6 for f in front], [f["dev"] for f in front], "-o", color="tab:orange", label="Pareto front")
     ax.axhspan(par["best_dev"] - par["delta"], par["best_dev"], color="tab:green", alpha=0.12,
                label=f"within δ = {par['delta']:g} of the best dev")
-    ax.scatter([selected["params"] / 1e6], [selected["dev_mean"]], marker="*", s=220, c="red", label="selected", zorder=3)
+    ax.scatter([selected.params / 1e6], [selected.dev_mean], marker="*", s=220, c="red", label="selected", zorder=3)
     return _finish(fig, ax, "encoder parameters (millions, after physical pruning)", "STS-B dev Spearman × 100", 7)
 
 

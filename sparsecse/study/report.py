@@ -11,12 +11,12 @@ import html
 from dataclasses import dataclass, field
 
 from ..core.config import Config, select_on_label
-from ..core.results import DEV, PAPER_SCORER, TrialResult, metric_key, reading_label, sts_tasks
+from ..core.results import DEV, PAPER_SCORER, TrialResult, metric_key, reading_parts, sts_tasks
 from ..core.tables import label, render
 from ..method.transfer import format_transfer_markdown
 from .pilot import row_method
-from .select import best_transfer, comparisons, selected_comparison, stability
-from .stats import ALPHA, EXACT_BELOW, sample_std
+from .select import Findings, Selection, selected_comparison
+from .stats import ALPHA, EXACT_BELOW
 
 
 @dataclass
@@ -27,7 +27,7 @@ class ReportInputs:
     cfg: Config
     results: list[TrialResult]
     flat: list[dict]  # select.results_table
-    selected: dict | None
+    selected: Selection | None
     control: dict | None
     baseline: dict  # STS of the stage-1 SimCSE (with align/uniform)
     transfer: dict | None = None  # {model: {task: accuracy}}
@@ -36,8 +36,8 @@ class ReportInputs:
     scoring: dict | None = None  # the scores file's meta
     pilot: list[dict] | None = None  # pilot.pilot rows
     backbone: dict | None = None  # STS of the pre-trained backbone
-    comparisons: list[dict] | None = None  # select.comparisons (computed without predictions when None)
-    replicates: list[dict] | None = None  # sweep.replicate_devs: each stage-1 run's seed and best dev
+    replicates: list[dict] | None = None  # outcome.replicate_devs: each stage-1 run's seed and best dev
+    findings: Findings = field(default_factory=Findings)  # select.findings: comparisons, stability, clean tasks…
 
     @property
     def dev(self) -> str:
@@ -48,8 +48,6 @@ class ReportInputs:
     def tasks(self) -> list[str]:
         return [*sts_tasks(self.cfg.eval.tasks), "avg"]
 
-    def comps(self) -> list[dict]:
-        return comparisons(self.results, self.cfg.sweep.select_lam) if self.comparisons is None else self.comparisons
 
 
 # --------------------------------------------------------------------------- cells and small tables
@@ -84,9 +82,9 @@ def _vs(c: dict | None) -> str:
     return f"{c['diff']:+.2f}" + (f" ± {c['std']:.2f}" if c["std"] is not None else "") + f" (n = {c['n']}{p}: {c['verdict']})"
 
 
-def _point_label(selected: dict) -> str:
-    reading = reading_label(PAPER_SCORER, selected["combine"], selected["normalize"])
-    return f"s={selected['sparsity']:.0%}, λ={selected['lam']}" + (f", {reading[1:-1]}" if reading else "")
+def _point_label(selected: Selection) -> str:
+    reading = reading_parts(PAPER_SCORER, selected.combine, selected.normalize)
+    return f"s={selected.sparsity:.0%}, λ={selected.lam}" + "".join(f", {r}" for r in reading)
 
 
 def _values(v) -> str:
@@ -152,7 +150,7 @@ def _intro(inp: ReportInputs) -> list[str]:
             f"Backbone `{cfg.model.name}`; {space} ({len(inp.flat)} trials, {failed} failed). " + _importance(cfg)
             + ("Selection uses STS-B **dev**" if inp.dev == "STS-B dev" else f"Selection uses **{inp.dev}**")
             + " (mean over seeds); test figures are reported, never used to choose.", "",
-            *_scoring_lines(inp.scoring, cfg), *_replicate_lines(inp.replicates, inp.dev), *_overlap_lines(inp),
+            *_scoring_lines(inp.scoring, cfg), *_replicate_lines(inp.replicates, inp.findings.replicate_spread, inp.dev), *_overlap_lines(inp),
             *_stopped_lines(inp.flat, cfg),
             *_selection_lines(inp.selected, cfg)]
 
@@ -167,8 +165,8 @@ def _test_results(inp: ReportInputs) -> list[str]:
         trow.append((f"SimCSE control s=0 (rewound + retrained like the trials; mean of seeds {ctrl['seeds']})",
                      ctrl["test"]))
     if selected:
-        trow.append(("SimCSE control s=0, dev-selected (pruning did not win)" if selected["control_won"] else
-                     f"SparseCSE, dev-selected ({_point_label(selected)})", selected["test"]))
+        trow.append(("SimCSE control s=0, dev-selected (pruning did not win)" if selected.control_won else
+                     f"SparseCSE, dev-selected ({_point_label(selected)})", selected.test))
     ours_done = [r for r in inp.results if not r.error and r.evaluated and r.point.is_paper]
     if ours_done:
         trow.append(("best per task over the grid (test-selected, for reference only)",
@@ -178,21 +176,21 @@ def _test_results(inp: ReportInputs) -> list[str]:
 
 def _over_seeds(inp: ReportInputs) -> list[str]:
     selected, ctrl, tasks = inp.selected, inp.control, inp.tasks
-    if not (selected and len(selected["seeds"]) > 1):
+    if not (selected and len(selected.seeds) > 1):
         return []
     rows = [(f"SimCSE (rewound control s=0, seeds {ctrl['seeds']})", _pm(ctrl["test"], ctrl["test_std"], tasks))] if ctrl else []
-    rows.append((f"SparseCSE dev-selected ({_point_label(selected)}, seeds {selected['seeds']})",
-                 _pm(selected["test"], selected["test_std"], tasks)))
-    return [f"## Over seeds: mean ± sample std (ddof = 1, n = {len(selected['seeds'])}; test Spearman × 100)", "",
+    rows.append((f"SparseCSE dev-selected ({_point_label(selected)}, seeds {selected.seeds})",
+                 _pm(selected.test, selected.test_std, tasks)))
+    return [f"## Over seeds: mean ± sample std (ddof = 1, n = {len(selected.seeds)}; test Spearman × 100)", "",
             "Both rows retrain from the pre-trained weights with each seed under the same budget; the control keeps "
             "every head and neuron (sparsity 0), so the difference is the effect of the mask.", "",
             _table(rows, tasks), ""]
 
 
 def _pareto(inp: ReportInputs) -> list[str]:
-    if not (inp.selected and inp.selected.get("pareto")):
+    if not (inp.selected and inp.selected.pareto):
         return []
-    par = inp.selected["pareto"]
+    par = inp.selected.pareto
     return [f"## Pareto front: {inp.dev} vs encoder parameters (`sweep.objective: pareto`)", "",
             f"Points no other point beats on both dev (mean over seeds) and size. Selection takes the smallest model "
             f"within δ = {par['delta']:g} dev points of the best dev ({par['best_dev']:.2f}); test figures are shown, "
@@ -208,7 +206,7 @@ def _pilot(inp: ReportInputs) -> list[str]:
 
 
 def _stability(inp: ReportInputs) -> list[str]:
-    stab = stability(inp.results, inp.selected, inp.tasks)
+    stab = inp.findings.stability
     if not stab:
         return []
     return ["## Stability: the best sparsity per task (test, mean over seeds) vs the dev-selected one", "",
@@ -223,7 +221,7 @@ def _allocation(inp: ReportInputs) -> list[str]:
         return []
     sel = inp.selected
     return ["## Where the selected mask prunes (fraction of each layer's heads / FFN neurons)", "",
-            f"score.combine = {sel['combine']}, score.normalize = {sel['normalize']} "
+            f"score.combine = {sel.combine}, score.normalize = {sel.normalize} "
             "(`none` ranks raw scores across layers; `layer` normalises each layer first).", "",
             allocation_table(inp.allocation), ""]
 
@@ -250,7 +248,7 @@ def _transfer(inp: ReportInputs) -> list[str]:
         return []
 
     transfer = inp.transfer
-    best = best_transfer(inp.results)
+    best = inp.findings.best_transfer
     if best:
         transfer = {**transfer, "best per task over the grid (test-selected)": best}
     which = (["`eval.transfer: selected`: the seven tasks ran on the models below only — the stage-1 SimCSE, the "
@@ -262,7 +260,7 @@ def _transfer(inp: ReportInputs) -> list[str]:
 
 # (section, the figures that belong beside it in report.html)
 SECTIONS = ((_intro, ()), (_test_results, ()), (_over_seeds, ()), (_pareto, ("pareto.png",)),
-            (lambda inp: render_comparisons(inp.comps(), inp.control, inp.dev), ("sts_avg_vs_sparsity.png", "sts_tasks_vs_sparsity.png")),
+            (lambda inp: render_comparisons(inp.findings.comparisons, inp.control, inp.dev), ("sts_avg_vs_sparsity.png", "sts_tasks_vs_sparsity.png")),
             (_pilot, ("pilot.png",)), (_stability, ()), (_allocation, ("mask_allocation.png",)),
             (_align_uniform, ("align_uniform.png",)), (_all_trials, ()), (_transfer, ()))
 
@@ -306,7 +304,7 @@ def _importance(cfg: Config) -> str:
     return f"Importance: score.combine = {_values(sc.combine)}, score.normalize = {_values(sc.normalize)}. "
 
 
-def _replicate_lines(reps: list[dict] | None, dev: str = "STS-B dev") -> list[str]:
+def _replicate_lines(reps: list[dict] | None, spread: tuple | None, dev: str = "STS-B dev") -> list[str]:
     """The stage-1 replicates: how far independent SimCSE runs differ, before any pruning."""
     if not reps or len(reps) < 2:
         return []
@@ -314,14 +312,9 @@ def _replicate_lines(reps: list[dict] | None, dev: str = "STS-B dev") -> list[st
     devs = [r[DEV] for r in reps]
     return [f"Stage 1 ran {len(reps)} independent replicates (train.seed {', '.join(str(r['seed']) for r in reps)}), "
             f"each scored and each with its own trials; their best {dev}: "
-            f"{', '.join(f'{d:.2f}' for d in devs)} ({_pm1(sum(devs) / len(devs), sample_std(devs))}). "
+            f"{', '.join(f'{d:.2f}' for d in devs)} ({_pm1(*spread)}). "
             "Comparisons below are paired within a replicate and tested over replicates (seeds within one are "
             "averaged).", ""]
-
-
-def clean_tasks(overlap: list[dict]) -> list[str]:
-    """The test tasks none of whose pairs occur in the selection data or the scoring data."""
-    return [o["task"] for o in overlap if o["in_selection"] == 0 and not o["in_scoring"]]
 
 
 def _overlap_lines(inp: ReportInputs) -> list[str]:
@@ -332,21 +325,19 @@ def _overlap_lines(inp: ReportInputs) -> list[str]:
         return []
     rows = [[o["task"], f"{o['pairs']:,}", f"{o['in_selection']:,}",
              "— (label-free)" if o["in_scoring"] is None else f"{o['in_scoring']:,}"] for o in overlap]
-    clean = clean_tasks(overlap)
+    clean = inp.findings.clean_tasks
     out = ["## Overlap of the test sets with the data that chose", "",
            f"Unique test pairs (either order) that also occur verbatim in {inp.dev} — which picks each trial's "
            "checkpoint and the sweep's point — and in the pairs importance was scored on. A test figure with overlap "
            "is not clean of the choices made on it.", "",
            render(["test task", "pairs", f"in {inp.dev} (selection)", "in the scoring pairs"], rows, left=1), ""]
-    sel, ctrl = inp.selected, inp.control
     if not clean:
         return out + ["No test task is clean of both: every test figure below is partly chosen on its own pairs.", ""]
-    avg = lambda d: (sum(d["test"][t] for t in clean) / len(clean)  # noqa: E731
-                     if d and all(t in d["test"] for t in clean) else None)
     line = f"Tasks clean of both: {', '.join(label(t) for t in clean)}."
-    if avg(sel) is not None:
-        line += f" Their average for the selected point: {avg(sel):.2f}"
-        line += f" (the s = 0 control: {avg(ctrl):.2f})." if avg(ctrl) is not None else "."
+    sel_avg, ctrl_avg = inp.findings.clean_selected, inp.findings.clean_control
+    if sel_avg is not None:
+        line += f" Their average for the selected point: {sel_avg:.2f}"
+        line += f" (the s = 0 control: {ctrl_avg:.2f})." if ctrl_avg is not None else "."
     return out + [line, ""]
 
 
@@ -359,33 +350,33 @@ def _stopped_lines(flat: list[dict], cfg: Config) -> list[str]:
             "figures, are marked `incomplete` below and are excluded from selection.", ""]
 
 
-def _selection_lines(selected: dict | None, cfg: Config) -> list[str]:
+def _selection_lines(selected: Selection | None, cfg: Config) -> list[str]:
     if not selected:
         return ["No trial finished: nothing was selected.", ""]
     dev = select_on_label(cfg.sweep.select_on)
     lam = f" (λ fixed at {cfg.sweep.select_lam} for selection)" if cfg.sweep.select_lam is not None else ""
-    out = [f"Selection chose among {selected['candidates']} grid points{lam}, the s = 0 control included"
-           + (f", by the smallest encoder within δ = {selected['pareto']['delta']:g} of the best {dev} "
-              f"({selected['pareto']['best_dev']:.2f}; `sweep.objective: pareto`). " if selected.get("pareto") else ". ")]
-    detail = selected.get("rule_detail")
-    if selected["control_won"]:
+    out = [f"Selection chose among {selected.candidates} grid points{lam}, the s = 0 control included"
+           + (f", by the smallest encoder within δ = {selected.pareto['delta']:g} of the best {dev} "
+              f"({selected.pareto['best_dev']:.2f}; `sweep.objective: pareto`). " if selected.pareto else ". ")]
+    detail = selected.rule_detail
+    if selected.control_won:
         what = "the control is exported" if cfg.sweep.when_control_wins == "export_control" else "nothing is exported"
-        why = ("no pruned point comes within δ of the best dev" if selected.get("pareto") else
+        why = ("no pruned point comes within δ of the best dev" if selected.pareto else
                detail["why"] if detail else f"the s = 0 control has the best {dev}")
-        out[0] += (f"**Pruning did not help on dev**: {why} ({selected['dev_mean']:.2f}); {what} "
+        out[0] += (f"**Pruning did not help on dev**: {why} ({selected.dev_mean:.2f}); {what} "
                    "(`sweep.when_control_wins`).")
     else:
-        out[0] += f"Selected: {_point_label(selected)}, {dev} {selected['dev_mean']:.2f}" + (
-            f", {selected['params']:,} encoder parameters." if selected.get("params") else ".")
-    if "STSBenchmark" in selected["test"]:
-        gap = selected["dev_mean"] - selected["test"]["STSBenchmark"]
+        out[0] += f"Selected: {_point_label(selected)}, {dev} {selected.dev_mean:.2f}" + (
+            f", {selected.params:,} encoder parameters." if selected.params else ".")
+    if "STSBenchmark" in selected.test:
+        gap = selected.dev_mean - selected.test["STSBenchmark"]
         out[0] += f" Dev/test gap of the selected point ({dev} − STS-B test): {gap:+.2f}."
     return out + [""] + _rule_lines(selected, dev)
 
 
-def _rule_lines(selected: dict, dev: str = "STS-B dev") -> list[str]:
+def _rule_lines(selected: Selection, dev: str = "STS-B dev") -> list[str]:
     """The selection rule, named, with the tests it made."""
-    rule, detail = selected.get("rule", "best_dev"), selected.get("rule_detail")
+    rule, detail = selected.rule, selected.rule_detail
     if rule == "pareto":
         return []
     if not detail:
@@ -418,14 +409,14 @@ def answer(inp: ReportInputs) -> str:
         return "**No trial finished: nothing was selected.** See *All trials* below."
     dense = next((r.params for r in inp.results if r.finished and r.point.is_control and r.params), None)
     size = ""
-    if sel.get("params") and dense:
-        size = (f" — {_millions(sel['params'])} encoder parameters against {_millions(dense)} dense "
-                f"({sel['params'] / dense - 1:+.1%})")
-    avg = sel["test"].get("avg")
-    what = ("**the s = 0 control**: pruning did not win on dev" if sel["control_won"] else
+    if sel.params and dense:
+        size = (f" — {_millions(sel.params)} encoder parameters against {_millions(dense)} dense "
+                f"({sel.params / dense - 1:+.1%})")
+    avg = sel.test.get("avg")
+    what = ("**the s = 0 control**: pruning did not win on dev" if sel.control_won else
             f"**SparseCSE at {_point_label(sel)}**")
     out = f"Chosen: {what}{size}. STS test average {avg:.2f}" if avg is not None else f"Chosen: {what}{size}."
-    comp = selected_comparison(inp.comps(), sel)
+    comp = selected_comparison(inp.findings.comparisons, sel)
     c = comp and comp["vs_control"]
     if c and c.get("diff") is not None:
         vs = "; against the unpruned control (rewound and retrained the same way): "
@@ -440,7 +431,7 @@ def answer(inp: ReportInputs) -> str:
         else:
             vs += f"{c['diff']:+.2f} (one seed: no interval, no claim)"
         out += vs
-    elif sel["control_won"] and inp.control and "avg" in inp.control["test"]:
+    elif sel.control_won and inp.control and "avg" in inp.control["test"]:
         out += " (the unpruned control itself)"
     return out + "."
 

@@ -4,6 +4,8 @@ mask prunes, and the flat results table. No rendering here: report.py writes the
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 
 from .. import SparseCSEError
@@ -12,6 +14,53 @@ from ..core.results import DEV, PAPER_SCORER, PARAMS, TrialResult, metric_key, m
 from .stats import ALPHA, bootstrap_diff, correct_family, noninferior, paired, sample_std
 
 Key = tuple  # Point.key: (scorer, sparsity, λ, combine, normalize), seeds pooled
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The grid point a sweep exports, decided on the selection data (never test), with what the report, the
+    figures, the export and the trackers show of it. `control_won`: the s = 0 control was chosen — pruning did
+    not help. Over seeds: `dev_mean`, `test` / `test_std` (means and sample stds per STS task); `trial`,
+    `checkpoint`, `replicate`: the best-dev seed's trial, whose model is exported. `rule_detail`: a tested rule's
+    steps; `pareto`: the front, with sweep.objective=pareto."""
+
+    sparsity: float
+    lam: float
+    combine: str
+    normalize: str
+    method: str
+    control_won: bool
+    candidates: int
+    objective: str
+    params: int | None
+    dev_mean: float
+    seeds: list
+    test: dict
+    test_std: dict
+    trial: str
+    checkpoint: str | None
+    replicate: int
+    rule: str
+    pareto: dict | None = None
+    rule_detail: dict | None = None
+
+    @property
+    def key(self) -> Key:
+        """The chosen point's Key (the control's when it won)."""
+        return CONTROL_KEY if self.sparsity == 0 else (PAPER_SCORER, self.sparsity, self.lam, self.combine,
+                                                       self.normalize)
+
+    def to_dict(self) -> dict:
+        """The record results.json and summary.json keep (optional parts only when present)."""
+        d = {k: getattr(self, k) for k in ("sparsity", "lam", "combine", "normalize", "method", "control_won",
+                                           "candidates", "objective", "params", "dev_mean", "seeds", "test",
+                                           "test_std", "trial", "checkpoint", "replicate")}
+        if self.pareto:
+            d["pareto"] = self.pareto
+        d["rule"] = self.rule
+        if self.rule_detail is not None:
+            d["rule_detail"] = self.rule_detail
+        return d
 
 
 def _candidates(results: list[TrialResult], select_lam: float | None) -> dict[Key, list[TrialResult]]:
@@ -134,7 +183,7 @@ def rule_choice(groups: dict[Key, list[TrialResult]], rule: str, margin: float,
 
 def select(results: list[TrialResult], select_lam: float | None = None, objective: str = "dev",
            delta: float = 0.5, rule: str = "best_dev", margin: float = 0.5,
-           dev_predictions: dict | None = None) -> dict | None:
+           dev_predictions: dict | None = None) -> Selection | None:
     """The grid point to export, chosen on STS-B dev Spearman averaged over seeds — never test — among the paper's
     points (λ = `select_lam` only, when set) **and the s = 0 control**: when the control is chosen, pruning did not
     help and the selection says so (`control_won`). The control scorers are never selected. Each reading of the
@@ -150,7 +199,7 @@ def select(results: list[TrialResult], select_lam: float | None = None, objectiv
         return None
     order = sorted(groups, key=_order)
     best = max(order, key=lambda k: (_dev(groups[k]), -k[1], -k[2]))
-    pareto = None
+    pareto, why = None, None
     if objective == "pareto":
         if any(_params(g) is None for g in groups.values()):
             raise SparseCSEError("sweep.objective=pareto: trials of this run did not report encoder_params (they ran "
@@ -167,15 +216,11 @@ def select(results: list[TrialResult], select_lam: float | None = None, objectiv
         key = best
     members = groups[key]
     first = members[0].point
-    out = {"sparsity": key[1], "lam": first.lam, "combine": first.combine, "normalize": first.normalize,
-           "method": method_name(PAPER_SCORER, first.combine, first.normalize), "control_won": first.is_control,
-           "candidates": len(groups), "objective": objective, "params": _params(members), **_seed_stats(members)}
-    if pareto:
-        out["pareto"] = pareto
-    out["rule"] = "pareto" if pareto else rule
-    if objective != "pareto" and rule != "best_dev":
-        out["rule_detail"] = why
-    return out
+    return Selection(sparsity=key[1], lam=first.lam, combine=first.combine, normalize=first.normalize,
+                     method=method_name(PAPER_SCORER, first.combine, first.normalize), control_won=first.is_control,
+                     candidates=len(groups), objective=objective, params=_params(members), **_seed_stats(members),
+                     rule="pareto" if pareto else rule, pareto=pareto,
+                     rule_detail=why)
 
 
 def candidate_points(results: list[TrialResult], select_lam: float | None = None) -> list[dict]:
@@ -295,16 +340,16 @@ def _compare(a: dict, b: dict, predictions: dict | None, metric: str) -> dict:
     return out
 
 
-def selected_comparison(comps: list[dict], selected: dict | None) -> dict | None:
+def selected_comparison(comps: list[dict], selected: Selection | None) -> dict | None:
     """The controls-table row of the selected point (its Δ vs the s = 0 control), or None (the control won)."""
-    if not selected or selected["control_won"]:
+    if not selected or selected.control_won:
         return None
-    return next((c for c in comps if c["sparsity"] == selected["sparsity"] and c["scorer"] == PAPER_SCORER
-                 and c["combine"] == selected["combine"] and c["normalize"] == selected["normalize"]
-                 and c["lam"] == selected["lam"]), None)
+    return next((c for c in comps if c["sparsity"] == selected.sparsity and c["scorer"] == PAPER_SCORER
+                 and c["combine"] == selected.combine and c["normalize"] == selected.normalize
+                 and c["lam"] == selected.lam), None)
 
 
-def stability(results: list[TrialResult], selected: dict | None, tasks: list[str]) -> list[dict]:
+def stability(results: list[TrialResult], selected: Selection | None, tasks: list[str]) -> list[dict]:
     """Per task: the paper's grid point (s = 0 included) best on that task's test score (mean over seeds), and how
     far it is from the dev-selected point — whether one sparsity serves every task."""
     groups: dict[Key, list[TrialResult]] = {}
@@ -313,8 +358,7 @@ def stability(results: list[TrialResult], selected: dict | None, tasks: list[str
             groups.setdefault(r.point.key, []).append(r)
     if not groups or not selected:
         return []
-    sel_key = ((PAPER_SCORER, 0.0, 0.0, "", "") if selected["sparsity"] == 0 else
-               (PAPER_SCORER, selected["sparsity"], selected["lam"], selected["combine"], selected["normalize"]))
+    sel_key = selected.key
     mean = lambda k, t: float(np.mean([r.test(t, np.nan) for r in groups[k]]))  # noqa: E731
     out = []
     for t in tasks:
@@ -323,8 +367,53 @@ def stability(results: list[TrialResult], selected: dict | None, tasks: list[str
                     "best_reading": reading_label(PAPER_SCORER, *best[3:]) if best[1] else "",
                     "best": mean(best, t),
                     "selected": mean(sel_key, t) if sel_key in groups else None,
-                    "sparsity_gap": best[1] - selected["sparsity"]})
+                    "sparsity_gap": best[1] - selected.sparsity})
     return out
+
+
+@dataclass(frozen=True)
+class Findings:
+    """What the report states beside the selection, decided here so the renderers only render: the controls at
+    equal budget with their tests (`comparisons`), per-task stability, the best transfer accuracy per task over the
+    grid, the test tasks clean of the data that chose and scored with their averages for the selected point and
+    the control, and the spread of the stage-1 replicates' best dev (mean, sample std)."""
+
+    comparisons: list = field(default_factory=list)
+    stability: list = field(default_factory=list)
+    best_transfer: dict = field(default_factory=dict)
+    clean_tasks: list = field(default_factory=list)
+    clean_selected: float | None = None
+    clean_control: float | None = None
+    replicate_spread: tuple | None = None
+
+
+def findings(results: list[TrialResult], selected: Selection | None, tasks: list[str],
+             select_lam: float | None = None, predictions: dict | None = None, overlap: list[dict] | None = None,
+             replicates: list[dict] | None = None, comps: list[dict] | None = None) -> Findings:
+    """The report's Findings from the trials, the selection, the scores file's overlap counts and the stage-1
+    replicates' best dev (`predictions`: per-pair test predictions for single-seed bootstraps; `comps`: the
+    comparisons already computed, e.g. for summary.json)."""
+    clean = clean_tasks(overlap or [])
+    ctrl = control(results)
+    devs = [r[DEV] for r in replicates or []]
+    comps = comps if comps is not None else comparisons(results, select_lam, predictions=predictions)
+    return Findings(comps, stability(results, selected, tasks),
+                    best_transfer(results), clean, clean_average(selected.test if selected else None, clean),
+                    clean_average((ctrl or {}).get("test"), clean),
+                    (float(np.mean(devs)), sample_std(devs)) if len(devs) > 1 else None)
+
+
+def clean_tasks(overlap: list[dict]) -> list[str]:
+    """The test tasks none of whose pairs occur in the selection data or the scoring data."""
+    return [o["task"] for o in overlap if o["in_selection"] == 0 and not o["in_scoring"]]
+
+
+def clean_average(test: dict | None, tasks: list[str]) -> float | None:
+    """The mean test score over `tasks` (those clean of the selection and scoring data), or None when a task is
+    missing."""
+    if not test or not tasks or not all(t in test for t in tasks):
+        return None
+    return sum(test[t] for t in tasks) / len(tasks)
 
 
 def best_transfer(results: list[TrialResult]) -> dict[str, float]:
@@ -360,3 +449,72 @@ def results_table(results: list[TrialResult], tasks: list[str]) -> list[dict]:
     flat.sort(key=lambda x: (x["sparsity"], x["scorer"] != PAPER_SCORER, x["scorer"],
                              reading_order((x["combine"], x["normalize"])), x["lam"], x["seed"]))
     return flat
+
+
+# --------------------------------------------------------------------------- what the figures draw
+
+@dataclass(frozen=True)
+class Curve:
+    """One method's test score vs sparsity: the mean and sample std over seeds (0 where one) at each sparsity, the
+    s = 0 control first. `paper`: the paper's score (drawn solid), else a control method (dotted)."""
+
+    label: str
+    paper: bool
+    sparsity: list
+    mean: list
+    std: list
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """Sampled points (sweep.search=optuna) of one task: test score vs sparsity with each point's λ, and the trend
+    the search followed (a quadratic in log sparsity, from four points on) as (sparsities, fitted scores)."""
+
+    sparsity: list
+    score: list
+    lam: list
+    trend: tuple | None
+
+
+def _method_groups(done: list[TrialResult]) -> list[tuple[str, bool, list[TrialResult]]]:
+    """(legend, paper?, trials) per curve: one per (λ, reading) of the paper's score, then one per control method."""
+    ours = [r for r in done if r.point.is_paper and not r.point.is_control]
+    out = []
+    for rd in sorted({r.point.reading for r in ours}, key=reading_order):
+        for lam in sorted({r.point.lam for r in ours if r.point.reading == rd}):
+            lbl = reading_label(PAPER_SCORER, *rd)
+            out.append((f"λ={lam}" + (f" {lbl}" if lbl else ""), True,
+                        [r for r in ours if r.point.lam == lam and r.point.reading == rd]))
+    others = [r for r in done if not r.point.is_paper and not r.point.is_control]
+    methods = sorted({(r.point.scorer, r.point.method) for r in others},
+                     key=lambda sm: (CONTROL_SCORERS.index(sm[0]), sm[1]))
+    return out + [(f"{m} (control)", False, [r for r in others if r.point.method == m]) for _, m in methods]
+
+
+def sts_curves(done: list[TrialResult], task: str) -> tuple[list[Curve], float | None]:
+    """Every method's curve of `task`'s test score over sparsity (each starting at the s = 0 control), and the
+    control's mean (None without one)."""
+    ctrl = [r for r in done if r.point.is_control]
+    curves = []
+    for name, paper, members in _method_groups(done):
+        pts: dict[float, list[float]] = {}
+        for r in members + ctrl:
+            pts.setdefault(r.point.sparsity, []).append(r.test(task, np.nan))
+        xs = sorted(pts)
+        curves.append(Curve(name, paper, xs, [float(np.mean(pts[x])) for x in xs],
+                            [sample_std(pts[x]) or 0.0 for x in xs]))
+    return curves, (float(np.mean([r.test(task, np.nan) for r in ctrl])) if ctrl else None)
+
+
+def sampled_points(done: list[TrialResult], task: str) -> Sampled | None:
+    pts = [r for r in done if r.point.is_paper and not r.point.is_control and np.isfinite(r.test(task, np.nan))]
+    if not pts:
+        return None
+    x = np.array([r.point.sparsity for r in pts])
+    y = np.array([r.test(task) for r in pts])
+    trend = None
+    if len(pts) >= 4:
+        coef = np.polyfit(np.log(x), y, 2)
+        xs = np.geomspace(x.min(), x.max(), 50)
+        trend = (xs.tolist(), np.polyval(coef, np.log(xs)).tolist())
+    return Sampled(x.tolist(), y.tolist(), [r.point.lam for r in pts], trend)
