@@ -60,6 +60,15 @@ def ws(tmp_path_factory, tiny_model_dir, tiny_data_dir):
     shutil.copytree(tiny_model_dir, w / "onnxm")
     (w / "onnxm" / "onnx").mkdir()
     (w / "onnxm" / "onnx" / "model.onnx").write_text("not an ONNX graph")
+    # a staging target whose data/ is the user's own, one whose data is a link to the user's folder; a folder with
+    # an ONNX file and nothing else; YAML files whose content is a string
+    (w / "staged" / "data").mkdir(parents=True)
+    (w / "staged" / "data" / "mine.txt").write_text("the user's, not a staged copy\n")
+    (w / "linked").mkdir()
+    (w / "linked" / "data").symlink_to(w / "mine", target_is_directory=True)
+    (w / "onnxonly" / "onnx").mkdir(parents=True)
+    (w / "onnxonly" / "onnx" / "model.onnx").write_text("graph bytes")
+    (w / "str.yaml").write_text("just a string\n")
     # scores of the model, and of another model of the same shape (other weights)
     pairs = load_stsb(tiny_data_dir, "train")
     save_scores(compute_scores(load_encoder(str(tiny_model_dir)), pairs, batch_size=8, max_pairs=16), w / "scores.parquet")
@@ -199,6 +208,26 @@ CASES = [
     ("prune sparsity not a number", ["prune", "--pretrained", M, "--scores", "x", "--sparsity", "half", "--lam", "0.5",
                                      "--out", "{ws}/o"], "--sparsity"),
     ("resume twice", [*SWEEP, "--resume", "--resume-if-exists", "--out", "{ws}/o"], "pass one"),
+    # the commands added since: data stage / data model targets, k8s-submit files, ONNX folders, empty paths
+    ("data stage over the user's data/", ["data", "stage", "--to", "{ws}/staged", "--data-dir", D],
+     "staged: data already exists and was not staged by sparsecse"),
+    ("data stage over a data/ link", ["data", "stage", "--to", "{ws}/linked", "--data-dir", D],
+     "data already exists and was not staged by sparsecse (or is a link)"),
+    ("data stage to a file", ["data", "stage", "--to", "{ws}/notes.txt", "--data-dir", D], "notes.txt is a file"),
+    ("data stage under a file", ["data", "stage", "--to", "{ws}/notes.txt/sub", "--data-dir", D],
+     "notes.txt is a file"),
+    ("data stage to ''", ["data", "stage", "--to", "", "--data-dir", D], "--to: empty"),
+    ("data model to a file", ["data", "model", "all-mpnet-base-v2", "--to", "{ws}/notes.txt"], "notes.txt is a file"),
+    ("data model under a file", ["data", "model", "all-mpnet-base-v2", "--to", "{ws}/notes.txt/m"],
+     "notes.txt is a file"),
+    ("data model to a link", ["data", "model", "all-mpnet-base-v2", "--to", "{ws}/linked/data"], "--to"),
+    ("k8s-submit on a YAML string", ["k8s-submit", "{ws}/str.yaml"], "is a str, not a Kubernetes object"),
+    ("k8s-submit on a YAML list", ["k8s-submit", "{ws}/list.yaml"], "is a list, not a Kubernetes object"),
+    ("ONNX folder without config.json", ["eval", "--model", "{ws}/onnxonly", "--backend", "onnx", "--data-dir", D],
+     "no config.json"),
+    ("sweep --out ''", [*SWEEP, "--out", ""], "--out: empty"),
+    ("train --out ''", ["train", "--out", "", "--data-dir", D], "--out: empty"),
+    ("export --out ''", ["export", M, "--out", ""], "--out: empty"),
     ("unknown subcommand", ["frobnicate"], "invalid choice"),
 ]
 

@@ -95,3 +95,37 @@ def test_only_the_adapter_imports_ray():
             if any(n == "ray" or n.startswith("ray.") for n in names):
                 importers.add(str(f.relative_to(PKG)))
     assert importers == {"run/ray_adapter.py"}
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_outputs_are_readable_as_the_users_umask_says(tmp_path, tiny_model_dir, mask, monkeypatch):
+    """Temp files renamed into place keep mkstemp's 0600 unless given the mode a plain write would have: every
+    writer (atomic file, atomic folder, a storage upload, an export) leaves 0644/0755 at umask 022, 0600/0700 at 077."""
+    import os
+    import stat
+
+    from sparsecse.core import io
+    from sparsecse.core.storage import Storage
+    from sparsecse.ops.export import export_model
+
+    monkeypatch.setattr(io, "_UMASK", [])
+    old = os.umask(mask)
+    try:
+        io.atomic_write_bytes(tmp_path / "a.json", b"{}")
+        with io.atomic_dir(tmp_path / "folder") as d:
+            (d / "x.txt").write_text("x")
+        src = tmp_path / "src"
+        src.mkdir()
+        (src / "f.bin").write_bytes(b"1")
+        Storage(tmp_path / "run").upload_dir(src, "up")
+        out = export_model(str(tiny_model_dir), tmp_path / "export")
+    finally:
+        os.umask(old)
+    file_mode, dir_mode = 0o666 & ~mask, 0o777 & ~mask
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(tmp_path / "a.json") == file_mode
+    assert mode(tmp_path / "folder") == dir_mode and mode(tmp_path / "folder" / "manifest.json") == file_mode
+    assert mode(tmp_path / "run" / "up") == dir_mode
+    assert mode(out) == dir_mode and mode(out / "pruned") == dir_mode
+    weights = [p for p in out.rglob("*.safetensors")]
+    assert weights and all(mode(p) == file_mode for p in weights)

@@ -159,3 +159,47 @@ def test_sweep_check_finds_what_the_sweep_would_refuse(tmp_path, tiny_model_dir,
     assert len(err) == 1 and needle in err[0], err
     if case == "out":
         assert [p.name for p in out.iterdir()] == ["notes.txt"]  # untouched
+
+
+def test_sweep_check_into_missing_parents_leaves_no_folder_behind(tmp_path, tiny_model_dir, tiny_data_dir, capsys):
+    cfg, out = _cfg(tmp_path, tiny_model_dir), tmp_path / "a" / "b" / "run"
+    assert main(["sweep", str(cfg), "--out", str(out), "--data-dir", str(tiny_data_dir), "--check"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]  # neither run/ nor a/b/ was left
+
+
+def test_sweep_check_resume_is_refused_while_a_live_driver_holds_the_run(tmp_path, tiny_model_dir, tiny_data_dir,
+                                                                         capsys):
+    """`--check --resume` says what the real `--resume` would: refused while another driver's heartbeat moves;
+    "would resume" once that driver is gone."""
+    import json
+    import threading
+    import time
+
+    from sparsecse.core.config import load_config
+    from sparsecse.core.storage import Storage
+    from sparsecse.run.runlock import LOCK
+
+    cfg, out = _cfg(tmp_path, tiny_model_dir, "ray: {lock_stale_s: 4}\n"), tmp_path / "run"
+    store = Storage(out)
+    store.write_json("sweep.json", {"config": load_config(str(cfg)).to_dict()})
+    argv = ["sweep", str(cfg), "--out", str(out), "--data-dir", str(tiny_data_dir), "--check", "--resume"]
+    stop = threading.Event()
+
+    def beat():  # another driver, on another host, alive: its heartbeat moves every half second
+        while not stop.is_set():
+            store.write_text(LOCK, json.dumps({"owner": "other", "host": "elsewhere", "pid": 1,
+                                               "heartbeat": time.time()}) + "\n")
+            time.sleep(0.5)
+
+    t = threading.Thread(target=beat, daemon=True)
+    t.start()
+    try:
+        time.sleep(0.2)
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "another driver is running this sweep (host elsewhere" in err[0], err
+    finally:
+        stop.set()
+        t.join()
+    time.sleep(4.1)  # the other driver stopped: its lock goes stale
+    assert main(argv) == 0 and "would resume" in capsys.readouterr().out

@@ -51,6 +51,15 @@ def as_created(path: str | os.PathLike, is_dir: bool = False) -> None:
     os.chmod(path, (0o777 if is_dir else 0o666) & ~umask())
 
 
+def as_created_tree(root: str | os.PathLike) -> None:
+    """`as_created` for a folder and everything in it (safetensors, for one, writes its files 0600)."""
+    root = Path(root)
+    as_created(root, is_dir=True)
+    for p in root.rglob("*"):
+        if not p.is_symlink():
+            as_created(p, is_dir=p.is_dir())
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -134,10 +143,10 @@ def atomic_dir(dest: str | os.PathLike, *, overwrite: bool = True) -> Iterator[P
     if dest.exists() and not overwrite:
         raise SparseCSEError(f"{dest}: already exists; choose another --out or remove it")
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
-    as_created(tmp, is_dir=True)
     try:
         yield tmp
         write_manifest(tmp)
+        as_created_tree(tmp)
         replace_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

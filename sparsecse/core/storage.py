@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .. import SparseCSEError
-from .io import as_created, atomic_write_bytes, replace_dir, verify_manifest
+from .io import as_created_tree, atomic_write_bytes, replace_dir, verify_manifest
 
 _SCHEME_SEP = "://"
 
@@ -212,9 +212,9 @@ class Storage:
             dest = Path(self.path(rel))
             dest.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
-            as_created(tmp, is_dir=True)
             try:
                 shutil.copytree(local, tmp, dirs_exist_ok=True)
+                as_created_tree(tmp)
                 replace_dir(tmp, dest)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)

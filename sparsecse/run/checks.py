@@ -22,6 +22,7 @@ from ..method.model import intermediate_size, quiet_transformers, resolve_model_
 from ..method.prune import count_pruned
 from .plan import make_plan, render
 from .rundir import Run, open_run
+from .runlock import RunLock
 from . import ray_adapter as ra
 from . import stages
 
@@ -197,18 +198,37 @@ def check_run(config_path: str, overrides=None, resume: bool | str = False, out:
         check_staged(cfg.model.name, "model.name")
     out = out or f"runs/{Path(config_path).stem}"
     store, state, resuming = open_run(out, cfg, resume)
+    note = RunLock(store, cfg.ray.lock_stale_s).check_resume() if resuming else None  # a live driver: refused
     probe = f".check-{secrets.token_hex(4)}"
-    made_root = not store.exists()
+    made = _missing_dirs(store)
     try:
         store.write_text(probe, "sparsecse sweep --check: can --out be written?\n")
     finally:
         store.delete(probe)
-        if made_root:  # --out did not exist: neither does it after the check (an object store's marker included)
+        if made:  # --out did not exist: neither does it after the check (an object store's marker included)
             with contextlib.suppress(OSError):
                 store.fs.delete_dir(store.root)
-    run = (f"would resume {store.uri} (stage 1 {'finished' if state.train_fp else 'not finished'})" if resuming
-           else f"would start a new sweep in {store.uri}")
+            for d in made[1:]:  # the parent folders the probe created, innermost first
+                with contextlib.suppress(OSError):
+                    os.rmdir(d)
+    run = (f"would resume {store.uri} (stage 1 {'finished' if state.train_fp else 'not finished'}"
+           + (f"; {note}" if note else "") + ")" if resuming else f"would start a new sweep in {store.uri}")
     return f"[check] ok: config {config_path}, data {where}, model {cfg.model.name}; {run}"
+
+
+def _missing_dirs(store: Storage) -> list[str]:
+    """The run's root and, on a local disk, each missing parent of it, innermost first ([] when the root exists):
+    what writing into it would create."""
+    if store.exists():
+        return []
+    if not store.is_local:
+        return [store.root]
+    out = []
+    for d in (Path(store.root), *Path(store.root).parents):
+        if d.exists():
+            break
+        out.append(str(d))
+    return out
 
 
 def print_plan(run: Run, resources: dict) -> None:

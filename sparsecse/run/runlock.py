@@ -74,6 +74,25 @@ class RunLock:
         if held is not None and held.get("owner") != self.me["owner"] and not self._gone(held):
             raise SparseCSEError(self._busy(held))
 
+    def check_resume(self) -> str | None:
+        """What `--resume` would find, without taking the lock (`sweep --check --resume`): refused in one line when a
+        live driver holds the run — its heartbeat moves within one beat, watched here — else None, or a note that
+        the resume would first wait for a stopped driver's lock to go stale."""
+        held = self._read()
+        if held is None or self._gone(held):
+            return None
+        deadline = min(self.clock() + self.every_s + 1.0, held["heartbeat"] + self.stale_s)
+        while self.clock() < deadline:
+            self.sleep(min(1.0, self.every_s))
+            now = self._read()
+            if now is None:
+                return None
+            if now["heartbeat"] != held["heartbeat"] or now["owner"] != held["owner"]:
+                raise SparseCSEError(self._busy(now))
+        wait = held["heartbeat"] + self.stale_s - self.clock()
+        return (f"its lock (host {held['host']}, pid {held['pid']}) stopped beating; --resume takes it over in "
+                f"{max(0.0, wait):.0f} s") if wait > 0 else None
+
     def acquire(self, resume: bool) -> None:
         held = self._read()
         if held is not None and not self._gone(held):
