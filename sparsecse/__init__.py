@@ -13,3 +13,7 @@ class RunFailed(SparseCSEError):
 
 class TrialsFailed(RunFailed):
     """A sweep finished and wrote its report, but some trials failed."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """The user pressed Ctrl-C: the CLI prints the message (how to resume) and exits 130."""

@@ -246,9 +246,10 @@ def cmd_sweep(a) -> int:
     if a.check:
         from .run.checks import check_run
 
-        print(check_run(a.config, a.set, resume, a.out, a.data_dir))
+        print(check_run(a.config, a.set, resume, a.out, a.data_dir, confirmed=a.yes))
         return 0
-    run_sweep(a.config, overrides=a.set, resume=resume, address=a.address, out=a.out, data_dir=a.data_dir)
+    run_sweep(a.config, overrides=a.set, resume=resume, address=a.address, out=a.out, data_dir=a.data_dir,
+              confirmed=a.yes, max_hours=a.max_hours)
     return 0
 
 
@@ -474,11 +475,17 @@ def _run_commands(sub) -> None:
     w.add_argument("--resume-if-exists", action="store_true",
                    help="continue the sweep at --out if there is one, else start it (for retried cluster jobs)")
     w.add_argument("--address")
-    w.add_argument("--out", type=_path, help="run directory or storage URI, e.g. s3://bucket/run (default runs/<config name>)")
+    w.add_argument("--out", type=_path,
+                   help="run directory or storage URI, e.g. s3://bucket/run (default runs/<config name>)")
     w.add_argument("--data-dir")
     w.add_argument("--check", action="store_true",
                    help="check the config, data, model and --out as the sweep would (exit 2 on an error), start "
                         "nothing and leave nothing behind")
+    w.add_argument("--yes", action="store_true",
+                   help="run a sweep past the sanity limits (more than 20 replicates or 2,000 trials, or a plan "
+                        "longer than --max-hours)")
+    w.add_argument("--max-hours", type=float, metavar="H",
+                   help="refuse (exit 2) when the printed plan's wall time exceeds H hours, unless --yes")
     w.set_defaults(fn=cmd_sweep)
 
     p = sub.add_parser("plan", help="what a sweep config will cost: trials, steps, GPU-hours, wall time, bytes")
@@ -524,8 +531,8 @@ def main(argv: list[str] | None = None) -> int:
     except SparseCSEError as e:
         print(f"sparsecse: error: {e}", file=sys.stderr)
         return 1 if isinstance(e, RunFailed) else 2
-    except KeyboardInterrupt:
-        print("sparsecse: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"sparsecse: {e}" if str(e) else "sparsecse: interrupted", file=sys.stderr)
         return 130
 
 

@@ -167,14 +167,21 @@ def test_driver_killed_then_resumed_every_grid_point_came_back(killed_and_resume
     assert all(t["status"] == "done" for t in res["trials"])
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_model_dir, tiny_data_dir) -> dict:
+    """The selection of the interrupted sweeps' config (sparsities 0.1–0.3 at λ 0.5) run once without interruption."""
+    tmp = tmp_path_factory.mktemp("ref")
+    r = _sweep(_write_cfg(tmp / "c.yaml", tiny_model_dir, sparsities=(0.1, 0.2, 0.3), lams=(0.5,)), tmp / "ref",
+               tiny_data_dir)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads((tmp / "ref" / "results.json").read_text())["selected"]
+
+
 def test_driver_killed_then_resumed_makes_the_same_choice_as_an_uninterrupted_sweep(killed_and_resumed,
-                                                                                    tiny_data_dir):
+                                                                                    uninterrupted):
     res = killed_and_resumed["store"].read_json("results.json")
-    r2 = _sweep(killed_and_resumed["cfg"], killed_and_resumed["tmp"] / "ref", tiny_data_dir)
-    assert r2.returncode == 0, r2.stderr[-3000:]
-    ref = json.loads((killed_and_resumed["tmp"] / "ref" / "results.json").read_text())
-    assert (res["selected"]["sparsity"], res["selected"]["lam"]) == (ref["selected"]["sparsity"], ref["selected"]["lam"])
-    assert res["selected"]["dev_mean"] == pytest.approx(ref["selected"]["dev_mean"], abs=1e-6)
+    assert (res["selected"]["sparsity"], res["selected"]["lam"]) == (uninterrupted["sparsity"], uninterrupted["lam"])
+    assert res["selected"]["dev_mean"] == pytest.approx(uninterrupted["dev_mean"], abs=1e-6)
 
 
 def test_a_trial_given_a_gpu_cuda_cannot_use_fails_in_one_line_instead_of_training_on_the_cpu(
@@ -269,3 +276,50 @@ def test_an_autoscaler_whose_gpu_workers_start_at_zero_adds_one_for_the_waiting_
     assert "its autoscaler is asked for 2 bundle(s)" in out and "the cluster now has 3 CPU, 1 GPU" in out, out[-3000:]
     assert "Ray gave this task 1 GPU but torch" in out  # the fake GPU, as in the test above
     assert "'GPU': 1" in monitor  # the autoscaler saw the sweep's request
+
+
+def test_ctrl_c_in_stage1_and_in_the_trials_exits_130_and_resume_makes_the_same_choice(tmp_path, tiny_model_dir,
+                                                                                       tiny_data_dir, uninterrupted):
+    """Ctrl-C belongs to the sweep. A terminal's SIGINT (to the whole process group) during stage 1 and again during
+    the trials: each time the driver stops promptly, writes no report or summary claiming it finished, prints one
+    line with the resume command and exits 130; `--resume` then completes to the same choice as an uninterrupted
+    sweep of the same config."""
+    cfg = _write_cfg(tmp_path / "c.yaml", tiny_model_dir, sparsities=(0.1, 0.2, 0.3), lams=(0.5,))
+    run = tmp_path / "run"
+    ray_tmp = Path("/tmp") / f"scse-int-{os.getpid()}"
+
+    def interrupt(log: Path, what: str, ready, *extra: str, fault: str = "") -> tuple[int, str, float]:
+        proc = _start_sweep(cfg, str(run), tiny_data_dir, ray_tmp, log, *extra, fault=fault)
+        try:
+            _wait_for(what, proc, ready)
+            t0 = time.time()
+            os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends: the whole foreground group
+            rc = proc.wait(timeout=60)
+            return rc, log.read_text(), time.time() - t0
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            kill_processes_mentioning(str(ray_tmp))
+            shutil.rmtree(ray_tmp, ignore_errors=True)
+
+    def stage1_running() -> bool:
+        return (run / "stage1").is_dir() and any((run / "stage1").rglob("checkpoint_*"))
+
+    rc, out, took = interrupt(tmp_path / "a.log", "a stage-1 checkpoint", stage1_running, fault="stage1-slow:3")
+    assert rc == 130, out
+    assert out.strip().splitlines()[-1].startswith("sparsecse: interrupted; nothing was lost — resume with: "
+                                                  f"sparsecse sweep {cfg} --out {run} --resume"), out
+    assert "Traceback" not in out and took < 30, (took, out)
+    assert not (run / "summary.json").exists() and not (run / "simcse" / "best").exists()
+
+    def a_trial_reported() -> bool:
+        return any((run / "tune").glob("*/result.json")) if (run / "tune").is_dir() else False
+
+    rc, out, took = interrupt(tmp_path / "b.log", "a trial's first report", a_trial_reported, "--resume")
+    assert rc == 130 and "resume with:" in out.strip().splitlines()[-1] and took < 30, (rc, took, out)
+    assert "[sweep] done" not in out and not (run / "summary.json").exists() and not (run / "report.md").exists()
+    r = _sweep(cfg, str(run), tiny_data_dir, "--resume")
+    assert r.returncode == 0, r.stdout + r.stderr
+    resumed = json.loads((run / "summary.json").read_text())["selected"]
+    assert (resumed["sparsity"], resumed["lam"]) == (uninterrupted["sparsity"], uninterrupted["lam"])
+    assert resumed["dev_mean"] == pytest.approx(uninterrupted["dev_mean"], abs=1e-6)

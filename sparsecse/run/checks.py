@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import secrets
 import sys
@@ -20,7 +21,7 @@ from ..core.storage import Storage
 from ..method.data import default_data_dir, needed_paths, resolve_data_dir
 from ..method.model import intermediate_size, quiet_transformers, resolve_model_path
 from ..method.prune import count_pruned
-from .plan import make_plan, render
+from .plan import count_trials, make_plan, render
 from .rundir import Run, open_run
 from .runlock import RunLock
 from . import ray_adapter as ra
@@ -170,13 +171,14 @@ def check_sparsities(cfg: Config) -> None:
 
 
 def check_run(config_path: str, overrides=None, resume: bool | str = False, out: str | None = None,
-              data_dir: str | None = None) -> str:
+              data_dir: str | None = None, confirmed: bool = False) -> str:
     """`sparsecse sweep … --check`: everything a sweep refuses with exit 2 that can be known without a Ray cluster —
     the config, the data and model (a staged copy complete in storage), --out (a run another driver holds, a run
     to resume or one that is not there) and that --out can be written — checked and nothing left behind. Run where
     the cluster's pods run (cluster/README.md: the K8s validation Job), so a config error stops before a RayJob
     that KubeRay would retry. Returns the one-line verdict."""
     cfg = load_config(config_path, overrides)
+    check_scale(cfg, confirmed)
     check_config(cfg)
     check_sparsities(cfg)
     given = data_dir or cfg.data.dir
@@ -231,9 +233,28 @@ def _missing_dirs(store: Storage) -> list[str]:
     return out
 
 
-def print_plan(run: Run, resources: dict) -> None:
+MAX_REPLICATES, MAX_TRIALS = 20, 2000  # past these a sweep is refused unless confirmed (--yes)
+
+
+def check_scale(cfg: Config, confirmed: bool) -> None:
+    """A sweep far past anything sensible (a typo such as sweep.replicates=1000000) is refused in one line before
+    anything starts, unless confirmed with --yes. Counted without building the grid."""
+    if confirmed:
+        return
+    one = cfg.replace(sweep=dataclasses.replace(cfg.sweep, replicates=1))
+    reps, trials = cfg.sweep.replicates, count_trials(one) * cfg.sweep.replicates
+    if reps > MAX_REPLICATES:
+        raise SparseCSEError(f"config sweep.replicates: {reps} stage-1 runs ({trials:,} trials) is far past anything "
+                             f"sensible (more than {MAX_REPLICATES}); lower it, or pass --yes if you mean it")
+    if trials > MAX_TRIALS:
+        raise SparseCSEError(f"config sweep: {trials:,} trials (more than {MAX_TRIALS:,}); check sparsities × λ × seeds "
+                             "× scorers × readings × replicates (`sparsecse plan` prints the cost), or pass --yes")
+
+
+def print_plan(run: Run, resources: dict, max_hours: float | None = None) -> None:
     """`sparsecse plan` for this sweep on this cluster, printed before anything starts and kept as plan.json (a
-    run's measured timings can be held against it). GPU figures are the H100's; `sparsecse plan --gpu` has others."""
+    run's measured timings can be held against it). GPU figures are the H100's; `sparsecse plan --gpu` has others.
+    With `max_hours` (--max-hours), a plan longer than that is refused in one line before stage 1."""
 
     cfg = run.cfg
     gpus = int(resources.get("GPU", 0))
@@ -246,4 +267,7 @@ def print_plan(run: Run, resources: dict) -> None:
         print(f"[plan] not available here: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
         return
     print(render(p))
+    if max_hours is not None and p.wall_s > 3600 * max_hours:
+        raise SparseCSEError(f"--max-hours {max_hours:g}: the plan above takes {p.wall_s / 3600:.1f} h; shrink the "
+                             "grid or the budgets, raise --max-hours, or pass --yes to run it anyway")
     run.store.write_json("plan.json", asdict(p))

@@ -5,8 +5,9 @@ already this config's, and resumed from its last checkpoint when the driver was 
 from __future__ import annotations
 
 import json
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 from .. import SparseCSEError
 from ..core.checkpoints import MODELS, best_model
@@ -39,9 +40,37 @@ def train_stage(run: Run) -> None:
             _train_replicate(run, r)
         return
     print(f"[sweep] stage 1: {reps} replicates, {slots} at a time")
-    with ThreadPoolExecutor(slots, thread_name_prefix="stage1") as pool:
-        for done in [pool.submit(_train_replicate, run, r) for r in range(reps)]:
-            done.result()  # the first failure, in replicate order
+    in_slots([lambda r=r: _train_replicate(run, r) for r in range(reps)], slots)
+
+
+def in_slots(jobs: list[Callable[[], None]], slots: int, poll_s: float = 0.2) -> None:
+    """Run `jobs`, `slots` at a time, each on a daemon thread, waited for here. After a failure no further job
+    starts and the first failure (in job order) is raised once the running ones end. Ctrl-C in this (the main)
+    thread starts nothing more and returns at once: the daemon threads end with the interrupted process (a
+    thread pool would keep the process alive until every submitted job had run)."""
+    pending, running, errors = list(enumerate(jobs)), {}, {}
+
+    def start(i: int, job: Callable[[], None]) -> None:
+        def target() -> None:
+            try:
+                job()
+            except BaseException as e:  # noqa: BLE001 - raised in the waiting thread
+                errors[i] = e
+
+        running[i] = threading.Thread(target=target, name=f"stage1-{i}", daemon=True)
+        running[i].start()
+
+    while pending or running:
+        while pending and len(running) < slots and not errors:
+            start(*pending.pop(0))
+        if errors and not running:
+            break
+        for i, t in list(running.items()):
+            t.join(poll_s)
+            if not t.is_alive():
+                del running[i]
+    if errors:
+        raise errors[min(errors)]
 
 
 def _train_replicate(run: Run, r: int) -> None:

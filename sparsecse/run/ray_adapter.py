@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -121,9 +122,15 @@ def request_resources(bundles: list[dict]) -> None:
     ask(bundles=bundles)
 
 
-def shutdown() -> None:
+def shutdown(interrupted: bool = False) -> None:
+    """Disconnect (and stop a local Ray). After Ctrl-C, Ray's own loggers are silenced first: the calls still
+    running on helper threads (off_main_thread) fail as Ray goes away, and their errors are not the user's news."""
+    import logging
+
     import ray
 
+    if interrupted:
+        logging.getLogger("ray").setLevel(logging.CRITICAL + 1)
     if ray.is_initialized():
         ray.shutdown()
 
@@ -206,6 +213,30 @@ def _train_worker(loop: Callable) -> Callable[[dict], None]:
     return train_loop
 
 
+def off_main_thread(fn: Callable[[], Any]) -> Any:
+    """fn() in a helper thread, waited for here. Ray Train and Tune each install a SIGINT handler of their own when
+    called on the main thread (Train's is never removed, Tune's ends the experiment and returns as if it were done);
+    off it they install none, so Ctrl-C stays the driver's (sweep.owned_sigint) and interrupts this wait. The helper
+    is a daemon: an interrupted driver does not wait for it at exit."""
+    if threading.current_thread() is not threading.main_thread():
+        return fn()
+    box: dict = {}
+
+    def target() -> None:
+        try:
+            box["out"] = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = e
+
+    worker = threading.Thread(target=target, name="sparsecse-ray-call", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.2)
+    if "error" in box:
+        raise box["error"]
+    return box["out"]
+
+
 def run_torch_trainer(loop: Callable, loop_config: dict, *, num_workers: int, use_gpu: bool,
                       cpus_per_worker: float, storage: "Storage", name: str, max_failures: int) -> str:
     """Stage 1: data-parallel SimCSE on `num_workers` workers (`loop` as `_train_worker` calls it); returns the
@@ -227,7 +258,7 @@ def run_torch_trainer(loop: Callable, loop_config: dict, *, num_workers: int, us
     )
     try:
         with _env(RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS="0"):
-            result = trainer.fit()
+            result = off_main_thread(trainer.fit)
     except Exception as e:  # Ray wraps worker errors; surface the root cause in one line
         raise SparseCSEError(f"stage-1 training failed: {_root_cause(e)}") from None
     if result.error is not None:
@@ -402,8 +433,9 @@ def run_tuner(trial: Callable, params: dict, points: list[Point], run: TuneRun, 
         tuner = tune.Tuner(trainable, **_tuner_settings(tune, points, run, name, asha, search, path, fs))
     # one TensorBoard stream per trial: the trial's own (tensorboard/<trial>: per-step loss, lr, dev), not also
     # Tune's TBX copy of its reports; Tune's JSON/CSV results stay (read by the sweep benchmark and by tests)
-    with _env(TUNE_DISABLE_AUTO_CALLBACK_LOGGERS="1"), _optuna_warnings_only(bool(search)):
-        grid = tuner.fit()
+    with _env(TUNE_DISABLE_AUTO_CALLBACK_LOGGERS="1", TUNE_DISABLE_SIGINT_HANDLER="1"), \
+            _optuna_warnings_only(bool(search)):
+        grid = off_main_thread(tuner.fit)
     return _trial_results(grid, run)
 
 

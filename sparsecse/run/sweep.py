@@ -5,18 +5,23 @@ and the report (outcome.py). It computes nothing heavy itself, so a CPU-only hea
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shlex
+import signal
+import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
-from .. import TrialsFailed
+from .. import Interrupted, TrialsFailed
 from ..core.config import Config, load_config
 from ..core.results import TrialResult, grid_points
 from ..study import select as choose
 from . import ray_adapter as ra
 from . import stages
-from .checks import (check_config, check_nodes, check_sparsities, check_this_machine, data_dir_for, print_plan,
-                     stage1_topology, wait_for_resources)
+from .checks import (check_config, check_nodes, check_scale, check_sparsities, check_this_machine, data_dir_for,
+                     print_plan, stage1_topology, wait_for_resources)
 from .outcome import LiveReport, check_failures, dev_predictions_for_selection, evaluate_and_export_stage, report_stage
 from .plan import count_trials
 from .prepare import score_stage, train_stage
@@ -69,19 +74,57 @@ def account_for_points(cfg: Config, results: list[TrialResult]) -> None:
                            "rerun with --resume to run them")
 
 
+@contextlib.contextmanager
+def owned_sigint(exit_now=os._exit) -> Iterator[None]:
+    """Ctrl-C belongs to the sweep while it runs: the first SIGINT raises KeyboardInterrupt in the main thread
+    (Ray's calls run off it, ray_adapter.off_main_thread, so neither Ray Train nor Tune takes the signal), the
+    driver stops starting work and exits 130 with the resume command; a second SIGINT exits at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    hits = []
+
+    def handler(signum, frame):
+        hits.append(signum)
+        if len(hits) > 1:
+            os.write(2, b"sparsecse: interrupted twice; exiting now\n")
+            exit_now(130)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def run_sweep(config_path: str, overrides=None, resume: bool | str = False, address: str | None = None,
-              out: str | None = None, data_dir: str | None = None) -> dict:
+              out: str | None = None, data_dir: str | None = None, confirmed: bool = False,
+              max_hours: float | None = None) -> dict:
+    out = out or f"runs/{Path(config_path).stem}"
+    with owned_sigint():
+        try:
+            return _run_sweep(config_path, overrides, resume, address, out, data_dir, confirmed, max_hours)
+        except KeyboardInterrupt:
+            again = " ".join(["sparsecse sweep", shlex.quote(config_path), *(f"--set {shlex.quote(o)}" for o in
+                              overrides or []), "--out", shlex.quote(out), "--resume"])
+            raise Interrupted(f"interrupted; nothing was lost — resume with: {again}") from None
+
+
+def _run_sweep(config_path: str, overrides, resume: bool | str, address: str | None, out: str,
+               data_dir: str | None, confirmed: bool, max_hours: float | None) -> dict:
     cfg = load_config(config_path, overrides)
+    check_scale(cfg, confirmed)
     check_config(cfg)
     check_sparsities(cfg)
     on_cluster = bool(address or os.environ.get("RAY_ADDRESS"))
     if not on_cluster:
         check_this_machine(cfg)
     data = data_dir_for(cfg, data_dir, on_cluster)
-    store, state, resume = open_run(out or f"runs/{Path(config_path).stem}", cfg, resume)
+    store, state, resume = open_run(out, cfg, resume)
     lock = RunLock(store, cfg.ray.lock_stale_s)
     made_root = not store.exists()  # the lock is the first thing a new sweep writes
-    t_start = time.perf_counter()
+    t_start, interrupted = time.perf_counter(), False
     try:
         lock.acquire(resume)  # one driver per run (runlock.py); refused here, nothing of the other's is touched
         with refused_leaves_nothing(store, fresh=not resume, lock=lock, made_root=made_root):
@@ -92,15 +135,18 @@ def run_sweep(config_path: str, overrides=None, resume: bool | str = False, addr
             warning = stage1_topology(cfg, ra.compute_nodes())
             if warning:
                 print(warning)
-            print_plan(run, res)
+            print_plan(run, res, None if confirmed else max_hours)
             check_nodes(run)
             store.write_text("config.yaml", cfg.to_yaml())
             run.save()
         return run_stages(run, t_start)
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
     finally:
         lock.release()
-        if not on_cluster:
-            ra.shutdown()
+        if not on_cluster or interrupted:
+            ra.shutdown(interrupted)
 
 
 def run_stages(run: Run, t_start: float) -> dict:
