@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 from sparsecse.core.io import atomic_write_text
-from sparsecse.study.stats import correct_family, holm, noninferior, paired
+from sparsecse.study.stats import correct_family, holm, noninferior, paired, sample_std
 
 MARGIN = 0.5
 H1_SPARSITIES = (0.02, 0.1)
@@ -113,22 +113,31 @@ def analyse(labelfree: list[dict], labelled: list[dict], sparsities: list[float]
                     "stark": cell(labelfree, labelfree, READINGS["stark"], sparsities, exact),
                     "labelled": cell(labelled, labelfree, READINGS["paper"], sparsities, exact),
                     "labelled_stark": cell(labelled, labelfree, READINGS["stark"], sparsities, exact)}
-    out["leak_free"] = leak_free(labelfree, sparsities)
+    out["leak_free"] = leak_free(labelfree, labelfree, READINGS["paper"], sparsities)
+    out["leak_free_cells"] = {name: leak_free(paper, labelfree, READINGS[reading], sparsities)
+                              for name, paper, reading in (("stark", labelfree, "stark"),
+                                                           ("labelled", labelled, "paper"),
+                                                           ("labelled_stark", labelled, "stark"))}
+    ctrl = list(by_replicate(labelfree, sparsity=0.0).values())
+    out["control_spread"] = {"sd": sample_std(ctrl), "range": (max(ctrl) - min(ctrl)) if ctrl else None}
     return out
 
 
-def leak_free(trials: list[dict], sparsities: list[float]) -> list[dict]:
-    """The primary comparison (paper's reading, label-free, against the s = 0 control) on SICK-R test alone, the
-    one test task sharing no pair with STS-B dev or the scoring data (docs/study.md, Leakage): descriptive — the
-    paired difference and its 95 % t interval over replicates, no correction, no verdict."""
-    combine, normalize = READINGS["paper"]
-    ctrl = by_replicate(trials, LEAK_FREE, sparsity=0.0)
+def leak_free(paper_trials: list[dict], control_trials: list[dict], reading: tuple[str, str],
+              sparsities: list[float]) -> list[dict]:
+    """A cell (the paper's score under `reading`, against the s = 0 control) on SICK-R test alone, the one test
+    task sharing no pair with STS-B dev or the scoring data (docs/study.md, Leakage): descriptive — the paired
+    difference, its 95 % t interval over replicates and how many replicates are below the control; no test."""
+    combine, normalize = reading
+    ctrl = by_replicate(control_trials, LEAK_FREE, sparsity=0.0)
     rows = []
     for s in sparsities:
-        ours = by_replicate(trials, LEAK_FREE, sparsity=s, scorer="align_uniform", combine=combine, normalize=normalize)
+        ours = by_replicate(paper_trials, LEAK_FREE, sparsity=s, scorer="align_uniform", combine=combine,
+                            normalize=normalize)
         t = paired(ours, ctrl, 0)
         rows.append({"sparsity": s, "n": t["n"], "mean": _mean(ours), "control": _mean(ctrl), "diff": t["diff"],
-                     "lo": t.get("lo"), "hi": t.get("hi")})
+                     "lo": t.get("lo"), "hi": t.get("hi"),
+                     "below": sum(ours[r] < ctrl[r] for r in ours if r in ctrl)})
     return rows
 
 
@@ -149,10 +158,15 @@ def summary(runs: list[dict], kind: str) -> list[dict]:
     return rows
 
 
+def _p(p: float) -> str:
+    """A p value as printed: three decimals, "< 0.001" below that (never "0.000")."""
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
 def _fmt(t: dict | None) -> str:
     if not t or t.get("diff") is None:
         return "—"
-    p = "" if t.get("p") is None else f", p = {t.get('p_raw', t['p']):.3f}, Holm {t['p']:.3f}"
+    p = "" if t.get("p") is None else f", p {'= ' if t.get('p_raw', t['p']) >= 0.001 else ''}{_p(t.get('p_raw', t['p']))}, Holm {_p(t['p'])}"
     verdict = t.get("verdict") or ("non-inferior" if t.get("passed") else "not shown")
     return f"{_ci(t)} (n = {t['n']}{p}: {verdict})"
 
@@ -175,10 +189,24 @@ def markdown(result: dict) -> str:
                          f"{f(r['magnitude'])} | {f(r['control'])} | {_fmt(r.get('H1'))} | {_fmt(r['H2'])} | "
                          f"{_fmt(r['H3'])} |")
         lines.append("")
-    lines += [f"**Leak-free** ({LEAK_FREE.split('/')[1]} test alone, primary cell against the control; descriptive, 95 % t "
-              "interval, no test)", "", "| sparsity | n | paper | control | difference |", "|---:|---:|---:|---:|---|"]
-    lines += [f"| {r['sparsity']:.0%} | {r['n']} | {f(r['mean'])} | {f(r['control'])} | "
-              f"{_ci(r)} |" for r in result["leak_free"]]
+    lines += ["**Sensitivity, pre-registered: the same tests exact** (sign-flip over the 5 replicates; smallest "
+              "attainable p 0.0625 two-sided, 0.031 one-sided, so nothing can pass Holm at n = 5)", "",
+              "| cell | sparsity | H1 exact p (Holm) | H2 exact p (Holm) | H3 exact p (Holm) |", "|---|---:|---|---|---|"]
+    ex = lambda t: "—" if not t or t.get("p") is None else f"{_p(t.get('p_raw', t['p']))} ({_p(t['p'])})"  # noqa
+    for name, c in result.get("exact", {}).items():
+        lines += [f"| {name} | {r['sparsity']:.0%} | {ex(r.get('H1'))} | {ex(r['H2'])} | {ex(r['H3'])} |"
+                  for r in c["rows"]]
+    lines.append("")
+    cells = {"primary": result["leak_free"], **result.get("leak_free_cells", {})}
+    lines += [f"**Leak-free** ({LEAK_FREE.split('/')[1]} test alone, each cell against the control; descriptive, 95 % "
+              "t interval, no test)", "", "| cell | sparsity | n | paper | control | difference | replicates below |",
+              "|---|---:|---:|---:|---:|---|---:|"]
+    lines += [f"| {name} | {r['sparsity']:.0%} | {r['n']} | {f(r['mean'])} | {f(r['control'])} | {_ci(r)} | "
+              f"{r.get('below', '—')} of {r['n']} |" for name, rows in cells.items() for r in rows]
+    spread = result.get("control_spread")
+    if spread and spread["sd"] is not None:
+        lines.append(f"\nThe s = 0 control over the replicates: sample SD {spread['sd']:.2f} (range "
+                     f"{spread['range']:.2f}).")
     lines.append("")
     for r in result.get("runs", []):
         lines.append(f"- {r['kind']} replicate {r['replicate']}: rule {r['rule']} chose {r['chosen']} — test "

@@ -63,9 +63,15 @@ def tiny_data_dir(tmp_path_factory, data_dir) -> Path:
         p.parent.mkdir(parents=True, exist_ok=True)
         lines = (src / "STS" / "STSBenchmark" / f"sts-{split}.csv").read_text(encoding="utf-8").splitlines()
         p.write_text("\n".join(lines[:n]) + "\n", encoding="utf-8")
-    sick = (src / "SICK" / "SICK_test_annotated.txt").read_text(encoding="utf-8").splitlines()
     (d / "senteval" / "SICK").mkdir(parents=True)
-    (d / "senteval" / "SICK" / "SICK_test_annotated.txt").write_text("\n".join(sick[:121]) + "\n", encoding="utf-8")
+    for name in ("SICK_test_annotated.txt", "SICK_trial.txt"):
+        sick = (src / "SICK" / name).read_text(encoding="utf-8").splitlines()
+        (d / "senteval" / "SICK" / name).write_text("\n".join(sick[:121]) + "\n", encoding="utf-8")
+    for year in ("STS12", "STS13", "STS14", "STS15", "STS16"):  # every test set the clean selection data leaves out
+        for f in (src / "STS" / f"{year}-en-test").glob("STS.*.txt"):
+            p = d / "senteval" / "STS" / f"{year}-en-test" / f.name
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text("\n".join(f.read_text(encoding="utf-8").splitlines()[:40]) + "\n", encoding="utf-8")
     wiki = (data_dir / "wiki" / "wiki1m_sample.txt").read_text(encoding="utf-8").splitlines()
     (d / "wiki").mkdir()
     (d / "wiki" / "wiki1m_sample.txt").write_text("\n".join(wiki[:256]) + "\n", encoding="utf-8")

@@ -169,7 +169,7 @@ def test_fields_no_shipped_sweep_sets_still_do_what_they_say(tmp_path, monkeypat
     monkeypatch.setattr(stages, "evaluate_sts", lambda enc, d, **kw: seen.append(kw["batch_size"]) or {
         "align": 0.1, "uniform": -2.0, "avg": 1.0})
     monkeypatch.setattr(stages, "predictions_to_bytes", lambda preds: b"")
-    stages.evaluate_trial(None, load_config(None, ["eval.batch_size=7", "sweep.select=best_dev"]), tmp_path, Storage(tmp_path / "r"), "t")
+    stages.evaluate_trial(None, load_config(None, ["eval.batch_size=7", "sweep.select=best_dev", "sweep.select_on=stsb-dev"]), tmp_path, Storage(tmp_path / "r"), "t")
     assert seen == [7]
 
     won = select([TrialResult(Point(s, 0.5, 1), {"evaluated": True, DEV: 80.0 - 10 * s, metric_key("test", "avg"): 70.0},

@@ -113,7 +113,7 @@ def test_stage_one_depends_on_the_selection_data_and_reports_name_it():
     from sparsecse.study.select import Selection
     from sparsecse.run.rundir import stage1_fingerprint as _stage1_fp
 
-    base, sick = load_config(None, []), load_config(None, ["sweep.select_on=sickr-dev"])
+    base, sick = load_config(None, ["sweep.select_on=stsb-dev"]), load_config(None, ["sweep.select_on=sickr-dev"])
     assert _stage1_fp(base.to_dict()) != _stage1_fp(sick.to_dict())  # a different checkpoint pick: a new stage 1
     old = {k: v for k, v in base.to_dict().items()}
     old["sweep"] = {k: v for k, v in old["sweep"].items() if k != "select_on"}  # a sweep.json from before the key

@@ -21,7 +21,13 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _write_cfg(path: Path, model_dir: Path, sparsities=(0.1, 0.3), lams=(0.25, 0.75), extra: str = "") -> Path:
+# The Ray-machinery sweeps below pin the selection protocol they were written under (STS-B dev, `noninferior`, one
+# control run): what they test is the run, not the choice; test_the_default_selection_… runs the defaults end to end.
+PINNED = "select: noninferior, select_on: stsb-dev, control_seeds: 0,"
+
+
+def _write_cfg(path: Path, model_dir: Path, sparsities=(0.1, 0.3), lams=(0.25, 0.75), extra: str = "",
+               pinned: str = PINNED) -> Path:
     path.write_text(f"""
 model: {{name: {model_dir}}}
 data: {{max_train_sentences: 64}}
@@ -30,7 +36,7 @@ train: {{batch_size: 8, max_len: 16, lr: 1.0e-3, max_steps: 4, eval_steps: 2, ev
 score: {{max_pairs: 24, batch_size: 8}}
 eval: {{tasks: [STSBenchmark, SICKRelatedness], batch_size: 64}}
 sweep: {{sparsities: {list(sparsities)}, lams: {list(lams)}, seeds: [1], trial_cpus: 1, max_concurrent_trials: 2,
-         max_failures: 1}}
+         {pinned} max_failures: 1}}
 ray: {{num_workers: 1, cpus_per_worker: 1, num_cpus: 2}}
 {extra}
 """)
@@ -415,3 +421,25 @@ def test_two_stage1_replicates_each_trained_scored_and_pruned_then_resumed_witho
     r2 = _sweep(cfg, run, tiny_data_dir, *args, "--resume")
     assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
     assert json.loads((run / "sweep.json").read_text())["stage_runs"] == {"train": 2, "score": 2}
+
+
+def test_the_default_selection_runs_end_to_end_on_clean_data(tmp_path, tiny_model_dir, tiny_data_dir):
+    """The defaults a user gets: the clean selection data (its halves counted in the report, each trial scored on
+    the held-out choice half per source and its predictions kept), the control retrained three times, the "safe"
+    rule's choice with its reason, and what every rule picks on the same trials."""
+    from sparsecse.core.results import metric_key
+
+    cfg = _write_cfg(tmp_path / "c.yaml", tiny_model_dir, sparsities=(0.0, 0.3), lams=(0.5,), pinned="")
+    r = _sweep(cfg, tmp_path / "run", tiny_data_dir)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert res["selected"]["rule"] == "safe" and res["selected"]["rule_detail"]["why"]
+    assert {t["trial"] for t in res["trials"]} == {"s0.000_l0.50_seed1", "s0.000_l0.50_seed2", "s0.000_l0.50_seed3",
+                                                   "s0.300_l0.50_seed1"}
+    for t in res["trials"]:
+        assert all(t.get(metric_key("choice", k)) is not None for k in ("all", "stsb-dev", "sickr-dev")), t
+        assert (tmp_path / "run" / "predictions" / f"{t['trial']}.choice.parquet").is_file()
+    assert set(res["rules"]) == {"safe", "noninferior", "best_dev"}
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "Selection uses **clean dev**" in report and "| STS-B dev | 120 |" in report
+    assert "On these trials each rule picks: `safe` →" in report

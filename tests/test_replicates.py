@@ -12,7 +12,7 @@ from sparsecse.study.select import comparisons, control, select
 
 def test_the_grid_repeats_per_replicate_with_names_and_seeds_of_their_own():
     cfg = load_config(None, ["sweep.sparsities=[0, 0.1]", "sweep.lams=[0.5]", "sweep.seeds=[1, 2]",
-                             "sweep.replicates=3", "sweep.scorers=[align_uniform, random]"])
+                             "sweep.replicates=3", "sweep.scorers=[align_uniform, random]", "sweep.control_seeds=0"])
     pts = grid_points(cfg)
     assert len(pts) == 3 * 2 * 3 and {p.replicate for p in pts} == {0, 1, 2}
     assert len({p.name for p in pts}) == len(pts)  # every trial named apart

@@ -309,7 +309,7 @@ def test_pareto_objective_takes_the_smallest_model_within_delta_and_reports_the_
     np.testing.assert_allclose(chosen.get_offsets(), [[7e-4, 80.2]])
     front = [ln for ln in ax.get_lines() if ln.get_label() == "Pareto front"][0]
     assert front.get_xdata().tolist() == pytest.approx([5e-4, 7e-4, 9e-4])
-    cfg = load_config(None, ["sweep.sparsities=[0, 0.1, 0.3, 0.5]", "sweep.lams=[0.5]", "sweep.seeds=[1, 2, 3]",
+    cfg = load_config(None, ["sweep.select_on=stsb-dev", "sweep.sparsities=[0, 0.1, 0.3, 0.5]", "sweep.lams=[0.5]", "sweep.seeds=[1, 2, 3]",
                              "sweep.objective=pareto", "eval.tasks=[STSBenchmark]"])
     md = render_markdown(ReportInputs("t", cfg, rows, results_table(rows, ["STSBenchmark", "avg"]), sel, control(rows),
                                       {"STSBenchmark": 70.0, "avg": 70.0, "align": 0.1, "uniform": -2.0},

@@ -230,7 +230,8 @@ def test_a_resume_runs_the_grid_points_a_restored_experiment_lost_and_never_drop
     from sparsecse.core.config import load_config
     from sparsecse.core.results import grid_points
 
-    cfg = load_config(None, ["sweep.sparsities=[0, 0.1, 0.3]", "sweep.lams=[0.5]", "sweep.seeds=[1]"])
+    cfg = load_config(None, ["sweep.sparsities=[0, 0.1, 0.3]", "sweep.lams=[0.5]", "sweep.seeds=[1]",
+                             "sweep.control_seeds=0"])
     grid = grid_points(cfg)
     calls = []
 
@@ -255,7 +256,8 @@ def test_a_trial_restored_from_a_checkpoint_storage_no_longer_has_runs_again_fro
     from sparsecse.run import sweep
     from sparsecse.core.config import load_config
 
-    cfg = load_config(None, ["sweep.sparsities=[0, 0.1]", "sweep.lams=[0.5]", "sweep.seeds=[1]"])
+    cfg = load_config(None, ["sweep.sparsities=[0, 0.1]", "sweep.lams=[0.5]", "sweep.seeds=[1]",
+                             "sweep.control_seeds=0"])
     calls = []
     gone = ("ValueError: Could not recover from checkpoint as it does not exist on storage anymore. Got storage fs "
             "type `s3` and path: bucket/run/tune/trial_x/checkpoint_000002")

@@ -180,3 +180,76 @@ def test_the_leak_free_row_and_each_run_s_selection_and_transfer(tmp_path, capsy
             "control's 75.00; failed: s0.3_random_rep0; transfer avg SimCSE 77.50, SparseCSE 77.25") in md
     assert "label-free replicate 1: rule noninferior chose control (s = 0)" in md
     assert "labelled replicate 4: rule noninferior chose sparsecse" in md
+
+
+def test_study2_runs_one_sweep_per_replicate_each_replicate_r_of_the_preregistered_config(tmp_path):
+    """docs/study2.md: `STUDY=study2 benchmarks/study_replicates.sh` runs sweeps/study2.yaml once per replicate not
+    yet in docs/study2-results/, each exactly replicate r of the five-replicate config (the same stage-1 seed, the
+    same retraining seeds — the control's three included — the same grid), with the default selection."""
+    import os
+    import shlex
+    import subprocess
+    from pathlib import Path
+
+    from sparsecse.core.config import load_config
+    from sparsecse.core.results import grid_points
+    from sparsecse.run.rundir import replicate_config
+
+    repo = Path(__file__).resolve().parents[1]
+    copy = tmp_path / "repo"
+    (copy / "benchmarks").mkdir(parents=True)
+    (copy / "benchmarks" / "study_replicates.sh").write_text((repo / "benchmarks" / "study_replicates.sh").read_text())
+    (copy / "docs" / "study2-results").mkdir(parents=True)
+    (copy / "docs" / "study2-results" / "rep1.json").write_text("{}")
+    env = {**os.environ, "STUDY": "study2", "STUDY_CLONE": str(tmp_path), "RUNS": str(tmp_path / "runs")}
+    out = subprocess.run(["bash", str(copy / "benchmarks" / "study_replicates.sh"), "--dry-run"], env=env,
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert [shlex.split(x)[shlex.split(x).index("--out") + 1].rsplit("/", 1)[1] for x in out] == [
+        "study2-rep0", "study2-rep2", "study2-rep3", "study2-rep4"]
+    whole = load_config(repo / "sweeps" / "study2.yaml")
+    assert (whole.sweep.replicates, whole.sweep.select, whole.sweep.select_on, whole.sweep.control_seeds) == (
+        5, "safe", "clean-dev", 2)
+    key = lambda p: (p.sparsity, p.lam, p.scorer, p.combine, p.normalize, p.run_seed)  # noqa: E731
+    for line in out:
+        args = shlex.split(line)
+        r = int(args[args.index("--out") + 1].rsplit("-rep", 1)[1])
+        one = load_config(repo / args[4], [args[i + 1] for i, a in enumerate(args) if a == "--set"])
+        assert replicate_config(whole, r).to_dict()["train"] == one.to_dict()["train"]
+        mine = sorted(key(p) for p in grid_points(one))
+        assert mine == sorted(key(p) for p in grid_points(whole) if p.replicate == r) and len(mine) == 6
+
+
+def _study2_run(r: int, choice: str, sick: dict, avg: dict, rules: dict) -> dict:
+    """A results.json of one study-2 replicate: controls c1–c3 and points at 2/10/30 % (trial names as keys)."""
+    from sparsecse.core.results import metric_key
+
+    trials = []
+    for name, s in (("c1", 0.0), ("c2", 0.0), ("c3", 0.0), ("p2", 0.02), ("p10", 0.1), ("p30", 0.3)):
+        trials.append({"trial": name, "sparsity": s, "status": "done", metric_key("test", "SICKRelatedness"): sick[name],
+                       metric_key("test", "avg"): avg[name], metric_key("choice", "all"): 70.0 + sick[name] / 10})
+    sel = {"sparsity": next(t["sparsity"] for t in trials if t["trial"] == choice), "trial": choice,
+           "rule_detail": {"why": "because"}}
+    return {"trials": trials, "selected": sel, "rules": rules}
+
+
+def test_study2_analysis_by_hand(tmp_path, capsys):
+    import json
+
+    from benchmarks.study2 import main
+
+    base = {"c1": 60.0, "c2": 61.0, "c3": 62.0, "p2": 61.2, "p10": 60.0, "p30": 55.0}  # control mean 61
+    for r in range(5):
+        choice = "p2" if r < 3 else ("c1" if r == 3 else "p30")  # replicate 4 picks 30 %: beyond the margin
+        rules = {"noninferior": {"sparsity": 0.3, "trial": "p30"}, "best_dev": {"sparsity": 0.1, "trial": "p10"}}
+        (tmp_path / f"rep{r}.json").write_text(json.dumps(_study2_run(r, choice, base, {k: v + 10 for k, v in
+                                                                                         base.items()}, rules)))
+    assert main([str(tmp_path), "--json", str(tmp_path / "out.json")]) == 0
+    res = json.loads((tmp_path / "out.json").read_text())
+    # default: p2 (+0.2) ×3, c1 (−1.0, beyond) ×1, p30 (−6) ×1 → within in 3 of 5: H does not hold; pruned 4 of 5
+    assert res["H"] == {"within": 3, "of": 5, "holds": False} and res["pruned"] == 4
+    old = [c for c in res["choices"] if c["rule"] == "noninferior"]
+    assert all(c["d_sick"] == -6.0 and not c["within"] for c in old)
+    p30 = next(p for p in res["per_sparsity"] if p["sparsity"] == 0.3)
+    assert p30["d_sick"]["mean"] == -6.0 and p30["d_sick"]["lo"] == p30["d_sick"]["hi"] == -6.0
+    assert res["control_sd"]["test/SICKRelatedness"] == 1.0 and res["tracking"]["rho"] == pytest.approx(1.0)
+    assert "3 of 5 — does not hold; the default pruned in 4 of 5" in capsys.readouterr().out

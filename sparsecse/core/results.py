@@ -24,15 +24,17 @@ DEV = "best_stsb_dev"  # what Tune, its schedulers and selection optimise: STS-B
 PARAMS = "encoder_params"  # the second objective of sweep.objective=pareto, in every trial report
 EVALUATED = "evaluated"  # True on a trial's final report (its test evaluation)
 LAST_DEV = "stsb_dev"  # STS-B dev Spearman × 100 at the latest evaluation (DEV is the best so far)
-TEST, TRANSFER = "test/", "transfer/"  # prefixes: test/<STS task>, transfer/<transfer task>
+TEST, TRANSFER, CHOICE = "test/", "transfer/", "choice/"  # test/<STS task>, transfer/<task>, choice/<source>
 
 
 def metric_key(kind: str, task: str) -> str:
     """The one spelling of a per-task metric: metric_key("test", "avg") is the STS test average's key,
-    metric_key("transfer", "MR") MR's accuracy. No other module spells these keys."""
-    prefix = {"test": TEST, "transfer": TRANSFER}.get(kind)
+    metric_key("transfer", "MR") MR's accuracy, metric_key("choice", "all") the Spearman × 100 of a trial's best
+    model on the pairs the sweep chooses on (with sweep.select_on: clean-dev; "stsb-dev", "sickr-dev": each
+    source of them). No other module spells these keys."""
+    prefix = {"test": TEST, "transfer": TRANSFER, "choice": CHOICE}.get(kind)
     if prefix is None:
-        raise ValueError(f"metric kind {kind!r}: test or transfer")
+        raise ValueError(f"metric kind {kind!r}: test, transfer or choice")
     return f"{prefix}{task}"
 
 
@@ -171,6 +173,12 @@ class TrialResult:
         return self.metrics[DEV]
 
     @property
+    def choice(self) -> float:
+        """What the sweep chooses on: the best model's score on the choice pairs, held out from its checkpoint
+        selection (sweep.select_on: clean-dev); else — the paper's protocol, and runs before it — its best dev."""
+        return self.metrics.get(f"{CHOICE}all", self.metrics[DEV])
+
+    @property
     def params(self) -> int | None:
         p = self.metrics.get(PARAMS)  # trials of sweeps before it was reported lack it
         return None if p is None else int(p)
@@ -183,6 +191,10 @@ class TrialResult:
         """The STS test tasks this trial reported, in the papers' order, "avg" last."""
         keys = {k[len(TEST):] for k in self.metrics if k.startswith(TEST)}
         return [t for t in STS_TASKS if t in keys] + (["avg"] if "avg" in keys else [])
+
+    def choice_scores(self) -> dict[str, float]:
+        """{source or "all": Spearman × 100 on the choice pairs} this trial reported ({} without them)."""
+        return {k[len(CHOICE):]: v for k, v in self.metrics.items() if k.startswith(CHOICE)}
 
     def transfer(self) -> dict[str, float]:
         """{transfer task: accuracy} this trial reported (F1 scores left out)."""
@@ -210,6 +222,10 @@ def grid_points(cfg: Config) -> list[Point]:
                     for combine, normalize in (cfg.score.allocations(scorer) if s > 0 else [first]):
                         pts += [Point(float(s), float(lam), int(seed), scorer, combine, normalize, rep)
                                 for lam in lams]
+        if 0 in cfg.sweep.sparsities:  # the control's extra retrainings (sweep.control_seeds): training noise
+            top = max(cfg.sweep.seeds)
+            pts += [Point(0.0, float(cfg.sweep.lams[0]), top + k, PAPER_SCORER, *first, rep)
+                    for k in range(1, cfg.sweep.control_seeds + 1)]
     return pts
 
 

@@ -61,7 +61,7 @@ _TASK_PATHS = {**{y: f"senteval/STS/{y}-en-test" for y in STS_SUBSETS},
 def needed_paths(train_file: str, score_split: str, tasks, transfer_tasks=(),
                  select_on: str = "stsb-dev") -> list[str]:
     """The files and folders (relative to the data dir, or absolute) a sweep reads: checked on every node first."""
-    paths = [train_file, selection_path(select_on), f"senteval/STS/STSBenchmark/sts-{score_split}.csv"]
+    paths = [train_file, *selection_paths(select_on), f"senteval/STS/STSBenchmark/sts-{score_split}.csv"]
     paths += [_TASK_PATHS[t] for t in (*tasks, *transfer_tasks) if t in _TASK_PATHS]
     return list(dict.fromkeys(paths))
 
@@ -100,18 +100,21 @@ def positives(gold: np.ndarray, threshold: float = 4.0, rule: str = "gt") -> np.
 
 @dataclass(frozen=True)
 class Pairs:
-    """Scored sentence pairs: s1[i], s2[i], gold[i]."""
+    """Scored sentence pairs: s1[i], s2[i], gold[i]; `source[i]` names the set a pair came from where a set mixes
+    several (the clean selection data: "stsb-dev", "sickr-dev")."""
 
     s1: list[str]
     s2: list[str]
     gold: np.ndarray  # (N,) float
+    source: tuple | None = None
 
     def __len__(self) -> int:
         return len(self.s1)
 
     def subset(self, idx) -> "Pairs":
         idx = list(idx)
-        return Pairs([self.s1[i] for i in idx], [self.s2[i] for i in idx], self.gold[idx])
+        return Pairs([self.s1[i] for i in idx], [self.s2[i] for i in idx], self.gold[idx],
+                     None if self.source is None else tuple(self.source[i] for i in idx))
 
 
 def load_sts_year(data_dir: Path, year: str) -> dict[str, Pairs]:
@@ -168,9 +171,77 @@ def load_sick(data_dir: Path, split: str) -> Pairs:
     return Pairs(s1, s2, np.asarray(gold, dtype=np.float64))
 
 
-def selection_pairs(data_dir: Path, select_on: str = "stsb-dev") -> Pairs:
-    """The pairs dev evaluations read (sweep.select_on): STS-B dev, SICK-R dev (SICK_trial), or a user file of
-    sentence1<TAB>sentence2<TAB>score lines (relative to the data dir, or absolute)."""
+CLEAN_SOURCES = ("stsb-dev", "sickr-dev")  # the sets the clean selection data is drawn from (sweep.select_on names)
+ALL_TEST_TASKS = ("STS12", "STS13", "STS14", "STS15", "STS16", "STSBenchmark", "SICKRelatedness")
+
+
+def _key(a: str, b: str) -> tuple[str, str]:
+    """A pair's identity, whichever order its sentences come in."""
+    return (a, b) if a <= b else (b, a)
+
+
+@functools.lru_cache(maxsize=4)
+def _clean(data_dir: str) -> Pairs:
+    pools = {"stsb-dev": load_stsb(Path(data_dir), "dev"), "sickr-dev": load_sick(Path(data_dir), "dev")}
+    test = {_key(a, b) for t in ALL_TEST_TASKS for p in load_sts_task(Path(data_dir), t).values()
+            for a, b in zip(p.s1, p.s2)}
+    s1, s2, gold, source, seen = [], [], [], [], set()
+    for name in CLEAN_SOURCES:
+        p = pools[name]
+        for a, b, g in zip(p.s1, p.s2, p.gold):
+            k = _key(a, b)
+            if k in test or k in seen:
+                continue
+            seen.add(k)
+            s1.append(a), s2.append(b), gold.append(g), source.append(name)
+    return Pairs(s1, s2, np.asarray(gold, dtype=np.float64), tuple(source))
+
+
+def clean_selection(data_dir: Path) -> Pairs:
+    """sweep.select_on: clean-dev — STS-B dev and SICK-R dev (SICK's trial split) with every pair that also occurs
+    (verbatim, either order) in a test set the report scores (STS12–16, STS-B test, SICK-R test) removed, and
+    duplicates dropped; each pair keeps its source. Nothing a test set holds can choose anything."""
+    return _clean(str(Path(data_dir).resolve()))
+
+
+def _half(pairs: Pairs, which: int) -> Pairs:
+    """The pairs whose sha256 (of the unordered pair) is even (`which` 0) or odd (1): a split fixed by the data
+    alone, about half of each source on either side."""
+    idx = [i for i, (a, b) in enumerate(zip(pairs.s1, pairs.s2))
+           if hashlib.sha256("\t".join(_key(a, b)).encode()).digest()[0] % 2 == which]
+    return pairs.subset(idx)
+
+
+def clean_counts(data_dir: Path) -> list[dict]:
+    """Per source of the clean selection data: its pairs, those left out (a reported test set holds them, or they
+    repeat), and how many the checkpoint and the choice halves keep — what the report prints."""
+    clean = clean_selection(data_dir)
+    halves = [_half(clean, i) for i in (0, 1)]
+    pools = {"stsb-dev": load_stsb(Path(data_dir), "dev"), "sickr-dev": load_sick(Path(data_dir), "dev")}
+    out = []
+    for name in CLEAN_SOURCES:
+        kept = [sum(1 for x in h.source if x == name) for h in halves]
+        out.append({"source": name, "pairs": len(pools[name]), "left_out": len(pools[name]) - sum(kept),
+                    "checkpoint": kept[0], "choice": kept[1]})
+    return out
+
+
+def selection_all(data_dir: Path, select_on: str) -> Pairs:
+    """Every pair sweep.select_on reads, whichever part reads it (the overlap table counts against these)."""
+    return clean_selection(data_dir) if select_on == "clean-dev" else selection_pairs(data_dir, select_on)
+
+
+PARTS = ("checkpoint", "choice")  # which clean half a reader gets: the trials' checkpoints, the sweep's choice
+
+
+def selection_pairs(data_dir: Path, select_on: str = "stsb-dev", part: str = "checkpoint") -> Pairs:
+    """The pairs dev evaluations read (sweep.select_on): the clean selection data (`clean-dev`), STS-B dev,
+    SICK-R dev (SICK_trial), or a user file of sentence1<TAB>sentence2<TAB>score lines (relative to the data dir,
+    or absolute). With clean-dev, `part` "checkpoint" (what picks each training run's best checkpoint) and "choice"
+    (what the sweep chooses its point on) are disjoint halves, so no pair is read twice; the other sets are one set
+    for both (the paper's protocol: the same pairs pick checkpoints and the point)."""
+    if select_on == "clean-dev":
+        return _half(clean_selection(data_dir), PARTS.index(part))
     if select_on == "stsb-dev":
         return load_stsb(data_dir, "dev")
     if select_on == "sickr-dev":
@@ -191,10 +262,13 @@ def selection_pairs(data_dir: Path, select_on: str = "stsb-dev") -> Pairs:
     return Pairs(s1, s2, np.asarray(gold, dtype=np.float64))
 
 
-def selection_path(select_on: str) -> str:
-    """The file sweep.select_on reads, relative to the data dir (or absolute): what every node must see."""
-    return {"stsb-dev": "senteval/STS/STSBenchmark/sts-dev.csv", "sickr-dev": "senteval/SICK/SICK_trial.txt"}.get(
-        select_on, select_on)
+def selection_paths(select_on: str) -> list[str]:
+    """The files sweep.select_on reads, relative to the data dir (or absolute): what every node must see (the
+    clean selection data also reads every test set, to leave their pairs out)."""
+    named = {"stsb-dev": ["senteval/STS/STSBenchmark/sts-dev.csv"], "sickr-dev": ["senteval/SICK/SICK_trial.txt"]}
+    if select_on == "clean-dev":
+        return [*named["stsb-dev"], *named["sickr-dev"], *(_TASK_PATHS[t] for t in ALL_TEST_TASKS)]
+    return named.get(select_on, [select_on])
 
 
 def unlabeled_pairs(path: Path, n: int, seed: int = 0) -> Pairs:

@@ -95,7 +95,6 @@ def predictions_to_bytes(preds: dict[str, tuple]) -> bytes:
     """Parquet of one model's STS test predictions: columns task, pred (cosine), gold; pairs in file order."""
     import pyarrow as pa
 
-
     tasks = [t for t, (sys, _) in preds.items() for _ in range(len(sys))]
     return parquet_bytes(pa.table({"task": pa.array(tasks).dictionary_encode(),
                                    "pred": pa.array(np.concatenate([p[0] for p in preds.values()]), pa.float64()),

@@ -81,7 +81,8 @@ def report_stage(run: Run, results: list[TrialResult], selected: Selection | Non
                "comparisons": choose.comparisons(results, cfg.sweep.select_lam,
                                                  predictions=predictions_for_bootstrap(run, results)),
                "allocation": selected_allocation(selected, scores[selected.replicate if selected else 0]),
-               "pilot": extras["pilot"], "replicates": replicate_devs(run)}
+               "pilot": extras["pilot"], "replicates": replicate_devs(run),
+               "rules": rule_choices(run, results) if cfg.sweep.objective == "dev" else None}
     table_bytes = parquet_bytes(flat)
     store.write_bytes("results.parquet", table_bytes)
     store.write_json("results.json", {"trials": flat, **summary})
@@ -92,7 +93,8 @@ def report_stage(run: Run, results: list[TrialResult], selected: Selection | Non
                           figs, summary["allocation"], scores[0].meta, extras["pilot"], extras.get("backbone"),
                           summary["replicates"],
                           choose.findings(results, selected, tasks, cfg.sweep.select_lam, comps=summary["comparisons"],
-                                          overlap=scores[0].meta.get("overlap"), replicates=summary["replicates"]))
+                                          overlap=scores[0].meta.get("overlap"), replicates=summary["replicates"],
+                                          rules=summary["rules"]))
     md, html_text = render_markdown(inputs), render_html(inputs)
     store.write_text("report.md", md)
     store.write_text("report.html", html_text)
@@ -151,17 +153,38 @@ def predictions_for_bootstrap(run: Run, results: list[TrialResult]) -> dict:
     return out
 
 
-def dev_predictions_for_selection(run: Run, results: list[TrialResult]) -> dict:
-    """{trial name: its per-pair dev predictions} when a tested selection rule has one unit to test over (then
-    each trial kept them, stages.selection_needs_dev_pairs); {} otherwise."""
-    if not stages.selection_needs_dev_pairs(run.cfg):
-        return {}
+def rule_choices(run: Run, results: list[TrialResult]) -> dict:
+    """{rule: {"sparsity": what it chooses (0: the control), "trial": the trial it would export}} on these trials
+    (None where nothing finished), for every selection rule the kept predictions support — what the report and
+    results.json set beside the configured rule's choice."""
+    out = {}
+    for rule, preds in (("best_dev", {}), ("noninferior", _predictions(run, results, "dev")),
+                        ("safe", _predictions(run, results, "choice"))):
+        if rule != "best_dev" and not preds:
+            continue
+        sel = choose.select(results, run.cfg.sweep.select_lam, rule=rule, margin=run.cfg.sweep.margin,
+                            dev_predictions=preds)
+        out[rule] = None if sel is None else {"sparsity": sel.sparsity, "trial": sel.trial}
+    return out
+
+
+def _predictions(run: Run, results: list[TrialResult], suffix: str) -> dict:
+    """{trial name: predictions/<trial>.<suffix>.parquet} of the finished trials that kept one."""
     out = {}
     for r in results:
-        rel = f"predictions/{r.point.name}.dev.parquet"
+        rel = f"predictions/{r.point.name}.{suffix}.parquet"
         if r.finished and run.store.is_file(rel):
             out[r.point.name] = predictions_from_bytes(run.store.read_bytes(rel))
     return out
+
+
+def dev_predictions_for_selection(run: Run, results: list[TrialResult]) -> dict:
+    """{trial name: its per-pair predictions} a tested rule reads: on the choice pairs, per source, for the "safe"
+    rule (stages.evaluates_choice); on the dev pairs when another tested rule has one unit to test over
+    (stages.selection_needs_dev_pairs); {} otherwise."""
+    if run.cfg.sweep.select == "safe":
+        return _predictions(run, results, "choice")
+    return _predictions(run, results, "dev") if stages.selection_needs_dev_pairs(run.cfg) else {}
 
 
 def check_failures(summary: dict, cfg: Config) -> None:

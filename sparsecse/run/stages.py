@@ -30,9 +30,9 @@ from ..core.config import config_from_dict
 from ..core.results import DEV, EVALUATED, LAST_DEV, PARAMS, Point, metric_key, replicate_name, sts_tasks
 from ..core.staging import is_staged_uri, local as local_data
 from ..core.storage import Storage, fetch_model, scratch_dir
-from ..method.data import (load_stsb, overlap_counts, positives, selection_pairs, sts_test_overlap, train_path,
-    unlabeled_pairs)
-from ..method.evaluate import cosine_scores, encode, evaluate_sts, predictions_to_bytes
+from ..method.data import (clean_counts, load_stsb, overlap_counts, positives, selection_all, selection_pairs,
+                            sts_test_overlap, train_path, unlabeled_pairs)
+from ..method.evaluate import cosine_scores, encode, evaluate_sts, predictions_to_bytes, spearman
 from ..method.model import load_encoder
 from ..method.prune import encoder_params, masks_for, rewind
 from ..method.score import compute_infonce_scores, compute_scores, load_scores, scores_to_bytes, scoring_order
@@ -151,6 +151,8 @@ def score_task(store_uri: str, model_rel: str, data_dir: str, cfg_dict: dict, th
             store.write_bytes(out.replace("scores", "scores_simcse", 1), scores_to_bytes(simcse))
     sc.meta["sts_test_overlap"] = leak
     sc.meta["overlap"] = test_overlap(cfg, Path(data_dir), pairs)
+    if cfg.sweep.select_on == "clean-dev":
+        sc.meta["selection"] = clean_counts(Path(data_dir))
     store.write_bytes(out, scores_to_bytes(sc))  # last: its presence means scoring finished
     return sc.meta
 
@@ -159,7 +161,7 @@ def test_overlap(cfg, data_dir: Path, pairs) -> list[dict] | None:
     """data.overlap_counts of the sweep's STS test tasks against the dev data that selects (sweep.select_on) and
     the scoring pairs; None when a file it needs is not here."""
     try:
-        return overlap_counts(data_dir, sts_tasks(cfg.eval.tasks), selection_pairs(data_dir, cfg.sweep.select_on),
+        return overlap_counts(data_dir, sts_tasks(cfg.eval.tasks), selection_all(data_dir, cfg.sweep.select_on),
                               None if cfg.score.source == "unlabeled" else pairs)
     except SparseCSEError:
         return None
@@ -252,6 +254,33 @@ def selection_needs_dev_pairs(cfg) -> bool:
     return cfg.sweep.select != "best_dev" and len(cfg.sweep.seeds) == 1 and cfg.sweep.replicates == 1
 
 
+def evaluates_choice(cfg) -> bool:
+    """Whether each trial scores its best model on the choice pairs (metric_key("choice", …) and
+    predictions/<trial>.choice.parquet): with the clean selection data, whose choice half no checkpoint saw, and
+    for the "safe" rule, which tests each source of the choice data."""
+    return cfg.sweep.select_on == "clean-dev" or cfg.sweep.select == "safe"
+
+
+def choice_predictions(best, cfg, data_dir: Path) -> dict:
+    """{source: (cosine per pair, gold)} of the model on the pairs the sweep chooses on: per source of the clean
+    selection data's choice half (sweep.select_on: clean-dev), else the whole sweep.select_on set as one source."""
+    pairs = selection_pairs(data_dir, cfg.sweep.select_on, part="choice")
+    emb = encode(best, pairs.s1 + pairs.s2, batch_size=cfg.eval.batch_size, pooler=cfg.model.eval_pooler)
+    cos, gold = cosine_scores(emb, pairs), np.asarray(pairs.gold, dtype=np.float64)
+    if pairs.source is None:
+        return {cfg.sweep.select_on: (cos, gold)}
+    src = np.array(pairs.source)
+    return {name: (cos[src == name], gold[src == name]) for name in dict.fromkeys(pairs.source)}
+
+
+def choice_metrics(preds: dict) -> dict:
+    """choice/<source> and choice/all (every source's pairs together): Spearman × 100."""
+    out = {metric_key("choice", k): 100.0 * spearman(p, g) for k, (p, g) in preds.items()}
+    allp, allg = (np.concatenate([v[i] for v in preds.values()]) for i in (0, 1))
+    out[metric_key("choice", "all")] = 100.0 * spearman(allp, allg)
+    return out
+
+
 def dev_predictions(best, cfg, data_dir: Path) -> dict:
     """{"dev": (cosine per pair, gold)} of the model on the dev pairs its checkpoint was chosen on (the same
     train.eval_max_pairs subsample of sweep.select_on, so their Spearman is the trial's best dev score)."""
@@ -271,6 +300,10 @@ def evaluate_trial(best, cfg, data_dir: Path, store: Storage, name: str) -> dict
     if selection_needs_dev_pairs(cfg):
         store.write_bytes(f"predictions/{name}.dev.parquet", predictions_to_bytes(dev_predictions(best, cfg, data_dir)))
     out = {k: table.pop(k) for k in ("align", "uniform")}
+    if evaluates_choice(cfg):
+        choice = choice_predictions(best, cfg, data_dir)
+        store.write_bytes(f"predictions/{name}.choice.parquet", predictions_to_bytes(choice))
+        out.update(choice_metrics(choice))
     out.update({metric_key("test", k): v for k, v in table.items()})
     if cfg.eval.transfer == "all":
         out.update({metric_key("transfer", k): v for k, v in evaluate_transfer(

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .. import Interrupted, TrialsFailed
-from ..core.config import Config, load_config
+from ..core.config import Config, load_config, select_on_label
 from ..core.results import TrialResult, grid_points
 from ..study import select as choose
 from . import ray_adapter as ra
@@ -164,11 +164,12 @@ def run_stages(run: Run, t_start: float) -> dict:
     run.save()
     store.write_json("summary.json", {**summary, "timings": state.timings, "stage_runs": state.stage_runs})
     print(f"[sweep] done: {store.url('report.md')}")
+    dev = select_on_label(cfg.sweep.select_on)
     if selected and selected.control_won:
-        print(f"[sweep] pruning did not help on dev: the s = 0 control is best (STS-B dev "
-              f"{selected.dev_mean:.2f}); export: {summary['export']}")
+        print(f"[sweep] do not prune: the s = 0 control is the choice ({dev} {selected.dev_mean:.2f}; "
+              f"{(selected.rule_detail or {}).get('why', 'the best dev')}); export: {summary['export']}")
     elif selected:
         print(f"[sweep] selected sparsity={selected.sparsity} λ={selected.lam} {selected.method} "
-              f"(STS-B dev {selected.dev_mean:.2f}); export: {summary['export']}")
+              f"({dev} {selected.dev_mean:.2f}); export: {summary['export']}")
     check_failures(summary, cfg)
     return summary

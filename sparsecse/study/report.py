@@ -10,7 +10,7 @@ import base64
 import html
 from dataclasses import dataclass, field
 
-from ..core.config import Config, select_on_label
+from ..core.config import SELECT_ON, Config, select_on_label
 from ..core.results import DEV, PAPER_SCORER, TrialResult, metric_key, reading_parts, sts_tasks
 from ..core.tables import label, render
 from ..method.transfer import format_transfer_markdown
@@ -150,9 +150,10 @@ def _intro(inp: ReportInputs) -> list[str]:
             f"Backbone `{cfg.model.name}`; {space} ({len(inp.flat)} trials, {failed} failed). " + _importance(cfg)
             + ("Selection uses STS-B **dev**" if inp.dev == "STS-B dev" else f"Selection uses **{inp.dev}**")
             + " (mean over seeds); test figures are reported, never used to choose.", "",
-            *_scoring_lines(inp.scoring, cfg), *_replicate_lines(inp.replicates, inp.findings.replicate_spread, inp.dev), *_overlap_lines(inp),
+            *_scoring_lines(inp.scoring, cfg), *_selection_data_lines(inp),
+            *_replicate_lines(inp.replicates, inp.findings.replicate_spread, inp.dev), *_overlap_lines(inp),
             *_stopped_lines(inp.flat, cfg),
-            *_selection_lines(inp.selected, cfg)]
+            *_selection_lines(inp.selected, cfg), *_other_rules(inp.findings.rules, cfg)]
 
 
 def _test_results(inp: ReportInputs) -> list[str]:
@@ -350,6 +351,21 @@ def _stopped_lines(flat: list[dict], cfg: Config) -> list[str]:
             "figures, are marked `incomplete` below and are excluded from selection.", ""]
 
 
+def _selection_data_lines(inp: ReportInputs) -> list[str]:
+    """What the clean selection data holds (sweep.select_on: clean-dev), per source, and which half reads what."""
+    counts = (inp.scoring or {}).get("selection")
+    if not counts:
+        return []
+    rows = [[SELECT_ON.get(c["source"], c["source"]), f"{c['pairs']:,}", f"{c['left_out']:,}", f"{c['checkpoint']:,}",
+             f"{c['choice']:,}"] for c in counts]
+    return ["The selection data (`sweep.select_on: clean-dev`): STS-B dev and SICK-R dev without any pair that a "
+            "reported test set (STS12–16, STS-B test, SICK-R test) also holds, split by a hash of each pair into "
+            "two halves — one picks each training run's best checkpoint, the other (held out from it) is what the "
+            "sweep chooses on, so no pair is read twice.", "",
+            render(["source", "pairs", "left out (in a test set, or repeated)", "checkpoint half", "choice half"],
+                   rows, left=1), ""]
+
+
 def _selection_lines(selected: Selection | None, cfg: Config) -> list[str]:
     if not selected:
         return ["No trial finished: nothing was selected.", ""]
@@ -374,6 +390,16 @@ def _selection_lines(selected: Selection | None, cfg: Config) -> list[str]:
     return out + [""] + _rule_lines(selected, dev)
 
 
+def _other_rules(rules: dict | None, cfg: Config) -> list[str]:
+    """What each selection rule picks on these same trials (the configured one first)."""
+    if not rules or len(rules) < 2:
+        return []
+    pick = lambda c: "—" if c is None else ("the control" if c["sparsity"] == 0 else f"{c['sparsity']:.0%}")  # noqa
+    order = [cfg.sweep.select, *(r for r in rules if r != cfg.sweep.select)]
+    return ["On these trials each rule picks: " + "; ".join(f"`{r}` → {pick(rules[r])}" for r in order if r in rules)
+            + ".", ""]
+
+
 def _rule_lines(selected: Selection, dev: str = "STS-B dev") -> list[str]:
     """The selection rule, named, with the tests it made."""
     rule, detail = selected.rule, selected.rule_detail
@@ -384,6 +410,18 @@ def _rule_lines(selected: Selection, dev: str = "STS-B dev") -> list[str]:
                 "against the control's noise).", ""]
     head = (f"Selection rule: `sweep.select: {rule}`, margin {detail['margin']:g} {dev} points, α = "
             f"{detail.get('alpha', 0.05)}; chosen: {detail['why']}.")
+    if rule == "safe":
+        head += (" Sparsities are tested from the least pruned up (each one's best point on the choice data), "
+                 "against the s = 0 control on every source of the choice data separately: accepted only where "
+                 "every source's one-sided 95 % bound of the difference — the pairs' noise by bootstrap plus training "
+                 "noise from the control's retrainings — lies above −margin; the sequence stops at the first failure.")
+        rows = [[f"{st['sparsity']:.0%}", str(st["lam"]), f"{st['dev']:.2f}", src, f"{t['diff']:+.2f}",
+                 "—" if t.get("lower") is None else f"{t['lower']:+.2f}", f"{t['n_point']} vs {t['n_control']}",
+                 str(t["pairs"]), "yes" if t["passed"] else "no"]
+                for st in detail["steps"] for src, t in st["sources"].items()]
+        table = render(["sparsity", "λ", dev, "source", "Δ vs control", "95 % lower bound", "runs", "pairs",
+                        "passed"], rows, left=0) if rows else ""
+        return [head, "", *([table, ""] if table else [])]
     if rule == "noninferior":
         head += (" Sparsities are tested from the least pruned up, each sparsity's best-dev point, one-sided against "
                  "the s = 0 control over the seeds (replicates) both ran — with one, by a bootstrap over the dev "
@@ -433,7 +471,25 @@ def answer(inp: ReportInputs) -> str:
         out += vs
     elif sel.control_won and inp.control and "avg" in inp.control["test"]:
         out += " (the unpruned control itself)"
-    return out + "."
+    return out + "." + _clean_evidence(inp)
+
+
+def _clean_evidence(inp: ReportInputs) -> str:
+    """The answer's second half: how the choice was made (rule and data) and the verdict on the clean test sets."""
+    sel, f, cfg = inp.selected, inp.findings, inp.cfg
+    detail = sel.rule_detail or {}
+    out = (f" Chosen on {inp.dev} by `sweep.select: {sel.rule}`" + (f": {detail['why']}" if detail.get("why") else "")
+           + ".")
+    if f.clean_tasks and f.clean_selected is not None:
+        names = ", ".join(label(t) for t in f.clean_tasks)
+        if sel.control_won:
+            out += f" On the test sets no choice touched ({names}): {f.clean_selected:.2f}, the control's own."
+        elif f.clean_control is not None:
+            d = f.clean_selected - f.clean_control
+            verdict = ("within" if d >= -cfg.sweep.margin else "beyond") + f" the {cfg.sweep.margin:g}-point margin"
+            out += (f" On the test sets no choice touched ({names}): {f.clean_selected:.2f} against the control's "
+                    f"{f.clean_control:.2f} ({d:+.2f}, {verdict}).")
+    return out
 
 
 # --------------------------------------------------------------------------- report.html

@@ -11,7 +11,7 @@ import numpy as np
 from .. import SparseCSEError
 from ..core.config import CONTROL_SCORERS
 from ..core.results import DEV, PAPER_SCORER, PARAMS, TrialResult, metric_key, method_name, reading_label, reading_order
-from .stats import ALPHA, bootstrap_diff, correct_family, noninferior, paired, sample_std
+from .stats import ALPHA, bootstrap_diff, correct_family, noninferior, noninferior_runs, paired, sample_std
 
 Key = tuple  # Point.key: (scorer, sparsity, λ, combine, normalize), seeds pooled
 
@@ -83,7 +83,8 @@ def _order(key: Key) -> tuple:
 
 
 def _dev(members: list[TrialResult]) -> float:
-    return float(np.mean([r.dev for r in members]))
+    """The mean score selection reads: on the choice pairs where the trials have them (TrialResult.choice)."""
+    return float(np.mean([r.choice for r in members]))
 
 
 def _params(members: list[TrialResult]) -> int | None:
@@ -109,7 +110,7 @@ def has_replicates(results: list[TrialResult]) -> bool:
 
 def _units(members: list[TrialResult], replicates: bool = False) -> dict:
     """{unit: mean dev} of one grid point's trials (by_unit)."""
-    return {u: v for u, (v, _) in by_unit(members, lambda r: r.dev, replicates).items()}
+    return {u: v for u, (v, _) in by_unit(members, lambda r: r.choice, replicates).items()}
 
 
 def _best_per_sparsity(groups: dict[Key, list[TrialResult]]) -> list[Key]:
@@ -136,6 +137,45 @@ def _dev_bootstrap(point: list[TrialResult], ctrl: list[TrialResult], dev_predic
     bt = bootstrap_diff(a, b)
     return {"n": 1, "diff": bt["diff"], "p": bt["p"], "lo": bt["lo"], "hi": bt["hi"],
             "test": "bootstrap over dev pairs", "verdict": bt["verdict"]}
+
+
+def safe_choice(groups: dict[Key, list[TrialResult]], margin: float,
+                choice_predictions: dict | None) -> tuple[Key, dict]:
+    """The "safe" rule: sparsities from the least pruned up (each one's best point on the choice data), each
+    accepted only when, on every source of the choice data (the clean data's STS-B and SICK parts), the one-sided
+    bound of its difference to the s = 0 control — pair noise by bootstrap, training noise from the control's
+    retrainings — lies above −margin (an intersection-union test: each source at α, the whole at α); the sparsest
+    point before the first failure, else the control. Without the choice predictions or with one control run,
+    nothing can be shown: the control."""
+    ctrl = groups.get(CONTROL_KEY)
+    if ctrl is None:  # nothing to be within the margin of
+        key = max(groups, key=lambda k: (_dev(groups[k]), -k[1], -k[2]))
+        return key, {"rule": "safe", "margin": margin, "steps": [], "why": "no s = 0 control finished: the best dev"}
+    preds = choice_predictions or {}
+    runs = lambda members: [preds.get(r.point.name) for r in members]  # noqa: E731
+    detail = {"rule": "safe", "margin": margin, "alpha": ALPHA, "steps": []}
+    if any(x is None for x in runs(ctrl)):
+        return CONTROL_KEY, {**detail, "why": "the trials kept no predictions on the choice pairs: the control"}
+    if len(ctrl) < 2:
+        return CONTROL_KEY, {**detail, "why": "one control run cannot tell training noise (sweep.control_seeds: 0): "
+                                              "nothing can be shown within the margin, so the control"}
+    key, sources = CONTROL_KEY, list(runs(ctrl)[0])
+    for k in _best_per_sparsity(groups):
+        mine = runs(groups[k])
+        if any(x is None for x in mine):
+            break
+        per = {src: noninferior_runs([m[src] for m in mine], [c[src] for c in runs(ctrl)], margin) for src in sources}
+        passed = all(t["passed"] for t in per.values())
+        detail["steps"].append({"sparsity": k[1], "lam": k[2], "dev": _dev(groups[k]), "sources": per,
+                                "passed": passed})
+        if not passed:
+            break
+        key = k
+    detail["why"] = (f"the sparsest point before the first not shown within {margin:g} points of the control on "
+                     f"every source ({', '.join(sources)})" if key != CONTROL_KEY else
+                     f"no pruned point was shown within {margin:g} points of the control on every source "
+                     f"({', '.join(sources)})")
+    return key, detail
 
 
 def rule_choice(groups: dict[Key, list[TrialResult]], rule: str, margin: float,
@@ -184,13 +224,15 @@ def rule_choice(groups: dict[Key, list[TrialResult]], rule: str, margin: float,
 def select(results: list[TrialResult], select_lam: float | None = None, objective: str = "dev",
            delta: float = 0.5, rule: str = "best_dev", margin: float = 0.5,
            dev_predictions: dict | None = None) -> Selection | None:
-    """The grid point to export, chosen on STS-B dev Spearman averaged over seeds — never test — among the paper's
-    points (λ = `select_lam` only, when set) **and the s = 0 control**: when the control is chosen, pruning did not
-    help and the selection says so (`control_won`). The control scorers are never selected. Each reading of the
-    scores (score.combine × score.normalize) is a grid point of its own.
+    """The grid point to export, chosen on the selection data's Spearman (the choice pairs where the trials have
+    them, TrialResult.choice) averaged over seeds — never test — among the paper's points (λ = `select_lam` only,
+    when set) **and the s = 0 control**: when the control is chosen, pruning did not help and the selection says so
+    (`control_won`). The control scorers are never selected. Each reading of the scores (score.combine ×
+    score.normalize) is a grid point of its own.
 
     objective "dev", rule "best_dev": the highest dev; ties go to the lower sparsity (the control first), then the
-    lower λ. rule "noninferior" / "superior": a tested choice against the control (rule_choice; with one unit,
+    lower λ. rule "safe": safe_choice, over `dev_predictions` = {trial name: {source: (pred, gold)}} on the choice
+    pairs. rule "noninferior" / "superior": a tested choice against the control (rule_choice; with one unit,
     over the dev pairs of `dev_predictions`, {trial name: {"dev": (pred, gold)}}).
     objective "pareto": the smallest encoder (fewest parameters) whose dev is within `delta` of the best dev; ties
     go to the higher dev. The result then carries the Pareto front of (dev ↑, parameters ↓) as `pareto`."""
@@ -210,6 +252,8 @@ def select(results: list[TrialResult], select_lam: float | None = None, objectiv
         front = pareto_front([{"key": k, "dev": _dev(groups[k]), "params": _params(groups[k])} for k in order])
         pareto = {"delta": delta, "best_dev": top,
                   "front": [_front_row(groups[p["key"]], p, p["key"] == key) for p in front]}
+    elif rule == "safe":
+        key, why = safe_choice(groups, margin, dev_predictions)
     elif rule != "best_dev":
         key, why = rule_choice(groups, rule, margin, dev_predictions)
     else:
@@ -385,11 +429,13 @@ class Findings:
     clean_selected: float | None = None
     clean_control: float | None = None
     replicate_spread: tuple | None = None
+    rules: dict | None = None  # {rule: sparsity it picks on these trials} (outcome.rule_choices)
 
 
 def findings(results: list[TrialResult], selected: Selection | None, tasks: list[str],
              select_lam: float | None = None, predictions: dict | None = None, overlap: list[dict] | None = None,
-             replicates: list[dict] | None = None, comps: list[dict] | None = None) -> Findings:
+             replicates: list[dict] | None = None, comps: list[dict] | None = None,
+             rules: dict | None = None) -> Findings:
     """The report's Findings from the trials, the selection, the scores file's overlap counts and the stage-1
     replicates' best dev (`predictions`: per-pair test predictions for single-seed bootstraps; `comps`: the
     comparisons already computed, e.g. for summary.json)."""
@@ -400,7 +446,7 @@ def findings(results: list[TrialResult], selected: Selection | None, tasks: list
     return Findings(comps, stability(results, selected, tasks),
                     best_transfer(results), clean, clean_average(selected.test if selected else None, clean),
                     clean_average((ctrl or {}).get("test"), clean),
-                    (float(np.mean(devs)), sample_std(devs)) if len(devs) > 1 else None)
+                    (float(np.mean(devs)), sample_std(devs)) if len(devs) > 1 else None, rules)
 
 
 def clean_tasks(overlap: list[dict]) -> list[str]:
@@ -440,7 +486,9 @@ def results_table(results: list[TrialResult], tasks: list[str]) -> list[dict]:
         flat.append({"sparsity": p.sparsity, "lam": p.lam, "seed": p.seed, "replicate": p.replicate,
                      "scorer": p.scorer, "combine": p.combine,
                      "normalize": p.normalize, "method": p.method, "trial": p.name, "status": r.status,
-                     "error": r.error or "", DEV: m.get(DEV), **{metric_key("test", t): r.test(t) for t in tasks},
+                     "error": r.error or "", DEV: m.get(DEV),
+                     **{metric_key("choice", k): v for k, v in r.choice_scores().items()},
+                     **{metric_key("test", t): r.test(t) for t in tasks},
                      "align": m.get("align"), "uniform": m.get("uniform"), "steps": m.get("step"),
                      PARAMS: m.get(PARAMS), "node_id": m.get("node_id"),
                      "trial_s": m.get("trial_s"), "checkpoints": m.get("checkpoints"),

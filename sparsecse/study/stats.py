@@ -7,6 +7,7 @@ A difference between two methods is credited only when its test says so; everyth
 from __future__ import annotations
 
 import numpy as np
+
 from ..method.evaluate import spearman
 
 ALPHA = 0.05
@@ -172,3 +173,40 @@ def bootstrap_diff(a: dict[str, tuple], b: dict[str, tuple], n_boot: int = 1000,
         p = float(min(1.0, 2 * min(np.mean(diffs <= null), np.mean(diffs >= null))))
     return {"diff": observed, "lo": float(lo), "hi": float(hi), "p": p, "n_boot": n_boot, "tasks": tasks,
             "verdict": _verdict(p, observed)}
+
+
+Z_ONE_SIDED = 1.6448536269514722  # the standard normal's 95th percentile: a one-sided bound at α = 0.05
+
+
+def noninferior_runs(point: list[tuple], control: list[tuple], margin: float, n_boot: int = 1000,
+                     seed: int = 0) -> dict:
+    """Is a pruned point within `margin` Spearman × 100 points of the control on one set of pairs, counting both
+    kinds of noise? `point`, `control`: each training run's (pred, gold) on the same pairs. The difference of the
+    mean Spearmans has a standard error made of the pairs' noise (a paired bootstrap: every run resampled with the
+    same indices) and training noise (the control runs' sample variance s², as s²/n for each side's mean);
+    `passed` when diff − z₀.₉₅ · SE > −margin (one-sided, α = 0.05). Fewer than two control runs cannot estimate
+    training noise: never passed."""
+    gold = control[0][1]
+    for _, g in (*point, *control):
+        if len(g) != len(gold) or not np.array_equal(g, gold):
+            raise ValueError("noninferior_runs: the runs were evaluated on different pairs")
+    rho = lambda runs: [100.0 * spearman(p, gold) for p, _ in runs]  # noqa: E731
+    rp, rc = rho(point), rho(control)
+    diff = float(np.mean(rp) - np.mean(rc))
+    out = {"diff": diff, "n_point": len(point), "n_control": len(control), "pairs": len(gold),
+           "seed_sd": sample_std(rc)}
+    if len(control) < 2:
+        return {**out, "se": None, "lower": None, "passed": False,
+                "why": "one control run: training noise cannot be estimated"}
+    rng = np.random.default_rng(seed)
+    boot = np.empty(n_boot)
+    for lo in range(0, n_boot, 100):
+        idx = rng.integers(0, len(gold), size=(min(100, n_boot - lo), len(gold)))
+        rg = resampled_ranks(gold, idx)
+        mean = lambda runs: np.mean([_pearson_rows(resampled_ranks(p, idx), rg) for p, _ in runs], axis=0)  # noqa
+        boot[lo:lo + len(idx)] = 100.0 * (mean(point) - mean(control))
+    se_pairs = float(np.std(boot, ddof=1))
+    s2 = out["seed_sd"] ** 2
+    se = float(np.sqrt(se_pairs ** 2 + s2 / len(point) + s2 / len(control)))
+    lower = diff - Z_ONE_SIDED * se
+    return {**out, "se": se, "se_pairs": se_pairs, "lower": lower, "passed": bool(lower > -margin)}
