@@ -1,4 +1,5 @@
-"""`sparsecse` command line: train, eval, score, prune, pilot, export, sweep, data fetch.
+"""`sparsecse` command line: sweep, plan, show, the method one step at a time (train, eval, score, prune, pilot,
+export), k8s-submit and data (fetch, stage, model).
 
 Every user error is one line on stderr and exit code 2 (no traceback).
 """
@@ -249,7 +250,7 @@ def cmd_sweep(a) -> int:
         print(check_run(a.config, a.set, resume, a.out, a.data_dir, confirmed=a.yes))
         return 0
     run_sweep(a.config, overrides=a.set, resume=resume, address=a.address, out=a.out, data_dir=a.data_dir,
-              confirmed=a.yes, max_hours=a.max_hours)
+              confirmed=a.yes, max_hours=a.max_hours, verbose=a.verbose)
     return 0
 
 
@@ -289,6 +290,13 @@ def cmd_plan(a) -> int:
     data = None if is_staged_uri(given) else default_data_dir(given)  # staged: known corpus sizes, no download
     p = make_plan(cfg, data if data and data.is_dir() else None, a.gpu, a.gpus, a.cpus)
     print(json.dumps(asdict(p), indent=1) if a.json else render(p))
+    return 0
+
+
+def cmd_show(a) -> int:
+    from .run.show import show
+
+    print(show(a.run, trials=a.trials, as_json=a.json))
     return 0
 
 
@@ -348,15 +356,90 @@ def cmd_pilot(a) -> int:
     return 0
 
 
+DESCRIPTION = ("SparseCSE: sparse contrastive learning of sentence embeddings as a Ray sweep — find the sparsity that "
+               "keeps a sentence encoder's quality, and export the smaller model. Start with `sparsecse sweep`; "
+               "`sparsecse plan` says what a sweep costs first.")
+
+# Help for the options several commands share, and for the ones without their own (a test checks every argument
+# has help and every command an example).
+SHARED_HELP = {
+    "--config": "a sweep YAML (sweeps/*.yaml); its train/model/data sections apply",
+    "--set": "override one config field, KEY=VALUE in YAML (e.g. --set train.lr=1e-4 --set 'sweep.lams=[0.5]'); "
+             "repeatable",
+    "--out": "where to write (a new path, or sparsecse's own earlier output with --overwrite)",
+    "--data-dir": "the SentEval-layout data dir (default: $SPARSECSE_DATA_DIR, else ~/.cache/sparsecse/data)",
+    "--model": "a model: a directory, a hub name, or minilm (the packaged all-MiniLM-L6-v2)",
+    "--pooler": "cls (CLS + SimCSE's MLP), cls_before_pooler (CLS, SimCSE's evaluation), avg (mean over tokens)",
+    "--batch-size": "sentences per forward pass",
+    "--threads": "torch CPU threads (default: torch's)",
+    "--scores": "a scores.parquet from `sparsecse score` (or a sweep's run)",
+    "--sparsity": "the fraction of heads and of FFN neurons to mask, in [0, 1)",
+    "--lam": "λ of L_score = λ·L_align + (1−λ)·L_uniform, in [0, 1]",
+    "--address": "a running Ray cluster (ray://host:10001 or host:6379; default: $RAY_ADDRESS, else a local Ray)",
+    "config": "the sweep YAML, e.g. sweeps/quickstart.yaml",
+}
+COMMAND_HELP = {
+    ("score", "--max-pairs"): "read at most this many STS pairs (default: all of the split)",
+    ("score", "--split"): "the STS-B split scored on (train: the paper's; test is refused by the sweep's checks)",
+    ("score", "--seed"): "the pair order's seed",
+    ("prune", "--pretrained"): "the pre-trained model to mask and rewind to (the one stage 1 started from)",
+    ("prune", "--retrain"): "retrain SimCSE with the mask fixed (--config's train section), else save the masked "
+                            "model as is",
+    ("pilot", "--sparsities"): "the sparsities to prune at",
+    ("pilot", "--tasks"): "STS test tasks (default: all seven)",
+    ("k8s-submit", "--namespace"): "the Kubernetes namespace (default: kubectl's current)",
+    ("data fetch", "--base-url"): "a mirror of the SentEval bundle and wiki1m (default: SimCSE's download locations)",
+    ("data fetch", "--quiet"): "no progress bars",
+    ("data fetch", "--data-dir"): "where to put the data (default: $SPARSECSE_DATA_DIR, else ~/.cache/sparsecse/data)",
+}
+EXAMPLES = {
+    "train": "sparsecse train --config sweeps/quickstart.yaml --out runs/simcse",
+    "eval": "sparsecse eval --model runs/quickstart/export --tasks sts transfer --json eval.json",
+    "score": "sparsecse score --model runs/simcse/best --out scores.parquet",
+    "prune": ("sparsecse prune --pretrained minilm --scores scores.parquet --sparsity 0.1 --lam 0.5 "
+              "--out runs/p10 --retrain --config sweeps/quickstart.yaml"),
+    "pilot": "sparsecse pilot --model runs/simcse/best --scores scores.parquet --out runs/pilot",
+    "export": "sparsecse export runs/quickstart --out my-model --onnx",
+    "sweep": ("sparsecse sweep sweeps/quickstart.yaml\n  sparsecse sweep sweeps/paper-bert-base.yaml "
+              "--out s3://bucket/run --address ray://head:10001"),
+    "plan": "sparsecse plan sweeps/paper-bert-base.yaml --gpu a100 --gpus 8",
+    "show": "sparsecse show runs/quickstart --trials",
+    "k8s-submit": "sparsecse k8s-submit cluster/rayjob.yaml -n sparsecse",
+    "data": "sparsecse data fetch",
+    "data fetch": "sparsecse data fetch --data-dir ~/data/senteval",
+    "data stage": "sparsecse data stage --to s3://bucket/staged --data-dir ~/.cache/sparsecse/data "
+                  "--model bert-base-uncased@main",
+    "data model": "sparsecse data model all-mpnet-base-v2 --to models/mpnet",
+}
+
+
+def _document(parser: argparse.ArgumentParser, path: str = "") -> None:
+    """Every command's description and example, every argument's help (from the tables above where the command
+    gives none)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {a.dest: a.help for a in action._choices_actions}
+            for name, sp in action.choices.items():
+                cmd = f"{path} {name}".strip()
+                sp.description = sp.description or (helps.get(name, "") + ".").capitalize()
+                sp.epilog = f"example:\n  {EXAMPLES[cmd]}" if cmd in EXAMPLES else sp.epilog
+                sp.formatter_class = argparse.RawDescriptionHelpFormatter
+                _document(sp, cmd)
+        elif not action.help and not isinstance(action, argparse._HelpAction):
+            key = (action.option_strings or [action.dest])[0]
+            action.help = COMMAND_HELP.get((path, key)) or SHARED_HELP.get(key)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="sparsecse", description=__doc__.splitlines()[0])
+    p = _Parser(prog="sparsecse", description=DESCRIPTION)
     p.add_argument("--version", action="version", version=f"sparsecse {__version__}")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     poolers = list(POOLERS)
 
     _model_commands(sub, poolers)
     _study_commands(sub, poolers)
     _run_commands(sub)
+    _document(p)
     return p
 
 
@@ -484,6 +567,9 @@ def _run_commands(sub) -> None:
     w.add_argument("--yes", action="store_true",
                    help="run a sweep past the sanity limits (more than 20 replicates or 2,000 trials, or a plan "
                         "longer than --max-hours)")
+    w.add_argument("-v", "--verbose", action="store_true",
+                   help="also stream Ray's, Tune's and the workers' own output (by default they go to RUN/logs/ and "
+                        "Ray's log files; the console shows the plan, the stages, one line per trial and the answer)")
     w.add_argument("--max-hours", type=float, metavar="H",
                    help="refuse (exit 2) when the printed plan's wall time exceeds H hours, unless --yes")
     w.set_defaults(fn=cmd_sweep)
@@ -498,6 +584,13 @@ def _run_commands(sub) -> None:
     p.add_argument("--data-dir", help="where the corpus is counted (default: data.dir, SPARSECSE_DATA_DIR, the cache)")
     p.add_argument("--json", action="store_true", help="the figures as JSON")
     p.set_defaults(fn=cmd_plan)
+
+    v = sub.add_parser("show", help="a finished run's answer again (the choice, its evidence, the model and how to "
+                                     "load it), or how far a live one has come")
+    v.add_argument("run", help="the sweep's --out: a run directory or a storage URI")
+    v.add_argument("--trials", action="store_true", help="also every trial: status, sparsity, λ, seed, scores")
+    v.add_argument("--json", action="store_true", help="the run's summary.json as stored")
+    v.set_defaults(fn=cmd_show)
 
     k = sub.add_parser("k8s-submit", help="check the sweep in the Kubernetes cluster, then apply the RayJob (KubeRay)")
     k.add_argument("file", help="the RayJob file, e.g. cluster/rayjob.yaml")

@@ -443,3 +443,10 @@ def test_the_default_selection_runs_end_to_end_on_clean_data(tmp_path, tiny_mode
     report = (tmp_path / "run" / "report.md").read_text()
     assert "Selection uses **clean dev**" in report and "| STS-B dev | 120 |" in report
     assert "On these trials each rule picks: `safe` →" in report
+    # the console is sparsecse's: the plan, the stages, one line per trial, the answer and how to load the model —
+    # Tune's tables, the workers' output and Ray's log lines go to RUN/logs/driver.log and Ray's own logs
+    out = r.stdout.splitlines()
+    assert len(out) < 45 and sum(line.startswith("[trial ") for line in out) == 4, r.stdout
+    assert not any("Trial name" in line or "Writing model shards" in line for line in out), r.stdout
+    assert any(line.startswith("Chosen: ") for line in out) and any("SentenceTransformer(" in line for line in out)
+    assert (tmp_path / "run" / "logs" / "driver.log").is_file()

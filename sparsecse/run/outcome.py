@@ -18,7 +18,7 @@ from ..method.prune import select_masks
 from ..study import figures
 from ..study import select as choose
 from ..study.select import Selection
-from ..study.report import ReportInputs, render_html, render_live_html, render_markdown
+from ..study.report import ReportInputs, answer, render_html, render_live_html, render_markdown
 from .rundir import Run
 from . import ray_adapter as ra
 from . import stages
@@ -54,6 +54,7 @@ def evaluate_and_export_stage(run: Run, results: list[TrialResult], selected: Se
         calls["export"] = ("export", stages.export_task, (store.uri, best_model(store, selected.checkpoint), cfg.to_dict(),
                                                           selected.test, res[0], run.data_dir), {}, res[0], 0)
     t0 = time.perf_counter()
+    print(f"[sweep] after the trials: {', '.join(c[0] for c in calls.values())}…", flush=True)
     out = dict(zip(calls, ra.run_tasks(list(calls.values()))))
     run.state.timings["evaluate_export_s"] = time.perf_counter() - t0
     table = None
@@ -96,6 +97,8 @@ def report_stage(run: Run, results: list[TrialResult], selected: Selection | Non
                                           overlap=scores[0].meta.get("overlap"), replicates=summary["replicates"],
                                           rules=summary["rules"]))
     md, html_text = render_markdown(inputs), render_html(inputs)
+    summary["answer"] = answer(inputs)  # the report's first paragraph: what `sparsecse show` and the console print
+    summary["report"] = store.url("report.html")
     store.write_text("report.md", md)
     store.write_text("report.html", html_text)
     run.tracking.log_outcome(summary, {"report.md": md.encode(), "report.html": html_text.encode(),

@@ -12,7 +12,7 @@ from typing import Callable
 from .. import SparseCSEError
 from ..core.checkpoints import MODELS, best_model
 from ..core.config import Config
-from ..core.results import replicate_name
+from ..core.results import DEV, LAST_DEV, replicate_name
 from ..method.score import load_scores
 from .rundir import Run, fingerprint, replicate_config, stage1_fingerprint
 from . import ray_adapter as ra
@@ -90,6 +90,7 @@ def _train_replicate(run: Run, r: int) -> None:
     with run.lock:
         st.set_fp(r, "stage1_started_fp", fp1)
         run.save()
+    print(f"[sweep] stage 1{f' (replicate {r})' if r else ''}: SimCSE on {cfg.ray.num_workers} worker(s)…", flush=True)
     ckpt = ra.run_torch_trainer(
         stages.train_loop, {"config": cfg.to_dict(), "data_dir": run.data_dir, "storage": store.uri,
                             "cpus_per_worker": cfg.ray.cpus_per_worker, "name": stage1, "tensorboard": simcse},
@@ -109,6 +110,9 @@ def _train_replicate(run: Run, r: int) -> None:
         st.timings["train_s"] = st.timings.get("train_s", 0.0) + time.perf_counter() - t0
         st.timings.setdefault("stage1_windows", {})[str(r)] = [start, time.time()]
         run.save()
+    best = max((h.get(DEV, h.get(LAST_DEV)) for h in json.loads(history)["history"]), default=None)
+    print(f"[sweep] stage 1{f' (replicate {r})' if r else ''} done in {time.perf_counter() - t0:.0f} s"
+          + (f": best dev {best:.2f}" if isinstance(best, (int, float)) else ""), flush=True)
     if not r:  # the tracker's stage-1 run is the first replicate's (the report lists every replicate's dev)
         run.tracking.log_stage1(json.loads(history)["history"])
 
@@ -142,6 +146,7 @@ def _score_replicate(run: Run, r: int, rel: str) -> bool:
         print(f"[sweep] stage 2 skipped ({store.url(rel)} matches the trained model)")
         return False
     t0 = time.perf_counter()
+    print(f"[sweep] scoring every head and neuron{f' (replicate {r})' if r else ''}…", flush=True)
     ra.run_tasks([("scoring", stages.score_task, (store.uri, model, run.data_dir, cfg.to_dict(),
                                                   cfg.sweep.trial_cpus, cfg.sweep.trial_gpus, rel), {},
                    cfg.sweep.trial_cpus, cfg.sweep.trial_gpus)])

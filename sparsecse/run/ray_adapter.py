@@ -36,13 +36,42 @@ def _env(**values: str) -> Iterator[None]:
                 os.environ[k] = v
 
 
+def ray_logs_to(path: Path | None) -> None:
+    """Ray's own driver-side log lines (its INFO/WARNING logger output) go to `path` (RUN/logs/driver.log) instead
+    of the console; None puts them back on the console (`sparsecse sweep -v`)."""
+    import logging
+
+    import ray  # noqa: F401 - importing Ray sets up its "ray" logger and handlers
+
+    log = logging.getLogger("ray")
+    for h in [h for h in log.handlers if getattr(h, "_sparsecse", False)]:
+        log.removeHandler(h)
+        h.close()
+    if path is None:
+        for h in getattr(log, "_sparsecse_hidden", []):
+            log.addHandler(h)
+        log._sparsecse_hidden = []
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    hidden = [h for h in log.handlers if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+    for h in hidden:
+        log.removeHandler(h)
+    log._sparsecse_hidden = getattr(log, "_sparsecse_hidden", []) + hidden
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler._sparsecse = True
+    log.addHandler(handler)
+
+
 def connect(address: str | None, num_cpus: int | None, dashboard: bool, timeout_s: float = 60.0,
-            metrics_port: int | None = None) -> None:
+            metrics_port: int | None = None, verbose: bool = True) -> None:
     """Join a cluster (address, or RAY_ADDRESS as set by `ray job submit`) or start a local one on 127.0.0.1.
     A cluster address is checked first: malformed, or nothing answering there within `timeout_s`, is one line.
 
     No runtime_env is passed: under `ray job submit --working-dir .` the job's own runtime env (the uploaded
-    checkout, the user's env_vars) is what every worker gets; per-process settings are made in the stages."""
+    checkout, the user's env_vars) is what every worker gets; per-process settings are made in the stages.
+    `verbose` False: the workers' output (Ray Train's and Tune's chatter, transformers' progress bars) stays in
+    Ray's log files instead of being streamed to the console."""
     import ray
 
     if ray.is_initialized():
@@ -52,7 +81,7 @@ def connect(address: str | None, num_cpus: int | None, dashboard: bool, timeout_
         flag = "--address" if address else "RAY_ADDRESS"
         reach(given, flag, timeout_s)
         try:
-            ray.init(address=given, log_to_driver=True)
+            ray.init(address=given, log_to_driver=verbose)
         except (RuntimeError, ConnectionError, ValueError) as e:  # e.g. a token the cluster does not accept
             raise SparseCSEError(f"{flag} {given}: cannot join this Ray cluster ({_root_cause(e)}); check the "
                                  "address and, with token auth, RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH") from None
@@ -61,7 +90,7 @@ def connect(address: str | None, num_cpus: int | None, dashboard: bool, timeout_
         # metrics_port: where this node's Prometheus endpoint serves Ray's metrics and the sweep's (a cluster's
         # nodes set theirs with `ray start --metrics-export-port`)
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
-                 log_to_driver=True, **({"_metrics_export_port": metrics_port} if metrics_port else {}))
+                 log_to_driver=verbose, **({"_metrics_export_port": metrics_port} if metrics_port else {}))
 
 
 def reach(address: str, flag: str, timeout_s: float) -> None:
@@ -377,6 +406,33 @@ def live_report_callback(live: dict):
     return LiveReport(live)
 
 
+def console_callback(total: int | None):
+    """A Tune callback (on the driver) that prints one line per trial as it ends: its point, state and scores."""
+    from ray.tune import Callback
+
+    class Console(Callback):
+        def __init__(self):
+            self.ended = 0
+
+        def _line(self, trial, state: str) -> None:
+            self.ended += 1
+            m = trial.last_result or {}
+            point = Point.from_params(trial.config or {})
+            scores = ", ".join(f"{k} {m[key]:.2f}" for k, key in (("choice", metric_key("choice", "all")),
+                                                                  ("dev", DEV), ("test avg", metric_key("test", "avg")))
+                               if isinstance(m.get(key), (int, float)))
+            print(f"[trial {self.ended}/{total or '?'}] {point.name}: {state}" + (f" — {scores}" if scores else ""),
+                  flush=True)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._line(trial, "done" if (trial.last_result or {}).get(EVALUATED) else "stopped early")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._line(trial, "failed (see the report and the trial's log)")
+
+    return Console()
+
+
 @dataclass(frozen=True)
 class TuneRun:
     """How a sweep's trials run: the run's storage, per-trial resources, concurrency, retries, whether to restore an
@@ -392,6 +448,8 @@ class TuneRun:
     trackers: dict = field(default_factory=dict)
     reading: tuple[str, str] = ("gradient", "none")
     live: dict | None = None  # {"write": callable(records), "every_s": s}: the live report (live_report_callback)
+    total: int | None = None  # trials the sweep expects: the console's "[trial k/N]"
+    verbose: bool = False  # Tune's own status tables and result boxes on the console (`sparsecse sweep -v`)
 
 
 def logger_callbacks(trackers: dict) -> list:
@@ -465,17 +523,21 @@ def _tuner_settings(tune, points: list[Point], run: TuneRun, name: str, asha: di
     return {
         "param_space": space,
         # reuse_actors: a finished trial's process takes the next point (no new process, no re-import of
-        # torch/transformers per trial); a crashed one is replaced as usual
+        # torch/transformers per trial); a crashed one is replaced as usual. Concurrency is capped by the search
+        # algorithm itself (the grid's generator, Optuna's ConcurrencyLimiter): Tune's max_concurrent_trials only
+        # applies to a generator it creates, and warns that it ignores ours
         "tune_config": tune.TuneConfig(metric=None if multi else METRIC, mode=None if multi else MODE,
-                                       num_samples=num, search_alg=alg, max_concurrent_trials=run.max_concurrent,
+                                       num_samples=num, search_alg=alg,
                                        scheduler=sched, reuse_actors=True),
         # num_to_keep=1: one checkpoint per trial in storage. Tune then snapshots the experiment state at each
         # checkpoint, which train.checkpoint_every keeps rare (checkpoints.py)
         "run_config": tune.RunConfig(name=name, storage_path=path, storage_filesystem=fs,
                                      callbacks=logger_callbacks(run.trackers)
-                                     + ([live_report_callback(run.live)] if run.live else []),
+                                     + ([live_report_callback(run.live)] if run.live else [])
+                                     + [console_callback(run.total)],
                                      failure_config=tune.FailureConfig(max_failures=run.max_failures),
-                                     checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=1),
+                                     checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                     verbose=1 if run.verbose else 0),
     }
 
 

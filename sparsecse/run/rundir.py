@@ -85,6 +85,7 @@ class Run:
     resume: bool
     tracking: Tracking
     lock: threading.RLock = field(default_factory=threading.RLock)  # stage-1 replicates update the state in parallel
+    verbose: bool = False  # Ray's and Tune's own output on the console (`sparsecse sweep -v`)
 
     def save(self) -> None:
         with self.lock:

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Iterator
 
 from .. import Interrupted, TrialsFailed
-from ..core.config import Config, load_config, select_on_label
+from ..core.config import Config, load_config
 from ..core.results import TrialResult, grid_points
+from ..core.storage import cache_root
 from ..study import select as choose
 from . import ray_adapter as ra
 from . import stages
@@ -27,6 +28,7 @@ from .plan import count_trials
 from .prepare import score_stage, train_stage
 from .rundir import Run, open_run, refused_leaves_nothing
 from .runlock import RunLock
+from .show import closing_block
 from .tracking import Tracking
 
 
@@ -43,9 +45,11 @@ def trials_stage(run: Run, scores) -> list[TrialResult]:
     # trials of sweeps from before the readings were grid parameters ran the config's first (then only) one
     reading = (cfg.score.combine[0], cfg.score.normalize[0])
     live = LiveReport(run.store.uri, cfg.to_dict(), count_trials(cfg), reading)
+    total = count_trials(cfg)
+    print(f"[sweep] trials: {total}, {cfg.sweep.max_concurrent_trials or 'as many as fit'} at a time", flush=True)
     tune_run = ra.TuneRun(run.store, cfg.sweep.trial_cpus, cfg.sweep.trial_gpus, cfg.sweep.max_concurrent_trials,
                           cfg.sweep.max_failures, run.resume, run.tracking.logger_settings(), reading,
-                          {"write": live, "every_s": 10.0})
+                          {"write": live, "every_s": 10.0}, total, run.verbose)
     points = grid_points(cfg)
     if cfg.sweep.search == "optuna":
         points = [p for p in points if p.is_control]
@@ -100,11 +104,11 @@ def owned_sigint(exit_now=os._exit) -> Iterator[None]:
 
 def run_sweep(config_path: str, overrides=None, resume: bool | str = False, address: str | None = None,
               out: str | None = None, data_dir: str | None = None, confirmed: bool = False,
-              max_hours: float | None = None) -> dict:
+              max_hours: float | None = None, verbose: bool = False) -> dict:
     out = out or f"runs/{Path(config_path).stem}"
     with owned_sigint():
         try:
-            return _run_sweep(config_path, overrides, resume, address, out, data_dir, confirmed, max_hours)
+            return _run_sweep(config_path, overrides, resume, address, out, data_dir, confirmed, max_hours, verbose)
         except KeyboardInterrupt:
             again = " ".join(["sparsecse sweep", shlex.quote(config_path), *(f"--set {shlex.quote(o)}" for o in
                               overrides or []), "--out", shlex.quote(out), "--resume"])
@@ -112,7 +116,7 @@ def run_sweep(config_path: str, overrides=None, resume: bool | str = False, addr
 
 
 def _run_sweep(config_path: str, overrides, resume: bool | str, address: str | None, out: str,
-               data_dir: str | None, confirmed: bool, max_hours: float | None) -> dict:
+               data_dir: str | None, confirmed: bool, max_hours: float | None, verbose: bool) -> dict:
     cfg = load_config(config_path, overrides)
     check_scale(cfg, confirmed)
     check_config(cfg)
@@ -128,9 +132,13 @@ def _run_sweep(config_path: str, overrides, resume: bool | str, address: str | N
     try:
         lock.acquire(resume)  # one driver per run (runlock.py); refused here, nothing of the other's is touched
         with refused_leaves_nothing(store, fresh=not resume, lock=lock, made_root=made_root):
-            run = Run(cfg, store, data, state, resume, Tracking(cfg, store))  # a missing tracker fails here
+            run = Run(cfg, store, data, state, resume, Tracking(cfg, store), verbose=verbose)  # tracker checked here
+            log = driver_log(store)
+            ra.ray_logs_to(None if verbose else log)
+            if not verbose:
+                print(f"[sweep] {store.uri}: Ray's own output goes to {log} (-v shows it here)", flush=True)
             ra.connect(address, cfg.ray.num_cpus, dashboard=os.environ.get("SPARSECSE_DASHBOARD", "1") != "0",
-                       timeout_s=cfg.ray.connect_timeout_s, metrics_port=cfg.ray.metrics_export_port)
+                       timeout_s=cfg.ray.connect_timeout_s, metrics_port=cfg.ray.metrics_export_port, verbose=verbose)
             res = wait_for_resources(cfg, ra.cluster_resources, ra.request_resources)
             warning = stage1_topology(cfg, ra.compute_nodes())
             if warning:
@@ -147,6 +155,15 @@ def _run_sweep(config_path: str, overrides, resume: bool | str, address: str | N
         lock.release()
         if not on_cluster or interrupted:
             ra.shutdown(interrupted)
+        ra.ray_logs_to(None)
+
+
+def driver_log(store) -> Path:
+    """Where Ray's driver-side log lines go: RUN/logs/driver.log on a local run; this machine's cache for a run in
+    cloud storage (named after the run)."""
+    if store.is_local:
+        return Path(store.root) / "logs" / "driver.log"
+    return cache_root() / "logs" / store.uri.replace("://", "_").replace("/", "_") / "driver.log"
 
 
 def run_stages(run: Run, t_start: float) -> dict:
@@ -163,13 +180,6 @@ def run_stages(run: Run, t_start: float) -> dict:
     state.summary = summary
     run.save()
     store.write_json("summary.json", {**summary, "timings": state.timings, "stage_runs": state.stage_runs})
-    print(f"[sweep] done: {store.url('report.md')}")
-    dev = select_on_label(cfg.sweep.select_on)
-    if selected and selected.control_won:
-        print(f"[sweep] do not prune: the s = 0 control is the choice ({dev} {selected.dev_mean:.2f}; "
-              f"{(selected.rule_detail or {}).get('why', 'the best dev')}); export: {summary['export']}")
-    elif selected:
-        print(f"[sweep] selected sparsity={selected.sparsity} λ={selected.lam} {selected.method} "
-              f"({dev} {selected.dev_mean:.2f}); export: {summary['export']}")
+    print("[sweep] done\n" + "\n".join(closing_block(summary)))
     check_failures(summary, cfg)
     return summary
