@@ -95,7 +95,7 @@ def check_resume(model: Path, data: Path, device: str, work: Path) -> str:
 
     cfg = load_config(None, [f"model.name={model}", "data.train_file=wiki/wiki1m_sample.txt", "train.batch_size=16",
                              "train.max_len=32", "train.max_steps=4", "train.eval_steps=2", "train.eval_max_pairs=64",
-                             "train.checkpoint_every=1"])
+                             "train.checkpoint_every=1", "sweep.select_on=stsb-dev"])  # the synthetic dev set
 
     class Stop(Exception):
         pass

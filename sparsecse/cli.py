@@ -44,7 +44,7 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         where = f"{self.prog.split(' ', 1)[1]}: " if " " in self.prog else ""
-        self.exit(2, f"sparsecse: error: {where}{message}; see `{self.prog} --help`\n")
+        self.exit(2, f"sparsecse: error: {_one_line(where + message)}; see `{self.prog} --help`\n")
 
 
 def _path(text: str) -> str:
@@ -617,12 +617,17 @@ def _run_commands(sub) -> None:
     m.set_defaults(fn=cmd_split_model)
 
 
+def _one_line(text: str) -> str:
+    """An error as one line whatever it quotes: a line break or control character the user typed is shown escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
     except SparseCSEError as e:
-        print(f"sparsecse: error: {e}", file=sys.stderr)
+        print(f"sparsecse: error: {_one_line(str(e))}", file=sys.stderr)
         return 1 if isinstance(e, RunFailed) else 2
     except KeyboardInterrupt as e:
         print(f"sparsecse: {e}" if str(e) else "sparsecse: interrupted", file=sys.stderr)

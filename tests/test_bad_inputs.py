@@ -443,3 +443,48 @@ def test_storage_that_never_answers_gives_up_in_one_line_within_the_timeout(ws, 
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     assert "--out s3://silent/run: the storage did not answer within 3 s" in r.stderr
     assert took < 40, took
+
+
+def test_any_option_value_for_data_plan_and_k8s_submit_is_handled_or_one_line(ws, capsys, tiny_data_dir):
+    """Property: whatever text a user passes to the options of `data stage`, `data model`, `plan` and `k8s-submit`
+    (paths that are files, missing, empty, odd; numbers that are not), the command either works or says one line
+    with exit 2 — never a traceback — and the workspace is unchanged unless it was asked to write there (it never is
+    here: every target the strategy draws is a file or a path under one, so writing must be refused)."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    texts = st.one_of(st.sampled_from(["", " ", "0", "-1", "1e309", "nan", "../..", "~", "s3://", "::", "\x00",
+                                       str(ws / "notes.txt"), str(ws / "notes.txt" / "x"), str(ws / "binary.yaml"),
+                                       str(ws / "list.yaml"), str(ws / "scalar.yaml"), str(ws / "nosuch"),
+                                       str(ws / "mine")]),
+                      st.text(min_size=1, max_size=12))
+    files = st.sampled_from([str(ws / n) for n in ("notes.txt", "list.yaml", "scalar.yaml", "broken.yaml",
+                                                   "binary.yaml", "str.yaml", "nosuch.yaml")])
+    blocked = st.sampled_from([str(ws / "notes.txt"), str(ws / "notes.txt" / "sub"), str(ws / "binary.yaml")])
+
+    def commands(t1, t2, f, b):
+        yield ["data", "stage", "--to", b, "--data-dir", t1]
+        yield ["data", "stage", "--to", b, "--model", t1]
+        yield ["data", "model", t1, "--to", b]
+        yield ["plan", f, "--gpus", t1, "--cpus", t2]
+        yield ["plan", f, "--set", t1, "--data-dir", t2]
+        yield ["plan", str(ws / "quick.yaml"), "--gpu", t1]
+        yield ["plan", str(ws / "quick.yaml"), "--set", f"train.lr={t1}", "--data-dir", str(tiny_data_dir)]
+        yield ["k8s-submit", f, "--timeout-s", t1, "--kubectl", str(ws / "no-kubectl")]
+        yield ["k8s-submit", t1, "-n", t2, "--kubectl", str(ws / "no-kubectl")]
+
+    @settings(max_examples=40, deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(texts, texts, files, blocked)
+    def prop(t1, t2, f, b):
+        for argv in commands(t1, t2, f, b):
+            if any("\x00" in a for a in argv):
+                continue  # a NUL cannot reach a real command line
+            before = _tree(ws)
+            rc, err = run_main(argv, capsys)
+            assert rc in (0, 2), (argv, rc, err)
+            assert "Traceback" not in err and len(err.strip().splitlines()) <= 1, (argv, err)
+            assert rc == 0 or err.startswith("sparsecse: error: "), (argv, err)
+            assert _tree(ws) == before, argv
+
+    prop()

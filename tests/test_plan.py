@@ -70,12 +70,12 @@ def test_checkpoint_bytes_follow_the_policy_not_the_evaluations():
 
 def test_the_quickstart_plan_on_this_cpu_reads_the_corpus_and_the_local_model(tiny_data_dir):
     p = _plan("quickstart.yaml", gpu="cpu", gpus=None, data_dir=tiny_data_dir)
-    assert p.sentences == 256 and p.trials == 5 and p.gpu_hours == 0
+    assert p.sentences == 256 and p.trials == 5 + 2 and p.gpu_hours == 0  # + the control's two extra retrainings
     assert p.steps_trial == 256 // 32 and p.evals_trial == 1  # the tiny corpus ends the epoch before max_steps 16
     assert p.concurrency == 2 and p.params == pytest.approx(22.9e6, rel=0.02)  # MiniLM from its config.json
     assert 2 <= p.tokens_per_sentence <= 32 and p.checkpoints_trial == 0
     text = render(p)
-    assert "[plan] trials" in text and "5, 2 at a time" in text and "GPU-hours" in text
+    assert "[plan] trials" in text and "7, 2 at a time" in text and "GPU-hours" in text
 
 
 def test_plan_command_prints_the_plan(capsys):

@@ -227,7 +227,7 @@ def test_readings_as_a_grid_dimension_and_one_value_where_one_mask_is_built(tmp_
 
     cfg = load_config(None, ["sweep.sparsities=[0, 0.1]", "sweep.lams=[0.25, 0.75]", "sweep.seeds=[1]",
                              "sweep.scorers=[align_uniform, random]", "score.combine=[gradient, score]",
-                             "score.normalize=[none, layer]"])
+                             "score.normalize=[none, layer]", "sweep.control_seeds=0"])
     pts = grid_points(cfg)
     key = lambda p: (p.sparsity, p.scorer, p.combine, p.normalize, p.lam)  # noqa: E731
     assert sorted(map(key, pts)) == sorted(

@@ -429,7 +429,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         try:
             value = yaml.safe_load(raw) if raw != "" else None
         except yaml.YAMLError as e:
-            raise SparseCSEError(f"--set {ov!r}: the value is not valid YAML ({getattr(e, 'problem', None) or e}); "
+            why = " ".join(str(getattr(e, "problem", None) or e).split())  # one line, whatever YAML says
+            raise SparseCSEError(f"--set {ov!r}: the value is not valid YAML ({why}); "
                                  "quote it, e.g. --set 'model.name=\"a:b\"'") from None
         data.setdefault(section, {})[name] = value
     return data

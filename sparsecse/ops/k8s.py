@@ -27,7 +27,7 @@ def _docs(path: Path) -> list[dict]:
 
     try:
         docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
-    except (OSError, yaml.YAMLError) as e:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise SparseCSEError(f"{path}: cannot read it as YAML ({str(e).splitlines()[0]}); pass the RayJob file, "
                              "e.g. cluster/rayjob.yaml") from None
     odd = next((d for d in docs if not isinstance(d, dict)), None)
