@@ -200,8 +200,26 @@ def cmd_prune(a) -> int:
 
 
 def cmd_export(a) -> int:
+    if a.push_to_hub:  # a missing token or a malformed repo is refused before anything is exported
+        from huggingface_hub import get_token
+
+        if a.push_to_hub.count("/") != 1 or not all(a.push_to_hub.split("/")):
+            raise SparseCSEError(f"--push-to-hub {a.push_to_hub!r}: name the repo as OWNER/NAME")
+        if not get_token():
+            raise SparseCSEError("--push-to-hub: no Hugging Face token; run `hf auth login` or set HF_TOKEN "
+                                 "(nothing was exported)")
+    out = _export(a)
+    if a.push_to_hub:
+        from .ops.hub import push_to_hub
+
+        print(f"pushed {out / 'pruned'} -> {push_to_hub(out / 'pruned', a.push_to_hub, a.private)}")
+    return 0
+
+
+def _export(a) -> Path:
+    """The export `sparsecse export` asks for: from a sweep's run, a training/prune directory or a model."""
     from .method.data import resolve_data_dir
-    from .ops.export import export_model, export_from_run, is_run
+    from .ops.export import export_from_run, export_model, is_run
 
     data_dir = resolve_data_dir(a.data_dir) if a.data_dir else None
     claim(a.out, "export", overwrite=a.overwrite)
@@ -211,7 +229,7 @@ def cmd_export(a) -> int:
                               data_dir=data_dir)
         print(f"exported {a.source} -> {out} (dense) and {out / 'pruned'} (physically pruned)"
               + (f", ONNX -> {out / 'pruned' / 'onnx'}" if a.onnx else ""))
-        return 0
+        return Path(out)
     src = Path(a.source)
     for sub in ("best", "masked"):  # a training/trial directory, or what `sparsecse prune` wrote
         if (src / sub).is_dir():
@@ -221,7 +239,7 @@ def cmd_export(a) -> int:
                        data_dir=data_dir)
     print(f"exported dense -> {out}, physically pruned -> {out / 'pruned'}"
           + (f", ONNX -> {out / 'pruned' / 'onnx'}" if a.onnx else ""))
-    return 0
+    return Path(out)
 
 
 def _results_file(path: str) -> dict:
@@ -546,6 +564,10 @@ def _study_commands(sub, poolers) -> None:
     x.add_argument("--quantize", choices=["int8", "none"], default="int8",
                    help="with --onnx: int8 also writes pruned/onnx/model_qint8.onnx (default)")
     x.add_argument("--data-dir", help="with --onnx: measure each ONNX file's STS-B test and speed for the model card")
+    x.add_argument("--push-to-hub", metavar="OWNER/NAME",
+                   help="then upload the physically pruned model (OUT/pruned, its card included) to this Hugging Face "
+                        "model repo (needs a token: `hf auth login` or HF_TOKEN)")
+    x.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     x.set_defaults(fn=cmd_export)
 
 

@@ -254,7 +254,7 @@ def test_export_round_trips_through_automodel_and_sentence_transformers(tiny_mod
     with torch.no_grad():
         assert torch.allclose(via_lib(tok["input_ids"], tok["attention_mask"]), ref, atol=1e-5)
     card = (out / "README.md").read_text()
-    assert "sparsity 30%" in card and "λ=0.5" in card and "| STS-B | Avg. |" in card
+    assert "30% of heads and FFN neurons pruned" in card and "| lam | 0.5 |" in card and "| STS-B | Avg. |" in card
     assert (out / "manifest.json").exists()
 
 

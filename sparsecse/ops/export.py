@@ -25,19 +25,22 @@ from ..method import pruned_modeling
 from ..method.data import read_lines
 from ..method.model import Encoder, load_encoder
 from ..method.prune import physical_prune, zero_pruned_weights
+from .hub import CITATION, base_settings, card_metadata, front_matter, versions
 from .onnx_export import export_onnx, measure
 
 MODELING_FILE = "modeling_sparsecse.py"
 
 
-def _add_sentence_transformers(d: Path, pooler: str, mlp: nn.Linear, max_seq_length: int, remote: bool) -> None:
+def _add_sentence_transformers(d: Path, pooler: str, mlp: nn.Linear, max_seq_length: int, remote: bool,
+                               normalize: bool = False) -> None:
     """Make the HF model directory `d` a SentenceTransformer too, through sentence-transformers' own save: its
     Transformer (loaded from `d`), CLS or mean Pooling and, for SimCSE's MLP pooler, a Dense(tanh) head holding
-    the MLP. Its files are added beside the HF ones, which stay as written (ST's copy of them is dropped)."""
+    the MLP, and a Normalize step where the base model had one. Its files are added beside the HF ones, which stay
+    as written (ST's copy of them is dropped)."""
     import tempfile
 
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.modules import Dense, Pooling, Transformer
+    from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
 
     kw = {"trust_remote_code": True} if remote else {}
     tr = Transformer(str(d), max_seq_length=max_seq_length, model_kwargs=kw, config_kwargs=kw, processor_kwargs=kw)
@@ -46,6 +49,8 @@ def _add_sentence_transformers(d: Path, pooler: str, mlp: nn.Linear, max_seq_len
     if pooler == "cls":  # SimCSE's MLP pooler = a Dense(tanh) module after CLS pooling
         modules.append(Dense(dim, dim, activation_function=nn.Tanh(), init_weight=mlp.weight.detach().cpu(),
                              init_bias=mlp.bias.detach().cpu()))
+    if normalize:
+        modules.append(Normalize())
     with tempfile.TemporaryDirectory(dir=d.parent) as st_dir:
         SentenceTransformer(modules=modules, device="cpu").save(st_dir, create_model_card=False)
         for f in sorted(Path(st_dir).iterdir()):
@@ -53,37 +58,55 @@ def _add_sentence_transformers(d: Path, pooler: str, mlp: nn.Linear, max_seq_len
                 shutil.move(str(f), d / f.name)
 
 
-def _model_card(meta: dict, results: dict | None, params: dict, onnx_rows: list[dict] | None = None) -> str:
-
-    fields = [[k, str(meta[k])] for k in ("source", "pretrained", "sparsity", "lam", "seed", "scores",
-                                          "scores_fingerprint", LAST_DEV, "pooler") if k in meta]
+def _model_card(meta: dict, results: dict | None, params: dict, onnx_rows: list[dict] | None = None,
+                base: dict | None = None, pruned: bool = False) -> str:
+    """The export's README.md in the Hub's form: YAML metadata (license, base_model, pipeline_tag, tags, a
+    model-index of the STS results), what the model is, how to load it, its results, limitations, versions and the
+    citation. No local path of the exporting machine appears in it."""
+    base = base or {}
+    name = f"sparsecse-{meta.get('sparsity', 0):.0%}".replace("%", "pct")
+    fields = [[k, str(meta[k])] for k in ("sparsity", "lam", "seed", "scores_fingerprint", LAST_DEV, "pooler")
+              if k in meta]
+    if base.get("base_model"):
+        fields.insert(0, ["base model", base["base_model"]])
     fields += [["parameters (dense)", f"{params['dense']:,}"], ["parameters (pruned/)", f"{params['pruned']:,}"],
                ["encoder-layer parameters (dense → pruned)", f"{params['layers_dense']:,} → {params['layers_pruned']:,}"]]
-    lines = ["---", "library_name: sentence-transformers", "tags: [sentence-embeddings, sparsecse, pruning]", "---", "",
-             f"# SparseCSE model (sparsity {meta.get('sparsity', 0):.0%}, λ={meta.get('lam', '—')})", "",
-             "Produced by [sparsecse](https://pypi.org/project/sparsecse/): unsupervised SimCSE, heads and FFN "
-             "neurons scored by alignment/uniformity, the lowest-scoring fraction pruned, remaining weights "
-             "rewound to the pre-trained checkpoint and retrained (An, Zhang & Song 2023).", "",
-             render(["field", "value"], fields, left=2),
-             "", "## Loading", "", "```python", "from sentence_transformers import SentenceTransformer",
-             "model = SentenceTransformer('THIS_DIR')                      # dense, pruned units zeroed",
-             "model = SentenceTransformer('THIS_DIR/pruned', trust_remote_code=True)  # physically smaller",
+    here = "THIS_DIR" if pruned else "THIS_DIR/pruned"
+    lines = [front_matter(card_metadata(name, base, results, pruned)),
+             f"# SparseCSE model: {meta.get('sparsity', 0):.0%} of heads and FFN neurons pruned"
+             + (" (physically smaller)" if pruned else " (dense, pruned units zeroed)"), "",
+             "Produced by [sparsecse](https://pypi.org/project/sparsecse/): unsupervised SimCSE, every attention head "
+             "and FFN neuron scored by alignment/uniformity, the lowest-scoring fraction removed, the remaining "
+             "weights rewound to the pre-trained checkpoint and retrained (An, Zhang & Song 2023)."
+             + (" This folder holds the physically smaller model (narrower layers; its modeling code is included, "
+                "hence `trust_remote_code`)." if pruned else f" The physically smaller model is in `{here}`."), "",
+             render(["field", "value"], fields, left=2), "", "## Usage", "", "```python",
+             "from sentence_transformers import SentenceTransformer",
+             (f"model = SentenceTransformer('{here if pruned else 'THIS_DIR'}'"
+              + (", trust_remote_code=True)" if pruned else ")")),
+             "embeddings = model.encode(['A man is playing a guitar.', 'Someone plays an instrument.'])",
              "```", "",
-             "With `transformers.AutoModel`, `last_hidden_state[:, 0]` is the embedding evaluated above (CLS, no "
-             "MLP) and `pooler_output` is SimCSE's training-time MLP pooler (stored as `pooler.dense`, as SimCSE's "
-             "released checkpoints do).", ""]
+             "With `transformers.AutoModel`, `last_hidden_state[:, 0]` is the embedding evaluated below (CLS, no "
+             "MLP)" + (", loaded with `trust_remote_code=True`." if pruned else
+                       "; `pooler_output` is SimCSE's training-time MLP pooler (stored as `pooler.dense`, as SimCSE's "
+                       f"released checkpoints do). The smaller model: `{here}`."), ""]
     if results:
-        lines += ["## Evaluation (Spearman × 100)", "",
+        lines += ["## Evaluation (Spearman × 100, cosine, SentEval protocol)", "",
                   render([label(t) for t in results], [list(results.values())], left=0), ""]
     if onnx_rows:
-        lines += ["## ONNX (physically pruned, in `pruned/onnx/`)", "",
+        lines += [f"## ONNX (physically pruned, in `{'onnx/' if pruned else 'pruned/onnx/'}`)", "",
                   "For ONNX Runtime: inputs as the tokenizer gives them, output `last_hidden_state`; the embedding is "
-                  "its CLS row (`[:, 0]`). Evaluate with `sparsecse eval --model THIS_DIR/pruned --backend onnx "
-                  "--file FILE`. Speed: sentences/s encoding 256 wiki sentences in length-sorted batches of 64 on "
-                  "the exporting machine; STS-B test: Spearman × 100.", "",
+                  "its CLS row (`[:, 0]`). Speed: sentences/s encoding 256 wiki sentences in length-sorted batches of "
+                  "64 on the exporting machine; STS-B test: Spearman × 100.", "",
                   render(["file", "size (MB)", "sentences/s", "STS-B test"],
                          [[r["file"], f"{r['mb']:.1f}", r.get("sentences_per_s"), r.get("stsb_test")]
                           for r in onnx_rows], left=1), ""]
+    lines += ["## Limitations", "",
+              "The figures above are what the exporting sweep measured; a model trained at small budgets (sparsecse's "
+              "quickstart trains 16 steps) is a pipeline demo, usually below the model it started from. Compare it "
+              "with the sweep's report: the unpruned control, trained the same way, is the model to beat, and the "
+              "report says whether the choice holds on test sets no choice touched.", "",
+              "## Versions", "", versions(), "", "## Citation", "", "```bibtex", CITATION, "```", ""]
     return "\n".join(lines)
 
 
@@ -114,7 +137,7 @@ def _attach_mlp_as_hf_pooler(enc: Encoder) -> None:
 
 
 def export_model(source: str | Encoder, out: str | os.PathLike, pooler: str | None = None,
-                 results: dict | None = None, meta: dict | None = None, max_seq_length: int = 128,
+                 results: dict | None = None, meta: dict | None = None, max_seq_length: int | None = None,
                  onnx: bool = False, quantize: bool = True, data_dir: Path | None = None) -> Path:
     """Write OUT/ (dense, AutoModel + SentenceTransformer) and OUT/pruned/ (physical) atomically; with `onnx`,
     also OUT/pruned/onnx/ (fp32, and int8 with `quantize`), measured for the model card (size; speed and STS-B
@@ -124,6 +147,8 @@ def export_model(source: str | Encoder, out: str | os.PathLike, pooler: str | No
         raise SparseCSEError(f"{source}: is already physically pruned; export the masked checkpoint instead")
     meta = {**enc.meta, **(meta or {})}
     meta.pop("config", None)
+    base = base_settings(meta.get("pretrained"))
+    max_seq_length = max_seq_length or base["max_seq_length"] or 128
     pooler = pooler or meta.get("eval_pooler") or "cls_before_pooler"
     dense = copy.deepcopy(enc).cpu().eval()
     zero_pruned_weights(dense)
@@ -136,15 +161,17 @@ def export_model(source: str | Encoder, out: str | os.PathLike, pooler: str | No
     with atomic_dir(out) as tmp:
         _attach_mlp_as_hf_pooler(dense)  # after physical_prune: the pruned model keeps no pooler
         dense.backbone.save_pretrained(tmp, safe_serialization=True)
-        dense.tokenizer.save_pretrained(tmp)
-        _add_sentence_transformers(tmp, pooler, dense.mlp[0], max_seq_length, remote=False)
+        tokenizer = copy.deepcopy(dense.tokenizer)
+        tokenizer.model_max_length = max_seq_length  # what sentence-transformers reads as max_seq_length
+        tokenizer.save_pretrained(tmp)
+        _add_sentence_transformers(tmp, pooler, dense.mlp[0], max_seq_length, remote=False, normalize=base["normalize"])
         pdir = tmp / "pruned"
         pruned.config.auto_map = {"AutoConfig": f"{MODELING_FILE[:-3]}.{type(pruned.config).__name__}",
                                   "AutoModel": f"{MODELING_FILE[:-3]}.{type(pruned).__name__}"}
         pruned.save_pretrained(pdir, safe_serialization=True)
-        dense.tokenizer.save_pretrained(pdir)
+        tokenizer.save_pretrained(pdir)
         shutil.copyfile(pruned_modeling.__file__, pdir / MODELING_FILE)
-        _add_sentence_transformers(pdir, pooler, dense.mlp[0], max_seq_length, remote=True)
+        _add_sentence_transformers(pdir, pooler, dense.mlp[0], max_seq_length, remote=True, normalize=base["normalize"])
         from safetensors.torch import save_file
         mlp = {"mlp.weight": dense.mlp[0].weight.detach().contiguous().cpu(),
                "mlp.bias": dense.mlp[0].bias.detach().contiguous().cpu()}
@@ -154,7 +181,9 @@ def export_model(source: str | Encoder, out: str | os.PathLike, pooler: str | No
         (tmp / META_FILE).write_text(json.dumps({**info, "physical": False}, indent=2, sort_keys=True, default=str))
         (pdir / META_FILE).write_text(json.dumps({**info, "physical": True}, indent=2, sort_keys=True, default=str))
         onnx_rows = _onnx(pruned, dense.tokenizer, pdir, quantize, data_dir, pooler) if onnx else None
-        (tmp / "README.md").write_text(_model_card(meta | {"pooler": pooler}, results, params, onnx_rows))
+        for d, physical in ((tmp, False), (pdir, True)):
+            (d / "README.md").write_text(_model_card(meta | {"pooler": pooler}, results, params, onnx_rows, base,
+                                                     pruned=physical))
     return out
 
 

@@ -271,6 +271,7 @@ def render_markdown(inp: ReportInputs) -> str:
     over-seeds table, the Pareto front, the controls, the pilot, stability, the mask's allocation,
     alignment/uniformity, every trial, transfer, then the figures."""
     md = [line for section, _ in SECTIONS for line in section(inp)]
+    md[1:1] = ["", "> " + answer(inp)]  # the answer first, as report.html shows it
     md += [line for name in inp.figures for line in ("", f"![{name[:-4]}](figures/{name})")]
     return "\n".join(md) + "\n"
 
