@@ -435,6 +435,11 @@ def test_storage_that_never_answers_gives_up_in_one_line_within_the_timeout(ws, 
                             str(tiny_data_dir), "--out", "s3://silent/run"], capture_output=True, text=True, env=env,
                            timeout=120)
         took = time.time() - t0
+        quick = {**env, "SPARSECSE_CONNECT_TIMEOUT_S": "3"}  # the commands without a config: data stage, export
+        others = [subprocess.run([sys.executable, "-m", "sparsecse", *argv], capture_output=True, text=True, env=quick,
+                                 timeout=120) for argv in (["data", "stage", "--to", "s3://silent/staged", "--data-dir",
+                                                            str(tiny_data_dir)],
+                                                           ["export", "s3://silent/run", "--out", str(ws / "exp-s3")])]
     finally:
         stop.set()
         for c in held:
@@ -443,6 +448,10 @@ def test_storage_that_never_answers_gives_up_in_one_line_within_the_timeout(ws, 
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     assert "--out s3://silent/run: the storage did not answer within 3 s" in r.stderr
     assert took < 40, took
+    for o, flag in zip(others, ("--to s3://silent/staged", "SOURCE s3://silent/run")):
+        assert o.returncode == 2 and len(o.stderr.strip().splitlines()) == 1, o.stderr
+        assert f"{flag}: the storage did not answer within 3 s" in o.stderr, o.stderr
+    assert not (ws / "exp-s3").exists()
 
 
 def test_any_option_value_for_data_plan_and_k8s_submit_is_handled_or_one_line(ws, capsys, tiny_data_dir):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .. import SparseCSEError
 from .io import manifest_of, sha256_file
-from .storage import Storage, cache_root, is_uri, open_storage
+from .storage import Storage, cache_root, is_uri, open_storage, probe_timeout_s
 
 MANIFEST = "manifest.json"
 _DONE = ".staged-complete"
@@ -87,11 +87,11 @@ def _snapshot(name: str, revision: str | None) -> tuple[Path, str]:
                              "directory") from None
 
 
-def _target(to: str, timeout_s: float = 60.0) -> Storage:
+def _target(to: str, timeout_s: float | None = None) -> Storage:
     """The storage `--to` names, probed within `timeout_s`; a local path must be a directory that can be written."""
     if not str(to).strip():
         raise SparseCSEError("--to: empty; pass a directory or a URI such as s3://bucket/staged")
-    store = open_storage(str(to), timeout_s, flag="--to")
+    store = open_storage(str(to), timeout_s or probe_timeout_s(), flag="--to")
     if store.is_local:
         root = Path(store.root)
         parent = next((p for p in (root, *root.parents) if p.exists()), None)

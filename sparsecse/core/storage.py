@@ -67,6 +67,15 @@ def abandoned_probes() -> bool:
     return any(t.is_alive() for t in _ABANDONED)
 
 
+def probe_timeout_s() -> float:
+    """How long a command without a config (data stage, export) waits for cloud storage to answer:
+    $SPARSECSE_CONNECT_TIMEOUT_S, else 60 s (a sweep uses ray.connect_timeout_s)."""
+    try:
+        return float(os.environ.get("SPARSECSE_CONNECT_TIMEOUT_S", "60"))
+    except ValueError:
+        raise SparseCSEError("SPARSECSE_CONNECT_TIMEOUT_S: not a number of seconds") from None
+
+
 def open_storage(uri: str, timeout_s: float = 60.0, flag: str = "--out") -> "Storage":
     """`Storage(uri)`, probed (does the root exist?) within `timeout_s`: a cloud filesystem without credentials can
     look for them for minutes (GCS asks a metadata server), a paused endpoint can hang. Past the time, one line

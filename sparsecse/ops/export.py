@@ -19,7 +19,7 @@ from ..core.checkpoints import EXTRA_FILE, META_FILE
 from ..core.checkpoints import best_model
 from ..core.io import atomic_dir, verify_manifest
 from ..core.results import LAST_DEV
-from ..core.storage import Storage, fetch_model, is_uri, scratch_dir
+from ..core.storage import fetch_model, is_uri, open_storage, probe_timeout_s, scratch_dir
 from ..core.tables import label, render
 from ..method import pruned_modeling
 from ..method.data import read_lines
@@ -193,10 +193,11 @@ def is_run(source: str) -> bool:
 
 
 def export_from_run(source: str, out: str | os.PathLike, pooler: str | None = None, onnx: bool = False,
-                    quantize: bool = True, data_dir: Path | None = None) -> Path:
+                    quantize: bool = True, data_dir: Path | None = None, timeout_s: float | None = None) -> Path:
     """A local export of a sweep's run on any storage: its export/ copied, or (no export yet, another pooler or
-    ONNX files it lacks asked for) built here from the selected trial's best checkpoint."""
-    store = Storage(source)
+    ONNX files it lacks asked for) built here from the selected trial's best checkpoint. The storage is probed
+    within `timeout_s` (a cloud filesystem without credentials can otherwise look for them for minutes)."""
+    store = open_storage(source, timeout_s or probe_timeout_s(), flag="SOURCE")
     if not store.is_file("sweep.json"):
         raise SparseCSEError(f"{store.uri}: holds no sweep (sweep.json missing); pass a run's --out")
     out = Path(out)
