@@ -272,3 +272,36 @@ def test_a_trial_restored_from_a_checkpoint_storage_no_longer_has_runs_again_fro
     assert calls == [("tune", False), ("tune", True)]
     assert all(r.error is None and r.finished for r in results) and len(results) == 2
     assert "1 trial(s) restored from a checkpoint no longer in storage (s0.100_l0.50_seed1)" in capsys.readouterr().out
+
+
+def test_the_starting_model_is_also_scored_with_its_own_pooling_and_reported_first(tmp_path, monkeypatch,
+                                                                                   tiny_model_dir):
+    """A sentence-transformers base (all-MiniLM-L6-v2 pools by mean) is what its users run: the report's first
+    row scores it that way, beside the CLS reading every trial is evaluated with."""
+    import shutil
+
+    from sparsecse.core.config import load_config
+    from sparsecse.core.storage import Storage
+    from sparsecse.run import outcome, rundir
+    from sparsecse.run import ray_adapter as ra
+    from sparsecse.study.report import ReportInputs, _test_results
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    (base / "1_Pooling").mkdir()
+    (base / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": true}')
+    cfg = load_config(None, [f"model.name={base}", "sweep.export_best=false"])
+    asked = []
+    monkeypatch.setattr(ra, "run_tasks", lambda calls: asked.extend(calls) or [
+        {"sts": {"avg": 60.0 + i}} for i in range(len(calls))])
+    run = rundir.Run(cfg, Storage(tmp_path / "run"), str(tmp_path), rundir.SweepState(config=cfg.to_dict()), False,
+                     None)
+    out = outcome.evaluate_and_export_stage(run, [], None)
+    own = [kw for what, _, _, kw, *_ in asked if what == "backbone evaluation (its own pooling)"]
+    assert own == [{"sts": True, "transfer": False, "threads": 1, "gpus": 0.0, "pooler": "avg"}]
+    assert out["backbone_own"]["pooler"] == "avg"
+    lines = _test_results(ReportInputs("t", cfg, [], [], None, None, {"avg": 70.0}, backbone={"avg": 61.0},
+                                       backbone_own=out["backbone_own"]))
+    rows = lines[2].splitlines()  # header, rule, then the rows: the starting model as its users run it first
+    assert rows[2].startswith(f"| pre-trained {base} with its own mean pooling (as its users run it) |")
+    assert rows[3].startswith(f"| pre-trained {base} (no SimCSE, for reference) |")

@@ -52,6 +52,23 @@ def base_settings(pretrained: str | None) -> dict:
     return out
 
 
+def base_pooler(pretrained: str | None) -> str | None:
+    """The pooling a sentence-transformers base model is published with, as sparsecse names it ("avg" for mean
+    pooling, "cls_before_pooler" for CLS), or None when the model is not one (or not on this disk)."""
+    if not pretrained:
+        return None
+    try:
+        cfg = Path(resolve_model_path(pretrained)).expanduser() / "1_Pooling" / "config.json"
+    except Exception:  # noqa: BLE001 - a hub name offline: unknown
+        return None
+    if not cfg.is_file():
+        return None
+    modes = json.loads(cfg.read_text())
+    if modes.get("pooling_mode_mean_tokens"):
+        return "avg"
+    return "cls_before_pooler" if modes.get("pooling_mode_cls_token") else None
+
+
 def _front_matter(text: str) -> dict:
     if not text.startswith("---\n"):
         return {}

@@ -14,6 +14,7 @@ from ..core.io import parquet_bytes
 from ..core.results import DEV, LAST_DEV, TrialResult, replicate_name, sts_tasks
 from ..core.storage import Storage
 from ..method.evaluate import predictions_from_bytes
+from ..ops.hub import base_pooler
 from ..method.prune import select_masks
 from ..study import figures
 from ..study import select as choose
@@ -43,6 +44,10 @@ def evaluate_and_export_stage(run: Run, results: list[TrialResult], selected: Se
                                            {"sts": sts, "transfer": tr, "threads": res[0], "gpus": res[1]}, *res)
     calls = {"baseline": evaluate("baseline evaluation", "simcse/best", True, transfer),
              "backbone": evaluate("backbone evaluation", None, True, False)}
+    own = base_pooler(cfg.model.name)
+    if own and own != cfg.model.eval_pooler:  # the starting model as its users run it (MiniLM: mean pooling)
+        what, fn, args, kw, *r = evaluate("backbone evaluation (its own pooling)", None, True, False)
+        calls["backbone_own"] = (what, fn, args, {**kw, "pooler": own}, *r)
     ctrl = (choose.control(results) or {}).get("checkpoint") if transfer else None
     if transfer:
         calls["selected"] = evaluate("transfer evaluation", best_model(store, selected.checkpoint), False, True)
@@ -64,6 +69,7 @@ def evaluate_and_export_stage(run: Run, results: list[TrialResult], selected: Se
             table["SimCSE control s=0 (rewound + retrained)"] = out["control"]["transfer"]
         table["SparseCSE" if not selected.control_won else "SimCSE control s=0 (selected)"] = out["selected"]["transfer"]
     return {"baseline": out["baseline"]["sts"], "transfer": table, "backbone": out["backbone"]["sts"],
+            "backbone_own": {"pooler": own, "sts": out["backbone_own"]["sts"]} if "backbone_own" in out else None,
             "pilot": out["pilot"] if cfg.sweep.pilot else None}
 
 
@@ -73,7 +79,7 @@ def report_stage(run: Run, results: list[TrialResult], selected: Selection | Non
     baseline, transfer = extras["baseline"], extras["transfer"]
     tasks = [*sts_tasks(cfg.eval.tasks), "avg"]
     flat = choose.results_table(results, tasks)
-    summary = {"baseline": baseline, "backbone": extras.get("backbone"),
+    summary = {"baseline": baseline, "backbone": extras.get("backbone"), "backbone_own": extras.get("backbone_own"),
                "selected": selected.to_dict() if selected else None,
                "control": choose.control(results), "num_trials": len(results),
                "failed": [{"trial": x["trial"], "error": x["error"]} for x in flat if x["status"] == "error"],
@@ -95,7 +101,7 @@ def report_stage(run: Run, results: list[TrialResult], selected: Selection | Non
                           summary["replicates"],
                           choose.findings(results, selected, tasks, cfg.sweep.select_lam, comps=summary["comparisons"],
                                           overlap=scores[0].meta.get("overlap"), replicates=summary["replicates"],
-                                          rules=summary["rules"]))
+                                          rules=summary["rules"]), backbone_own=extras.get("backbone_own"))
     md, html_text = render_markdown(inputs), render_html(inputs)
     summary["answer"] = answer(inputs)  # the report's first paragraph: what `sparsecse show` and the console print
     summary["report"] = store.url("report.html")

@@ -314,24 +314,26 @@ def evaluate_trial(best, cfg, data_dir: Path, store: Storage, name: str) -> dict
 # --------------------------------------------------------------------------- evaluation and export tasks
 
 def evaluate_task(store_uri: str, model_rel: str | None, data_dir: str, cfg_dict: dict, *, sts: bool, transfer: bool,
-                  threads: float, gpus: float) -> dict:
-    """{"sts": {task: Spearman ×100, avg, align, uniform}, "transfer": {task: accuracy}} of a model in the run."""
+                  threads: float, gpus: float, pooler: str | None = None) -> dict:
+    """{"sts": {task: Spearman ×100, avg, align, uniform}, "transfer": {task: accuracy}} of a model in the run
+    (`pooler`: another than model.eval_pooler, e.g. the pre-trained model's own)."""
     setup_worker(threads)
     cfg = config_from_dict(cfg_dict)
+    pooler = pooler or cfg.model.eval_pooler
     store = Storage(store_uri)
     data_dir = str(local_data(data_dir))
     out: dict = {}
     with scratch_dir("eval") as tmp:
         # model_rel None: the pre-trained backbone itself (cfg.model.name), for reference
         src = cfg.model.name if model_rel is None else str(fetch_model(store, model_rel, tmp))
-        enc = load_encoder(src, pooler=cfg.model.eval_pooler)
+        enc = load_encoder(src, pooler=pooler)
         enc = enc.to(task_device(gpus))
         if sts:
             out["sts"] = evaluate_sts(enc, Path(data_dir), tasks=sts_tasks(cfg.eval.tasks),
-                                      batch_size=cfg.eval.batch_size, pooler=cfg.model.eval_pooler,
+                                      batch_size=cfg.eval.batch_size, pooler=pooler,
                                       alignment_uniformity=True)
         if transfer:
-            out["transfer"] = evaluate_transfer(enc, Path(data_dir), pooler=cfg.model.eval_pooler,
+            out["transfer"] = evaluate_transfer(enc, Path(data_dir), pooler=pooler,
                                                 classifier=cfg.eval.transfer_classifier)
     return out
 

@@ -38,6 +38,7 @@ class ReportInputs:
     backbone: dict | None = None  # STS of the pre-trained backbone
     replicates: list[dict] | None = None  # outcome.replicate_devs: each stage-1 run's seed and best dev
     findings: Findings = field(default_factory=Findings)  # select.findings: comparisons, stability, clean tasks…
+    backbone_own: dict | None = None  # {"pooler", "sts"}: the pre-trained model with its own pooling (MiniLM: mean)
 
     @property
     def dev(self) -> str:
@@ -161,6 +162,10 @@ def _test_results(inp: ReportInputs) -> list[str]:
     tasks, ctrl, selected = inp.tasks, inp.control, inp.selected
     name = inp.cfg.model.name
     trow = [(f"pre-trained {name} (no SimCSE, for reference)", inp.backbone)] if inp.backbone else []
+    if inp.backbone_own:  # what its users get from it: the model to beat for a deployment
+        own = {"avg": "mean", "cls_before_pooler": "CLS"}.get(inp.backbone_own["pooler"], inp.backbone_own["pooler"])
+        trow.insert(0, (f"pre-trained {name} with its own {own} pooling (as its users run it)",
+                        inp.backbone_own["sts"]))
     trow.append(("SimCSE stage 1 (" + name + "; the model scored, for reference)", inp.baseline))
     if ctrl:  # the headline baseline: unpruned, rewound and retrained exactly like every trial
         trow.append((f"SimCSE control s=0 (rewound + retrained like the trials; mean of seeds {ctrl['seeds']})",
