@@ -78,3 +78,19 @@ def test_ties_are_broken_by_index_and_selection_is_global_across_layers():
     assert nm.tolist() == [[1, 0], [0, 1]]
     with pytest.raises(SparseCSEError):
         lowest_mask(heads, 1.0)
+
+
+def test_info_nce_keeps_no_tensor_larger_than_the_similarity_matrix_or_the_batch():
+    """Normalise-then-matmul: autograd saves (N, D) and (N, N) tensors, never the (N, N, D) a broadcast cosine
+    similarity builds (440 MB of it for batch 64 × 2 views at bert-large's 1,024 dimensions in fp32)."""
+    import torch
+
+    n, d = 64, 384
+    z1, z2 = torch.randn(n, d, requires_grad=True), torch.randn(n, d, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        loss = info_nce(z1, z2, 0.05)
+    loss.backward()
+    assert saved and max(saved) <= max(n * n, n * d)
+    ref = torch.nn.functional.cosine_similarity(z1.unsqueeze(1), z2.unsqueeze(0), dim=-1) / 0.05
+    assert torch.allclose(loss, torch.nn.functional.cross_entropy(ref, torch.arange(n)), atol=1e-5)

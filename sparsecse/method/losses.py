@@ -15,7 +15,8 @@ def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.05) -> t
 
     loss = -1/N Σ_i log softmax_j(cos(z1_i, z2_j) / τ)[i]
     """
-    sim = F.cosine_similarity(z1.unsqueeze(1), z2.unsqueeze(0), dim=-1) / temperature  # (N, N)
+    # normalise, then one (N, D) × (D, N) product: O(N²) memory (a broadcast cosine_similarity builds (N, N, D))
+    sim = F.normalize(z1, dim=-1) @ F.normalize(z2, dim=-1).T / temperature  # (N, N)
     labels = torch.arange(sim.size(0), device=sim.device)
     return F.cross_entropy(sim, labels)
 
