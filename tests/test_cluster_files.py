@@ -256,3 +256,22 @@ def test_the_grafana_dashboard_plots_the_sweeps_metrics_beside_rays_own():
                 assert name in ours or f'"{name.removeprefix("ray_")}"' in rays or f"{name}{{" in rays, name
     assert {f"ray_sparsecse_trial_{n}" for n in METRICS} <= used and "ray_node_gpus_utilization" in used
     assert {v["name"] for v in dash["templating"]["list"]} == {"datasource", "SessionName"}
+
+
+def test_the_image_exposes_the_gpu_and_the_head_can_only_touch_its_own_clusters_instances():
+    """The NVIDIA runtime exposes no GPU unless the image asks for one (Ray's CPU base image does not); the head's
+    IAM policy stops, starts, terminates and retags only instances tagged with this cluster's name."""
+    import json
+
+    docker = (CLUSTER / "Dockerfile").read_text()
+    assert "NVIDIA_VISIBLE_DEVICES=all" in docker and "NVIDIA_DRIVER_CAPABILITIES=compute,utility" in docker
+    policy = json.loads((CLUSTER / "iam" / "head-policy.json").read_text())
+    name = yaml.safe_load((CLUSTER / "gpu-cluster.yaml").read_text())["cluster_name"]
+    risky = {"ec2:TerminateInstances", "ec2:StopInstances", "ec2:StartInstances", "ec2:DeleteTags"}
+    for st in policy["Statement"]:
+        acts = set(st["Action"] if isinstance(st["Action"], list) else [st["Action"]])
+        if acts & risky:
+            assert st["Condition"]["StringEquals"]["ec2:ResourceTag/ray-cluster-name"] == name, st
+        if "ec2:CreateTags" in acts:
+            cond = st["Condition"]["StringEquals"]
+            assert cond.get("ec2:ResourceTag/ray-cluster-name") == name or cond.get("ec2:CreateAction") == "RunInstances"
