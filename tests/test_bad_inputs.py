@@ -497,3 +497,15 @@ def test_any_option_value_for_data_plan_and_k8s_submit_is_handled_or_one_line(ws
             assert _tree(ws) == before, argv
 
     prop()
+
+
+def test_a_symlinked_out_is_the_folder_it_names_and_the_link_stays(tiny_model_dir, tmp_path, capsys):
+    """`export --out LINK` where LINK points at an empty folder: the export lands in that folder and the user's link
+    is neither renamed, hidden nor replaced."""
+    target = tmp_path / "real"
+    target.mkdir()
+    (tmp_path / "link").symlink_to(target, target_is_directory=True)
+    assert run_main(["export", str(tiny_model_dir), "--out", str(tmp_path / "link")], capsys)[0] == 0
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "link").resolve() == target.resolve()
+    assert (target / "manifest.json").is_file() and (target / "pruned" / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]  # nothing hidden beside them
