@@ -317,12 +317,12 @@ def test_asha_stops_a_weak_trial_a_diverging_one_fails_and_selection_and_export_
     cfg = _write_cfg(tmp_path / "c.yaml", tiny_model_dir, sparsities=(0.1, 0.2, 0.3), lams=(0.5,))
     r = _sweep(cfg, tmp_path / "run", tiny_data_dir, "--set", "sweep.scheduler=asha", "--set", "sweep.asha_grace_steps=2",
                "--set", "sweep.asha_reduction_factor=2", "--set", "sweep.max_concurrent_trials=1",
-               "--set", "sweep.export_onnx=true",
+               "--set", "sweep.export_onnx=true", "-v",  # -v: Tune's own tables on the console, as before
                env={"SPARSECSE_FAULT": "trial-poor:s0.300_l0.50_seed1,trial-nan:s0.200_l0.50_seed1"})
     assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("sparsecse: error: 1 of 3 trials failed (first: s0.200_l0.50_seed1") and "non-finite" in last
-    assert "sparsity" in r.stdout and "scorer" in r.stdout  # Tune's table names the parameters
+    assert "sparsity" in r.stdout and "scorer" in r.stdout  # Tune's table (-v) names the parameters
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     status = {t["trial"]: (t["status"], t["steps"]) for t in res["trials"]}
     assert status["s0.100_l0.50_seed1"] == ("done", 4) and status["s0.300_l0.50_seed1"] == ("incomplete", 2)
