@@ -201,13 +201,9 @@ def cmd_prune(a) -> int:
 
 def cmd_export(a) -> int:
     if a.push_to_hub:  # a missing token or a malformed repo is refused before anything is exported
-        from huggingface_hub import get_token
+        from .ops.hub import check_push
 
-        if a.push_to_hub.count("/") != 1 or not all(a.push_to_hub.split("/")):
-            raise SparseCSEError(f"--push-to-hub {a.push_to_hub!r}: name the repo as OWNER/NAME")
-        if not get_token():
-            raise SparseCSEError("--push-to-hub: no Hugging Face token; run `hf auth login` or set HF_TOKEN "
-                                 "(nothing was exported)")
+        check_push(a.push_to_hub)
     out = _export(a)
     if a.push_to_hub:
         from .ops.hub import push_to_hub

@@ -108,15 +108,23 @@ def versions() -> str:
     return f"sparsecse {__version__}, transformers {transformers.__version__}, torch {torch.__version__}"
 
 
-def push_to_hub(folder: Path, repo: str, private: bool = False) -> str:
-    """Upload `folder` (an export's pruned/ or dense directory) as the model repo `repo`; one line without a token."""
-    from huggingface_hub import HfApi, get_token
+def check_push(repo: str) -> None:
+    """A push that cannot happen is refused in one line before anything is exported: a repo name that is not
+    OWNER/NAME, or no Hugging Face token."""
+    from huggingface_hub import get_token
 
-    if not repo.strip() or repo.count("/") != 1:
+    if repo.count("/") != 1 or not all(part.strip() for part in repo.split("/")):
         raise SparseCSEError(f"--push-to-hub {repo!r}: name the repo as OWNER/NAME, e.g. my-org/minilm-sparsecse")
     if not get_token():
-        raise SparseCSEError("--push-to-hub: no Hugging Face token; run `hf auth login` or set HF_TOKEN (nothing was "
-                             "uploaded; the export is on disk)")
+        raise SparseCSEError("--push-to-hub: no Hugging Face token; run `hf auth login` or set HF_TOKEN "
+                             "(nothing was exported)")
+
+
+def push_to_hub(folder: Path, repo: str, private: bool = False) -> str:
+    """Upload `folder` (an export's pruned/ or dense directory) as the model repo `repo` (check_push first)."""
+    from huggingface_hub import HfApi
+
+    check_push(repo)
     api = HfApi()
     try:
         api.create_repo(repo, repo_type="model", private=private, exist_ok=True)

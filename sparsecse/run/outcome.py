@@ -73,8 +73,10 @@ def evaluate_and_export_stage(run: Run, results: list[TrialResult], selected: Se
             "pilot": out["pilot"] if cfg.sweep.pilot else None}
 
 
-def report_stage(run: Run, results: list[TrialResult], selected: Selection | None, extras: dict, scores) -> dict:
-    """results.{parquet,json}, figures, report.{md,html}; returns the summary."""
+def report_stage(run: Run, results: list[TrialResult], selected: Selection | None, extras: dict, scores,
+                 kept: dict | None = None) -> dict:
+    """results.{parquet,json}, figures, report.{md,html}; returns the summary. `kept`: the trials' kept
+    predictions (kept_predictions), for what every rule picks."""
     cfg, store = run.cfg, run.store
     baseline, transfer = extras["baseline"], extras["transfer"]
     tasks = [*sts_tasks(cfg.eval.tasks), "avg"]
@@ -89,7 +91,8 @@ def report_stage(run: Run, results: list[TrialResult], selected: Selection | Non
                                                  predictions=predictions_for_bootstrap(run, results)),
                "allocation": selected_allocation(selected, scores[selected.replicate if selected else 0]),
                "pilot": extras["pilot"], "replicates": replicate_devs(run),
-               "rules": rule_choices(run, results) if cfg.sweep.objective == "dev" else None}
+               "rules": rule_choices(cfg, results, kept or kept_predictions(run, results))
+               if cfg.sweep.objective == "dev" else None}
     table_bytes = parquet_bytes(flat)
     store.write_bytes("results.parquet", table_bytes)
     store.write_json("results.json", {"trials": flat, **summary})
@@ -162,38 +165,35 @@ def predictions_for_bootstrap(run: Run, results: list[TrialResult]) -> dict:
     return out
 
 
-def rule_choices(run: Run, results: list[TrialResult]) -> dict:
+def rule_choices(cfg: Config, results: list[TrialResult], kept: dict) -> dict:
     """{rule: {"sparsity": what it chooses (0: the control), "trial": the trial it would export}} on these trials
-    (None where nothing finished), for every selection rule the kept predictions support — what the report and
-    results.json set beside the configured rule's choice."""
+    (None where nothing finished), for every selection rule the kept predictions (`kept_predictions`) support —
+    what the report and results.json set beside the configured rule's choice."""
     out = {}
-    for rule, preds in (("best_dev", {}), ("noninferior", _predictions(run, results, "dev")),
-                        ("safe", _predictions(run, results, "choice"))):
+    for rule in ("best_dev", "noninferior", "safe"):
+        preds = rule_predictions(rule, kept)
         if rule != "best_dev" and not preds:
             continue
-        sel = choose.select(results, run.cfg.sweep.select_lam, rule=rule, margin=run.cfg.sweep.margin,
-                            dev_predictions=preds)
+        sel = choose.select(results, cfg.sweep.select_lam, rule=rule, margin=cfg.sweep.margin, dev_predictions=preds)
         out[rule] = None if sel is None else {"sparsity": sel.sparsity, "trial": sel.trial}
     return out
 
 
-def _predictions(run: Run, results: list[TrialResult], suffix: str) -> dict:
-    """{trial name: predictions/<trial>.<suffix>.parquet} of the finished trials that kept one."""
-    out = {}
+def kept_predictions(run: Run, results: list[TrialResult]) -> dict[str, dict]:
+    """{"dev" | "choice": {trial name: its per-pair predictions}} of the finished trials that kept them
+    (predictions/<trial>.dev.parquet, .choice.parquet), read once for every rule that tests on them."""
+    out: dict[str, dict] = {"dev": {}, "choice": {}}
     for r in results:
-        rel = f"predictions/{r.point.name}.{suffix}.parquet"
-        if r.finished and run.store.is_file(rel):
-            out[r.point.name] = predictions_from_bytes(run.store.read_bytes(rel))
+        for suffix, preds in out.items():
+            rel = f"predictions/{r.point.name}.{suffix}.parquet"
+            if r.finished and run.store.is_file(rel):
+                preds[r.point.name] = predictions_from_bytes(run.store.read_bytes(rel))
     return out
 
 
-def dev_predictions_for_selection(run: Run, results: list[TrialResult]) -> dict:
-    """{trial name: its per-pair predictions} a tested rule reads: on the choice pairs, per source, for the "safe"
-    rule (stages.evaluates_choice); on the dev pairs when another tested rule has one unit to test over
-    (stages.selection_needs_dev_pairs); {} otherwise."""
-    if run.cfg.sweep.select == "safe":
-        return _predictions(run, results, "choice")
-    return _predictions(run, results, "dev") if stages.selection_needs_dev_pairs(run.cfg) else {}
+def rule_predictions(rule: str, kept: dict) -> dict:
+    """What a rule tests on: the choice pairs, per source, for "safe"; the dev pairs for the other tested rules."""
+    return kept["choice"] if rule == "safe" else ({} if rule == "best_dev" else kept["dev"])
 
 
 def check_failures(summary: dict, cfg: Config) -> None:

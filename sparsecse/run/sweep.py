@@ -23,7 +23,8 @@ from . import ray_adapter as ra
 from . import stages
 from .checks import (check_config, check_nodes, check_scale, check_sparsities, check_this_machine, data_dir_for,
                      print_plan, stage1_topology, wait_for_resources)
-from .outcome import LiveReport, check_failures, dev_predictions_for_selection, evaluate_and_export_stage, report_stage
+from .outcome import (LiveReport, check_failures, evaluate_and_export_stage, kept_predictions, report_stage,
+                      rule_predictions)
 from .plan import count_trials
 from .prepare import score_stage, train_stage
 from .rundir import Run, open_run, refused_leaves_nothing
@@ -172,10 +173,11 @@ def run_stages(run: Run, t_start: float) -> dict:
     train_stage(run)
     scores = score_stage(run)
     results = trials_stage(run, scores)
+    kept = kept_predictions(run, results)  # what the tested rules test on, read once
     selected = choose.select(results, cfg.sweep.select_lam, cfg.sweep.objective, cfg.sweep.pareto_delta,
-                             cfg.sweep.select, cfg.sweep.margin, dev_predictions_for_selection(run, results))
+                             cfg.sweep.select, cfg.sweep.margin, rule_predictions(cfg.sweep.select, kept))
     extras = evaluate_and_export_stage(run, results, selected)
-    summary = report_stage(run, results, selected, extras, scores)
+    summary = report_stage(run, results, selected, extras, scores, kept)
     state.timings["total_s"] = time.perf_counter() - t_start
     state.summary = summary
     run.save()
