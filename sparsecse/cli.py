@@ -595,7 +595,7 @@ def _run_commands(sub) -> None:
     p = sub.add_parser("plan", help="what a sweep config will cost: trials, steps, GPU-hours, wall time, bytes")
     p.add_argument("config")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--gpu", choices=["cpu", "h100", "a100", "l4"], default="cpu",
+    p.add_argument("--gpu", choices=["cpu", "h100", "h200", "a100", "a10g", "l4"], default="cpu",
                    help="the hardware to plan for (default cpu: this machine's cores, its matmul peak measured now)")
     p.add_argument("--gpus", type=_count(1), help="GPUs in the cluster (default: ray.num_workers when ray.use_gpu)")
     p.add_argument("--cpus", type=_count(1), help="CPU cores for a CPU plan (default: ray.num_cpus, else this machine's)")

@@ -94,3 +94,22 @@ def test_info_nce_keeps_no_tensor_larger_than_the_similarity_matrix_or_the_batch
     assert saved and max(saved) <= max(n * n, n * d)
     ref = torch.nn.functional.cosine_similarity(z1.unsqueeze(1), z2.unsqueeze(0), dim=-1) / 0.05
     assert torch.allclose(loss, torch.nn.functional.cross_entropy(ref, torch.arange(n)), atol=1e-5)
+
+
+def test_precision_auto_is_bf16_with_tf32_on_cuda_and_fp32_elsewhere():
+    """train.precision's default: bf16 autocast (TF32 for what stays fp32) on CUDA, plain fp32 on the CPU; a
+    pinned fp32 turns TF32 off on CUDA so fp32 means fp32; a pinned bf16 stays bf16 anywhere. (Resolving touches
+    only torch's TF32 switches, which exist without a GPU.)"""
+    from sparsecse.core.config import load_config
+    from sparsecse.method.train import resolve_precision
+
+    assert load_config(None, []).train.precision == "auto"
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        assert resolve_precision("auto", "cpu") == "fp32"
+        assert resolve_precision("auto", "cuda") == "bf16" and torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.cudnn.allow_tf32
+        assert resolve_precision("fp32", "cuda:0") == "fp32" and not torch.backends.cuda.matmul.allow_tf32
+        assert resolve_precision("bf16", "cpu") == "bf16" and resolve_precision("fp32", "cpu") == "fp32"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old

@@ -219,3 +219,17 @@ def test_the_pruned_export_runs_in_onnx_runtime_with_the_masked_embeddings(famil
     emb = encode(OnnxEncoder(out / "pruned", "onnx/model.onnx", pooler="cls_before_pooler"), SENTENCES, batch_size=8)
     got = torch.stack([torch.as_tensor(emb[s]) for s in SENTENCES])
     assert torch.nn.functional.cosine_similarity(got, want.float()).min() >= 0.9999
+    # the post-LayerNorm families get the fused graph (an Attention node per layer that has heads, each with its own
+    # head count); MPNet and ModernBERT go through torch's exporter, and the model card says why
+    import onnx
+
+    from sparsecse.ops.onnx_fused import NOT_FUSED
+
+    nodes = onnx.load(str(out / "pruned" / "onnx" / "model.onnx")).graph.node
+    heads = [a.i for n in nodes if n.op_type == "Attention" for a in n.attribute if a.name == "num_heads"]
+    card = (out / "pruned" / "README.md").read_text()
+    if family in NOT_FUSED:
+        assert not heads and NOT_FUSED[family] in card
+    else:
+        kept = enc.head_mask.sum(1).int().tolist()
+        assert heads == [h for h in kept if h] and "fused transformer ops" in card, (heads, kept)

@@ -83,7 +83,7 @@ def _cfg(tiny_model_dir, **train):
 def test_training_on_cuda_follows_the_cpu_run_and_checkpoints(tiny_model_dir, tiny_data_dir, tmp_path):
     """Dropout off, so the two devices compute the same thing: the loss curves agree; bf16 autocast trains too.
     (Not the dev Spearman: a random 32-wide model's cosines are nearly tied, so rounding reorders them.)"""
-    cfg = _cfg(tiny_model_dir, dropout=0.0)
+    cfg = _cfg(tiny_model_dir, dropout=0.0, precision="fp32")
     cpu = train_simcse(cfg, tmp_path / "cpu", tiny_data_dir, progress=False)
     gpu = train_simcse(cfg, tmp_path / "gpu", tiny_data_dir, progress=False, dist=Dist(device="cuda"))
     assert [h["step"] for h in gpu.history] == [2, 4]
@@ -94,6 +94,9 @@ def test_training_on_cuda_follows_the_cpu_run_and_checkpoints(tiny_model_dir, ti
     bf16 = train_simcse(_cfg(tiny_model_dir, precision="bf16"), tmp_path / "bf16", tiny_data_dir, progress=False,
                         dist=Dist(device="cuda"))
     assert all(math.isfinite(h["loss"]) for h in bf16.history) and bf16.best_dir is not None
+    auto = train_simcse(_cfg(tiny_model_dir, dropout=0.0), tmp_path / "auto", tiny_data_dir, progress=False,
+                        dist=Dist(device="cuda"))  # the default: bf16 autocast on CUDA, so not the fp32 curve exactly
+    assert all(math.isfinite(h["loss"]) for h in auto.history) and torch.backends.cuda.matmul.allow_tf32
 
 
 def test_scores_on_cuda_match_the_cpu(tiny, tiny_data_dir):

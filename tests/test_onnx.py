@@ -48,6 +48,17 @@ def test_onnx_export_of_the_pruned_model_equals_pytorch_and_evaluates_the_same(t
     assert "## ONNX" in card and "| onnx/model.onnx |" in card and "| onnx/model_qint8.onnx |" in card
     torch_pruned = load_encoder(str(pdir)).eval()
     assert torch_pruned.backbone.config.heads_per_layer == [0, 3]  # uneven, a layer with none
+    # the fused graph: one Attention node per layer that has heads, with that layer's own head count; no loose
+    # softmax/transposes; residual + LayerNorm fused; int8 quantises the attention's projections too
+    import onnx
+
+    graph = onnx.load(str(pdir / "onnx" / "model.onnx")).graph
+    ops = [n.op_type for n in graph.node]
+    heads = [a.i for n in graph.node if n.op_type == "Attention" for a in n.attribute if a.name == "num_heads"]
+    assert heads == [3] and "Softmax" not in ops and "Transpose" not in ops
+    assert ops.count("SkipLayerNormalization") == 3 and "EmbedLayerNormalization" in ops  # layer 0's attention: bias
+    assert "QAttention" in {n.op_type for n in onnx.load(str(pdir / "onnx" / "model_qint8.onnx")).graph.node}
+    assert "fused transformer ops" in card
     sents = [f"sentence {i} about {'many ' * (i % 7)}things" for i in range(40)]
     ref = torch.stack(list(encode(torch_pruned, sents, batch_size=16).values()))
     fp32 = OnnxEncoder(pdir)

@@ -37,10 +37,42 @@ def test_flops_per_step_follow_the_model_shape_and_the_tokens():
     assert base.flops_per_step == pytest.approx(3 * b.fwd_flops_per_token(t) * 2 * 64 * t)
     assert large.flops_per_step / base.flops_per_step == pytest.approx(
         lg.fwd_flops_per_token(t) / b.fwd_flops_per_token(t))
-    # a step can be no faster than the measured launch floor, nor than its FLOPs at the stated MFU
+    # one trial's step is its launch floor plus its FLOPs at the stated MFU (train.precision auto: bf16 on a GPU,
+    # fp32 when pinned), never the larger of the two alone; two trials packed on a GPU overlap, never add
     from sparsecse.run.plan import GPU_MFU, LAUNCH_S_PER_LAYER
 
-    assert base.step_s_trial >= max(12 * LAUNCH_S_PER_LAYER, base.flops_per_step / (GPUS["h100"].peak_fp32 * GPU_MFU))
+    floor = 12 * LAUNCH_S_PER_LAYER
+    one = _plan("paper-bert-base.yaml", "sweep.trial_gpus=1")
+    assert one.step_s_trial == pytest.approx(floor + one.flops_per_step / (GPUS["h100"].peak_bf16 * GPU_MFU))
+    fp32 = _plan("paper-bert-base.yaml", "sweep.trial_gpus=1", "train.precision=fp32")
+    assert fp32.step_s_trial == pytest.approx(floor + fp32.flops_per_step / (GPUS["h100"].peak_fp32 * GPU_MFU))
+    assert base.step_s_trial == pytest.approx(max(floor + one.flops_per_step / (GPUS["h100"].peak_bf16 * GPU_MFU),
+                                                  2 * one.flops_per_step / (GPUS["h100"].peak_bf16 * GPU_MFU)))
+
+
+def test_plan_models_the_all_reduce_and_recommends_a_worker_count():
+    """Data-parallel stage 1 pays a ring all-reduce of the fp32 gradients per step over the node's link: over
+    PCIe (A10G, g5) at batch 64 it costs more than splitting the batch saves, so plan recommends one worker; at
+    batch 512 (the RoBERTa config) four; the shipped paper configs follow the plan on the cluster files' g5.12xlarge."""
+    from sparsecse.run.plan import allreduce_s, recommend
+
+    base = _plan("paper-bert-base.yaml", "ray.num_workers=4", gpu="a10g", gpus=8)
+    params = base.params
+    assert base.comm_s_stage1 == pytest.approx(2 * 3 / 4 * 4 * params / 25e9)
+    assert allreduce_s(params, 1, GPUS["a10g"]) == 0
+    assert allreduce_s(params, 4, GPUS["h100"]) < base.comm_s_stage1 / 10  # NVLink
+    by = {w: (s, c) for w, s, c in base.worker_options}
+    assert sorted(by) == [1, 2, 4, 8] and by[4][1] == pytest.approx(base.comm_s_stage1)
+    assert base.step_s_stage1 == pytest.approx(by[4][0]) and by[1][1] == 0
+    assert base.recommended_workers == 1 and by[1][0] < by[4][0]
+    shown = render(base)
+    assert "recommended ray.num_workers: 1 (configured: 4)" in shown and "all-reduce" in shown and "PCIe" in shown
+    assert recommend([[1, 1.0, 0], [2, 0.95, 0.1], [4, 0.5, 0.2]]) == 4
+    assert recommend([[1, 1.0, 0], [2, 0.95, 0.1]]) == 1  # within 10 %: the fewer GPUs
+    assert _plan("paper-bert-base.yaml", gpu="cpu", gpus=None).recommended_workers is None  # no GPU, no advice
+    for name in ("paper-bert-base.yaml", "paper-bert-large.yaml", "paper-roberta-base.yaml"):
+        p = _plan(name, gpu="a10g", gpus=4)
+        assert p.recommended_workers == p.workers, name
 
 
 def test_trials_that_share_a_gpu_run_together_and_a_too_full_gpu_is_flagged():
@@ -59,9 +91,13 @@ def test_trials_that_share_a_gpu_run_together_and_a_too_full_gpu_is_flagged():
 
 def test_checkpoint_bytes_follow_the_policy_not_the_evaluations():
     w = 4 * _plan("paper-bert-large.yaml").params
-    by_time = _plan("paper-bert-large.yaml", "train.checkpoint_every=30m")
-    often = _plan("paper-bert-large.yaml", "train.checkpoint_every=30m", "train.eval_steps=25")
-    assert by_time.upload_bytes_trial == often.upload_bytes_trial  # 5× the evaluations, the same uploads
+    by_time = _plan("paper-bert-large.yaml", "train.checkpoint_every=10m")
+    often = _plan("paper-bert-large.yaml", "train.checkpoint_every=10m", "train.eval_steps=25")
+    # 5× the evaluations, uploads only as the trial's minutes grow (each evaluation adds a little to them)
+    assert often.trial_s > by_time.trial_s and by_time.checkpoints_trial >= 1
+    assert often.upload_bytes_trial - by_time.upload_bytes_trial == (
+        often.checkpoints_trial - by_time.checkpoints_trial) * 4 * w
+    assert often.checkpoints_trial <= by_time.checkpoints_trial * often.trial_s / by_time.trial_s + 1
     assert by_time.upload_bytes_trial == w + by_time.checkpoints_trial * 4 * w
     every = _plan("paper-bert-large.yaml", "train.checkpoint_every=1")
     assert every.checkpoints_trial == every.evals_trial - 1 and every.upload_bytes_trial == every.upload_bytes_every_eval
@@ -101,3 +137,27 @@ def test_a_cpu_stage1_with_gpu_trials_is_planned_on_both(tiny_data_dir):
     crashed here dividing by a CPU peak it had not measured)."""
     p = make_plan(load_config(REPO / "sweeps" / "quickstart.yaml", ["sweep.trial_gpus=1"]), tiny_data_dir, "h100", 1)
     assert p.step_s_stage1 > p.step_s_trial > 0 and p.wall_s > 0
+
+
+def test_the_sweeps_plan_uses_the_gpu_type_the_cluster_reports(capsys, tmp_path):
+    """The plan printed before a sweep is for the GPUs Ray reports (accelerator_type:A10G → a10g, A100-80G → a100,
+    H200 → h200), not always an H100; a type it does not know is planned as an H100 and says so."""
+    from types import SimpleNamespace
+
+    from sparsecse.run.checks import print_plan
+    from sparsecse.run.plan import gpu_type
+
+    assert gpu_type({"GPU": 4, "accelerator_type:A10G": 1}) == "a10g"
+    assert gpu_type({"accelerator_type:A100-80G": 1}) == "a100" and gpu_type({"accelerator_type:H200": 1}) == "h200"
+    assert gpu_type({"accelerator_type:T4": 1}) is None and gpu_type({"GPU": 1}) is None
+
+    written = {}
+    run = SimpleNamespace(cfg=load_config(REPO / "sweeps" / "paper-bert-base.yaml"), data_dir=str(tmp_path),
+                          store=SimpleNamespace(write_json=lambda name, obj: written.update({name: obj})))
+    print_plan(run, {"GPU": 4, "CPU": 48, "accelerator_type:A10G": 1})
+    out = capsys.readouterr().out
+    assert "4 × NVIDIA A10G" in out and "recommended ray.num_workers: 1" in out
+    assert written["plan.json"]["recommended_workers"] == 1
+    print_plan(run, {"GPU": 4, "CPU": 48, "accelerator_type:T4": 1})
+    out = capsys.readouterr().out
+    assert "NVIDIA H100" in out and "GPU type T4: not one the plan knows; planned as an H100" in out

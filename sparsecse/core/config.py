@@ -20,7 +20,7 @@ from .checkpoints import parse_every
 
 Pooler = Literal["cls", "cls_before_pooler", "avg"]
 POOLERS: tuple[str, ...] = get_args(Pooler)
-Precision = Literal["fp32", "bf16"]
+Precision = Literal["auto", "fp32", "bf16"]
 # align_uniform: the paper's Taylor score of λ·L_align + (1−λ)·L_uniform; random: a seeded random ranking (one
 # draw per seed); magnitude: the L2 norm of each head's / neuron's weights in the pre-trained model; simcse: the
 # Taylor score of SimCSE's own InfoNCE loss (two dropout views of unlabeled sentences) — is the paper's objective
@@ -79,7 +79,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     dropout: float | None = None  # None keeps the backbone's own dropout
     threads: int | None = None
-    precision: Precision = "fp32"  # "bf16": the forward under bfloat16 autocast (GPUs; CPUs with AMX/AVX-512-bf16)
+    # auto: bf16 autocast with TF32 matmuls on CUDA, fp32 elsewhere; fp32: strict fp32 everywhere (TF32 off);
+    # bf16: the forward under bfloat16 autocast anywhere (GPUs; CPUs with AMX/AVX-512-bf16)
+    precision: Precision = "auto"
 
     def __post_init__(self):
         _check(self.batch_size >= 2, "train.batch_size", f"must be >= 2 (got {self.batch_size}); contrastive "

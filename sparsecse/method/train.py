@@ -204,9 +204,23 @@ def linear_schedule(opt, total: int):
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / total))
 
 
-def train_step(model, opt, sched, batch: dict, tc, device, gather) -> float:
-    """One optimizer step on this rank's slice of the global batch; returns the loss."""
-    loss = simcse_loss(model, batch, tc.temperature, device, gather, tc.precision)
+def resolve_precision(precision: str, device) -> str:
+    """What train.precision means on `device`: "auto" is bf16 autocast on CUDA (with TF32 for what stays fp32 —
+    the loss, the optimizer's matmul-free update — and for any fp32 matmul), fp32 elsewhere; "fp32" on CUDA turns
+    TF32 off so fp32 means fp32. Sets torch's TF32 switches accordingly and returns "fp32" or "bf16"."""
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"
+        torch.backends.cudnn.allow_tf32 = precision != "fp32"
+    if precision == "auto":
+        return "bf16" if cuda else "fp32"
+    return precision
+
+
+def train_step(model, opt, sched, batch: dict, tc, device, gather, precision: str = "fp32") -> float:
+    """One optimizer step on this rank's slice of the global batch (`precision` as resolve_precision gives it);
+    returns the loss."""
+    loss = simcse_loss(model, batch, tc.temperature, device, gather, precision)
     if not torch.isfinite(loss):
         raise SparseCSEError(f"training loss became non-finite ({loss.item()}); lower train.lr or check the data")
     opt.zero_grad(set_to_none=True)
@@ -326,6 +340,7 @@ def train_simcse(cfg: Config, out_dir: str | os.PathLike, data_dir: Path, *, ini
     enc = _start_model(cfg, init, resume_dir)
     meta = _run_meta(cfg, enc, meta, resume_dir, out_dir)
     enc.to(device).train()
+    precision = resolve_precision(tc.precision, device)
     model = wrap(enc) if wrap else enc
     corpus = _corpus(cfg, data_dir, enc.tokenizer)
     total = sum(1 for _ in global_batches(len(corpus), tc.batch_size, 1, tc.seed, dist.world_size)) * tc.epochs
@@ -352,7 +367,8 @@ def train_simcse(cfg: Config, out_dir: str | os.PathLike, data_dir: Path, *, ini
             continue
         t0 = time.perf_counter()
         local = rank_slice(gb, dist.rank, dist.world_size)
-        loss = train_step(model, opt, sched, collate([corpus[int(j)] for j in local], pad), tc, device, dist.gather)
+        loss = train_step(model, opt, sched, collate([corpus[int(j)] for j in local], pad), tc, device, dist.gather,
+                          precision)
         state.step += 1
         t_train += time.perf_counter() - t0
         seen += len(gb)

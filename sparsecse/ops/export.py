@@ -26,7 +26,7 @@ from ..method.data import read_lines
 from ..method.model import Encoder, load_encoder
 from ..method.prune import physical_prune, zero_pruned_weights
 from .hub import CITATION, base_settings, card_metadata, front_matter, versions
-from .onnx_export import export_onnx, measure
+from .onnx_export import FUSED, export_onnx, measure
 
 MODELING_FILE = "modeling_sparsecse.py"
 
@@ -97,7 +97,10 @@ def _model_card(meta: dict, results: dict | None, params: dict, onnx_rows: list[
         lines += [f"## ONNX (physically pruned, in `{'onnx/' if pruned else 'pruned/onnx/'}`)", "",
                   "For ONNX Runtime: inputs as the tokenizer gives them, output `last_hidden_state`; the embedding is "
                   "its CLS row (`[:, 0]`). Speed: sentences/s encoding 256 wiki sentences in length-sorted batches of "
-                  "64 on the exporting machine; STS-B test: Spearman × 100.", "",
+                  "64 on the exporting machine; STS-B test: Spearman × 100. "
+                  + ("Graph: ONNX Runtime's fused transformer ops (one Attention node per layer with that layer's own "
+                     "head count, SkipLayerNormalization, BiasGelu); int8: QAttention and integer matmuls."
+                     if onnx_rows[0]["graph"] == FUSED else f"Graph: unfused ({onnx_rows[0]['graph']})."), "",
                   render(["file", "size (MB)", "sentences/s", "STS-B test"],
                          [[r["file"], f"{r['mb']:.1f}", r.get("sentences_per_s"), r.get("stsb_test")]
                           for r in onnx_rows], left=1), ""]
@@ -112,10 +115,10 @@ def _model_card(meta: dict, results: dict | None, params: dict, onnx_rows: list[
 
 def _onnx(pruned, tokenizer, pdir: Path, quantize: bool, data_dir: Path | None, pooler: str) -> list[dict]:
     """pruned/onnx/: the physically pruned model as ONNX (+ int8), each file measured for the model card."""
-    files = export_onnx(pruned, tokenizer, pdir, quantize=quantize)
+    files, graph = export_onnx(pruned, tokenizer, pdir, quantize=quantize)
     wiki = data_dir / "wiki" / "wiki1m_sample.txt" if data_dir is not None else None
     sentences = read_lines(wiki)[:256] if wiki is not None and wiki.is_file() else None
-    return measure(pdir, files, sentences=sentences, data_dir=data_dir, pooler=pooler)
+    return [r | {"graph": graph} for r in measure(pdir, files, sentences=sentences, data_dir=data_dir, pooler=pooler)]
 
 
 def _layer_params(model: nn.Module, layers_attr: str) -> int:

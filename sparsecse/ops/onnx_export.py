@@ -24,13 +24,15 @@ from .. import SparseCSEError
 from ..method.evaluate import encode, evaluate_sts
 from ..method.model import pool
 from ..method.pruned_modeling import load_tokenizer
+from . import onnx_fused
 
 OPSET = 18
 FP32_FILE = "onnx/model.onnx"
 INT8_FILE = "onnx/model_qint8.onnx"
 # per-channel int8 weights: measured on the 30 %-pruned MiniLM (512 wiki sentences), min cosine to fp32 0.9955
 # against 0.983 per tensor, for a few % of speed (BENCHMARKS row 3)
-QUANT_SETTINGS = {"per_channel": True, "reduce_range": False, "op_types_to_quantize": ["MatMul"]}
+QUANT_SETTINGS = {"per_channel": True, "reduce_range": False, "op_types_to_quantize": ["MatMul", "Attention"]}
+FUSED = "fused"
 
 
 def empty_matmuls(onnx_path: str | Path) -> list[str]:
@@ -81,33 +83,54 @@ def input_names(tokenizer) -> list[str]:
     return [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in tokenizer.model_input_names]
 
 
-def export_onnx(backbone, tokenizer, out_dir: str | Path, quantize: bool = True) -> list[str]:
-    """Write `out_dir`/onnx/model.onnx (and model_qint8.onnx) from a backbone (dense or physically pruned);
-    returns the files written. The caller writes into a directory it publishes atomically (export.export_model)."""
-    _require()
-    import warnings
+def family_of(backbone) -> str:
+    """The model family of a stock or physically pruned backbone (its config's model_type, sparsecse_ prefix off)."""
+    mtype = backbone.config.model_type
+    return mtype[len("sparsecse_"):].replace("_", "-") if mtype.startswith("sparsecse_") else mtype
 
+
+def export_onnx(backbone, tokenizer, out_dir: str | Path, quantize: bool = True) -> tuple[list[str], str]:
+    """Write `out_dir`/onnx/model.onnx (and model_qint8.onnx) from a backbone (dense or physically pruned); returns
+    the files written and which graph they hold: "fused" (`onnx_fused`: one Attention node per layer with the
+    layer's own head count), or why the family went through torch's exporter instead. The caller writes into a
+    directory it publishes atomically (export.export_model)."""
+    _require()
     out_dir = Path(out_dir)
     (out_dir / "onnx").mkdir(parents=True, exist_ok=True)
     names = input_names(tokenizer)
-    model = _LastHidden(backbone).cpu().eval()
+    model = backbone.cpu().eval()
+    reason = onnx_fused.unsupported(family_of(model), model.config)
+    if reason is None:
+        with torch.no_grad():
+            onnx_fused.write(model, family_of(model), names, out_dir / FP32_FILE)
+    else:
+        _torch_export(model, tokenizer, names, out_dir / FP32_FILE)
+    files = [FP32_FILE]
+    if quantize:
+        import onnx
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        with _quiet_logs():  # its advice to pre-process: symbolic shape inference does not complete on these graphs
+            quantize_dynamic(str(out_dir / FP32_FILE), str(out_dir / INT8_FILE), weight_type=QuantType.QInt8,
+                             nodes_to_exclude=empty_matmuls(out_dir / FP32_FILE),
+                             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT}, **QUANT_SETTINGS)
+        files.append(INT8_FILE)
+    return files, reason or FUSED
+
+
+def _torch_export(model, tokenizer, names: list[str], path: Path) -> None:
+    """The graph torch's exporter (dynamo, opset 18) writes from the project's modeling code: every family
+    exports this way, with attention as separate reshapes, matmuls and a softmax per layer."""
+    import warnings
+
     sample = tokenizer(["a short one", "a longer sentence, so that the batch is padded"], padding=True,
-                           return_tensors="pt")
+                       return_tensors="pt")
     dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")}
     with warnings.catch_warnings(), torch.no_grad(), _quiet_logs():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, tuple(sample[n] for n in names), str(out_dir / FP32_FILE), dynamo=True,
+        torch.onnx.export(_LastHidden(model), tuple(sample[n] for n in names), str(path), dynamo=True,
                           external_data=False, opset_version=OPSET, input_names=names,
                           output_names=["last_hidden_state"], dynamic_shapes=tuple(dims for _ in names), verbose=False)
-    files = [FP32_FILE]
-    if quantize:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        with _quiet_logs():  # its advice to pre-process: symbolic shape inference does not complete on this graph
-            quantize_dynamic(str(out_dir / FP32_FILE), str(out_dir / INT8_FILE), weight_type=QuantType.QInt8,
-                             nodes_to_exclude=empty_matmuls(out_dir / FP32_FILE), **QUANT_SETTINGS)
-        files.append(INT8_FILE)
-    return files
 
 
 def measure(model_dir: str | Path, files: list[str], sentences: list[str] | None = None, data_dir: Path | None = None,

@@ -21,7 +21,7 @@ from ..core.storage import Storage
 from ..method.data import default_data_dir, needed_paths, resolve_data_dir
 from ..method.model import intermediate_size, quiet_transformers, resolve_model_path
 from ..method.prune import count_pruned
-from .plan import count_trials, make_plan, render
+from .plan import count_trials, gpu_type, make_plan, render
 from .rundir import Run, open_run
 from .runlock import RunLock
 from . import ray_adapter as ra
@@ -253,12 +253,14 @@ def check_scale(cfg: Config, confirmed: bool) -> None:
 
 def print_plan(run: Run, resources: dict, max_hours: float | None = None) -> None:
     """`sparsecse plan` for this sweep on this cluster, printed before anything starts and kept as plan.json (a
-    run's measured timings can be held against it). GPU figures are the H100's; `sparsecse plan --gpu` has others.
+    run's measured timings can be held against it), for the GPU type and count the cluster reports (Ray's
+    accelerator_type resource; a type the plan does not know is planned as an H100, and says so).
     With `max_hours` (--max-hours), a plan longer than that is refused in one line before stage 1."""
 
     cfg = run.cfg
     gpus = int(resources.get("GPU", 0))
-    gpu = "h100" if gpus and (cfg.sweep.trial_gpus or cfg.ray.use_gpu) else "cpu"
+    detected = gpu_type(resources)
+    gpu = (detected or "h100") if gpus and (cfg.sweep.trial_gpus or cfg.ray.use_gpu) else "cpu"
     try:
         data = None if is_staged_uri(run.data_dir) else Path(run.data_dir)
         p = make_plan(cfg, data if data and data.is_dir() else None, gpu, gpus or None,
@@ -266,6 +268,9 @@ def print_plan(run: Run, resources: dict, max_hours: float | None = None) -> Non
     except Exception as e:  # noqa: BLE001 - a model or corpus only the nodes can read: no plan, the sweep runs
         print(f"[plan] not available here: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
         return
+    if gpu != "cpu" and detected is None:
+        kind = next((k.split(":", 1)[1] for k in resources if k.startswith("accelerator_type:")), "not reported")
+        p.notes.append(f"GPU type {kind}: not one the plan knows; planned as an H100 (sparsecse plan --gpu for others)")
     print(render(p))
     if max_hours is not None and p.wall_s > 3600 * max_hours:
         raise SparseCSEError(f"--max-hours {max_hours:g}: the plan above takes {p.wall_s / 3600:.1f} h; shrink the "

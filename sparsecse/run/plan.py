@@ -4,12 +4,15 @@ time, checkpoint bytes and the transfer evaluation — from the model's shape, t
 How a figure is reached (and what is measured vs extrapolated):
 - FLOPs per step: the encoder's matmuls over the step's real tokens (2 dropout views × batch × mean tokens per
   sentence, padding-free as train.py runs it), forward + backward = 3× forward (`train_flops_per_step`).
-- Step time: max(launch floor, FLOPs ÷ (peak × MFU)). On the CPU the peak is a matmul measured now, and the MFU
+- Step time: launch floor + FLOPs ÷ (peak × MFU), plus on data-parallel GPUs the gradient all-reduce (ring, fp32
+  gradients over the node's link: NVLink or PCIe; not assumed to overlap the backward pass). `plan` lists stage 1's
+  step on 1, 2, 4 … GPUs and recommends the fewest within 10 % of the fastest. On the CPU the peak is a matmul measured now, and the MFU
   (76 %) is BENCHMARKS row 1's. On the H100 the fp32/bf16 peaks and the launch floor (a batch-64 MiniLM step,
   21.4 ms over 6 layers) are BENCHMARKS 5a/5b's; the MFU a compute-bound step reaches on a GPU (50 %) is an
   assumption until benchmarks/gpu_check.py has run on one. A100/L4 use their data-sheet peaks: extrapolated.
 - Trials sharing a GPU (sweep.trial_gpus < 1) share its arithmetic: k trials on one GPU take
-  max(floor, k × compute) per step each, so packing pays while a step is launch-bound.
+  max(floor + compute, k × compute) per step each (one's launches overlap the others' compute), so packing pays
+  while a step is launch-bound.
 - Checkpoints: checkpoints.py's policy — the final best model (1× weights) plus, per resumable checkpoint,
   weights + best + AdamW moments (2× weights); resumable checkpoints = trial minutes ÷ train.checkpoint_every.
 """
@@ -60,13 +63,43 @@ class Hardware:
     peak_bf16: float
     memory_gb: float
     source: str
+    link: str  # how GPUs of one node exchange gradients
+    link_bytes_s: float  # per direction, data sheet (an all-reduce reaches somewhat less)
 
 
+_NVLINK4, _NVLINK3, _PCIE4 = 450e9, 300e9, 25e9  # NVLink 4 / 3 per direction; PCIe 4.0 x16 as reached in practice
 GPUS = {
-    "h100": Hardware("NVIDIA H100 80GB", 51.3e12, 770e12, 80, "peaks measured on an H100 (BENCHMARKS 5a/5b)"),
-    "a100": Hardware("NVIDIA A100 80GB", 19.5e12, 312e12, 80, "data-sheet peaks (extrapolated, not measured)"),
-    "l4": Hardware("NVIDIA L4 24GB", 30.3e12, 121e12, 24, "data-sheet peaks (extrapolated, not measured)"),
+    "h100": Hardware("NVIDIA H100 80GB", 51.3e12, 770e12, 80, "peaks measured on an H100 (BENCHMARKS 5a/5b)",
+                     "NVLink 4", _NVLINK4),
+    "h200": Hardware("NVIDIA H200 141GB", 51.3e12, 770e12, 141, "the H100's measured peaks (the same GH100 compute)",
+                     "NVLink 4", _NVLINK4),
+    "a100": Hardware("NVIDIA A100 80GB", 19.5e12, 312e12, 80, "data-sheet peaks (extrapolated, not measured)",
+                     "NVLink 3", _NVLINK3),
+    "a10g": Hardware("NVIDIA A10G 24GB", 31.2e12, 125e12, 24, "A10 data-sheet peaks (extrapolated, not measured)",
+                     "PCIe 4.0 (no NVLink on g5)", _PCIE4),
+    "l4": Hardware("NVIDIA L4 24GB", 30.3e12, 121e12, 24, "data-sheet peaks (extrapolated, not measured)",
+                   "PCIe 4.0", _PCIE4),
 }
+
+
+def gpu_type(resources: dict) -> str | None:
+    """The GPU type a Ray cluster reports (its `accelerator_type:…` resource, e.g. H100, A10G, A100-80G) as one of
+    GPUS' keys; None when it reports none or one this plan does not know."""
+    for key in resources:
+        if key.startswith("accelerator_type:"):
+            name = key.split(":", 1)[1].lower()
+            for known in sorted(GPUS, key=len, reverse=True):  # a10g before a100's prefix a10
+                if name.startswith(known):
+                    return known
+    return None
+
+
+def allreduce_s(params: int, world: int, hw: Hardware) -> float:
+    """One step's gradient all-reduce across `world` data-parallel GPUs of a node (ring: each sends and receives
+    2·(world−1)/world of the fp32 gradients over the link), counted as if it did not overlap the backward pass."""
+    if world <= 1:
+        return 0.0
+    return 2 * (world - 1) / world * 4 * params / hw.link_bytes_s
 
 
 @dataclass(frozen=True)
@@ -158,11 +191,14 @@ class Device:
     """Where one process computes: FLOP/s it reaches, its per-step launch floor, and how many trials share it."""
 
     flops: float  # attainable FLOP/s (peak × MFU) of this process's share of threads/GPU
-    floor_s: float  # launch floor of one training step (0 on the CPU)
+    floor_s: float  # launch floor of one training step per layer (0 on the CPU)
     share: int = 1  # processes computing on the same GPU at once
 
     def step_s(self, flops: float, layers: int) -> float:
-        return max(self.floor_s * layers, self.share * flops / self.flops)
+        """One process's step: its launch floor plus its compute; processes sharing a GPU overlap one's launches
+        with the others' compute, so k of them take max(floor + compute, k × compute) each."""
+        compute = flops / self.flops
+        return max(self.floor_s * layers + compute, self.share * compute)
 
 
 def cpu_peak_per_thread() -> float:
@@ -217,6 +253,11 @@ class Plan:
     transfer_models: int
     transfer_sentences: int
     notes: list
+    workers: int = 1  # ray.num_workers as configured
+    comm_s_stage1: float = 0.0  # of stage 1's step, the gradient all-reduce
+    worker_options: list | None = None  # [workers, step seconds, all-reduce seconds] per option
+    recommended_workers: int | None = None
+    link: str = ""
 
 
 def _resources(cfg: Config, gpu: str, gpus: int | None, cpus: int | None) -> tuple[int, int, str]:
@@ -234,7 +275,7 @@ def _device(cfg: Config, gpu: str, on_gpu: bool, threads: float, share: int, per
     if gpu == "cpu" or not on_gpu:
         return Device(per_thread * max(1.0, threads) * CPU_MFU, 0.0)
     hw = GPUS[gpu]
-    peak = hw.peak_bf16 if cfg.train.precision == "bf16" else hw.peak_fp32
+    peak = hw.peak_bf16 if cfg.train.precision in ("bf16", "auto") else hw.peak_fp32  # auto is bf16 on a GPU
     return Device(peak * GPU_MFU, LAUNCH_S_PER_LAYER, share)
 
 
@@ -268,10 +309,11 @@ def _checkpoints(cfg: Config, evals: int, train_s: float) -> int:
     return max(0, min(evals - 1, due))
 
 
-def _run_s(cfg: Config, shape: Shape, dev: Device, steps: int, tokens: float, world: int = 1) -> dict:
+def _run_s(cfg: Config, shape: Shape, dev: Device, steps: int, tokens: float, world: int = 1,
+           comm_s: float = 0.0) -> dict:
     """One training run (stage 1 or a trial): steps, evaluations, their seconds and its checkpoints."""
     flops = 3 * shape.fwd_flops_per_token(tokens) * 2 * cfg.train.batch_size * tokens
-    step_s = dev.step_s(flops / world, shape.layers)
+    step_s = dev.step_s(flops / world, shape.layers) + comm_s
     evals = math.ceil(steps / cfg.train.eval_steps)
     dev_s = _eval_s(shape, dev, 2 * (cfg.train.eval_max_pairs or 1500), cfg.eval.batch_size)
     train_s = steps * step_s + evals * dev_s
@@ -299,7 +341,10 @@ def make_plan(cfg: Config, data_dir: Path | None, gpu: str = "cpu", gpus: int | 
     trials = count_trials(cfg)
     s1_dev = _device(cfg, gpu, gpu != "cpu" and cfg.ray.use_gpu, cfg.ray.cpus_per_worker, 1, per_thread)
     tr_dev = _device(cfg, gpu, on_gpu, sw.trial_cpus, min(share, slots), per_thread)
-    s1 = _run_s(cfg, shape, s1_dev, _steps(cfg, n, world), tokens, world)
+    hw = GPUS.get(gpu) if gpu != "cpu" and cfg.ray.use_gpu else None
+    comm = allreduce_s(shape.params, world, hw) if hw else 0.0
+    s1 = _run_s(cfg, shape, s1_dev, _steps(cfg, n, world), tokens, world, comm)
+    options = _worker_options(cfg, shape, s1_dev, tokens, ngpu, hw) if hw else []
     tr = _run_s(cfg, shape, tr_dev, _steps(cfg, n, 1), tokens)
     test_s = _eval_s(shape, tr_dev, 2 * sum(TASK_PAIRS.get(t, 0) for t in cfg.eval.tasks), cfg.eval.batch_size)
     trial_s = OVERHEAD_S["trial"] + tr["train_s"] + tr["upload_s"] + test_s
@@ -331,7 +376,30 @@ def make_plan(cfg: Config, data_dir: Path | None, gpu: str = "cpu", gpus: int | 
     return Plan(cfg.model.name, hw_name, shape.params, trials, slots, n, tokens, _steps(cfg, n, world),
                 _steps(cfg, n, 1), tr["evals"], tr["flops"], s1["step_s"], tr["step_s"], stage1_s, score_s, trial_s,
                 after_s, wall, gpu_h, tr["checkpoints"], tr["upload"], tr["every_eval"],
-                trials * 4 * shape.params, models, models * TRANSFER_SENTENCES, notes)
+                trials * 4 * shape.params, models, models * TRANSFER_SENTENCES, notes, world, comm,
+                options, recommend(options), hw.link if hw else "")
+
+
+def _worker_options(cfg: Config, shape: Shape, dev: Device, tokens: float, ngpu: int, hw: Hardware) -> list:
+    """Stage 1's step on 1, 2, 4, 8 … data-parallel GPUs (those the cluster has and the batch divides evenly):
+    [workers, step seconds, of which the all-reduce]."""
+    flops = 3 * shape.fwd_flops_per_token(tokens) * 2 * cfg.train.batch_size * tokens
+    out, w = [], 1
+    while w <= max(ngpu, 1):
+        if cfg.train.batch_size % w == 0:
+            comm = allreduce_s(shape.params, w, hw)
+            out.append([w, dev.step_s(flops / w, shape.layers) + comm, comm])
+        w *= 2
+    return out
+
+
+def recommend(options: list, within: float = 0.10) -> int | None:
+    """The fewest data-parallel workers whose step is within `within` of the fastest option's: more GPUs than that
+    buy under 10 % and cost their hours (and, over PCIe, the all-reduce can make them slower outright)."""
+    if not options:
+        return None
+    best = min(s for _, s, _ in options)
+    return min(w for w, s, _ in options if s <= best * (1 + within))
 
 
 def _dur(s: float) -> str:
@@ -345,7 +413,9 @@ def _gb(b: float) -> str:
 def render(p: Plan) -> str:
     rows = [("model", f"{p.model} ({p.params / 1e6:.1f} M parameters)"), ("hardware", p.hardware),
             ("trials", f"{p.trials}, {p.concurrency} at a time"),
-            ("stage 1", f"{p.steps_stage1:,} steps × {p.step_s_stage1 * 1e3:.0f} ms → {_dur(p.stage1_s)}"),
+            ("stage 1", f"{p.steps_stage1:,} steps × {p.step_s_stage1 * 1e3:.0f} ms → {_dur(p.stage1_s)}"
+                        + (f" ({p.workers} data-parallel GPUs; all-reduce {p.comm_s_stage1 * 1e3:.0f} ms of each step "
+                           f"over {p.link})" if p.workers > 1 and p.link else "")),
             ("per trial", f"{p.steps_trial:,} steps × {p.step_s_trial * 1e3:.0f} ms, {p.evals_trial} evaluations "
                           f"→ {_dur(p.trial_s)}"),
             ("FLOPs per step", f"{p.flops_per_step / 1e9:.1f} GFLOP (forward + backward, 2 views)"),
@@ -355,5 +425,10 @@ def render(p: Plan) -> str:
                                              f"final; every evaluation would be {_gb(p.upload_bytes_every_eval)})"),
             ("checkpoints stored after the sweep", _gb(p.stored_bytes)),
             ("transfer evaluation", f"{p.transfer_models} model(s), {p.transfer_sentences:,} sentences encoded")]
+    if p.worker_options:
+        rows.insert(4, ("stage 1 by GPU count", ", ".join(f"{w}: {t * 1e3:.0f} ms/step" + (f" ({c * 1e3:.0f} ms "
+                                                            "all-reduce)" if c else "") for w, t, c in p.worker_options)
+                        + f" → recommended ray.num_workers: {p.recommended_workers}"
+                        + ("" if p.recommended_workers == p.workers else f" (configured: {p.workers})")))
     width = max(len(k) for k, _ in rows)
     return "\n".join([f"[plan] {k.ljust(width)}  {v}" for k, v in rows] + [f"[plan] note: {n}" for n in p.notes])

@@ -1,0 +1,200 @@
+"""The pruned encoder as ONNX Runtime's fused transformer graph, written from the weights.
+
+ONNX Runtime's own optimizer fuses attention by matching the exporter's reshape/transpose pattern against one
+head count for the whole model, which a pruned model (a head count per layer) does not have: the exported graph then
+runs every layer's attention as separate reshapes, matmuls and a softmax. Here each layer is written directly as the
+nodes the optimizer would have produced, with that layer's own head count:
+
+    embeddings   com.microsoft.EmbedLayerNormalization (word + position [+ token type] → LayerNorm) [→ MatMul]
+    attention    com.microsoft.Attention (q|k|v packed, num_heads = the layer's heads, the padding mask)
+                 → MatMul(output) → com.microsoft.SkipLayerNormalization (residual + bias + LayerNorm in one node)
+    FFN          MatMul → com.microsoft.BiasGelu / FastGelu (bias + activation) → MatMul → SkipLayerNormalization
+
+A layer pruned to no heads (no neurons) keeps only its output projection's bias, exactly as the masked layer does.
+ONNX Runtime's dynamic quantiser turns Attention into QAttention and MatMul into integer matmuls (int8 file).
+
+Families: the post-LayerNorm encoders with absolute positions (BERT, RoBERTa, XLM-RoBERTa, ELECTRA, DistilBERT).
+MPNet (a relative-position bias computed inside the graph) and ModernBERT (rotary positions, local attention,
+pre-LayerNorm, gated FFN) are exported through torch's exporter instead (`onnx_export.export_onnx` says which).
+CPU note: ONNX Runtime removes padding (packed attention) only on CUDA; on CPU sentences are batched by length
+(`evaluate.encode`) so little padding is left to remove.
+"""
+
+from __future__ import annotations
+
+import operator
+from pathlib import Path
+
+import numpy as np
+
+OPSET = 17  # LayerNormalization is a standard op from 17
+MS = "com.microsoft"
+
+# family: embeddings, layers, q/k/v, attention output, attention LayerNorm, FFN in, FFN out, FFN LayerNorm,
+#         position rule (arange or offset by padding as RoBERTa does), config key of the activation
+_BERT = ("embeddings", "encoder.layer", ("attention.self.query", "attention.self.key", "attention.self.value"),
+         "attention.output.dense", "attention.output.LayerNorm", "intermediate.dense", "output.dense",
+         "output.LayerNorm", "arange", "hidden_act")
+LAYOUTS = {
+    "bert": _BERT, "electra": _BERT,
+    "roberta": _BERT[:8] + ("padding", "hidden_act"), "xlm-roberta": _BERT[:8] + ("padding", "hidden_act"),
+    "distilbert": ("embeddings", "transformer.layer", ("attention.q_lin", "attention.k_lin", "attention.v_lin"),
+                   "attention.out_lin", "sa_layer_norm", "ffn.lin1", "ffn.lin2", "output_layer_norm", "arange",
+                   "activation"),
+}
+NOT_FUSED = {
+    "mpnet": "MPNet adds a relative-position bias computed inside the graph; exported through torch's exporter",
+    "modernbert": "ModernBERT uses rotary positions, local attention windows and a gated FFN, which ONNX Runtime's "
+                  "fused BERT ops do not express; exported through torch's exporter",
+}
+# activation → (fused op, domain); BiasGelu is erf GELU (BERT's "gelu"), FastGelu the tanh approximation
+ACTIVATIONS = {"gelu": ("BiasGelu", MS), "gelu_new": ("FastGelu", MS), "gelu_pytorch_tanh": ("FastGelu", MS),
+               "gelu_fast": ("FastGelu", MS), "relu": ("Relu", "")}
+
+
+def unsupported(family: str, config) -> str | None:
+    """Why `family`/`config` cannot be written as the fused graph, or None when it can."""
+    if family not in LAYOUTS:
+        return NOT_FUSED.get(family, f"no fused layout for model type {family!r}; exported through torch's exporter")
+    act = getattr(config, LAYOUTS[family][9], None)
+    if not isinstance(act, str) or act not in ACTIVATIONS:
+        return f"activation {act!r} has no fused ONNX Runtime op; exported through torch's exporter"
+    if getattr(config, "position_embedding_type", "absolute") != "absolute":
+        return (f"position_embedding_type {config.position_embedding_type!r} is not absolute; exported through "
+                "torch's exporter")
+    return None
+
+
+class _Graph:
+    """Nodes and initializers under construction, with fresh names."""
+
+    def __init__(self):
+        self.nodes, self.inits, self.n = [], [], 0
+
+    def name(self, stem: str) -> str:
+        self.n += 1
+        return f"{stem}_{self.n}"
+
+    def const(self, stem: str, value) -> str:
+        from onnx import numpy_helper
+
+        name = self.name(stem)
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], domain: str = "", n_out: int = 1, **attrs) -> str | list[str]:
+        from onnx import helper
+
+        outs = [self.name(op_type.lower()) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=self.name(op_type), domain=domain or None,
+                                           **attrs))
+        return outs[0] if n_out == 1 else outs
+
+
+def _np(t) -> np.ndarray:
+    return t.detach().float().cpu().numpy()
+
+
+def _heads(layer, q_path: str, d: int) -> int:
+    try:
+        return operator.attrgetter(q_path)(layer).out_features // d
+    except AttributeError:  # a layer pruned to no heads keeps no q/k/v
+        return 0
+
+
+def _neurons(layer, path: str) -> int:
+    try:
+        return operator.attrgetter(path)(layer).out_features
+    except AttributeError:
+        return 0
+
+
+def build(backbone, family: str, input_names: list[str]):
+    """The fused ModelProto of `backbone` (a stock or physically pruned encoder of `family`): inputs
+    `input_names` (int64, batch × sequence), output last_hidden_state (batch × sequence × hidden)."""
+    from onnx import TensorProto, helper
+
+    reason = unsupported(family, backbone.config)
+    if reason:
+        raise ValueError(reason)
+    emb_path, layers_path, qkv, o, ln1, f_in, f_out, ln2, positions, act_key = LAYOUTS[family]
+    cfg = backbone.config
+    get = operator.attrgetter
+    emb = get(emb_path)(backbone)
+    hidden = emb.LayerNorm.weight.shape[0]
+    n_heads = getattr(cfg, "num_attention_heads", None) or cfg.n_heads
+    g = _Graph()
+
+    # embeddings: one EmbedLayerNormalization node (word + position [+ token type] → LayerNorm); a model given no
+    # token types adds type 0's row everywhere, folded here into the position table
+    ids32 = g.op("Cast", ["input_ids"], to=TensorProto.INT32)
+    position_table = _np(emb.position_embeddings.weight)
+    types = getattr(emb, "token_type_embeddings", None)
+    with_types = types is not None and "token_type_ids" in input_names
+    if types is not None and not with_types:
+        position_table = position_table + _np(types.weight[0])
+    inputs = [ids32, g.op("Cast", ["token_type_ids"], to=TensorProto.INT32) if with_types else "",
+              g.const("word_embeddings", _np(emb.word_embeddings.weight)), g.const("position_embeddings", position_table),
+              g.const("token_type_embeddings", _np(types.weight)) if with_types else "",
+              g.const("ln_w", _np(emb.LayerNorm.weight)), g.const("ln_b", _np(emb.LayerNorm.bias)), ""]
+    if positions == "padding":  # RoBERTa: positions count real tokens from padding_idx + 1, padding keeps padding_idx
+        pad = np.array(emb.padding_idx, np.int32)
+        real = g.op("Cast", [g.op("Not", [g.op("Equal", [ids32, g.const("pad", pad)])])], to=TensorProto.INT32)
+        inputs.append(g.op("Add", [g.op("Mul", [g.op("CumSum", [real, g.const("axis", np.array(1, np.int64))]), real]),
+                                   g.const("pad", pad)]))
+    x = g.op("EmbedLayerNormalization", inputs, domain=MS, n_out=2, epsilon=float(emb.LayerNorm.eps))[0]
+    project = getattr(backbone, "embeddings_project", None)  # ELECTRA with embedding_size < hidden_size
+    if project is not None:
+        hidden = project.out_features
+        x = g.op("Add", [g.op("MatMul", [x, g.const("proj_w", _np(project.weight).T)]),
+                         g.const("proj_b", _np(project.bias))])
+    d = hidden // n_heads
+    mask32 = g.op("Cast", ["attention_mask"], to=TensorProto.INT32)
+    act_op, act_domain = ACTIVATIONS[getattr(cfg, act_key)]
+
+    def skip_ln(inp, residual, bias, ln):
+        if inp is None:  # nothing left of the sublayer but its output bias
+            added = g.op("Add", [residual, g.const("bias", bias)])
+            return g.op("LayerNormalization", [added, g.const("ln_w", _np(ln.weight)), g.const("ln_b", _np(ln.bias))],
+                        epsilon=float(ln.eps), axis=-1)
+        return g.op("SkipLayerNormalization", [inp, residual, g.const("ln_w", _np(ln.weight)),
+                                               g.const("ln_b", _np(ln.bias)), g.const("bias", bias)],
+                    domain=MS, epsilon=float(ln.eps))
+
+    for layer in get(layers_path)(backbone):
+        h = _heads(layer, qkv[0], d)
+        out = get(o)(layer)
+        if h:
+            w = np.concatenate([_np(get(p)(layer).weight).T for p in qkv], axis=1)
+            b = np.concatenate([_np(get(p)(layer).bias) for p in qkv])
+            ctx = g.op("Attention", [x, g.const("qkv_w", w), g.const("qkv_b", b), mask32], domain=MS, num_heads=h)
+            attn = g.op("MatMul", [ctx, g.const("o_w", _np(out.weight).T)])
+        else:
+            attn = None
+        x = skip_ln(attn, x, _np(out.bias), get(ln1)(layer))
+        second = get(f_out)(layer)
+        if _neurons(layer, f_in):
+            first = get(f_in)(layer)
+            up = g.op("MatMul", [x, g.const("ffn_in_w", _np(first.weight).T)])
+            if act_op == "Relu":
+                up = g.op("Relu", [g.op("Add", [up, g.const("ffn_in_b", _np(first.bias))])])
+            else:
+                up = g.op(act_op, [up, g.const("ffn_in_b", _np(first.bias))], domain=act_domain)
+            down = g.op("MatMul", [up, g.const("ffn_out_w", _np(second.weight).T)])
+        else:
+            down = None
+        x = skip_ln(down, x, _np(second.bias), get(ln2)(layer))
+    g.nodes.append(helper.make_node("Identity", [x], ["last_hidden_state"], name="output"))
+
+    inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "sequence"]) for n in input_names]
+    output = helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["batch", "sequence", hidden])
+    graph = helper.make_graph(g.nodes, "sparsecse_fused_encoder", inputs, [output], g.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
+                              producer_name="sparsecse")
+    return model
+
+
+def write(backbone, family: str, input_names: list[str], path: str | Path) -> None:
+    import onnx
+
+    onnx.save(build(backbone, family, input_names), str(path))
