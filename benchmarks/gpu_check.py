@@ -6,10 +6,13 @@ Checks (exit 1 if one fails):
   device   a task given a GPU computes on CUDA (`stages.task_device`); on a machine without CUDA it must refuse in
            one line instead of falling back to the CPU
   batches  every rank gets an equal slice of every global batch, last short batches included (world 1–8)
+  driver   the node's NVIDIA driver is new enough for torch's CUDA build (`stages.check_gpu`: the driver, then a
+           matmul on the GPU); on a CPU device it reports what it found
   resume   SimCSE stopped after its first evaluation and resumed from `latest/` continues at that step, on `device`
 Measures: the SimCSE step time of a randomly initialised encoder of `--shape` (bert-base: 12 layers × 768, 12 heads,
-FFN 3072, the paper's base model) at batch 64 × max_len 32, fp32 and bf16 autocast, with model GFLOP/s and MFU
-against the same run's matmul peak. `--shape tiny` runs the same in seconds on a CPU (what the test suite does).
+FFN 3072, the paper's base model) at batch 64 × max_len 32 in fp32 (TF32 off), TF32 and bf16 autocast, with model
+GFLOP/s and MFU against the same run's matmul peak. A precision whose step cannot run (a broken CUDA) is a failed
+check, not a crash. `--shape tiny` runs the same in seconds on a CPU (what the test suite does).
 """
 
 from __future__ import annotations
@@ -78,6 +81,18 @@ def check_device(device: str) -> str:
     raise AssertionError("a task given a GPU without CUDA was not refused")
 
 
+def check_driver(device: str) -> str:
+    from sparsecse.run.stages import check_gpu, driver_version
+
+    if torch.device(device).type != "cuda":
+        return (f"no CUDA device asked for (driver {driver_version() or 'not found'}, torch built for CUDA "
+                f"{torch.version.cuda or 'none'})")
+    problems = check_gpu()
+    if problems:
+        raise AssertionError(problems[0])
+    return f"driver {driver_version()} runs torch's CUDA {torch.version.cuda}"
+
+
 def check_batches() -> str:
     from sparsecse.method.train import global_batches, rank_slice
 
@@ -122,6 +137,9 @@ def step_time(model: Path, data: Path, device: str, precision: str, steps: int, 
     from sparsecse.method.model import load_encoder
     from sparsecse.method.train import make_optimizer, simcse_loss
 
+    cuda = torch.device(device).type == "cuda"
+    if cuda:  # tf32: fp32 tensors, TF32 matmuls; fp32: TF32 off; bf16: autocast (TF32 as the default leaves it)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
     enc = load_encoder(str(model), pooler="cls").to(device).train()
     opt = make_optimizer([p for p in enc.parameters() if p.requires_grad], 3e-5, 0.0, device)
     sents = (data / "wiki" / "wiki1m_sample.txt").read_text().splitlines()[:batch]
@@ -131,7 +149,7 @@ def step_time(model: Path, data: Path, device: str, precision: str, steps: int, 
     for i in range(steps + 1):  # the first is a warm-up
         sync(device)
         t0 = time.perf_counter()
-        loss = simcse_loss(enc, feats, 0.05, device, precision=precision)
+        loss = simcse_loss(enc, feats, 0.05, device, precision="bf16" if precision == "bf16" else "fp32")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -141,7 +159,7 @@ def step_time(model: Path, data: Path, device: str, precision: str, steps: int, 
     real = int(feats["attention_mask"].sum()) * 2  # both dropout views
     flops = train_flops_per_step(enc.backbone.config, real, feats["input_ids"].shape[1])
     peak = matmul_peak_gflops(device=device, dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
-                              n=256 if torch.device(device).type == "cpu" else None)
+                              n=256 if not cuda else None)  # a tf32 run's peak is measured with TF32 on
     med = statistics.median(times)
     return {"precision": precision, "step_s": med, "model_gflops": flops / med / 1e9, "peak_gflops": peak,
             "mfu": flops / med / 1e9 / peak}
@@ -161,16 +179,23 @@ def main(argv: list[str] | None = None) -> int:
         model = random_encoder(a.shape, tmp / "model")
         data = synthetic_data(tmp / "data")
         small = random_encoder("tiny", tmp / "tiny")
-        for name, check in (("device", lambda: check_device(a.device)), ("batches", check_batches),
-                            ("resume", lambda: check_resume(small, data, a.device, tmp))):
+        for name, check in (("device", lambda: check_device(a.device)), ("driver", lambda: check_driver(a.device)),
+                            ("batches", check_batches), ("resume", lambda: check_resume(small, data, a.device, tmp))):
             try:
                 out["checks"][name] = {"ok": True, "detail": check()}
             except Exception as e:  # noqa: BLE001 - every check reports, the script goes on
                 failed += 1
                 out["checks"][name] = {"ok": False, "detail": f"{type(e).__name__}: {e}"}
             print(f"{name:8s} {'ok  ' if out['checks'][name]['ok'] else 'FAIL'} {out['checks'][name]['detail']}")
-        for precision in ("fp32", "bf16"):
-            r = step_time(model, data, a.device, precision, a.steps)
+        precisions = ("fp32", "tf32", "bf16") if torch.device(a.device).type == "cuda" else ("fp32", "bf16")
+        for precision in precisions:
+            try:
+                r = step_time(model, data, a.device, precision, a.steps)
+            except Exception as e:  # noqa: BLE001 - a broken CUDA is a failed check with its reason, not a crash
+                failed += 1
+                out["steps"].append({"precision": precision, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+                print(f"step     {precision}: FAIL {out['steps'][-1]['error']}")
+                continue
             out["steps"].append(r)
             print(f"step     {a.shape} batch 64 × 32, {precision}: {1000 * r['step_s']:.1f} ms, "
                   f"{r['model_gflops']:.0f} model GFLOP/s, MFU {100 * r['mfu']:.1f} % of a {r['peak_gflops']:.0f} "

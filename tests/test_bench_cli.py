@@ -150,9 +150,24 @@ def test_gpu_check_runs_its_checks_and_step_timing_on_the_cpu(tmp_path):
 
     assert gpu_check.main(["--device", "cpu", "--shape", "tiny", "--steps", "1", "--out", str(tmp_path / "g.json")]) == 0
     out = json.loads((tmp_path / "g.json").read_text())
-    assert {k: v["ok"] for k, v in out["checks"].items()} == {"device": True, "batches": True, "resume": True}
+    assert {k: v["ok"] for k, v in out["checks"].items()} == {"device": True, "driver": True, "batches": True,
+                                                              "resume": True}
     assert "refused without CUDA" in out["checks"]["device"]["detail"]
+    assert "torch built for CUDA" in out["checks"]["driver"]["detail"]
     assert [s["precision"] for s in out["steps"]] == ["fp32", "bf16"] and all(0 < s["mfu"] < 1 for s in out["steps"])
+
+
+def test_gpu_check_reports_a_broken_cuda_as_failed_checks_not_a_crash(tmp_path, capsys):
+    """Asked for CUDA where torch cannot use it (a CPU-only wheel here, a bad driver on a node): the device and
+    driver checks fail with their reasons, each precision's step is a failed entry, exit 1 — no traceback."""
+    from benchmarks import gpu_check
+
+    assert gpu_check.main(["--device", "cuda", "--shape", "tiny", "--steps", "1", "--out", str(tmp_path / "g.json")]) == 1
+    out = json.loads((tmp_path / "g.json").read_text())
+    assert not out["checks"]["device"]["ok"] and not out["checks"]["driver"]["ok"]
+    assert "torch cannot use the GPU" in out["checks"]["driver"]["detail"]
+    assert [s["precision"] for s in out["steps"]] == ["fp32", "tf32", "bf16"] and all("error" in s for s in out["steps"])
+    assert "Traceback" not in capsys.readouterr().out
 
 
 def _recorded_run(root: Path, every, trials: list[dict], plan: dict | None = None, timings: dict | None = None) -> Path:

@@ -126,7 +126,8 @@ def stage1_topology(cfg: Config, nodes: list[dict]) -> str | None:
 
 
 def check_nodes(run: Run) -> None:
-    """Every node that can run work must read the data, the model and the run's storage — asked on the node."""
+    """Every node that can run work must read the data, the model and the run's storage — asked on the node —
+    and, when the config uses GPUs, every GPU node must compute on one (stages.check_gpu, holding a GPU)."""
     cfg = run.cfg
     nodes = ra.compute_nodes()
     marker = f".node-check-{secrets.token_hex(4)}"
@@ -137,10 +138,16 @@ def check_nodes(run: Run) -> None:
         found = ra.run_on_each_node(stages.check_node, nodes, run.store.uri, marker, run.data_dir, paths, cfg.model.name)
     finally:
         run.store.delete(marker)
+    gpu_nodes = [n for n in nodes if n["resources"].get("GPU", 0) >= 1]
+    if gpu_nodes and (cfg.ray.use_gpu or cfg.sweep.trial_gpus > 0):  # one GPU held on each, as a trial would hold it
+        found.update({k: found[k] + v for k, v in ra.run_on_each_node(
+            stages.check_gpu, gpu_nodes, gpus=1, timeout_s=max(120.0, cfg.ray.connect_timeout_s)).items()})
     for n in nodes:
         if found[n["id"]]:
             raise SparseCSEError(f"node {n['ip']} ({n['id'][:8]}) {found[n['id']][0]}")
-    print(f"[sweep] {len(nodes)} node(s) checked: data, model and {run.store.uri} reachable from each")
+    print(f"[sweep] {len(nodes)} node(s) checked: data, model and {run.store.uri} reachable from each"
+          + (f"; a GPU computes on each of the {len(gpu_nodes)} GPU node(s)" if gpu_nodes and (
+              cfg.ray.use_gpu or cfg.sweep.trial_gpus > 0) else ""))
 
 
 def check_sparsities(cfg: Config) -> None:

@@ -123,16 +123,23 @@ def compute_nodes() -> list[dict]:
                                                         or n.get("Resources", {}).get("GPU", 0) > 0)]
 
 
-def run_on_each_node(fn: Callable, nodes: list[dict], *args) -> dict[str, Any]:
-    """fn(*args) once on every node (pinned, no resources held, so it runs beside anything); {node id: result}."""
+def run_on_each_node(fn: Callable, nodes: list[dict], *args, gpus: float = 0, timeout_s: float | None = None
+                     ) -> dict[str, Any]:
+    """fn(*args) once on every node (pinned; no resources held unless `gpus`, so it runs beside anything);
+    {node id: result}. With `timeout_s`, a check that has not finished by then is one line, not a wait."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    remote = ray.remote(num_cpus=0)(fn)
+    remote = ray.remote(num_cpus=0, num_gpus=gpus)(fn)
     refs = {n["id"]: remote.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["id"], soft=False)).remote(*args)
             for n in nodes}
     try:
-        return {k: v for k, v in zip(refs, ray.get(list(refs.values())))}
+        return {k: v for k, v in zip(refs, ray.get(list(refs.values()), timeout=timeout_s))}
+    except ray.exceptions.GetTimeoutError:
+        for ref in refs.values():
+            ray.cancel(ref, force=True)
+        raise SparseCSEError(f"node check did not finish within {timeout_s:g} s (a node's {'GPUs' if gpus else 'CPUs'} "
+                             "held by something else?); free them or retry") from None
     except ray.exceptions.RayTaskError as e:
         raise SparseCSEError(f"node check failed: {_root_cause(e)}") from None
 

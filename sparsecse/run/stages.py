@@ -13,6 +13,7 @@ cluster whose nodes share no filesystem (storage.py).
     evaluate_task  the SimCSE baseline (and transfer tasks of a model) for the report
     export_task    the selected checkpoint as dense + physically pruned export -> export/
     check_node     before anything runs: can this node read the data, the model and the run's storage?
+    check_gpu      before anything runs, holding one GPU of a GPU node: can torch compute on it with this driver?
 """
 
 from __future__ import annotations
@@ -71,6 +72,56 @@ def task_device(gpus: float) -> str:
             f"{torch.cuda.device_count()} device(s) visible); install a CUDA build of torch that matches the node's "
             "driver, or run with sweep.trial_gpus=0 / ray.use_gpu=false")
     return "cuda"
+
+
+# CUDA major version → the oldest Linux driver that runs it (NVIDIA's CUDA compatibility table; within a major
+# version minor-version compatibility applies): torch 2.13's default CUDA 13.0 wheel needs a 580 driver
+MIN_DRIVER = {11: (450, 80), 12: (525, 60), 13: (580, 65)}
+
+
+def driver_version() -> str | None:
+    """This node's NVIDIA driver version ("580.65.06"), from the kernel module or nvidia-smi; None when neither
+    answers (no driver, or a container started without the NVIDIA runtime)."""
+    import re
+    import subprocess
+
+    try:
+        text = Path("/proc/driver/nvidia/version").read_text()
+    except OSError:
+        try:
+            text = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                  capture_output=True, text=True, timeout=30).stdout
+        except (OSError, subprocess.SubprocessError):
+            return None
+    m = re.search(r"(?:Module(?: for \S+)?\s+|^)(\d+\.\d+(?:\.\d+)?)", text.strip(), re.M)
+    return m.group(1) if m else None
+
+
+def check_gpu() -> list[str]:
+    """What keeps this node's GPU from training (empty: usable). Runs as a task holding one GPU on each GPU node
+    before stage 1: the driver against the CUDA build of torch, then a matmul on the device Ray gave it."""
+    import torch
+
+    build, drv = torch.version.cuda, driver_version()
+    facts = (f"driver {drv or 'not found'}, torch {torch.__version__} built for CUDA "
+             f"{build or 'none (a CPU-only wheel)'}")
+    if build and drv:
+        need = MIN_DRIVER.get(int(build.split(".")[0]))
+        have = tuple(int(x) for x in drv.split(".")[:2])
+        if need and have < need:
+            return [f"GPU: driver {drv} is older than torch's CUDA {build} needs (>= {need[0]}.{need[1]}); use a "
+                    "node image with a newer driver (cluster/README.md), or a torch built for an older CUDA"]
+    try:
+        task_device(1)
+        x = torch.ones(64, 64, device="cuda")
+        float((x @ x).sum())
+    except SparseCSEError:
+        return [f"GPU: torch cannot use the GPU Ray gave this check ({facts}, CUDA_VISIBLE_DEVICES="
+                f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}); check the driver and the container's NVIDIA "
+                "runtime (NVIDIA_VISIBLE_DEVICES), or run with sweep.trial_gpus=0 and ray.use_gpu=false"]
+    except RuntimeError as e:
+        return [f"GPU: a CUDA matmul failed ({facts}): {str(e).splitlines()[0][:200]}"]
+    return []
 
 
 def installed_callbacks(where: str, rank: int, store: Storage) -> list:
