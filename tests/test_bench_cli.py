@@ -237,3 +237,28 @@ def test_bench_transfer_bf16_arm_encodes_twice_and_runs_chosen_tasks(tmp_path, c
     assert set(r["scores"]["batched-bf16"]) == {"TREC", "MRPC", "MRPC_f1"}
     out = capsys.readouterr().out
     assert "| all 2 |" in out and "bf16" in out and "Sequential" not in out
+
+
+@pytest.mark.slow
+def test_gpu_sweep_script_runs_start_to_end_on_the_cpu_at_a_tiny_shape(tiny_data_dir, tmp_path):
+    """benchmarks/gpu_sweep.py, kept for the first lent GPU, works before one is lent: its own `ray start` head
+    (token auth), the plan, a sweep of 4 trials whose driver is SIGKILLed after the first finished trial, `--resume`
+    to the export, everything in gpu-sweep.json, and no Ray left running."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "gs"
+    r = subprocess.run([sys.executable, "-m", "benchmarks.gpu_sweep", "--device", "cpu", "--shape", "tiny",
+                        "--data-dir", str(tiny_data_dir), "--out", str(out), "--steps", "4"],
+                       capture_output=True, text=True, timeout=900, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads((out / "gpu-sweep.json").read_text())
+    assert res["first"]["killed"] and res["first"]["rc"] != 0 and res["resumed"]["rc"] == 0 and res["exported"]
+    assert res["plan"]["trials"] == 4 and res["summary"]["timings"]  # what plan said, beside what the sweep took
+    resumed = (out / "sweep-2.log").read_text()
+    assert "taking over the run from a driver that stopped" in resumed and "[sweep] done" in resumed
+    assert resumed.count("[trial ") >= 4 and "Configuration for experiment" not in resumed  # Tune's box stays quiet
+    assert "stage 1 skipped" in resumed  # the kill came after stage 1: resuming did not retrain it
+    from benchmarks.gpu_sweep import ray_processes
+
+    assert not ray_processes(res["ray_temp"])

@@ -498,7 +498,10 @@ def run_tuner(trial: Callable, params: dict, points: list[Point], run: TuneRun, 
         tuner = tune.Tuner(trainable, **_tuner_settings(tune, points, run, name, asha, search, path, fs))
     # one TensorBoard stream per trial: the trial's own (tensorboard/<trial>: per-step loss, lr, dev), not also
     # Tune's TBX copy of its reports; Tune's JSON/CSV results stay (read by the sweep benchmark and by tests)
-    with _env(TUNE_DISABLE_AUTO_CALLBACK_LOGGERS="1", TUNE_DISABLE_SIGINT_HANDLER="1"), \
+    # quiet (no -v): Tune's new console output prints its experiment box and "View detailed results" whatever the
+    # verbosity; its older reporter honours verbose=0 and prints nothing
+    quiet = {} if run.verbose else {"RAY_AIR_NEW_OUTPUT": "0"}
+    with _env(TUNE_DISABLE_AUTO_CALLBACK_LOGGERS="1", TUNE_DISABLE_SIGINT_HANDLER="1", **quiet), \
             _optuna_warnings_only(bool(search)):
         grid = off_main_thread(tuner.fit)
     return _trial_results(grid, run)
