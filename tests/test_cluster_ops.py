@@ -136,3 +136,60 @@ def test_the_live_report_is_rewritten_from_tunes_trial_results(tmp_path):
     (tmp_path / "run" / "report.html").unlink()
     cb.on_trial_result(2, [trial(done, "TERMINATED"), trial(running)], None, running)
     assert not (tmp_path / "run" / "report.html").exists()  # throttled: the last write was just now
+
+
+def test_a_wait_says_why_the_autoscaler_cannot_add_nodes_and_names_the_last_cause(capsys):
+    """While the driver waits, each new autoscaler problem (a launch refused, a node that failed) is one line as it
+    appears, never repeated; on giving up the one-line error names the last cause instead of only the timeout."""
+    cfg = load_config(None, ["sweep.trial_gpus=1", "ray.wait_for_resources_s=30"])
+    c = Cluster({"CPU": 4}, {"CPU": 12, "GPU": 1}, at=10 ** 9)  # never joins
+    said = ["cannot launch node type gpu_worker: InsufficientInstanceCapacity: no g5.12xlarge in us-east-1a"]
+
+    def problems():
+        return said if c.t < 15 else said + ["1 node(s) of type gpu_worker failed to start (the head's monitor.log has why)"]
+
+    with pytest.raises(SparseCSEError) as e:
+        wait_for_resources(cfg, c.resources, c.request, sleep=c.sleep, clock=lambda: c.t, problems=problems)
+    out = capsys.readouterr().out
+    assert out.count("[sweep] autoscaler: cannot launch node type gpu_worker: InsufficientInstanceCapacity") == 1
+    assert out.count("failed to start") == 1
+    msg = str(e.value)
+    assert "asks for a GPU" in msg and "the autoscaler's last report: 1 node(s) of type gpu_worker failed" in msg
+    assert "\n" not in msg and c.requests[-1] == []
+
+
+def test_autoscaler_problems_are_read_from_the_status_ray_publishes(monkeypatch):
+    """The status the (v1) autoscaler writes into the GCS, built from Ray's own dataclasses: a node type the cloud
+    refused (its category and message), failed nodes counted per type, the autoscaler's own error; nothing when
+    all is well."""
+    import json
+    from dataclasses import asdict
+
+    from ray._private import ray_constants
+    from ray.autoscaler._private.autoscaler import AutoscalerSummary
+    from ray.autoscaler._private.node_provider_availability_tracker import (NodeAvailabilityRecord,
+                                                                            NodeAvailabilitySummary,
+                                                                            UnavailableNodeInformation)
+    from ray.experimental import internal_kv
+
+    from sparsecse.run import ray_adapter as ra
+
+    refused = NodeAvailabilityRecord("gpu_worker", False, 0.0, UnavailableNodeInformation(
+        "InsufficientInstanceCapacity", "We currently do not have sufficient g5.12xlarge capacity\nin us-east-1a."))
+    ok = NodeAvailabilityRecord("cpu_worker", True, 0.0, None)
+    summary = AutoscalerSummary(active_nodes={}, idle_nodes={}, pending_nodes=[], pending_launches={},
+                                failed_nodes=[("10.0.0.7", "gpu_worker"), ("10.0.0.8", "gpu_worker")],
+                                node_availability_summary=NodeAvailabilitySummary({"gpu_worker": refused, "cpu_worker": ok}))
+    kv = {ray_constants.DEBUG_AUTOSCALING_STATUS: json.dumps({"autoscaler_report": asdict(summary)}).encode(),
+          ray_constants.DEBUG_AUTOSCALING_ERROR: b"Traceback (most recent call last):\n  ...\nbotocore: InvalidAMIID.NotFound\n"}
+    monkeypatch.setattr(internal_kv, "_internal_kv_initialized", lambda: True)
+    monkeypatch.setattr(internal_kv, "_internal_kv_get", lambda key: kv.get(key))
+    assert ra.autoscaler_problems() == [
+        "cannot launch node type gpu_worker: InsufficientInstanceCapacity: We currently do not have sufficient "
+        "g5.12xlarge capacity in us-east-1a.",
+        "2 node(s) of type gpu_worker failed to start (the head's monitor.log has why)",
+        "autoscaler error: botocore: InvalidAMIID.NotFound"]
+    kv.clear()
+    assert ra.autoscaler_problems() == []
+    monkeypatch.setattr(internal_kv, "_internal_kv_initialized", lambda: False)
+    assert ra.autoscaler_problems() == []

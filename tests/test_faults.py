@@ -189,8 +189,8 @@ def test_a_trial_given_a_gpu_cuda_cannot_use_fails_in_one_line_instead_of_traini
     """A Ray cluster whose GPU node joins after the sweep started (as an autoscaler adds one) and declares a GPU it
     does not have (as a node with a wrong torch wheel or an old driver looks to Ray). With the wait at 0 the sweep
     refuses at once in one line (no GPU yet); with ray.wait_for_resources_s it waits, says what for, and goes on
-    when the node joins; then asking for sweep.trial_gpus=1 must fail, naming the node and what torch saw — not
-    train on the CPU."""
+    when the node joins; then the node check, holding that GPU, refuses in one line naming the node, the driver
+    and torch's CUDA build — before stage 1, never training on the CPU."""
     from conftest import RAY_BIN, free_port
 
     head_tmp = f"/tmp/scse-gpu-{os.getpid()}"
@@ -225,9 +225,10 @@ def test_a_trial_given_a_gpu_cuda_cannot_use_fails_in_one_line_instead_of_traini
     out = log.read_text()
     assert "the cluster now has 3 CPU, 1 GPU" in out, out[-3000:]
     last = [x for x in out.strip().splitlines() if x.startswith("sparsecse: error: ")][-1]
-    assert proc.returncode != 0 and "Ray gave this task 1 GPU but torch" in last and "cannot use CUDA" in last
-    assert "node " in last
-    assert not (tmp_path / "run" / "tune").exists()  # no trial trained anything, on any device
+    # refused by the node check (a task holding the node's GPU) before stage 1: node, driver and CUDA build named
+    assert proc.returncode == 2 and "GPU: torch cannot use the GPU Ray gave this check" in last, out[-3000:]
+    assert last.startswith("sparsecse: error: node ") and "driver " in last and "built for CUDA" in last
+    assert not (tmp_path / "run" / "simcse").exists() and not (tmp_path / "run" / "tune").exists()  # nothing trained
 
 
 
@@ -235,8 +236,8 @@ def test_an_autoscaler_whose_gpu_workers_start_at_zero_adds_one_for_the_waiting_
                                                                                        tiny_data_dir):
     """Ray's own autoscaler (its fake multi-node provider: nodes are local raylets) with GPU workers at min 0, as
     cluster/gpu-cluster.yaml and rayjob.yaml ship them: nothing adds a worker until someone asks. The waiting sweep
-    asks for its bundles (request_resources), the autoscaler adds the GPU node, the sweep goes on (and its trial
-    then fails on the GPU torch cannot use, as above), and the request is withdrawn so idle workers can go."""
+    asks for its bundles (request_resources), the autoscaler adds the GPU node, the sweep goes on (and its node
+    check then refuses the GPU torch cannot use, as above), and the request is withdrawn so idle workers can go."""
     from conftest import RAY_BIN, free_port
 
     import ray._private.services as services
@@ -274,7 +275,7 @@ def test_an_autoscaler_whose_gpu_workers_start_at_zero_adds_one_for_the_waiting_
         shutil.rmtree(head_tmp, ignore_errors=True)
     out = r.stdout + r.stderr
     assert "its autoscaler is asked for 2 bundle(s)" in out and "the cluster now has 3 CPU, 1 GPU" in out, out[-3000:]
-    assert "Ray gave this task 1 GPU but torch" in out  # the fake GPU, as in the test above
+    assert "GPU: torch cannot use the GPU Ray gave this check" in out  # the fake GPU, as in the test above
     assert "'GPU': 1" in monitor  # the autoscaler saw the sweep's request
 
 

@@ -81,13 +81,16 @@ def demand(cfg: Config) -> list[dict]:
     return bundles
 
 
-def wait_for_resources(cfg: Config, resources, request=None, sleep=time.sleep, clock=time.monotonic) -> dict:
+def wait_for_resources(cfg: Config, resources, request=None, sleep=time.sleep, clock=time.monotonic,
+                       problems=None) -> dict:
     """The cluster's resources once they cover what the config asks for. An autoscaling cluster whose workers
     start at zero adds them only on demand: the driver asks for the config's bundles (`request`, Ray's
     request_resources) and waits up to ray.wait_for_resources_s, saying what it waits for, then withdraws the
-    request (Ray Train and Tune ask for their own). Past the wait (or at once, with the wait at 0) the one-line
-    preflight error."""
-    deadline, said = clock() + cfg.ray.wait_for_resources_s, None
+    request (Ray Train and Tune ask for their own). While it waits, what the autoscaler reports going wrong
+    (`problems`: a launch refused for capacity or quota, a node that failed to start, the autoscaler's own error)
+    is printed a line each as it appears; past the wait (or at once, with the wait at 0) the one-line preflight
+    error, naming the last such cause."""
+    deadline, said, seen = clock() + cfg.ray.wait_for_resources_s, None, []
     try:
         while True:
             res = resources()
@@ -97,7 +100,14 @@ def wait_for_resources(cfg: Config, resources, request=None, sleep=time.sleep, c
                     print(f"[sweep] the cluster now has {res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU")
                 return res
             except SparseCSEError as e:
+                for line in (problems() if problems is not None and said is not None else []):
+                    if line not in seen:
+                        seen.append(line)
+                        print(f"[sweep] autoscaler: {line}")
                 if clock() >= deadline:
+                    if seen:
+                        raise SparseCSEError(f"{e} (after {cfg.ray.wait_for_resources_s:g} s; the autoscaler's last "
+                                             f"report: {seen[-1]})") from None
                     raise
                 if said is None and request is not None:
                     request(demand(cfg))

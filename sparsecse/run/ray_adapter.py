@@ -158,6 +158,37 @@ def request_resources(bundles: list[dict]) -> None:
     ask(bundles=bundles)
 
 
+def autoscaler_problems() -> list[str]:
+    """What the cluster's autoscaler reports going wrong, a line each: node types it cannot launch and why (the
+    cloud's category and message: capacity, quota, a bad image), nodes that failed to start, its own last error.
+    Read from the status the autoscaler publishes in the GCS (what `ray status` shows); [] without an autoscaler."""
+    import json
+
+    from ray._private import ray_constants
+    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_initialized
+
+    if not _internal_kv_initialized():
+        return []
+    out = []
+    status = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+    report = (json.loads(status).get("autoscaler_report") or {}) if status else {}
+    kinds = (report.get("node_availability_summary") or {}).get("node_availabilities") or {}
+    for kind, a in sorted(kinds.items()):
+        if not a.get("is_available", True):
+            info = a.get("unavailable_node_information") or {}
+            out.append(f"cannot launch node type {kind}: {info.get('category') or 'error'}: "
+                       + " ".join(str(info.get("description") or "no reason given").split())[:300])
+    failed: dict = {}
+    for _, kind in report.get("failed_nodes") or []:
+        failed[kind] = failed.get(kind, 0) + 1
+    out += [f"{n} node(s) of type {kind} failed to start (the head's monitor.log has why)" for kind, n in failed.items()]
+    error = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_ERROR)
+    if error:
+        lines = [x for x in error.decode(errors="replace").strip().splitlines() if x.strip()]
+        out.append(f"autoscaler error: {lines[-1].strip()[:300]}" if lines else "autoscaler error")
+    return out
+
+
 def shutdown(interrupted: bool = False) -> None:
     """Disconnect (and stop a local Ray). After Ctrl-C, Ray's own loggers are silenced first: the calls still
     running on helper threads (off_main_thread) fail as Ray goes away, and their errors are not the user's news."""

@@ -140,7 +140,8 @@ def _run_sweep(config_path: str, overrides, resume: bool | str, address: str | N
                 print(f"[sweep] {store.uri}: Ray's own output goes to {log} (-v shows it here)", flush=True)
             ra.connect(address, cfg.ray.num_cpus, dashboard=os.environ.get("SPARSECSE_DASHBOARD", "1") != "0",
                        timeout_s=cfg.ray.connect_timeout_s, metrics_port=cfg.ray.metrics_export_port, verbose=verbose)
-            res = wait_for_resources(cfg, ra.cluster_resources, ra.request_resources)
+            res = wait_for_resources(cfg, ra.cluster_resources, ra.request_resources,
+                                     problems=ra.autoscaler_problems)
             warning = stage1_topology(cfg, ra.compute_nodes())
             if warning:
                 print(warning)
