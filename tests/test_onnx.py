@@ -102,31 +102,39 @@ def test_onnx_pooler_cls_applies_simcse_mlp(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_int8_minilm_keeps_stsb_within_half_a_point_of_fp32(data_dir, tmp_path):
-    """The packaged MiniLM, 30 % of heads and neurons pruned (magnitude masks): int8 ONNX vs fp32 ONNX on STS-B
-    test (measured and printed), and fp32 ONNX equal to the PyTorch model (cosine ≥ 0.9999)."""
-    from sparsecse.ops.onnx_export import OnnxEncoder
+def test_the_fused_export_of_a_30pct_minilm_keeps_its_embeddings_in_fp32_and_int8(data_dir, tmp_path):
+    """The export users deploy (issue 41's harness): the packaged MiniLM scored on 128 STS-B train pairs, 30 % of
+    heads and neurons pruned at λ 0.5. On every STS-B test sentence the fused fp32 graph gives the PyTorch export's
+    embedding (cosine ≥ 0.9999) and its STS-B figure (±0.02); int8 stays at cosine ≥ 0.99 per sentence and within
+    0.4 of fp32 on STS-B (measured −0.32; BENCHMARKS row 3)."""
+    from sparsecse.method.data import load_stsb
     from sparsecse.method.evaluate import encode, evaluate_sts
-    from sparsecse.ops.export import export_model
     from sparsecse.method.prune import masks_for
+    from sparsecse.method.score import compute_scores
+    from sparsecse.ops.export import export_model
+    from sparsecse.ops.onnx_export import OnnxEncoder
 
     torch.set_num_threads(2)
     enc = load_encoder("minilm", pooler="cls_before_pooler")
-    enc.set_masks(*masks_for("magnitude", 0.3, 0.5, 1, pretrained=enc))
+    scores = compute_scores(enc, load_stsb(data_dir, "train"), max_pairs=128)
+    enc.set_masks(*masks_for("align_uniform", 0.3, 0.5, 1, scores=scores, pretrained=enc))
     pdir = export_model(enc, tmp_path / "e", onnx=True) / "pruned"
-    sents = (data_dir / "wiki" / "wiki1m_sample.txt").read_text(encoding="utf-8").splitlines()[:128]
-    ref = torch.stack(list(encode(load_encoder(str(pdir)), sents).values()))
+    test = load_stsb(data_dir, "test")
+    sents = sorted(set(test.s1) | set(test.s2))
+    torch_export = load_encoder(str(pdir))
+    ref = torch.stack(list(encode(torch_export, sents).values()))
     fp32 = OnnxEncoder(pdir, threads=2)
     got = torch.stack(list(encode(fp32, sents).values()))
     assert torch.nn.functional.cosine_similarity(got, ref).min() >= 0.9999
     s32 = evaluate_sts(fp32, data_dir, tasks=("STSBenchmark",))["STSBenchmark"]
-    st = evaluate_sts(load_encoder(str(pdir)), data_dir, tasks=("STSBenchmark",))["STSBenchmark"]
+    st = evaluate_sts(torch_export, data_dir, tasks=("STSBenchmark",))["STSBenchmark"]
     assert abs(s32 - st) <= 0.02  # the ONNX model evaluates as the PyTorch one does
-    s8 = evaluate_sts(OnnxEncoder(pdir, "onnx/model_qint8.onnx", threads=2), data_dir, tasks=("STSBenchmark",))["STSBenchmark"]
-    print(f"STS-B test, MiniLM pruned 30 %: ONNX fp32 {s32:.2f}, int8 {s8:.2f} (Δ {s8 - s32:+.2f})")
-    int8 = torch.stack(list(encode(OnnxEncoder(pdir, "onnx/model_qint8.onnx", threads=2), sents).values()))
-    assert torch.nn.functional.cosine_similarity(int8, got).min() >= INT8_COSINE  # per sentence, against fp32
-    assert abs(s8 - s32) <= 0.5
+    int8_enc = OnnxEncoder(pdir, "onnx/model_qint8.onnx", threads=2)
+    s8 = evaluate_sts(int8_enc, data_dir, tasks=("STSBenchmark",))["STSBenchmark"]
+    print(f"STS-B test, MiniLM pruned 30 %: torch {st:.2f}, ONNX fp32 {s32:.2f}, int8 {s8:.2f} (Δ {s8 - s32:+.2f})")
+    int8 = torch.stack(list(encode(int8_enc, sents).values()))
+    assert torch.nn.functional.cosine_similarity(int8, got).min() >= 0.99  # per sentence, against fp32
+    assert abs(s8 - s32) <= 0.4
 
 
 def test_int8_export_of_a_model_with_a_layer_that_has_nothing_left(tiny_model_dir, tmp_path):
