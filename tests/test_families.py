@@ -156,6 +156,23 @@ def test_export_loads_in_automodel_and_sentence_transformers_with_the_masked_emb
     dense = SentenceTransformer(str(out), device="cpu")
     assert torch.nn.functional.cosine_similarity(torch.as_tensor(dense.encode(SENTENCES)), want).min() >= 0.9999
     assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in enc.backbone.parameters())
+    # the smaller model runs the dense model's attention kernel: under sentence-transformers the same attention
+    # implementation, and where that is SDPA, one scaled_dot_product_attention call per layer that has heads
+    impl = dense[0].auto_model.config._attn_implementation
+    assert st[0].auto_model.config._attn_implementation == impl
+    if impl == "sdpa":
+        calls, real = [], torch.nn.functional.scaled_dot_product_attention
+
+        def counted(*args, **kwargs):
+            calls.append(args[0].shape[1])  # (batch, heads, tokens, head dim)
+            return real(*args, **kwargs)
+
+        torch.nn.functional.scaled_dot_product_attention = counted
+        try:
+            st.encode(SENTENCES[:1])
+        finally:
+            torch.nn.functional.scaled_dot_product_attention = real
+        assert calls == [h for h in pruned.config.heads_per_layer if h], (family, calls)
 
 
 def test_one_simcse_step_trains_every_family(family_dir, tiny_data_dir, tmp_path):
