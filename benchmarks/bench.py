@@ -610,7 +610,7 @@ def _pct(x: float) -> str:
 def markdown(r: dict) -> str:
     """The row for BENCHMARKS.md: command, machine and date, then the figures of both arms."""
     timing = "read from the finished sweeps' records" if r["row"] in SWEEP_ROWS else \
-        f"median of {r['reps']} after {r['warmup']} warm-up"
+        f"{'best' if r['row'] == 'inference' else 'median'} of {r['reps']} after {r['warmup']} warm-up"
     head = [f"`{r['command']}`" if r.get("command") else "", f"{r['machine']}, {r['date']}, {timing}", ""]
     if r["row"] == "train":
         rows = ["| sent/s: ours | ours before | peer | ours ÷ peer | model GFLOP/s | matmul peak | MFU |",

@@ -85,14 +85,21 @@ def test_cli_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, tiny_mode
       "--address", "127.0.0.1:1"], "not divisible by ray.num_workers=2"),  # checked before joining any cluster
     (["sweep", "sweeps/quickstart.yaml", "--resume", "--resume-if-exists", "--out", "o"], "pass one"),
 ])
-def test_cli_user_errors(tmp_path, data_dir, args, needle):
+def test_cli_user_errors(tmp_path, data_dir, args, needle, monkeypatch, capsys):
+    """In-process (`main`, as the console script calls it): the exit code and the one line on stderr. The process
+    level — a real `python -m sparsecse`, nothing else printed — is test_bad_inputs' and the test above."""
     import shutil
 
+    from sparsecse.cli import main
+
     shutil.copytree(Path(__file__).resolve().parents[1] / "sweeps", tmp_path / "sweeps")
-    r = run_cli(*args, env={"SPARSECSE_DATA_DIR": str(data_dir)}, cwd=tmp_path)
-    assert r.returncode == 2, r.stderr
-    assert needle in r.stderr and "Traceback" not in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+    monkeypatch.setenv("SPARSECSE_DATA_DIR", str(data_dir))
+    monkeypatch.chdir(tmp_path)
+    rc = main(list(args))
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert needle in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists() and not (tmp_path / "x").exists()
 
 

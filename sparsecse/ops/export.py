@@ -59,7 +59,7 @@ def _add_sentence_transformers(d: Path, pooler: str, mlp: nn.Linear, max_seq_len
 
 
 def _model_card(meta: dict, results: dict | None, params: dict, onnx_rows: list[dict] | None = None,
-                base: dict | None = None, pruned: bool = False) -> str:
+                base: dict | None = None, pruned: bool = False, speed: list[dict] | None = None) -> str:
     """The export's README.md in the Hub's form: YAML metadata (license, base_model, pipeline_tag, tags, a
     model-index of the STS results), what the model is, how to load it, its results, limitations, versions and the
     citation. No local path of the exporting machine appears in it."""
@@ -104,6 +104,11 @@ def _model_card(meta: dict, results: dict | None, params: dict, onnx_rows: list[
                   render(["file", "size (MB)", "sentences/s", "STS-B test"],
                          [[r["file"], f"{r['mb']:.1f}", r.get("sentences_per_s"), r.get("stsb_test")]
                           for r in onnx_rows], left=1), ""]
+    if speed:
+        lines += ["## Speed", "", f"Encoding {SPEED_SENTENCES} wiki sentences (batches of 64, CPU, best of two) on the "
+                  "exporting machine, against the dense model under sentence-transformers on the same machine:", "",
+                  render(["path", "sentences/s", "× dense"], [[r["path"], f"{r['sentences_per_s']:.0f}",
+                                                                 f"{r['x_dense']:.2f}×"] for r in speed], left=1), ""]
     lines += ["## Limitations", "",
               "The figures above are what the exporting sweep measured; a model trained at small budgets (sparsecse's "
               "quickstart trains 16 steps) is a pipeline demo, usually below the model it started from. Compare it "
@@ -113,12 +118,47 @@ def _model_card(meta: dict, results: dict | None, params: dict, onnx_rows: list[
     return "\n".join(lines)
 
 
+SPEED_SENTENCES = 256  # wiki sentences each path encodes when the export measures its speed
+
+
+def _speed_sentences(data_dir: Path | None) -> list[str] | None:
+    wiki = data_dir / "wiki" / "wiki1m_sample.txt" if data_dir is not None else None
+    return read_lines(wiki)[:SPEED_SENTENCES] if wiki is not None and wiki.is_file() else None
+
+
 def _onnx(pruned, tokenizer, pdir: Path, quantize: bool, data_dir: Path | None, pooler: str) -> list[dict]:
     """pruned/onnx/: the physically pruned model as ONNX (+ int8), each file measured for the model card."""
     files, graph = export_onnx(pruned, tokenizer, pdir, quantize=quantize)
-    wiki = data_dir / "wiki" / "wiki1m_sample.txt" if data_dir is not None else None
-    sentences = read_lines(wiki)[:256] if wiki is not None and wiki.is_file() else None
-    return [r | {"graph": graph} for r in measure(pdir, files, sentences=sentences, data_dir=data_dir, pooler=pooler)]
+    return [r | {"graph": graph} for r in measure(pdir, files, sentences=_speed_sentences(data_dir), data_dir=data_dir,
+                                                 pooler=pooler)]
+
+
+def st_speed(model_dir: Path, sentences: list[str], remote: bool) -> float:
+    """Sentences per second of `model_dir` as sentence-transformers runs it (its default torch backend, batches
+    of 64; best of two after a warm-up): the path a user of the export takes."""
+    import time
+
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(model_dir), device="cpu", trust_remote_code=remote)
+    model.encode(sentences[:64], batch_size=64)
+    times = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        model.encode(sentences, batch_size=64)
+        times.append(time.perf_counter() - t0)
+    return len(sentences) / min(times)
+
+
+def speed_rows(dense_dir: Path, pruned_dir: Path, sentences: list[str], onnx_rows: list[dict] | None) -> list[dict]:
+    """The export's speed on this machine, each path against the dense model under sentence-transformers (the
+    baseline a user compares with): the pruned model under sentence-transformers, and each ONNX file."""
+    base = st_speed(dense_dir, sentences, remote=False)
+    rows = [{"path": "sentence-transformers, dense", "sentences_per_s": base},
+            {"path": "sentence-transformers, pruned/", "sentences_per_s": st_speed(pruned_dir, sentences, remote=True)}]
+    rows += [{"path": f"ONNX Runtime, pruned/{r['file']}", "sentences_per_s": r["sentences_per_s"]}
+             for r in onnx_rows or [] if r.get("sentences_per_s")]
+    return [r | {"x_dense": r["sentences_per_s"] / base} for r in rows]
 
 
 def _layer_params(model: nn.Module, layers_attr: str) -> int:
@@ -184,9 +224,15 @@ def export_model(source: str | Encoder, out: str | os.PathLike, pooler: str | No
         (tmp / META_FILE).write_text(json.dumps({**info, "physical": False}, indent=2, sort_keys=True, default=str))
         (pdir / META_FILE).write_text(json.dumps({**info, "physical": True}, indent=2, sort_keys=True, default=str))
         onnx_rows = _onnx(pruned, dense.tokenizer, pdir, quantize, data_dir, pooler) if onnx else None
+        sentences = _speed_sentences(data_dir)
+        speed = speed_rows(tmp, pdir, sentences, onnx_rows) if sentences else None
+        if speed:
+            for d in (tmp, pdir):
+                info = json.loads((d / META_FILE).read_text())
+                (d / META_FILE).write_text(json.dumps({**info, "speed": speed}, indent=2, sort_keys=True, default=str))
         for d, physical in ((tmp, False), (pdir, True)):
             (d / "README.md").write_text(_model_card(meta | {"pooler": pooler}, results, params, onnx_rows, base,
-                                                     pruned=physical))
+                                                     pruned=physical, speed=speed))
     return out
 
 

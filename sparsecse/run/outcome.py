@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from .. import TrialsFailed
-from ..core.checkpoints import best_model
+from ..core.checkpoints import META_FILE, best_model
 from ..core.config import Config, config_from_dict, select_on_label
 from ..core.io import parquet_bytes
 from ..core.results import DEV, LAST_DEV, TrialResult, replicate_name, sts_tasks
@@ -68,9 +68,11 @@ def evaluate_and_export_stage(run: Run, results: list[TrialResult], selected: Se
         if "control" in out:
             table["SimCSE control s=0 (rewound + retrained)"] = out["control"]["transfer"]
         table["SparseCSE" if not selected.control_won else "SimCSE control s=0 (selected)"] = out["selected"]["transfer"]
+    meta = "export/pruned/" + META_FILE
+    speed = store.read_json(meta).get("speed") if "export" in out and store.is_file(meta) else None
     return {"baseline": out["baseline"]["sts"], "transfer": table, "backbone": out["backbone"]["sts"],
             "backbone_own": {"pooler": own, "sts": out["backbone_own"]["sts"]} if "backbone_own" in out else None,
-            "pilot": out["pilot"] if cfg.sweep.pilot else None}
+            "pilot": out["pilot"] if cfg.sweep.pilot else None, "export_speed": speed}
 
 
 def report_stage(run: Run, results: list[TrialResult], selected: Selection | None, extras: dict, scores,
@@ -87,6 +89,7 @@ def report_stage(run: Run, results: list[TrialResult], selected: Selection | Non
                "failed": [{"trial": x["trial"], "error": x["error"]} for x in flat if x["status"] == "error"],
                "transfer": transfer, "storage": store.uri,
                "export": store.url("export") if wants_export(selected, cfg) else None,
+               "export_speed": extras.get("export_speed"),
                "comparisons": choose.comparisons(results, cfg.sweep.select_lam,
                                                  predictions=predictions_for_bootstrap(run, results)),
                "allocation": selected_allocation(selected, scores[selected.replicate if selected else 0]),
@@ -104,7 +107,8 @@ def report_stage(run: Run, results: list[TrialResult], selected: Selection | Non
                           summary["replicates"],
                           choose.findings(results, selected, tasks, cfg.sweep.select_lam, comps=summary["comparisons"],
                                           overlap=scores[0].meta.get("overlap"), replicates=summary["replicates"],
-                                          rules=summary["rules"]), backbone_own=extras.get("backbone_own"))
+                                          rules=summary["rules"]), backbone_own=extras.get("backbone_own"),
+                          export_speed=extras.get("export_speed"))
     md, html_text = render_markdown(inputs), render_html(inputs)
     summary["answer"] = answer(inputs)  # the report's first paragraph: what `sparsecse show` and the console print
     summary["report"] = store.url("report.html")

@@ -414,15 +414,15 @@ def pilot_lam(cfg) -> float:
 
 def export_task(store_uri: str, model_rel: str, cfg_dict: dict, results: dict | None, threads: float,
                 data_dir: str | None = None) -> str:
-    """The model at `model_rel` exported (dense + pruned/, model card; pruned/onnx/ with sweep.export_onnx,
-    measured on `data_dir`) to the run's export/; returns its URL."""
+    """The model at `model_rel` exported (dense + pruned/, model card; pruned/onnx/ with sweep.export_onnx) to the
+    run's export/, its speed measured on `data_dir`'s wiki sentences; returns its URL."""
     setup_worker(threads)
     cfg = config_from_dict(cfg_dict)
     store = Storage(store_uri)
     with scratch_dir("export") as tmp:
         out = export_model(str(fetch_model(store, model_rel, tmp)), tmp / "export", pooler=cfg.model.eval_pooler,
                            results=results, onnx=cfg.sweep.export_onnx,
-                           data_dir=local_data(data_dir) if data_dir and cfg.sweep.export_onnx else None)
+                           data_dir=local_data(data_dir) if data_dir else None)
         store.upload_dir(out, "export")
     return store.url("export")
 

@@ -39,6 +39,7 @@ class ReportInputs:
     replicates: list[dict] | None = None  # outcome.replicate_devs: each stage-1 run's seed and best dev
     findings: Findings = field(default_factory=Findings)  # select.findings: comparisons, stability, clean tasks…
     backbone_own: dict | None = None  # {"pooler", "sts"}: the pre-trained model with its own pooling (MiniLM: mean)
+    export_speed: list[dict] | None = None  # export.speed_rows: each path's sentences/s and × the dense model
 
     @property
     def dev(self) -> str:
@@ -477,7 +478,17 @@ def answer(inp: ReportInputs) -> str:
         out += vs
     elif sel.control_won and inp.control and "avg" in inp.control["test"]:
         out += " (the unpruned control itself)"
-    return out + "." + _clean_evidence(inp)
+    return out + "." + _clean_evidence(inp) + _speed(inp)
+
+
+def _speed(inp: ReportInputs) -> str:
+    """The export's measured speed, each pruned path against the dense model under sentence-transformers."""
+    rows = [r for r in inp.export_speed or [] if r["path"] != "sentence-transformers, dense"]
+    if not rows:
+        return ""
+    paths = ", ".join(f"{r['path'].split(', ', 1)[1]} {r['x_dense']:.2f}×" + (" under sentence-transformers" if
+                      r["path"].startswith("sentence-transformers") else "") for r in rows)
+    return f" The export's speed on the exporting machine's CPU, × the dense model under sentence-transformers: {paths}."
 
 
 def _clean_evidence(inp: ReportInputs) -> str:
