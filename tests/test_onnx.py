@@ -46,6 +46,14 @@ def test_onnx_export_of_the_pruned_model_equals_pytorch_and_evaluates_the_same(t
     assert "onnx/model_qint8.onnx" in json.dumps(json.loads((out / "manifest.json").read_text()))
     card = (out / "README.md").read_text()
     assert "## ONNX" in card and "| onnx/model.onnx |" in card and "| onnx/model_qint8.onnx |" in card
+    # given --data-dir, the export measured its speed: each path against the dense model under sentence-transformers
+    speed = json.loads((pdir / "sparsecse.json").read_text())["speed"]
+    assert [r["path"] for r in speed] == ["sentence-transformers, dense", "sentence-transformers, pruned/",
+                                          "ONNX Runtime, pruned/onnx/model.onnx",
+                                          "ONNX Runtime, pruned/onnx/model_qint8.onnx"]
+    assert speed[0]["x_dense"] == 1.0 and all(r["sentences_per_s"] > 0 for r in speed)
+    assert speed[1]["x_dense"] == pytest.approx(speed[1]["sentences_per_s"] / speed[0]["sentences_per_s"])
+    assert "## Speed" in card and f"{speed[3]['x_dense']:.2f}×" in card
     torch_pruned = load_encoder(str(pdir)).eval()
     assert torch_pruned.backbone.config.heads_per_layer == [0, 3]  # uneven, a layer with none
     # the fused graph: one Attention node per layer that has heads, with that layer's own head count; no loose
