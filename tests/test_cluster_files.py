@@ -275,3 +275,34 @@ def test_the_image_exposes_the_gpu_and_the_head_can_only_touch_its_own_clusters_
         if "ec2:CreateTags" in acts:
             cond = st["Condition"]["StringEquals"]
             assert cond.get("ec2:ResourceTag/ray-cluster-name") == name or cond.get("ec2:CreateAction") == "RunInstances"
+
+
+def test_the_nodes_boot_aws_current_gpu_ami_by_its_ssm_parameter_with_room_for_the_image():
+    """Every node type boots the Deep Learning Base OSS NVIDIA Driver GPU AMI (Ubuntu 22.04) through its public SSM
+    parameter (EC2's resolve:ssm:, so no region-bound or stale id; Ray passes ImageId through to RunInstances
+    unchanged unless it is empty or latest_dlami, its own 2021 Ubuntu 18.04 / CUDA 11.2 image), which the head's
+    role may resolve; ssh_user matches the Ubuntu image; root volumes on the AMI's root device, sized for the CUDA
+    image; cluster/README.md shows how to look the AMI up. KubeRay's GPU pods ask for what a default node group
+    (a g5.12xlarge, a 20 GiB default disk) can give."""
+    import json
+
+    up = yaml.safe_load((CLUSTER / "gpu-cluster.yaml").read_text())
+    param = "/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-22.04/latest/ami-id"
+    assert up["auth"]["ssh_user"] == "ubuntu"
+    for name, node in up["available_node_types"].items():
+        cfg = node["node_config"]
+        assert cfg["ImageId"] == f"resolve:ssm:{param}", name
+        (root,) = cfg["BlockDeviceMappings"]
+        assert root["DeviceName"] == "/dev/sda1" and root["Ebs"]["VolumeSize"] >= 100, name
+    policy = json.loads((CLUSTER / "iam" / "head-policy.json").read_text())
+    ssm = [st for st in policy["Statement"] if "ssm:GetParameters" in st["Action"]]
+    assert ssm and all(st["Resource"].startswith("arn:aws:ssm:*::parameter/aws/service/deeplearning/ami/") for st in ssm)
+    readme = (CLUSTER / "README.md").read_text()
+    assert param in readme and "aws ec2 describe-images" in readme
+    assert readme.index("aws iam create-role") < readme.index("ray up -y cluster/gpu-cluster.yaml")  # roles first
+    for f in ("rayjob.yaml", "rayjob-kuberay-before-1.5.1.yaml"):
+        job = next(d for d in yaml.safe_load_all((CLUSTER / f).read_text()) if d["kind"] == "RayJob")
+        for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]:
+            req = g["template"]["spec"]["containers"][0]["resources"]["requests"]
+            assert int(req["cpu"]) <= 44 and int(req["memory"].rstrip("Gi")) <= 176, f  # a g5.12xlarge's allocatable
+            assert int(req["ephemeral-storage"].rstrip("Gi")) <= 16, f  # of a 20 GiB default node disk
