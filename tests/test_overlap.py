@@ -126,3 +126,30 @@ def test_stage_one_depends_on_the_selection_data_and_reports_name_it():
                     replicate=0, rule="best_dev")
     text = "\n".join(_selection_lines(sel, sick))
     assert "SICK-R dev 80.00" in text and "(SICK-R dev − STS-B test): +2.00" in text and "STS-B dev" not in text
+
+
+def test_the_report_puts_the_overlap_after_the_results_and_the_answer_counts_the_choice_pairs():
+    """Readers meet the results first: the overlap section follows the test table (it qualifies it), and the
+    answer says on how many held-out pairs the choice was made."""
+    import report_scenarios as S
+
+    from sparsecse.core.config import load_config
+    from sparsecse.core.results import TrialResult
+    from sparsecse.study.report import ReportInputs, answer, render_markdown
+    from sparsecse.study.select import control, findings, results_table, select
+
+    res = [TrialResult.from_record(r) for r in S.grid()]
+    cfg = load_config(None, S.GRID_OVR)
+    tasks = ["STS12", "STSBenchmark", "SICKRelatedness", "avg"]
+    overlap = [{"task": "STS12", "pairs": 10, "in_selection": 2, "in_scoring": 3},
+               {"task": "STSBenchmark", "pairs": 8, "in_selection": 0, "in_scoring": 0},
+               {"task": "SICKRelatedness", "pairs": 6, "in_selection": 0, "in_scoring": None}]
+    selection = [{"source": "stsb-dev", "pairs": 1500, "left_out": 1133, "checkpoint": 178, "choice": 189},
+                 {"source": "sickr-dev", "pairs": 500, "left_out": 9, "checkpoint": 249, "choice": 242}]
+    sel = select(res, cfg.sweep.select_lam)
+    inp = ReportInputs("t", cfg, res, results_table(res, tasks), sel, control(res), S.BASELINE,
+                       scoring={**S.SCORING, "overlap": overlap, "selection": selection},
+                       findings=findings(res, sel, tasks, cfg.sweep.select_lam, overlap=overlap))
+    md = render_markdown(inp)
+    assert md.index("## Test results") < md.index("## Overlap of the test sets") < md.index("## All trials")
+    assert "(431 pairs no checkpoint was picked on, no test set holds)" in answer(inp)

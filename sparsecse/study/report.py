@@ -153,7 +153,7 @@ def _intro(inp: ReportInputs) -> list[str]:
             + ("Selection uses STS-B **dev**" if inp.dev == "STS-B dev" else f"Selection uses **{inp.dev}**")
             + " (mean over seeds); test figures are reported, never used to choose.", "",
             *_scoring_lines(inp.scoring, cfg), *_selection_data_lines(inp),
-            *_replicate_lines(inp.replicates, inp.findings.replicate_spread, inp.dev), *_overlap_lines(inp),
+            *_replicate_lines(inp.replicates, inp.findings.replicate_spread, inp.dev),
             *_stopped_lines(inp.flat, cfg),
             *_selection_lines(inp.selected, cfg), *_other_rules(inp.findings.rules, cfg)]
 
@@ -266,15 +266,16 @@ def _transfer(inp: ReportInputs) -> list[str]:
 
 
 # (section, the figures that belong beside it in report.html)
-SECTIONS = ((_intro, ()), (_test_results, ()), (_over_seeds, ()), (_pareto, ("pareto.png",)),
+SECTIONS = ((_intro, ()), (_test_results, ()), (lambda inp: _overlap_lines(inp), ()), (_over_seeds, ()),
+            (_pareto, ("pareto.png",)),
             (lambda inp: render_comparisons(inp.findings.comparisons, inp.control, inp.dev), ("sts_avg_vs_sparsity.png", "sts_tasks_vs_sparsity.png")),
             (_pilot, ("pilot.png",)), (_stability, ()), (_allocation, ("mask_allocation.png",)),
             (_align_uniform, ("align_uniform.png",)), (_all_trials, ()), (_transfer, ()))
 
 
 def render_markdown(inp: ReportInputs) -> str:
-    """report.md: the paper's Table 1 (baseline, dev-selected SparseCSE, test-selected best per task), the
-    over-seeds table, the Pareto front, the controls, the pilot, stability, the mask's allocation,
+    """report.md: the paper's Table 1 (baseline, dev-selected SparseCSE, test-selected best per task), how far the
+    test sets overlap the data that chose, the over-seeds table, the Pareto front, the controls, the pilot, stability, the mask's allocation,
     alignment/uniformity, every trial, transfer, then the figures."""
     md = [line for section, _ in SECTIONS for line in section(inp)]
     md[1:1] = ["", "> " + answer(inp)]  # the answer first, as report.html shows it
@@ -495,8 +496,11 @@ def _clean_evidence(inp: ReportInputs) -> str:
     """The answer's second half: how the choice was made (rule and data) and the verdict on the clean test sets."""
     sel, f, cfg = inp.selected, inp.findings, inp.cfg
     detail = sel.rule_detail or {}
-    out = (f" Chosen on {inp.dev} by `sweep.select: {sel.rule}`" + (f": {detail['why']}" if detail.get("why") else "")
-           + ".")
+    counts = (inp.scoring or {}).get("selection")
+    pairs = (f" ({sum(c['choice'] for c in counts):,} pairs no checkpoint was picked on, no test set holds)"
+             if counts else "")
+    out = (f" Chosen on {inp.dev}{pairs} by `sweep.select: {sel.rule}`"
+           + (f": {detail['why']}" if detail.get("why") else "") + ".")
     if f.clean_tasks and f.clean_selected is not None:
         names = ", ".join(label(t) for t in f.clean_tasks)
         if sel.control_won:
