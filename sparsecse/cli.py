@@ -139,21 +139,28 @@ def cmd_eval(a) -> int:
 
 
 def cmd_score(a) -> int:
-    from .method.data import load_stsb, resolve_data_dir
+    from .core.config import load_config
+    from .method.data import resolve_data_dir
     from .method.model import load_encoder
-    from .method.score import compute_scores, save_scores
+    from .method.score import save_scores, score_importance
 
     _threads(a.threads)
     data_dir = resolve_data_dir(a.data_dir)
     claim(a.out, "scores", overwrite=a.overwrite)
     enc = load_encoder(a.model)
-    pairs = load_stsb(data_dir, a.split)
-    scores = compute_scores(enc, pairs, batch_size=a.batch_size, max_pairs=a.max_pairs, seed=a.seed,
-                            positive=(a.threshold, a.positive_rule), max_len=a.max_len,
-                            pooler=a.pooler or enc.meta.get("eval_pooler", "cls_before_pooler"),
-                            progress=True)
+    pooler = a.pooler or enc.meta.get("eval_pooler", "cls_before_pooler")
+    sets = [f"score.source={a.source}", f"score.split={a.split}", f"score.seed={a.seed}",
+            f"score.batch_size={a.batch_size}", f"score.positive_threshold={a.threshold}",
+            f"score.positive_rule={a.positive_rule}", f"train.max_len={a.max_len}", f"model.eval_pooler={pooler}",
+            *([f"score.max_pairs={a.max_pairs}"] if a.max_pairs else [])]
+    cfg = load_config(None, sets)
+    if a.train_file:  # a path is not YAML-safe as a --set value: set it on the typed config
+        import dataclasses
+
+        cfg = cfg.replace(data=dataclasses.replace(cfg.data, train_file=a.train_file))
+    scores, _ = score_importance(enc, cfg, data_dir, progress=True)  # what the sweep's scoring stage runs
     save_scores(scores, a.out)
-    print(f"scored {scores.meta['num_batches']} batches -> {a.out}")
+    print(f"scored {scores.meta['num_batches']} batches ({a.source}) -> {a.out}")
     return 0
 
 
@@ -409,7 +416,7 @@ COMMAND_HELP = {
 EXAMPLES = {
     "train": "sparsecse train --config sweeps/quickstart.yaml --out runs/simcse",
     "eval": "sparsecse eval --model runs/quickstart/export --tasks sts transfer --json eval.json",
-    "score": "sparsecse score --model runs/simcse/best --out scores.parquet",
+    "score": "sparsecse score --model runs/simcse/best --out scores.parquet   # --source stsb: the paper's labelled pairs",
     "prune": ("sparsecse prune --pretrained minilm --scores scores.parquet --sparsity 0.1 --lam 0.5 "
               "--out runs/p10 --retrain --config sweeps/quickstart.yaml"),
     "pilot": "sparsecse pilot --model runs/simcse/best --scores scores.parquet --out runs/pilot",
@@ -500,7 +507,13 @@ def _model_commands(sub, poolers) -> None:
     _overwrite(s, "scores file")
     s.add_argument("--data-dir")
     s.add_argument("--batch-size", type=_count(2), default=64)
-    s.add_argument("--max-pairs", type=_count(2))
+    s.add_argument("--source", choices=["unlabeled", "stsb"], default=ScoreConfig.source,
+                   help="unlabeled (default, as the sweep scores): sentences of the corpus, each with its second "
+                        "dropout view, no labels; stsb: STS-B --split pairs, positives by gold label (the paper's)")
+    s.add_argument("--train-file", help="with --source unlabeled: the corpus, relative to --data-dir (default: "
+                                        "data.train_file, the wiki sample)")
+    s.add_argument("--max-pairs", type=_count(2), help="sentences (unlabeled; default 1024) or STS-B pairs (stsb; "
+                                                       "default all of the split) to read")
     s.add_argument("--split", default="train", choices=["train", "dev", "test"])
     s.add_argument("--pooler", choices=poolers)
     s.add_argument("--seed", type=int, default=0)

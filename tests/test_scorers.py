@@ -88,28 +88,33 @@ def test_masks_for_each_scorer_prunes_the_same_fraction(tiny):
 
 
 def test_cli_score_truncates_like_the_sweep_so_both_give_the_same_masks(tiny_model_dir, tiny_data_dir, tmp_path):
-    """`sparsecse score` and the sweep's scoring stage read the same pairs the same way (truncated at
-    train.max_len — the CLI's --max-len defaults to it —, gold ≥ 4): equal scores, so equal masks either way."""
+    """`sparsecse score` runs the sweep's scoring function (method.score.score_importance): label-free by default
+    as the sweep, STS-B pairs with --source stsb, truncated at train.max_len (the CLI's --max-len defaults to it):
+    equal scores, so equal masks either way."""
     from sparsecse.cli import main
     from sparsecse.core.config import load_config
     from sparsecse.method.data import load_stsb
     from sparsecse.method.model import load_encoder
     from sparsecse.method.score import compute_scores, load_scores
 
-    cfg = load_config(None, ["score.max_pairs=48", "score.batch_size=16", "train.max_len=12"])
-    pairs = load_stsb(tiny_data_dir, "train")
+    from sparsecse.method.score import score_importance
+
     enc = load_encoder(str(tiny_model_dir))
-    assert max(len(t) for t in enc.tokenizer(pairs.s1 + pairs.s2)["input_ids"]) > cfg.train.max_len  # truncation bites
-    sweep_scores = compute_scores(enc, pairs, batch_size=cfg.score.batch_size,
-                                  positive=(cfg.score.positive_threshold, cfg.score.positive_rule), seed=cfg.score.seed, max_pairs=cfg.score.max_pairs, pooler=cfg.model.eval_pooler,
-                                  max_len=cfg.train.max_len)
-    out = tmp_path / "s.parquet"
-    assert main(["score", "--model", str(tiny_model_dir), "--out", str(out), "--data-dir", str(tiny_data_dir),
-                 "--max-pairs", "48", "--batch-size", "16", "--max-len", "12"]) == 0
-    cli = load_scores(str(out))
-    for lam in (0.25, 0.75):
-        for a, b in zip(cli.importance(lam), sweep_scores.importance(lam)):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9)
+    pairs = load_stsb(tiny_data_dir, "train")
+    assert max(len(t) for t in enc.tokenizer(pairs.s1 + pairs.s2)["input_ids"]) > 12  # truncation bites
+    for source in ("unlabeled", "stsb"):  # the CLI's default is the sweep's: label-free
+        cfg = load_config(None, ["score.max_pairs=48", "score.batch_size=16", "train.max_len=12",
+                                 f"score.source={source}"])
+        sweep_scores, _ = score_importance(enc, cfg, tiny_data_dir)  # what the sweep's scoring stage runs
+        out = tmp_path / f"{source}.parquet"
+        assert main(["score", "--model", str(tiny_model_dir), "--out", str(out), "--data-dir", str(tiny_data_dir),
+                     "--max-pairs", "48", "--batch-size", "16", "--max-len", "12"]
+                    + (["--source", "stsb"] if source == "stsb" else [])) == 0
+        cli = load_scores(str(out))
+        assert cli.meta["num_batches"] == sweep_scores.meta["num_batches"]
+        for lam in (0.25, 0.75):
+            for a, b in zip(cli.importance(lam), sweep_scores.importance(lam)):
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9)
 
 
 def test_positive_pairs_follow_simcse_strictly_above_4_unless_configured():
@@ -126,7 +131,7 @@ def test_positive_pairs_follow_simcse_strictly_above_4_unless_configured():
 def test_label_free_scoring_uses_dropout_views_of_unlabeled_sentences(tiny, tiny_data_dir):
     from sparsecse.core.config import load_config
     from sparsecse.method.score import compute_scores
-    from sparsecse.run.stages import scoring_pairs
+    from sparsecse.method.score import scoring_pairs
 
     cfg = load_config(None, ["score.source=unlabeled", "score.max_pairs=24", "score.batch_size=8"])
     pairs, leak = scoring_pairs(cfg, tiny_data_dir)
@@ -144,7 +149,7 @@ def test_stsb_scoring_reports_its_overlap_with_sts12_16_test_pairs(data_dir):
     (STS-B is built from STS 2012–2017). The overlap is measured, not assumed."""
     from sparsecse.core.config import load_config
     from sparsecse.method.data import load_sts_task
-    from sparsecse.run.stages import scoring_pairs
+    from sparsecse.method.score import scoring_pairs
 
     pairs, leak = scoring_pairs(load_config(None, ["score.source=stsb", "score.max_pairs=400"]), data_dir)
     assert 0 < leak <= 400

@@ -20,7 +20,7 @@ import torch
 
 from .. import SparseCSEError, __version__
 from ..core.io import atomic_write_bytes, parquet_bytes
-from .data import Pairs, positives
+from .data import Pairs, load_stsb, positives, sts_test_overlap, train_path, unlabeled_pairs
 from .losses import alignment, info_nce, uniformity
 from .model import Encoder, head_dim, intermediate_size, weights_fingerprint
 
@@ -292,3 +292,44 @@ def load_scores(source: "str | os.PathLike | bytes", expect_fingerprint: str | N
             arr[c["batch"][sel], c["layer"][sel], c["index"][sel]] = c[g][sel]
             out.append(arr)
     return Scores(out[0], out[1], out[2], out[3], meta)
+
+
+# --------------------------------------------------------------------------- what the sweep's scoring stage scores
+
+def labelfree_pairs(cfg, data_dir: Path) -> Pairs:
+    """score.max_pairs (default 1024) sentences of data.train_file, each paired with itself (two dropout views)."""
+    return unlabeled_pairs(train_path(cfg.data.train_file, data_dir), cfg.score.max_pairs or 1024, cfg.score.seed)
+
+
+def simcse_sentences(cfg, data_dir: Path) -> list[str]:
+    """The unlabeled sentences the SimCSE control scores on (as many as the paper's score reads pairs)."""
+    return labelfree_pairs(cfg, data_dir).s1
+
+
+def scoring_pairs(cfg, data_dir: Path) -> tuple[Pairs, int | None]:
+    """(the pairs importance is scored on, how many of their unique positive pairs are verbatim STS12–16 test
+    pairs — None when that is not measurable here)."""
+    if cfg.score.source == "unlabeled":
+        return labelfree_pairs(cfg, data_dir), 0
+    pairs = load_stsb(data_dir, cfg.score.split)
+    used = scoring_order(len(pairs), cfg.score.seed, cfg.score.max_pairs)
+    pos = used[positives(pairs.gold[used], cfg.score.positive_threshold, cfg.score.positive_rule)]
+    pos_pairs = type(pairs)([pairs.s1[i] for i in pos], [pairs.s2[i] for i in pos], pairs.gold[pos])
+    try:
+        return pairs, sts_test_overlap(pos_pairs, data_dir)
+    except SparseCSEError:  # the STS12–16 files are not needed to score: without them the overlap is unknown
+        return pairs, None
+
+
+def score_importance(enc: Encoder, cfg, data_dir: Path, progress: bool = False) -> tuple[Scores, Pairs]:
+    """Every head's and neuron's importance as the config's `score` section asks — label-free (score.source
+    unlabeled: each sentence with its second dropout view) or on STS-B pairs (stsb) —, with the label overlap in
+    its meta; returns (scores, the pairs read). The sweep's scoring stage and `sparsecse score` both run this."""
+    pairs, leak = scoring_pairs(cfg, data_dir)
+    unlabeled = cfg.score.source == "unlabeled"
+    sc = compute_scores(enc, pairs, batch_size=cfg.score.batch_size,
+                        positive=(cfg.score.positive_threshold, cfg.score.positive_rule), seed=cfg.score.seed,
+                        max_pairs=None if unlabeled else cfg.score.max_pairs, pooler=cfg.model.eval_pooler,
+                        max_len=cfg.train.max_len, dropout_views=unlabeled, progress=progress)
+    sc.meta["sts_test_overlap"] = leak
+    return sc, pairs

@@ -31,12 +31,12 @@ from ..core.config import config_from_dict
 from ..core.results import DEV, EVALUATED, LAST_DEV, PARAMS, Point, metric_key, replicate_name, sts_tasks
 from ..core.staging import is_staged_uri, local as local_data
 from ..core.storage import Storage, fetch_model, scratch_dir
-from ..method.data import (clean_counts, load_stsb, overlap_counts, positives, selection_all, selection_pairs,
-                            sts_test_overlap, train_path, unlabeled_pairs)
+from ..method.data import clean_counts, overlap_counts, selection_all, selection_pairs
 from ..method.evaluate import cosine_scores, encode, evaluate_sts, predictions_to_bytes, spearman
 from ..method.model import load_encoder
 from ..method.prune import encoder_params, masks_for, rewind
-from ..method.score import compute_infonce_scores, compute_scores, load_scores, scores_to_bytes, scoring_order
+from ..method.score import (compute_infonce_scores, load_scores, score_importance, scores_to_bytes,
+                             simcse_sentences)
 from ..method.train import Dist, OnReport, dev_pairs, train_simcse
 from ..method.transfer import evaluate_transfer
 from ..study.pilot import pilot, sparsities_with_zero
@@ -187,20 +187,14 @@ def score_task(store_uri: str, model_rel: str, data_dir: str, cfg_dict: dict, th
     cfg = config_from_dict(cfg_dict)
     store = Storage(store_uri)
     data_dir = str(local_data(data_dir))  # a staged URI: this node's verified copy
-    pairs, leak = scoring_pairs(cfg, Path(data_dir))
     with scratch_dir("score") as tmp:
         enc = load_encoder(str(fetch_model(store, model_rel, tmp))).to(task_device(gpus))
-        sc = compute_scores(enc, pairs, batch_size=cfg.score.batch_size,
-                            positive=(cfg.score.positive_threshold, cfg.score.positive_rule), seed=cfg.score.seed,
-                            max_pairs=None if cfg.score.source == "unlabeled" else cfg.score.max_pairs,
-                            pooler=cfg.model.eval_pooler, max_len=cfg.train.max_len,
-                            dropout_views=cfg.score.source == "unlabeled")
+        sc, pairs = score_importance(enc, cfg, Path(data_dir))  # what `sparsecse score` runs too
         if "simcse" in cfg.sweep.scorers:  # the SimCSE control: its own loss's Taylor score, label-free
             simcse = compute_infonce_scores(enc, simcse_sentences(cfg, Path(data_dir)), batch_size=cfg.score.batch_size,
                                             temperature=cfg.train.temperature, seed=cfg.score.seed,
                                             max_len=cfg.train.max_len, pooler=cfg.model.pooler)
             store.write_bytes(out.replace("scores", "scores_simcse", 1), scores_to_bytes(simcse))
-    sc.meta["sts_test_overlap"] = leak
     sc.meta["overlap"] = test_overlap(cfg, Path(data_dir), pairs)
     if cfg.sweep.select_on == "clean-dev":
         sc.meta["selection"] = clean_counts(Path(data_dir))
@@ -218,38 +212,12 @@ def test_overlap(cfg, data_dir: Path, pairs) -> list[dict] | None:
         return None
 
 
-def labelfree_pairs(cfg, data_dir: Path):
-    """score.max_pairs (default 1024) sentences of data.train_file, each paired with itself (two dropout views)."""
-    return unlabeled_pairs(train_path(cfg.data.train_file, data_dir), cfg.score.max_pairs or 1024, cfg.score.seed)
-
-
-def simcse_sentences(cfg, data_dir: Path) -> list[str]:
-    """The unlabeled sentences the SimCSE control scores on (as many as the paper's score reads pairs)."""
-    return labelfree_pairs(cfg, data_dir).s1
-
-
 def load_simcse_scores(store: Storage, cfg, replicate: int = 0):
     """The SimCSE control's scores (of a stage-1 replicate) when the sweep asks for that scorer, else None."""
     if "simcse" not in cfg.sweep.scorers:
         return None
     rel = replicate_name("scores_simcse.parquet", replicate)
     return load_scores(store.read_bytes(rel), name=store.url(rel))
-
-
-def scoring_pairs(cfg, data_dir: Path):
-    """(the pairs importance is scored on, how many of their unique positive pairs are verbatim STS12–16 test
-    pairs — None when that is not measurable here)."""
-    if cfg.score.source == "unlabeled":
-        return labelfree_pairs(cfg, data_dir), 0
-
-    pairs = load_stsb(data_dir, cfg.score.split)
-    used = scoring_order(len(pairs), cfg.score.seed, cfg.score.max_pairs)
-    pos = used[positives(pairs.gold[used], cfg.score.positive_threshold, cfg.score.positive_rule)]
-    pos_pairs = type(pairs)([pairs.s1[i] for i in pos], [pairs.s2[i] for i in pos], pairs.gold[pos])
-    try:
-        return pairs, sts_test_overlap(pos_pairs, data_dir)
-    except SparseCSEError:  # the STS12–16 files are not needed to score: without them the overlap is unknown
-        return pairs, None
 
 
 # --------------------------------------------------------------------------- stage 3: one Tune trial
