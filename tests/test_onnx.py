@@ -65,7 +65,9 @@ def test_onnx_export_of_the_pruned_model_equals_pytorch_and_evaluates_the_same(t
     heads = [a.i for n in graph.node if n.op_type == "Attention" for a in n.attribute if a.name == "num_heads"]
     assert heads == [3] and "Softmax" not in ops and "Transpose" not in ops
     assert ops.count("SkipLayerNormalization") == 3 and "EmbedLayerNormalization" in ops  # layer 0's attention: bias
-    assert "QAttention" in {n.op_type for n in onnx.load(str(pdir / "onnx" / "model_qint8.onnx")).graph.node}
+    int8_ops = [n.op_type for n in onnx.load(str(pdir / "onnx" / "model_qint8.onnx")).graph.node]
+    # int8: integer matmuls; the first attention stays fp32 (its input is what int8 hurts most, onnx_export)
+    assert "MatMulInteger" in int8_ops and int8_ops.count("Attention") == 1 and "QAttention" not in int8_ops
     assert "fused transformer ops" in card
     sents = [f"sentence {i} about {'many ' * (i % 7)}things" for i in range(40)]
     ref = torch.stack(list(encode(torch_pruned, sents, batch_size=16).values()))
@@ -113,8 +115,8 @@ def test_onnx_pooler_cls_applies_simcse_mlp(tiny_model_dir, tmp_path):
 def test_the_fused_export_of_a_30pct_minilm_keeps_its_embeddings_in_fp32_and_int8(data_dir, tmp_path):
     """The export users deploy (issue 41's harness): the packaged MiniLM scored on 128 STS-B train pairs, 30 % of
     heads and neurons pruned at λ 0.5. On every STS-B test sentence the fused fp32 graph gives the PyTorch export's
-    embedding (cosine ≥ 0.9999) and its STS-B figure (±0.02); int8 stays at cosine ≥ 0.99 per sentence and within
-    0.4 of fp32 on STS-B (measured −0.32; BENCHMARKS row 3)."""
+    embedding (cosine ≥ 0.9999) and its STS-B figure (±0.02); int8 (every attention but the first quantised) stays
+    at cosine ≥ 0.99 per sentence and within 0.3 of fp32 on STS-B (BENCHMARKS row 3)."""
     from sparsecse.method.data import load_stsb
     from sparsecse.method.evaluate import encode, evaluate_sts
     from sparsecse.method.prune import masks_for
@@ -137,12 +139,17 @@ def test_the_fused_export_of_a_30pct_minilm_keeps_its_embeddings_in_fp32_and_int
     s32 = evaluate_sts(fp32, data_dir, tasks=("STSBenchmark",))["STSBenchmark"]
     st = evaluate_sts(torch_export, data_dir, tasks=("STSBenchmark",))["STSBenchmark"]
     assert abs(s32 - st) <= 0.02  # the ONNX model evaluates as the PyTorch one does
+    import onnx
+
+    ops = [n.op_type for n in onnx.load(str(pdir / "onnx" / "model_qint8.onnx")).graph.node]
+    attention = [n for n in onnx.load(str(pdir / "onnx" / "model.onnx")).graph.node if n.op_type == "Attention"]
+    assert ops.count("Attention") == 1 and ops.count("QAttention") == len(attention) - 1  # all but the first
     int8_enc = OnnxEncoder(pdir, "onnx/model_qint8.onnx", threads=2)
     s8 = evaluate_sts(int8_enc, data_dir, tasks=("STSBenchmark",))["STSBenchmark"]
     print(f"STS-B test, MiniLM pruned 30 %: torch {st:.2f}, ONNX fp32 {s32:.2f}, int8 {s8:.2f} (Δ {s8 - s32:+.2f})")
     int8 = torch.stack(list(encode(int8_enc, sents).values()))
     assert torch.nn.functional.cosine_similarity(int8, got).min() >= 0.99  # per sentence, against fp32
-    assert abs(s8 - s32) <= 0.4
+    assert abs(s8 - s32) <= 0.3
 
 
 def test_int8_export_of_a_model_with_a_layer_that_has_nothing_left(tiny_model_dir, tmp_path):

@@ -327,7 +327,7 @@ def test_bf16_precision_trains_under_autocast_and_stays_close_to_fp32(tiny_model
     cfg = _tiny_cfg(tiny_model_dir, max_steps=2, precision="bf16")
     res = train_simcse(cfg, tmp_path / "bf16", tiny_data_dir, progress=False)
     assert res.steps == 2 and all(np.isfinite(h["stsb_dev"]) for h in res.history)
-    with pytest.raises(SparseCSEError, match=r"train\.precision.*not one of fp32, bf16"):
+    with pytest.raises(SparseCSEError, match=r"train\.precision.*not one of auto, fp32, bf16"):
         load_config(None, ["train.precision=fp16"])
 
 

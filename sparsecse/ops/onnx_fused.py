@@ -109,24 +109,12 @@ def _neurons(layer, path: str) -> int:
         return 0
 
 
-def build(backbone, family: str, input_names: list[str]):
-    """The fused ModelProto of `backbone` (a stock or physically pruned encoder of `family`): inputs
-    `input_names` (int64, batch × sequence), output last_hidden_state (batch × sequence × hidden)."""
-    from onnx import TensorProto, helper
+def _embeddings(g: _Graph, emb, positions: str, input_names: list[str]) -> str:
+    """One EmbedLayerNormalization node (word + position [+ token type] → LayerNorm); a model given no token types
+    adds type 0's row everywhere, folded here into the position table. RoBERTa's positions count real tokens from
+    padding_idx + 1 (padding keeps padding_idx), computed from the ids as the model does."""
+    from onnx import TensorProto
 
-    reason = unsupported(family, backbone.config)
-    if reason:
-        raise ValueError(reason)
-    emb_path, layers_path, qkv, o, ln1, f_in, f_out, ln2, positions, act_key = LAYOUTS[family]
-    cfg = backbone.config
-    get = operator.attrgetter
-    emb = get(emb_path)(backbone)
-    hidden = emb.LayerNorm.weight.shape[0]
-    n_heads = getattr(cfg, "num_attention_heads", None) or cfg.n_heads
-    g = _Graph()
-
-    # embeddings: one EmbedLayerNormalization node (word + position [+ token type] → LayerNorm); a model given no
-    # token types adds type 0's row everywhere, folded here into the position table
     ids32 = g.op("Cast", ["input_ids"], to=TensorProto.INT32)
     position_table = _np(emb.position_embeddings.weight)
     types = getattr(emb, "token_type_embeddings", None)
@@ -137,61 +125,78 @@ def build(backbone, family: str, input_names: list[str]):
               g.const("word_embeddings", _np(emb.word_embeddings.weight)), g.const("position_embeddings", position_table),
               g.const("token_type_embeddings", _np(types.weight)) if with_types else "",
               g.const("ln_w", _np(emb.LayerNorm.weight)), g.const("ln_b", _np(emb.LayerNorm.bias)), ""]
-    if positions == "padding":  # RoBERTa: positions count real tokens from padding_idx + 1, padding keeps padding_idx
+    if positions == "padding":
         pad = np.array(emb.padding_idx, np.int32)
         real = g.op("Cast", [g.op("Not", [g.op("Equal", [ids32, g.const("pad", pad)])])], to=TensorProto.INT32)
         inputs.append(g.op("Add", [g.op("Mul", [g.op("CumSum", [real, g.const("axis", np.array(1, np.int64))]), real]),
                                    g.const("pad", pad)]))
-    x = g.op("EmbedLayerNormalization", inputs, domain=MS, n_out=2, epsilon=float(emb.LayerNorm.eps))[0]
+    return g.op("EmbedLayerNormalization", inputs, domain=MS, n_out=2, epsilon=float(emb.LayerNorm.eps))[0]
+
+
+def _skip_ln(g: _Graph, inp: str | None, residual: str, bias: np.ndarray, ln) -> str:
+    """LayerNorm(residual + inp + bias) as one SkipLayerNormalization; with nothing left of the sublayer (no heads,
+    no neurons), LayerNorm(residual + bias)."""
+    if inp is None:
+        added = g.op("Add", [residual, g.const("bias", bias)])
+        return g.op("LayerNormalization", [added, g.const("ln_w", _np(ln.weight)), g.const("ln_b", _np(ln.bias))],
+                    epsilon=float(ln.eps), axis=-1)
+    return g.op("SkipLayerNormalization", [inp, residual, g.const("ln_w", _np(ln.weight)), g.const("ln_b", _np(ln.bias)),
+                                           g.const("bias", bias)], domain=MS, epsilon=float(ln.eps))
+
+
+def _layer(g: _Graph, layer, x: str, mask32: str, d: int, layout: tuple, act: tuple[str, str]) -> str:
+    """One post-LayerNorm encoder layer: fused attention with the layer's own head count, then the FFN."""
+    _, _, qkv, o, ln1, f_in, f_out, ln2, _, _ = layout
+    get = operator.attrgetter
+    h, out = _heads(layer, qkv[0], d), get(o)(layer)
+    attn = None
+    if h:
+        w = np.concatenate([_np(get(p)(layer).weight).T for p in qkv], axis=1)
+        b = np.concatenate([_np(get(p)(layer).bias) for p in qkv])
+        ctx = g.op("Attention", [x, g.const("qkv_w", w), g.const("qkv_b", b), mask32], domain=MS, num_heads=h)
+        attn = g.op("MatMul", [ctx, g.const("o_w", _np(out.weight).T)])
+    x = _skip_ln(g, attn, x, _np(out.bias), get(ln1)(layer))
+    second, down = get(f_out)(layer), None
+    if _neurons(layer, f_in):
+        first = get(f_in)(layer)
+        up = g.op("MatMul", [x, g.const("ffn_in_w", _np(first.weight).T)])
+        if act[0] == "Relu":
+            up = g.op("Relu", [g.op("Add", [up, g.const("ffn_in_b", _np(first.bias))])])
+        else:
+            up = g.op(act[0], [up, g.const("ffn_in_b", _np(first.bias))], domain=act[1])
+        down = g.op("MatMul", [up, g.const("ffn_out_w", _np(second.weight).T)])
+    return _skip_ln(g, down, x, _np(second.bias), get(ln2)(layer))
+
+
+def build(backbone, family: str, input_names: list[str]):
+    """The fused ModelProto of `backbone` (a stock or physically pruned encoder of `family`): inputs
+    `input_names` (int64, batch × sequence), output last_hidden_state (batch × sequence × hidden)."""
+    from onnx import TensorProto, helper
+
+    reason = unsupported(family, backbone.config)
+    if reason:
+        raise ValueError(reason)
+    layout = LAYOUTS[family]
+    cfg = backbone.config
+    emb = operator.attrgetter(layout[0])(backbone)
+    hidden = emb.LayerNorm.weight.shape[0]
+    g = _Graph()
+    x = _embeddings(g, emb, layout[8], input_names)
     project = getattr(backbone, "embeddings_project", None)  # ELECTRA with embedding_size < hidden_size
     if project is not None:
         hidden = project.out_features
         x = g.op("Add", [g.op("MatMul", [x, g.const("proj_w", _np(project.weight).T)]),
                          g.const("proj_b", _np(project.bias))])
-    d = hidden // n_heads
+    d = hidden // (getattr(cfg, "num_attention_heads", None) or cfg.n_heads)
     mask32 = g.op("Cast", ["attention_mask"], to=TensorProto.INT32)
-    act_op, act_domain = ACTIVATIONS[getattr(cfg, act_key)]
-
-    def skip_ln(inp, residual, bias, ln):
-        if inp is None:  # nothing left of the sublayer but its output bias
-            added = g.op("Add", [residual, g.const("bias", bias)])
-            return g.op("LayerNormalization", [added, g.const("ln_w", _np(ln.weight)), g.const("ln_b", _np(ln.bias))],
-                        epsilon=float(ln.eps), axis=-1)
-        return g.op("SkipLayerNormalization", [inp, residual, g.const("ln_w", _np(ln.weight)),
-                                               g.const("ln_b", _np(ln.bias)), g.const("bias", bias)],
-                    domain=MS, epsilon=float(ln.eps))
-
-    for layer in get(layers_path)(backbone):
-        h = _heads(layer, qkv[0], d)
-        out = get(o)(layer)
-        if h:
-            w = np.concatenate([_np(get(p)(layer).weight).T for p in qkv], axis=1)
-            b = np.concatenate([_np(get(p)(layer).bias) for p in qkv])
-            ctx = g.op("Attention", [x, g.const("qkv_w", w), g.const("qkv_b", b), mask32], domain=MS, num_heads=h)
-            attn = g.op("MatMul", [ctx, g.const("o_w", _np(out.weight).T)])
-        else:
-            attn = None
-        x = skip_ln(attn, x, _np(out.bias), get(ln1)(layer))
-        second = get(f_out)(layer)
-        if _neurons(layer, f_in):
-            first = get(f_in)(layer)
-            up = g.op("MatMul", [x, g.const("ffn_in_w", _np(first.weight).T)])
-            if act_op == "Relu":
-                up = g.op("Relu", [g.op("Add", [up, g.const("ffn_in_b", _np(first.bias))])])
-            else:
-                up = g.op(act_op, [up, g.const("ffn_in_b", _np(first.bias))], domain=act_domain)
-            down = g.op("MatMul", [up, g.const("ffn_out_w", _np(second.weight).T)])
-        else:
-            down = None
-        x = skip_ln(down, x, _np(second.bias), get(ln2)(layer))
+    for layer in operator.attrgetter(layout[1])(backbone):
+        x = _layer(g, layer, x, mask32, d, layout, ACTIVATIONS[getattr(cfg, layout[9])])
     g.nodes.append(helper.make_node("Identity", [x], ["last_hidden_state"], name="output"))
-
     inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "sequence"]) for n in input_names]
     output = helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["batch", "sequence", hidden])
     graph = helper.make_graph(g.nodes, "sparsecse_fused_encoder", inputs, [output], g.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
-                              producer_name="sparsecse")
-    return model
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
+                             producer_name="sparsecse")
 
 
 def write(backbone, family: str, input_names: list[str], path: str | Path) -> None:
