@@ -219,9 +219,11 @@ def test_bench_plan_holds_the_plan_against_the_measured_stages(tmp_path, capsys)
 @pytest.mark.slow
 def test_bench_transfer_times_both_paths_per_task_with_equal_figures(tmp_path, capsys, data_dir, monkeypatch):
     monkeypatch.setenv("SPARSECSE_DATA_DIR", str(data_dir))
-    assert bench.main(["transfer", "--max-examples", "40", "--reps", "1", "--out", str(tmp_path / "o")]) == 0
+    # one task of each kind: binary (MR), multi-class (TREC), sentence pairs (MRPC); the bf16 test below runs others
+    assert bench.main(["transfer", "--max-examples", "40", "--reps", "1", "--transfer-tasks", "MR", "TREC", "MRPC",
+                       "--out", str(tmp_path / "o")]) == 0
     r = json.loads((tmp_path / "o" / "transfer.json").read_text())
-    assert set(r["tasks"]) == {"MR", "CR", "SUBJ", "MPQA", "SST2", "TREC", "MRPC"} and r["ratio"] > 1
+    assert set(r["tasks"]) == {"MR", "TREC", "MRPC"} and r["ratio"] > 1
     assert r["scores"]["batched"] == pytest.approx(r["scores"]["sequential"], abs=1e-9)
     out = capsys.readouterr().out
     assert "Sequential ÷ batched" in out and "after 0 warm-up" in out and r["warmup"] == 0  # no untimed run
