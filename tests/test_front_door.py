@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 
+import pytest
+
 from sparsecse.cli import build_parser, main
 
 
@@ -132,24 +134,76 @@ def test_the_export_is_hub_ready_cards_metadata_settings_and_no_local_paths(tiny
         assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
 
 
-def test_push_to_hub_uploads_the_pruned_model_and_refuses_without_a_token(tiny_model_dir, tmp_path, monkeypatch,
-                                                                         capsys):
-    """`export --push-to-hub`: the upload goes through huggingface_hub (its HfApi calls recorded here — there is no
-    network); without a token the command refuses before exporting anything."""
-    import huggingface_hub
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """The Hub at the HTTP layer: huggingface_hub's own client (its create_repo, preupload and commit requests, as
+    it builds them) talks to an httpx MockTransport that answers as the Hub does and records every request. No
+    network. `fail` names a path suffix that answers 403 (no write access; a 5xx would be retried with back-off)."""
+    import json
 
-    calls = []
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo, **kw: calls.append(("create", repo, kw)))
-    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder",
-                        lambda self, **kw: calls.append(("upload", kw)) or type("I", (), {"commit_url": "u"})())
+    import httpx
+    import huggingface_hub
+    import huggingface_hub.utils._http as hub_http
+
+    state = {"requests": [], "commits": [], "fail": None}
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        path = req.url.path
+        state["requests"].append((req.method, path, req.headers.get("authorization"), req.content))
+        if state["fail"] and path.endswith(state["fail"]):
+            return httpx.Response(403, json={"error": "You don't have the rights to create a model under namespace me"})
+        if path == "/api/repos/create":
+            return httpx.Response(200, json={"url": "https://huggingface.co/me/m", "name": "me/m"})
+        if path == "/api/validate-yaml":  # the model card's metadata, which the client sends the Hub to check
+            return httpx.Response(200, json={"errors": [], "warnings": []})
+        if path.endswith("/preupload/main"):
+            files = json.loads(req.content)["files"]
+            return httpx.Response(200, json={"files": [{"path": f["path"], "uploadMode": "regular",
+                                                        "shouldIgnore": False} for f in files]})
+        if path.endswith("/commit/main"):
+            lines = [json.loads(x) for x in req.content.decode().splitlines() if x.strip()]
+            state["commits"].append({x["value"]["path"] for x in lines if x.get("key") == "file"})
+            return httpx.Response(200, json={"commitUrl": "https://huggingface.co/me/m/commit/abc", "commitOid": "abc",
+                                             "pullRequestUrl": None})
+        return httpx.Response(404, json={"error": f"no such route {req.method} {path}"})
+
+    old = hub_http._GLOBAL_CLIENT_FACTORY
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    huggingface_hub.set_client_factory(lambda: httpx.Client(transport=httpx.MockTransport(handler)))
+    yield state
+    huggingface_hub.set_client_factory(old)
+
+
+def test_push_to_hub_uploads_the_pruned_model_and_refuses_without_a_token(tiny_model_dir, tmp_path, monkeypatch,
+                                                                         capsys, fake_hub):
+    """`export --push-to-hub`: huggingface_hub's requests, checked at the HTTP layer — a private repo created with
+    the user's token, then one commit holding pruned/'s files (model, its code, card, tokenizer, the
+    sentence-transformers modules); without a token the command refuses before exporting anything; a Hub that fails
+    mid-upload is one line, and the export stays on disk."""
+    import json
+
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # no stored token either
     assert main(["export", str(tiny_model_dir), "--out", str(tmp_path / "e1"), "--push-to-hub", "me/m"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "no Hugging Face token" in err[0] and not (tmp_path / "e1").exists() and not calls
+    assert len(err) == 1 and "no Hugging Face token" in err[0] and not (tmp_path / "e1").exists()
+    assert not [r for r in fake_hub["requests"] if r[1] != "/api/agent-harnesses"]  # nothing reached the Hub
     monkeypatch.setenv("HF_TOKEN", "hf_test")
     assert main(["export", str(tiny_model_dir), "--out", str(tmp_path / "e2"), "--push-to-hub", "me/m",
                  "--private"]) == 0
-    assert calls[0] == ("create", "me/m", {"repo_type": "model", "private": True, "exist_ok": True})
-    assert calls[1][1]["folder_path"] == str(tmp_path / "e2" / "pruned") and calls[1][1]["repo_id"] == "me/m"
+    create = next(r for r in fake_hub["requests"] if r[1] == "/api/repos/create")
+    body = json.loads(create[3])
+    assert create[2] == "Bearer hf_test" and (body["organization"], body["name"], body["visibility"]) == ("me", "m", "private")
+    (files,) = fake_hub["commits"]
+    pruned = tmp_path / "e2" / "pruned"
+    assert files == {str(p.relative_to(pruned)) for p in pruned.rglob("*") if p.is_file()}
+    assert {"README.md", "config.json", "model.safetensors", "modeling_sparsecse.py", "modules.json"} <= files
+    assert "https://huggingface.co/me/m/commit/abc" in capsys.readouterr().out
+    card = json.loads(next(r for r in fake_hub["requests"] if r[1] == "/api/validate-yaml")[3])
+    assert "pipeline_tag: sentence-similarity" in card["content"] and "library_name: sentence-transformers" in card["content"]
+    fake_hub["fail"] = "/commit/main"
+    assert main(["export", str(tiny_model_dir), "--out", str(tmp_path / "e4"), "--push-to-hub", "me/m"]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("sparsecse:")]
+    assert len(err) == 1 and "the upload failed" in err[0] and "403" in err[0]
+    assert (tmp_path / "e4" / "pruned" / "config.json").is_file()
     assert main(["export", str(tiny_model_dir), "--out", str(tmp_path / "e3"), "--push-to-hub", "no-owner"]) == 2
