@@ -193,3 +193,25 @@ def test_autoscaler_problems_are_read_from_the_status_ray_publishes(monkeypatch)
     assert ra.autoscaler_problems() == []
     monkeypatch.setattr(internal_kv, "_internal_kv_initialized", lambda: False)
     assert ra.autoscaler_problems() == []
+
+
+def test_after_ctrl_c_a_late_ray_call_cannot_start_a_new_local_ray():
+    """An interrupted driver shuts Ray down while Tune's/Train's helper threads may still call into it; Ray would
+    auto-start a fresh local cluster for such a call (and its cut-short start-up printed an error after the resume
+    line). After shutdown(interrupted=True) the call raises instead, and no Ray is running."""
+    import ray
+    from ray._private import auto_init_hook
+
+    from sparsecse.run import ray_adapter as ra
+
+    import logging
+
+    before, level = auto_init_hook.enable_auto_connect, logging.getLogger("ray").level
+    try:
+        ra.shutdown(interrupted=True)
+        with pytest.raises(Exception):
+            ray.put(1)
+        assert not ray.is_initialized()
+    finally:
+        auto_init_hook.enable_auto_connect = before
+        logging.getLogger("ray").setLevel(level)

@@ -191,13 +191,17 @@ def autoscaler_problems() -> list[str]:
 
 def shutdown(interrupted: bool = False) -> None:
     """Disconnect (and stop a local Ray). After Ctrl-C, Ray's own loggers are silenced first: the calls still
-    running on helper threads (off_main_thread) fail as Ray goes away, and their errors are not the user's news."""
+    running on helper threads (off_main_thread, Tune's and Train's own) fail as Ray goes away, and their errors are
+    not the user's news — and Ray's auto-connect is turned off, so such a late call raises instead of starting a
+    new local Ray (whose start-up, cut short by the exiting driver, printed an error after the resume line)."""
     import logging
 
     import ray
+    from ray._private import auto_init_hook
 
     if interrupted:
         logging.getLogger("ray").setLevel(logging.CRITICAL + 1)
+        auto_init_hook.enable_auto_connect = False
     if ray.is_initialized():
         ray.shutdown()
 
