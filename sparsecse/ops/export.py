@@ -26,7 +26,7 @@ from ..method.data import read_lines
 from ..method.model import Encoder, load_encoder
 from ..method.prune import physical_prune, zero_pruned_weights
 from .hub import CITATION, base_settings, card_metadata, front_matter, versions
-from .onnx_export import FUSED, export_onnx, measure
+from .onnx_export import FUSED, export_onnx, measure, sentences_per_s
 
 MODELING_FILE = "modeling_sparsecse.py"
 
@@ -126,28 +126,20 @@ def _speed_sentences(data_dir: Path | None) -> list[str] | None:
     return read_lines(wiki)[:SPEED_SENTENCES] if wiki is not None and wiki.is_file() else None
 
 
-def _onnx(pruned, tokenizer, pdir: Path, quantize: bool, data_dir: Path | None, pooler: str) -> list[dict]:
+def _onnx(pruned, tokenizer, pdir: Path, quantize: bool, data_dir: Path | None, sentences: list[str] | None,
+          pooler: str) -> list[dict]:
     """pruned/onnx/: the physically pruned model as ONNX (+ int8), each file measured for the model card."""
     files, graph = export_onnx(pruned, tokenizer, pdir, quantize=quantize)
-    return [r | {"graph": graph} for r in measure(pdir, files, sentences=_speed_sentences(data_dir), data_dir=data_dir,
-                                                 pooler=pooler)]
+    return [r | {"graph": graph} for r in measure(pdir, files, sentences=sentences, data_dir=data_dir, pooler=pooler)]
 
 
 def st_speed(model_dir: Path, sentences: list[str], remote: bool) -> float:
     """Sentences per second of `model_dir` as sentence-transformers runs it (its default torch backend, batches
-    of 64; best of two after a warm-up): the path a user of the export takes."""
-    import time
-
+    of 64): the path a user of the export takes."""
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(str(model_dir), device="cpu", trust_remote_code=remote)
-    model.encode(sentences[:64], batch_size=64)
-    times = []
-    for _ in range(2):
-        t0 = time.perf_counter()
-        model.encode(sentences, batch_size=64)
-        times.append(time.perf_counter() - t0)
-    return len(sentences) / min(times)
+    return sentences_per_s(lambda batch: model.encode(batch, batch_size=64), sentences)
 
 
 def speed_rows(dense_dir: Path, pruned_dir: Path, sentences: list[str], onnx_rows: list[dict] | None) -> list[dict]:
@@ -220,16 +212,12 @@ def export_model(source: str | Encoder, out: str | os.PathLike, pooler: str | No
                "mlp.bias": dense.mlp[0].bias.detach().contiguous().cpu()}
         save_file(mlp, str(tmp / EXTRA_FILE))
         save_file(mlp, str(pdir / EXTRA_FILE))
-        info = {**meta, "pooler": pooler, "version": __version__, "params": params}
+        sentences = _speed_sentences(data_dir)
+        onnx_rows = _onnx(pruned, dense.tokenizer, pdir, quantize, data_dir, sentences, pooler) if onnx else None
+        speed = speed_rows(tmp, pdir, sentences, onnx_rows) if sentences else None
+        info = {**meta, "pooler": pooler, "version": __version__, "params": params, **({"speed": speed} if speed else {})}
         (tmp / META_FILE).write_text(json.dumps({**info, "physical": False}, indent=2, sort_keys=True, default=str))
         (pdir / META_FILE).write_text(json.dumps({**info, "physical": True}, indent=2, sort_keys=True, default=str))
-        onnx_rows = _onnx(pruned, dense.tokenizer, pdir, quantize, data_dir, pooler) if onnx else None
-        sentences = _speed_sentences(data_dir)
-        speed = speed_rows(tmp, pdir, sentences, onnx_rows) if sentences else None
-        if speed:
-            for d in (tmp, pdir):
-                info = json.loads((d / META_FILE).read_text())
-                (d / META_FILE).write_text(json.dumps({**info, "speed": speed}, indent=2, sort_keys=True, default=str))
         for d, physical in ((tmp, False), (pdir, True)):
             (d / "README.md").write_text(_model_card(meta | {"pooler": pooler}, results, params, onnx_rows, base,
                                                      pruned=physical, speed=speed))

@@ -29,31 +29,40 @@ from . import onnx_fused
 OPSET = 18
 FP32_FILE = "onnx/model.onnx"
 INT8_FILE = "onnx/model_qint8.onnx"
-# per-channel int8 weights: measured on the 30 %-pruned MiniLM (512 wiki sentences), min cosine to fp32 0.9955
-# against 0.983 per tensor, for a few % of speed (BENCHMARKS row 3)
+# per-channel int8 weights: on the 30 %-pruned MiniLM, per-tensor weights fell below 0.99 cosine to fp32 on STS-B
+# test sentences (0.9805–0.9898 at 10–50 %), per channel stays above it (BENCHMARKS row 3)
 QUANT_SETTINGS = {"per_channel": True, "reduce_range": False, "op_types_to_quantize": ["MatMul", "Attention"]}
 FUSED = "fused"
 
 
-def empty_matmuls(onnx_path: str | Path) -> list[str]:
-    """MatMul nodes whose weight has a zero-sized dimension: a layer pruned to no heads has 0-wide Q/K/V and a
-    0-deep output projection. ONNX Runtime's MatMulInteger leaves such a product uninitialised (garbage, NaN)
-    where fp32 MatMul returns the zeros it should, so these stay fp32 (they hold no weights to quantise)."""
+def kept_fp32(onnx_path: str | Path) -> list[str]:
+    """The nodes the int8 quantiser leaves in fp32:
+    - MatMuls whose weight has a zero-sized dimension: a layer pruned to no heads has 0-wide Q/K/V and a 0-deep
+      output projection (torch exporter's graph). ONNX Runtime's MatMulInteger leaves such a product uninitialised
+      (garbage, NaN) where fp32 MatMul returns the zeros it should; they hold no weights to quantise anyway.
+    - the first layer's fused Attention: it reads the embedding LayerNorm's output, whose dynamic (per-tensor) int8
+      quantisation cost most of int8's STS-B loss — measured on the 30 % MiniLM export: −0.32 with it quantised,
+      −0.01 without (BENCHMARKS row 3), for 1/6 of the QKV work in fp32."""
     import onnx
 
     model = onnx.load(str(onnx_path), load_external_data=False)
     empty = {t.name for t in model.graph.initializer if 0 in t.dims}
-    return [n.name for n in model.graph.node if n.op_type == "MatMul" and any(i in empty for i in n.input)]
+    kept = [n.name for n in model.graph.node if n.op_type == "MatMul" and any(i in empty for i in n.input)]
+    return kept + next(([n.name] for n in model.graph.node if n.op_type == "Attention"), [])
 
 
-def first_attention(onnx_path: str | Path) -> list[str]:
-    """The first layer's fused Attention node, kept fp32 by the int8 quantiser: it reads the embedding LayerNorm's
-    output, whose dynamic (per-tensor) int8 quantisation cost most of int8's STS-B loss — measured on the 30 %
-    MiniLM export: −0.32 with it quantised, −0.01 without (BENCHMARKS row 3), for 1/6 of the QKV work in fp32."""
-    import onnx
+def sentences_per_s(run, sentences: list[str], reps: int = 2) -> float:
+    """Throughput of `run(sentences)`: best of `reps` after a warm-up on the first 64 (a runtime's first call
+    allocates) — how the export measures each of its paths."""
+    import time
 
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    return next(([n.name] for n in model.graph.node if n.op_type == "Attention"), [])
+    run(sentences[:64])
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        run(sentences)
+        times.append(time.perf_counter() - t0)
+    return len(sentences) / min(times)
 
 
 def _require():
@@ -122,7 +131,7 @@ def export_onnx(backbone, tokenizer, out_dir: str | Path, quantize: bool = True)
 
         with _quiet_logs():  # its advice to pre-process: symbolic shape inference does not complete on these graphs
             quantize_dynamic(str(out_dir / FP32_FILE), str(out_dir / INT8_FILE), weight_type=QuantType.QInt8,
-                             nodes_to_exclude=empty_matmuls(out_dir / FP32_FILE) + first_attention(out_dir / FP32_FILE),
+                             nodes_to_exclude=kept_fp32(out_dir / FP32_FILE),
                              extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT}, **QUANT_SETTINGS)
         files.append(INT8_FILE)
     return files, reason or FUSED
@@ -147,21 +156,12 @@ def measure(model_dir: str | Path, files: list[str], sentences: list[str] | None
             pooler: str = "cls_before_pooler", threads: int | None = None) -> list[dict]:
     """Per ONNX file: size, encode throughput on `sentences` (batches of 64 sorted by length) and STS-B test
     Spearman × 100 (with `data_dir`) — what the model card lists."""
-    import time
-
-
     rows = []
     for f in files:
         enc = OnnxEncoder(model_dir, f, pooler=pooler, threads=threads)
         row = {"file": f, "mb": (Path(model_dir) / f).stat().st_size / 2 ** 20}
         if sentences:
-            encode(enc, sentences[:64], batch_size=64)  # warm-up: ONNX Runtime's first run allocates
-            times = []
-            for _ in range(2):
-                t0 = time.perf_counter()
-                encode(enc, sentences, batch_size=64)
-                times.append(time.perf_counter() - t0)
-            row["sentences_per_s"] = len(sentences) / min(times)
+            row["sentences_per_s"] = sentences_per_s(lambda batch, e=enc: encode(e, batch, batch_size=64), sentences)
         if data_dir is not None:
             row["stsb_test"] = evaluate_sts(enc, data_dir, tasks=("STSBenchmark",), pooler=pooler)["STSBenchmark"]
         rows.append(row)

@@ -149,15 +149,15 @@ def check_nodes(run: Run) -> None:
     finally:
         run.store.delete(marker)
     gpu_nodes = [n for n in nodes if n["resources"].get("GPU", 0) >= 1]
-    if gpu_nodes and (cfg.ray.use_gpu or cfg.sweep.trial_gpus > 0):  # one GPU held on each, as a trial would hold it
+    gpu_nodes = gpu_nodes if cfg.ray.use_gpu or cfg.sweep.trial_gpus > 0 else []  # only when the config uses GPUs
+    if gpu_nodes:  # one GPU held on each, as a trial would hold it
         found.update({k: found[k] + v for k, v in ra.run_on_each_node(
             stages.check_gpu, gpu_nodes, gpus=1, timeout_s=max(120.0, cfg.ray.connect_timeout_s)).items()})
     for n in nodes:
         if found[n["id"]]:
             raise SparseCSEError(f"node {n['ip']} ({n['id'][:8]}) {found[n['id']][0]}")
     print(f"[sweep] {len(nodes)} node(s) checked: data, model and {run.store.uri} reachable from each"
-          + (f"; a GPU computes on each of the {len(gpu_nodes)} GPU node(s)" if gpu_nodes and (
-              cfg.ray.use_gpu or cfg.sweep.trial_gpus > 0) else ""))
+          + (f"; a GPU computes on each of the {len(gpu_nodes)} GPU node(s)" if gpu_nodes else ""))
 
 
 def check_sparsities(cfg: Config) -> None:

@@ -6,8 +6,8 @@ How a figure is reached (and what is measured vs extrapolated):
   sentence, padding-free as train.py runs it), forward + backward = 3× forward (`train_flops_per_step`).
 - Step time: launch floor + FLOPs ÷ (peak × MFU), plus on data-parallel GPUs the gradient all-reduce (ring, fp32
   gradients over the node's link: NVLink or PCIe; not assumed to overlap the backward pass). `plan` lists stage 1's
-  step on 1, 2, 4 … GPUs and recommends the fewest within 10 % of the fastest. On the CPU the peak is a matmul measured now, and the MFU
-  (76 %) is BENCHMARKS row 1's. On the H100 the fp32/bf16 peaks and the launch floor (a batch-64 MiniLM step,
+  step on 1, 2, 4 … GPUs and recommends the fewest within 10 % of the fastest. On the CPU the peak is a matmul
+  measured now, and the MFU (76 %) is BENCHMARKS row 1's. On the H100 the fp32/bf16 peaks and the launch floor (a batch-64 MiniLM step,
   21.4 ms over 6 layers) are BENCHMARKS 5a/5b's; the MFU a compute-bound step reaches on a GPU (50 %) is an
   assumption until benchmarks/gpu_check.py has run on one. A100/L4 use their data-sheet peaks: extrapolated.
 - Trials sharing a GPU (sweep.trial_gpus < 1) share its arithmetic: k trials on one GPU take
@@ -309,10 +309,15 @@ def _checkpoints(cfg: Config, evals: int, train_s: float) -> int:
     return max(0, min(evals - 1, due))
 
 
+def _step_flops(cfg: Config, shape: Shape, tokens: float) -> float:
+    """One SimCSE step's FLOPs: forward + backward (3× forward) over both dropout views of the batch."""
+    return 3 * shape.fwd_flops_per_token(tokens) * 2 * cfg.train.batch_size * tokens
+
+
 def _run_s(cfg: Config, shape: Shape, dev: Device, steps: int, tokens: float, world: int = 1,
            comm_s: float = 0.0) -> dict:
     """One training run (stage 1 or a trial): steps, evaluations, their seconds and its checkpoints."""
-    flops = 3 * shape.fwd_flops_per_token(tokens) * 2 * cfg.train.batch_size * tokens
+    flops = _step_flops(cfg, shape, tokens)
     step_s = dev.step_s(flops / world, shape.layers) + comm_s
     evals = math.ceil(steps / cfg.train.eval_steps)
     dev_s = _eval_s(shape, dev, 2 * (cfg.train.eval_max_pairs or 1500), cfg.eval.batch_size)
@@ -383,7 +388,7 @@ def make_plan(cfg: Config, data_dir: Path | None, gpu: str = "cpu", gpus: int | 
 def _worker_options(cfg: Config, shape: Shape, dev: Device, tokens: float, ngpu: int, hw: Hardware) -> list:
     """Stage 1's step on 1, 2, 4, 8 … data-parallel GPUs (those the cluster has and the batch divides evenly):
     [workers, step seconds, of which the all-reduce]."""
-    flops = 3 * shape.fwd_flops_per_token(tokens) * 2 * cfg.train.batch_size * tokens
+    flops = _step_flops(cfg, shape, tokens)
     out, w = [], 1
     while w <= max(ngpu, 1):
         if cfg.train.batch_size % w == 0:
