@@ -4,6 +4,8 @@ in one line naming the node, the driver and the CUDA build — before any stage 
 
 from __future__ import annotations
 
+import sys
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -12,6 +14,7 @@ import torch
 from sparsecse import SparseCSEError
 from sparsecse.core.config import load_config
 from sparsecse.core.storage import Storage
+from sparsecse.run import ray_adapter as ra
 from sparsecse.run import stages
 
 
@@ -35,6 +38,10 @@ def test_a_driver_older_than_torchs_cuda_build_is_named_with_the_version_it_need
     assert "torch cannot use the GPU" in problem and "driver 535.104.05" in problem and "CUDA 12.4" in problem
 
 
+def _hangs(seconds: float) -> None:
+    time.sleep(seconds)
+
+
 @pytest.mark.slow
 def test_a_node_that_declares_a_gpu_torch_cannot_use_is_refused_before_stage1(tiny_model_dir, tiny_data_dir, tmp_path):
     import ray
@@ -54,5 +61,12 @@ def test_a_node_that_declares_a_gpu_torch_cannot_use_is_refused_before_stage1(ti
         # the same cluster with a CPU-only config: the GPU is not checked, the node passes
         check_nodes(SimpleNamespace(cfg=load_config(None, [f"model.name={tiny_model_dir}"]),
                                     store=run.store, data_dir=str(tiny_data_dir)))
+        # a check that never answers (a node's storage hanging) is one line once its time is up, not a wait
+        from ray import cloudpickle
+
+        cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import tests/
+        with pytest.raises(SparseCSEError, match=r"^node check did not finish within 1 s") as e:
+            ra.run_on_each_node(_hangs, ra.compute_nodes(), 30, timeout_s=1)
+        assert "\n" not in str(e.value)
     finally:
         ray.shutdown()

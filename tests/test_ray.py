@@ -4,13 +4,17 @@ tests/test_ray_search.py, the two-node cluster in tests/test_cluster.py."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import kill_processes_mentioning
 
 from sparsecse.core.checkpoints import best_model
 from sparsecse.core.storage import Storage
@@ -22,6 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 # The Ray-machinery sweeps below pin the selection protocol they were written under (STS-B dev, `noninferior`, one
 # control run): what they test is the run, not the choice; test_the_default_selection_… runs the defaults end to end.
+SWEEP_TIMEOUT_S = 600  # a tiny sweep takes 1–3 min on 2 cores, CI's other worker busy beside it
+_SWEEPS = itertools.count()
 PINNED = "select: noninferior, select_on: stsb-dev, control_seeds: 0,"
 
 
@@ -54,27 +60,44 @@ def _sweep(cfg: Path, out: Path, data: Path, *extra, env=None, scrape: int | Non
         tests = str(Path(faults.__file__).parent)
         e.update(faults.ENV, PYTHONPATH=os.pathsep.join(filter(None, [tests, e.get("PYTHONPATH")])))
     argv = [sys.executable, "-m", "sparsecse", "sweep", str(cfg), "--out", str(out), "--data-dir", str(data), *extra]
-    if scrape is None:
-        return subprocess.run(argv, capture_output=True, text=True, env=e, timeout=900)
-    import time
+    ray_tmp = Path("/tmp") / f"scse-{os.getpid()}-{next(_SWEEPS)}"  # its local Ray's files: killed with it if it hangs
+    e["RAY_TMPDIR"] = str(ray_tmp)
+    try:
+        if scrape is None:
+            return subprocess.run(argv, capture_output=True, text=True, env=e, timeout=SWEEP_TIMEOUT_S)
+        return _scraped(argv, e, scrape)
+    except subprocess.TimeoutExpired as t:
+        pytest.fail(f"`sparsecse sweep` did not finish within {SWEEP_TIMEOUT_S} s; its output ends:\n"
+                    f"{(t.stdout or '')[-4000:]}\n{(t.stderr or '')[-4000:]}", pytrace=False)
+    finally:
+        kill_processes_mentioning(str(ray_tmp))  # a hung sweep's Ray would slow every later test down
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _scraped(argv: list[str], e: dict, scrape: int) -> subprocess.CompletedProcess:
+    """The sweep run while its Prometheus endpoint is read every 2 s (see _sweep)."""
+    import threading
     import urllib.request
 
     seen: set[str] = set()
-    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e) as proc:
-        import threading
+    done = threading.Event()
 
-        outs: dict = {}
-        reader = threading.Thread(target=lambda: outs.update(zip(("out", "err"), proc.communicate(timeout=900))))
-        reader.start()
-        while reader.is_alive():
+    def read_metrics() -> None:
+        while not done.is_set():
             try:
                 text = urllib.request.urlopen(f"http://127.0.0.1:{scrape}/metrics", timeout=5).read().decode()
                 seen.update(x for x in text.splitlines() if x.startswith("ray_sparsecse_"))
             except OSError:  # Ray not up yet, or gone
                 pass
-            time.sleep(2)
+            done.wait(2)
+
+    reader = threading.Thread(target=read_metrics, daemon=True)
+    reader.start()
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, env=e, timeout=SWEEP_TIMEOUT_S)
+    finally:
+        done.set()
         reader.join()
-    r = subprocess.CompletedProcess(argv, proc.returncode, outs.get("out", ""), outs.get("err", ""))
     r.metrics = sorted(seen)
     return r
 

@@ -141,18 +141,20 @@ def check_nodes(run: Run) -> None:
     cfg = run.cfg
     nodes = ra.compute_nodes()
     marker = f".node-check-{secrets.token_hex(4)}"
+    wait = max(120.0, cfg.ray.connect_timeout_s)  # a node whose storage or GPU never answers is one line, not a hang
     run.store.write_text(marker, "written by the driver; every node must see it\n")
     try:
         paths = needed_paths(cfg.data.train_file, cfg.score.split, cfg.eval.tasks,
                              TRANSFER_TASKS if cfg.eval.transfer != "none" else (), cfg.sweep.select_on)
-        found = ra.run_on_each_node(stages.check_node, nodes, run.store.uri, marker, run.data_dir, paths, cfg.model.name)
+        found = ra.run_on_each_node(stages.check_node, nodes, run.store.uri, marker, run.data_dir, paths, cfg.model.name,
+                                    timeout_s=wait)
     finally:
         run.store.delete(marker)
     gpu_nodes = [n for n in nodes if n["resources"].get("GPU", 0) >= 1]
     gpu_nodes = gpu_nodes if cfg.ray.use_gpu or cfg.sweep.trial_gpus > 0 else []  # only when the config uses GPUs
     if gpu_nodes:  # one GPU held on each, as a trial would hold it
         found.update({k: found[k] + v for k, v in ra.run_on_each_node(
-            stages.check_gpu, gpu_nodes, gpus=1, timeout_s=max(120.0, cfg.ray.connect_timeout_s)).items()})
+            stages.check_gpu, gpu_nodes, gpus=1, timeout_s=wait).items()})
     for n in nodes:
         if found[n["id"]]:
             raise SparseCSEError(f"node {n['ip']} ({n['id'][:8]}) {found[n['id']][0]}")
