@@ -7,7 +7,9 @@ Every user error is one line on stderr and exit code 2 (no traceback).
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -663,6 +665,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         print(f"sparsecse: {e}" if str(e) else "sparsecse: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT):
+            raise  # anything else is a bug of ours: its traceback is what a report needs
+        # the output, not the temp file beside it that would have been renamed into place (io.atomic_write_bytes)
+        where = re.sub(r"/[.]([^/]+)[.][A-Za-z0-9_]+[.]tmp$", r"/\1", str(e.filename)) + ": " if e.filename else ""
+        print(f"sparsecse: error: {_one_line(where)}{e.strerror}; choose a location you can write (or free space) "
+              "and rerun — what was already written is kept", file=sys.stderr)
+        return 2
 
 
 def entry() -> None:

@@ -66,7 +66,7 @@ def _kill(proc: subprocess.Popen, ray_tmp: Path) -> None:
 def _wait_for(what: str, proc: subprocess.Popen, found) -> None:
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None and not found():
-        time.sleep(0.5)
+        time.sleep(0.2)
     assert proc.poll() is None, f"the sweep ended before {what}"
     assert found(), f"no {what} within 10 minutes"
 
@@ -185,8 +185,8 @@ def test_driver_killed_then_resumed_makes_the_same_choice_as_an_uninterrupted_sw
 
 def test_ctrl_c_in_stage1_and_in_the_trials_exits_130_and_resume_makes_the_same_choice(tmp_path, tiny_model_dir,
                                                                                        tiny_data_dir, uninterrupted):
-    """Ctrl-C belongs to the sweep. A terminal's SIGINT (to the whole process group) during stage 1 and again during
-    the trials: each time the driver stops promptly, writes no report or summary claiming it finished, prints one
+    """Ctrl-C belongs to the sweep. A terminal's SIGINT (to the whole process group) during stage 1, again during
+    scoring and again during the trials: each time the driver stops promptly, writes no report or summary claiming it finished, prints one
     line with the resume command and exits 130; `--resume` then completes to the same choice as an uninterrupted
     sweep of the same config."""
     cfg = _write_cfg(tmp_path / "c.yaml", tiny_model_dir, sparsities=(0.1, 0.2, 0.3), lams=(0.5,))
@@ -216,6 +216,14 @@ def test_ctrl_c_in_stage1_and_in_the_trials_exits_130_and_resume_makes_the_same_
                                                   f"sparsecse sweep {cfg} --out {run} --resume"), out
     assert "Traceback" not in out and took < 30, (took, out)
     assert not (run / "summary.json").exists() and not (run / "simcse" / "best").exists()
+
+    def scoring(log: Path):  # the driver has handed stage 2 to Ray (a new worker imports torch: seconds to go)
+        return lambda: log.is_file() and "scoring every head and neuron" in log.read_text()
+
+    rc, out, took = interrupt(tmp_path / "s.log", "scoring to start", scoring(tmp_path / "s.log"), "--resume")
+    assert rc == 130 and "resume with:" in out.strip().splitlines()[-1] and took < 30, (rc, took, out)
+    assert "[sweep] trials" not in out and not (run / "scores.parquet").exists(), out  # stopped within stage 2
+    assert not (run / "summary.json").exists()
 
     def a_trial_reported() -> bool:
         return any((run / "tune").glob("*/result.json")) if (run / "tune").is_dir() else False

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .. import SparseCSEError
 from .io import manifest_of, sha256_file
-from .storage import Storage, cache_root, is_uri, open_storage, probe_timeout_s
+from .storage import Storage, cache_root, is_uri, open_storage, probe_timeout_s, probe_write
 
 MANIFEST = "manifest.json"
 _DONE = ".staged-complete"
@@ -97,9 +97,7 @@ def _target(to: str, timeout_s: float | None = None) -> Storage:
         parent = next((p for p in (root, *root.parents) if p.exists()), None)
         if parent is not None and not parent.is_dir():
             raise SparseCSEError(f"--to {to}: {parent} is a file, not a directory; choose a directory path")
-        if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
-            raise SparseCSEError(f"--to {to}: {parent} cannot be written (permission denied); choose a directory "
-                                 "you can write")
+    probe_write(store, "--to")  # permission denied, a read-only filesystem: one line, nothing created
     return store
 
 

@@ -264,6 +264,45 @@ class Storage:
             self.fs.delete_file(self.path(rel))
 
 
+def probe_write(store: "Storage", flag: str) -> None:
+    """Writes and deletes a probe in `store`, leaving nothing it created (the root and, on a local disk, each
+    missing parent folder included); a store that cannot be written — permission denied or a read-only filesystem,
+    for root too — is one line naming `flag`."""
+    import secrets
+
+    probe, made = f".probe-{secrets.token_hex(4)}", _missing_dirs(store)
+    try:
+        store.write_text(probe, "can this be written?\n")
+    except OSError as e:
+        why = e.strerror or str(e).splitlines()[0][:160]
+        raise SparseCSEError(f"{flag} {store.uri}: cannot be written ({why}); choose a location you can write"
+                             ) from None
+    finally:
+        with contextlib.suppress(OSError):
+            store.delete(probe)
+        if made:  # the root did not exist: neither does it after the probe (an object store's marker included)
+            with contextlib.suppress(OSError):
+                store.fs.delete_dir(store.root)
+            for d in made[1:]:  # the parent folders the probe created, innermost first
+                with contextlib.suppress(OSError):
+                    os.rmdir(d)
+
+
+def _missing_dirs(store: "Storage") -> list[str]:
+    """The root and, on a local disk, each missing parent of it, innermost first ([] when the root exists): what
+    writing into it would create."""
+    if store.exists():
+        return []
+    if not store.is_local:
+        return [store.root]
+    out = []
+    for d in (Path(store.root), *Path(store.root).parents):
+        if d.exists():
+            break
+        out.append(str(d))
+    return out
+
+
 def cache_root() -> Path:
     """This machine's sparsecse cache ($SPARSECSE_CACHE, else ~/.cache/sparsecse): staged data, tracking copies."""
     return Path(os.environ.get("SPARSECSE_CACHE", "~/.cache/sparsecse")).expanduser()

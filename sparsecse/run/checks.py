@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import secrets
@@ -17,7 +16,7 @@ from pathlib import Path
 from .. import SparseCSEError
 from ..core.config import TRANSFER_TASKS, Config, load_config
 from ..core.staging import check_staged, is_staged_uri
-from ..core.storage import Storage
+from ..core.storage import Storage, probe_write
 from ..method.data import default_data_dir, needed_paths, resolve_data_dir
 from ..method.model import intermediate_size, quiet_transformers, resolve_model_path
 from ..method.prune import count_pruned
@@ -220,36 +219,10 @@ def check_run(config_path: str, overrides=None, resume: bool | str = False, out:
     out = out or f"runs/{Path(config_path).stem}"
     store, state, resuming = open_run(out, cfg, resume)
     note = RunLock(store, cfg.ray.lock_stale_s).check_resume() if resuming else None  # a live driver: refused
-    probe = f".check-{secrets.token_hex(4)}"
-    made = _missing_dirs(store)
-    try:
-        store.write_text(probe, "sparsecse sweep --check: can --out be written?\n")
-    finally:
-        store.delete(probe)
-        if made:  # --out did not exist: neither does it after the check (an object store's marker included)
-            with contextlib.suppress(OSError):
-                store.fs.delete_dir(store.root)
-            for d in made[1:]:  # the parent folders the probe created, innermost first
-                with contextlib.suppress(OSError):
-                    os.rmdir(d)
+    probe_write(store, "--out")  # leaves nothing it created
     run = (f"would resume {store.uri} (stage 1 {'finished' if state.train_fp else 'not finished'}"
            + (f"; {note}" if note else "") + ")" if resuming else f"would start a new sweep in {store.uri}")
     return f"[check] ok: config {config_path}, data {where}, model {cfg.model.name}; {run}"
-
-
-def _missing_dirs(store: Storage) -> list[str]:
-    """The run's root and, on a local disk, each missing parent of it, innermost first ([] when the root exists):
-    what writing into it would create."""
-    if store.exists():
-        return []
-    if not store.is_local:
-        return [store.root]
-    out = []
-    for d in (Path(store.root), *Path(store.root).parents):
-        if d.exists():
-            break
-        out.append(str(d))
-    return out
 
 
 MAX_REPLICATES, MAX_TRIALS = 20, 2000  # past these a sweep is refused unless confirmed (--yes)

@@ -357,11 +357,16 @@ def run_tasks(calls: list[tuple[str, Callable, tuple, dict, float, float]]) -> l
     refs = [(what, ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=1)(fn).remote(*args, **kwargs))
             for what, fn, args, kwargs, cpus, gpus in calls]
     out = []
-    for what, ref in refs:
-        try:
-            out.append(ray.get(ref))
-        except ray.exceptions.RayTaskError as e:
-            raise SparseCSEError(f"{what} failed: {_root_cause(e)}") from None
+    try:
+        for what, ref in refs:
+            try:
+                out.append(ray.get(ref))
+            except ray.exceptions.RayTaskError as e:
+                raise SparseCSEError(f"{what} failed: {_root_cause(e)}") from None
+    except KeyboardInterrupt:  # Ctrl-C: the tasks stop with the driver, also on a cluster that outlives it
+        for _, ref in refs:
+            ray.cancel(ref, force=True)
+        raise
     return out
 
 
