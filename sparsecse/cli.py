@@ -170,7 +170,7 @@ def cmd_prune(a) -> int:
     from .core.config import load_config
     from .method.data import resolve_data_dir
     from .method.model import load_encoder, weights_fingerprint
-    from .method.prune import check_compatible, rewind, select_masks
+    from .method.prune import check_compatible, masks_for, rewind
     from .method.score import load_scores
 
     if not 0.0 <= a.sparsity < 1.0:
@@ -188,8 +188,9 @@ def cmd_prune(a) -> int:
     if init_fp and init_fp != weights_fingerprint(pre):
         raise SparseCSEError(f"{a.scores}: scores come from a model trained from a different pre-trained checkpoint "
                              f"than --pretrained {a.pretrained}; rewind to the checkpoint training started from")
-    head, neuron = scores.importance(a.lam, combine, normalize)
-    enc = rewind(pre, *select_masks(head, neuron, a.sparsity))
+    # the masks a sweep's trial at this point trains with (stages.trial), rewound to the pre-trained weights
+    enc = rewind(pre, *masks_for("align_uniform", a.sparsity, a.lam, cfg.train.seed, scores=scores, pretrained=pre,
+                                 combine=combine, normalize=normalize))
     meta = {"sparsity": a.sparsity, "lam": a.lam, "combine": combine, "normalize": normalize,
             "pretrained": a.pretrained, "scores": str(a.scores),
             "scores_fingerprint": scores.meta.get("model_fingerprint"), "eval_pooler": cfg.model.eval_pooler}

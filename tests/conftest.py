@@ -13,6 +13,19 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
+# The files that take longest, longest first (measured in a full parallel run): pytest-xdist hands out whole files
+# in collection order (`--dist loadfile --no-loadscope-reorder`), so the long ones start at once and the many short
+# files fill both workers at the end — instead of a Ray-heavy file starting last and running alone.
+LONGEST_FIRST = ("test_ray_search.py", "test_faults.py", "test_ray.py", "test_bench_cli.py", "test_cluster.py",
+                 "test_faults_gpu.py", "test_bad_inputs.py", "test_transfer_batched.py", "test_transfer.py",
+                 "test_onnx.py", "test_families.py")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order is kept
+
+
 def _data_dir() -> Path | None:
     for cand in (os.environ.get("SPARSECSE_DATA_DIR"), REPO.parent / "shared" / "data"):
         if cand and Path(cand, "senteval").is_dir():

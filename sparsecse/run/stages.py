@@ -21,13 +21,14 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
 from .. import SparseCSEError
 from ..core.checkpoints import Persist
-from ..core.config import config_from_dict
+from ..core.config import Config, config_from_dict
 from ..core.results import DEV, EVALUATED, LAST_DEV, PARAMS, Point, metric_key, replicate_name, sts_tasks
 from ..core.staging import is_staged_uri, local as local_data
 from ..core.storage import Storage, fetch_model, scratch_dir
@@ -52,6 +53,21 @@ def setup_worker(threads: float) -> None:
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.set_num_threads(max(1, int(threads)))
+
+
+@dataclass(frozen=True)
+class OnNode:
+    """What every stage starts from on the node it landed on: the config, the run's storage and this node's copy
+    of the data (a staged URI fetched and verified here; None when the stage reads no data)."""
+    cfg: Config
+    store: Storage
+    data_dir: Path | None
+
+
+def on_node(store_uri: str, cfg_dict: dict, data_dir: str | None, threads: float) -> OnNode:
+    """The stage preamble, once: this process's threads set, the config rebuilt, storage opened, data localised."""
+    setup_worker(threads)
+    return OnNode(config_from_dict(cfg_dict), Storage(store_uri), local_data(data_dir) if data_dir else None)
 
 
 def task_device(gpus: float) -> str:
@@ -163,9 +179,9 @@ class TensorBoardSync:
 def train_loop(loop_config: dict, *, rank: int = 0, world: int = 1, device=None, wrap=None,
                report: Report, restored: Restored) -> None:
     """Runs on every stage-1 worker: SimCSE with the global batch split across `world` workers (`wrap`: DDP)."""
-    cfg = config_from_dict(loop_config["config"])
-    store = Storage(loop_config["storage"])
-    setup_worker(loop_config["cpus_per_worker"])
+    node = on_node(loop_config["storage"], loop_config["config"], loop_config["data_dir"],
+                   loop_config["cpus_per_worker"])
+    cfg, store = node.cfg, node.store
     if cfg.ray.use_gpu:
         task_device(1)  # a worker given a GPU that CUDA cannot use fails here, in one line (never trains on CPU)
     name = loop_config.get("name", "stage1")  # stage1, stage1-rep<r> (sweep.replicates)
@@ -174,7 +190,7 @@ def train_loop(loop_config: dict, *, rank: int = 0, world: int = 1, device=None,
         tb = tmp / "tensorboard" if rank == 0 and "tensorboard" in cfg.sweep.loggers else None
         sync = [TensorBoardSync(store, tb, loop_config.get("tensorboard", "simcse"))] if tb else []
         callbacks = [*installed_callbacks(name, rank, store), *sync, OnReport(persist)]
-        train_simcse(cfg, tmp / "out", local_data(loop_config["data_dir"]),
+        train_simcse(cfg, tmp / "out", node.data_dir,
                      dist=Dist(rank, world, device or "cpu", wrap), callbacks=callbacks,
                      resume_dir=persist.restore(restored(tmp / "resume")), tb_dir=tb, progress=False)
 
@@ -183,21 +199,19 @@ def train_loop(loop_config: dict, *, rank: int = 0, world: int = 1, device=None,
 
 def score_task(store_uri: str, model_rel: str, data_dir: str, cfg_dict: dict, threads: float, gpus: float,
                out: str = "scores.parquet") -> dict:
-    setup_worker(threads)
-    cfg = config_from_dict(cfg_dict)
-    store = Storage(store_uri)
-    data_dir = str(local_data(data_dir))  # a staged URI: this node's verified copy
+    node = on_node(store_uri, cfg_dict, data_dir, threads)
+    cfg, store, data_dir = node.cfg, node.store, node.data_dir
     with scratch_dir("score") as tmp:
         enc = load_encoder(str(fetch_model(store, model_rel, tmp))).to(task_device(gpus))
-        sc, pairs = score_importance(enc, cfg, Path(data_dir))  # what `sparsecse score` runs too
+        sc, pairs = score_importance(enc, cfg, data_dir)  # what `sparsecse score` runs too
         if "simcse" in cfg.sweep.scorers:  # the SimCSE control: its own loss's Taylor score, label-free
-            simcse = compute_infonce_scores(enc, simcse_sentences(cfg, Path(data_dir)), batch_size=cfg.score.batch_size,
+            simcse = compute_infonce_scores(enc, simcse_sentences(cfg, data_dir), batch_size=cfg.score.batch_size,
                                             temperature=cfg.train.temperature, seed=cfg.score.seed,
                                             max_len=cfg.train.max_len, pooler=cfg.model.pooler)
             store.write_bytes(out.replace("scores", "scores_simcse", 1), scores_to_bytes(simcse))
-    sc.meta["overlap"] = test_overlap(cfg, Path(data_dir), pairs)
+    sc.meta["overlap"] = test_overlap(cfg, data_dir, pairs)
     if cfg.sweep.select_on == "clean-dev":
-        sc.meta["selection"] = clean_counts(Path(data_dir))
+        sc.meta["selection"] = clean_counts(data_dir)
     store.write_bytes(out, scores_to_bytes(sc))  # last: its presence means scoring finished
     return sc.meta
 
@@ -230,11 +244,9 @@ def trial(point: Point, *, store_uri: str, data_dir: str, cfg_dict: dict, scores
     carries the test figures and what checkpointing cost; a restarted trial continues from `restored`. Nothing stays on the node: checkpoints go wherever `report` puts them, predictions to storage."""
     t0 = time.perf_counter()
     name = point.name
-    data_dir = str(local_data(data_dir))  # a staged URI: this node's verified copy
-    cfg = config_from_dict(cfg_dict)
-    cfg = cfg.replace(train=type(cfg.train)(**{**cfg.to_dict()["train"], "seed": point.run_seed}))
-    store = Storage(store_uri)
-    setup_worker(cfg.sweep.trial_cpus)
+    node = on_node(store_uri, cfg_dict, data_dir, config_from_dict(cfg_dict).sweep.trial_cpus)
+    store, data_dir = node.store, node.data_dir
+    cfg = node.cfg.replace(train=type(node.cfg.train)(**{**node.cfg.to_dict()["train"], "seed": point.run_seed}))
     if isinstance(scores, (list, tuple)):  # sweep.replicates: each replicate's trials use its own scores
         scores, simcse_scores = scores[point.replicate], simcse_scores and simcse_scores[point.replicate]
     pre = load_encoder(cfg.model.name, pooler=cfg.model.pooler, dropout=cfg.train.dropout)
@@ -255,11 +267,11 @@ def trial(point: Point, *, store_uri: str, data_dir: str, cfg_dict: dict, scores
         callbacks = [*installed_callbacks(name, 0, store), *([TensorBoardSync(store, tb, name)] if tb else []),
                      OnReport(persist)]
         resume = persist.restore(restored(tmp / "resume"))
-        res = train_simcse(cfg, tmp / "out", Path(data_dir), init=None if resume else rewind(pre, hm, nm),
+        res = train_simcse(cfg, tmp / "out", data_dir, init=None if resume else rewind(pre, hm, nm),
                            callbacks=callbacks, resume_dir=resume, tb_dir=tb, progress=False, meta=meta,
                            dist=Dist(device=device))
         best = load_encoder(str(tmp / "out" / "best"), pooler=cfg.model.eval_pooler).to(device)
-        final = evaluate_trial(best, cfg, Path(data_dir), store, name)
+        final = evaluate_trial(best, cfg, data_dir, store, name)
     # no checkpoint here: the last training report already carries the final state (its best model's pointer),
     # so the trial's result checkpoint is that one and nothing is uploaded twice
     report({**base, EVALUATED: True, "step": res.steps, LAST_DEV: res.best_dev, DEV: res.best_dev,
@@ -336,11 +348,9 @@ def evaluate_task(store_uri: str, model_rel: str | None, data_dir: str, cfg_dict
                   threads: float, gpus: float, pooler: str | None = None) -> dict:
     """{"sts": {task: Spearman ×100, avg, align, uniform}, "transfer": {task: accuracy}} of a model in the run
     (`pooler`: another than model.eval_pooler, e.g. the pre-trained model's own)."""
-    setup_worker(threads)
-    cfg = config_from_dict(cfg_dict)
+    node = on_node(store_uri, cfg_dict, data_dir, threads)
+    cfg, store, data_dir = node.cfg, node.store, node.data_dir
     pooler = pooler or cfg.model.eval_pooler
-    store = Storage(store_uri)
-    data_dir = str(local_data(data_dir))
     out: dict = {}
     with scratch_dir("eval") as tmp:
         # model_rel None: the pre-trained backbone itself (cfg.model.name), for reference
@@ -348,25 +358,23 @@ def evaluate_task(store_uri: str, model_rel: str | None, data_dir: str, cfg_dict
         enc = load_encoder(src, pooler=pooler)
         enc = enc.to(task_device(gpus))
         if sts:
-            out["sts"] = evaluate_sts(enc, Path(data_dir), tasks=sts_tasks(cfg.eval.tasks),
+            out["sts"] = evaluate_sts(enc, data_dir, tasks=sts_tasks(cfg.eval.tasks),
                                       batch_size=cfg.eval.batch_size, pooler=pooler,
                                       alignment_uniformity=True)
         if transfer:
-            out["transfer"] = evaluate_transfer(enc, Path(data_dir), pooler=pooler,
+            out["transfer"] = evaluate_transfer(enc, data_dir, pooler=pooler,
                                                 classifier=cfg.eval.transfer_classifier)
     return out
 
 
 def pilot_task(store_uri: str, model_rel: str, data_dir: str, cfg_dict: dict, threads: float, gpus: float) -> list[dict]:
     """The pilot study on the stage-1 model: each scorer's masks at every sparsity, no retraining, STS test."""
-    setup_worker(threads)
-    cfg = config_from_dict(cfg_dict)
-    store = Storage(store_uri)
+    node = on_node(store_uri, cfg_dict, data_dir, threads)
+    cfg, store, data_dir = node.cfg, node.store, node.data_dir
     scores = load_scores(store.read_bytes("scores.parquet"), name=store.url("scores.parquet"))
-    data_dir = str(local_data(data_dir))
     with scratch_dir("pilot") as tmp:
         enc = load_encoder(str(fetch_model(store, model_rel, tmp)), pooler=cfg.model.eval_pooler).to(task_device(gpus))
-        return pilot(enc.eval(), scores, Path(data_dir), sparsities_with_zero(cfg.sweep.sparsities), lam=pilot_lam(cfg),
+        return pilot(enc.eval(), scores, data_dir, sparsities_with_zero(cfg.sweep.sparsities), lam=pilot_lam(cfg),
                      scorers=cfg.sweep.scorers, readings=cfg.score.allocations,
                      simcse_scores=load_simcse_scores(store, cfg),
                      sts={"tasks": sts_tasks(cfg.eval.tasks), "batch_size": cfg.eval.batch_size,
@@ -384,13 +392,11 @@ def export_task(store_uri: str, model_rel: str, cfg_dict: dict, results: dict | 
                 data_dir: str | None = None) -> str:
     """The model at `model_rel` exported (dense + pruned/, model card; pruned/onnx/ with sweep.export_onnx) to the
     run's export/, its speed measured on `data_dir`'s wiki sentences; returns its URL."""
-    setup_worker(threads)
-    cfg = config_from_dict(cfg_dict)
-    store = Storage(store_uri)
+    node = on_node(store_uri, cfg_dict, data_dir, threads)
+    cfg, store = node.cfg, node.store
     with scratch_dir("export") as tmp:
         out = export_model(str(fetch_model(store, model_rel, tmp)), tmp / "export", pooler=cfg.model.eval_pooler,
-                           results=results, onnx=cfg.sweep.export_onnx,
-                           data_dir=local_data(data_dir) if data_dir else None)
+                           results=results, onnx=cfg.sweep.export_onnx, data_dir=node.data_dir)
         store.upload_dir(out, "export")
     return store.url("export")
 
