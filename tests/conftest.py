@@ -21,6 +21,17 @@ LONGEST_FIRST = ("test_ray_search.py", "test_faults.py", "test_ray.py", "test_be
                  "test_onnx.py", "test_families.py")
 
 
+def pytest_configure(config) -> None:
+    """Under pytest-xdist, each worker computes with its share of the cores (1 each on 2 cores): torch's and ONNX
+    Runtime's pools sized for the whole machine busy-wait against the other worker's (measured: the MiniLM MR
+    transfer test took 351 s beside two busy processes with 2 threads, 95 s with 1). Subprocesses inherit it."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        share = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(share)
+        torch.set_num_threads(share)
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order is kept

@@ -124,7 +124,6 @@ def test_the_fused_export_of_a_30pct_minilm_keeps_its_embeddings_in_fp32_and_int
     from sparsecse.ops.export import export_model
     from sparsecse.ops.onnx_export import OnnxEncoder
 
-    torch.set_num_threads(2)
     enc = load_encoder("minilm", pooler="cls_before_pooler")
     scores = compute_scores(enc, load_stsb(data_dir, "train"), max_pairs=128)
     enc.set_masks(*masks_for("align_uniform", 0.3, 0.5, 1, scores=scores, pretrained=enc))

@@ -13,7 +13,6 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def minilm():
-    torch.set_num_threads(2)
     return load_encoder("minilm", pooler="avg")
 
 

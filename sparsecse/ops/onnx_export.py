@@ -196,8 +196,8 @@ class OnnxEncoder:
 
         self.tokenizer = load_tokenizer(d)
         opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
+        # as many threads as torch computes with (`--threads` sets both; by default every core)
+        opts.intra_op_num_threads = threads or torch.get_num_threads()
         if not optimize:  # ONNX Runtime's graph fusions off (what they give is measured in BENCHMARKS row 3)
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         try:

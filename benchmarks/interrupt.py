@@ -1,0 +1,166 @@
+"""Ctrl-C at every stage of a real sweep, then `--resume` to the end (issue 37's check on the quickstart).
+
+    python -m benchmarks.interrupt sweeps/quickstart.yaml --out runs/ctrl-c --data-dir DIR [--reference RUN]
+
+What a terminal's Ctrl-C does — SIGINT to the whole foreground process group — is sent three times, each to a
+fresh `sparsecse sweep` (the first new, the others `--resume`): once stage 1 has written a checkpoint, once the
+driver has handed scoring to Ray, and once a trial has reported. Each time it records the exit code, how long the
+driver took to exit, its last line and whether anything claiming the sweep finished was written (summary.json,
+report.md). Then `--resume` runs to the end, and its choice is compared with an uninterrupted sweep of the same
+config: `--reference RUN` (a finished run), else one this script runs into OUT-reference. Everything lands in
+OUT/interrupt.json; the table is printed. tests/test_faults.py runs the same function on the tiny model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from benchmarks.bench import machine
+
+
+def _stage1_checkpointed(run: Path, log: Path) -> bool:
+    return (run / "stage1").is_dir() and any((run / "stage1").rglob("checkpoint_*"))
+
+
+def _scoring(run: Path, log: Path) -> bool:  # a new Ray worker then imports torch: seconds before scores exist
+    return log.is_file() and "scoring every head and neuron" in log.read_text()
+
+
+def _trial_reported(run: Path, log: Path) -> bool:
+    return (run / "tune").is_dir() and any((run / "tune").glob("*/result.json"))
+
+
+STAGES: tuple[tuple[str, Callable[[Path, Path], bool]], ...] = (
+    ("stage 1", _stage1_checkpointed), ("scoring", _scoring), ("the trials", _trial_reported))
+
+
+def kill_ray(ray_tmp: Path) -> None:
+    """SIGKILL every process whose command line names `ray_tmp` (the sweep's own local Ray), then remove it."""
+    for pid_dir in Path("/proc").iterdir():
+        if not pid_dir.name.isdigit() or int(pid_dir.name) == os.getpid():
+            continue
+        try:
+            args = (pid_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(ray_tmp) in args:
+            try:
+                os.kill(int(pid_dir.name), signal.SIGKILL)
+            except OSError:
+                pass
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _start(argv: list[str], env: dict, log: Path) -> subprocess.Popen:
+    with log.open("w") as f:
+        return subprocess.Popen([sys.executable, "-m", "sparsecse", "sweep", *argv], env=env, stdout=f,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait_for(what: str, proc: subprocess.Popen, ready: Callable[[], bool], timeout_s: float) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and proc.poll() is None and not ready():
+        time.sleep(0.2)
+    if proc.poll() is not None:
+        raise RuntimeError(f"the sweep ended (exit {proc.returncode}) before {what}")
+    if not ready():
+        raise RuntimeError(f"no {what} within {timeout_s:.0f} s")
+
+
+def interrupt_each_stage(config: Path, run: Path, data_dir: Path, logs: Path, env: dict | None = None,
+                         timeout_s: float = 1800) -> dict:
+    """The three interrupts and the resume to the end; {"interrupts": [row per stage], "final": {...}}."""
+    ray_tmp = Path("/tmp") / f"scse-int-{os.getpid()}"  # the driver's local Ray: short (socket paths), its own
+    env = {**os.environ, "SPARSECSE_DASHBOARD": "0", **(env or {}), "RAY_TMPDIR": str(ray_tmp)}
+    env.pop("RAY_ADDRESS", None)
+    argv = [str(config), "--out", str(run), "--data-dir", str(data_dir)]
+    logs.mkdir(parents=True, exist_ok=True)
+    rows = []
+    try:
+        for i, (what, ready) in enumerate(STAGES):
+            log = logs / f"interrupt-{i + 1}.log"
+            proc = _start(argv + (["--resume"] if i else []), env, log)
+            try:
+                _wait_for(what, proc, lambda: ready(run, log), timeout_s)
+                t0 = time.time()
+                os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends: the whole foreground group
+                rc = proc.wait(timeout=60)
+                took = time.time() - t0
+            finally:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                kill_ray(ray_tmp)
+            out = log.read_text()
+            rows.append({"stage": what, "rc": rc, "exit_s": round(took, 2), "log": str(log),
+                         "last_line": (out.strip().splitlines() or [""])[-1],
+                         "claims_finished": any((run / f).exists() for f in ("summary.json", "report.md"))
+                         or "[sweep] done" in out})
+        log = logs / "resumed.log"
+        t0 = time.time()
+        proc = _start(argv + ["--resume"], env, log)
+        rc = proc.wait(timeout=timeout_s)
+        final = {"rc": rc, "wall_s": round(time.time() - t0, 1), "log": str(log)}
+        if rc == 0:
+            final["selected"] = json.loads((run / "summary.json").read_text())["selected"]
+    finally:
+        kill_ray(ray_tmp)
+    return {"interrupts": rows, "final": final}
+
+
+def _choice(selected: dict) -> dict:
+    return {k: selected.get(k) for k in ("method", "sparsity", "lam", "dev_mean")}
+
+
+def same_choice(a: dict | None, b: dict | None) -> bool:
+    """The same point chosen with the same dev figure (to 1e-6: the resumed run's floats went through storage)."""
+    if not a or not b:
+        return False
+    a, b = _choice(a), _choice(b)
+    dev = a.pop("dev_mean"), b.pop("dev_mean")
+    return a == b and None not in dev and abs(dev[0] - dev[1]) <= 1e-6
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.interrupt", description=__doc__.split("\n\n")[0])
+    p.add_argument("config", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="the interrupted run's folder (new)")
+    p.add_argument("--data-dir", type=Path, default=os.environ.get("SPARSECSE_DATA_DIR"))
+    p.add_argument("--reference", type=Path, help="a finished uninterrupted run of the same config")
+    a = p.parse_args(argv)
+    t0 = time.time()
+    res = interrupt_each_stage(a.config, a.out, a.data_dir, a.out.parent / f"{a.out.name}-logs")
+    ref = a.reference
+    if ref is None:  # the uninterrupted peer, run here
+        ref = a.out.parent / f"{a.out.name}-reference"
+        r = subprocess.run([sys.executable, "-m", "sparsecse", "sweep", str(a.config), "--out", str(ref),
+                            "--data-dir", str(a.data_dir)], capture_output=True, text=True,
+                           env={**os.environ, "SPARSECSE_DASHBOARD": "0"})
+        if r.returncode != 0:
+            print(r.stdout[-2000:] + r.stderr[-2000:], file=sys.stderr)
+            return 1
+    res["reference"] = {"run": str(ref), "selected": _choice(json.loads((ref / "summary.json").read_text())["selected"])}
+    res["same_choice"] = same_choice(res["final"].get("selected"), res["reference"]["selected"])
+    res.update(machine=machine(), config=str(a.config), wall_s=round(time.time() - t0, 1))
+    (a.out.parent / f"{a.out.name}-logs" / "interrupt.json").write_text(json.dumps(res, indent=2) + "\n")
+    print("| Ctrl-C during | exit | driver exited after | claims finished | last line |\n|---|---|---|---|---|")
+    for r in res["interrupts"]:
+        print(f"| {r['stage']} | {r['rc']} | {r['exit_s']:.1f} s | {'yes' if r['claims_finished'] else 'no'} | "
+              f"{r['last_line'][:90]} |")
+    print(f"\n--resume to the end: exit {res['final']['rc']} in {res['final']['wall_s']:.0f} s; choice "
+          f"{_choice(res['final'].get('selected') or {})} vs uninterrupted {res['reference']['selected']}: "
+          f"{'same' if res['same_choice'] else 'DIFFERENT'}")
+    ok = all(r["rc"] == 130 and not r["claims_finished"] for r in res["interrupts"]) and res["same_choice"]
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
