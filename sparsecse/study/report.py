@@ -174,10 +174,8 @@ def _test_results(inp: ReportInputs) -> list[str]:
     if selected:
         trow.append(("SimCSE control s=0, dev-selected (pruning did not win)" if selected.control_won else
                      f"SparseCSE, dev-selected ({_point_label(selected)})", selected.test))
-    ours_done = [r for r in inp.results if not r.error and r.evaluated and r.point.is_paper]
-    if ours_done:
-        trow.append(("best per task over the grid (test-selected, for reference only)",
-                     {t: max(r.test(t, -1e9) for r in ours_done) for t in tasks}))
+    if inp.findings.best_test:
+        trow.append(("best per task over the grid (test-selected, for reference only)", inp.findings.best_test))
     return ["## Test results (Spearman × 100)", "", _table(trow, tasks), ""]
 
 

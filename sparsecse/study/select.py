@@ -430,6 +430,7 @@ class Findings:
     clean_control: float | None = None
     replicate_spread: tuple | None = None
     rules: dict | None = None  # {rule: sparsity it picks on these trials} (outcome.rule_choices)
+    best_test: dict = field(default_factory=dict)  # {STS task: the best test score over the grid}, for reference
 
 
 def findings(results: list[TrialResult], selected: Selection | None, tasks: list[str],
@@ -446,7 +447,8 @@ def findings(results: list[TrialResult], selected: Selection | None, tasks: list
     return Findings(comps, stability(results, selected, tasks),
                     best_transfer(results), clean, clean_average(selected.test if selected else None, clean),
                     clean_average((ctrl or {}).get("test"), clean),
-                    (float(np.mean(devs)), sample_std(devs)) if len(devs) > 1 else None, rules)
+                    (float(np.mean(devs)), sample_std(devs)) if len(devs) > 1 else None, rules,
+                    best_test(results, tasks))
 
 
 def clean_tasks(overlap: list[dict]) -> list[str]:
@@ -460,6 +462,12 @@ def clean_average(test: dict | None, tasks: list[str]) -> float | None:
     if not test or not tasks or not all(t in test for t in tasks):
         return None
     return sum(test[t] for t in tasks) / len(tasks)
+
+
+def best_test(results: list[TrialResult], tasks: list[str]) -> dict[str, float]:
+    """{STS task: the best test score over the paper's evaluated trials} (test-selected, for reference only)."""
+    done = [r for r in results if not r.error and r.evaluated and r.point.is_paper]
+    return {t: max(r.test(t, -1e9) for r in done) for t in tasks} if done else {}
 
 
 def best_transfer(results: list[TrialResult]) -> dict[str, float]:
