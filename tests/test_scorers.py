@@ -291,3 +291,21 @@ def test_label_free_scores_are_the_same_for_the_same_seed_and_leave_the_callers_
     s1 = compute_infonce_scores(tiny, pairs.s1, batch_size=8, seed=2)
     s2 = compute_infonce_scores(tiny, pairs.s1, batch_size=8, seed=2)
     np.testing.assert_array_equal(s1.g_align_neuron, s2.g_align_neuron)
+
+
+def test_older_records_are_read_in_one_place_and_an_unknown_kind_is_a_bug():
+    """results.upgrade_record: a pilot row without a method (before the readings were a dimension), a scoring note
+    without its positive-pair count, a trial's parameters nested under "point" — each in today's shape; the report
+    and the pilot figure read them through it."""
+    from sparsecse.core.results import upgrade_record
+    from sparsecse.study.pilot import row_method
+
+    old_row = {"scorer": "random", "sparsity": 0.1, "avg": 50.0}
+    assert upgrade_record("pilot_row", old_row)["method"] == "random" == row_method(old_row)
+    assert row_method({**old_row, "method": "align_uniform/score"}) == "align_uniform/score"  # today's rows as they are
+    assert upgrade_record("scoring", {"split": "train"}) == {"positive_pairs": None, "split": "train"}
+    assert upgrade_record("scoring", {"positive_pairs": 12})["positive_pairs"] == 12
+    p = upgrade_record("point", {"point": {"sparsity": 0.2, "lam": 0.5, "seed": 1}}, reading=("score", "layer"))
+    assert (p["scorer"], p["combine"], p["normalize"], p["replicate"]) == ("align_uniform", "score", "layer", 0)
+    with pytest.raises(ValueError, match="unknown record kind 'trial'"):
+        upgrade_record("trial", {})

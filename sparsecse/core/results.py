@@ -5,8 +5,11 @@
     TrialResult  a trial's point, last reported metrics, error and checkpoint (relative to the run)
     grid_points  the config's grid as Points (× stage-1 replicates)
 
-Records written by earlier versions of sparsecse (Tune parameters nested under "point", no scorer, no reading)
-are read in one place only: `Point.from_params`. Nothing here imports more than the config.
+Records written by earlier versions of sparsecse are read in one place only, `upgrade_record`: a trial's
+parameters (nested under "point", no scorer, no reading), a pilot row (no method), a scores file's scoring note (no
+positive-pair count). Older *configs* are read where the config is (config.LEGACY_VALUES, rundir.upgrade_state) and
+older checkpoint layouts where checkpoints are (checkpoints.best_model): both need more than a record's fields.
+Nothing here imports more than the config.
 """
 
 from __future__ import annotations
@@ -137,10 +140,26 @@ class Point:
         """A point from Tune parameters or a results record — also as earlier versions wrote them: parameters nested
         under "point"; no scorer (the paper's score was the only one); no reading (`reading`, the config's first
         one, was the only one run)."""
-        p = params.get("point") or params
-        return cls(sparsity=float(p["sparsity"]), lam=float(p["lam"]), seed=int(p["seed"]),
-                   scorer=p.get("scorer") or PAPER_SCORER, combine=p.get("combine") or reading[0],
-                   normalize=p.get("normalize") or reading[1], replicate=int(p.get("replicate") or 0))
+        p = upgrade_record("point", params, reading=reading)
+        return cls(sparsity=float(p["sparsity"]), lam=float(p["lam"]), seed=int(p["seed"]), scorer=p["scorer"],
+                   combine=p["combine"], normalize=p["normalize"], replicate=int(p["replicate"]))
+
+
+def upgrade_record(kind: str, rec: dict, reading: tuple[str, str] = DEFAULT_READING) -> dict:
+    """`rec` in today's shape, whichever sparsecse version wrote it — the one reader of older records:
+        point     Tune parameters or a results row: once nested under "point"; no scorer (the paper's score was the
+                  only one); no reading (`reading`, the config's first, was the only one run); no replicate (0)
+        pilot_row a pilot.json row: no "method" (before the readings were a dimension its scorer was its method)
+        scoring   a scores file's scoring note: no "positive_pairs" (the count was not recorded: None)"""
+    if kind == "point":
+        p = rec.get("point") or rec
+        return {**p, "scorer": p.get("scorer") or PAPER_SCORER, "combine": p.get("combine") or reading[0],
+                "normalize": p.get("normalize") or reading[1], "replicate": p.get("replicate") or 0}
+    if kind == "pilot_row":
+        return {**rec, "method": rec.get("method", rec["scorer"])}
+    if kind == "scoring":
+        return {"positive_pairs": None, **rec}
+    raise ValueError(f"upgrade_record: unknown record kind {kind!r}")
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..core.config import STS_TASKS, ScoreConfig
-from ..core.results import method_name
+from ..core.results import method_name, upgrade_record
 from ..method.evaluate import evaluate_sts
 from ..method.prune import masks_for
 
@@ -43,7 +43,7 @@ def pilot(enc, scores, data_dir: Path, sparsities, lam: float = 0.5, scorers=("a
 
 def row_method(row: dict) -> str:
     """How a pilot row's mask was chosen (its method)."""
-    return row.get("method", row["scorer"])  # pilot.json files written before the readings were a dimension
+    return upgrade_record("pilot_row", row)["method"]
 
 
 def sparsities_with_zero(sparsities) -> list[float]:

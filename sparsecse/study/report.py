@@ -11,7 +11,7 @@ import html
 from dataclasses import dataclass, field
 
 from ..core.config import SELECT_ON, Config, select_on_label
-from ..core.results import DEV, PAPER_SCORER, TrialResult, metric_key, reading_parts, sts_tasks
+from ..core.results import DEV, PAPER_SCORER, TrialResult, metric_key, reading_parts, sts_tasks, upgrade_record
 from ..core.tables import label, render
 from ..method.transfer import format_transfer_markdown
 from .pilot import row_method
@@ -287,8 +287,8 @@ def _scoring_lines(scoring: dict | None, cfg: Config) -> list[str]:
     """What importance was scored on, and the label leak the paper's setting carries."""
     if not scoring:
         return []
-    n = scoring.get("positive_pairs")
-    count = f"{n} " if n is not None else ""  # scores written before the count was recorded
+    n = upgrade_record("scoring", scoring)["positive_pairs"]
+    count = f"{n} " if n is not None else ""
     if cfg.score.source == "unlabeled":
         return [f"Importance scored **label-free**: {count}wiki sentences, each paired with its second dropout view "
                 "(no STS labels or pairs used).", ""]
