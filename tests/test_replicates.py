@@ -46,8 +46,8 @@ def test_comparisons_average_seeds_within_a_replicate_and_test_over_replicates()
         rows += [_t(0.0, 1, rep, c1), _t(0.0, 2, rep, c2), _t(0.1, 1, rep, p1), _t(0.1, 2, rep, p2)]
     (comp,) = comparisons(rows)
     # per replicate: control means 71, 71, 70; pruned 72, 72.5, 70.5 → differences 1.0, 1.5, 0.5 over 3 units
-    assert comp["unit"] == "replicate" and comp["seeds"] == [0, 1, 2]
-    vs = comp["vs_control"]
+    assert comp.unit == "replicate" and comp.seeds == [0, 1, 2]
+    vs = comp.vs_control
     assert vs["n"] == 3 and vs["diff"] == pytest.approx(1.0) and vs["std"] == pytest.approx(0.5)
     assert vs["p_raw"] == 0.25  # three replicates: the exact test's floor
     assert len(control(rows)["seeds"]) == 6  # one control per (replicate, seed), none collapsed

@@ -87,16 +87,16 @@ def test_controls_section_compares_each_method_at_equal_budget():
     rows += [_row(0.3, 0.25, k, 79.0, 60.0 + k, scorer="random") for k in (1, 2, 3)]
     rows += [_row(0.3, 0.25, k, 79.0, 71.0 + k, scorer="magnitude") for k in (1, 2, 3)]
     comps = comparisons(rows)
-    assert [(c["method"], c["lam"]) for c in comps] == [("align_uniform", 0.75), ("random", None), ("magnitude", None)]
+    assert [(c.method, c.lam) for c in comps] == [("align_uniform", 0.75), ("random", None), ("magnitude", None)]
     ours, rand, mag = comps
-    assert ours["vs_control"]["diff"] == pytest.approx(2.0) and ours["vs_control"]["std"] == pytest.approx(0.0)
-    assert ours["vs_random"]["diff"] == pytest.approx(12.0)
+    assert ours.vs_control["diff"] == pytest.approx(2.0) and ours.vs_control["std"] == pytest.approx(0.0)
+    assert ours.vs_random["diff"] == pytest.approx(12.0)
     # 3 seeds: the exact sign-flip test cannot go below 0.25, so even +12 every seed is not a claim; the table's
     # 5 tests are one family and Holm leaves 0.25 × 5 capped at 1
-    assert ours["vs_random"]["p_raw"] == 0.25 and ours["vs_random"]["family"] == 5
-    assert ours["vs_random"]["p"] == 1.0 and ours["vs_random"]["verdict"] == "within noise"
-    assert rand["vs_random"] is None and rand["vs_control"]["verdict"] == "within noise"
-    assert mag["vs_control"]["diff"] == pytest.approx(1.0) and mag["vs_random"]["diff"] == pytest.approx(11.0)
+    assert ours.vs_random["p_raw"] == 0.25 and ours.vs_random["family"] == 5
+    assert ours.vs_random["p"] == 1.0 and ours.vs_random["verdict"] == "within noise"
+    assert rand.vs_random is None and rand.vs_control["verdict"] == "within noise"
+    assert mag.vs_control["diff"] == pytest.approx(1.0) and mag.vs_random["diff"] == pytest.approx(11.0)
     cfg = load_config(None, ["sweep.sparsities=[0, 0.3]", "sweep.lams=[0.25, 0.75]", "sweep.seeds=[1, 2, 3]",
                              "sweep.scorers=[align_uniform, random, magnitude]", "eval.tasks=[STSBenchmark]",
                              "score.source=stsb"])
@@ -154,8 +154,8 @@ def test_stability_and_the_alignment_uniformity_figure():
     sel = select(rows)
     assert sel.sparsity == 0.1
     (st,) = stability(rows, sel, ["STSBenchmark"])
-    assert (st["best_sparsity"], st["best"], st["selected"]) == (0.3, 75.0, 69.0)
-    assert st["sparsity_gap"] == pytest.approx(0.2)
+    assert (st.best_sparsity, st.best, st.selected) == (0.3, 75.0, 69.0)
+    assert st.sparsity_gap == pytest.approx(0.2)
     figs = figures.sweep_figures(rows, ["STSBenchmark", "avg"], {"align": 0.2, "uniform": -2.3},
                                  {"align": 0.3, "uniform": -1.5})
     assert list(figs) == ["sts_avg_vs_sparsity.png", "sts_tasks_vs_sparsity.png", "align_uniform.png"]
@@ -200,11 +200,11 @@ def test_each_reading_of_the_scores_is_its_own_grid_point_and_method():
     sel = select(rows)
     assert (sel.sparsity, sel.normalize, sel.method, sel.candidates) == (
         0.3, "layer", "align_uniform (normalize=layer)", 3)
-    comps = {c["method"]: c for c in comparisons(rows)}
+    comps = {c.method: c for c in comparisons(rows)}
     assert list(comps) == ["align_uniform", "align_uniform (normalize=layer)", "random", "random (normalize=layer)"]
     # paired against the random of its own reading: test avg 71 + k against 59, then 50 at seed 2
-    assert comps["align_uniform (normalize=layer)"]["vs_random"]["diff"] == pytest.approx(np.mean([72 - 59, 73 - 50]))
-    assert comps["align_uniform"]["vs_random"]["diff"] == pytest.approx(np.mean([69 - 59, 70 - 59]))
+    assert comps["align_uniform (normalize=layer)"].vs_random["diff"] == pytest.approx(np.mean([72 - 59, 73 - 50]))
+    assert comps["align_uniform"].vs_random["diff"] == pytest.approx(np.mean([69 - 59, 70 - 59]))
     flat = results_table(rows, ["STSBenchmark", "avg"])
     assert [x["trial"] for x in flat if x["sparsity"] == 0.3 and x["seed"] == 1] == [
         "s0.300_l0.50_seed1", "s0.300_l0.50_norm-layer_seed1", "s0.300_random_seed1", "s0.300_random_norm-layer_seed1"]
@@ -225,14 +225,14 @@ def test_a_single_seed_comparison_gets_a_bootstrap_over_test_pairs():
     for r, name in zip(rows, preds):
         r.metrics["test/avg"] = sts_from_predictions(preds[name])["avg"]
     ours, rand = comparisons(rows, predictions=preds)
-    assert ours["vs_control"]["verdict"] == "better" and ours["vs_control"]["bootstrap"]["lo"] > 0
-    assert ours["vs_control"]["diff"] == pytest.approx(ours["mean"] - rows[0].metrics["test/avg"])
-    assert rand["vs_control"]["verdict"] == "within noise"  # the same noise level: the interval covers 0
-    assert rand["vs_control"]["bootstrap"]["lo"] < 0 < rand["vs_control"]["bootstrap"]["hi"]
+    assert ours.vs_control["verdict"] == "better" and ours.vs_control["bootstrap"]["lo"] > 0
+    assert ours.vs_control["diff"] == pytest.approx(ours.mean - rows[0].metrics["test/avg"])
+    assert rand.vs_control["verdict"] == "within noise"  # the same noise level: the interval covers 0
+    assert rand.vs_control["bootstrap"]["lo"] < 0 < rand.vs_control["bootstrap"]["hi"]
     md = "\n".join(render_comparisons([ours, rand], control(rows)))
     assert "one seed; bootstrap over test pairs, 1000 resamples" in md and ": better)" in md
     # without predictions, one seed makes no claim
-    assert comparisons(rows)[0]["vs_control"]["verdict"].startswith("one seed")
+    assert comparisons(rows)[0].vs_control["verdict"].startswith("one seed")
 
 
 def test_sampled_points_are_drawn_as_a_scatter_with_a_fit():
@@ -376,7 +376,7 @@ def test_report_html_is_a_page_with_real_tables_the_answer_first_and_each_figure
     answer = page[page.index('<div class="answer">'):page.index("</div>")]
     assert tags.index("div") < tags.index("table") and tags.index("h1") < tags.index("div")
     assert "SparseCSE at s=30%, λ=0.5" in answer and "0.70 M encoder parameters against 1.00 M dense (-30.0%)" in answer
-    comp = comparisons(rows)[0]["vs_control"]  # diffs 1.1, 1.2, 1.3: mean 1.2, std 0.1, t(2) = 4.303
+    comp = comparisons(rows)[0].vs_control  # diffs 1.1, 1.2, 1.3: mean 1.2, std 0.1, t(2) = 4.303
     assert comp["lo"] == pytest.approx(1.2 - 4.303 * 0.1 / 3 ** 0.5, abs=1e-3)
     assert (f"+1.20 [95 % CI {comp['lo']:+.2f}, {comp['hi']:+.2f}; t over 3 seeds; exact sign-flip p = 0.250, Holm "
             f"p = 0.250 in a family of 1], within noise") in answer  # 3 seeds cannot reach p < 0.25

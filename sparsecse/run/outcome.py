@@ -83,6 +83,7 @@ def report_stage(run: Run, results: list[TrialResult], selected: Selection | Non
     baseline, transfer = extras["baseline"], extras["transfer"]
     tasks = [*sts_tasks(cfg.eval.tasks), "avg"]
     flat = choose.results_table(results, tasks)
+    comps = choose.comparisons(results, cfg.sweep.select_lam, predictions=predictions_for_bootstrap(run, results))
     summary = {"baseline": baseline, "backbone": extras.get("backbone"), "backbone_own": extras.get("backbone_own"),
                "selected": selected.to_dict() if selected else None,
                "control": choose.control(results), "num_trials": len(results),
@@ -90,8 +91,7 @@ def report_stage(run: Run, results: list[TrialResult], selected: Selection | Non
                "transfer": transfer, "storage": store.uri,
                "export": store.url("export") if wants_export(selected, cfg) else None,
                "export_speed": extras.get("export_speed"),
-               "comparisons": choose.comparisons(results, cfg.sweep.select_lam,
-                                                 predictions=predictions_for_bootstrap(run, results)),
+               "comparisons": [c.to_dict() for c in comps],
                "allocation": selected_allocation(selected, scores[selected.replicate if selected else 0]),
                "pilot": extras["pilot"], "replicates": replicate_devs(run),
                "rules": rule_choices(cfg, results, kept or kept_predictions(run, results))
@@ -105,7 +105,7 @@ def report_stage(run: Run, results: list[TrialResult], selected: Selection | Non
     inputs = ReportInputs(Path(store.root).name, cfg, results, flat, selected, summary["control"], baseline, transfer,
                           figs, summary["allocation"], scores[0].meta, extras["pilot"], extras.get("backbone"),
                           summary["replicates"],
-                          choose.findings(results, selected, tasks, cfg.sweep.select_lam, comps=summary["comparisons"],
+                          choose.findings(results, selected, tasks, cfg.sweep.select_lam, comps=comps,
                                           overlap=scores[0].meta.get("overlap"), replicates=summary["replicates"],
                                           rules=summary["rules"]), backbone_own=extras.get("backbone_own"),
                           export_speed=extras.get("export_speed"))

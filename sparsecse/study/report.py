@@ -15,7 +15,7 @@ from ..core.results import DEV, PAPER_SCORER, TrialResult, metric_key, reading_p
 from ..core.tables import label, render
 from ..method.transfer import format_transfer_markdown
 from .pilot import row_method
-from .select import Findings, Selection, selected_comparison
+from .select import Comparison, Findings, Selection, selected_comparison
 from .stats import ALPHA, EXACT_BELOW
 
 
@@ -115,11 +115,11 @@ def pilot_table(rows: list[dict], tasks: list[str]) -> str:
                   [[row_method(r), f"{r['sparsity']:.0%}", *(r[t] for t in cols)] for r in rows], left=2)
 
 
-def _family(comps: list[dict]) -> int:
-    return next((c[k]["family"] for c in comps for k in ("vs_control", "vs_random") if c[k] and "family" in c[k]), 0)
+def _family(comps: list[Comparison]) -> int:
+    return next((t["family"] for c in comps for t in (c.vs_control, c.vs_random) if t and "family" in t), 0)
 
 
-def render_comparisons(comps: list[dict], ctrl: dict | None, dev: str = "STS-B dev") -> list[str]:
+def render_comparisons(comps: list[Comparison], ctrl: dict | None, dev: str = "STS-B dev") -> list[str]:
     """The controls section of report.md."""
     if not comps:
         return []
@@ -133,9 +133,9 @@ def render_comparisons(comps: list[dict], ctrl: dict | None, dev: str = "STS-B d
             f"training noise). The table is one family of {_family(comps)} tests: verdicts use Holm-adjusted p at "
             f"α = {ALPHA} (raw p beside it); {base}.",
             "", render(["sparsity", "method", "λ", "n seeds", dev, "test avg", "Δ vs s = 0 control", "Δ vs random"],
-                       [[f"{c['sparsity']:.0%}", c["method"], "—" if c["lam"] is None else str(c["lam"]),
-                         str(len(c["seeds"])), _pm1(c["dev_mean"], c["dev_std"]), _pm1(c["mean"], c["std"]),
-                         _vs(c["vs_control"]), _vs(c["vs_random"])] for c in comps], left=2), ""]
+                       [[f"{c.sparsity:.0%}", c.method, "—" if c.lam is None else str(c.lam),
+                         str(len(c.seeds)), _pm1(c.dev_mean, c.dev_std), _pm1(c.mean, c.std),
+                         _vs(c.vs_control), _vs(c.vs_random)] for c in comps], left=2), ""]
 
 
 # --------------------------------------------------------------------------- the sections, in order
@@ -216,9 +216,9 @@ def _stability(inp: ReportInputs) -> list[str]:
         return []
     return ["## Stability: the best sparsity per task (test, mean over seeds) vs the dev-selected one", "",
             render(["task", "best s (test)", "λ", "its score", "dev-selected's score", "s gap"],
-                   [[label(x["task"]), f"{x['best_sparsity']:.0%}",
-                     "—" if x["best_sparsity"] == 0 else f"{x['best_lam']} {x['best_reading']}".strip(),
-                     x["best"], x["selected"], f"{100 * x['sparsity_gap']:+.0f} pts"] for x in stab]), ""]
+                   [[label(x.task), f"{x.best_sparsity:.0%}",
+                     "—" if x.best_sparsity == 0 else f"{x.best_lam} {x.best_reading}".strip(),
+                     x.best, x.selected, f"{100 * x.sparsity_gap:+.0f} pts"] for x in stab]), ""]
 
 
 def _allocation(inp: ReportInputs) -> list[str]:
@@ -461,7 +461,7 @@ def answer(inp: ReportInputs) -> str:
             f"**SparseCSE at {_point_label(sel)}**")
     out = f"Chosen: {what}{size}. STS test average {avg:.2f}" if avg is not None else f"Chosen: {what}{size}."
     comp = selected_comparison(inp.findings.comparisons, sel)
-    c = comp and comp["vs_control"]
+    c = comp.vs_control if comp else None
     if c and c.get("diff") is not None:
         vs = "; against the unpruned control (rewound and retrained the same way): "
         if c.get("bootstrap"):

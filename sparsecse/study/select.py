@@ -4,7 +4,7 @@ mask prunes, and the flat results table. No rendering here: report.py writes the
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -337,8 +337,34 @@ def _methods_at(at: list[TrialResult], select_lam: float | None) -> dict[str, li
     return by_method
 
 
+@dataclass(frozen=True)
+class Comparison:
+    """One row of the controls table: a mask-choosing method at one sparsity, over its seeds (or stage-1
+    replicates: `unit`), tested against the s = 0 control and against random at the same budget (`stats.paired`
+    results, Holm-adjusted over the table; `vs_random` None for random itself or without a random control)."""
+
+    sparsity: float
+    method: str
+    scorer: str
+    combine: str
+    normalize: str
+    lam: float | None
+    seeds: list
+    unit: str
+    dev_mean: float
+    dev_std: float | None
+    mean: float
+    std: float | None
+    vs_control: dict
+    vs_random: dict | None
+
+    def to_dict(self) -> dict:
+        """The record summary.json and results.json keep."""
+        return asdict(self)
+
+
 def comparisons(results: list[TrialResult], select_lam: float | None = None, metric: str = metric_key("test", "avg"),
-                predictions: dict | None = None) -> list[dict]:
+                predictions: dict | None = None) -> list[Comparison]:
     """At every sparsity > 0, each mask-choosing method at the same retraining budget — the paper's score under
     each reading (at the λ best on dev at that sparsity, or `select_lam`), random, magnitude, simcse — with
     `metric` over seeds, paired against the s = 0 control and against random (same normalize reading when run).
@@ -360,14 +386,13 @@ def comparisons(results: list[TrialResult], select_lam: float | None = None, met
             p = members[0].point
             rand = randoms.get(p.normalize) or next(iter(randoms.values()), {})
             devs = [r.dev for r in members]
-            out.append({"sparsity": sp, "method": m, "scorer": p.scorer, "combine": p.combine,
-                        "normalize": p.normalize, "lam": p.lam if p.is_paper else None,
-                        "seeds": sorted(vals), "unit": "replicate" if reps else "seed", "dev_mean": float(np.mean(devs)), "dev_std": sample_std(devs),
-                        "mean": float(np.mean([v for v, _ in vals.values()])),
-                        "std": sample_std([v for v, _ in vals.values()]),
-                        "vs_control": _compare(vals, ctrl, predictions, metric),
-                        "vs_random": _compare(vals, rand, predictions, metric) if p.scorer != "random" and rand else None})
-    correct_family([c[k] for c in out for k in ("vs_control", "vs_random")])  # the table is one family: Holm
+            out.append(Comparison(
+                sp, m, p.scorer, p.combine, p.normalize, p.lam if p.is_paper else None, sorted(vals),
+                "replicate" if reps else "seed", float(np.mean(devs)), sample_std(devs),
+                float(np.mean([v for v, _ in vals.values()])), sample_std([v for v, _ in vals.values()]),
+                _compare(vals, ctrl, predictions, metric),
+                _compare(vals, rand, predictions, metric) if p.scorer != "random" and rand else None))
+    correct_family([t for c in out for t in (c.vs_control, c.vs_random)])  # the table is one family: Holm
     return out
 
 
@@ -384,16 +409,30 @@ def _compare(a: dict, b: dict, predictions: dict | None, metric: str) -> dict:
     return out
 
 
-def selected_comparison(comps: list[dict], selected: Selection | None) -> dict | None:
+def selected_comparison(comps: list[Comparison], selected: Selection | None) -> Comparison | None:
     """The controls-table row of the selected point (its Δ vs the s = 0 control), or None (the control won)."""
     if not selected or selected.control_won:
         return None
-    return next((c for c in comps if c["sparsity"] == selected.sparsity and c["scorer"] == PAPER_SCORER
-                 and c["combine"] == selected.combine and c["normalize"] == selected.normalize
-                 and c["lam"] == selected.lam), None)
+    return next((c for c in comps if c.sparsity == selected.sparsity and c.scorer == PAPER_SCORER
+                 and c.combine == selected.combine and c.normalize == selected.normalize
+                 and c.lam == selected.lam), None)
 
 
-def stability(results: list[TrialResult], selected: Selection | None, tasks: list[str]) -> list[dict]:
+@dataclass(frozen=True)
+class Stability:
+    """One task's row of the stability table: the paper's grid point best on its test score (mean over seeds) and
+    how far that is from the dev-selected point."""
+
+    task: str
+    best_sparsity: float
+    best_lam: float
+    best_reading: str  # "" at s = 0 (no mask, no reading)
+    best: float
+    selected: float | None
+    sparsity_gap: float
+
+
+def stability(results: list[TrialResult], selected: Selection | None, tasks: list[str]) -> list[Stability]:
     """Per task: the paper's grid point (s = 0 included) best on that task's test score (mean over seeds), and how
     far it is from the dev-selected point — whether one sparsity serves every task."""
     groups: dict[Key, list[TrialResult]] = {}
@@ -407,11 +446,9 @@ def stability(results: list[TrialResult], selected: Selection | None, tasks: lis
     out = []
     for t in tasks:
         best = max(groups, key=lambda k: mean(k, t))
-        out.append({"task": t, "best_sparsity": best[1], "best_lam": best[2],
-                    "best_reading": reading_label(PAPER_SCORER, *best[3:]) if best[1] else "",
-                    "best": mean(best, t),
-                    "selected": mean(sel_key, t) if sel_key in groups else None,
-                    "sparsity_gap": best[1] - selected.sparsity})
+        out.append(Stability(t, best[1], best[2], reading_label(PAPER_SCORER, *best[3:]) if best[1] else "",
+                             mean(best, t), mean(sel_key, t) if sel_key in groups else None,
+                             best[1] - selected.sparsity))
     return out
 
 
@@ -422,8 +459,8 @@ class Findings:
     grid, the test tasks clean of the data that chose and scored with their averages for the selected point and
     the control, and the spread of the stage-1 replicates' best dev (mean, sample std)."""
 
-    comparisons: list = field(default_factory=list)
-    stability: list = field(default_factory=list)
+    comparisons: list[Comparison] = field(default_factory=list)
+    stability: list[Stability] = field(default_factory=list)
     best_transfer: dict = field(default_factory=dict)
     clean_tasks: list = field(default_factory=list)
     clean_selected: float | None = None
@@ -435,7 +472,7 @@ class Findings:
 
 def findings(results: list[TrialResult], selected: Selection | None, tasks: list[str],
              select_lam: float | None = None, predictions: dict | None = None, overlap: list[dict] | None = None,
-             replicates: list[dict] | None = None, comps: list[dict] | None = None,
+             replicates: list[dict] | None = None, comps: list[Comparison] | None = None,
              rules: dict | None = None) -> Findings:
     """The report's Findings from the trials, the selection, the scores file's overlap counts and the stage-1
     replicates' best dev (`predictions`: per-pair test predictions for single-seed bootstraps; `comps`: the
