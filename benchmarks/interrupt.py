@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from benchmarks.bench import machine
+from benchmarks.gpu_sweep import stop_ray
 
 
 def _stage1_checkpointed(run: Path, log: Path) -> bool:
@@ -44,29 +45,18 @@ STAGES: tuple[tuple[str, Callable[[Path, Path], bool]], ...] = (
 
 
 def kill_ray(ray_tmp: Path) -> None:
-    """SIGKILL every process whose command line names `ray_tmp` (the sweep's own local Ray), then remove it."""
-    for pid_dir in Path("/proc").iterdir():
-        if not pid_dir.name.isdigit() or int(pid_dir.name) == os.getpid():
-            continue
-        try:
-            args = (pid_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if str(ray_tmp) in args:
-            try:
-                os.kill(int(pid_dir.name), signal.SIGKILL)
-            except OSError:
-                pass
+    """This sweep's own local Ray (every process naming `ray_tmp`) killed, its folder removed."""
+    stop_ray(str(ray_tmp))
     shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def _start(argv: list[str], env: dict, log: Path) -> subprocess.Popen:
+def start_sweep(argv: list[str], env: dict, log: Path) -> subprocess.Popen:
     with log.open("w") as f:
         return subprocess.Popen([sys.executable, "-m", "sparsecse", "sweep", *argv], env=env, stdout=f,
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _wait_for(what: str, proc: subprocess.Popen, ready: Callable[[], bool], timeout_s: float) -> None:
+def wait_for(what: str, proc: subprocess.Popen, ready: Callable[[], bool], timeout_s: float) -> None:
     deadline = time.time() + timeout_s
     while time.time() < deadline and proc.poll() is None and not ready():
         time.sleep(0.2)
@@ -88,9 +78,9 @@ def interrupt_each_stage(config: Path, run: Path, data_dir: Path, logs: Path, en
     try:
         for i, (what, ready) in enumerate(STAGES):
             log = logs / f"interrupt-{i + 1}.log"
-            proc = _start(argv + (["--resume"] if i else []), env, log)
+            proc = start_sweep(argv + (["--resume"] if i else []), env, log)
             try:
-                _wait_for(what, proc, lambda: ready(run, log), timeout_s)
+                wait_for(what, proc, lambda: ready(run, log), timeout_s)
                 t0 = time.time()
                 os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends: the whole foreground group
                 rc = proc.wait(timeout=60)
@@ -106,7 +96,7 @@ def interrupt_each_stage(config: Path, run: Path, data_dir: Path, logs: Path, en
                          or "[sweep] done" in out})
         log = logs / "resumed.log"
         t0 = time.time()
-        proc = _start(argv + ["--resume"], env, log)
+        proc = start_sweep(argv + ["--resume"], env, log)
         rc = proc.wait(timeout=timeout_s)
         final = {"rc": rc, "wall_s": round(time.time() - t0, 1), "log": str(log)}
         if rc == 0:

@@ -22,6 +22,14 @@ from sparsecse.method.train import Callback
 ENV = {"SPARSECSE_CALLBACKS": "faults:Faults"}
 
 
+def env(fault: str, base: dict | None = None) -> dict:
+    """The environment variables that make a sweep's workers load these faults and fire `fault` (on top of `base`,
+    default os.environ): the callback, the fault spec and tests/ on PYTHONPATH."""
+    base = os.environ if base is None else base
+    path = os.pathsep.join(filter(None, [os.path.dirname(os.path.abspath(__file__)), base.get("PYTHONPATH")]))
+    return {**ENV, "SPARSECSE_FAULT": fault, "PYTHONPATH": path}
+
+
 def spec() -> dict[str, str]:
     out = {}
     for item in filter(None, os.environ.get("SPARSECSE_FAULT", "").split(",")):

@@ -10,12 +10,12 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from benchmarks.interrupt import start_sweep, wait_for
 from conftest import kill_processes_mentioning
 from test_ray import _sweep, _write_cfg
 
@@ -47,12 +47,8 @@ def _start_sweep(cfg: Path, run: str, data: Path, ray_tmp: Path, log: Path, *ext
     env = {**os.environ, "SPARSECSE_DASHBOARD": "0", "RAY_TMPDIR": str(ray_tmp)}
     env.pop("RAY_ADDRESS", None)
     if fault:
-        env.update(faults.ENV, SPARSECSE_FAULT=fault, PYTHONPATH=os.pathsep.join(
-            filter(None, [str(Path(faults.__file__).parent), os.environ.get("PYTHONPATH")])))
-    with log.open("w") as f:
-        return subprocess.Popen([sys.executable, "-m", "sparsecse", "sweep", str(cfg), "--out", run, "--data-dir",
-                                 str(data), *extra], env=env, stdout=f, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        env.update(faults.env(fault))
+    return start_sweep([str(cfg), "--out", run, "--data-dir", str(data), *extra], env, log)
 
 
 def _kill(proc: subprocess.Popen, ray_tmp: Path) -> None:
@@ -64,11 +60,7 @@ def _kill(proc: subprocess.Popen, ray_tmp: Path) -> None:
 
 
 def _wait_for(what: str, proc: subprocess.Popen, found) -> None:
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None and not found():
-        time.sleep(0.2)
-    assert proc.poll() is None, f"the sweep ended before {what}"
-    assert found(), f"no {what} within 10 minutes"
+    wait_for(what, proc, found, timeout_s=600)  # raises when the sweep ends first or 10 minutes pass
 
 
 @pytest.fixture(scope="module")
@@ -196,10 +188,9 @@ def test_ctrl_c_at_every_stage_exits_130_and_resume_makes_the_same_choice(tmp_pa
 
     cfg = _write_cfg(tmp_path / "c.yaml", tiny_model_dir, sparsities=(0.1, 0.2, 0.3), lams=(0.5,))
     run = tmp_path / "run"
-    tests = str(Path(faults.__file__).parent)  # stage 1's rank 0 lingers 3 s per report: a window to interrupt it
-    res = interrupt_each_stage(cfg, run, tiny_data_dir, tmp_path / "logs", timeout_s=600, env={
-        **faults.ENV, "SPARSECSE_FAULT": "stage1-slow:3",
-        "PYTHONPATH": os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")]))})
+    # stage 1's rank 0 lingers 3 s per report: a window to interrupt it
+    res = interrupt_each_stage(cfg, run, tiny_data_dir, tmp_path / "logs", timeout_s=600,
+                               env=faults.env("stage1-slow:3"))
     for row in res["interrupts"]:
         out = Path(row["log"]).read_text()
         assert row["rc"] == 130 and row["exit_s"] < 30 and not row["claims_finished"], (row, out)

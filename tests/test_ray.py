@@ -57,8 +57,7 @@ def _sweep(cfg: Path, out: Path, data: Path, *extra, env=None, scrape: int | Non
     if "SPARSECSE_FAULT" in e:
         import faults
 
-        tests = str(Path(faults.__file__).parent)
-        e.update(faults.ENV, PYTHONPATH=os.pathsep.join(filter(None, [tests, e.get("PYTHONPATH")])))
+        e.update(faults.env(e["SPARSECSE_FAULT"], e))
     argv = [sys.executable, "-m", "sparsecse", "sweep", str(cfg), "--out", str(out), "--data-dir", str(data), *extra]
     ray_tmp = Path("/tmp") / f"scse-{os.getpid()}-{next(_SWEEPS)}"  # its local Ray's files: killed with it if it hangs
     e["RAY_TMPDIR"] = str(ray_tmp)

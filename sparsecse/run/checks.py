@@ -16,7 +16,7 @@ from pathlib import Path
 from .. import SparseCSEError
 from ..core.config import TRANSFER_TASKS, Config, load_config
 from ..core.staging import check_staged, is_staged_uri
-from ..core.storage import Storage, probe_write
+from ..core.storage import Storage
 from ..method.data import default_data_dir, needed_paths, resolve_data_dir
 from ..method.model import intermediate_size, quiet_transformers, resolve_model_path
 from ..method.prune import count_pruned
@@ -219,7 +219,6 @@ def check_run(config_path: str, overrides=None, resume: bool | str = False, out:
     out = out or f"runs/{Path(config_path).stem}"
     store, state, resuming = open_run(out, cfg, resume)
     note = RunLock(store, cfg.ray.lock_stale_s).check_resume() if resuming else None  # a live driver: refused
-    probe_write(store, "--out")  # leaves nothing it created
     run = (f"would resume {store.uri} (stage 1 {'finished' if state.train_fp else 'not finished'}"
            + (f"; {note}" if note else "") + ")" if resuming else f"would start a new sweep in {store.uri}")
     return f"[check] ok: config {config_path}, data {where}, model {cfg.model.name}; {run}"

@@ -117,7 +117,7 @@ def open_run(out: str, cfg: Config, resume: bool | str) -> tuple[Storage, SweepS
     if not ("://" in out) and Path(out).exists() and not Path(out).is_dir():
         raise SparseCSEError(f"--out {out}: is a file; choose a directory path or a URI such as s3://bucket/run")
     store = open_storage(out, cfg.ray.connect_timeout_s)
-    probe_write(store, "--out")  # permission denied or a read-only filesystem: one line before anything starts
+    probe_write(store, "--out")  # unwritable: one line; leaves nothing it made (--check relies on it)
     if not resume:  # a new sweep into a run another driver is starting or running: say that, not "holds something"
         RunLock(store, cfg.ray.lock_stale_s).refuse_if_held()
     saved = store.read_json(SWEEP_FILE) if store.is_file(SWEEP_FILE) else None

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -244,7 +244,7 @@ def trial(point: Point, *, store_uri: str, data_dir: str, cfg_dict: dict, scores
     carries the test figures and what checkpointing cost; a restarted trial continues from `restored`. Nothing stays on the node: checkpoints go wherever `report` puts them, predictions to storage."""
     t0 = time.perf_counter()
     name = point.name
-    node = on_node(store_uri, cfg_dict, data_dir, config_from_dict(cfg_dict).sweep.trial_cpus)
+    node = on_node(store_uri, cfg_dict, data_dir, cfg_dict["sweep"]["trial_cpus"])
     store, data_dir = node.store, node.data_dir
     cfg = node.cfg.replace(train=type(node.cfg.train)(**{**node.cfg.to_dict()["train"], "seed": point.run_seed}))
     if isinstance(scores, (list, tuple)):  # sweep.replicates: each replicate's trials use its own scores
