@@ -678,13 +678,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry() -> None:
     """The `sparsecse` command: main(), then exit — at once when a storage probe was abandoned still waiting (a
-    cloud SDK's exit hooks would wait for it too, and the one-line error would be followed by a hang)."""
+    cloud SDK's exit hooks would wait for it too, and the one-line error would be followed by a hang), and after
+    Ctrl-C (the resume line is the last word: interpreter teardown with Ray's threads still unwinding can crash in
+    C++ and turn exit 130 into 1; what the run wrote is already in place, as after a kill)."""
     import os
 
     from .core.storage import abandoned_probes
 
     code = main()
-    if abandoned_probes():
+    if abandoned_probes() or code == 130:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -193,7 +193,7 @@ def test_ctrl_c_at_every_stage_exits_130_and_resume_makes_the_same_choice(tmp_pa
                                env=faults.env("stage1-slow:3"))
     for row in res["interrupts"]:
         out = Path(row["log"]).read_text()
-        assert row["rc"] == 130 and row["exit_s"] < 30 and not row["claims_finished"], (row, out)
+        assert row["rc"] == 130 and row["exit_s"] < 30 and not row["claims_finished"], f"{row}\n{out[-4000:]}"
         assert row["last_line"].startswith("sparsecse: interrupted; nothing was lost — resume with: "
                                            f"sparsecse sweep {cfg} --out {run} --resume"), out
         assert "Traceback" not in out, out

@@ -351,23 +351,46 @@ def _root_cause(e: BaseException) -> str:
 
 def run_tasks(calls: list[tuple[str, Callable, tuple, dict, float, float]]) -> list[Any]:
     """Run (what, fn, args, kwargs, cpus, gpus) calls as Ray tasks at once, holding those resources; their results
-    in order. A failure is one line naming the stage."""
+    in order. A failure is one line naming the stage. Submitting and waiting happen off the main thread
+    (off_main_thread), so Ctrl-C never lands inside Ray's own Python code; the tasks are then cancelled and their
+    end awaited before the driver goes on to shut Ray down (a shutdown racing a force-cancelled task's death
+    notice can kill the driver with a C++ stack trace instead of the resume line)."""
     import ray
 
-    refs = [(what, ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=1)(fn).remote(*args, **kwargs))
-            for what, fn, args, kwargs, cpus, gpus in calls]
-    out = []
-    try:
+    refs: list[tuple[str, Any]] = []
+
+    def submit_and_get() -> list[Any]:
+        for what, fn, args, kwargs, cpus, gpus in calls:
+            refs.append((what, ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=1)(fn).remote(*args, **kwargs)))
+        out = []
         for what, ref in refs:
             try:
                 out.append(ray.get(ref))
             except ray.exceptions.RayTaskError as e:
                 raise SparseCSEError(f"{what} failed: {_root_cause(e)}") from None
+        return out
+
+    try:
+        return off_main_thread(submit_and_get)
     except KeyboardInterrupt:  # Ctrl-C: the tasks stop with the driver, also on a cluster that outlives it
-        for _, ref in refs:
-            ray.cancel(ref, force=True)
+        cancel_and_settle([ref for _, ref in refs])
         raise
-    return out
+
+
+def cancel_and_settle(refs: list, settle_s: float = 10.0) -> None:
+    """Force-cancel `refs` and wait (at most `settle_s`) until Ray has recorded each one's end."""
+    import ray
+
+    for ref in refs:
+        try:
+            ray.cancel(ref, force=True)
+        except Exception:  # noqa: BLE001 - already finished, or Ray is going away: nothing left to stop
+            pass
+    if refs:
+        try:
+            ray.wait(refs, num_returns=len(refs), timeout=settle_s)
+        except Exception:  # noqa: BLE001 - the same
+            pass
 
 
 # --------------------------------------------------------------------------- Ray Tune (stage 3)
