@@ -26,21 +26,23 @@ from typing import Callable
 
 from benchmarks.bench import machine
 from benchmarks.gpu_sweep import stop_ray
+from sparsecse.core.storage import Storage
 
 
-def _stage1_checkpointed(run: Path, log: Path) -> bool:
-    return (run / "stage1").is_dir() and any((run / "stage1").rglob("checkpoint_*"))
+def _stage1_checkpointed(run: Storage, log: Path) -> bool:  # Ray Train's snapshot lists one: what a restart restores
+    snap = "stage1/checkpoint_manager_snapshot.json"
+    return run.is_file(snap) and bool(json.loads(run.read_bytes(snap)).get("latest_checkpoint_result"))
 
 
-def _scoring(run: Path, log: Path) -> bool:  # a new Ray worker then imports torch: seconds before scores exist
+def _scoring(run: Storage, log: Path) -> bool:  # a new Ray worker then imports torch: seconds before scores exist
     return log.is_file() and "scoring every head and neuron" in log.read_text()
 
 
-def _trial_reported(run: Path, log: Path) -> bool:
-    return (run / "tune").is_dir() and any((run / "tune").glob("*/result.json"))
+def _trial_reported(run: Storage, log: Path) -> bool:
+    return any(run.is_file(f"tune/{t}/result.json") for t in run.list("tune"))
 
 
-STAGES: tuple[tuple[str, Callable[[Path, Path], bool]], ...] = (
+STAGES: tuple[tuple[str, Callable[[Storage, Path], bool]], ...] = (
     ("stage 1", _stage1_checkpointed), ("scoring", _scoring), ("the trials", _trial_reported))
 
 
@@ -66,21 +68,34 @@ def wait_for(what: str, proc: subprocess.Popen, ready: Callable[[], bool], timeo
         raise RuntimeError(f"no {what} within {timeout_s:.0f} s")
 
 
-def interrupt_each_stage(config: Path, run: Path, data_dir: Path, logs: Path, env: dict | None = None,
-                         timeout_s: float = 1800) -> dict:
-    """The three interrupts and the resume to the end; {"interrupts": [row per stage], "final": {...}}."""
-    ray_tmp = Path("/tmp") / f"scse-int-{os.getpid()}"  # the driver's local Ray: short (socket paths), its own
-    env = {**os.environ, "SPARSECSE_DASHBOARD": "0", **(env or {}), "RAY_TMPDIR": str(ray_tmp)}
-    env.pop("RAY_ADDRESS", None)
+def sweep_env(ray_tmp: Path, env: dict | None = None) -> dict:
+    """A sweep's environment with its own local Ray in `ray_tmp` (short: socket paths) and no dashboard."""
+    out = {**os.environ, "SPARSECSE_DASHBOARD": "0", **(env or {}), "RAY_TMPDIR": str(ray_tmp)}
+    out.pop("RAY_ADDRESS", None)
+    return out
+
+
+def claims_finished(run: Storage, out: str) -> bool:
+    return any(run.exists(f) for f in ("summary.json", "report.md")) or "[sweep] done" in out
+
+
+def interrupt_each_stage(config: Path, run: str, data_dir: Path, logs: Path, env: dict | None = None,
+                         timeout_s: float = 1800, to_the_end: bool = True,
+                         stages: tuple[tuple[str, Callable[[Storage, Path], bool]], ...] = STAGES) -> dict:
+    """The three interrupts (`run`: a folder or a storage URI) and, with `to_the_end`, the resume to the end;
+    {"interrupts": [row per stage], "final": {...}}."""
+    ray_tmp = Path("/tmp") / f"scse-int-{os.getpid()}"
+    env = sweep_env(ray_tmp, env)
     argv = [str(config), "--out", str(run), "--data-dir", str(data_dir)]
+    store = Storage(run)
     logs.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, final = [], {}
     try:
-        for i, (what, ready) in enumerate(STAGES):
+        for i, (what, ready) in enumerate(stages):
             log = logs / f"interrupt-{i + 1}.log"
             proc = start_sweep(argv + (["--resume"] if i else []), env, log)
             try:
-                wait_for(what, proc, lambda: ready(run, log), timeout_s)
+                wait_for(what, proc, lambda: ready(store, log), timeout_s)
                 t0 = time.time()
                 os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends: the whole foreground group
                 rc = proc.wait(timeout=60)
@@ -92,18 +107,27 @@ def interrupt_each_stage(config: Path, run: Path, data_dir: Path, logs: Path, en
             out = log.read_text()
             rows.append({"stage": what, "rc": rc, "exit_s": round(took, 2), "log": str(log),
                          "last_line": (out.strip().splitlines() or [""])[-1],
-                         "claims_finished": any((run / f).exists() for f in ("summary.json", "report.md"))
-                         or "[sweep] done" in out})
-        log = logs / "resumed.log"
-        t0 = time.time()
-        proc = start_sweep(argv + ["--resume"], env, log)
-        rc = proc.wait(timeout=timeout_s)
-        final = {"rc": rc, "wall_s": round(time.time() - t0, 1), "log": str(log)}
-        if rc == 0:
-            final["selected"] = json.loads((run / "summary.json").read_text())["selected"]
+                         "claims_finished": claims_finished(store, out)})
+        if to_the_end:
+            final = resume_to_end(argv, env, logs / "resumed.log", store, timeout_s)
     finally:
         kill_ray(ray_tmp)
     return {"interrupts": rows, "final": final}
+
+
+def resume_to_end(argv: list[str], env: dict, log: Path, store: Storage, timeout_s: float) -> dict:
+    """`sweep ... --resume` to its end: {"rc", "wall_s", "log"} and, when it finished, the "selected" point."""
+    t0 = time.time()
+    proc = start_sweep(argv + ["--resume"], env, log)
+    try:
+        rc = proc.wait(timeout=timeout_s)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    final = {"rc": rc, "wall_s": round(time.time() - t0, 1), "log": str(log)}
+    if rc == 0:
+        final["selected"] = store.read_json("summary.json")["selected"]
+    return final
 
 
 def _choice(selected: dict) -> dict:

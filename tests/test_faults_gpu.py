@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.interrupt import wait_for
 from conftest import kill_processes_mentioning
-from test_faults import _wait_for
 from test_ray import _sweep, _write_cfg
 
 pytestmark = pytest.mark.slow
@@ -51,7 +51,7 @@ def test_a_trial_given_a_gpu_cuda_cannot_use_fails_in_one_line_instead_of_traini
             proc = subprocess.Popen([sys.executable, "-m", "sparsecse", "sweep", str(cfg), "--out", str(tmp_path / "run"),
                                      "--data-dir", str(tiny_data_dir), *args, "--set", "ray.wait_for_resources_s=120"],
                                     env=e, stdout=f, stderr=subprocess.STDOUT)
-        _wait_for("the driver waiting for a GPU", proc, lambda: "waiting up to" in log.read_text())
+        wait_for("the driver waiting for a GPU", proc, lambda: "waiting up to" in log.read_text(), timeout_s=600)
         subprocess.run([RAY_BIN, "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1",
                         "--num-cpus=1", "--num-gpus=1", "--disable-usage-stats"], **ray)  # the GPU node joins
         proc.wait(timeout=600)

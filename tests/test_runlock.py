@@ -1,6 +1,6 @@
 """One driver per run (runlock.py): the lock's rules on a fake clock — a live driver refuses a second one, a
 stopped one is taken over by --resume — and the sweep's use of it. Two real drivers on S3 meet in
-tests/test_faults.py's killed_and_resumed fixture."""
+tests/test_faults.py's interrupted fixture."""
 
 from __future__ import annotations
 
