@@ -215,3 +215,27 @@ def test_after_ctrl_c_a_late_ray_call_cannot_start_a_new_local_ray():
     finally:
         auto_init_hook.enable_auto_connect = before
         logging.getLogger("ray").setLevel(level)
+
+
+def test_the_console_calls_a_trial_failed_unless_only_its_restored_checkpoint_was_gone(tmp_path, capsys):
+    """A resumed sweep whose trials Tune restores from a checkpoint storage no longer has reruns them from the start
+    and says so once (run_trials); the per-trial line must not call them failed first. Any other latest error
+    (Tune appends each failure to the trial's error file) is a failed line."""
+    from types import SimpleNamespace
+
+    from sparsecse.run import ray_adapter as ra
+
+    console = ra.console_callback(3)
+
+    def trial(*failures):
+        f = tmp_path / "error.txt"
+        f.write_text("".join(f"Failure # {i + 1} (occurred at now)\n{e}\n" for i, e in enumerate(failures)))
+        return SimpleNamespace(config={"sparsity": 0.1, "lam": 0.5, "seed": 1}, last_result={"evaluated": 1},
+                               error_file=str(f), get_error=lambda: None)
+
+    lost = f"ValueError: the checkpoint at s3://b/x {ra.LOST_CHECKPOINT}."
+    console.on_trial_error(0, [], trial(lost))
+    assert capsys.readouterr().out == ""
+    console.on_trial_error(0, [], trial(lost, "RuntimeError: loss is nan"))
+    out = capsys.readouterr().out
+    assert out.startswith("[trial 1/3] s0.100_l0.50_seed1: failed (see the report and the trial's log)"), out

@@ -124,6 +124,7 @@ def interrupted(tmp_path_factory, tiny_model_dir, tiny_data_dir, s3):
     return {"cfg": cfg, "run": run, "store": st, "interrupts": res["interrupts"], "second_driver": second,
             "finished": {c: t for ckpts in finished.values() for c, t in ckpts.items()},
             "after": s3_keys("interrupted/tune/"), "final": final, "final_log": Path(final["log"]).read_text(),
+            "killed_log": (tmp / "killed.log").read_text(),
             "lock_after": "interrupted/driver.lock" in s3_keys("interrupted/")}
 
 
@@ -171,9 +172,13 @@ def test_driver_killed_then_resumed_on_s3_reruns_nothing_finished(interrupted):
 
 
 def test_interrupted_then_resumed_every_grid_point_came_back(interrupted):
+    """Every point ends done, and no resumed run's console called a trial failed on the way (a trial Tune restores
+    from a checkpoint no longer in storage is rerun, and said so once, not reported as failed)."""
     res = interrupted["store"].read_json("results.json")
     assert sorted(t["sparsity"] for t in res["trials"]) == [0.1, 0.2, 0.3]
     assert all(t["status"] == "done" for t in res["trials"])
+    for log in (interrupted["killed_log"], interrupted["final_log"]):
+        assert "failed (see the report" not in log, log[-3000:]
 
 
 @pytest.fixture(scope="module")

@@ -498,9 +498,22 @@ def console_callback(total: int | None):
             self._line(trial, "done" if (trial.last_result or {}).get(EVALUATED) else "stopped early")
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            self._line(trial, "failed (see the report and the trial's log)")
+            if not _lost_checkpoint(trial):  # a lost one is run_trials' news: it says so once and reruns it
+                self._line(trial, "failed (see the report and the trial's log)")
 
     return Console()
+
+
+def _lost_checkpoint(trial) -> bool:
+    """Whether a trial's latest failure is only that Tune restored it from a checkpoint storage no longer has. Tune
+    appends each failure to the trial's local error file before it calls the callbacks (its copy in storage comes
+    later)."""
+    try:
+        local = Path(trial.error_file) if trial.error_file else None
+        text = local.read_text() if local and local.is_file() else str(trial.get_error() or "")
+        return LOST_CHECKPOINT in text.rsplit("Failure # ", 1)[-1]
+    except Exception:  # noqa: BLE001 - its error file unreadable: count it as the failure it reports
+        return False
 
 
 @dataclass(frozen=True)
