@@ -239,3 +239,17 @@ def test_the_console_calls_a_trial_failed_unless_only_its_restored_checkpoint_wa
     console.on_trial_error(0, [], trial(lost, "RuntimeError: loss is nan"))
     out = capsys.readouterr().out
     assert out.startswith("[trial 1/3] s0.100_l0.50_seed1: failed (see the report and the trial's log)"), out
+
+
+def test_stage1_on_the_local_ray_runs_without_a_preemption_watcher_and_a_cluster_keeps_it(monkeypatch):
+    """Ray Train starts a preemption-watcher process per run; on the local Ray a driver started nothing can be
+    preempted, so stage 1 turns it off there — unless the user set it — and leaves a cluster's default alone."""
+    from sparsecse.run import ray_adapter as ra
+
+    monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", raising=False)
+    monkeypatch.setattr(ra, "_LOCAL_RAY", __import__("threading").Event())
+    assert ra.train_env() == {"RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0"}  # joined a cluster
+    ra._LOCAL_RAY.set()  # what connect() does after starting a local Ray
+    assert ra.train_env()["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1")
+    assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in ra.train_env()

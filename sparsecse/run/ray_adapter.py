@@ -91,6 +91,20 @@ def connect(address: str | None, num_cpus: int | None, dashboard: bool, timeout_
         # nodes set theirs with `ray start --metrics-export-port`)
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
                  log_to_driver=verbose, **({"_metrics_export_port": metrics_port} if metrics_port else {}))
+        _LOCAL_RAY.set()
+
+
+_LOCAL_RAY = threading.Event()  # set while this driver runs the local Ray it started (connect), cleared by shutdown
+
+
+def train_env() -> dict[str, str]:
+    """What stage 1 sets for Ray Train: its v2 migration warnings off and, on the local Ray this driver started, no
+    preemption watcher (a process per stage-1 run, about 200 MB, that polls for spot-instance drains a laptop never
+    sees) unless the user set RAY_TRAIN_ENABLE_PREEMPTION_WATCHER. A cluster keeps Ray's default: watched."""
+    out = {"RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0"}
+    if _LOCAL_RAY.is_set() and "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in os.environ:
+        out["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
+    return out
 
 
 def reach(address: str, flag: str, timeout_s: float) -> None:
@@ -204,6 +218,7 @@ def shutdown(interrupted: bool = False) -> None:
         auto_init_hook.enable_auto_connect = False
     if ray.is_initialized():
         ray.shutdown()
+    _LOCAL_RAY.clear()
 
 
 # --------------------------------------------------------------------------- Ray Train (stage 1)
@@ -328,7 +343,7 @@ def run_torch_trainer(loop: Callable, loop_config: dict, *, num_workers: int, us
                              checkpoint_config=CheckpointConfig(num_to_keep=1)),  # one resumable kept
     )
     try:
-        with _env(RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS="0"):
+        with _env(**train_env()):
             result = off_main_thread(trainer.fit)
     except Exception as e:  # Ray wraps worker errors; surface the root cause in one line
         raise SparseCSEError(f"stage-1 training failed: {_root_cause(e)}") from None
