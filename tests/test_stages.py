@@ -249,6 +249,28 @@ def test_a_resume_runs_the_grid_points_a_restored_experiment_lost_and_never_drop
     sweep.account_for_points(cfg, results)  # all there: no error
 
 
+def test_a_resume_keeps_one_result_for_a_grid_point_a_restored_experiment_ran_twice(tmp_path, monkeypatch, capsys):
+    """The converse of a lost point: a driver killed after Tune saved its trial list but before the searcher's
+    position makes the restored searcher hand out a point again (seen in the interrupted-run test: s0.300 twice in
+    results.json). The sweep keeps one result per point — the finished one — and says so once."""
+    from sparsecse.run import sweep
+    from sparsecse.core.config import load_config
+
+    cfg = load_config(None, ["sweep.sparsities=[0, 0.1, 0.3]", "sweep.lams=[0.5]", "sweep.seeds=[1]",
+                             "sweep.control_seeds=0"])
+
+    def run_tuner(trial, params, points, run, *, name, asha=None, search=None, restart_errored=False):
+        again = [p for p in points if p.sparsity == 0.3]
+        return ([TrialResult(p, {"evaluated": False, DEV: 70.0}, None, f"{name}/a-{p.name}") for p in again]
+                + [TrialResult(p, {"evaluated": True, DEV: 80.0}, None, f"{name}/{p.name}") for p in points])
+
+    results = sweep.trials_stage(_resumed_run(cfg, tmp_path, monkeypatch, run_tuner), scores=None)
+    assert sorted(r.point.sparsity for r in results) == [0.0, 0.1, 0.3]
+    assert all(r.finished for r in results)  # the finished run of s0.300 is the one kept
+    assert "ran 1 grid point(s) twice (s0.300_l0.50_seed1); one result is kept for each" in capsys.readouterr().out
+    sweep.account_for_points(cfg, results)
+
+
 def test_a_trial_restored_from_a_checkpoint_storage_no_longer_has_runs_again_from_scratch(tmp_path, monkeypatch, capsys):
     """A driver killed between Tune deleting a trial's older checkpoint (num_to_keep=1) and uploading the experiment
     state naming the newer one: the resumed trial fails to restore (Tune's "does not exist on storage anymore"). The

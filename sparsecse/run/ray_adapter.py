@@ -718,6 +718,23 @@ LOST_CHECKPOINT = "does not exist on storage anymore"  # Tune's error for a tria
 TRIAL_EXPERIMENTS = ("tune", CONTROL_EXPERIMENT, MISSING_EXPERIMENT)  # every Tune experiment a sweep's trials run in
 
 
+def one_per_point(results: list[TrialResult]) -> tuple[list[TrialResult], list[Point]]:
+    """One result per grid point, in first-seen order — the finished one where a point came back more than once —,
+    and the points that did."""
+    best: dict[Point, TrialResult] = {}
+    twice: list[Point] = []
+    for r in results:
+        seen = best.get(r.point)
+        if seen is None:
+            best[r.point] = r
+            continue
+        if r.point not in twice:
+            twice.append(r.point)
+        if (r.finished, r.evaluated, not r.error) > (seen.finished, seen.evaluated, not seen.error):
+            best[r.point] = r
+    return list(best.values()), twice
+
+
 def run_trials(trial: Callable, params: dict, points: list[Point], run: TuneRun, cfg: Config) -> list[TrialResult]:
     """One result per point of the grid, whatever Tune did on the way — or, with sweep.search=optuna, `points` (the
     s = 0 controls) as a grid in tune-control/ and Optuna's samples in tune/. Tune's recovery quirks stay here:
@@ -736,6 +753,12 @@ def run_trials(trial: Callable, params: dict, points: list[Point], run: TuneRun,
         print(f"[sweep] {len(lost)} trial(s) restored from a checkpoint no longer in storage "
               f"({', '.join(lost[:5])}); running them again from the start")
         results = run_tuner(trial, params, points, run, name="tune", asha=asha, restart_errored=True)
+    results, twice = one_per_point(results)
+    if twice:
+        # the converse of the lost points below: a restored trial list ahead of the searcher's saved position
+        # makes the searcher hand out a point again; its second trial is the same training, kept once
+        print(f"[sweep] the restored experiment ran {len(twice)} grid point(s) twice "
+              f"({', '.join(p.name for p in twice[:5])}); one result is kept for each")
     got = {r.point for r in results}
     missing = [p for p in points if p not in got]
     if missing and (run.resume or run.storage.exists(MISSING_EXPERIMENT)):
