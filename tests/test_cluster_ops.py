@@ -239,6 +239,11 @@ def test_the_console_calls_a_trial_failed_unless_only_its_restored_checkpoint_wa
     console.on_trial_error(0, [], trial(lost, "RuntimeError: loss is nan"))
     out = capsys.readouterr().out
     assert out.startswith("[trial 1/3] s0.100_l0.50_seed1: failed (see the report and the trial's log)"), out
+    # a point a restored experiment ran twice (ray_adapter.one_per_point) is reported done once
+    done = SimpleNamespace(config={"sparsity": 0.3, "lam": 0.5, "seed": 1}, last_result={"evaluated": 1})
+    console.on_trial_complete(0, [], done)
+    console.on_trial_complete(0, [], done)
+    assert capsys.readouterr().out.splitlines() == ["[trial 2/3] s0.300_l0.50_seed1: done"]
 
 
 def test_stage1_on_the_local_ray_runs_without_a_preemption_watcher_and_a_cluster_keeps_it(monkeypatch):

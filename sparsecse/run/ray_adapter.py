@@ -498,11 +498,15 @@ def console_callback(total: int | None):
     class Console(Callback):
         def __init__(self):
             self.ended = 0
+            self.done: set[Point] = set()  # a point a restored experiment runs twice (one_per_point) ends once
 
         def _line(self, trial, state: str) -> None:
-            self.ended += 1
             m = trial.last_result or {}
             point = Point.from_params(trial.config or {})
+            if state == "done" and point in self.done:
+                return
+            self.done |= {point} if state == "done" else set()
+            self.ended += 1
             scores = ", ".join(f"{k} {m[key]:.2f}" for k, key in (("choice", metric_key("choice", "all")),
                                                                   ("dev", DEV), ("test avg", metric_key("test", "avg")))
                                if isinstance(m.get(key), (int, float)))
