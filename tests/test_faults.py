@@ -119,8 +119,10 @@ def interrupted(tmp_path_factory, tiny_model_dir, tiny_data_dir, s3):
     finally:
         _kill(proc, ray_tmp)
     # 5. resumed to the end
-    final = interrupt.resume_to_end(argv, env, tmp / "resumed.log", st, timeout_s=600)
-    interrupt.kill_ray(ray_tmp)
+    try:
+        final = interrupt.resume_to_end(argv, env, tmp / "resumed.log", st, timeout_s=600)
+    finally:
+        interrupt.kill_ray(ray_tmp)
     return {"cfg": cfg, "run": run, "store": st, "interrupts": res["interrupts"], "second_driver": second,
             "finished": {c: t for ckpts in finished.values() for c, t in ckpts.items()},
             "after": s3_keys("interrupted/tune/"), "final": final, "final_log": Path(final["log"]).read_text(),

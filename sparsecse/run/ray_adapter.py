@@ -503,9 +503,10 @@ def console_callback(total: int | None):
         def _line(self, trial, state: str) -> None:
             m = trial.last_result or {}
             point = Point.from_params(trial.config or {})
-            if state == "done" and point in self.done:
-                return
-            self.done |= {point} if state == "done" else set()
+            if state == "done":
+                if point in self.done:
+                    return
+                self.done.add(point)
             self.ended += 1
             scores = ", ".join(f"{k} {m[key]:.2f}" for k, key in (("choice", metric_key("choice", "all")),
                                                                   ("dev", DEV), ("test avg", metric_key("test", "avg")))
