@@ -216,8 +216,12 @@ def shutdown(interrupted: bool = False) -> None:
     if interrupted:
         logging.getLogger("ray").setLevel(logging.CRITICAL + 1)
         auto_init_hook.enable_auto_connect = False
-    if ray.is_initialized():
+    in_flight = any(t.name == HELPER and t.is_alive() for t in threading.enumerate())
+    if ray.is_initialized() and not (interrupted and in_flight):
         ray.shutdown()
+    # else: a helper thread still calling Ray after shutdown makes Ray's C++ end the process with exit 1 ("The core
+    # worker has already been shutdown") before the resume line; the CLI exits 130 right after it instead, and the
+    # local Ray (fate-shared) and a cluster's job stop with this process
     _LOCAL_RAY.clear()
 
 
@@ -299,6 +303,9 @@ def _train_worker(loop: Callable) -> Callable[[dict], None]:
     return train_loop
 
 
+HELPER = "sparsecse-ray-call"  # off_main_thread's threads
+
+
 def off_main_thread(fn: Callable[[], Any]) -> Any:
     """fn() in a helper thread, waited for here. Ray Train and Tune each install a SIGINT handler of their own when
     called on the main thread (Train's is never removed, Tune's ends the experiment and returns as if it were done);
@@ -314,7 +321,7 @@ def off_main_thread(fn: Callable[[], Any]) -> Any:
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
             box["error"] = e
 
-    worker = threading.Thread(target=target, name="sparsecse-ray-call", daemon=True)
+    worker = threading.Thread(target=target, name=HELPER, daemon=True)
     worker.start()
     while worker.is_alive():
         worker.join(0.2)
