@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from benchmarks.bench import machine
-from benchmarks.gpu_sweep import stop_ray
+from benchmarks.gpu_sweep import ray_processes, stop_ray
 from sparsecse.core.storage import Storage
 
 
@@ -75,6 +75,17 @@ def sweep_env(ray_tmp: Path, env: dict | None = None) -> dict:
     return out
 
 
+def ray_gone_within(marker: str, timeout_s: float) -> float | None:
+    """Seconds until no process of the sweep's local Ray (`marker`: its temp dir) is left, None if some outlive
+    `timeout_s`: an interrupted driver must not leave its Ray behind."""
+    t0 = time.time()
+    while ray_processes(marker):
+        if time.time() - t0 > timeout_s:
+            return None
+        time.sleep(0.2)
+    return round(time.time() - t0, 2)
+
+
 def claims_finished(run: Storage, out: str) -> bool:
     return any(run.exists(f) for f in ("summary.json", "report.md")) or "[sweep] done" in out
 
@@ -100,12 +111,13 @@ def interrupt_each_stage(config: Path, run: str, data_dir: Path, logs: Path, env
                 os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends: the whole foreground group
                 rc = proc.wait(timeout=60)
                 took = time.time() - t0
+                gone = ray_gone_within(str(ray_tmp), 20.0)
             finally:
                 if proc.poll() is None:
                     os.killpg(proc.pid, signal.SIGKILL)
                 kill_ray(ray_tmp)
             out = log.read_text()
-            rows.append({"stage": what, "rc": rc, "exit_s": round(took, 2), "log": str(log),
+            rows.append({"stage": what, "rc": rc, "exit_s": round(took, 2), "ray_gone_s": gone, "log": str(log),
                          "last_line": (out.strip().splitlines() or [""])[-1],
                          "claims_finished": claims_finished(store, out)})
         if to_the_end:
@@ -165,14 +177,17 @@ def main(argv: list[str] | None = None) -> int:
     res["same_choice"] = same_choice(res["final"].get("selected"), res["reference"]["selected"])
     res.update(machine=machine(), config=str(a.config), wall_s=round(time.time() - t0, 1))
     (a.out.parent / f"{a.out.name}-logs" / "interrupt.json").write_text(json.dumps(res, indent=2) + "\n")
-    print("| Ctrl-C during | exit | driver exited after | claims finished | last line |\n|---|---|---|---|---|")
+    print("| Ctrl-C during | exit | driver exited after | its Ray gone after | claims finished | last line |\n"
+          "|---|---|---|---|---|---|")
     for r in res["interrupts"]:
-        print(f"| {r['stage']} | {r['rc']} | {r['exit_s']:.1f} s | {'yes' if r['claims_finished'] else 'no'} | "
-              f"{r['last_line'][:90]} |")
+        gone = "still running" if r["ray_gone_s"] is None else f"{r['ray_gone_s']:.1f} s"
+        print(f"| {r['stage']} | {r['rc']} | {r['exit_s']:.1f} s | {gone} | {'yes' if r['claims_finished'] else 'no'} "
+              f"| {r['last_line'][:90]} |")
     print(f"\n--resume to the end: exit {res['final']['rc']} in {res['final']['wall_s']:.0f} s; choice "
           f"{_choice(res['final'].get('selected') or {})} vs uninterrupted {res['reference']['selected']}: "
           f"{'same' if res['same_choice'] else 'DIFFERENT'}")
-    ok = all(r["rc"] == 130 and not r["claims_finished"] for r in res["interrupts"]) and res["same_choice"]
+    ok = all(r["rc"] == 130 and r["ray_gone_s"] is not None and not r["claims_finished"]
+             for r in res["interrupts"]) and res["same_choice"]
     return 0 if ok else 1
 
 

@@ -132,10 +132,12 @@ def interrupted(tmp_path_factory, tiny_model_dir, tiny_data_dir, s3):
 
 def test_ctrl_c_at_every_stage_exits_130_at_once_with_the_resume_line(interrupted):
     """Ctrl-C belongs to the sweep: in stage 1, in scoring and in the trials the driver stops promptly, writes no
-    report or summary claiming it finished, prints one line with the resume command and exits 130."""
+    report or summary claiming it finished, prints one line with the resume command, exits 130 and leaves no
+    process of its local Ray behind (within 20 s)."""
     for row in interrupted["interrupts"]:
         out = Path(row["log"]).read_text()
         assert row["rc"] == 130 and row["exit_s"] < 30 and not row["claims_finished"], f"{row}\n{out[-4000:]}"
+        assert row["ray_gone_s"] is not None, f"{row}: the sweep's local Ray outlived the interrupted driver"
         assert row["last_line"].startswith("sparsecse: interrupted; nothing was lost — resume with: sparsecse "
                                            f"sweep {interrupted['cfg']} --out {interrupted['run']} --resume"), out
         assert "Traceback" not in out, out

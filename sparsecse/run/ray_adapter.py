@@ -204,10 +204,13 @@ def autoscaler_problems() -> list[str]:
 
 
 def shutdown(interrupted: bool = False) -> None:
-    """Disconnect (and stop a local Ray). After Ctrl-C, Ray's own loggers are silenced first: the calls still
-    running on helper threads (off_main_thread, Tune's and Train's own) fail as Ray goes away, and their errors are
-    not the user's news — and Ray's auto-connect is turned off, so such a late call raises instead of starting a
-    new local Ray (whose start-up, cut short by the exiting driver, printed an error after the resume line)."""
+    """Disconnect (and stop a local Ray). After Ctrl-C (`interrupted`), Ray's own loggers are silenced (the calls
+    Tune and Train still make on their threads fail as the process ends; not the user's news) and Ray's auto-connect
+    is turned off (a late call raises instead of starting a new local Ray, whose cut-short start-up printed an error
+    after the resume line); Ray is shut down only when no off_main_thread call is in flight: one still calling Ray
+    after shutdown makes Ray's C++ end the process with exit 1 ("The core worker has already been shutdown") before
+    the resume line. The CLI then exits 130 at once, and the local Ray (fate-shared) or a cluster's job stops with
+    the process; a library caller's Ray stays connected until its process ends or it calls ray.shutdown()."""
     import logging
 
     import ray
@@ -216,12 +219,8 @@ def shutdown(interrupted: bool = False) -> None:
     if interrupted:
         logging.getLogger("ray").setLevel(logging.CRITICAL + 1)
         auto_init_hook.enable_auto_connect = False
-    in_flight = any(t.name == HELPER and t.is_alive() for t in threading.enumerate())
-    if ray.is_initialized() and not (interrupted and in_flight):
+    if ray.is_initialized() and not (interrupted and calls_in_flight()):
         ray.shutdown()
-    # else: a helper thread still calling Ray after shutdown makes Ray's C++ end the process with exit 1 ("The core
-    # worker has already been shutdown") before the resume line; the CLI exits 130 right after it instead, and the
-    # local Ray (fate-shared) and a cluster's job stop with this process
     _LOCAL_RAY.clear()
 
 
@@ -304,27 +303,49 @@ def _train_worker(loop: Callable) -> Callable[[dict], None]:
 
 
 HELPER = "sparsecse-ray-call"  # off_main_thread's threads
+_CALLS: set[threading.Event] = set()  # one per off_main_thread call still running (each set when its call ends)
+
+
+def calls_in_flight() -> int:
+    """How many off_main_thread calls are still running. Not `Thread.is_alive()`: Python 3.11's `join()`,
+    interrupted by Ctrl-C while the thread runs, releases the thread's own lock and marks it stopped (bpo-45274's
+    handler), so a helper still deep in Tune's fit reads as dead from then on."""
+    return sum(not e.is_set() for e in list(_CALLS))
+
+
+@contextlib.contextmanager
+def _counted(done: threading.Event) -> Iterator[None]:
+    _CALLS.add(done)
+    try:
+        yield
+    finally:
+        done.set()
+        _CALLS.discard(done)
 
 
 def off_main_thread(fn: Callable[[], Any]) -> Any:
     """fn() in a helper thread, waited for here. Ray Train and Tune each install a SIGINT handler of their own when
     called on the main thread (Train's is never removed, Tune's ends the experiment and returns as if it were done);
     off it they install none, so Ctrl-C stays the driver's (sweep.owned_sigint) and interrupts this wait. The helper
-    is a daemon: an interrupted driver does not wait for it at exit."""
+    is a daemon: an interrupted driver does not wait for it at exit. Called off the main thread already (stage 1's
+    replicates), fn() runs there. Either way the call counts in calls_in_flight until it ends."""
+    done = threading.Event()
     if threading.current_thread() is not threading.main_thread():
-        return fn()
+        with _counted(done):
+            return fn()
     box: dict = {}
 
     def target() -> None:
-        try:
-            box["out"] = fn()
-        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
-            box["error"] = e
+        with _counted(done):
+            try:
+                box["out"] = fn()
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+                box["error"] = e
 
-    worker = threading.Thread(target=target, name=HELPER, daemon=True)
-    worker.start()
-    while worker.is_alive():
-        worker.join(0.2)
+    _CALLS.add(done)  # counted from now: the thread may not have started when Ctrl-C comes
+    threading.Thread(target=target, name=HELPER, daemon=True).start()
+    while not done.wait(0.2):  # an Event, not join(): see calls_in_flight
+        pass
     if "error" in box:
         raise box["error"]
     return box["out"]
