@@ -303,24 +303,14 @@ def _train_worker(loop: Callable) -> Callable[[dict], None]:
 
 
 HELPER = "sparsecse-ray-call"  # off_main_thread's threads
-_CALLS: set[threading.Event] = set()  # one per off_main_thread call still running (each set when its call ends)
+_CALLS: set[threading.Event] = set()  # one per off_main_thread call still running (set when it ends, then dropped)
 
 
 def calls_in_flight() -> int:
     """How many off_main_thread calls are still running. Not `Thread.is_alive()`: Python 3.11's `join()`,
     interrupted by Ctrl-C while the thread runs, releases the thread's own lock and marks it stopped (bpo-45274's
     handler), so a helper still deep in Tune's fit reads as dead from then on."""
-    return sum(not e.is_set() for e in list(_CALLS))
-
-
-@contextlib.contextmanager
-def _counted(done: threading.Event) -> Iterator[None]:
-    _CALLS.add(done)
-    try:
-        yield
-    finally:
-        done.set()
-        _CALLS.discard(done)
+    return len(_CALLS)
 
 
 def off_main_thread(fn: Callable[[], Any]) -> Any:
@@ -330,19 +320,25 @@ def off_main_thread(fn: Callable[[], Any]) -> Any:
     is a daemon: an interrupted driver does not wait for it at exit. Called off the main thread already (stage 1's
     replicates), fn() runs there. Either way the call counts in calls_in_flight until it ends."""
     done = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        with _counted(done):
+    _CALLS.add(done)  # counted from now: the helper may not have started when Ctrl-C comes
+
+    def call() -> Any:
+        try:
             return fn()
+        finally:
+            done.set()
+            _CALLS.discard(done)
+
+    if threading.current_thread() is not threading.main_thread():
+        return call()
     box: dict = {}
 
     def target() -> None:
-        with _counted(done):
-            try:
-                box["out"] = fn()
-            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
-                box["error"] = e
+        try:
+            box["out"] = call()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = e
 
-    _CALLS.add(done)  # counted from now: the thread may not have started when Ctrl-C comes
     threading.Thread(target=target, name=HELPER, daemon=True).start()
     while not done.wait(0.2):  # an Event, not join(): see calls_in_flight
         pass
