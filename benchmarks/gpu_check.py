@@ -42,16 +42,32 @@ def _sentence(rng: np.random.Generator) -> str:
     return " ".join(rng.choice(WORDS, size=int(rng.integers(5, 24)))) + " ."
 
 
-def random_encoder(shape: str, where: Path) -> Path:
-    """A randomly initialised BERT of `shape` with the packaged MiniLM tokenizer, saved as an HF directory."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
+CARRIED_TOKENIZER = Path(__file__).resolve().parents[1] / ".carry" / "tokenizer"
 
+
+def tokenizer_source() -> str:
+    """Where the MiniLM tokenizer (BERT's uncased WordPiece) comes from: the packaged model where it is installed,
+    else the copy `benchmarks/gpu_prepare.sh` puts in .carry/tokenizer for a GPU machine that lacks the package."""
     from sparsecse.method.model import default_model_path
 
+    try:
+        return default_model_path()
+    except SparseCSEError:
+        if (CARRIED_TOKENIZER / "tokenizer.json").is_file():
+            return str(CARRIED_TOKENIZER)
+        raise SparseCSEError("no tokenizer for the random encoder: install 'sparsecse[minilm]', or run "
+                             "`bash benchmarks/gpu_prepare.sh` here to carry its tokenizer in .carry/tokenizer") from None
+
+
+def random_encoder(shape: str, where: Path) -> Path:
+    """A randomly initialised BERT of `shape` with the MiniLM tokenizer, saved as an HF directory."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    source = tokenizer_source()
     torch.manual_seed(0)
     BertModel(BertConfig(vocab_size=30522, max_position_embeddings=128, **SHAPES[shape]),
               add_pooling_layer=False).save_pretrained(where)
-    AutoTokenizer.from_pretrained(default_model_path()).save_pretrained(where)
+    AutoTokenizer.from_pretrained(source).save_pretrained(where)
     return where
 
 

@@ -4,14 +4,16 @@
     python -m benchmarks.gpu_sweep --device cpu --shape tiny --data-dir DIR --out OUT   # what the suite runs
 
 What it does, timing each part:
-  1. `ray start --head` (dashboard off) declaring the machine's GPUs (`--device cuda`) or none (`--device cpu`);
-  2. a randomly initialised encoder of `--shape` (no weights to download; bert-base: the paper's base model's shape);
-  3. `sparsecse plan` for the config on this GPU type, kept beside what the sweep then measures;
-  4. `sparsecse sweep` against that cluster: stage 1 under Ray Train on the GPU, scoring, 4 trials packed two per GPU
+  1. on a GPU, first `benchmarks.gpu_check` (step time and MFU in fp32, TF32 and bf16; the driver check), bounded
+     to 3 minutes, so that its figures come back even if the sweep runs out of time;
+  2. `ray start --head` (dashboard off) declaring the machine's GPUs (`--device cuda`) or none (`--device cpu`);
+  3. a randomly initialised encoder of `--shape` (no weights to download; bert-base: the paper's base model's shape);
+  4. `sparsecse plan` for the config on this GPU type, kept beside what the sweep then measures;
+  5. `sparsecse sweep` against that cluster: stage 1 under Ray Train on the GPU, scoring, 4 trials packed two per GPU
      (`sweep.trial_gpus: 0.5`), the driver killed (SIGKILL) once a trial has finished, then `--resume` to the end and
      the export; GPU memory per trial process sampled from nvidia-smi while it runs;
-  5. `benchmarks.gpu_check` (step time and MFU in fp32, TF32 and bf16; the driver check);
-  6. its Ray stopped (its own processes only). Everything lands in OUT/gpu-sweep.json (and the run in OUT/run).
+  6. its Ray stopped (its own processes only). Everything lands in OUT/gpu-sweep.json, rewritten after each part (a
+     timeout leaves what was done), and the run in OUT/run.
 On a CPU (`--device cpu`) the same steps run with trials one CPU each instead of half a GPU: the suite's check that
 the script works before a GPU is lent.
 """
@@ -71,17 +73,54 @@ def _sweep(argv: list[str], env: dict, log: Path, kill_after_trial: bool) -> dic
         proc = subprocess.Popen([sys.executable, "-m", "sparsecse", "sweep", *argv], stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
         killed = False
-        for line in proc.stdout:
-            f.write(line)
-            f.flush()
-            if kill_after_trial and not killed and line.startswith("[trial ") and ": done" in line:
-                os.killpg(proc.pid, signal.SIGKILL)  # the driver and its children, as a lost head node would be
-                killed = True
-        rc = proc.wait()
+        try:
+            for line in proc.stdout:
+                f.write(line)
+                f.flush()
+                if kill_after_trial and not killed and line.startswith("[trial ") and ": done" in line:
+                    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its children, as a lost head node would be
+                    killed = True
+            rc = proc.wait()
+        finally:  # this script stopped (its time limit's SIGTERM): the sweep, in a session of its own, goes too
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
     return {"rc": rc, "killed": killed, "wall_s": time.time() - t0}
 
 
-def run(device: str, shape: str, data_dir: Path, out: Path, steps: int, gpu: str) -> dict:
+def _save(res: dict, out: Path) -> None:
+    """gpu-sweep.json as far as the run has come (rewritten after each part: a timeout still leaves what it had)."""
+    tmp = out / "gpu-sweep.json.tmp"
+    tmp.write_text(json.dumps(res, indent=2, default=str))
+    os.replace(tmp, out / "gpu-sweep.json")
+
+
+def _gpu_check(out: Path, env: dict, res: dict) -> None:
+    """`benchmarks.gpu_check` on the GPU, first (a short, bounded part: its figures come back even if the sweep
+    runs out of time)."""
+    try:
+        check = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--device", "cuda", "--out",
+                                str(out / "gpu-check.json")], capture_output=True, text=True, env=env, timeout=180)
+        res["gpu_check_rc"], res["gpu_check_console"] = check.returncode, (check.stdout + check.stderr)[-4000:]
+    except subprocess.TimeoutExpired:
+        res["gpu_check_rc"] = "timed out after 180 s"
+    res["gpu_check"] = json.loads((out / "gpu-check.json").read_text()) if (out / "gpu-check.json").is_file() else None
+
+
+def _start_ray(device: str, temp: Path, env: dict) -> str:
+    """A head of our own (dashboard off, token auth from `env`) declaring the machine's one GPU or none."""
+    import socket
+
+    ray_bin = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+                    f"--num-gpus={1 if device == 'cuda' else 0}", "--include-dashboard=false", f"--temp-dir={temp}",
+                    "--disable-usage-stats"], check=True, capture_output=True, text=True, env=env, timeout=300)
+    return f"127.0.0.1:{port}"
+
+
+def run(device: str, shape: str, data_dir: Path, out: Path, steps: int, gpu: str | None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     temp = Path(f"/tmp/ray-gpu-sweep-{os.getpid()}")
     res: dict = {"machine": machine(), "device": device, "shape": shape, "steps": steps, "ray_temp": str(temp)}
@@ -92,34 +131,30 @@ def run(device: str, shape: str, data_dir: Path, out: Path, steps: int, gpu: str
     env = {**os.environ, "SPARSECSE_DASHBOARD": "0", "TOKENIZERS_PARALLELISM": "false", "RAY_AUTH_MODE": "token",
            "RAY_AUTH_TOKEN_PATH": str(token)}
     env.pop("RAY_ADDRESS", None)
-    ray_bin = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
+    if device == "cuda":
+        _gpu_check(out, env, res)
+        _save(res, out)
     t0 = time.time()
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    address = f"127.0.0.1:{port}"
-    subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
-                    f"--num-gpus={1 if device == 'cuda' else 0}", "--include-dashboard=false", f"--temp-dir={temp}",
-                    "--disable-usage-stats"], check=True, capture_output=True, text=True, env=env, timeout=300)
+    address = _start_ray(device, temp, env)
     res["ray_start_s"] = time.time() - t0
+    stop = threading.Event()
     try:
         model = random_encoder(shape, out / "model")
         cfg = _config(out / "gpu-sweep.yaml", model, device, steps)
+        gpu = gpu or gpu_kind()
         plan = subprocess.run([sys.executable, "-m", "sparsecse", "plan", str(cfg), "--data-dir", str(data_dir)]
                               + (["--gpu", gpu, "--gpus", "1"] if device == "cuda" else ["--cpus", str(os.cpu_count())]),
                               capture_output=True, text=True, env=env, timeout=300)
         res["plan_console"] = plan.stdout.splitlines()
+        _save(res, out)
         samples: list = []
-        stop = threading.Event()
         sampler = threading.Thread(target=_gpu_memory, args=(samples, stop), daemon=True)
         sampler.start()
         argv = [str(cfg), "--out", str(out / "run"), "--data-dir", str(data_dir), "--address", address, "--yes"]
         res["first"] = _sweep(argv, env, out / "sweep-1.log", kill_after_trial=True)
+        res["gpu_memory_mib"] = _per_process(samples)
+        _save(res, out)
         res["resumed"] = _sweep(argv + ["--resume"], env, out / "sweep-2.log", kill_after_trial=False)
-        stop.set()
-        sampler.join(timeout=5)
         res["gpu_memory_mib"] = _per_process(samples)
         run_dir = out / "run"
         for name in ("plan.json", "summary.json"):
@@ -127,15 +162,19 @@ def run(device: str, shape: str, data_dir: Path, out: Path, steps: int, gpu: str
                 res[name.split(".")[0]] = json.loads((run_dir / name).read_text())
         res["exported"] = (run_dir / "export" / "pruned" / "config.json").is_file()
     finally:
+        stop.set()
         stop_ray(str(temp))
         shutil.rmtree(temp, ignore_errors=True)
-    if device == "cuda":
-        check = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--device", "cuda", "--out",
-                                str(out / "gpu-check.json")], capture_output=True, text=True, env=env, timeout=600)
-        res["gpu_check_rc"] = check.returncode
-        res["gpu_check"] = json.loads((out / "gpu-check.json").read_text()) if (out / "gpu-check.json").is_file() else None
-    (out / "gpu-sweep.json").write_text(json.dumps(res, indent=2, default=str))
+        _save(res, out)
     return res
+
+
+def gpu_kind() -> str:
+    """The plan's name for this machine's GPU (`sparsecse plan --gpu`), from torch's device name; an H100 else."""
+    import torch
+
+    name = torch.cuda.get_device_name(0).lower() if torch.cuda.is_available() else ""
+    return next((k for k in ("h200", "h100", "a100", "a10g", "l4") if k in name), "h100")
 
 
 def ray_processes(marker: str) -> set[int]:
@@ -184,10 +223,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", default=os.environ.get("SPARSECSE_DATA_DIR", str(HERE / ".carry" / "data")))
     p.add_argument("--out", default="gpu-sweep")
     p.add_argument("--steps", type=int, default=300, help="stage 1's and each trial's optimizer steps")
-    p.add_argument("--gpu", default="h200", help="the GPU type `sparsecse plan` is asked to plan for")
+    p.add_argument("--gpu", help="the GPU type `sparsecse plan` is asked to plan for (default: this machine's)")
     a = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout`: the finally blocks stop Ray, save the JSON
     res = run(a.device, a.shape, Path(a.data_dir), Path(a.out), a.steps, a.gpu)
-    ok = res["first"]["killed"] and res["resumed"]["rc"] == 0 and res["exported"]
+    ok = res.get("first", {}).get("killed") and res.get("resumed", {}).get("rc") == 0 and res.get("exported")
     print(json.dumps({k: res.get(k) for k in ("first", "resumed", "exported", "gpu_memory_mib", "gpu_check_rc")},
                      default=str))
     return 0 if ok and res.get("gpu_check_rc", 0) == 0 else 1

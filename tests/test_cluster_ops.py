@@ -318,3 +318,25 @@ def test_stage1_on_the_local_ray_runs_without_a_preemption_watcher_and_a_cluster
     assert ra.train_env()["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
     monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1")
     assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in ra.train_env()
+
+
+def test_local_paths_reach_the_nodes_absolute_since_ray_train_and_tune_move_a_workers_cwd(tmp_path, monkeypatch):
+    """A relative --data-dir or model.name meant the driver's folder; Ray Train's and Tune's workers chdir into
+    folders of their own, where it names nothing (found when the GPU sweep passed `--data-dir .carry/data` to a
+    cluster: the node check passed, stage 1 failed on a missing corpus). Both now travel absolute; a hub name, an
+    absolute path and a staged URI travel as given."""
+    import dataclasses
+
+    from sparsecse.run.checks import data_dir_for, model_path_for_nodes
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "my-model").mkdir()
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["model.name=my-model"])
+    for on_cluster in (True, False):
+        assert data_dir_for(cfg, "data", on_cluster) == str(tmp_path / "data")
+    assert data_dir_for(cfg, "s3://bucket/staged/", True) == "s3://bucket/staged"
+    assert model_path_for_nodes(cfg).model.name == str(tmp_path / "my-model")
+    for name in ("bert-base-uncased", "minilm", str(tmp_path / "my-model"), "s3://bucket/model"):
+        other = cfg.replace(model=dataclasses.replace(cfg.model, name=name))
+        assert model_path_for_nodes(other).model.name == name

@@ -29,11 +29,23 @@ from . import stages
 
 def data_dir_for(cfg: Config, data_dir: str | None, on_cluster: bool) -> str:
     """The data dir the stages read: a staged URI as given (every node fetches and verifies it), else a local
-    path — checked here for a local Ray, left to the nodes (check_nodes) on a cluster."""
+    path made absolute against the driver's working directory (Ray Train and Tune move a worker into a folder of
+    their own, where a relative path names nothing) — checked here for a local Ray, left to the nodes (check_nodes)
+    on a cluster."""
     given = data_dir or cfg.data.dir
     if is_staged_uri(given):
         return str(given).rstrip("/")
-    return str(default_data_dir(given) if on_cluster else resolve_data_dir(given))
+    return str(default_data_dir(given).absolute() if on_cluster else resolve_data_dir(given))
+
+
+def model_path_for_nodes(cfg: Config) -> Config:
+    """`model.name` as the nodes must read it: a relative path to a directory on this machine made absolute (a Ray
+    Train or Tune worker runs in a folder of its own, where the relative path would name nothing and read as a hub
+    name); a hub name, "minilm", an absolute path or a staged URI as given."""
+    name = cfg.model.name
+    if is_staged_uri(name) or Path(name).expanduser().is_absolute() or not Path(name).expanduser().is_dir():
+        return cfg
+    return cfg.replace(model=dataclasses.replace(cfg.model, name=str(Path(name).expanduser().absolute())))
 
 
 def check_this_machine(cfg: Config) -> None:
@@ -195,7 +207,7 @@ def check_run(config_path: str, overrides=None, resume: bool | str = False, out:
     to resume or one that is not there) and that --out can be written — checked and nothing left behind. Run where
     the cluster's pods run (cluster/README.md: the K8s validation Job), so a config error stops before a RayJob
     that KubeRay would retry. Returns the one-line verdict."""
-    cfg = load_config(config_path, overrides)
+    cfg = model_path_for_nodes(load_config(config_path, overrides))
     check_scale(cfg, confirmed)
     check_config(cfg)
     check_sparsities(cfg)

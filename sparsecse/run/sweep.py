@@ -22,7 +22,7 @@ from ..study import select as choose
 from . import ray_adapter as ra
 from . import stages
 from .checks import (check_config, check_nodes, check_scale, check_sparsities, check_this_machine, data_dir_for,
-                     print_plan, stage1_topology, wait_for_resources)
+                     model_path_for_nodes, print_plan, stage1_topology, wait_for_resources)
 from .outcome import (LiveReport, check_failures, evaluate_and_export_stage, kept_predictions, report_stage,
                       rule_predictions)
 from .plan import count_trials
@@ -118,7 +118,7 @@ def run_sweep(config_path: str, overrides=None, resume: bool | str = False, addr
 
 def _run_sweep(config_path: str, overrides, resume: bool | str, address: str | None, out: str,
                data_dir: str | None, confirmed: bool, max_hours: float | None, verbose: bool) -> dict:
-    cfg = load_config(config_path, overrides)
+    cfg = model_path_for_nodes(load_config(config_path, overrides))
     check_scale(cfg, confirmed)
     check_config(cfg)
     check_sparsities(cfg)
