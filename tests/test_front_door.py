@@ -67,6 +67,18 @@ def test_show_prints_the_answer_where_the_model_is_and_how_to_load_it(tmp_path, 
     assert json.loads(capsys.readouterr().out)["export"] == str(run / "export")
 
 
+def test_when_the_control_wins_show_points_to_the_plain_model_that_needs_no_custom_code(tmp_path, capsys):
+    """Nothing pruned: the dense export is the same model and loads without trust_remote_code."""
+    run = _finished_run(tmp_path)
+    summary = json.loads((run / "summary.json").read_text())
+    summary["selected"] = {"control_won": True, "sparsity": 0.0}
+    (run / "summary.json").write_text(json.dumps(summary))
+    assert main(["show", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert f'model = SentenceTransformer("{run}/export")' in out and "trust_remote_code" not in out
+    assert f"model:  {run}/export (the unpruned control" in out
+
+
 def test_show_on_a_live_run_says_how_far_it_is_and_on_a_folder_without_a_sweep_one_line(tmp_path, capsys):
     run = tmp_path / "live"
     (run / "tune" / "trial_0").mkdir(parents=True)

@@ -395,7 +395,7 @@ def test_report_html_is_a_page_with_real_tables_the_answer_first_and_each_figure
     assert at("<h2>Alignment / uniformity") < at('alt="align_uniform.png"') < at("<h2>All trials")
     # the same inputs give report.md, untouched by the page
     assert "## Controls at equal budget" in render_markdown(inp) and "<table" not in render_markdown(inp)
-    assert "export's speed" not in answer  # nothing measured, nothing said
+    assert "Speed against" not in answer  # nothing measured, nothing said
     # with the export's measured speed (export.speed_rows), the answer ends with each pruned path against the dense
     # model under sentence-transformers
     from dataclasses import replace
@@ -406,9 +406,9 @@ def test_report_html_is_a_page_with_real_tables_the_answer_first_and_each_figure
              {"path": "sentence-transformers, pruned/", "sentences_per_s": 220.8, "x_dense": 1.38},
              {"path": "ONNX Runtime, pruned/onnx/model_qint8.onnx", "sentences_per_s": 598.4, "x_dense": 3.74}]
     text = answer_of(replace(inp, export_speed=speed))
-    assert text.endswith("The export's speed on the exporting machine's CPU, × the dense model under "
-                         "sentence-transformers: pruned/ 1.38× under sentence-transformers, "
-                         "pruned/onnx/model_qint8.onnx 3.74×.")
+    assert text.endswith("Speed against the dense model under sentence-transformers, on the exporting machine's "
+                         "CPU: the pruned model under sentence-transformers 1.38×, pruned/onnx/model_qint8.onnx under "
+                         "ONNX Runtime 3.74×.")
 
 
 @pytest.mark.slow

@@ -20,10 +20,15 @@ def closing_block(summary: dict) -> list[str]:
     out = [re.sub(r"\*\*|`", "", summary.get("answer") or "No answer recorded (a run from before answers were kept); "
                                                          "see its report.")]
     out.append(f"report: {summary.get('report') or 'report.html in the run'}")
-    if summary.get("export"):
-        out += [f"model:  {summary['export']}/pruned (physically pruned; dense copy: {summary['export']})",
+    export = summary.get("export")
+    if export and (summary.get("selected") or {}).get("control_won"):  # nothing pruned: the plain model, no custom code
+        out += [f"model:  {export} (the unpruned control: nothing was removed; {export}/pruned holds the same)",
                 "load:   from sentence_transformers import SentenceTransformer",
-                f"        model = SentenceTransformer(\"{summary['export']}/pruned\", trust_remote_code=True)"]
+                f"        model = SentenceTransformer(\"{export}\")"]
+    elif export:
+        out += [f"model:  {export}/pruned (physically pruned; dense copy: {export})",
+                "load:   from sentence_transformers import SentenceTransformer",
+                f"        model = SentenceTransformer(\"{export}/pruned\", trust_remote_code=True)"]
     return out
 
 

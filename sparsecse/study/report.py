@@ -485,9 +485,9 @@ def _speed(inp: ReportInputs) -> str:
     rows = [r for r in inp.export_speed or [] if r["path"] != "sentence-transformers, dense"]
     if not rows:
         return ""
-    paths = ", ".join(f"{r['path'].split(', ', 1)[1]} {r['x_dense']:.2f}×" + (" under sentence-transformers" if
-                      r["path"].startswith("sentence-transformers") else "") for r in rows)
-    return f" The export's speed on the exporting machine's CPU, × the dense model under sentence-transformers: {paths}."
+    paths = ", ".join(("the pruned model under sentence-transformers" if r["path"].startswith("sentence-transformers")
+                       else f"{r['path'].split(', ', 1)[1]} under ONNX Runtime") + f" {r['x_dense']:.2f}×" for r in rows)
+    return (f" Speed against the dense model under sentence-transformers, on the exporting machine's CPU: {paths}.")
 
 
 def _clean_evidence(inp: ReportInputs) -> str:
