@@ -6,8 +6,8 @@ Checks (exit 1 if one fails):
   device   a task given a GPU computes on CUDA (`stages.task_device`); on a machine without CUDA it must refuse in
            one line instead of falling back to the CPU
   batches  every rank gets an equal slice of every global batch, last short batches included (world 1–8)
-  driver   the node's NVIDIA driver is new enough for torch's CUDA build (`stages.check_gpu`: the driver, then a
-           matmul on the GPU); on a CPU device it reports what it found
+  driver   the GPU computes for torch's CUDA build (`stages.check_gpu`: a matmul; when it fails, a driver older than
+           that build needs is named as the cause); on a CPU device it reports what it found
   resume   SimCSE stopped after its first evaluation and resumed from `latest/` continues at that step, on `device`
 Measures: the SimCSE step time of a randomly initialised encoder of `--shape` (bert-base: 12 layers × 768, 12 heads,
 FFN 3072, the paper's base model) at batch 64 × max_len 32 in fp32 (TF32 off), TF32 and bf16 autocast, with model

@@ -36,6 +36,10 @@ def test_a_driver_older_than_torchs_cuda_build_is_named_with_the_version_it_need
     monkeypatch.setattr(torch.version, "cuda", "12.4")  # a new enough driver passes on to the device check
     [problem] = stages.check_gpu()
     assert "torch cannot use the GPU" in problem and "driver 535.104.05" in problem and "CUDA 12.4" in problem
+    # a GPU that computes is usable whatever the driver's version says (NVIDIA's forward-compatibility libraries)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(stages, "_gpu_matmul", lambda: None)
+    assert stages.check_gpu() == []
 
 
 def _hangs(seconds: float) -> None:

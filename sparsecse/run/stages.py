@@ -123,29 +123,38 @@ def driver_version() -> str | None:
 
 def check_gpu() -> list[str]:
     """What keeps this node's GPU from training (empty: usable). Runs as a task holding one GPU on each GPU node
-    before stage 1: the driver against the CUDA build of torch, then a matmul on the device Ray gave it."""
+    before stage 1: a matmul on the device Ray gave it; when that fails, a driver older than torch's CUDA build
+    needs is named as the cause. A GPU that computes passes whatever its driver's version (an image with NVIDIA's
+    forward-compatibility libraries runs a newer CUDA on an older data-centre driver)."""
     import torch
 
     build, drv = torch.version.cuda, driver_version()
     facts = (f"driver {drv or 'not found'}, torch {torch.__version__} built for CUDA "
              f"{build or 'none (a CPU-only wheel)'}")
+    old = None
     if build and drv:
         need = MIN_DRIVER.get(int(build.split(".")[0]))
-        have = tuple(int(x) for x in drv.split(".")[:2])
-        if need and have < need:
-            return [f"GPU: driver {drv} is older than torch's CUDA {build} needs (>= {need[0]}.{need[1]}); use a "
-                    "node image with a newer driver (cluster/README.md), or a torch built for an older CUDA"]
+        if need and tuple(int(x) for x in drv.split(".")[:2]) < need:
+            old = (f"GPU: driver {drv} is older than torch's CUDA {build} needs (>= {need[0]}.{need[1]}); use a "
+                   "node image with a newer driver (cluster/README.md), or a torch built for an older CUDA")
     try:
-        task_device(1)
-        x = torch.ones(64, 64, device="cuda")
-        float((x @ x).sum())
+        _gpu_matmul()
     except SparseCSEError:
-        return [f"GPU: torch cannot use the GPU Ray gave this check ({facts}, CUDA_VISIBLE_DEVICES="
+        return [old or f"GPU: torch cannot use the GPU Ray gave this check ({facts}, CUDA_VISIBLE_DEVICES="
                 f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}); check the driver and the container's NVIDIA "
                 "runtime (NVIDIA_VISIBLE_DEVICES), or run with sweep.trial_gpus=0 and ray.use_gpu=false"]
     except RuntimeError as e:
-        return [f"GPU: a CUDA matmul failed ({facts}): {str(e).splitlines()[0][:200]}"]
+        return [old or f"GPU: a CUDA matmul failed ({facts}): {str(e).splitlines()[0][:200]}"]
     return []
+
+
+def _gpu_matmul() -> None:
+    """A small matmul on the GPU Ray gave this task (task_device refuses one torch cannot use)."""
+    import torch
+
+    task_device(1)
+    x = torch.ones(64, 64, device="cuda")
+    float((x @ x).sum())
 
 
 def installed_callbacks(where: str, rank: int, store: Storage) -> list:
