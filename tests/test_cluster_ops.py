@@ -5,6 +5,7 @@ cluster gaining its GPU node after the sweep started is in tests/test_faults.py.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -340,3 +341,30 @@ def test_local_paths_reach_the_nodes_absolute_since_ray_train_and_tune_move_a_wo
     for name in ("bert-base-uncased", "minilm", str(tmp_path / "my-model"), "s3://bucket/model"):
         other = cfg.replace(model=dataclasses.replace(cfg.model, name=name))
         assert model_path_for_nodes(other).model.name == name
+
+
+def test_a_ray_job_with_a_working_dir_refuses_an_out_inside_the_copy_ray_deletes(tmp_path, monkeypatch, capsys,
+                                                                                  data_dir):
+    """`ray job submit --working-dir .` runs the driver in Ray's unpacked copy of the folder, deleted after the job:
+    a relative --out (or the default runs/<config>) would leave the run there. Refused in one line, exit 2, before
+    anything is written; a storage URI or an absolute path elsewhere is fine, as is any path outside a job."""
+    import json
+
+    from sparsecse.cli import main
+    from sparsecse.run.checks import check_out_outlives_the_job
+
+    job = tmp_path / "runtime_resources" / "working_dir_files" / "_ray_pkg_1"
+    job.mkdir(parents=True)
+    monkeypatch.chdir(job)
+    check_out_outlives_the_job("runs/quickstart")  # not a Ray job: a relative path is the user's folder
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_1.zip"}}))
+    for out in ("runs/quickstart", str(job / "abs"), "."):
+        with pytest.raises(SparseCSEError, match="working_dir copy"):
+            check_out_outlives_the_job(out)
+    for out in ("s3://bucket/run", str(tmp_path / "kept")):
+        check_out_outlives_the_job(out)
+    config = str(Path(__file__).resolve().parents[1] / "sweeps" / "quickstart.yaml")
+    assert main(["sweep", config, "--out", "runs/q", "--data-dir", str(data_dir)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--out runs/q: inside the Ray job's working_dir copy" in err[0]
+    assert not (job / "runs").exists()

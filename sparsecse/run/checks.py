@@ -16,7 +16,7 @@ from pathlib import Path
 from .. import SparseCSEError
 from ..core.config import TRANSFER_TASKS, Config, load_config
 from ..core.staging import check_staged, is_staged_uri
-from ..core.storage import Storage
+from ..core.storage import Storage, is_uri
 from ..method.data import default_data_dir, needed_paths, resolve_data_dir
 from ..method.model import intermediate_size, quiet_transformers, resolve_model_path
 from ..method.prune import count_pruned
@@ -46,6 +46,24 @@ def model_path_for_nodes(cfg: Config) -> Config:
     if is_staged_uri(name) or Path(name).expanduser().is_absolute() or not Path(name).expanduser().is_dir():
         return cfg
     return cfg.replace(model=dataclasses.replace(cfg.model, name=str(Path(name).expanduser().absolute())))
+
+
+def check_out_outlives_the_job(out: str) -> None:
+    """A sweep submitted with `ray job submit --working-dir` runs in Ray's unpacked copy of that folder
+    (/tmp/ray/session_…/runtime_resources/working_dir_files/…), which Ray deletes once the job no longer needs it: a
+    relative `--out` (the default `runs/<config>` too) would put the whole run there. Refused in one line."""
+    import json
+
+    try:
+        job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    except ValueError:
+        return
+    if not ((job.get("runtime_env") or {}).get("working_dir")) or is_uri(out):
+        return
+    where, here = Path(out).expanduser().absolute(), Path.cwd().absolute()
+    if where == here or here in where.parents:
+        raise SparseCSEError(f"--out {out}: inside the Ray job's working_dir copy ({here}), which Ray deletes after "
+                             "the job; pass --out s3://… (or another storage URI) or an absolute path every node keeps")
 
 
 def check_this_machine(cfg: Config) -> None:
@@ -229,6 +247,7 @@ def check_run(config_path: str, overrides=None, resume: bool | str = False, out:
     if is_staged_uri(cfg.model.name):
         check_staged(cfg.model.name, "model.name")
     out = out or f"runs/{Path(config_path).stem}"
+    check_out_outlives_the_job(out)
     store, state, resuming = open_run(out, cfg, resume)
     note = RunLock(store, cfg.ray.lock_stale_s).check_resume() if resuming else None  # a live driver: refused
     run = (f"would resume {store.uri} (stage 1 {'finished' if state.train_fp else 'not finished'}"

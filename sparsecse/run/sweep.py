@@ -21,8 +21,9 @@ from ..core.storage import cache_root
 from ..study import select as choose
 from . import ray_adapter as ra
 from . import stages
-from .checks import (check_config, check_nodes, check_scale, check_sparsities, check_this_machine, data_dir_for,
-                     model_path_for_nodes, print_plan, stage1_topology, wait_for_resources)
+from .checks import (check_config, check_nodes, check_out_outlives_the_job, check_scale, check_sparsities,
+                     check_this_machine, data_dir_for, model_path_for_nodes, print_plan, stage1_topology,
+                     wait_for_resources)
 from .outcome import (LiveReport, check_failures, evaluate_and_export_stage, kept_predictions, report_stage,
                       rule_predictions)
 from .plan import count_trials
@@ -126,6 +127,7 @@ def _run_sweep(config_path: str, overrides, resume: bool | str, address: str | N
     if not on_cluster:
         check_this_machine(cfg)
     data = data_dir_for(cfg, data_dir, on_cluster)
+    check_out_outlives_the_job(out)
     store, state, resume = open_run(out, cfg, resume)
     lock = RunLock(store, cfg.ray.lock_stale_s)
     made_root = not store.exists()  # the lock is the first thing a new sweep writes
