@@ -437,6 +437,11 @@ EXAMPLES = {
 }
 
 
+
+def _sentence(text: str) -> str:
+    """A command's one-line help as its description: first letter up, the rest as written (STS stays STS)."""
+    return (text[:1].upper() + text[1:] + ".") if text else ""
+
 def _document(parser: argparse.ArgumentParser, path: str = "") -> None:
     """Every command's description and example, every argument's help (from the tables above where the command
     gives none)."""
@@ -445,7 +450,7 @@ def _document(parser: argparse.ArgumentParser, path: str = "") -> None:
             helps = {a.dest: a.help for a in action._choices_actions}
             for name, sp in action.choices.items():
                 cmd = f"{path} {name}".strip()
-                sp.description = sp.description or (helps.get(name, "") + ".").capitalize()
+                sp.description = sp.description or _sentence(helps.get(name, ""))
                 sp.epilog = f"example:\n  {EXAMPLES[cmd]}" if cmd in EXAMPLES else sp.epilog
                 sp.formatter_class = argparse.RawDescriptionHelpFormatter
                 _document(sp, cmd)

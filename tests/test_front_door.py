@@ -31,6 +31,8 @@ def test_every_command_has_a_description_an_example_and_help_for_every_argument(
         missing += [f"{name} {(a.option_strings or [a.dest])[0]}" for a in sp._actions
                     if not a.help and not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction))]
     assert missing == []
+    descriptions = {name: sp.description for name, sp in _commands(parser)}
+    assert descriptions["eval"] == "Evaluate an encoder on STS (and transfer) tasks."  # its help, names as written
 
 
 def test_bare_sparsecse_says_what_is_missing_once(capsys):
