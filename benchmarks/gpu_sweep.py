@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shape", choices=["bert-base", "tiny"], default="bert-base")
     p.add_argument("--data-dir", default=os.environ.get("SPARSECSE_DATA_DIR", str(HERE / ".carry" / "data")))
     p.add_argument("--out", default="gpu-sweep")
-    p.add_argument("--steps", type=int, default=300, help="stage 1's and each trial's optimizer steps")
+    p.add_argument("--steps", type=int, default=150, help="stage 1's and each trial's optimizer steps")
     p.add_argument("--gpu", help="the GPU type `sparsecse plan` is asked to plan for (default: this machine's)")
     a = p.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout`: the finally blocks stop Ray, save the JSON

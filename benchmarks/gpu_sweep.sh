@@ -23,7 +23,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader ||
 rm -rf "$WORK" && mkdir -p "$WORK"
 rc=0
 timeout "${LIMIT:-420}" python3 -m benchmarks.gpu_sweep --device "${DEVICE:-cuda}" --shape "${SHAPE:-bert-base}" \
-  --data-dir "${DATA:-.carry/data}" --out "$WORK" --steps "${STEPS:-300}" || rc=$?
+  --data-dir "${DATA:-.carry/data}" --out "$WORK" --steps "${STEPS:-150}" || rc=$?
 left=$(( ${BUDGET:-460} - SECONDS ))  # the CUDA tests (tests/test_gpu.py, test_packed.py) with the time that is left
 if [ "${DEVICE:-cuda}" = cuda ] && [ "$left" -ge 45 ]; then
   SPARSECSE_DATA_DIR=${DATA:-.carry/data} timeout "$left" python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_packed.py >"$WORK/pytest-gpu.log" 2>&1
