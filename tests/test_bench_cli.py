@@ -264,6 +264,7 @@ def test_gpu_sweep_script_runs_start_to_end_on_the_cpu_at_a_tiny_shape(tiny_data
     res = json.loads((results / "gpu-sweep.json").read_text())
     assert res["first"]["killed"] and res["first"]["rc"] != 0 and res["resumed"]["rc"] == 0 and res["exported"]
     assert res["plan"]["trials"] == 4 and res["summary"]["timings"]  # what plan said, beside what the sweep took
+    assert all(x is not None and x > 0 for pair in res["plan_vs_measured"].values() for x in pair)
     assert len(res["trial_gpu_peak_gib"]) == 4 and set(res["trial_gpu_peak_gib"].values()) == {None}  # on the CPU
     resumed = (work / "sweep-2.log").read_text()
     assert "taking over the run from a driver that stopped" in resumed and "[sweep] done" in resumed
