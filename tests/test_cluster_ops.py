@@ -368,3 +368,18 @@ def test_a_ray_job_with_a_working_dir_refuses_an_out_inside_the_copy_ray_deletes
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--out runs/q: inside the Ray job's working_dir copy" in err[0]
     assert not (job / "runs").exists()
+
+
+def test_a_sweep_in_a_process_whose_interrupted_sweep_still_runs_in_ray_is_refused(monkeypatch, tmp_path):
+    """A library caller (a notebook) interrupted run_sweep: Tune's fit goes on in its thread. A second run_sweep
+    in that process would run a second fit on the same run beside it; refused in one line, nothing written."""
+    import threading
+
+    from sparsecse.run import ray_adapter as ra
+    from sparsecse.run.sweep import run_sweep
+
+    still = threading.Event()
+    monkeypatch.setattr(ra, "_CALLS", {still})
+    with pytest.raises(SparseCSEError, match="restart the process"):
+        run_sweep("sweeps/quickstart.yaml", out=str(tmp_path / "run"), resume=True)
+    assert not (tmp_path / "run").exists()

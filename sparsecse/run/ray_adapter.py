@@ -210,7 +210,8 @@ def shutdown(interrupted: bool = False) -> None:
     after the resume line); Ray is shut down only when no off_main_thread call is in flight: one still calling Ray
     after shutdown makes Ray's C++ end the process with exit 1 ("The core worker has already been shutdown") before
     the resume line. The CLI then exits 130 at once, and the local Ray (fate-shared) or a cluster's job stops with
-    the process; a library caller's Ray stays connected until its process ends or it calls ray.shutdown()."""
+    the process; a library caller's Ray stays connected until its process ends or it calls ray.shutdown(), and
+    run_sweep refuses to start another sweep in that process while the interrupted one's calls still run."""
     import logging
 
     import ray

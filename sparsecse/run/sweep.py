@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from .. import Interrupted, TrialsFailed
+from .. import Interrupted, SparseCSEError, TrialsFailed
 from ..core.config import Config, load_config
 from ..core.results import TrialResult, grid_points
 from ..core.storage import cache_root
@@ -108,6 +108,10 @@ def run_sweep(config_path: str, overrides=None, resume: bool | str = False, addr
               out: str | None = None, data_dir: str | None = None, confirmed: bool = False,
               max_hours: float | None = None, verbose: bool = False) -> dict:
     out = out or f"runs/{Path(config_path).stem}"
+    if ra.calls_in_flight():  # a library caller (a notebook) interrupted an earlier sweep: its Tune/Train still run
+        raise SparseCSEError("an interrupted sweep's Ray calls still run in this process (Tune and Train go on in "
+                             "their threads after an interrupt); restart the process (the notebook's kernel) first, "
+                             "then resume with resume=True")
     with owned_sigint():
         try:
             return _run_sweep(config_path, overrides, resume, address, out, data_dir, confirmed, max_hours, verbose)
