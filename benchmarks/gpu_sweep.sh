@@ -8,7 +8,7 @@
 # log, and the CUDA tests' output when time is left for them) go to RESULTS (default: the device tool's $OUT), small
 # enough to come back. DEVICE=cpu SHAPE=tiny STEPS=4 runs the same on a CPU (how it is checked before a GPU is lent).
 # For BENCHMARKS: gpu-sweep.json's plan_vs_measured ([planned, measured] s: stage 1, trials, the killed-and-resumed
-# sweep; `bench plan` would read the resumed driver's records alone, where stage 1 and scoring were skipped),
+# sweep; `bench plan` would take the trials' and the whole sweep's time from the resumed driver alone),
 # gpu_memory_mib and trial_gpu_peak_gib (memory per packed trial); gpu-check.json: step time and MFU per precision.
 set -uo pipefail
 RESULTS=${RESULTS:-${OUT:-gpu-sweep-results}}

@@ -31,8 +31,8 @@ def stage1_slots(cfg: Config, resources: dict) -> int:
 def train_stage(run: Run) -> None:
     """Stage 1, once per replicate (sweep.replicates): Ray Train SimCSE; its best dev model becomes simcse/best
     (simcse-rep<r>/best). Replicates run as parallel Ray Train runs, as many at once as the cluster holds (each
-    run's window is kept in the timings)."""
-    run.state.timings["train_s"] = 0.0
+    run's window is kept in the timings). train_s adds up the time of every replicate trained, by whichever driver:
+    a resumed run that skips stage 1 keeps what it cost."""
     reps = run.cfg.sweep.replicates
     slots = min(reps, stage1_slots(run.cfg, ra.cluster_resources())) if reps > 1 else 1
     if slots == 1:
