@@ -437,10 +437,10 @@ EXAMPLES = {
 }
 
 
-
 def _sentence(text: str) -> str:
     """A command's one-line help as its description: first letter up, the rest as written (STS stays STS)."""
     return (text[:1].upper() + text[1:] + ".") if text else ""
+
 
 def _document(parser: argparse.ArgumentParser, path: str = "") -> None:
     """Every command's description and example, every argument's help (from the tables above where the command

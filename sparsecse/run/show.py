@@ -21,15 +21,14 @@ def closing_block(summary: dict) -> list[str]:
                                                          "see its report.")]
     out.append(f"report: {summary.get('report') or 'report.html in the run'}")
     export = summary.get("export")
-    if export and (summary.get("selected") or {}).get("control_won"):  # nothing pruned: the plain model, no custom code
-        out += [f"model:  {export} (the unpruned control: nothing was removed; {export}/pruned holds the same)",
-                "load:   from sentence_transformers import SentenceTransformer",
-                f"        model = SentenceTransformer(\"{export}\")"]
-    elif export:
-        out += [f"model:  {export}/pruned (physically pruned; dense copy: {export})",
-                "load:   from sentence_transformers import SentenceTransformer",
-                f"        model = SentenceTransformer(\"{export}/pruned\", trust_remote_code=True)"]
-    return out
+    if not export:
+        return out
+    if (summary.get("selected") or {}).get("control_won"):  # nothing pruned: the plain model, no custom code
+        model, what, kwargs = export, f"the unpruned control: nothing was removed; {export}/pruned holds the same", ""
+    else:
+        model, what, kwargs = f"{export}/pruned", f"physically pruned; dense copy: {export}", ", trust_remote_code=True"
+    return out + [f"model:  {model} ({what})", "load:   from sentence_transformers import SentenceTransformer",
+                  f"        model = SentenceTransformer(\"{model}\"{kwargs})"]
 
 
 def _trial_table(results: dict) -> str:

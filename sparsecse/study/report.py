@@ -487,7 +487,7 @@ def _speed(inp: ReportInputs) -> str:
         return ""
     paths = ", ".join(("the pruned model under sentence-transformers" if r["path"].startswith("sentence-transformers")
                        else f"{r['path'].split(', ', 1)[1]} under ONNX Runtime") + f" {r['x_dense']:.2f}×" for r in rows)
-    return (f" Speed against the dense model under sentence-transformers, on the exporting machine's CPU: {paths}.")
+    return f" Speed against the dense model under sentence-transformers, on the exporting machine's CPU: {paths}."
 
 
 def _clean_evidence(inp: ReportInputs) -> str:
