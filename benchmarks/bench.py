@@ -23,7 +23,7 @@ from sparsecse import SparseCSEError
 from sparsecse.core.checkpoints import dir_bytes
 from sparsecse.core.io import atomic_write_json
 from sparsecse.run.plan import Shape
-from sparsecse.run.ray_adapter import TRIAL_EXPERIMENTS
+from sparsecse.run.rundir import TRIAL_EXPERIMENTS
 
 
 def machine() -> str:
@@ -293,7 +293,8 @@ def _sentence_set(data_dir: Path, name: str, n: int) -> list[str]:
 
 
 def bench_inference(data_dir: Path, reps: int, sparsities=(0.1, 0.3, 0.5), n: int = 512, work: Path | None = None,
-                    warmup: int = 1, model: str = "minilm", stsb: bool = True, score_pairs: int = 128) -> dict:
+                    warmup: int = 1, model: str = "minilm", stsb: bool = True, score_pairs: int = 128,
+                    pooler: str = "cls_before_pooler") -> dict:
     """Encode the same `n` sentences (each of SENTENCE_SETS; batch 64, max_len 128, length-sorted batches) with: the
     dense model through sentence-transformers' default torch backend (what a user runs today: the baseline), the
     physically pruned export through sentence-transformers (trust_remote_code) and through our padding-free
@@ -301,7 +302,8 @@ def bench_inference(data_dir: Path, reps: int, sparsities=(0.1, 0.3, 0.5), n: in
     `export --onnx` writes, and its int8 file — each arm's speed-up over the baseline in the same run (best of
     `reps`, arms interleaved). The masks are issue 41's harness: `score --max-pairs 128`, λ 0.5. Beside each: STS-B
     test Spearman × 100, and the ONNX arms' lowest per-sentence cosine to the PyTorch export on the STS-B test
-    sentences."""
+    sentences. `model`/`pooler`: another encoder (a directory, e.g. all-mpnet-base-v2 with `avg`, its mean
+    pooling), every arm pooling the same way."""
     from sentence_transformers import SentenceTransformer
 
     from sparsecse.method.data import load_stsb
@@ -315,9 +317,9 @@ def bench_inference(data_dir: Path, reps: int, sparsities=(0.1, 0.3, 0.5), n: in
 
     threads = torch.get_num_threads()
     work = work or Path("bench-results") / "inference"
-    dense = load_encoder(model, pooler="cls_before_pooler").eval()
-    # the baseline is the unpruned model as sentence-transformers loads an export (CLS pooling, as ours evaluate)
-    st = SentenceTransformer(str(export_model(dense, work / "dense")), device="cpu")
+    dense = load_encoder(model, pooler=pooler).eval()
+    # the baseline is the unpruned model as sentence-transformers loads an export (pooling as ours evaluate)
+    st = SentenceTransformer(str(export_model(dense, work / "dense", pooler=pooler)), device="cpu")
     st.max_seq_length = 128
     scores = compute_scores(dense, load_stsb(data_dir, "train"), max_pairs=score_pairs)
     sets = {name: _sentence_set(data_dir, name, n) for name in SENTENCE_SETS}
@@ -331,20 +333,22 @@ def bench_inference(data_dir: Path, reps: int, sparsities=(0.1, 0.3, 0.5), n: in
             return time.perf_counter() - t0
         return run
 
-    out = {"row": "inference", "n_sentences": n, "threads": threads, "score_pairs": score_pairs,
+    out = {"row": "inference", "model": model, "pooler": pooler, "n_sentences": n, "threads": threads,
+           "score_pairs": score_pairs,
            "sentence_sets": list(SENTENCE_SETS), "points": []}
     dense_stsb = evaluate_sts(dense, data_dir, tasks=("STSBenchmark",))["STSBenchmark"] if stsb else None
     for s in sparsities:
-        enc = load_encoder(model, pooler="cls_before_pooler")
+        enc = load_encoder(model, pooler=pooler)
         enc.set_masks(*masks_for("align_uniform", s, 0.5, 1, scores=scores, pretrained=enc))
-        pdir = export_model(enc, work / f"s{int(s * 100)}", onnx=True) / "pruned"
+        pdir = export_model(enc, work / f"s{int(s * 100)}", pooler=pooler, onnx=True) / "pruned"
         backbone, tok = load_pruned(str(pdir))  # the same export through torch's exporter: what fusing replaces
         _torch_export(backbone.eval(), tok, input_names(tok), pdir / "onnx" / "unfused.onnx")
         st_pruned = SentenceTransformer(str(pdir), device="cpu", trust_remote_code=True)
         st_pruned.max_seq_length = 128
-        models = {"pruned": load_encoder(str(pdir), pooler="cls_before_pooler").eval(),
-                  "ort_unfused": OnnxEncoder(pdir, "onnx/unfused.onnx", threads=threads),
-                  "ort_fp32": OnnxEncoder(pdir, threads=threads), "ort_int8": OnnxEncoder(pdir, INT8_FILE, threads=threads)}
+        models = {"pruned": load_encoder(str(pdir), pooler=pooler).eval(),
+                  "ort_unfused": OnnxEncoder(pdir, "onnx/unfused.onnx", pooler=pooler, threads=threads),
+                  "ort_fp32": OnnxEncoder(pdir, pooler=pooler, threads=threads),
+                  "ort_int8": OnnxEncoder(pdir, INT8_FILE, pooler=pooler, threads=threads)}
         point = {"sparsity": s, "params_pruned": sum(p.numel() for p in models["pruned"].backbone.parameters()),
                  "params_dense": sum(p.numel() for p in dense.backbone.parameters()),
                  "onnx_mb": {f: (pdir / f).stat().st_size / 2 ** 20 for f in ("onnx/model.onnx", INT8_FILE)},
@@ -636,7 +640,8 @@ def markdown(r: dict) -> str:
                 rows.append(f"| {_pct(p['sparsity'])} | {name} | {p['params_pruned'] / 1e6:.1f} M / "
                             f"{p['params_dense'] / 1e6:.1f} M | "
                             + " | ".join(f"{v['sent_s'][k]:.0f} ({v['speedup'][k]:.2f}×)" for k in INFERENCE_ARMS) + " |")
-        rows.append("\nsentences/s (× the sentence-transformers dense baseline in the same run, best of the reps)")
+        rows.append("\nsentences/s (× the sentence-transformers dense baseline in the same run, best of the reps); "
+                    f"model {r.get('model', 'minilm')}, pooling {r.get('pooler', 'cls_before_pooler')}")
         if all("stsb" in p for p in r["points"]):
             rows += ["", "| sparsity | STS-B test: dense / pruned torch / ONNX fp32 / ONNX int8 | min cosine to the "
                      "torch export, fp32 / int8 |", "|---:|---|---|"]
@@ -733,6 +738,13 @@ def build_parser():
                    help="train row: the forward under bf16 autocast (ours and the peer)")
     b.add_argument("--onnx-model", nargs=2, metavar=("DIR", "FILE"),
                    help="eval row: also our evaluator on this ONNX export file through ONNX Runtime")
+    b.add_argument("--model", default="minilm",
+                   help="inference row: the encoder (a model directory or name; default the packaged MiniLM)")
+    b.add_argument("--pooler", default="cls_before_pooler", choices=["cls_before_pooler", "cls", "avg"],
+                   help="inference row: pooling for every arm (avg: mean pooling, as all-mpnet-base-v2 was trained)")
+    b.add_argument("--sparsities", nargs="+", type=float, default=[0.1, 0.3, 0.5],
+                   help="inference row: the sparsities to prune, export and time")
+    b.add_argument("--n-sentences", type=int, default=512, help="inference row: sentences per set and arm")
     b.add_argument("--before", action="store_true",
                    help="eval row: also time our evaluator with the padded forward (before/after profiling)")
     return b
@@ -773,7 +785,8 @@ def run_bench(a, argv: list[str]) -> None:
             r = bench_eval(data_dir, a.reps, tuple(a.tasks), before=a.before, device=a.device, warmup=a.warmup,
                            onnx=tuple(a.onnx_model) if a.onnx_model else None)
         elif row == "inference":
-            r = bench_inference(data_dir, a.reps, work=out / "inference", warmup=a.warmup)
+            r = bench_inference(data_dir, a.reps, tuple(a.sparsities), a.n_sentences, work=out / "inference",
+                                warmup=a.warmup, model=a.model, pooler=a.pooler)
         elif row == "transfer":
             r = bench_transfer(data_dir, a.reps, a.max_examples, tuple(a.arms), a.transfer_tasks)
         elif row == "sweep":

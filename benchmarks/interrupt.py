@@ -27,6 +27,7 @@ from typing import Callable
 from benchmarks.bench import machine
 from benchmarks.gpu_sweep import ray_processes, stop_ray
 from sparsecse.core.storage import Storage
+from sparsecse.run.rundir import reported_trials
 
 
 def _stage1_checkpointed(run: Storage, log: Path) -> bool:  # Ray Train's snapshot lists one: what a restart restores
@@ -39,7 +40,7 @@ def _scoring(run: Storage, log: Path) -> bool:  # a new Ray worker then imports 
 
 
 def _trial_reported(run: Storage, log: Path) -> bool:
-    return any(run.is_file(f"tune/{t}/result.json") for t in run.list("tune"))
+    return bool(reported_trials(run))
 
 
 STAGES: tuple[tuple[str, Callable[[Storage, Path], bool]], ...] = (

@@ -270,7 +270,10 @@ def test_gpu_sweep_script_runs_start_to_end_on_the_cpu_at_a_tiny_shape(tiny_data
     assert "taking over the run from a driver that stopped" in resumed and "[sweep] done" in resumed
     assert resumed.count("[trial ") >= 4 and "Configuration for experiment" not in resumed  # Tune's box stays quiet
     assert "stage 1 skipped" in resumed  # the kill came after stage 1: resuming did not retrain it
-    assert res["summary"]["timings"]["train_s"] > 0  # ... and its summary keeps what stage 1 cost the first driver
+    timings = res["summary"]["timings"]
+    assert timings["train_s"] > 0  # ... and its summary keeps what stage 1 cost the first driver
+    # two drivers ran it; from the first one's start to the finish, the killed one's time included
+    assert timings["drivers"] == 2 and timings["elapsed_s"] > timings["total_s"] + timings["train_s"]
     from benchmarks.gpu_sweep import ray_processes
 
     assert not ray_processes(res["ray_temp"])

@@ -237,7 +237,8 @@ def test_the_pruned_export_runs_in_onnx_runtime_with_the_masked_embeddings(famil
     got = torch.stack([torch.as_tensor(emb[s]) for s in SENTENCES])
     assert torch.nn.functional.cosine_similarity(got, want.float()).min() >= 0.9999
     # the post-LayerNorm families get the fused graph (an Attention node per layer that has heads, each with its own
-    # head count); MPNet and ModernBERT go through torch's exporter, and the model card says why
+    # head count; MPNet's with its relative-position bias, test_onnx); ModernBERT goes through torch's exporter, and
+    # the model card says why
     import onnx
 
     from sparsecse.ops.onnx_fused import NOT_FUSED

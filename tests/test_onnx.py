@@ -68,7 +68,8 @@ def test_onnx_export_of_the_pruned_model_equals_pytorch_and_evaluates_the_same(t
     int8_ops = [n.op_type for n in onnx.load(str(pdir / "onnx" / "model_qint8.onnx")).graph.node]
     # int8: integer matmuls; the first attention stays fp32 (its input is what int8 hurts most, onnx_export)
     assert "MatMulInteger" in int8_ops and int8_ops.count("Attention") == 1 and "QAttention" not in int8_ops
-    assert "fused transformer ops" in card
+    assert "fused transformer ops" in card and "int8: 0 of 1 attention nodes as QAttention" in card
+    assert "the CLS row of `last_hidden_state` (`[:, 0]`, no MLP)" in card
     sents = [f"sentence {i} about {'many ' * (i % 7)}things" for i in range(40)]
     ref = torch.stack(list(encode(torch_pruned, sents, batch_size=16).values()))
     fp32 = OnnxEncoder(pdir)
@@ -168,3 +169,92 @@ def test_int8_export_of_a_model_with_a_layer_that_has_nothing_left(tiny_model_di
     for f, bound in (("onnx/model.onnx", 0.9999), ("onnx/model_qint8.onnx", INT8_COSINE)):
         got = torch.stack(list(encode(OnnxEncoder(pdir, f), sents, batch_size=8).values()))
         assert torch.nn.functional.cosine_similarity(got, ref).min() >= bound, f
+
+
+def test_the_fused_mpnet_graph_carries_each_layers_share_of_the_relative_position_bias(tmp_path):
+    """MPNet's fused graph: every layer's Attention takes the relative-position bias (the model's own buckets by
+    offset, gathered for the batch's length), a pruned layer its kept heads' rows, so the token states equal the
+    pruned PyTorch model's — with a bias large enough that dropping it, or giving a layer the wrong heads' rows,
+    moves them by far more than the bound. The int8 file keeps those Attention nodes fp32 (QAttention has no bias
+    input and would drop it)."""
+    import onnx
+    import onnxruntime as ort
+    import transformers as tf
+    from transformers import AutoModel, AutoTokenizer
+
+    from sparsecse.method.model import default_model_path
+    from sparsecse.method.pruned_modeling import load as load_pruned
+    from sparsecse.ops.export import export_model
+
+    torch.manual_seed(0)
+    model = AutoModel.from_config(tf.MPNetConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                                 intermediate_size=37, vocab_size=30522, max_position_embeddings=160,
+                                                 pad_token_id=0, bos_token_id=101, eos_token_id=102))
+    with torch.no_grad():
+        model.encoder.relative_attention_bias.weight.normal_(0, 3.0)
+    model.save_pretrained(tmp_path / "mpnet")
+    AutoTokenizer.from_pretrained(default_model_path()).save_pretrained(tmp_path / "mpnet")
+    enc = load_encoder(str(tmp_path / "mpnet"), pooler="avg")
+    hm, nm = torch.ones_like(enc.head_mask), torch.ones_like(enc.neuron_mask)
+    hm[0, [0, 2]] = 0  # layer 0 keeps heads 1 and 3: their rows of the bias, not the first two
+    hm[1] = 0  # layer 1: no heads
+    nm[2, ::2] = 0
+    enc.set_masks(hm, nm)
+    pdir = export_model(enc, tmp_path / "export", pooler="avg", onnx=True) / "pruned"
+    backbone, tok = load_pruned(str(pdir))
+    # a long sentence: offsets past the exact buckets (|j − i| ≥ 8) reach the logarithmic ones
+    batch = tok(["a man is playing a guitar .", " ".join(f"word{i}" for i in range(60))], padding=True,
+                return_tensors="pt")
+    with torch.no_grad():
+        want = backbone.eval()(**{k: batch[k] for k in ("input_ids", "attention_mask")}).last_hidden_state.numpy()
+    real = batch["attention_mask"].numpy().astype(bool)
+    graph = onnx.load(str(pdir / "onnx" / "model.onnx")).graph
+    attention = [n for n in graph.node if n.op_type == "Attention"]
+    assert [a.i for n in attention for a in n.attribute if a.name == "num_heads"] == [2, 4]
+    assert all(len(n.input) == 6 and n.input[5] for n in attention)  # each with its attention bias
+    for file, bound in (("model.onnx", 1e-4), ("model_qint8.onnx", 0.05)):
+        session = ort.InferenceSession(str(pdir / "onnx" / file), providers=["CPUExecutionProvider"])
+        got = session.run(None, {i.name: batch[i.name].numpy() for i in session.get_inputs()})[0]
+        assert np.abs(got - want)[real].max() < bound, (file, np.abs(got - want)[real].max())
+    int8_ops = [n.op_type for n in onnx.load(str(pdir / "onnx" / "model_qint8.onnx")).graph.node]
+    assert int8_ops.count("Attention") == 2 and "QAttention" not in int8_ops and "MatMulInteger" in int8_ops
+    card = (pdir / "README.md").read_text()
+    assert "fused transformer ops" in card and "int8: 0 of 2 attention nodes as QAttention" in card
+    assert "the mean of `last_hidden_state` over the tokens the attention mask keeps" in card  # its pooling, not CLS
+    assert "CLS row" not in card
+
+
+def test_int8_keeps_the_matmuls_whose_inputs_carry_outlier_activations_in_fp32(tmp_path):
+    """Dynamic int8 quantises a MatMul's input per tensor: a few huge values (here one dimension of the '.' token's
+    embedding, about 0.05 % of the input's values) leave everything else a handful of levels. Such a MatMul is kept
+    fp32 — found on the calibration sentences — and its twin without the outlier is quantised."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sparsecse.method.model import default_model_path
+    from sparsecse.method.pruned_modeling import load_tokenizer
+    from sparsecse.ops.onnx_export import CALIBRATION, kept_fp32, outlier_matmuls
+
+    tok = load_tokenizer(default_model_path())
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((tok.vocab_size, 64)).astype(np.float32)
+    spiked = table.copy()
+    spiked[tok.convert_tokens_to_ids("."), 0] = 1000.0
+    periods = sum(s.count(".") for s in CALIBRATION)
+    tokens = int(tok(list(CALIBRATION), padding=True, return_tensors="np")["attention_mask"].sum())
+    assert 0 < periods < 0.001 * 64 * tokens  # rarer than the 99.9th percentile: an outlier, not the tensor's scale
+    w = rng.standard_normal((64, 32)).astype(np.float32)
+    inits = [numpy_helper.from_array(a, n) for a, n in ((table, "table"), (spiked, "spiked"), (w, "w1"), (w, "w2"))]
+    nodes = [helper.make_node("Gather", ["table", "input_ids"], ["x"], name="gather_plain"),
+             helper.make_node("Gather", ["spiked", "input_ids"], ["x_spiked"], name="gather_spiked"),
+             helper.make_node("MatMul", ["x", "w1"], ["y1"], name="plain"),
+             helper.make_node("MatMul", ["x_spiked", "w2"], ["y2"], name="outlier"),
+             helper.make_node("Add", ["y1", "y2"], ["last_hidden_state"], name="out")]
+    ids = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "sequence"])
+           for n in ("input_ids", "attention_mask")]
+    graph = helper.make_graph(nodes, "g", ids, [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT,
+                                                                              None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert outlier_matmuls(model, tok) == ["outlier"]
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    assert kept_fp32(tmp_path / "m.onnx", tok) == ["outlier"] and kept_fp32(tmp_path / "m.onnx") == []

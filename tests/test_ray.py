@@ -163,7 +163,9 @@ def test_sweep_reports_every_point_once_and_selects_the_dev_argmax(finished_swee
     # the plan printed before the sweep started, kept beside its results; its wall time within a loose bound of
     # the measured one (this tiny model's sweep is all fixed costs; BENCHMARKS 9 holds the quickstart to ±30 %)
     plan = json.loads((run / "plan.json").read_text())
-    total = json.loads((run / "summary.json").read_text())["timings"]["total_s"]
+    timings = json.loads((run / "summary.json").read_text())["timings"]
+    total = timings["total_s"]
+    assert timings["drivers"] == 1 and timings["elapsed_s"] >= total  # one driver ran it, from its checks on
     assert plan["trials"] == len(res["trials"]) and 1 / 3 < plan["wall_s"] / total < 3, (plan["wall_s"], total)
 
 

@@ -26,7 +26,7 @@ from ..method.data import read_lines
 from ..method.model import Encoder, load_encoder
 from ..method.prune import physical_prune, zero_pruned_weights
 from .hub import CITATION, base_settings, card_metadata, front_matter, versions
-from .onnx_export import FUSED, export_onnx, measure, sentences_per_s
+from .onnx_export import FUSED, INT8_FILE, export_onnx, int8_summary, measure, sentences_per_s
 
 MODELING_FILE = "modeling_sparsecse.py"
 
@@ -58,6 +58,13 @@ def _add_sentence_transformers(d: Path, pooler: str, mlp: nn.Linear, max_seq_len
                 shutil.move(str(f), d / f.name)
 
 
+# the embedding each pooler evaluates, as a user computes it from `last_hidden_state` (the model card's words)
+EMBEDDING = {"cls_before_pooler": "the CLS row of `last_hidden_state` (`[:, 0]`, no MLP)",
+             "avg": "the mean of `last_hidden_state` over the tokens the attention mask keeps (mean pooling)",
+             "cls": "the CLS row of `last_hidden_state` through SimCSE's MLP pooler (dense + tanh; the "
+                    "sentence-transformers Dense module, `mlp.*` in sparsecse.safetensors)"}
+
+
 def _model_card(meta: dict, results: dict | None, params: dict, onnx_rows: list[dict] | None = None,
                 base: dict | None = None, pruned: bool = False, speed: list[dict] | None = None) -> str:
     """The export's README.md in the Hub's form: YAML metadata (license, base_model, pipeline_tag, tags, a
@@ -86,8 +93,8 @@ def _model_card(meta: dict, results: dict | None, params: dict, onnx_rows: list[
               + (", trust_remote_code=True)" if pruned else ")")),
              "embeddings = model.encode(['A man is playing a guitar.', 'Someone plays an instrument.'])",
              "```", "",
-             "With `transformers.AutoModel`, `last_hidden_state[:, 0]` is the embedding evaluated below (CLS, no "
-             "MLP)" + (", loaded with `trust_remote_code=True`." if pruned else
+             f"With `transformers.AutoModel`, {EMBEDDING.get(meta.get('pooler'), EMBEDDING['cls_before_pooler'])} is "
+             "the embedding evaluated below" + (", loaded with `trust_remote_code=True`." if pruned else
                        "; `pooler_output` is SimCSE's training-time MLP pooler (stored as `pooler.dense`, as SimCSE's "
                        f"released checkpoints do). The smaller model: `{here}`."), ""]
     if results:
@@ -96,11 +103,13 @@ def _model_card(meta: dict, results: dict | None, params: dict, onnx_rows: list[
     if onnx_rows:
         lines += [f"## ONNX (physically pruned, in `{'onnx/' if pruned else 'pruned/onnx/'}`)", "",
                   "For ONNX Runtime: inputs as the tokenizer gives them, output `last_hidden_state`; the embedding is "
-                  "its CLS row (`[:, 0]`). Speed: sentences/s encoding 256 wiki sentences in length-sorted batches of "
-                  "64 on the exporting machine; STS-B test: Spearman × 100. "
+                  f"{EMBEDDING.get(meta.get('pooler'), EMBEDDING['cls_before_pooler'])}. Speed: sentences/s encoding "
+                  "256 wiki sentences in length-sorted batches of 64 on the exporting machine; STS-B test: "
+                  "Spearman × 100. "
                   + ("Graph: ONNX Runtime's fused transformer ops (one Attention node per layer with that layer's own "
-                     "head count, SkipLayerNormalization, BiasGelu); int8: QAttention and integer matmuls."
-                     if onnx_rows[0]["graph"] == FUSED else f"Graph: unfused ({onnx_rows[0]['graph']})."), "",
+                     "head count, SkipLayerNormalization, BiasGelu)."
+                     if onnx_rows[0]["graph"] == FUSED else f"Graph: unfused ({onnx_rows[0]['graph']}).")
+                  + (f" {onnx_rows[0]['int8']}" if onnx_rows[0].get("int8") else ""), "",
                   render(["file", "size (MB)", "sentences/s", "STS-B test"],
                          [[r["file"], f"{r['mb']:.1f}", r.get("sentences_per_s"), r.get("stsb_test")]
                           for r in onnx_rows], left=1), ""]
@@ -130,7 +139,9 @@ def _onnx(pruned, tokenizer, pdir: Path, quantize: bool, data_dir: Path | None, 
           pooler: str) -> list[dict]:
     """pruned/onnx/: the physically pruned model as ONNX (+ int8), each file measured for the model card."""
     files, graph = export_onnx(pruned, tokenizer, pdir, quantize=quantize)
-    return [r | {"graph": graph} for r in measure(pdir, files, sentences=sentences, data_dir=data_dir, pooler=pooler)]
+    int8 = int8_summary(pdir / INT8_FILE) if INT8_FILE in files else None
+    return [r | {"graph": graph, "int8": int8}
+            for r in measure(pdir, files, sentences=sentences, data_dir=data_dir, pooler=pooler)]
 
 
 def st_speed(model_dir: Path, sentences: list[str], remote: bool) -> float:

@@ -33,22 +33,92 @@ INT8_FILE = "onnx/model_qint8.onnx"
 # test sentences (0.9805–0.9898 at 10–50 %), per channel stays above it (BENCHMARKS row 3)
 QUANT_SETTINGS = {"per_channel": True, "reduce_range": False, "op_types_to_quantize": ["MatMul", "Attention"]}
 FUSED = "fused"
+# A MatMul whose input carries outlier activations (its largest |x| above OUTLIER_RATIO × the 99.9th percentile of
+# |x| on the calibration sentences) stays fp32 in the int8 file: dynamic int8 quantises activations per tensor, so
+# a few huge values leave the rest of the tensor a handful of levels. On all-mpnet-base-v2 pruned 30 % the FFN
+# output projections of layers 6–10 have ratios 18–43 (every other MatMul ≤ 11; all-MiniLM-L6-v2's ≤ 12): with them
+# fp32, int8's STS-B moved −0.10 instead of −0.44 and its lowest cosine to fp32 rose from 0.88 to 0.98, at 1.67×
+# fp32's speed instead of 1.92× (BENCHMARKS row 3c).
+OUTLIER_RATIO = 16.0
+CALIBRATION = (  # generic sentences of the lengths embedding models meet; activation outliers show on any text
+    "A man is playing a guitar on the street.", "The cat sleeps on the warm windowsill.",
+    "Stocks fell sharply after the central bank raised interest rates again.",
+    "How do I reset my password if I no longer have access to my email?",
+    "The committee will meet on Thursday to discuss the new budget proposal and its impact on schools.",
+    "Photosynthesis converts light energy into chemical energy stored in glucose.",
+    "She said the train was late because of heavy snow in the mountains.", "Best pizza in town, open late!",
+    "The treaty was signed in 1648, ending thirty years of war in central Europe.",
+    "Two dogs are running through a field of tall grass.",
+    "Researchers found that the new drug reduced symptoms in most patients within two weeks.",
+    "Is it going to rain tomorrow?", "The software update fixes a bug that caused the app to crash on startup.",
+    "He scored twice in the second half, and his team won the championship.",
+    "A woman is slicing tomatoes in a kitchen.", "The museum's collection includes paintings from the 17th century.",
+)
 
 
-def kept_fp32(onnx_path: str | Path) -> list[str]:
+def kept_fp32(onnx_path: str | Path, tokenizer=None) -> list[str]:
     """The nodes the int8 quantiser leaves in fp32:
     - MatMuls whose weight has a zero-sized dimension: a layer pruned to no heads has 0-wide Q/K/V and a 0-deep
       output projection (torch exporter's graph). ONNX Runtime's MatMulInteger leaves such a product uninitialised
       (garbage, NaN) where fp32 MatMul returns the zeros it should; they hold no weights to quantise anyway.
     - the first layer's fused Attention: it reads the embedding LayerNorm's output, whose dynamic (per-tensor) int8
       quantisation cost most of int8's STS-B loss — measured on the 30 % MiniLM export: −0.32 with it quantised,
-      −0.01 without (BENCHMARKS row 3), for 1/6 of the QKV work in fp32."""
+      −0.01 without (BENCHMARKS row 3), for 1/6 of the QKV work in fp32.
+    - every Attention with an attention bias (MPNet's relative positions): the quantiser's QAttention has no such
+      input and would drop the bias without a word.
+    - with a tokenizer: the MatMuls whose inputs carry outlier activations (`outlier_matmuls`)."""
     import onnx
 
     model = onnx.load(str(onnx_path), load_external_data=False)
     empty = {t.name for t in model.graph.initializer if 0 in t.dims}
     kept = [n.name for n in model.graph.node if n.op_type == "MatMul" and any(i in empty for i in n.input)]
-    return kept + next(([n.name] for n in model.graph.node if n.op_type == "Attention"), [])
+    attention = [n for n in model.graph.node if n.op_type == "Attention"]
+    biased = [n.name for n in attention if len(n.input) > 5 and n.input[5]]
+    outliers = outlier_matmuls(model, tokenizer) if tokenizer is not None else []
+    return kept + (biased or [n.name for n in attention[:1]]) + [n for n in outliers if n not in kept]
+
+
+def int8_summary(path: str | Path) -> str:
+    """What the int8 file quantised, in a sentence for the model card: its attention and weight matmuls, how many
+    of each are integer and how many stayed fp32 (kept_fp32 says why)."""
+    import onnx
+
+    ops = [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
+    attention, matmul = ops.count("Attention") + ops.count("QAttention"), ops.count("MatMul") + ops.count("MatMulInteger")
+    return (f"int8: {ops.count('QAttention')} of {attention} attention nodes as QAttention and "
+            f"{ops.count('MatMulInteger')} of {matmul} matmuls as integer matmuls; the rest stay fp32 (the first "
+            "layer's attention, attention with a position bias, matmuls whose inputs carry outlier activations or "
+            "that a pruned layer left empty).")
+
+
+def outlier_matmuls(model, tokenizer, sentences=CALIBRATION) -> list[str]:
+    """The weight MatMuls of `model` (an fp32 ModelProto) whose input's largest |x| exceeds OUTLIER_RATIO × its
+    99.9th percentile over the real tokens of `sentences` (the fp32 graph run once with those inputs as outputs)."""
+    import onnx
+    import onnxruntime as ort
+
+    weights = {t.name for t in model.graph.initializer}
+    matmuls = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    have = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.helper.make_tensor_value_info(n.input[0], onnx.TensorProto.FLOAT, None)
+                              for n in matmuls if n.input[0] not in have)
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    batch = tokenizer(list(sentences), padding=True, return_tensors="np")
+    feed = {i.name: batch[i.name].astype(np.int64) if i.name in batch else np.zeros_like(batch["input_ids"],
+                                                                                            dtype=np.int64)
+            for i in session.get_inputs()}
+    names = [o.name for o in session.get_outputs()]
+    values = dict(zip(names, session.run(None, feed)))
+    real = batch["attention_mask"].astype(bool)
+    out = []
+    for n in matmuls:
+        v = values[n.input[0]]
+        x = np.abs(v[real] if v.shape[:2] == real.shape else v)  # the real tokens, where the graph keeps (B, T, …)
+        if x.size and x.max() > OUTLIER_RATIO * max(float(np.quantile(x, 0.999)), 1e-12):
+            out.append(n.name)
+    return out
 
 
 def sentences_per_s(run, sentences: list[str], reps: int = 2) -> float:
@@ -131,7 +201,7 @@ def export_onnx(backbone, tokenizer, out_dir: str | Path, quantize: bool = True)
 
         with _quiet_logs():  # its advice to pre-process: symbolic shape inference does not complete on these graphs
             quantize_dynamic(str(out_dir / FP32_FILE), str(out_dir / INT8_FILE), weight_type=QuantType.QInt8,
-                             nodes_to_exclude=kept_fp32(out_dir / FP32_FILE),
+                             nodes_to_exclude=kept_fp32(out_dir / FP32_FILE, tokenizer),
                              extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT}, **QUANT_SETTINGS)
         files.append(INT8_FILE)
     return files, reason or FUSED

@@ -10,12 +10,17 @@ nodes the optimizer would have produced, with that layer's own head count:
                  → MatMul(output) → com.microsoft.SkipLayerNormalization (residual + bias + LayerNorm in one node)
     FFN          MatMul → com.microsoft.BiasGelu / FastGelu (bias + activation) → MatMul → SkipLayerNormalization
 
-A layer pruned to no heads (no neurons) keeps only its output projection's bias, exactly as the masked layer does.
-ONNX Runtime's dynamic quantiser turns Attention into QAttention and MatMul into integer matmuls (int8 file).
+    MPNet        its relative-position bias, (1, heads, T, T), gathered once per graph from a table of the
+                 model's buckets by relative offset, is Attention's attention_bias input; a pruned layer takes
+                 its kept heads' rows of it
 
-Families: the post-LayerNorm encoders with absolute positions (BERT, RoBERTa, XLM-RoBERTa, ELECTRA, DistilBERT).
-MPNet (a relative-position bias computed inside the graph) and ModernBERT (rotary positions, local attention,
-pre-LayerNorm, gated FFN) are exported through torch's exporter instead (`onnx_export.export_onnx` says which).
+A layer pruned to no heads (no neurons) keeps only its output projection's bias, exactly as the masked layer does.
+ONNX Runtime's dynamic quantiser turns Attention into QAttention and MatMul into integer matmuls (int8 file);
+QAttention has no attention-bias input, so MPNet's Attention nodes stay fp32 there (`onnx_export.kept_fp32`).
+
+Families: the post-LayerNorm encoders (BERT, RoBERTa, XLM-RoBERTa, ELECTRA, DistilBERT with absolute positions;
+MPNet with its relative-position bias). ModernBERT (rotary positions, local attention, pre-LayerNorm, gated FFN)
+is exported through torch's exporter instead (`onnx_export.export_onnx` says so).
 CPU note: ONNX Runtime removes padding (packed attention) only on CUDA; on CPU sentences are batched by length
 (`evaluate.encode`) so little padding is left to remove.
 """
@@ -41,9 +46,11 @@ LAYOUTS = {
     "distilbert": ("embeddings", "transformer.layer", ("attention.q_lin", "attention.k_lin", "attention.v_lin"),
                    "attention.out_lin", "sa_layer_norm", "ffn.lin1", "ffn.lin2", "output_layer_norm", "arange",
                    "activation"),
+    "mpnet": ("embeddings", "encoder.layer", ("attention.attn.q", "attention.attn.k", "attention.attn.v"),
+              "attention.attn.o", "attention.LayerNorm", "intermediate.dense", "output.dense", "output.LayerNorm",
+              "padding", "hidden_act"),
 }
 NOT_FUSED = {
-    "mpnet": "MPNet adds a relative-position bias computed inside the graph; exported through torch's exporter",
     "modernbert": "ModernBERT uses rotary positions, local attention windows and a gated FFN, which ONNX Runtime's "
                   "fused BERT ops do not express; exported through torch's exporter",
 }
@@ -144,8 +151,42 @@ def _skip_ln(g: _Graph, inp: str | None, residual: str, bias: np.ndarray, ln) ->
                                            g.const("bias", bias)], domain=MS, epsilon=float(ln.eps))
 
 
-def _layer(g: _Graph, layer, x: str, mask32: str, d: int, layout: tuple, act: tuple[str, str]) -> str:
-    """One post-LayerNorm encoder layer: fused attention with the layer's own head count, then the FFN."""
+def _position_bias(g: _Graph, backbone) -> tuple[str, int]:
+    """MPNet's relative-position bias for the batch's length T, (1, heads, T, T), as the model computes it: the
+    bucket of each offset j − i (the model's own bucketing, tabulated here for every offset its positions allow)
+    looks up the encoder's bias embedding. Returns the tensor's name and the model's head count."""
+    import torch
+
+    encoder = backbone.encoder
+    span = backbone.config.max_position_embeddings
+    offsets = torch.arange(-(span - 1), span)
+    table = _np(encoder.relative_attention_bias.weight)[encoder.relative_position_bucket(offsets).numpy()]
+    length = g.op("Gather", [g.op("Shape", ["input_ids"]), g.const("one", np.array(1, np.int64))], axis=0)
+    pos = g.op("Range", [g.const("zero", np.array(0, np.int64)), length, g.const("step", np.array(1, np.int64))])
+    offset = g.op("Sub", [g.op("Unsqueeze", [pos, g.const("axes", np.array([0], np.int64))]),
+                          g.op("Unsqueeze", [pos, g.const("axes", np.array([1], np.int64))])])  # [i, j] = j − i
+    rows = g.op("Gather", [g.const("rel_bias", table),
+                           g.op("Add", [offset, g.const("span", np.array(span - 1, np.int64))])], axis=0)
+    bias = g.op("Unsqueeze", [g.op("Transpose", [rows], perm=[2, 0, 1]), g.const("axes", np.array([0], np.int64))])
+    return bias, table.shape[1]
+
+
+def _layer_bias(g: _Graph, bias: tuple[str, int] | None, kept, h: int) -> str:
+    """The attention_bias input of a layer with `h` heads: the whole bias, or its kept heads' rows; "" for none."""
+    if bias is None:
+        return ""
+    name, full = bias
+    if h == full:
+        return name
+    if kept is None or len(kept) != h:
+        raise ValueError(f"a layer with {h} of {full} heads names no kept heads (config.kept_heads)")
+    return g.op("Gather", [name, g.const("kept_heads", np.array(kept, np.int64))], axis=1)
+
+
+def _layer(g: _Graph, layer, x: str, mask32: str, d: int, layout: tuple, act: tuple[str, str],
+           bias=lambda h: "") -> str:
+    """One post-LayerNorm encoder layer: fused attention with the layer's own head count (and, for MPNet, the
+    relative-position bias of its heads: `bias(h)`), then the FFN."""
     _, _, qkv, o, ln1, f_in, f_out, ln2, _, _ = layout
     get = operator.attrgetter
     h, out = _heads(layer, qkv[0], d), get(o)(layer)
@@ -153,7 +194,9 @@ def _layer(g: _Graph, layer, x: str, mask32: str, d: int, layout: tuple, act: tu
     if h:
         w = np.concatenate([_np(get(p)(layer).weight).T for p in qkv], axis=1)
         b = np.concatenate([_np(get(p)(layer).bias) for p in qkv])
-        ctx = g.op("Attention", [x, g.const("qkv_w", w), g.const("qkv_b", b), mask32], domain=MS, num_heads=h)
+        extra = bias(h)
+        ctx = g.op("Attention", [x, g.const("qkv_w", w), g.const("qkv_b", b), mask32] + (["", extra] if extra else []),
+                   domain=MS, num_heads=h)
         attn = g.op("MatMul", [ctx, g.const("o_w", _np(out.weight).T)])
     x = _skip_ln(g, attn, x, _np(out.bias), get(ln1)(layer))
     second, down = get(f_out)(layer), None
@@ -189,8 +232,12 @@ def build(backbone, family: str, input_names: list[str]):
                          g.const("proj_b", _np(project.bias))])
     d = hidden // (getattr(cfg, "num_attention_heads", None) or cfg.n_heads)
     mask32 = g.op("Cast", ["attention_mask"], to=TensorProto.INT32)
-    for layer in operator.attrgetter(layout[1])(backbone):
-        x = _layer(g, layer, x, mask32, d, layout, ACTIVATIONS[getattr(cfg, layout[9])])
+    position_bias = _position_bias(g, backbone) if family == "mpnet" else None
+    layers = operator.attrgetter(layout[1])(backbone)
+    kept = getattr(cfg, "kept_heads", None) or [None] * len(layers)
+    for layer, keep in zip(layers, kept):
+        x = _layer(g, layer, x, mask32, d, layout, ACTIVATIONS[getattr(cfg, layout[9])],
+                   lambda h, keep=keep: _layer_bias(g, position_bias, keep, h))
     g.nodes.append(helper.make_node("Identity", [x], ["last_hidden_state"], name="output"))
     inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "sequence"]) for n in input_names]
     output = helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["batch", "sequence", hidden])

@@ -14,7 +14,7 @@ from ..core.checkpoints import MODELS, best_model
 from ..core.config import Config
 from ..core.results import DEV, LAST_DEV, replicate_name
 from ..method.score import load_scores
-from .rundir import Run, fingerprint, replicate_config, stage1_fingerprint
+from .rundir import TRIAL_EXPERIMENTS, Run, fingerprint, replicate_config, stage1_fingerprint
 from . import ray_adapter as ra
 from . import stages
 
@@ -126,7 +126,7 @@ def score_stage(run: Run) -> list:
         if _score_replicate(run, r, rel) and not discarded and run.store.exists("tune"):
             # trials chose their masks from other scores: they are not this sweep's trials
             print("[sweep] the scores changed since the trials ran: their results are discarded and they rerun")
-            for stale in (*ra.TRIAL_EXPERIMENTS, "predictions", f"{MODELS}/trials"):
+            for stale in (*TRIAL_EXPERIMENTS, "predictions", f"{MODELS}/trials"):
                 if run.store.exists(stale):
                     run.store.delete(stale)
             discarded = True

@@ -19,6 +19,7 @@ from .. import SparseCSEError
 from ..core.config import Config
 from ..core.results import DEV, EVALUATED, LAST_DEV, PARAMS, Point, TrialResult, metric_key
 from ..core.storage import Storage
+from .rundir import CONTROL_EXPERIMENT, MISSING_EXPERIMENT
 
 
 @contextlib.contextmanager
@@ -738,14 +739,7 @@ def search_space(cfg: Config) -> dict:
                           "normalize": cfg.score.normalize[0]}}
 
 
-CONTROL_EXPERIMENT = "tune-control"  # sweep.search=optuna: the s = 0 controls, run as a grid
-MISSING_EXPERIMENT = "tune-missing"  # grid points a restored experiment had lost, run on resume
-
-
 LOST_CHECKPOINT = "does not exist on storage anymore"  # Tune's error for a trial restored from a deleted checkpoint
-
-
-TRIAL_EXPERIMENTS = ("tune", CONTROL_EXPERIMENT, MISSING_EXPERIMENT)  # every Tune experiment a sweep's trials run in
 
 
 def one_per_point(results: list[TrialResult]) -> tuple[list[TrialResult], list[Point]]:

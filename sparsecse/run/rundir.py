@@ -11,7 +11,7 @@ Run layout (relative to --out; every artifact goes through the run's Storage: a 
     predictions/<trial>.parquet    each trial's per-pair STS test predictions (the single-seed bootstrap);
                                    <trial>.dev.parquet its dev predictions, when a tested rule has one unit
     tune/                          Ray Tune's experiment: trial checkpoints (…/checkpoint_*/best.json points at
-                                   the best dev model)
+                                   the best dev model); tune-control/, tune-missing/ beside it when used
     models/trials/<trial>/…        each trial's best dev model (uploaded when it improved; checkpoints.py)
     tensorboard/<name>/            TensorBoard runs: stage 1 ("simcse") and one per trial (sweep.loggers)
     mlflow/, wandb/                MLflow's sqlite store + artifacts, W&B offline runs (sweep.loggers; tracking.py)
@@ -35,6 +35,15 @@ from .runlock import LOCK, RunLock
 from .tracking import Tracking
 
 SWEEP_FILE = "sweep.json"
+CONTROL_EXPERIMENT = "tune-control"  # sweep.search=optuna: the s = 0 controls, run as a grid
+MISSING_EXPERIMENT = "tune-missing"  # grid points a restored experiment had lost, run on resume
+TRIAL_EXPERIMENTS = ("tune", CONTROL_EXPERIMENT, MISSING_EXPERIMENT)  # every Tune experiment a sweep's trials run in
+
+
+def reported_trials(store: Storage) -> list[str]:
+    """The trials that have reported a result so far ("EXPERIMENT/TRIAL"): Tune writes a trial's result.json
+    with its first report and syncs it with the experiment's state."""
+    return [f"{exp}/{t}" for exp in TRIAL_EXPERIMENTS for t in store.list(exp) if store.is_file(f"{exp}/{t}/result.json")]
 
 
 def fingerprint(obj) -> str:

@@ -11,7 +11,7 @@ from .. import SparseCSEError
 from ..core.results import DEV, metric_key
 from ..core.storage import Storage, open_storage
 from ..core.tables import label, render
-from .rundir import SWEEP_FILE
+from .rundir import SWEEP_FILE, reported_trials
 
 
 def closing_block(summary: dict) -> list[str]:
@@ -57,8 +57,7 @@ def show(uri: str, trials: bool = False, as_json: bool = False, timeout_s: float
 def _progress(store: Storage, as_json: bool) -> list[str]:
     """A run without a summary: running, or stopped before the end (resume it with --resume)."""
     state = store.read_json(SWEEP_FILE)
-    reported = [p for exp in ("tune", "tune-control", "tune-missing") for p in store.list(exp)
-                if store.is_file(f"{exp}/{p}/result.json")]
+    reported = reported_trials(store)
     done = {"stage 1": bool(state.get("train_fp")), "scoring": bool(state.get("score_fp")),
             "trials reporting": len(reported)}
     if as_json:

@@ -135,7 +135,7 @@ def _run_sweep(config_path: str, overrides, resume: bool | str, address: str | N
     store, state, resume = open_run(out, cfg, resume)
     lock = RunLock(store, cfg.ray.lock_stale_s)
     made_root = not store.exists()  # the lock is the first thing a new sweep writes
-    t_start, interrupted = time.perf_counter(), False
+    t_start, wall_start, interrupted = time.perf_counter(), time.time(), False
     try:
         lock.acquire(resume)  # one driver per run (runlock.py); refused here, nothing of the other's is touched
         with refused_leaves_nothing(store, fresh=not resume, lock=lock, made_root=made_root):
@@ -154,6 +154,7 @@ def _run_sweep(config_path: str, overrides, resume: bool | str, address: str | N
             print_plan(run, res, None if confirmed else max_hours)
             check_nodes(run)
             store.write_text("config.yaml", cfg.to_yaml())
+            count_driver(state.timings, wall_start)
             run.save()
         return run_stages(run, t_start)
     except KeyboardInterrupt:
@@ -164,6 +165,14 @@ def _run_sweep(config_path: str, overrides, resume: bool | str, address: str | N
         if not on_cluster or interrupted:
             ra.shutdown(interrupted)
         ra.ray_logs_to(None)
+
+
+def count_driver(timings: dict, started: float) -> None:
+    """A run's timings across the drivers that ran it (a first one, then each --resume): how many there were and
+    when the first began (`elapsed_s` at the end: from then to the finish, pauses included). train_s and score_s
+    add up every driver's stage-1 and scoring time; tune_s, evaluate_export_s and total_s are the last driver's."""
+    timings.setdefault("started", started)
+    timings["drivers"] = timings.get("drivers", 0) + 1
 
 
 def driver_log(store) -> Path:
@@ -186,6 +195,8 @@ def run_stages(run: Run, t_start: float) -> dict:
     extras = evaluate_and_export_stage(run, results, selected)
     summary = report_stage(run, results, selected, extras, scores, kept)
     state.timings["total_s"] = time.perf_counter() - t_start
+    state.timings["finished"] = time.time()
+    state.timings["elapsed_s"] = state.timings["finished"] - state.timings["started"]
     state.summary = summary
     run.save()
     store.write_json("summary.json", {**summary, "timings": state.timings, "stage_runs": state.stage_runs})
