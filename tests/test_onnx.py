@@ -172,11 +172,11 @@ def test_int8_export_of_a_model_with_a_layer_that_has_nothing_left(tiny_model_di
 
 
 def test_the_fused_mpnet_graph_carries_each_layers_share_of_the_relative_position_bias(tmp_path):
-    """MPNet's fused graph: every layer's Attention takes the relative-position bias (the model's own buckets by
-    offset, gathered for the batch's length), a pruned layer its kept heads' rows, so the token states equal the
-    pruned PyTorch model's — with a bias large enough that dropping it, or giving a layer the wrong heads' rows,
-    moves them by far more than the bound. The int8 file keeps those Attention nodes fp32 (QAttention has no bias
-    input and would drop it)."""
+    """MPNet's fused graph: every layer's MultiHeadAttention takes the relative-position bias (the model's own
+    buckets by offset, gathered for the batch's length), a pruned layer its kept heads' rows, so the token states
+    equal the pruned PyTorch model's — with a bias large enough that dropping it, or giving a layer the wrong heads'
+    rows, moves them by far more than the bound. int8 quantises the q|k|v projections before it (a MatMul; not a
+    QAttention, which has no bias input and would drop the bias) except the first layer's."""
     import onnx
     import onnxruntime as ort
     import transformers as tf
@@ -209,17 +209,23 @@ def test_the_fused_mpnet_graph_carries_each_layers_share_of_the_relative_positio
         want = backbone.eval()(**{k: batch[k] for k in ("input_ids", "attention_mask")}).last_hidden_state.numpy()
     real = batch["attention_mask"].numpy().astype(bool)
     graph = onnx.load(str(pdir / "onnx" / "model.onnx")).graph
-    attention = [n for n in graph.node if n.op_type == "Attention"]
+    attention = [n for n in graph.node if n.op_type == "MultiHeadAttention"]
     assert [a.i for n in attention for a in n.attribute if a.name == "num_heads"] == [2, 4]
     assert all(len(n.input) == 6 and n.input[5] for n in attention)  # each with its attention bias
+    assert not [n for n in graph.node if n.op_type == "Attention"]
     for file, bound in (("model.onnx", 1e-4), ("model_qint8.onnx", 0.05)):
         session = ort.InferenceSession(str(pdir / "onnx" / file), providers=["CPUExecutionProvider"])
         got = session.run(None, {i.name: batch[i.name].numpy() for i in session.get_inputs()})[0]
         assert np.abs(got - want)[real].max() < bound, (file, np.abs(got - want)[real].max())
-    int8_ops = [n.op_type for n in onnx.load(str(pdir / "onnx" / "model_qint8.onnx")).graph.node]
-    assert int8_ops.count("Attention") == 2 and "QAttention" not in int8_ops and "MatMulInteger" in int8_ops
+    int8 = onnx.load(str(pdir / "onnx" / "model_qint8.onnx")).graph.node
+    int8_ops = [n.op_type for n in int8]
+    assert int8_ops.count("MultiHeadAttention") == 2 and "QAttention" not in int8_ops
+    producer = {o: n for n in graph.node for o in n.output}
+    first, second = (producer[producer[n.input[0]].input[0]].name for n in attention)  # MatMul → Split → attention
+    fp32_matmuls = {n.name for n in int8 if n.op_type == "MatMul"}
+    assert first in fp32_matmuls and second not in fp32_matmuls  # the first layer's projection fp32, the next int8
     card = (pdir / "README.md").read_text()
-    assert "fused transformer ops" in card and "int8: 0 of 2 attention nodes as QAttention" in card
+    assert "fused transformer ops" in card and "int8: 0 of 2 attention nodes as QAttention (MultiHeadAttention" in card
     assert "the mean of `last_hidden_state` over the tokens the attention mask keeps" in card  # its pooling, not CLS
     assert "CLS row" not in card
 

@@ -61,21 +61,33 @@ def kept_fp32(onnx_path: str | Path, tokenizer=None) -> list[str]:
     - MatMuls whose weight has a zero-sized dimension: a layer pruned to no heads has 0-wide Q/K/V and a 0-deep
       output projection (torch exporter's graph). ONNX Runtime's MatMulInteger leaves such a product uninitialised
       (garbage, NaN) where fp32 MatMul returns the zeros it should; they hold no weights to quantise anyway.
-    - the first layer's fused Attention: it reads the embedding LayerNorm's output, whose dynamic (per-tensor) int8
+    - the first layer's attention projection (the fused Attention node, or the Q|K|V MatMul before MPNet's
+      MultiHeadAttention): it reads the embedding LayerNorm's output, whose dynamic (per-tensor) int8
       quantisation cost most of int8's STS-B loss — measured on the 30 % MiniLM export: −0.32 with it quantised,
       −0.01 without (BENCHMARKS row 3), for 1/6 of the QKV work in fp32.
-    - every Attention with an attention bias (MPNet's relative positions): the quantiser's QAttention has no such
-      input and would drop the bias without a word.
     - with a tokenizer: the MatMuls whose inputs carry outlier activations (`outlier_matmuls`)."""
     import onnx
 
     model = onnx.load(str(onnx_path), load_external_data=False)
     empty = {t.name for t in model.graph.initializer if 0 in t.dims}
     kept = [n.name for n in model.graph.node if n.op_type == "MatMul" and any(i in empty for i in n.input)]
-    attention = [n for n in model.graph.node if n.op_type == "Attention"]
-    biased = [n.name for n in attention if len(n.input) > 5 and n.input[5]]
+    first = _first_attention_projection(model.graph)
     outliers = outlier_matmuls(model, tokenizer) if tokenizer is not None else []
-    return kept + (biased or [n.name for n in attention[:1]]) + [n for n in outliers if n not in kept]
+    return kept + ([first] if first else []) + [n for n in outliers if n not in kept and n != first]
+
+
+def _first_attention_projection(graph) -> str | None:
+    """The node that projects the first layer's input to Q|K|V: the first Attention node itself, or for a
+    MultiHeadAttention (MPNet) the MatMul whose product is split into its query, key and value."""
+    producer = {o: n for n in graph.node for o in n.output}
+    for n in graph.node:
+        if n.op_type == "Attention":
+            return n.name
+        if n.op_type == "MultiHeadAttention":
+            split = producer.get(n.input[0])
+            matmul = producer.get(split.input[0]) if split is not None and split.op_type == "Split" else None
+            return matmul.name if matmul is not None and matmul.op_type == "MatMul" else None
+    return None
 
 
 def int8_summary(path: str | Path) -> str:
@@ -84,11 +96,14 @@ def int8_summary(path: str | Path) -> str:
     import onnx
 
     ops = [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
-    attention, matmul = ops.count("Attention") + ops.count("QAttention"), ops.count("MatMul") + ops.count("MatMulInteger")
-    return (f"int8: {ops.count('QAttention')} of {attention} attention nodes as QAttention and "
-            f"{ops.count('MatMulInteger')} of {matmul} matmuls as integer matmuls; the rest stay fp32 (the first "
-            "layer's attention, attention with a position bias, matmuls whose inputs carry outlier activations or "
-            "that a pruned layer left empty).")
+    attention = ops.count("Attention") + ops.count("QAttention") + ops.count("MultiHeadAttention")
+    matmul = ops.count("MatMul") + ops.count("MatMulInteger")
+    mha = (" (MultiHeadAttention holds no weights: its Q|K|V projection is one of the matmuls)"
+           if "MultiHeadAttention" in ops else "")
+    return (f"int8: {ops.count('QAttention')} of {attention} attention nodes as QAttention{mha} and "
+            f"{ops.count('MatMulInteger')} of {matmul} matmuls as integer matmuls; fp32 stay the first layer's "
+            "attention projection and the matmuls whose inputs carry outlier activations or that a pruned layer "
+            "left empty.")
 
 
 def outlier_matmuls(model, tokenizer, sentences=CALIBRATION) -> list[str]:

@@ -10,13 +10,15 @@ nodes the optimizer would have produced, with that layer's own head count:
                  → MatMul(output) → com.microsoft.SkipLayerNormalization (residual + bias + LayerNorm in one node)
     FFN          MatMul → com.microsoft.BiasGelu / FastGelu (bias + activation) → MatMul → SkipLayerNormalization
 
-    MPNet        its relative-position bias, (1, heads, T, T), gathered once per graph from a table of the
-                 model's buckets by relative offset, is Attention's attention_bias input; a pruned layer takes
-                 its kept heads' rows of it
+    MPNet        MatMul (q|k|v) → Split → com.microsoft.MultiHeadAttention (q|k|v bias, the padding mask and the
+                 relative-position bias: (1, heads, T, T), gathered once per graph from a table of the model's
+                 buckets by relative offset; a pruned layer takes its kept heads' rows of it)
 
 A layer pruned to no heads (no neurons) keeps only its output projection's bias, exactly as the masked layer does.
-ONNX Runtime's dynamic quantiser turns Attention into QAttention and MatMul into integer matmuls (int8 file);
-QAttention has no attention-bias input, so MPNet's Attention nodes stay fp32 there (`onnx_export.kept_fp32`).
+ONNX Runtime's dynamic quantiser turns Attention into QAttention and MatMul into integer matmuls (int8 file).
+MPNet's attention is written as MultiHeadAttention after a plain MatMul because QAttention has no attention-bias
+input (quantising a biased Attention drops the bias without a word): the MatMul is quantised, the attention itself
+holds no weights.
 
 Families: the post-LayerNorm encoders (BERT, RoBERTa, XLM-RoBERTa, ELECTRA, DistilBERT with absolute positions;
 MPNet with its relative-position bias). ModernBERT (rotary positions, local attention, pre-LayerNorm, gated FFN)
@@ -195,8 +197,12 @@ def _layer(g: _Graph, layer, x: str, mask32: str, d: int, layout: tuple, act: tu
         w = np.concatenate([_np(get(p)(layer).weight).T for p in qkv], axis=1)
         b = np.concatenate([_np(get(p)(layer).bias) for p in qkv])
         extra = bias(h)
-        ctx = g.op("Attention", [x, g.const("qkv_w", w), g.const("qkv_b", b), mask32] + (["", extra] if extra else []),
-                   domain=MS, num_heads=h)
+        if extra:  # MultiHeadAttention takes the bias; the projection before it is a MatMul that int8 quantises
+            thirds = g.const("thirds", np.array([h * d] * 3, np.int64))
+            q, k, v = g.op("Split", [g.op("MatMul", [x, g.const("qkv_w", w)]), thirds], axis=-1, n_out=3)
+            ctx = g.op("MultiHeadAttention", [q, k, v, g.const("qkv_b", b), mask32, extra], domain=MS, num_heads=h)
+        else:
+            ctx = g.op("Attention", [x, g.const("qkv_w", w), g.const("qkv_b", b), mask32], domain=MS, num_heads=h)
         attn = g.op("MatMul", [ctx, g.const("o_w", _np(out.weight).T)])
     x = _skip_ln(g, attn, x, _np(out.bias), get(ln1)(layer))
     second, down = get(f_out)(layer), None
