@@ -37,8 +37,8 @@ FUSED = "fused"
 # |x| on the calibration sentences) stays fp32 in the int8 file: dynamic int8 quantises activations per tensor, so
 # a few huge values leave the rest of the tensor a handful of levels. On all-mpnet-base-v2 pruned 30 % the FFN
 # output projections of layers 6–10 have ratios 18–43 (every other MatMul ≤ 11; all-MiniLM-L6-v2's ≤ 12): with them
-# fp32, int8's STS-B moved −0.10 instead of −0.44 and its lowest cosine to fp32 rose from 0.84 to 0.98, at 1.63×
-# fp32's speed instead of 1.85× (BENCHMARKS row 3c).
+# fp32, int8's STS-B moved −0.10 instead of −0.44 against fp32 and its lowest cosine to fp32 rose from 0.84 to 0.98,
+# at 1.63× fp32's speed instead of 1.85× (BENCHMARKS row 3c, step 2).
 OUTLIER_RATIO = 16.0
 CALIBRATION = (  # generic sentences of the lengths embedding models meet; activation outliers show on any text
     "A man is playing a guitar on the street.", "The cat sleeps on the warm windowsill.",
