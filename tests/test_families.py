@@ -244,7 +244,8 @@ def test_the_pruned_export_runs_in_onnx_runtime_with_the_masked_embeddings(famil
     from sparsecse.ops.onnx_fused import NOT_FUSED
 
     nodes = onnx.load(str(out / "pruned" / "onnx" / "model.onnx")).graph.node
-    heads = [a.i for n in nodes if n.op_type == "Attention" for a in n.attribute if a.name == "num_heads"]
+    heads = [a.i for n in nodes if n.op_type in ("Attention", "MultiHeadAttention") for a in n.attribute
+             if a.name == "num_heads"]
     card = (out / "pruned" / "README.md").read_text()
     if family in NOT_FUSED:
         assert not heads and NOT_FUSED[family] in card
