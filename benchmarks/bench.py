@@ -334,8 +334,7 @@ def bench_inference(data_dir: Path, reps: int, sparsities=(0.1, 0.3, 0.5), n: in
         return run
 
     out = {"row": "inference", "model": model, "pooler": pooler, "n_sentences": n, "threads": threads,
-           "score_pairs": score_pairs,
-           "sentence_sets": list(SENTENCE_SETS), "points": []}
+           "score_pairs": score_pairs, "sentence_sets": list(SENTENCE_SETS), "points": []}
     dense_stsb = evaluate_sts(dense, data_dir, tasks=("STSBenchmark",))["STSBenchmark"] if stsb else None
     for s in sparsities:
         enc = load_encoder(model, pooler=pooler)

@@ -121,9 +121,8 @@ def outlier_matmuls(model, tokenizer, sentences=CALIBRATION) -> list[str]:
                               for n in matmuls if n.input[0] not in have)
     session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
     batch = tokenizer(list(sentences), padding=True, return_tensors="np")
-    feed = {i.name: batch[i.name].astype(np.int64) if i.name in batch else np.zeros_like(batch["input_ids"],
-                                                                                            dtype=np.int64)
-            for i in session.get_inputs()}
+    zeros = np.zeros_like(batch["input_ids"], dtype=np.int64)  # an input the tokenizer does not give
+    feed = {i.name: batch[i.name].astype(np.int64) if i.name in batch else zeros for i in session.get_inputs()}
     names = [o.name for o in session.get_outputs()]
     values = dict(zip(names, session.run(None, feed)))
     real = batch["attention_mask"].astype(bool)

@@ -186,9 +186,9 @@ def _layer_bias(g: _Graph, bias: tuple[str, int] | None, kept, h: int) -> str:
 
 
 def _layer(g: _Graph, layer, x: str, mask32: str, d: int, layout: tuple, act: tuple[str, str],
-           bias=lambda h: "") -> str:
+           position_bias: tuple[str, int] | None = None, kept=None) -> str:
     """One post-LayerNorm encoder layer: fused attention with the layer's own head count (and, for MPNet, the
-    relative-position bias of its heads: `bias(h)`), then the FFN."""
+    relative-position bias of its `kept` heads), then the FFN."""
     _, _, qkv, o, ln1, f_in, f_out, ln2, _, _ = layout
     get = operator.attrgetter
     h, out = _heads(layer, qkv[0], d), get(o)(layer)
@@ -196,7 +196,7 @@ def _layer(g: _Graph, layer, x: str, mask32: str, d: int, layout: tuple, act: tu
     if h:
         w = np.concatenate([_np(get(p)(layer).weight).T for p in qkv], axis=1)
         b = np.concatenate([_np(get(p)(layer).bias) for p in qkv])
-        extra = bias(h)
+        extra = _layer_bias(g, position_bias, kept, h)
         if extra:  # MultiHeadAttention takes the bias; the projection before it is a MatMul that int8 quantises
             thirds = g.const("thirds", np.array([h * d] * 3, np.int64))
             q, k, v = g.op("Split", [g.op("MatMul", [x, g.const("qkv_w", w)]), thirds], axis=-1, n_out=3)
@@ -242,8 +242,7 @@ def build(backbone, family: str, input_names: list[str]):
     layers = operator.attrgetter(layout[1])(backbone)
     kept = getattr(cfg, "kept_heads", None) or [None] * len(layers)
     for layer, keep in zip(layers, kept):
-        x = _layer(g, layer, x, mask32, d, layout, ACTIVATIONS[getattr(cfg, layout[9])],
-                   lambda h, keep=keep: _layer_bias(g, position_bias, keep, h))
+        x = _layer(g, layer, x, mask32, d, layout, ACTIVATIONS[getattr(cfg, layout[9])], position_bias, keep)
     g.nodes.append(helper.make_node("Identity", [x], ["last_hidden_state"], name="output"))
     inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "sequence"]) for n in input_names]
     output = helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["batch", "sequence", hidden])
