@@ -274,7 +274,7 @@ def cmd_sweep(a) -> int:
         print(check_run(a.config, a.set, resume, a.out, a.data_dir, confirmed=a.yes))
         return 0
     run_sweep(a.config, overrides=a.set, resume=resume, address=a.address, out=a.out, data_dir=a.data_dir,
-              confirmed=a.yes, max_hours=a.max_hours, verbose=a.verbose)
+              confirmed=a.yes, max_hours=a.max_hours, verbose=a.verbose, exits_on_interrupt=True)
     return 0
 
 

@@ -4,6 +4,7 @@
     stage1-kill:STEP   SIGKILL the rank-0 Ray Train worker once, at the first report after the checkpoint at STEP
     stage1-slow:SECS   stage 1's rank 0 sleeps SECS at every evaluation, before reporting it (so the previous report's
                        checkpoint stays the latest that long: time for a test to kill the driver mid-stage)
+    trial-slow:SECS    every trial sleeps SECS at every report (time for a test to interrupt the trials mid-trial)
     trial-exit:TRIAL   that trial's process dies once, at its first report
     trial-nan:TRIAL    that trial's learning rate becomes 1e30, so its loss diverges
     trial-poor:TRIAL   that trial reports an STS-B dev of -100 (a clearly weak trial, for early-stopping tests)
@@ -58,6 +59,8 @@ class Faults(Callback):
             metrics["stsb_dev"] = metrics["best_stsb_dev"] = -100.0
         if self.where == "stage1" and self.rank == 0 and self.spec.get("stage1-slow"):
             time.sleep(float(self.spec["stage1-slow"]))
+        if self.where != "stage1" and self.spec.get("trial-slow"):
+            time.sleep(float(self.spec["trial-slow"]))
         kill_at = self.spec.get("stage1-kill")
         if (self.where == "stage1" and kill_at and self.rank == 0 and metrics["step"] > int(kill_at)
                 and self._once("stage1-killed")):

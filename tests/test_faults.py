@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -201,3 +202,52 @@ def test_interrupted_then_resumed_makes_the_same_choice_as_an_uninterrupted_swee
     final = interrupted["final"]
     assert final["rc"] == 0, interrupted["final_log"][-3000:]
     assert same_choice(final["selected"], uninterrupted), (final["selected"], uninterrupted)
+
+
+def test_a_notebook_interrupted_at_every_stage_stops_rays_work_and_resumes_in_the_same_process(
+        tmp_path, tiny_model_dir, tiny_data_dir):
+    """A library caller (tests/notebook.py, as a notebook's kernel would) interrupted in stage 1, in scoring and in
+    the trials gets Interrupted with the resume line once the Ray work it started has stopped: no call left
+    running, Ray disconnected and its local cluster gone — nothing still training behind the user's back, no
+    restart of the kernel needed. Resumed in the same process, the sweep ends with every grid point done and stage
+    1 resumed from its checkpoint, not retrained."""
+    import faults
+
+    cfg = _write_cfg(tmp_path / "c.yaml", tiny_model_dir, sparsities=(0.1, 0.2, 0.3), lams=(0.5,))
+    run, log, result = tmp_path / "run", tmp_path / "notebook.log", tmp_path / "result.json"
+    ray_tmp = Path("/tmp") / f"scse-nb-{os.getpid()}"
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "SPARSECSE_DASHBOARD": "0", "RAY_TMPDIR": str(ray_tmp)}
+    env.pop("RAY_ADDRESS", None)
+    # stage 1 lingers 10 s at each evaluation, a trial 20 s at each report: what Ctrl-C leaves running would
+    # still be running when Interrupted comes back, unless it was stopped
+    env.update(faults.env("stage1-slow:10,trial-slow:20", env))
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env["PYTHONPATH"]])
+    try:
+        with log.open("w") as f:
+            r = subprocess.run([sys.executable, str(root / "tests" / "notebook.py"), str(cfg), str(run),
+                                str(tiny_data_dir), str(log), str(result)], cwd=root, env=env, stdout=f,
+                               stderr=subprocess.STDOUT, timeout=1500)
+    finally:
+        kill_processes_mentioning(str(ray_tmp))
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    out = log.read_text()
+    assert r.returncode == 0 and result.is_file(), out[-4000:]
+    got = json.loads(result.read_text())
+    assert [row["stage"] for row in got["interrupts"]] == ["stage 1", "scoring", "the trials"]
+    for row in got["interrupts"]:
+        assert row["interrupted"] and row["message"].startswith(
+            f"interrupted; nothing was lost — resume with: sparsecse sweep {cfg} --out {run} --resume"), (row, out[-4000:])
+        assert row["calls_in_flight"] == 0 and not row["ray_connected"], (row, out[-4000:])
+        assert row["ray_gone_s"] is not None and row["stopped_s"] < 45, (row, out[-4000:])
+    assert "selected" in got["final"], (got["final"], out[-4000:])
+    res = json.loads((run / "results.json").read_text())
+    assert sorted(t["sparsity"] for t in res["trials"]) == [0.1, 0.2, 0.3]
+    assert all(t["status"] == "done" for t in res["trials"]), res["trials"]
+    hist = json.loads((run / "simcse" / "history.json").read_text())
+    # stage 1 stopped at its step-2 checkpoint (had it gone on behind the interrupt, step 4 would be there before
+    # the resume), and resumed from it
+    assert hist["resumed_at"] == [2] and [h["step"] for h in hist["history"]] == [2, 4], hist
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["stage_runs"] == {"train": 1, "score": 1} and summary["timings"]["drivers"] == 4
+    assert "Traceback" not in out, out[-4000:]

@@ -77,6 +77,9 @@ def connect(address: str | None, num_cpus: int | None, dashboard: bool, timeout_
 
     if ray.is_initialized():
         return
+    _STOP.clear()
+    _STOP_KEY.clear()
+    _unsilence()  # a library caller's next sweep after an interrupted one
     given = address or os.environ.get("RAY_ADDRESS")
     if given:
         flag = "--address" if address else "RAY_ADDRESS"
@@ -204,6 +207,114 @@ def autoscaler_problems() -> list[str]:
     return out
 
 
+_STOP = threading.Event()  # set by stop_calls: Tune's loop and Ray Train's controllers wind down
+_STOP_KEY: list[str] = []  # the GCS key a stage-1 controller watches (Ray Train's controller runs in its own actor)
+
+
+def stop_calls(timeout_s: float = 60.0) -> bool:
+    """After Ctrl-C in a library caller (a notebook, whose process goes on): stop the work this driver still runs
+    in Ray, and wait (at most `timeout_s`) until every off_main_thread call has ended; True when they have. Tune's
+    loop ends at its next step (`stop_tune_callback`: its trials are stopped and stay unfinished in the experiment's
+    last snapshot, which --resume restores); stage 1's Ray Train controller aborts its workers (`stop_train_callbacks`;
+    stage 1 resumes from its last checkpoint); tasks were cancelled already (run_tasks). Then Ray can be shut
+    down (`shutdown`) and the process is free for the next sweep."""
+    import time
+
+    _STOP.set()
+    if _STOP_KEY:
+        try:
+            from ray.experimental.internal_kv import _internal_kv_initialized, _internal_kv_put
+
+            if _internal_kv_initialized():
+                _internal_kv_put(_STOP_KEY[0], b"1", overwrite=True)
+        except Exception:  # noqa: BLE001 - Ray going away: nothing left to stop there
+            pass
+    deadline = time.monotonic() + timeout_s
+    while calls_in_flight() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not calls_in_flight()
+
+
+def _stop_key() -> str:
+    """The GCS key that asks this driver's stage-1 controllers to stop: new for each connection (connect)."""
+    if not _STOP_KEY:
+        import uuid
+
+        _STOP_KEY.append(f"sparsecse-stop-{uuid.uuid4().hex}")
+    return _STOP_KEY[0]
+
+
+def stop_tune_callback():
+    """A Tune callback that ends Tune's loop at its next step once stop_calls was called: the loop raises, Tune
+    stops the trials' actors and leaves its last snapshot as it was (trials running there are resumed by
+    Tuner.restore) — the state a killed driver leaves, reached without killing the process."""
+    from ray import tune
+
+    class StopOnRequest(tune.Callback):  # pickled with the experiment: the flag is read through a module function
+        def on_step_begin(self, iteration, trials, **info):
+            if stop_requested():
+                raise Stopped("the sweep was interrupted")
+
+    return StopOnRequest()
+
+
+def stop_requested() -> bool:
+    return _STOP.is_set()
+
+
+class Stopped(Exception):
+    """Raised in Tune's loop (on a helper thread) to end it after an interrupt; nobody waits for it."""
+
+
+def stop_train_callbacks() -> list:
+    """Ray Train's controller (an actor of its own) aborts its run once stop_calls has set this driver's key: a
+    thread in the controller polls the GCS every half second, then calls the controller's own `abort` (its workers
+    stop; the driver's fit raises and its call ends). Needs Ray Train v2 (the default); with v1: none."""
+    try:
+        from ray.train.v2._internal.constants import is_v2_enabled
+        from ray.train.v2._internal.execution.callback import ControllerCallback
+    except ImportError:
+        return []
+    if not is_v2_enabled():
+        return []
+    key = _stop_key()
+
+    class AbortOnRequest(ControllerCallback):
+        def after_controller_start(self, train_run_context):
+            threading.Thread(target=self._watch, name="sparsecse-stop-watch", daemon=True).start()
+
+        def _watch(self) -> None:
+            import time
+
+            import ray
+            from ray.experimental.internal_kv import _internal_kv_get
+
+            me = ray.get_runtime_context().current_actor
+            while True:
+                time.sleep(0.5)
+                try:
+                    if _internal_kv_get(key):
+                        me.abort.remote()
+                        return
+                except Exception:  # noqa: BLE001 - the controller is going away
+                    return
+
+    return [AbortOnRequest()]
+
+
+_SILENCED: dict = {}  # Ray's logger level and auto-connect before an interrupt silenced them; connect restores them
+
+
+def _unsilence() -> None:
+    import logging
+
+    from ray._private import auto_init_hook
+
+    if _SILENCED:
+        logging.getLogger("ray").setLevel(_SILENCED.pop("level"))
+        auto_init_hook.enable_auto_connect = _SILENCED.pop("auto_connect")
+
+
 def shutdown(interrupted: bool = False) -> None:
     """Disconnect (and stop a local Ray). After Ctrl-C (`interrupted`), Ray's own loggers are silenced (the calls
     Tune and Train still make on their threads fail as the process ends; not the user's news) and Ray's auto-connect
@@ -211,14 +322,16 @@ def shutdown(interrupted: bool = False) -> None:
     after the resume line); Ray is shut down only when no off_main_thread call is in flight: one still calling Ray
     after shutdown makes Ray's C++ end the process with exit 1 ("The core worker has already been shutdown") before
     the resume line. The CLI then exits 130 at once, and the local Ray (fate-shared) or a cluster's job stops with
-    the process; a library caller's Ray stays connected until its process ends or it calls ray.shutdown(), and
-    run_sweep refuses to start another sweep in that process while the interrupted one's calls still run."""
+    the process. A library caller's sweep first stops its Ray work (stop_calls), so that Ray is shut down here; if
+    that work has not ended in time, Ray stays connected and run_sweep refuses another sweep in that process."""
     import logging
 
     import ray
     from ray._private import auto_init_hook
 
     if interrupted:
+        _SILENCED.setdefault("level", logging.getLogger("ray").level)
+        _SILENCED.setdefault("auto_connect", auto_init_hook.enable_auto_connect)
         logging.getLogger("ray").setLevel(logging.CRITICAL + 1)
         auto_init_hook.enable_auto_connect = False
     if ray.is_initialized() and not (interrupted and calls_in_flight()):
@@ -366,7 +479,8 @@ def run_torch_trainer(loop: Callable, loop_config: dict, *, num_workers: int, us
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(name=name, storage_path=path, storage_filesystem=fs,
                              failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=1)),  # one resumable kept
+                             checkpoint_config=CheckpointConfig(num_to_keep=1),  # one resumable kept
+                             callbacks=stop_train_callbacks()),
     )
     try:
         with _env(**train_env()):
@@ -666,7 +780,7 @@ def _tuner_settings(tune, points: list[Point], run: TuneRun, name: str, asha: di
         "run_config": tune.RunConfig(name=name, storage_path=path, storage_filesystem=fs,
                                      callbacks=logger_callbacks(run.trackers)
                                      + ([live_report_callback(run.live)] if run.live else [])
-                                     + [console_callback(run.total)],
+                                     + [console_callback(run.total), stop_tune_callback()],
                                      failure_config=tune.FailureConfig(max_failures=run.max_failures),
                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                      verbose=1 if run.verbose else 0),

@@ -106,7 +106,11 @@ def owned_sigint(exit_now=os._exit) -> Iterator[None]:
 
 def run_sweep(config_path: str, overrides=None, resume: bool | str = False, address: str | None = None,
               out: str | None = None, data_dir: str | None = None, confirmed: bool = False,
-              max_hours: float | None = None, verbose: bool = False) -> dict:
+              max_hours: float | None = None, verbose: bool = False, exits_on_interrupt: bool = False) -> dict:
+    """Run (or resume) the sweep of `config_path` into `out`; its summary. After Ctrl-C it raises Interrupted
+    (whose message is the resume command) once the Ray work it started has stopped and Ray is shut down, so the
+    process (a notebook's kernel) can resume or run another sweep. `exits_on_interrupt`: the caller ends the
+    process right after (the CLI), which stops that work with it — no waiting for it."""
     out = out or f"runs/{Path(config_path).stem}"
     if ra.calls_in_flight():  # a library caller (a notebook) interrupted an earlier sweep: its Tune/Train still run
         raise SparseCSEError("an interrupted sweep's Ray calls still run in this process (Tune and Train go on in "
@@ -114,7 +118,8 @@ def run_sweep(config_path: str, overrides=None, resume: bool | str = False, addr
                              "then resume with resume=True")
     with owned_sigint():
         try:
-            return _run_sweep(config_path, overrides, resume, address, out, data_dir, confirmed, max_hours, verbose)
+            return _run_sweep(config_path, overrides, resume, address, out, data_dir, confirmed, max_hours, verbose,
+                              exits_on_interrupt)
         except KeyboardInterrupt:
             again = " ".join(["sparsecse sweep", shlex.quote(config_path), *(f"--set {shlex.quote(o)}" for o in
                               overrides or []), "--out", shlex.quote(out), "--resume"])
@@ -122,7 +127,8 @@ def run_sweep(config_path: str, overrides=None, resume: bool | str = False, addr
 
 
 def _run_sweep(config_path: str, overrides, resume: bool | str, address: str | None, out: str,
-               data_dir: str | None, confirmed: bool, max_hours: float | None, verbose: bool) -> dict:
+               data_dir: str | None, confirmed: bool, max_hours: float | None, verbose: bool,
+               exits_on_interrupt: bool) -> dict:
     cfg = model_path_for_nodes(load_config(config_path, overrides))
     check_scale(cfg, confirmed)
     check_config(cfg)
@@ -161,6 +167,8 @@ def _run_sweep(config_path: str, overrides, resume: bool | str, address: str | N
         interrupted = True
         raise
     finally:
+        if interrupted and not exits_on_interrupt:
+            ra.stop_calls()  # before the lock goes: no second driver while this one's trials still write
         lock.release()
         if not on_cluster or interrupted:
             ra.shutdown(interrupted)
