@@ -292,6 +292,51 @@ def _sentence_set(data_dir: Path, name: str, n: int) -> list[str]:
     return sorted(set(test.s1) | set(test.s2))[:n]
 
 
+RANDOM_FAMILIES = ("bert", "roberta", "xlm-roberta", "electra", "distilbert", "modernbert")
+
+
+def family_config(family: str, tiny: bool = False):
+    """A `family` encoder's config at its public base checkpoint's shape (bert-base-uncased, roberta-base,
+    xlm-roberta-base, electra-base-discriminator, distilbert-base-uncased, ModernBERT-base), or a tiny one, with the
+    MiniLM (BERT) vocabulary's special ids so the packaged MiniLM tokenizer serves every family."""
+    import transformers as tf
+
+    ids = {"pad_token_id": 0, "bos_token_id": 101, "eos_token_id": 102}
+    if family == "distilbert":
+        size = (dict(dim=32, n_layers=2, n_heads=4, hidden_dim=37) if tiny else
+                dict(dim=768, n_layers=6, n_heads=12, hidden_dim=3072))
+        return tf.DistilBertConfig(vocab_size=30522, max_position_embeddings=512, pad_token_id=0, **size)
+    size = (dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37) if tiny else
+            dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072))
+    if family == "modernbert":
+        size.update({} if tiny else dict(num_hidden_layers=22, intermediate_size=1152))
+        return tf.ModernBertConfig(vocab_size=30522, max_position_embeddings=512, global_attn_every_n_layers=3,
+                                   local_attention=128, cls_token_id=101, sep_token_id=102, **size, **ids)
+    cls = {"bert": tf.BertConfig, "roberta": tf.RobertaConfig, "xlm-roberta": tf.XLMRobertaConfig,
+           "electra": tf.ElectraConfig}[family]
+    extra = {"embedding_size": size["hidden_size"]} if family == "electra" else {}
+    vocab = 250002 if family == "xlm-roberta" and not tiny else 30522
+    return cls(vocab_size=vocab, max_position_embeddings=514, **extra, **size, **ids)
+
+
+def random_family_model(spec: str, where: Path) -> Path:
+    """`random:FAMILY[:tiny]` (FAMILY one of RANDOM_FAMILIES): that family's encoder with random weights (seed 0)
+    and the MiniLM tokenizer, saved as a model directory in `where`. For the inference row's speed on a family whose
+    weights this machine cannot download: time depends on the graph's shape, not on the weights' values."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from benchmarks.gpu_check import tokenizer_source
+
+    _, family, *rest = spec.split(":")
+    if family not in RANDOM_FAMILIES or rest not in ([], ["tiny"]):
+        raise SparseCSEError(f"--model {spec}: give random:FAMILY or random:FAMILY:tiny, FAMILY one of "
+                             f"{', '.join(RANDOM_FAMILIES)}")
+    torch.manual_seed(0)
+    AutoModel.from_config(family_config(family, tiny=bool(rest))).save_pretrained(where)
+    AutoTokenizer.from_pretrained(tokenizer_source()).save_pretrained(where)
+    return where
+
+
 def bench_inference(data_dir: Path, reps: int, sparsities=(0.1, 0.3, 0.5), n: int = 512, work: Path | None = None,
                     warmup: int = 1, model: str = "minilm", stsb: bool = True, score_pairs: int = 128,
                     pooler: str = "cls_before_pooler") -> dict:
@@ -303,7 +348,8 @@ def bench_inference(data_dir: Path, reps: int, sparsities=(0.1, 0.3, 0.5), n: in
     `reps`, arms interleaved). The masks are issue 41's harness: `score --max-pairs 128`, λ 0.5. Beside each: STS-B
     test Spearman × 100, and the ONNX arms' lowest per-sentence cosine to the PyTorch export on the STS-B test
     sentences. `model`/`pooler`: another encoder (a directory, e.g. all-mpnet-base-v2 with `avg`, its mean
-    pooling), every arm pooling the same way."""
+    pooling; or `random:FAMILY`, random_family_model's, timed without STS-B: random weights score nothing), every
+    arm pooling the same way."""
     from sentence_transformers import SentenceTransformer
 
     from sparsecse.method.data import load_stsb
@@ -317,7 +363,11 @@ def bench_inference(data_dir: Path, reps: int, sparsities=(0.1, 0.3, 0.5), n: in
 
     threads = torch.get_num_threads()
     work = work or Path("bench-results") / "inference"
-    dense = load_encoder(model, pooler=pooler).eval()
+    if model.startswith("random:"):
+        stsb, model_dir = False, str(random_family_model(model, work / model.replace(":", "-")))
+    else:
+        model_dir = model
+    dense = load_encoder(model_dir, pooler=pooler).eval()
     # the baseline is the unpruned model as sentence-transformers loads an export (pooling as ours evaluate)
     st = SentenceTransformer(str(export_model(dense, work / "dense", pooler=pooler)), device="cpu")
     st.max_seq_length = 128
@@ -337,7 +387,7 @@ def bench_inference(data_dir: Path, reps: int, sparsities=(0.1, 0.3, 0.5), n: in
            "score_pairs": score_pairs, "sentence_sets": list(SENTENCE_SETS), "points": []}
     dense_stsb = evaluate_sts(dense, data_dir, tasks=("STSBenchmark",))["STSBenchmark"] if stsb else None
     for s in sparsities:
-        enc = load_encoder(model, pooler=pooler)
+        enc = load_encoder(model_dir, pooler=pooler)
         enc.set_masks(*masks_for("align_uniform", s, 0.5, 1, scores=scores, pretrained=enc))
         pdir = export_model(enc, work / f"s{int(s * 100)}", pooler=pooler, onnx=True) / "pruned"
         backbone, tok = load_pruned(str(pdir))  # the same export through torch's exporter: what fusing replaces
@@ -361,13 +411,13 @@ def bench_inference(data_dir: Path, reps: int, sparsities=(0.1, 0.3, 0.5), n: in
             best = {k: min(v) for k, v in t.items()}
             point["sets"][name] = {"sent_s": {k: len(sents) / v for k, v in best.items()},
                                    "speedup": {k: best["st_dense"] / v for k, v in best.items()}, "times": t}
-        if stsb:  # quality: STS-B test, and each ONNX file's embeddings against the PyTorch export's
-            ref = torch.stack(list(encode(models["pruned"], test_sents).values()))
+        if stsb:  # quality: STS-B test
             point["stsb"] = {"st_dense": dense_stsb, **{
                 k: evaluate_sts(models[k], data_dir, tasks=("STSBenchmark",))["STSBenchmark"]
                 for k in ("pruned", "ort_fp32", "ort_int8")}}
-            point["min_cosine"] = {k: float(torch.nn.functional.cosine_similarity(
-                torch.stack(list(encode(models[k], test_sents).values())), ref).min()) for k in ("ort_fp32", "ort_int8")}
+        ref = torch.stack(list(encode(models["pruned"], test_sents).values()))  # each ONNX file against it
+        point["min_cosine"] = {k: float(torch.nn.functional.cosine_similarity(
+            torch.stack(list(encode(models[k], test_sents).values())), ref).min()) for k in ("ort_fp32", "ort_int8")}
         out["points"].append(point)
     return out
 
@@ -641,12 +691,12 @@ def markdown(r: dict) -> str:
                             + " | ".join(f"{v['sent_s'][k]:.0f} ({v['speedup'][k]:.2f}×)" for k in INFERENCE_ARMS) + " |")
         rows.append("\nsentences/s (× the sentence-transformers dense baseline in the same run, best of the reps); "
                     f"model {r.get('model', 'minilm')}, pooling {r.get('pooler', 'cls_before_pooler')}")
-        if all("stsb" in p for p in r["points"]):
-            rows += ["", "| sparsity | STS-B test: dense / pruned torch / ONNX fp32 / ONNX int8 | min cosine to the "
-                     "torch export, fp32 / int8 |", "|---:|---|---|"]
-            rows += [f"| {_pct(p['sparsity'])} | {p['stsb']['st_dense']:.2f} / {p['stsb']['pruned']:.2f} / "
-                     f"{p['stsb']['ort_fp32']:.2f} / {p['stsb']['ort_int8']:.2f} | {p['min_cosine']['ort_fp32']:.5f} / "
-                     f"{p['min_cosine']['ort_int8']:.4f} |" for p in r["points"]]
+        stsb = all("stsb" in p for p in r["points"])
+        rows += ["", "| sparsity |" + (" STS-B test: dense / pruned torch / ONNX fp32 / ONNX int8 |" if stsb else "")
+                 + " min cosine to the torch export, fp32 / int8 |", "|---:|" + ("---|" if stsb else "") + "---|"]
+        rows += [f"| {_pct(p['sparsity'])} |" + (f" {p['stsb']['st_dense']:.2f} / {p['stsb']['pruned']:.2f} / "
+                 f"{p['stsb']['ort_fp32']:.2f} / {p['stsb']['ort_int8']:.2f} |" if stsb else "")
+                 + f" {p['min_cosine']['ort_fp32']:.5f} / {p['min_cosine']['ort_int8']:.4f} |" for p in r["points"]]
     elif r["row"] == "search":
         def line(name, a):
             reach = (f"{a['reached']['trials']} / {a['reached']['cpu_s']:.0f} s" if a["reached"] else "never")
@@ -738,7 +788,9 @@ def build_parser():
     b.add_argument("--onnx-model", nargs=2, metavar=("DIR", "FILE"),
                    help="eval row: also our evaluator on this ONNX export file through ONNX Runtime")
     b.add_argument("--model", default="minilm",
-                   help="inference row: the encoder (a model directory or name; default the packaged MiniLM)")
+                   help="inference row: the encoder (a model directory or name; default the packaged MiniLM; "
+                   f"random:FAMILY, FAMILY one of {', '.join(RANDOM_FAMILIES)}: that family's base shape with random "
+                   "weights, timed without STS-B)")
     b.add_argument("--pooler", default="cls_before_pooler", choices=["cls_before_pooler", "cls", "avg"],
                    help="inference row: pooling for every arm (avg: mean pooling, as all-mpnet-base-v2 was trained)")
     b.add_argument("--sparsities", nargs="+", type=float, default=[0.1, 0.3, 0.5],

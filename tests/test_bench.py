@@ -8,6 +8,7 @@ import math
 import pytest
 
 from benchmarks import bench
+from sparsecse import SparseCSEError
 
 pytestmark = pytest.mark.slow
 
@@ -73,6 +74,23 @@ def test_bench_inference_every_deployment_step_against_the_sentence_transformers
     assert f"| 30.0 % | wiki | {pt['params_pruned'] / 1e6:.1f} M / {pt['params_dense'] / 1e6:.1f} M |" in md
     assert "pruned ONNX int8 (fused)" in md and f"({wiki['speedup']['ort_int8']:.2f}×)" in md
     assert f"{pt['min_cosine']['ort_fp32']:.5f}" in md
+
+
+def test_bench_inference_times_a_family_from_its_shape_with_random_weights(tiny_data_dir, tmp_path):
+    """`--model random:FAMILY`: the family's encoder with random weights and the MiniLM tokenizer goes through every
+    arm (here RoBERTa, tiny); no STS-B (random weights score nothing), the ONNX files still checked against the
+    torch export; a spec naming no family is one line."""
+    r = bench.bench_inference(tiny_data_dir, reps=1, sparsities=(0.3,), n=8, work=tmp_path, warmup=0,
+                              model="random:roberta:tiny", score_pairs=16)
+    (pt,) = r["points"]
+    assert (tmp_path / "random-roberta-tiny" / "config.json").is_file()
+    assert '"model_type": "roberta"' in (tmp_path / "random-roberta-tiny" / "config.json").read_text()
+    assert "stsb" not in pt and pt["min_cosine"]["ort_fp32"] >= 0.9999 and pt["params_pruned"] < pt["params_dense"]
+    md = _md(r)
+    assert "model random:roberta:tiny" in md and "STS-B" not in md
+    assert f"| 30.0 % | {pt['min_cosine']['ort_fp32']:.5f} / {pt['min_cosine']['ort_int8']:.4f} |" in md
+    with pytest.raises(SparseCSEError, match="random:FAMILY or random:FAMILY:tiny"):
+        bench.random_family_model("random:gpt2", tmp_path / "x")
 
 
 def test_flop_accounting_matches_torch_flop_counter(tiny):

@@ -222,16 +222,18 @@ def stop_calls(timeout_s: float = 60.0) -> bool:
 
     _STOP.set()
     if _STOP_KEY:
-        try:
-            from ray.experimental.internal_kv import _internal_kv_initialized, _internal_kv_put
+        with contextlib.suppress(Exception):  # Ray going away: nothing left to stop there
+            from ray.experimental.internal_kv import _internal_kv_put
 
-            if _internal_kv_initialized():
-                _internal_kv_put(_STOP_KEY[0], b"1", overwrite=True)
-        except Exception:  # noqa: BLE001 - Ray going away: nothing left to stop there
-            pass
+            _internal_kv_put(_STOP_KEY[0], b"1", overwrite=True)
     deadline = time.monotonic() + timeout_s
     while calls_in_flight() and time.monotonic() < deadline:
         time.sleep(0.1)
+    if _STOP_KEY and not calls_in_flight():  # nothing left to watch it: the cluster's GCS keeps no litter of ours
+        with contextlib.suppress(Exception):
+            from ray.experimental.internal_kv import _internal_kv_del
+
+            _internal_kv_del(_STOP_KEY[0])
     return not calls_in_flight()
 
 
