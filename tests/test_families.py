@@ -195,15 +195,28 @@ def test_one_simcse_step_trains_every_family(family_dir, tiny_data_dir, tmp_path
 
 
 def test_the_padding_free_forward_matches_where_it_applies(family_dir):
+    """BERT's layers and those transformers copies from them (RoBERTa, XLM-R, ELECTRA — whose embeddings are
+    projected up to the hidden width first) run padding-free, masked and physically pruned, with either pooling;
+    the others run their own forward."""
+    from sparsecse.method.model import Encoder
+    from sparsecse.method.prune import physical_prune, zero_pruned_weights
+
     family, d = family_dir
     enc = _encoder(d)
-    assert enc.packed == (family in ("bert", "roberta", "xlm-roberta"))  # the others fall back to their own
-    if enc.packed:
-        enc.set_masks(*_masks(enc))
-        batch = enc.tokenize(SENTENCES)
-        packed = enc(**batch)
-        enc.packed = False
-        torch.testing.assert_close(packed, enc(**batch), atol=1e-5, rtol=1e-4)
+    assert enc.packed == (family in ("bert", "roberta", "xlm-roberta", "electra"))  # the others: their own
+    if not enc.packed:
+        return
+    enc.set_masks(*_masks(enc, full_layer=True))
+    batch = enc.tokenize(SENTENCES)
+    zero_pruned_weights(enc)
+    pruned = Encoder(physical_prune(enc), enc.tokenizer).eval()
+    assert pruned.packed
+    for pooler in ("cls_before_pooler", "avg"):
+        for model in (enc, pruned):
+            model.packed = True
+            packed = model(**batch, pooler=pooler)
+            model.packed = False
+            torch.testing.assert_close(packed, model(**batch, pooler=pooler), atol=1e-5, rtol=1e-4)
 
 
 def test_an_unsupported_family_is_one_line_naming_the_supported_ones(tmp_path):

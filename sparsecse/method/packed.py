@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-LAYER_CLASSES = ("BertLayer", "RobertaLayer", "XLMRobertaLayer")  # the layer classes whose sub-modules this forward reimplements
+# the layer classes whose sub-modules this forward reimplements (transformers copies ELECTRA's from BERT's)
+LAYER_CLASSES = ("BertLayer", "RobertaLayer", "XLMRobertaLayer", "ElectraLayer")
 
 
 def _two_arg_forward(module: nn.Module) -> bool:
@@ -71,6 +72,8 @@ def packed_forward(backbone: nn.Module, adapter, input_ids: torch.Tensor, attent
     lengths = valid.sum(1)
     starts = torch.cumsum(lengths, 0) - lengths  # packed index of each sentence's first (CLS) token
     x = backbone.embeddings(input_ids=input_ids)  # (B, T, D): word + position + type, LayerNorm, dropout
+    if getattr(backbone, "embeddings_project", None) is not None:  # ELECTRA: embedding width -> hidden width
+        x = backbone.embeddings_project(x)
     D = x.shape[-1]
     x = x.reshape(B * T, D).index_select(0, idx)  # (N, D)
     key_mask = valid[:, None, None, :]  # (B, 1, 1, T): attend to real tokens only
