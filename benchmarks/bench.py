@@ -292,13 +292,13 @@ def _sentence_set(data_dir: Path, name: str, n: int) -> list[str]:
     return sorted(set(test.s1) | set(test.s2))[:n]
 
 
-RANDOM_FAMILIES = ("bert", "roberta", "xlm-roberta", "electra", "distilbert", "modernbert")
+RANDOM_FAMILIES = ("bert", "roberta", "xlm-roberta", "electra", "mpnet", "distilbert", "modernbert")
 
 
 def family_config(family: str, tiny: bool = False):
     """A `family` encoder's config at its public base checkpoint's shape (bert-base-uncased, roberta-base,
-    xlm-roberta-base, electra-base-discriminator, distilbert-base-uncased, ModernBERT-base), or a tiny one, with the
-    MiniLM (BERT) vocabulary's special ids so the packaged MiniLM tokenizer serves every family."""
+    xlm-roberta-base, electra-base-discriminator, mpnet-base, distilbert-base-uncased, ModernBERT-base), or a tiny
+    one, with the MiniLM (BERT) vocabulary's special ids so the packaged MiniLM tokenizer serves every family."""
     import transformers as tf
 
     ids = {"pad_token_id": 0, "bos_token_id": 101, "eos_token_id": 102}
@@ -313,7 +313,7 @@ def family_config(family: str, tiny: bool = False):
         return tf.ModernBertConfig(vocab_size=30522, max_position_embeddings=512, global_attn_every_n_layers=3,
                                    local_attention=128, cls_token_id=101, sep_token_id=102, **size, **ids)
     cls = {"bert": tf.BertConfig, "roberta": tf.RobertaConfig, "xlm-roberta": tf.XLMRobertaConfig,
-           "electra": tf.ElectraConfig}[family]
+           "electra": tf.ElectraConfig, "mpnet": tf.MPNetConfig}[family]
     extra = {"embedding_size": size["hidden_size"]} if family == "electra" else {}
     vocab = 250002 if family == "xlm-roberta" and not tiny else 30522
     return cls(vocab_size=vocab, max_position_embeddings=514, **extra, **size, **ids)

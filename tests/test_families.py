@@ -196,21 +196,24 @@ def test_one_simcse_step_trains_every_family(family_dir, tiny_data_dir, tmp_path
 
 def test_the_padding_free_forward_matches_where_it_applies(family_dir):
     """BERT's layers and those transformers copies from them (RoBERTa, XLM-R, ELECTRA — whose embeddings are
-    projected up to the hidden width first) and DistilBERT's run padding-free, masked and physically pruned (a
-    layer left without heads, one without neurons), with either pooling; MPNet and ModernBERT run their own."""
+    projected up to the hidden width first), DistilBERT's and MPNet's (its relative-position bias added to the
+    scores, a pruned layer's kept heads' rows) run padding-free, masked and physically pruned (a layer left without
+    heads, one without neurons), with either pooling; ModernBERT runs its own."""
     from sparsecse.method.model import Encoder
     from sparsecse.method.prune import physical_prune, zero_pruned_weights
 
     family, d = family_dir
     enc = _encoder(d)
-    assert enc.packed == (family in ("bert", "roberta", "xlm-roberta", "electra", "distilbert"))  # others: their own
+    assert enc.packed == (family != "modernbert")  # ModernBERT (rotary, local attention): its own forward
     if not enc.packed:
         return
     with torch.no_grad():  # biases as a trained model has them (initialised to zero): a headless layer keeps one
         for name, p in enc.backbone.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0, 0.1)
-    enc.set_masks(*_masks(enc, full_layer=True))
+    hm, nm = _masks(enc, full_layer=True)
+    hm[1, 0] = 0  # layer 1 keeps heads 1 and 2: not the first ones (MPNet's pruned layer takes their bias rows)
+    enc.set_masks(hm, nm)
     batch = enc.tokenize(SENTENCES)
     zero_pruned_weights(enc)
     pruned = Encoder(physical_prune(enc), enc.tokenizer).eval()

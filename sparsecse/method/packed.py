@@ -21,10 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 
 # the layer classes whose sub-modules this forward reimplements: BERT's and those transformers copies from it
-# (ELECTRA's included), and DistilBERT's TransformerBlock (the same post-LayerNorm layer under other names)
+# (ELECTRA's included), DistilBERT's TransformerBlock (the same post-LayerNorm layer under other names) and MPNet's
+# (BERT's, with a relative-position bias added to every head's scores)
 BERT_LAYERS = ("BertLayer", "RobertaLayer", "XLMRobertaLayer", "ElectraLayer")
-DISTILBERT_LAYER = "TransformerBlock"
-LAYER_CLASSES = (*BERT_LAYERS, DISTILBERT_LAYER)
+DISTILBERT_LAYER, MPNET_LAYER = "TransformerBlock", "MPNetLayer"
+LAYER_CLASSES = (*BERT_LAYERS, DISTILBERT_LAYER, MPNET_LAYER)
 
 
 def _two_arg_forward(module: nn.Module) -> bool:
@@ -34,10 +35,10 @@ def _two_arg_forward(module: nn.Module) -> bool:
     return len(params) == 2 and all(hasattr(module, a) for a in ("dense", "LayerNorm", "dropout"))
 
 
-def _attention_ok(sa: nn.Module, q: str, k: str, v: str, heads: str) -> bool:
+def _attention_ok(sa: nn.Module, q: str, k: str, v: str, heads: str, scaled: bool = True) -> bool:
     return (all(isinstance(getattr(sa, n, None), nn.Linear) for n in (q, k, v))
             and isinstance(getattr(sa, "dropout", None), nn.Dropout)
-            and isinstance(getattr(sa, "scaling", None), float)
+            and (not scaled or isinstance(getattr(sa, "scaling", None), float))
             and isinstance(getattr(sa, heads, None), int)
             and isinstance(getattr(sa, "attention_head_size", None), int))
 
@@ -51,6 +52,16 @@ def _layer_why_not(li: int, layer: nn.Module, adapter) -> str | None:
         if not (all(isinstance(getattr(layer, n, None), nn.LayerNorm) for n in ("sa_layer_norm", "output_layer_norm"))
                 and all(isinstance(getattr(ffn, n, None), nn.Linear) for n in ("lin1", "lin2"))):
             return f"layer {li} is not DistilBERT's attention, sa_layer_norm, ffn(lin1, lin2), output_layer_norm"
+        return None
+    if type(layer).__name__ == MPNET_LAYER:
+        sa = layer.attention.attn
+        if hasattr(sa, "q") and not (_attention_ok(sa, "q", "k", "v", "num_attention_heads", scaled=False)
+                                     and isinstance(getattr(sa, "o", None), nn.Linear)):
+            return f"layer {li}'s attention lacks q/k/v/o/dropout/head sizes"
+        if not (isinstance(getattr(layer.attention, "LayerNorm", None), nn.LayerNorm)
+                and isinstance(getattr(layer.attention, "dropout", None), nn.Dropout)
+                and _two_arg_forward(layer.output)):
+            return f"layer {li} is not MPNet's attention(attn, LayerNorm, dropout), intermediate, output"
         return None
     sa = adapter.get(layer, "attn_self")
     if hasattr(sa, "query") and not _attention_ok(sa, "query", "key", "value", "num_attention_heads"):
@@ -72,6 +83,9 @@ def why_not(backbone: nn.Module, adapter) -> str | None:
         return "a chunked feed-forward"
     if not callable(getattr(backbone, "embeddings", None)):
         return "no `embeddings` module"
+    if type(adapter.get(backbone, "layers")[0]).__name__ == MPNET_LAYER and not callable(
+            getattr(getattr(backbone, "encoder", None), "compute_position_bias", None)):
+        return "an MPNet encoder without compute_position_bias"
     for li, layer in enumerate(adapter.get(backbone, "layers")):
         if type(layer).__name__ not in LAYER_CLASSES:
             return f"layer {li} is a {type(layer).__name__}, not one of {', '.join(LAYER_CLASSES)}"
@@ -110,20 +124,37 @@ def packed_forward(backbone: nn.Module, adapter, input_ids: torch.Tensor, attent
     D = x.shape[-1]
     x = x.reshape(B * T, D).index_select(0, batch.idx)  # (N, D)
     layers = list(adapter.get(backbone, "layers"))
+    biases = _position_biases(backbone, layers, T)
     for li, layer in enumerate(layers):
         last = cls_only and li == len(layers) - 1  # from its attention on, the residual stream of CLS only
-        step = _distilbert_layer if type(layer).__name__ == DISTILBERT_LAYER else _bert_layer
-        x = step(layer, adapter, x, batch, last)
+        step = STEPS.get(type(layer).__name__, _bert_layer)
+        x = step(layer, adapter, x, batch, last, biases[li])
     if cls_only:
         return x
     return x.new_zeros(B * T, D).index_copy(0, batch.idx, x).view(B, T, D)
 
 
+def _position_biases(backbone: nn.Module, layers: list, T: int) -> list[torch.Tensor | None]:
+    """Per layer, the relative-position bias its heads add to their scores, (1, heads, T, T): MPNet computes one
+    for all heads and a physically pruned layer takes its kept heads' (config.kept_heads, as pruned_modeling's
+    _SliceBias does); None for every other family."""
+    if type(layers[0]).__name__ != MPNET_LAYER:
+        return [None] * len(layers)
+    cfg = backbone.config
+    full = backbone.encoder.compute_position_bias(torch.empty(1, T, 0, device=backbone.device))
+    kept = getattr(cfg, "kept_heads", None) or [None] * len(layers)
+    out = []
+    for layer, keep in zip(layers, kept):
+        h = getattr(layer.attention.attn, "num_attention_heads", 0)
+        out.append(full[:, list(keep)] if keep is not None and h < cfg.num_attention_heads else full)
+    return out
+
+
 def _attend(sa: nn.Module, q: nn.Linear, k: nn.Linear, v: nn.Linear, nh: int, x: torch.Tensor, batch: _Batch,
-            last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+            last: bool, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Multi-head attention of the packed tokens `x` (N, D): every real token a key/value; the queries every token,
-    or with `last` each sentence's CLS only. Returns (context, residual): (N, nh·d) and x, or (B, nh·d) and x's
-    CLS rows."""
+    or with `last` each sentence's CLS only; `bias` (1, nh, T, T) added to the scores (MPNet). Returns (context,
+    residual): (N, nh·d) and x, or (B, nh·d) and x's CLS rows."""
     B, T, idx, d = batch.B, batch.T, batch.idx, sa.attention_head_size
 
     def padded(t: torch.Tensor) -> torch.Tensor:  # (N, nh·d) -> (B, nh, T, d), zeros at padding
@@ -136,13 +167,19 @@ def _attend(sa: nn.Module, q: nn.Linear, k: nn.Linear, v: nn.Linear, nh: int, x:
         queries = q(x).view(B, 1, nh, d).transpose(1, 2)
     else:
         queries = padded(q(x))
-    ctx = F.scaled_dot_product_attention(queries, keys, values, attn_mask=batch.key_mask, scale=sa.scaling,
+    mask = batch.key_mask
+    if bias is not None:  # the bias, and the padding as the most negative score (as MPNet's additive mask)
+        pad = torch.zeros(mask.shape, dtype=queries.dtype, device=mask.device).masked_fill(
+            ~mask, torch.finfo(queries.dtype).min)
+        mask = (bias[:, :, :1] if last else bias).to(queries.dtype) + pad
+    ctx = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask,
+                                         scale=getattr(sa, "scaling", d ** -0.5),
                                          dropout_p=sa.dropout.p if sa.training else 0.0)
     ctx = ctx.transpose(1, 2).reshape(B, -1, nh * d)  # (B, T or 1, nh·d)
     return (ctx[:, 0] if last else ctx.reshape(B * T, nh * d).index_select(0, idx)), x
 
 
-def _bert_layer(layer: nn.Module, adapter, x: torch.Tensor, batch: _Batch, last: bool) -> torch.Tensor:
+def _bert_layer(layer: nn.Module, adapter, x: torch.Tensor, batch: _Batch, last: bool, bias=None) -> torch.Tensor:
     sa = adapter.get(layer, "attn_self")
     if not hasattr(sa, "query"):  # a physically pruned layer with no heads left: empty context
         x = x.index_select(0, batch.starts) if last else x
@@ -153,7 +190,8 @@ def _bert_layer(layer: nn.Module, adapter, x: torch.Tensor, batch: _Batch, last:
     return adapter.get(layer, "ffn_output")(adapter.get(layer, "intermediate")(a), a)
 
 
-def _distilbert_layer(layer: nn.Module, adapter, x: torch.Tensor, batch: _Batch, last: bool) -> torch.Tensor:
+def _distilbert_layer(layer: nn.Module, adapter, x: torch.Tensor, batch: _Batch, last: bool, bias=None
+                      ) -> torch.Tensor:
     att = layer.attention
     if not hasattr(att, "q_lin"):  # a physically pruned layer with no heads left: its output projection's bias
         x = x.index_select(0, batch.starts) if last else x
@@ -163,3 +201,19 @@ def _distilbert_layer(layer: nn.Module, adapter, x: torch.Tensor, batch: _Batch,
         out = att.out_lin(ctx)
     a = layer.sa_layer_norm(out + x)
     return layer.output_layer_norm(layer.ffn(a) + a)
+
+
+def _mpnet_layer(layer: nn.Module, adapter, x: torch.Tensor, batch: _Batch, last: bool, bias: torch.Tensor
+                 ) -> torch.Tensor:
+    sa = layer.attention.attn
+    if not hasattr(sa, "q"):  # a physically pruned layer with no heads left: its output projection's bias
+        x = x.index_select(0, batch.starts) if last else x
+        out = sa(x)[0]
+    else:
+        ctx, x = _attend(sa, sa.q, sa.k, sa.v, sa.num_attention_heads, x, batch, last, bias)
+        out = sa.o(ctx)
+    a = layer.attention.LayerNorm(layer.attention.dropout(out) + x)
+    return layer.output(layer.intermediate(a), a)
+
+
+STEPS = {DISTILBERT_LAYER: _distilbert_layer, MPNET_LAYER: _mpnet_layer}  # every other listed layer: _bert_layer
