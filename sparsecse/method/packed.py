@@ -1,4 +1,5 @@
-"""The padding-free encoder forward: BERT-style layers run on the real tokens of a batch only.
+"""The padding-free encoder forward: the layers of BERT, RoBERTa, XLM-R, ELECTRA, DistilBERT and MPNet run on the
+real tokens of a batch only (ModernBERT runs its own forward).
 
 The same modules and weights as `backbone(...)` (mask hooks included), but the per-token work — Q/K/V and output
 projections, FFN, LayerNorms — runs on the N real tokens instead of B·T padded slots, and with `cls_only` the last
@@ -8,7 +9,7 @@ Only attention itself sees the padded (B, heads, T, d) layout. Equal to the padd
 
 It calls the layer's sub-modules directly, so it relies on how transformers builds them. `why_not(backbone, adapter)`
 checks each of those assumptions on the loaded model; anything it does not recognise (another layer class, a
-decoder, cross-attention, relative positions, a chunked FFN) runs the backbone's own forward instead.
+decoder, cross-attention, relative position embeddings, a chunked FFN) runs the backbone's own forward instead.
 """
 
 from __future__ import annotations
