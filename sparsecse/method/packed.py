@@ -84,10 +84,11 @@ def why_not(backbone: nn.Module, adapter) -> str | None:
         return "a chunked feed-forward"
     if not callable(getattr(backbone, "embeddings", None)):
         return "no `embeddings` module"
-    if type(adapter.get(backbone, "layers")[0]).__name__ == MPNET_LAYER and not callable(
+    layers = list(adapter.get(backbone, "layers"))
+    if type(layers[0]).__name__ == MPNET_LAYER and not callable(
             getattr(getattr(backbone, "encoder", None), "compute_position_bias", None)):
         return "an MPNet encoder without compute_position_bias"
-    for li, layer in enumerate(adapter.get(backbone, "layers")):
+    for li, layer in enumerate(layers):
         if type(layer).__name__ not in LAYER_CLASSES:
             return f"layer {li} is a {type(layer).__name__}, not one of {', '.join(LAYER_CLASSES)}"
         reason = _layer_why_not(li, layer, adapter)
