@@ -278,7 +278,7 @@ def bench_eval(data_dir: Path, reps: int, tasks: tuple[str, ...], before: bool =
 INFERENCE_ARMS = {"st_dense": "sentence-transformers, dense fp32 (baseline)",
                   "st_pruned": "sentence-transformers on export/pruned", "pruned": "ours, pruned torch",
                   "ort_unfused": "pruned ONNX fp32, torch exporter's graph", "ort_fp32": "pruned ONNX fp32 (fused)",
-                  "ort_int8": "pruned ONNX int8 (fused)"}
+                  "ort_int8": "pruned ONNX int8 (fused)", "pruned_padded": "ours, pruned torch, padded forward"}
 SENTENCE_SETS = ("wiki", "stsb-test")
 
 
@@ -339,7 +339,7 @@ def random_family_model(spec: str, where: Path) -> Path:
 
 def bench_inference(data_dir: Path, reps: int, sparsities=(0.1, 0.3, 0.5), n: int = 512, work: Path | None = None,
                     warmup: int = 1, model: str = "minilm", stsb: bool = True, score_pairs: int = 128,
-                    pooler: str = "cls_before_pooler") -> dict:
+                    pooler: str = "cls_before_pooler", before: bool = False) -> dict:
     """Encode the same `n` sentences (each of SENTENCE_SETS; batch 64, max_len 128, length-sorted batches) with: the
     dense model through sentence-transformers' default torch backend (what a user runs today: the baseline), the
     physically pruned export through sentence-transformers (trust_remote_code) and through our padding-free
@@ -349,7 +349,8 @@ def bench_inference(data_dir: Path, reps: int, sparsities=(0.1, 0.3, 0.5), n: in
     test Spearman × 100, and the ONNX arms' lowest per-sentence cosine to the PyTorch export on the STS-B test
     sentences. `model`/`pooler`: another encoder (a directory, e.g. all-mpnet-base-v2 with `avg`, its mean
     pooling; or `random:FAMILY`, random_family_model's, timed without STS-B: random weights score nothing), every
-    arm pooling the same way."""
+    arm pooling the same way. `before`: also the pruned export under our encoder with the family's own padded
+    forward (`pruned_padded`), to time the padding-free forward against it."""
     from sentence_transformers import SentenceTransformer
 
     from sparsecse.method.data import load_stsb
@@ -398,6 +399,9 @@ def bench_inference(data_dir: Path, reps: int, sparsities=(0.1, 0.3, 0.5), n: in
                   "ort_unfused": OnnxEncoder(pdir, "onnx/unfused.onnx", pooler=pooler, threads=threads),
                   "ort_fp32": OnnxEncoder(pdir, pooler=pooler, threads=threads),
                   "ort_int8": OnnxEncoder(pdir, INT8_FILE, pooler=pooler, threads=threads)}
+        if before:
+            models["pruned_padded"] = load_encoder(str(pdir), pooler=pooler).eval()
+            models["pruned_padded"].packed = False
         point = {"sparsity": s, "params_pruned": sum(p.numel() for p in models["pruned"].backbone.parameters()),
                  "params_dense": sum(p.numel() for p in dense.backbone.parameters()),
                  "onnx_mb": {f: (pdir / f).stat().st_size / 2 ** 20 for f in ("onnx/model.onnx", INT8_FILE)},
@@ -682,13 +686,14 @@ def markdown(r: dict) -> str:
                      f"{r['onnx_s']:.1f} s, **{r['onnx_ratio']:.2f}×** the peer; STS "
                      + ", ".join(f"{t} {r['onnx'][t]:.2f} (peer, dense: {r['peer'][t]:.2f})" for t in [*r['tasks'], 'avg'])]
     elif r["row"] == "inference":
-        rows = ["| sparsity | sentences | params pruned / dense | " + " | ".join(INFERENCE_ARMS.values()) + " |",
-                "|---:|---|---:|" + "---:|" * len(INFERENCE_ARMS)]
+        arms = [k for k in INFERENCE_ARMS if k in r["points"][0]["sets"][SENTENCE_SETS[0]]["sent_s"]]
+        rows = ["| sparsity | sentences | params pruned / dense | " + " | ".join(INFERENCE_ARMS[k] for k in arms) + " |",
+                "|---:|---|---:|" + "---:|" * len(arms)]
         for p in r["points"]:
             for name, v in p["sets"].items():
                 rows.append(f"| {_pct(p['sparsity'])} | {name} | {p['params_pruned'] / 1e6:.1f} M / "
                             f"{p['params_dense'] / 1e6:.1f} M | "
-                            + " | ".join(f"{v['sent_s'][k]:.0f} ({v['speedup'][k]:.2f}×)" for k in INFERENCE_ARMS) + " |")
+                            + " | ".join(f"{v['sent_s'][k]:.0f} ({v['speedup'][k]:.2f}×)" for k in arms) + " |")
         rows.append("\nsentences/s (× the sentence-transformers dense baseline in the same run, best of the reps); "
                     f"model {r.get('model', 'minilm')}, pooling {r.get('pooler', 'cls_before_pooler')}")
         stsb = all("stsb" in p for p in r["points"])
@@ -797,7 +802,8 @@ def build_parser():
                    help="inference row: the sparsities to prune, export and time")
     b.add_argument("--n-sentences", type=int, default=512, help="inference row: sentences per set and arm")
     b.add_argument("--before", action="store_true",
-                   help="eval row: also time our evaluator with the padded forward (before/after profiling)")
+                   help="eval and inference rows: also time our encoder with the padded forward (eval: before/after "
+                        "profiling; inference: the pruned export, against the padding-free forward)")
     return b
 
 
@@ -837,7 +843,7 @@ def run_bench(a, argv: list[str]) -> None:
                            onnx=tuple(a.onnx_model) if a.onnx_model else None)
         elif row == "inference":
             r = bench_inference(data_dir, a.reps, tuple(a.sparsities), a.n_sentences, work=out / "inference",
-                                warmup=a.warmup, model=a.model, pooler=a.pooler)
+                                warmup=a.warmup, model=a.model, pooler=a.pooler, before=a.before)
         elif row == "transfer":
             r = bench_transfer(data_dir, a.reps, a.max_examples, tuple(a.arms), a.transfer_tasks)
         elif row == "sweep":

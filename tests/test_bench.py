@@ -64,7 +64,7 @@ def test_bench_inference_every_deployment_step_against_the_sentence_transformers
     (pt,) = r["points"]
     assert pt["params_pruned"] < pt["params_dense"] and set(pt["sets"]) == set(bench.SENTENCE_SETS)
     for v in pt["sets"].values():
-        assert set(v["sent_s"]) == set(bench.INFERENCE_ARMS) and v["speedup"]["st_dense"] == 1.0
+        assert set(v["sent_s"]) == set(bench.INFERENCE_ARMS) - {"pruned_padded"} and v["speedup"]["st_dense"] == 1.0
         assert all(math.isfinite(x) and x > 0 for x in v["speedup"].values())
     assert pt["onnx_mb"]["onnx/model_qint8.onnx"] < pt["onnx_mb"]["onnx/model.onnx"]
     # (the tiny random model's STS cosines are nearly tied, so its Spearman is no equality check; the embeddings are)
@@ -78,16 +78,16 @@ def test_bench_inference_every_deployment_step_against_the_sentence_transformers
 
 def test_bench_inference_times_a_family_from_its_shape_with_random_weights(tiny_data_dir, tmp_path):
     """`--model random:FAMILY`: the family's encoder with random weights and the MiniLM tokenizer goes through every
-    arm (here RoBERTa, tiny); no STS-B (random weights score nothing), the ONNX files still checked against the
+    arm (here ModernBERT, tiny, with `before`'s padded-forward arm); no STS-B (random weights score nothing), the ONNX files still checked against the
     torch export; a spec naming no family is one line."""
     r = bench.bench_inference(tiny_data_dir, reps=1, sparsities=(0.3,), n=8, work=tmp_path, warmup=0,
-                              model="random:roberta:tiny", score_pairs=16)
+                              model="random:modernbert:tiny", score_pairs=16, before=True)
     (pt,) = r["points"]
-    assert (tmp_path / "random-roberta-tiny" / "config.json").is_file()
-    assert '"model_type": "roberta"' in (tmp_path / "random-roberta-tiny" / "config.json").read_text()
+    assert set(pt["sets"]["wiki"]["sent_s"]) == set(bench.INFERENCE_ARMS)  # with the padded forward's arm
+    assert '"model_type": "modernbert"' in (tmp_path / "random-modernbert-tiny" / "config.json").read_text()
     assert "stsb" not in pt and pt["min_cosine"]["ort_fp32"] >= 0.9999 and pt["params_pruned"] < pt["params_dense"]
     md = _md(r)
-    assert "model random:roberta:tiny" in md and "STS-B" not in md
+    assert "model random:modernbert:tiny" in md and "STS-B" not in md and "ours, pruned torch, padded forward" in md
     assert f"| 30.0 % | {pt['min_cosine']['ort_fp32']:.5f} / {pt['min_cosine']['ort_int8']:.4f} |" in md
     with pytest.raises(SparseCSEError, match="random:FAMILY or random:FAMILY:tiny"):
         bench.random_family_model("random:gpt2", tmp_path / "x")

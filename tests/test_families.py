@@ -26,7 +26,8 @@ def _config(family: str):
     if family == "modernbert":
         return tf.ModernBertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
                                    global_attn_every_n_layers=2, local_attention=16, cls_token_id=101,
-                                   sep_token_id=102, attention_dropout=0.1, mlp_dropout=0.1, **common)
+                                   sep_token_id=102, attention_dropout=0.1, mlp_dropout=0.1, attention_bias=True,
+                                   mlp_bias=True, norm_bias=True, **common)  # biases: a headless layer keeps one
     cls = {"bert": tf.BertConfig, "roberta": tf.RobertaConfig, "xlm-roberta": tf.XLMRobertaConfig,
            "electra": tf.ElectraConfig, "mpnet": tf.MPNetConfig}[family]
     extra = {"embedding_size": 16} if family == "electra" else {}  # ELECTRA projects its embeddings up
@@ -194,19 +195,18 @@ def test_one_simcse_step_trains_every_family(family_dir, tiny_data_dir, tmp_path
     assert changed  # the step moved the weights
 
 
-def test_the_padding_free_forward_matches_where_it_applies(family_dir):
-    """BERT's layers and those transformers copies from them (RoBERTa, XLM-R, ELECTRA — whose embeddings are
-    projected up to the hidden width first), DistilBERT's and MPNet's (its relative-position bias added to the
-    scores, a pruned layer's kept heads' rows) run padding-free, masked and physically pruned (a layer left without
-    heads, one without neurons), with either pooling; ModernBERT runs its own."""
+def test_the_padding_free_forward_matches_the_families_own(family_dir):
+    """Every family runs padding-free — BERT's layers and those transformers copies from them (RoBERTa, XLM-R,
+    ELECTRA, whose embeddings are projected up to the hidden width first), DistilBERT's, MPNet's (its
+    relative-position bias added to the scores, a pruned layer's kept heads' rows) and ModernBERT's (rotary
+    positions, a sliding-window layer, pre-LayerNorm and a final norm) — masked and physically pruned (a layer left
+    without heads, one without neurons), with either pooling, equal to the family's own padded forward."""
     from sparsecse.method.model import Encoder
     from sparsecse.method.prune import physical_prune, zero_pruned_weights
 
     family, d = family_dir
     enc = _encoder(d)
-    assert enc.packed == (family != "modernbert")  # ModernBERT (rotary, local attention): its own forward
-    if not enc.packed:
-        return
+    assert enc.packed
     with torch.no_grad():  # biases as a trained model has them (initialised to zero): a headless layer keeps one
         for name, p in enc.backbone.named_parameters():
             if name.endswith("bias"):
@@ -214,7 +214,11 @@ def test_the_padding_free_forward_matches_where_it_applies(family_dir):
     hm, nm = _masks(enc, full_layer=True)
     hm[1, 0] = 0  # layer 1 keeps heads 1 and 2: not the first ones (MPNet's pruned layer takes their bias rows)
     enc.set_masks(hm, nm)
-    batch = enc.tokenize(SENTENCES)
+    # a sentence longer than ModernBERT's window here (local_attention 16: keys within 8 of the query) beside
+    # short ones: its sliding-window layer sees a window, not the whole sentence
+    batch = enc.tokenize(SENTENCES + ["the quick brown fox jumps over the lazy dog while the old farmer watches "
+                                      "from the porch of his house near the river"])
+    assert batch["input_ids"].shape[1] > 2 * 8 + 1
     zero_pruned_weights(enc)
     pruned = Encoder(physical_prune(enc), enc.tokenizer).eval()
     assert pruned.packed
@@ -224,6 +228,26 @@ def test_the_padding_free_forward_matches_where_it_applies(family_dir):
             packed = model(**batch, pooler=pooler)
             model.packed = False
             torch.testing.assert_close(packed, model(**batch, pooler=pooler), atol=1e-5, rtol=1e-4)
+
+
+def test_a_modernbert_the_padding_free_forward_does_not_recognise_is_named_not_run():
+    """ModernBERT's padding-free step relies on its modules as transformers builds them (rotary_emb per layer type,
+    attention_type, Wqkv/Wo/head_dim); where one differs, why_not names it and the backbone's own forward runs."""
+    from transformers import AutoModel
+
+    from sparsecse.method.model import ADAPTERS
+    from sparsecse.method.packed import why_not
+
+    def reason(change):
+        model = AutoModel.from_config(_config("modernbert"))
+        change(model)
+        return why_not(model, ADAPTERS["modernbert"])
+
+    assert reason(lambda m: None) is None
+    assert "attention_type" in reason(lambda m: setattr(m.layers[1], "attention_type", "chunked_attention"))
+    assert "head_dim" in reason(lambda m: setattr(m.layers[0].attn, "head_dim", None))
+    assert "rotary_emb" in reason(lambda m: setattr(m, "rotary_emb", torch.nn.Identity()))
+    assert "final_norm" in reason(lambda m: delattr(m, "final_norm"))
 
 
 def test_an_unsupported_family_is_one_line_naming_the_supported_ones(tmp_path):

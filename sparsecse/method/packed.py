@@ -1,5 +1,5 @@
-"""The padding-free encoder forward: the layers of BERT, RoBERTa, XLM-R, ELECTRA, DistilBERT and MPNet run on the
-real tokens of a batch only (ModernBERT runs its own forward).
+"""The padding-free encoder forward: the layers of BERT, RoBERTa, XLM-R, ELECTRA, DistilBERT, MPNet and ModernBERT
+run on the real tokens of a batch only.
 
 The same modules and weights as `backbone(...)` (mask hooks included), but the per-token work — Q/K/V and output
 projections, FFN, LayerNorms — runs on the N real tokens instead of B·T padded slots, and with `cls_only` the last
@@ -10,6 +10,11 @@ Only attention itself sees the padded (B, heads, T, d) layout. Equal to the padd
 It calls the layer's sub-modules directly, so it relies on how transformers builds them. `why_not(backbone, adapter)`
 checks each of those assumptions on the loaded model; anything it does not recognise (another layer class, a
 decoder, cross-attention, relative position embeddings, a chunked FFN) runs the backbone's own forward instead.
+
+ModernBERT differs in three ways, each taken from its own modules: rotary positions (its `rotary_emb` per layer
+type, applied to each packed token's query and key at the token's position), local attention (a sliding-window
+layer's keys within `config.local_attention // 2` of the query, inclusive, as transformers' mask) and pre-LayerNorm
+layers closed by `final_norm`.
 """
 
 from __future__ import annotations
@@ -23,10 +28,11 @@ from torch import nn
 
 # the layer classes whose sub-modules this forward reimplements: BERT's and those transformers copies from it
 # (ELECTRA's included), DistilBERT's TransformerBlock (the same post-LayerNorm layer under other names) and MPNet's
-# (BERT's, with a relative-position bias added to every head's scores)
+# (BERT's, with a relative-position bias added to every head's scores), ModernBERT's pre-LayerNorm layer
 BERT_LAYERS = ("BertLayer", "RobertaLayer", "XLMRobertaLayer", "ElectraLayer")
-DISTILBERT_LAYER, MPNET_LAYER = "TransformerBlock", "MPNetLayer"
-LAYER_CLASSES = (*BERT_LAYERS, DISTILBERT_LAYER, MPNET_LAYER)
+DISTILBERT_LAYER, MPNET_LAYER, MODERNBERT_LAYER = "TransformerBlock", "MPNetLayer", "ModernBertEncoderLayer"
+LAYER_CLASSES = (*BERT_LAYERS, DISTILBERT_LAYER, MPNET_LAYER, MODERNBERT_LAYER)
+ATTENTION_TYPES = ("full_attention", "sliding_attention")  # ModernBERT's layer types
 
 
 def _two_arg_forward(module: nn.Module) -> bool:
@@ -44,7 +50,38 @@ def _attention_ok(sa: nn.Module, q: str, k: str, v: str, heads: str, scaled: boo
             and isinstance(getattr(sa, "attention_head_size", None), int))
 
 
+def _modernbert_why_not(li: int, layer: nn.Module) -> str | None:
+    attn = layer.attn
+    if hasattr(attn, "Wqkv") and not (all(isinstance(getattr(attn, n, None), nn.Linear) for n in ("Wqkv", "Wo"))
+                                      and isinstance(getattr(attn, "head_dim", None), int)
+                                      and isinstance(getattr(attn, "attention_dropout", None), (int, float))
+                                      and callable(getattr(attn, "out_drop", None))):
+        return f"layer {li}'s attention lacks Wqkv/Wo/head_dim/attention_dropout/out_drop"
+    if getattr(layer, "attention_type", None) not in ATTENTION_TYPES:
+        return f"layer {li}'s attention_type is not one of {', '.join(ATTENTION_TYPES)}"
+    if not all(callable(getattr(layer, n, None)) for n in ("attn_norm", "mlp_norm", "mlp")):
+        return f"layer {li} is not ModernBERT's attn_norm, attn, mlp_norm, mlp"
+    return None
+
+
+def _rotary(layer: nn.Module):
+    """ModernBERT's apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim), from the module that defines its layer."""
+    return getattr(inspect.getmodule(type(layer)), "apply_rotary_pos_emb", None)
+
+
+def _modernbert_model_why_not(backbone: nn.Module, layers: list) -> str | None:
+    rotary = getattr(backbone, "rotary_emb", None)
+    if not (callable(rotary) and "layer_type" in inspect.signature(rotary.forward).parameters):
+        return "a ModernBERT without rotary_emb(x, position_ids, layer_type)"
+    if not (callable(getattr(backbone, "final_norm", None)) and callable(_rotary(layers[0]))
+            and isinstance(getattr(backbone.config, "local_attention", None), int)):
+        return "a ModernBERT without final_norm, apply_rotary_pos_emb or config.local_attention"
+    return None
+
+
 def _layer_why_not(li: int, layer: nn.Module, adapter) -> str | None:
+    if type(layer).__name__ == MODERNBERT_LAYER:
+        return _modernbert_why_not(li, layer)
     if type(layer).__name__ == DISTILBERT_LAYER:
         att, ffn = layer.attention, layer.ffn
         if hasattr(att, "q_lin") and not (_attention_ok(att, "q_lin", "k_lin", "v_lin", "n_heads")
@@ -88,6 +125,8 @@ def why_not(backbone: nn.Module, adapter) -> str | None:
     if type(layers[0]).__name__ == MPNET_LAYER and not callable(
             getattr(getattr(backbone, "encoder", None), "compute_position_bias", None)):
         return "an MPNet encoder without compute_position_bias"
+    if type(layers[0]).__name__ == MODERNBERT_LAYER and (reason := _modernbert_model_why_not(backbone, layers)):
+        return reason
     for li, layer in enumerate(layers):
         if type(layer).__name__ not in LAYER_CLASSES:
             return f"layer {li} is a {type(layer).__name__}, not one of {', '.join(LAYER_CLASSES)}"
@@ -126,22 +165,25 @@ def packed_forward(backbone: nn.Module, adapter, input_ids: torch.Tensor, attent
     D = x.shape[-1]
     x = x.reshape(B * T, D).index_select(0, batch.idx)  # (N, D)
     layers = list(adapter.get(backbone, "layers"))
-    biases = _position_biases(backbone, layers, T)
+    kind = type(layers[0]).__name__
+    extras = (_position_biases(backbone, layers, T) if kind == MPNET_LAYER
+              else _rotary_and_windows(backbone, layers, batch, x) if kind == MODERNBERT_LAYER
+              else [None] * len(layers))
     for li, layer in enumerate(layers):
         last = cls_only and li == len(layers) - 1  # from its attention on, the residual stream of CLS only
         step = STEPS.get(type(layer).__name__, _bert_layer)
-        x = step(layer, adapter, x, batch, last, biases[li])
+        x = step(layer, adapter, x, batch, last, extras[li])
+    if kind == MODERNBERT_LAYER:  # pre-LayerNorm layers: one LayerNorm after the last
+        x = backbone.final_norm(x)
     if cls_only:
         return x
     return x.new_zeros(B * T, D).index_copy(0, batch.idx, x).view(B, T, D)
 
 
-def _position_biases(backbone: nn.Module, layers: list, T: int) -> list[torch.Tensor | None]:
-    """Per layer, the relative-position bias its heads add to their scores, (1, heads, T, T): MPNet computes one
-    for all heads and a physically pruned layer takes its kept heads' (config.kept_heads, as pruned_modeling's
-    _SliceBias does); None for every other family."""
-    if type(layers[0]).__name__ != MPNET_LAYER:
-        return [None] * len(layers)
+def _position_biases(backbone: nn.Module, layers: list, T: int) -> list[torch.Tensor]:
+    """MPNet: per layer, the relative-position bias its heads add to their scores, (1, heads, T, T), computed once
+    for all heads; a physically pruned layer takes its kept heads' (config.kept_heads, as pruned_modeling's
+    _SliceBias does)."""
     cfg = backbone.config
     full = backbone.encoder.compute_position_bias(torch.empty(1, T, 0, device=backbone.device))
     kept = getattr(cfg, "kept_heads", None) or [None] * len(layers)
@@ -152,33 +194,57 @@ def _position_biases(backbone: nn.Module, layers: list, T: int) -> list[torch.Te
     return out
 
 
-def _attend(sa: nn.Module, q: nn.Linear, k: nn.Linear, v: nn.Linear, nh: int, x: torch.Tensor, batch: _Batch,
-            last: bool, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Multi-head attention of the packed tokens `x` (N, D): every real token a key/value; the queries every token,
-    or with `last` each sentence's CLS only; `bias` (1, nh, T, T) added to the scores (MPNet). Returns (context,
-    residual): (N, nh·d) and x, or (B, nh·d) and x's CLS rows."""
-    B, T, idx, d = batch.B, batch.T, batch.idx, sa.attention_head_size
+def _rotary_and_windows(backbone: nn.Module, layers: list, batch: _Batch, x: torch.Tensor) -> list[tuple]:
+    """ModernBERT: per layer, for its attention type, the rotary (cos, sin) at each packed token's position in its
+    row, (N, head_dim) each (transformers' positions: 0 … T−1 along the padded row), and the keys each query sees:
+    the real ones — in a sliding-window layer only those within config.local_attention // 2, inclusive, (B, 1, T, T)."""
+    T = batch.T
+    pos = torch.arange(T, device=x.device)
+    at = batch.idx % T
+    window = (pos[:, None] - pos[None]).abs() <= backbone.config.local_attention // 2
+    per_type = {}
+    for kind in {layer.attention_type for layer in layers}:
+        cos, sin = backbone.rotary_emb(x, pos[None], kind)  # (1, T, d)
+        keys = batch.key_mask & window if kind == "sliding_attention" else batch.key_mask
+        per_type[kind] = (cos[0].index_select(0, at), sin[0].index_select(0, at), keys)
+    return [per_type[layer.attention_type] for layer in layers]
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d: int, batch: _Batch, last: bool,
+          mask: torch.Tensor, scale: float, dropout_p: float, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention in the padded (B, nh, T, d) layout of packed queries `q` — (N, nh·d), or with `last` (B, nh·d),
+    each sentence's CLS — over the packed keys and values (N, nh·d); `mask` (B, 1, T or 1, T) the keys each query
+    sees, `bias` (1, nh, T, T) added to the scores (MPNet); d the head width. Returns the context, (N or B, nh·d)."""
+    B, T, idx, nh = batch.B, batch.T, batch.idx, k.shape[-1] // d
 
     def padded(t: torch.Tensor) -> torch.Tensor:  # (N, nh·d) -> (B, nh, T, d), zeros at padding
         buf = t.new_zeros(B * T, t.shape[-1]).index_copy(0, idx, t)
         return buf.view(B, T, nh, d).transpose(1, 2)
 
-    keys, values = padded(k(x)), padded(v(x))
-    if last:
-        x = x.index_select(0, batch.starts)  # (B, D)
-        queries = q(x).view(B, 1, nh, d).transpose(1, 2)
-    else:
-        queries = padded(q(x))
-    mask = batch.key_mask
-    if bias is not None:  # the bias, and the padding as the most negative score (as MPNet's additive mask)
+    queries = q.view(B, 1, nh, d).transpose(1, 2) if last else padded(q)
+    mask = mask[:, :, :1] if last else mask
+    if bias is not None:  # the bias, and the hidden keys as the most negative score (as MPNet's additive mask)
         pad = torch.zeros(mask.shape, dtype=queries.dtype, device=mask.device).masked_fill(
             ~mask, torch.finfo(queries.dtype).min)
         mask = (bias[:, :, :1] if last else bias).to(queries.dtype) + pad
-    ctx = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask,
-                                         scale=getattr(sa, "scaling", d ** -0.5),
-                                         dropout_p=sa.dropout.p if sa.training else 0.0)
+    ctx = F.scaled_dot_product_attention(queries, padded(k), padded(v), attn_mask=mask, scale=scale,
+                                         dropout_p=dropout_p)
     ctx = ctx.transpose(1, 2).reshape(B, -1, nh * d)  # (B, T or 1, nh·d)
-    return (ctx[:, 0] if last else ctx.reshape(B * T, nh * d).index_select(0, idx)), x
+    return ctx[:, 0] if last else ctx.reshape(B * T, nh * d).index_select(0, idx)
+
+
+def _attend(sa: nn.Module, q: nn.Linear, k: nn.Linear, v: nn.Linear, x: torch.Tensor, batch: _Batch,
+            last: bool, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multi-head attention of the packed tokens `x` (N, D): every real token a key/value; the queries every token,
+    or with `last` each sentence's CLS only. Returns (context, residual): (N, nh·d) and x, or (B, nh·d) and x's
+    CLS rows."""
+    d = sa.attention_head_size
+    keys, values = k(x), v(x)
+    if last:
+        x = x.index_select(0, batch.starts)  # (B, D)
+    ctx = _sdpa(q(x), keys, values, d, batch, last, batch.key_mask, getattr(sa, "scaling", d ** -0.5),
+                sa.dropout.p if sa.training else 0.0, bias)
+    return ctx, x
 
 
 def _bert_layer(layer: nn.Module, adapter, x: torch.Tensor, batch: _Batch, last: bool, bias=None) -> torch.Tensor:
@@ -187,7 +253,7 @@ def _bert_layer(layer: nn.Module, adapter, x: torch.Tensor, batch: _Batch, last:
         x = x.index_select(0, batch.starts) if last else x
         ctx = x.new_zeros(x.shape[0], 0)
     else:
-        ctx, x = _attend(sa, sa.query, sa.key, sa.value, sa.num_attention_heads, x, batch, last)
+        ctx, x = _attend(sa, sa.query, sa.key, sa.value, x, batch, last)
     a = adapter.get(layer, "attn_output")(ctx, x)
     return adapter.get(layer, "ffn_output")(adapter.get(layer, "intermediate")(a), a)
 
@@ -199,7 +265,7 @@ def _distilbert_layer(layer: nn.Module, adapter, x: torch.Tensor, batch: _Batch,
         x = x.index_select(0, batch.starts) if last else x
         out = att(x)[0]
     else:
-        ctx, x = _attend(att, att.q_lin, att.k_lin, att.v_lin, att.n_heads, x, batch, last)
+        ctx, x = _attend(att, att.q_lin, att.k_lin, att.v_lin, x, batch, last)
         out = att.out_lin(ctx)
     a = layer.sa_layer_norm(out + x)
     return layer.output_layer_norm(layer.ffn(a) + a)
@@ -212,10 +278,32 @@ def _mpnet_layer(layer: nn.Module, adapter, x: torch.Tensor, batch: _Batch, last
         x = x.index_select(0, batch.starts) if last else x
         out = sa(x)[0]
     else:
-        ctx, x = _attend(sa, sa.q, sa.k, sa.v, sa.num_attention_heads, x, batch, last, bias)
+        ctx, x = _attend(sa, sa.q, sa.k, sa.v, x, batch, last, bias)
         out = sa.o(ctx)
     a = layer.attention.LayerNorm(layer.attention.dropout(out) + x)
     return layer.output(layer.intermediate(a), a)
 
 
-STEPS = {DISTILBERT_LAYER: _distilbert_layer, MPNET_LAYER: _mpnet_layer}  # every other listed layer: _bert_layer
+def _modernbert_layer(layer: nn.Module, adapter, x: torch.Tensor, batch: _Batch, last: bool, rope: tuple
+                      ) -> torch.Tensor:
+    cos, sin, keys = rope
+    attn = layer.attn
+    if not hasattr(attn, "Wqkv"):  # a physically pruned layer with no heads left: its output projection's bias
+        x = x.index_select(0, batch.starts) if last else x
+        out = attn(x)[0]
+    else:
+        d = attn.head_dim
+        nh = attn.Wqkv.out_features // (3 * d)
+        q, k, v = attn.Wqkv(layer.attn_norm(x)).view(-1, 3, nh, d).unbind(1)  # (N, nh, d) each
+        q, k = _rotary(layer)(q, k, cos, sin, unsqueeze_dim=1)
+        if last:
+            q, x = q.index_select(0, batch.starts), x.index_select(0, batch.starts)
+        ctx = _sdpa(q.flatten(1), k.flatten(1), v.flatten(1), d, batch, last, keys, d ** -0.5,
+                    attn.attention_dropout if attn.training else 0.0)
+        out = attn.out_drop(attn.Wo(ctx))
+    x = x + out
+    return x + layer.mlp(layer.mlp_norm(x))
+
+
+# every other listed layer: _bert_layer
+STEPS = {DISTILBERT_LAYER: _distilbert_layer, MPNET_LAYER: _mpnet_layer, MODERNBERT_LAYER: _modernbert_layer}
