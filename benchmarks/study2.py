@@ -99,13 +99,31 @@ def noise(runs: dict[int, dict]) -> dict:
             for k in (SICK, AVG)}
 
 
+def refusals(runs: dict[int, dict]) -> dict[int, str]:
+    """Added after the study (descriptive, not part of the pre-registered analysis): why the safe rule's sequence
+    stopped in each replicate, per source — worse than the margin, or not shown and what would show a point that
+    close (select.py's diagnosis, recomputed from the step each results.json recorded)."""
+    from sparsecse.study.select import why_stopped
+    from sparsecse.study.stats import what_it_would_take
+
+    out = {}
+    for r, run in runs.items():
+        steps = (run["selected"].get("rule_detail") or {}).get("steps") or []
+        for step in steps:
+            for t in step["sources"].values():
+                t.update({"verdict": "passed"} if t["passed"] else what_it_would_take(t, MARGIN))
+        if steps and not steps[-1]["passed"]:
+            out[r] = why_stopped(steps).removeprefix("; ")
+    return out
+
+
 def analyse(runs: dict[int, dict]) -> dict:
     picks = choices(runs)
     default = [c for c in picks if c["rule"] == "safe"]
     held = sum(c["within"] for c in default)
     return {"replicates": len(runs), "H": {"within": held, "of": len(default), "holds": held >= 4},
             "pruned": sum(c["sparsity"] > 0 for c in default), "choices": picks, "per_sparsity": per_sparsity(runs),
-            "tracking": tracking(runs), "control_sd": noise(runs)}
+            "tracking": tracking(runs), "control_sd": noise(runs), "refusals": refusals(runs)}
 
 
 def _ci(x: dict) -> str:
@@ -132,6 +150,9 @@ def render(res: dict) -> str:
     lines += ["", f"ρ(Δ choice half, Δ SICK-R) over {t['n']} pruned trials: "
               + ("—" if t["rho"] is None else f"{t['rho']:+.2f}") + f"; control retrainings' SD: SICK-R "
               f"{sd[SICK]:.2f}, 7-task avg {sd[AVG]:.2f}."]
+    if res.get("refusals"):
+        lines += ["", "Why the default refused (added after the study, descriptive; 80 % power for a point as close "
+                  "as each estimate):"] + [f"- replicate {r}: {why}" for r, why in sorted(res["refusals"].items())]
     return "\n".join(lines)
 
 

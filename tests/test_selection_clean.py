@@ -115,3 +115,77 @@ def test_training_noise_widens_the_bound_a_one_seed_pair_bootstrap_would_give():
         assert t["lower"] == pytest.approx(t["diff"] - Z_ONE_SIDED * t["se"])
     with pytest.raises(ValueError, match="different pairs"):
         noninferior_runs(point, [(gold[:-1], gold[:-1])] * 2, margin=1.0)
+
+
+def test_a_refusal_says_whether_pruning_lost_or_the_runs_and_pairs_could_not_tell():
+    """"Do not prune" has two reasons a user acts on differently: the pruned point is worse than the margin allows
+    (a source's estimate beyond it), or it may be within the margin but the runs and pairs cannot show it — then
+    the refusal says what would let a point truly this close pass 4 times in 5, and the margin it names does pass."""
+    worse_rows, worse_preds = _rows_and_preds({"stsb-dev": 0.2, "sickr-dev": 1.5},
+                                              {s: [0.5, 0.5, 0.5] for s in CLEAN_SOURCES})
+    sel = select(worse_rows, rule="safe", margin=0.5, dev_predictions=worse_preds)
+    per = sel.rule_detail["steps"][0]["sources"]
+    assert sel.control_won and per["sickr-dev"]["verdict"] == "worse" and per["stsb-dev"]["verdict"] == "passed"
+    assert (f"at 10%: on sickr-dev: {per['sickr-dev']['diff']:+.2f} against the control, beyond the margin"
+            in sel.rule_detail["why"])
+    rows, preds = _rows_and_preds({"stsb-dev": 0.6, "sickr-dev": 0.6}, {s: [0.6, 0.6, 0.6] for s in CLEAN_SOURCES},
+                                  n=60)
+    sel = select(rows, rule="safe", margin=5.0, dev_predictions=preds)
+    failed = {src: t for src, t in sel.rule_detail["steps"][0]["sources"].items() if not t["passed"]}
+    assert sel.control_won and failed
+    for src, t in failed.items():
+        assert t["verdict"] == "not shown" and -5.0 < t["diff"] and t["margin_needed"] > 5.0
+        assert (f"on {src}: {t['diff']:+.2f} against the control, within the margin but not shown (95 % bound "
+                f"{t['lower']:+.2f} on 60 pairs); a point truly this close would pass 4 times in 5 with ") in \
+            sel.rule_detail["why"] and f"sweep.margin {t['margin_needed']:.2f}" in sel.rule_detail["why"]
+    wider = max(t["margin_needed"] for t in failed.values())
+    assert not select(rows, rule="safe", margin=wider, dev_predictions=preds).control_won
+
+
+def _sharing(gold: np.ndarray, common: np.ndarray, k: int, own: float, seed: int) -> list[tuple]:
+    """k runs that share most of their error (`common`, as retrainings of one model do), each with its own bit."""
+    rng = np.random.default_rng(seed)
+    return [(gold + common + rng.normal(scale=own, size=len(gold)), gold) for _ in range(k)]
+
+
+def test_the_seeds_and_pairs_a_refusal_asks_for_would_show_a_point_that_close():
+    """The projection is the test's own arithmetic — pair noise falls as 1/√pairs, training noise as s²/runs —
+    checked on data: the same runs' pairs repeated to the number asked for (each Spearman unchanged) pass the
+    bound with the 80 %-power slack; the seeds asked for bring the bound's SE to what 80 % power needs."""
+    from sparsecse.study.stats import Z_POWER, what_it_would_take
+
+    rng = np.random.default_rng(3)
+    gold, common = rng.normal(size=100), rng.normal(scale=0.6, size=100)
+    point, ctrl = _sharing(gold, common, 1, 0.2, 13), _sharing(gold, common, 3, 0.05, 23)
+    t = noninferior_runs(point, ctrl, margin=1.0)
+    need = what_it_would_take(t, 1.0)
+    assert not t["passed"] and need["verdict"] == "not shown" and need["pairs_needed"] > 100
+    k = -(-need["pairs_needed"] // 100)  # repeat every pair k times: at least the pairs asked for
+    tile = lambda runs: [(np.tile(p, k), np.tile(g, k)) for p, g in runs]  # noqa: E731
+    more = noninferior_runs(tile(point), tile(ctrl), margin=1.0)
+    assert more["diff"] == pytest.approx(t["diff"], abs=1e-9) and more["seed_sd"] == pytest.approx(t["seed_sd"])
+    assert more["passed"] and more["lower"] > -1.0 + 0.5 * Z_POWER * more["se"]  # the slack, up to bootstrap noise
+    assert what_it_would_take({**t, "diff": -1.5}, 1.0) == {"verdict": "worse"}
+    # training noise the larger part: the fewest seeds (the control keeps its 2 extra runs) that bring SE down
+    quiet_pairs = {**t, "seed_sd": 0.3, "se_pairs": 0.1, "diff": -0.1, "se": np.sqrt(0.01 + 0.09 * (1 + 1 / 3))}
+    seeds, target2 = what_it_would_take(quiet_pairs, 0.5)["seeds_needed"], (0.4 / (Z_ONE_SIDED + Z_POWER)) ** 2
+    assert 0.01 + 0.09 * (1 / seeds + 1 / (seeds + 2)) <= target2 < 0.01 + 0.09 * (1 / (seeds - 1) + 1 / (seeds + 1))
+    # neither alone: seeds and pairs together, seeds chosen to leave the pairs half the variance
+    both = what_it_would_take({**t, "seed_sd": 0.3, "se_pairs": 0.3, "diff": -0.1, "se": 0.5}, 0.5)
+    assert both["pairs_needed"] is None and both["seeds_needed"] is None
+    seeds, pairs = both["seeds_and_pairs"]
+    assert 0.09 * (1 / seeds + 1 / (seeds + 2)) <= target2 / 2 < 0.09 * (1 / (seeds - 1) + 1 / (seeds + 1))
+    assert 0.09 * 100 / pairs + 0.09 * (1 / seeds + 1 / (seeds + 2)) <= target2  # enough pairs, and no more
+    assert 0.09 * 100 / (pairs - 1) + 0.09 * (1 / seeds + 1 / (seeds + 2)) > target2
+
+
+def test_the_report_names_each_sources_verdict_when_the_safe_rule_refuses():
+    from sparsecse.study.report import _selection_lines
+
+    rows, preds = _rows_and_preds({"stsb-dev": 0.2, "sickr-dev": 1.5}, {s: [0.5, 0.5, 0.5] for s in CLEAN_SOURCES})
+    sel = select(rows, rule="safe", margin=0.5, dev_predictions=preds)
+    text = "\n".join(_selection_lines(sel, load_config(None)))
+    assert "**No pruned point was shown to hold**: no pruned point was shown within 0.5 points" in text
+    assert "beyond the margin (pruning costs more)" in text
+    table = [line for line in text.splitlines() if line.startswith("|") and "sickr-dev" in line]
+    assert len(table) == 1 and table[0].rstrip(" |").endswith("no (worse)")

@@ -227,8 +227,11 @@ def _study2_run(r: int, choice: str, sick: dict, avg: dict, rules: dict) -> dict
     for name, s in (("c1", 0.0), ("c2", 0.0), ("c3", 0.0), ("p2", 0.02), ("p10", 0.1), ("p30", 0.3)):
         trials.append({"trial": name, "sparsity": s, "status": "done", metric_key("test", "SICKRelatedness"): sick[name],
                        metric_key("test", "avg"): avg[name], metric_key("choice", "all"): 70.0 + sick[name] / 10})
+    t = {"diff": -0.9, "se": 0.4, "se_pairs": 0.3, "seed_sd": 0.2, "n_point": 1, "n_control": 3, "pairs": 240,
+         "lower": -1.56, "passed": False}  # the safe rule's recorded test at 2 %: beyond the margin on SICK
+    steps = [{"sparsity": 0.02, "passed": False, "sources": {"sickr-dev": t, "stsb-dev": {**t, "diff": -0.1}}}]
     sel = {"sparsity": next(t["sparsity"] for t in trials if t["trial"] == choice), "trial": choice,
-           "rule_detail": {"why": "because"}}
+           "rule_detail": {"why": "because", "steps": steps if r == 0 else []}}
     return {"trials": trials, "selected": sel, "rules": rules}
 
 
@@ -252,4 +255,8 @@ def test_study2_analysis_by_hand(tmp_path, capsys):
     p30 = next(p for p in res["per_sparsity"] if p["sparsity"] == 0.3)
     assert p30["d_sick"]["mean"] == -6.0 and p30["d_sick"]["lo"] == p30["d_sick"]["hi"] == -6.0
     assert res["control_sd"]["test/SICKRelatedness"] == 1.0 and res["tracking"]["rho"] == pytest.approx(1.0)
-    assert "3 of 5 — does not hold; the default pruned in 4 of 5" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "3 of 5 — does not hold; the default pruned in 4 of 5" in out
+    # the post-hoc diagnosis of replicate 0's refusal: SICK worse, STS-B within but not shown
+    assert list(res["refusals"]) == ["0"] and "- replicate 0: at 2%: on sickr-dev: -0.90 against the control, " \
+        "beyond the margin" in out and "on stsb-dev: -0.10 against the control, within the margin but not shown" in out

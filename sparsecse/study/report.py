@@ -385,7 +385,8 @@ def _selection_lines(selected: Selection | None, cfg: Config) -> list[str]:
         what = "the control is exported" if cfg.sweep.when_control_wins == "export_control" else "nothing is exported"
         why = ("no pruned point comes within δ of the best dev" if selected.pareto else
                detail["why"] if detail else f"the s = 0 control has the best {dev}")
-        out[0] += (f"**Pruning did not help on dev**: {why} ({selected.dev_mean:.2f}); {what} "
+        verdict = "No pruned point was shown to hold" if selected.rule == "safe" else "Pruning did not help on dev"
+        out[0] += (f"**{verdict}**: {why} ({selected.dev_mean:.2f}); {what} "
                    "(`sweep.when_control_wins`).")
     else:
         out[0] += f"Selected: {_point_label(selected)}, {dev} {selected.dev_mean:.2f}" + (
@@ -423,7 +424,7 @@ def _rule_lines(selected: Selection, dev: str = "STS-B dev") -> list[str]:
                  "noise from the control's retrainings — lies above −margin; the sequence stops at the first failure.")
         rows = [[f"{st['sparsity']:.0%}", str(st["lam"]), f"{st['dev']:.2f}", src, f"{t['diff']:+.2f}",
                  "—" if t.get("lower") is None else f"{t['lower']:+.2f}", f"{t['n_point']} vs {t['n_control']}",
-                 str(t["pairs"]), "yes" if t["passed"] else "no"]
+                 str(t["pairs"]), "yes" if t["passed"] else f"no ({t.get('verdict', 'not shown')})"]
                 for st in detail["steps"] for src, t in st["sources"].items()]
         table = render(["sparsity", "λ", dev, "source", "Δ vs control", "95 % lower bound", "runs", "pairs",
                         "passed"], rows, left=0) if rows else ""
@@ -457,7 +458,8 @@ def answer(inp: ReportInputs) -> str:
         size = (f" — {_millions(sel.params)} encoder parameters against {_millions(dense)} dense "
                 f"({sel.params / dense - 1:+.1%})")
     avg = sel.test.get("avg")
-    what = ("**the s = 0 control**: pruning did not win on dev" if sel.control_won else
+    what = (("**the s = 0 control** (do not prune)" if sel.rule == "safe" else
+             "**the s = 0 control**: pruning did not win on dev") if sel.control_won else
             f"**SparseCSE at {_point_label(sel)}**")
     out = f"Chosen: {what}{size}. STS test average {avg:.2f}" if avg is not None else f"Chosen: {what}{size}."
     comp = selected_comparison(inp.findings.comparisons, sel)

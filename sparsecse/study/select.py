@@ -11,7 +11,8 @@ import numpy as np
 from .. import SparseCSEError
 from ..core.config import CONTROL_SCORERS
 from ..core.results import DEV, PAPER_SCORER, PARAMS, TrialResult, metric_key, method_name, reading_label, reading_order
-from .stats import ALPHA, bootstrap_diff, correct_family, noninferior, noninferior_runs, paired, sample_std
+from .stats import (ALPHA, bootstrap_diff, correct_family, noninferior, noninferior_runs, paired, sample_std,
+                    what_it_would_take)
 
 Key = tuple  # Point.key: (scorer, sparsity, λ, combine, normalize), seeds pooled
 
@@ -165,6 +166,8 @@ def safe_choice(groups: dict[Key, list[TrialResult]], margin: float,
         if any(x is None for x in mine):
             break
         per = {src: noninferior_runs([m[src] for m in mine], [c[src] for c in runs(ctrl)], margin) for src in sources}
+        for t in per.values():
+            t.update({"verdict": "passed"} if t["passed"] else what_it_would_take(t, margin))
         passed = all(t["passed"] for t in per.values())
         detail["steps"].append({"sparsity": k[1], "lam": k[2], "dev": _dev(groups[k]), "sources": per,
                                 "passed": passed})
@@ -174,8 +177,37 @@ def safe_choice(groups: dict[Key, list[TrialResult]], margin: float,
     detail["why"] = (f"the sparsest point before the first not shown within {margin:g} points of the control on "
                      f"every source ({', '.join(sources)})" if key != CONTROL_KEY else
                      f"no pruned point was shown within {margin:g} points of the control on every source "
-                     f"({', '.join(sources)})")
+                     f"({', '.join(sources)})") + why_stopped(detail["steps"])
     return key, detail
+
+
+def _ways(t: dict) -> list[str]:
+    """What would let a point this close pass (stats.what_it_would_take), in the config's words."""
+    ways = [f"{t['seeds_needed']} seeds (sweep.seeds)" if t.get("seeds_needed") else "",
+            f"about {t['pairs_needed']:,} choice pairs" if t.get("pairs_needed") else "",
+            f"{t['seeds_and_pairs'][0]} seeds and about {t['seeds_and_pairs'][1]:,} choice pairs"
+            if t.get("seeds_and_pairs") else "",
+            f"sweep.margin {t['margin_needed']:.2f}" if t.get("margin_needed") is not None else ""]
+    return [w for w in ways if w]
+
+
+def why_stopped(steps: list[dict]) -> str:
+    """Why the safe rule's sequence stopped, per source that failed: the point is worse than the margin allows, or
+    it may be within it but these runs and pairs cannot show it — and what would (80 % power): more seeds, more
+    choice pairs, both, or a wider margin."""
+    if not steps or steps[-1]["passed"]:
+        return ""
+    st = steps[-1]
+    parts = []
+    for src, t in st["sources"].items():
+        if t["verdict"] == "worse":
+            parts.append(f"on {src}: {t['diff']:+.2f} against the control, beyond the margin (pruning costs more)")
+        elif t["verdict"] == "not shown":
+            bound = "" if t.get("lower") is None else f" (95 % bound {t['lower']:+.2f} on {t['pairs']:,} pairs)"
+            parts.append(f"on {src}: {t['diff']:+.2f} against the control, within the margin but not shown{bound}"
+                         + (f"; a point truly this close would pass 4 times in 5 with {' or '.join(ways)}"
+                            if (ways := _ways(t)) else ""))
+    return f"; at {st['sparsity']:.0%}: " + "; ".join(parts)
 
 
 def rule_choice(groups: dict[Key, list[TrialResult]], rule: str, margin: float,

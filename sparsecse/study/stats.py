@@ -210,3 +210,40 @@ def noninferior_runs(point: list[tuple], control: list[tuple], margin: float, n_
     se = float(np.sqrt(se_pairs ** 2 + s2 / len(point) + s2 / len(control)))
     lower = diff - Z_ONE_SIDED * se
     return {**out, "se": se, "se_pairs": se_pairs, "lower": lower, "passed": bool(lower > -margin)}
+
+
+Z_POWER = 0.8416212335729143  # the standard normal's 80th percentile: a test that passes 4 times in 5
+
+
+def what_it_would_take(t: dict, margin: float, max_seeds: int = 20) -> dict:
+    """Why a noninferior_runs test `t` failed, and what would let a point truly at its difference pass 4 times in 5
+    (80 % power, under the normal approximation the test itself uses: pair noise falls as 1/√pairs, training noise
+    as s²/runs on each side). {"verdict": "worse"} when the estimate itself is beyond the margin (the data say the
+    point costs more than it allows); else {"verdict": "not shown", "margin_needed": the margin at which it would on
+    these pairs and runs, "pairs_needed": the choice pairs at which it would with these runs, "seeds_needed": the
+    seeds (runs of the point; the control keeps its extra retrainings) at which it would on these pairs, and
+    "seeds_and_pairs": [seeds, pairs] when neither alone would, the fewest seeds that leave the pairs half the
+    variance} — None where that way cannot (within max_seeds)."""
+    if t.get("se") is None:
+        return {"verdict": "not shown", "margin_needed": None, "pairs_needed": None, "seeds_needed": None,
+                "seeds_and_pairs": None}
+    if t["diff"] <= -margin:
+        return {"verdict": "worse"}
+    z = Z_ONE_SIDED + Z_POWER
+    target2 = ((t["diff"] + margin) / z) ** 2
+    s2, p2, n0, extra = t["seed_sd"] ** 2, t["se_pairs"] ** 2, t["n_point"], t["n_control"] - t["n_point"]
+
+    def train2(k: int) -> float:  # the training-noise variance with k runs of the point, k + extra of the control
+        return s2 * (1 / k + 1 / (k + extra))
+
+    def pairs_at(k: int) -> int | None:
+        room = target2 - train2(k)
+        return int(np.ceil(t["pairs"] * p2 / room)) if room > 0 and p2 > 0 else None
+
+    seeds = next((k for k in range(n0 + 1, max_seeds + 1) if p2 + train2(k) <= target2), None)
+    pairs = pairs_at(n0)
+    # both: the fewest seeds that leave half the variance to the pairs (a balanced ask, not the least of either)
+    both = next((k for k in range(n0 + 1, max_seeds + 1) if train2(k) <= target2 / 2), None)
+    return {"verdict": "not shown", "margin_needed": float(z * t["se"] - t["diff"]), "pairs_needed": pairs,
+            "seeds_needed": seeds,
+            "seeds_and_pairs": [both, pairs_at(both)] if both and not (pairs or seeds) else None}
