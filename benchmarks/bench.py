@@ -278,7 +278,8 @@ def bench_eval(data_dir: Path, reps: int, tasks: tuple[str, ...], before: bool =
 INFERENCE_ARMS = {"st_dense": "sentence-transformers, dense fp32 (baseline)",
                   "st_pruned": "sentence-transformers on export/pruned", "pruned": "ours, pruned torch",
                   "ort_unfused": "pruned ONNX fp32, torch exporter's graph", "ort_fp32": "pruned ONNX fp32 (fused)",
-                  "ort_int8": "pruned ONNX int8 (fused)", "pruned_padded": "ours, pruned torch, padded forward"}
+                  "ort_int8": "pruned ONNX int8 (fused)", "pruned_padded": "ours, pruned torch, padded forward",
+                  "st_pruned_padded": "sentence-transformers on export/pruned, its stock (padded) forward"}
 SENTENCE_SETS = ("wiki", "stsb-test")
 
 
@@ -349,8 +350,9 @@ def bench_inference(data_dir: Path, reps: int, sparsities=(0.1, 0.3, 0.5), n: in
     test Spearman × 100, and the ONNX arms' lowest per-sentence cosine to the PyTorch export on the STS-B test
     sentences. `model`/`pooler`: another encoder (a directory, e.g. all-mpnet-base-v2 with `avg`, its mean
     pooling; or `random:FAMILY`, random_family_model's, timed without STS-B: random weights score nothing), every
-    arm pooling the same way. `before`: also the pruned export under our encoder with the family's own padded
-    forward (`pruned_padded`), to time the padding-free forward against it."""
+    arm pooling the same way. `before`: also the pruned export with the family's stock padded forward, under our
+    encoder (`pruned_padded`) and under sentence-transformers (`st_pruned_padded`; the export runs padding-free
+    there since the twenty-third session), to time the padding-free forward against it."""
     from sentence_transformers import SentenceTransformer
 
     from sparsecse.method.data import load_stsb
@@ -399,16 +401,21 @@ def bench_inference(data_dir: Path, reps: int, sparsities=(0.1, 0.3, 0.5), n: in
                   "ort_unfused": OnnxEncoder(pdir, "onnx/unfused.onnx", pooler=pooler, threads=threads),
                   "ort_fp32": OnnxEncoder(pdir, pooler=pooler, threads=threads),
                   "ort_int8": OnnxEncoder(pdir, INT8_FILE, pooler=pooler, threads=threads)}
+        st_arms = {"st_pruned": st_pruned}
         if before:
             models["pruned_padded"] = load_encoder(str(pdir), pooler=pooler).eval()
             models["pruned_padded"].packed = False
+            st_arms["st_pruned_padded"] = SentenceTransformer(str(pdir), device="cpu", trust_remote_code=True)
+            st_arms["st_pruned_padded"].max_seq_length = 128
+            st_arms["st_pruned_padded"][0].auto_model.padding_free = False  # the export's stock forward
         point = {"sparsity": s, "params_pruned": sum(p.numel() for p in models["pruned"].backbone.parameters()),
                  "params_dense": sum(p.numel() for p in dense.backbone.parameters()),
                  "onnx_mb": {f: (pdir / f).stat().st_size / 2 ** 20 for f in ("onnx/model.onnx", INT8_FILE)},
                  "heads_per_layer": backbone.config.heads_per_layer, "sets": {}}
         for name, sents in sets.items():
-            arms = {"st_dense": timed(lambda x=sents: st.encode(x, batch_size=64, convert_to_numpy=True)),
-                    "st_pruned": timed(lambda x=sents: st_pruned.encode(x, batch_size=64, convert_to_numpy=True))}
+            arms = {"st_dense": timed(lambda x=sents: st.encode(x, batch_size=64, convert_to_numpy=True))}
+            arms.update({k: timed(lambda m=m, x=sents: m.encode(x, batch_size=64, convert_to_numpy=True))
+                         for k, m in st_arms.items()})
             arms.update({k: timed(lambda m=m, x=sents: encode(m, x, batch_size=64, max_len=128))
                          for k, m in models.items()})
             t = abn(arms, reps, warmup)

@@ -86,6 +86,9 @@ def test_masked_equals_zeroed_equals_physically_pruned(family_dir, full_layer):
     zeroed.set_masks(torch.ones_like(enc.head_mask), torch.ones_like(enc.neuron_mask))
     torch.testing.assert_close(_states(zeroed, batch), masked, atol=1e-5, rtol=1e-4)
     pruned = physical_prune(enc)
+    real = batch["attention_mask"][..., None].bool()  # its own forward runs padding-free: zeros at the padding
+    torch.testing.assert_close(pruned(**batch).last_hidden_state, masked * real, atol=1e-5, rtol=1e-4)
+    pruned.padding_free = False
     torch.testing.assert_close(pruned(**batch).last_hidden_state, masked, atol=1e-5, rtol=1e-4)
     assert sum(p.numel() for p in pruned.parameters()) == encoder_params(enc)  # the size the sweep reports
 
@@ -157,6 +160,20 @@ def test_export_loads_in_automodel_and_sentence_transformers_with_the_masked_emb
     dense = SentenceTransformer(str(out), device="cpu")
     assert torch.nn.functional.cosine_similarity(torch.as_tensor(dense.encode(SENTENCES)), want).min() >= 0.9999
     assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in enc.backbone.parameters())
+    # on a padded batch the export runs padding-free (packed.py ships beside its modeling file): the stock forward's
+    # states on the real tokens, zeros at the padding; asked for anything more, it runs the stock forward
+    batch = enc.tokenize(SENTENCES)
+    real = batch["attention_mask"][..., None].bool()
+    free = pruned(**batch).last_hidden_state
+    assert (out / "pruned" / "packed.py").is_file() and pruned._padding_free_why_not is None
+    assert "zeros at the padded positions" in (out / "pruned" / "README.md").read_text()  # the card says so
+    assert not real.all() and not free.masked_select(~real).any()
+    stock = pruned(**batch, output_hidden_states=True).last_hidden_state
+    assert stock.masked_select(~real).abs().sum() > 0
+    torch.testing.assert_close(free, stock * real, atol=1e-5, rtol=1e-4)
+    st[0].auto_model.padding_free = False  # sentence-transformers' embeddings are the same either way
+    padded = torch.as_tensor(st.encode(SENTENCES))
+    assert torch.nn.functional.cosine_similarity(padded, emb).min() >= 0.99999
     # the smaller model runs the dense model's attention kernel: under sentence-transformers the same attention
     # implementation, and where that is SDPA, one scaled_dot_product_attention call per layer that has heads
     impl = dense[0].auto_model.config._attn_implementation

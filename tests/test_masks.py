@@ -98,10 +98,14 @@ def test_physically_pruned_equals_masked_including_empty_layers(tiny):
     zero_pruned_weights(tiny)
     masked = _hidden(tiny, ids, att)
     pruned = physical_prune(tiny)
-    out = pruned(input_ids=ids, attention_mask=att).last_hidden_state
+    out = pruned(input_ids=ids, attention_mask=att).last_hidden_state  # padding-free: zeros at the padding
+    pruned.padding_free = False
+    stock = pruned(input_ids=ids, attention_mask=att).last_hidden_state
     assert pruned.config.heads_per_layer == [0, 3]
     assert pruned.config.intermediate_per_layer == [37 - 13, 0]
-    assert torch.allclose(masked, out, atol=1e-5)
+    real = att[..., None].bool()
+    assert not real.all() and torch.allclose(masked, stock, atol=1e-5)
+    assert torch.allclose(masked * real, out, atol=1e-5) and not out.masked_select(~real).any()
     n_dense = sum(p.numel() for p in tiny.backbone.encoder.parameters())
     n_pruned = sum(p.numel() for p in pruned.encoder.parameters())
     assert n_pruned < n_dense

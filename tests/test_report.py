@@ -409,6 +409,10 @@ def test_report_html_is_a_page_with_real_tables_the_answer_first_and_each_figure
     assert text.endswith("Speed against the dense model under sentence-transformers, on the exporting machine's "
                          "CPU: the pruned model under sentence-transformers 1.38×, pruned/onnx/model_qint8.onnx under "
                          "ONNX Runtime 3.74×.")
+    # the control chosen: export/pruned is the same model, faster only by its forward — said so
+    kept = replace(inp, export_speed=speed, selected=replace(inp.selected, control_won=True))
+    assert ("its copy in export/pruned (nothing removed; its padding-free forward) under sentence-transformers 1.38×"
+            in answer_of(kept))
 
 
 @pytest.mark.slow

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import operator
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -26,71 +24,12 @@ from ..core.checkpoints import EXTRA_FILE, META_FILE
 from ..core.config import POOLERS
 from ..core.io import atomic_dir, verify_manifest
 from ..core.staging import is_staged_uri, local
-from .packed import packed_forward, supports, why_not
+from .packed import ADAPTERS, Adapter, packed_forward, supports, why_not  # noqa: F401 (Adapter re-exported)
 from . import pruned_modeling
 
 DEFAULT_MODEL = "minilm"
 
 
-@dataclass(frozen=True)
-class Adapter:
-    """Where a backbone family keeps the modules masks and pruning touch (paths relative to a layer), and how its
-    config names them. Heads: the output projection's input (B, T, H·d) is scaled per head (a pre-hook), and head
-    h owns rows h·d … (h+1)·d of the query, key and value projections — or, in a fused [q; k; v] projection (`qkv`,
-    ModernBERT's Wqkv, which the attention views as (3, H, d)), those rows of each third. Neurons: neuron j is the
-    j-th output of the FFN's first projection — in a gated one (`gated`, ModernBERT's Wi = [value; gate], chunked
-    in two), rows j and I + j together, so the value and its gate are kept or removed as a pair — and the j-th
-    input of its second; the mask scales that input (a hook on `intermediate`, act(dense(x)), or, where no module
-    computes it alone, a pre-hook on `ffn_out`)."""
-
-    layers: str = "encoder.layer"
-    query: str = "attention.self.query"
-    key: str = "attention.self.key"
-    value: str = "attention.self.value"
-    qkv: str | None = None  # a fused [q; k; v] projection replaces query/key/value
-    attn_out: str = "attention.output.dense"
-    attn_self: str = "attention.self"  # has query/key/value, num_attention_heads, attention_head_size, scaling, dropout
-    attn_output: str = "attention.output"  # forward(context, residual) = LayerNorm(dropout(dense(context)) + residual)
-    ffn_output: str = "output"  # forward(intermediate, residual), same shape as attn_output
-    intermediate: str | None = "intermediate"  # output = act(dense(x)), (B, T, I); None: pre-hook on ffn_out
-    inter_dense: str = "intermediate.dense"
-    gated: bool = False
-    ffn_out: str = "output.dense"
-    intermediate_size: str = "intermediate_size"  # the config attribute holding I
-    dropouts: tuple[str, ...] = ("hidden_dropout_prob", "attention_probs_dropout_prob")  # train.dropout sets these
-    pooling_layer: bool = True  # the model's constructor takes add_pooling_layer (BERT's pooler)
-
-    def get(self, module: nn.Module, what: str) -> nn.Module:
-        return operator.attrgetter(getattr(self, what))(module)
-
-    def head_rows(self, layer: nn.Module, heads: torch.Tensor, d: int, num_heads: int) -> list:
-        """[(projection, its output rows)] that compute the given heads' queries, keys and values."""
-        cols = (heads[:, None] * d + torch.arange(d)).flatten()
-        if self.qkv:
-            return [(self.get(layer, "qkv"), torch.cat([cols + i * num_heads * d for i in range(3)]))]
-        return [(self.get(layer, n), cols) for n in ("query", "key", "value")]
-
-    def neuron_rows(self, layer: nn.Module, neurons: torch.Tensor, size: int) -> list:
-        """[(projection, its output rows)] that compute the given FFN neurons (value and gate rows when gated)."""
-        return [(self.get(layer, "inter_dense"), torch.cat([neurons, neurons + size]) if self.gated else neurons)]
-
-
-BERT_LIKE = Adapter()
-ADAPTERS = {
-    "bert": BERT_LIKE, "roberta": BERT_LIKE, "xlm-roberta": BERT_LIKE,
-    "electra": Adapter(pooling_layer=False),
-    "mpnet": Adapter(query="attention.attn.q", key="attention.attn.k", value="attention.attn.v",
-                     attn_out="attention.attn.o", attn_self="attention.attn", attn_output="attention"),
-    "distilbert": Adapter(layers="transformer.layer", query="attention.q_lin", key="attention.k_lin",
-                          value="attention.v_lin", attn_out="attention.out_lin", attn_self="attention",
-                          attn_output="attention", ffn_output="ffn", intermediate="ffn.activation",
-                          inter_dense="ffn.lin1", ffn_out="ffn.lin2", intermediate_size="hidden_dim",
-                          dropouts=("dropout", "attention_dropout"), pooling_layer=False),
-    "modernbert": Adapter(layers="layers", qkv="attn.Wqkv", attn_out="attn.Wo", attn_self="attn", attn_output="attn",
-                          ffn_output="mlp", intermediate=None, inter_dense="mlp.Wi", gated=True, ffn_out="mlp.Wo",
-                          dropouts=("attention_dropout", "mlp_dropout", "embedding_dropout"), pooling_layer=False),
-}
-ADAPTERS.update({f"sparsecse_{k.replace('-', '_')}": v for k, v in list(ADAPTERS.items())})  # physically pruned
 
 
 def adapter_for(config) -> Adapter:
@@ -217,6 +156,8 @@ class Encoder(nn.Module):
         if reason:
             raise SparseCSEError(f"the padding-free forward does not support this backbone: {reason}")
         self._packed = bool(on)
+        if hasattr(self.backbone, "padding_free"):  # a physically pruned model: off, its own forward is the padded one
+            self.backbone.padding_free = self._packed
 
     @property
     def num_layers(self) -> int:

@@ -1,8 +1,14 @@
 """Physically pruned encoders: per-layer head and FFN-neuron counts (SparseCSE export) for BERT, RoBERTa,
 XLM-RoBERTa, ELECTRA, MPNet, DistilBERT and ModernBERT.
 
-This file is self-contained (torch + transformers only): the export copies it next to the weights as
-`modeling_sparsecse.py` so `AutoModel.from_pretrained(DIR, trust_remote_code=True)` loads the model.
+This file is self-contained (torch + transformers, and packed.py beside it): the export copies it next to the
+weights as `modeling_sparsecse.py`, with packed.py, so `AutoModel.from_pretrained(DIR, trust_remote_code=True)`
+loads the model.
+
+On a padded batch the model runs padding-free (packed.py: the per-token work on real tokens only), the same
+outputs up to float rounding, with zeros at the padded positions of `last_hidden_state` — what sentence-transformers
+and any pooling that masks padding read. Anything else (no padding, hidden states or attentions asked for, token
+types, position ids, embeddings passed in, tracing or export, `model.padding_free = False`) runs the stock forward.
 Layers keep the stock modules; their Linear layers are simply narrower (a fused [q; k; v] projection keeps its
 three thirds, a gated FFN projection its value and gate halves). A layer with no heads left (or no neurons)
 contributes only the output projection's bias, exactly as the fully masked layer does.
@@ -10,10 +16,14 @@ contributes only the output projection's bias, exactly as the fully masked layer
 
 import operator
 
+import torch
 from torch import nn
+from transformers.modeling_outputs import BaseModelOutput
 from transformers import (BertConfig, BertModel, DistilBertConfig, DistilBertModel, ElectraConfig, ElectraModel,
                           ModernBertConfig, ModernBertModel, MPNetConfig, MPNetModel, RobertaConfig, RobertaModel,
                           XLMRobertaConfig, XLMRobertaModel)
+
+from .packed import ADAPTERS, packed_forward, why_not
 
 # family: (layers, attention module replaced when a layer has no heads, its kind, [q, k, v] or [fused qkv],
 #          attention output, [FFN first projection], FFN second projection, gated, FFN module, intermediate size key)
@@ -131,6 +141,30 @@ def _shrink_layers(model, config, family):
         _set(layer, ffn_out, second)
 
 
+_STOCK_ONLY = ("position_ids", "inputs_embeds", "output_attentions", "output_hidden_states", "head_mask",
+               "encoder_hidden_states", "encoder_attention_mask", "past_key_values", "use_cache")
+
+
+def _runs_padding_free(model, family, input_ids, attention_mask, args, kwargs) -> bool:
+    """Whether this call can run padding-free and mean exactly the stock forward: a padded batch of ids with its
+    2-D mask, nothing else asked for, not being traced or exported, and a model packed.py recognises."""
+    if not getattr(model, "padding_free", False) or args or input_ids is None or attention_mask is None:
+        return False
+    if attention_mask.dim() != 2 or attention_mask.shape != input_ids.shape or bool(attention_mask.all()):
+        return False
+    if any(kwargs.get(k) not in (None, False) for k in _STOCK_ONLY) or set(kwargs) - {*_STOCK_ONLY, "token_type_ids",
+                                                                                        "return_dict"}:
+        return False
+    types = kwargs.get("token_type_ids")
+    if types is not None and bool(types.any()):
+        return False
+    if torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
+        return False
+    if not hasattr(model, "_padding_free_why_not"):  # the modules' structure, checked once
+        model._padding_free_why_not = why_not(model, ADAPTERS[family])
+    return model._padding_free_why_not is None
+
+
 def _pruned(base_config, base_model, family, pooling):
     """SparseCSE<Family>Config / Model: the stock classes with per-layer head and neuron counts."""
 
@@ -151,6 +185,13 @@ def _pruned(base_config, base_model, family, pooling):
                 kwargs.setdefault("add_pooling_layer", False)
             super().__init__(config, **kwargs)
             _shrink(self, config, family)
+            self.padding_free = True  # a padded batch runs on its real tokens only (packed.py)
+
+        def forward(self, input_ids=None, attention_mask=None, *args, **kwargs):
+            if _runs_padding_free(self, family, input_ids, attention_mask, args, kwargs):
+                states = packed_forward(self, ADAPTERS[family], input_ids, attention_mask, cls_only=False)
+                return (states,) if kwargs.get("return_dict") is False else BaseModelOutput(last_hidden_state=states)
+            return super().forward(input_ids, attention_mask, *args, **kwargs)
 
     name = base_model.__name__[:-len("Model")]
     Config.__name__ = Config.__qualname__ = f"SparseCSE{name}Config"

@@ -94,7 +94,10 @@ def _model_card(meta: dict, results: dict | None, params: dict, onnx_rows: list[
              "embeddings = model.encode(['A man is playing a guitar.', 'Someone plays an instrument.'])",
              "```", "",
              f"With `transformers.AutoModel`, {EMBEDDING.get(meta.get('pooler'), EMBEDDING['cls_before_pooler'])} is "
-             "the embedding evaluated below" + (", loaded with `trust_remote_code=True`." if pruned else
+             "the embedding evaluated below" + (", loaded with `trust_remote_code=True`. On a padded batch the model "
+                                                "runs on the real tokens only (`packed.py`): the same states there, "
+                                                "zeros at the padded positions of `last_hidden_state` "
+                                                "(`model.padding_free = False` runs the stock forward)." if pruned else
                        "; `pooler_output` is SimCSE's training-time MLP pooler (stored as `pooler.dense`, as SimCSE's "
                        f"released checkpoints do). The smaller model: `{here}`."), ""]
     if results:
@@ -217,6 +220,7 @@ def export_model(source: str | Encoder, out: str | os.PathLike, pooler: str | No
         pruned.save_pretrained(pdir, safe_serialization=True)
         tokenizer.save_pretrained(pdir)
         shutil.copyfile(pruned_modeling.__file__, pdir / MODELING_FILE)
+        shutil.copyfile(Path(pruned_modeling.__file__).with_name("packed.py"), pdir / "packed.py")  # its import
         _add_sentence_transformers(pdir, pooler, dense.mlp[0], max_seq_length, remote=True, normalize=base["normalize"])
         from safetensors.torch import save_file
         mlp = {"mlp.weight": dense.mlp[0].weight.detach().contiguous().cpu(),

@@ -487,7 +487,9 @@ def _speed(inp: ReportInputs) -> str:
     rows = [r for r in inp.export_speed or [] if r["path"] != "sentence-transformers, dense"]
     if not rows:
         return ""
-    paths = ", ".join(("the pruned model under sentence-transformers" if r["path"].startswith("sentence-transformers")
+    st = ("its copy in export/pruned (nothing removed; its padding-free forward) under sentence-transformers"
+          if inp.selected and inp.selected.control_won else "the pruned model under sentence-transformers")
+    paths = ", ".join((st if r["path"].startswith("sentence-transformers")
                        else f"{r['path'].split(', ', 1)[1]} under ONNX Runtime") + f" {r['x_dense']:.2f}×" for r in rows)
     return f" Speed against the dense model under sentence-transformers, on the exporting machine's CPU: {paths}."
 
