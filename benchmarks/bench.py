@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import statistics
 import time
 from datetime import date
@@ -279,7 +280,8 @@ INFERENCE_ARMS = {"st_dense": "sentence-transformers, dense fp32 (baseline)",
                   "st_pruned": "sentence-transformers on export/pruned", "pruned": "ours, pruned torch",
                   "ort_unfused": "pruned ONNX fp32, torch exporter's graph", "ort_fp32": "pruned ONNX fp32 (fused)",
                   "ort_int8": "pruned ONNX int8 (fused)", "pruned_padded": "ours, pruned torch, padded forward",
-                  "st_pruned_padded": "sentence-transformers on export/pruned, its stock (padded) forward"}
+                  "st_pruned_padded": "sentence-transformers on export/pruned, its stock (padded) forward",
+                  "ort_fp32_padded": "pruned ONNX fp32 (fused, padded)", "ort_int8_padded": "pruned ONNX int8 (fused, padded)"}
 SENTENCE_SETS = ("wiki", "stsb-test")
 
 
@@ -352,7 +354,8 @@ def bench_inference(data_dir: Path, reps: int, sparsities=(0.1, 0.3, 0.5), n: in
     pooling; or `random:FAMILY`, random_family_model's, timed without STS-B: random weights score nothing), every
     arm pooling the same way. `before`: also the pruned export with the family's stock padded forward, under our
     encoder (`pruned_padded`) and under sentence-transformers (`st_pruned_padded`; the export runs padding-free
-    there since the twenty-third session), to time the padding-free forward against it."""
+    there since the twenty-third session), and the fused ONNX graph written padded (`ort_fp32_padded`,
+    `ort_int8_padded`), to time the padding-free paths against them."""
     from sentence_transformers import SentenceTransformer
 
     from sparsecse.method.data import load_stsb
@@ -362,7 +365,7 @@ def bench_inference(data_dir: Path, reps: int, sparsities=(0.1, 0.3, 0.5), n: in
     from sparsecse.method.prune import masks_for
     from sparsecse.method.score import compute_scores
     from sparsecse.ops.export import export_model
-    from sparsecse.ops.onnx_export import INT8_FILE, OnnxEncoder, _torch_export, input_names
+    from sparsecse.ops.onnx_export import INT8_FILE, OnnxEncoder, _torch_export, export_onnx, input_names
 
     threads = torch.get_num_threads()
     work = work or Path("bench-results") / "inference"
@@ -405,6 +408,12 @@ def bench_inference(data_dir: Path, reps: int, sparsities=(0.1, 0.3, 0.5), n: in
         if before:
             models["pruned_padded"] = load_encoder(str(pdir), pooler=pooler).eval()
             models["pruned_padded"].packed = False
+            padded_dir = work / f"s{int(s * 100)}-padded-onnx"  # the fused graph as it was: padded
+            shutil.rmtree(padded_dir, ignore_errors=True)
+            shutil.copytree(pdir, padded_dir, ignore=shutil.ignore_patterns("onnx"))
+            export_onnx(backbone, tok, padded_dir, padding_free=False)
+            models["ort_fp32_padded"] = OnnxEncoder(padded_dir, pooler=pooler, threads=threads)
+            models["ort_int8_padded"] = OnnxEncoder(padded_dir, INT8_FILE, pooler=pooler, threads=threads)
             st_arms["st_pruned_padded"] = SentenceTransformer(str(pdir), device="cpu", trust_remote_code=True)
             st_arms["st_pruned_padded"].max_seq_length = 128
             st_arms["st_pruned_padded"][0].auto_model.padding_free = False  # the export's stock forward

@@ -56,18 +56,21 @@ def test_onnx_export_of_the_pruned_model_equals_pytorch_and_evaluates_the_same(t
     assert "## Speed" in card and f"{speed[3]['x_dense']:.2f}×" in card
     torch_pruned = load_encoder(str(pdir)).eval()
     assert torch_pruned.backbone.config.heads_per_layer == [0, 3]  # uneven, a layer with none
-    # the fused graph: one Attention node per layer that has heads, with that layer's own head count; no loose
-    # softmax/transposes; residual + LayerNorm fused; int8 quantises the attention's projections too
+    # the fused graph, padding-free: every per-token node on the packed real tokens (one NonZero finds them), one
+    # MultiHeadAttention per layer that has heads, with that layer's own head count, on the padded layout; no loose
+    # softmax; residual + LayerNorm fused; int8 quantises every weight MatMul but the first attention projection
     import onnx
+
+    from sparsecse.ops.onnx_export import _first_attention_projection
 
     graph = onnx.load(str(pdir / "onnx" / "model.onnx")).graph
     ops = [n.op_type for n in graph.node]
-    heads = [a.i for n in graph.node if n.op_type == "Attention" for a in n.attribute if a.name == "num_heads"]
-    assert heads == [3] and "Softmax" not in ops and "Transpose" not in ops
+    heads = [a.i for n in graph.node if n.op_type == "MultiHeadAttention" for a in n.attribute if a.name == "num_heads"]
+    assert heads == [3] and "Softmax" not in ops and ops.count("NonZero") == 1 and "Attention" not in ops
     assert ops.count("SkipLayerNormalization") == 3 and "EmbedLayerNormalization" in ops  # layer 0's attention: bias
-    int8_ops = [n.op_type for n in onnx.load(str(pdir / "onnx" / "model_qint8.onnx")).graph.node]
-    # int8: integer matmuls; the first attention stays fp32 (its input is what int8 hurts most, onnx_export)
-    assert "MatMulInteger" in int8_ops and int8_ops.count("Attention") == 1 and "QAttention" not in int8_ops
+    int8 = onnx.load(str(pdir / "onnx" / "model_qint8.onnx")).graph.node
+    first = _first_attention_projection(graph)
+    assert [n.name for n in int8 if n.op_type == "MatMul"] == [first] and "MatMulInteger" in [n.op_type for n in int8]
     assert "fused transformer ops" in card and "int8: 0 of 1 attention nodes as QAttention" in card
     assert "the CLS row of `last_hidden_state` (`[:, 0]`, no MLP)" in card
     sents = [f"sentence {i} about {'many ' * (i % 7)}things" for i in range(40)]
@@ -116,8 +119,8 @@ def test_onnx_pooler_cls_applies_simcse_mlp(tiny_model_dir, tmp_path):
 def test_the_fused_export_of_a_30pct_minilm_keeps_its_embeddings_in_fp32_and_int8(data_dir, tmp_path):
     """The export users deploy (issue 41's harness): the packaged MiniLM scored on 128 STS-B train pairs, 30 % of
     heads and neurons pruned at λ 0.5. On every STS-B test sentence the fused fp32 graph gives the PyTorch export's
-    embedding (cosine ≥ 0.9999) and its STS-B figure (±0.02); int8 (every attention but the first quantised) stays
-    at cosine ≥ 0.99 per sentence and within 0.3 of fp32 on STS-B (BENCHMARKS row 3)."""
+    embedding (cosine ≥ 0.9999) and its STS-B figure (±0.02); int8 (every attention projection but the first
+    quantised) stays at cosine ≥ 0.99 per sentence and within 0.5 of fp32 on STS-B (BENCHMARKS rows 3, 3e)."""
     from sparsecse.method.data import load_stsb
     from sparsecse.method.evaluate import encode, evaluate_sts
     from sparsecse.method.prune import masks_for
@@ -141,15 +144,20 @@ def test_the_fused_export_of_a_30pct_minilm_keeps_its_embeddings_in_fp32_and_int
     assert abs(s32 - st) <= 0.02  # the ONNX model evaluates as the PyTorch one does
     import onnx
 
-    ops = [n.op_type for n in onnx.load(str(pdir / "onnx" / "model_qint8.onnx")).graph.node]
-    attention = [n for n in onnx.load(str(pdir / "onnx" / "model.onnx")).graph.node if n.op_type == "Attention"]
-    assert ops.count("Attention") == 1 and ops.count("QAttention") == len(attention) - 1  # all but the first
+    from sparsecse.ops.onnx_export import _first_attention_projection
+
+    int8 = onnx.load(str(pdir / "onnx" / "model_qint8.onnx")).graph.node
+    first = _first_attention_projection(onnx.load(str(pdir / "onnx" / "model.onnx")).graph)
+    assert [n.name for n in int8 if n.op_type == "MatMul"] == [first]  # every other weight MatMul is int8
     int8_enc = OnnxEncoder(pdir, "onnx/model_qint8.onnx", threads=2)
     s8 = evaluate_sts(int8_enc, data_dir, tasks=("STSBenchmark",))["STSBenchmark"]
     print(f"STS-B test, MiniLM pruned 30 %: torch {st:.2f}, ONNX fp32 {s32:.2f}, int8 {s8:.2f} (Δ {s8 - s32:+.2f})")
     int8 = torch.stack(list(encode(int8_enc, sents).values()))
     assert torch.nn.functional.cosine_similarity(int8, got).min() >= 0.99  # per sentence, against fp32
-    assert abs(s8 - s32) <= 0.3
+    # int8's STS-B cost moves with how sentences are batched (dynamic per-tensor activation scales): on this export
+    # −0.20 … −0.50 across batchings, the padded and the padding-free graph alike (BENCHMARKS row 3e); the
+    # per-sentence cosine above is what says the file is right
+    assert abs(s8 - s32) <= 0.5
 
 
 def test_int8_export_of_a_model_with_a_layer_that_has_nothing_left(tiny_model_dir, tmp_path):
@@ -221,7 +229,13 @@ def test_the_fused_mpnet_graph_carries_each_layers_share_of_the_relative_positio
     int8_ops = [n.op_type for n in int8]
     assert int8_ops.count("MultiHeadAttention") == 2 and "QAttention" not in int8_ops
     producer = {o: n for n in graph.node for o in n.output}
-    first, second = (producer[producer[n.input[0]].input[0]].name for n in attention)  # MatMul → Split → attention
+
+    def projection(n):  # back from the attention's query: Split, Reshape, ScatterND (the packed rows), the MatMul
+        while n.op_type != "MatMul":
+            n = producer[n.input[2] if n.op_type == "ScatterND" else n.input[0]]
+        return n.name
+
+    first, second = (projection(n) for n in attention)
     fp32_matmuls = {n.name for n in int8 if n.op_type == "MatMul"}
     assert first in fp32_matmuls and second not in fp32_matmuls  # the first layer's projection fp32, the next int8
     card = (pdir / "README.md").read_text()
@@ -264,3 +278,42 @@ def test_int8_keeps_the_matmuls_whose_inputs_carry_outlier_activations_in_fp32(t
     assert outlier_matmuls(model, tok) == ["outlier"]
     onnx.save(model, str(tmp_path / "m.onnx"))
     assert kept_fp32(tmp_path / "m.onnx", tok) == ["outlier"] and kept_fp32(tmp_path / "m.onnx") == []
+
+
+def test_the_padding_free_graph_equals_the_padded_one_on_the_real_tokens(tiny_model_dir, tmp_path):
+    """The default fused graph runs every per-token node on the real tokens only (gathered once; attention on the
+    padded layout): on a batch of uneven sentences its states equal the padded fused graph's (one Attention node per
+    layer) and the PyTorch model's on every real token, with zeros at the padding; both int8 files keep the
+    embeddings."""
+    import onnx
+    import onnxruntime as ort
+
+    from sparsecse.method.pruned_modeling import load as load_pruned
+    from sparsecse.ops.export import export_model
+    from sparsecse.ops.onnx_export import INT8_FILE, export_onnx
+
+    pdir = export_model(_masked_tiny(tiny_model_dir), tmp_path / "e", onnx=True) / "pruned"
+    backbone, tok = load_pruned(str(pdir))
+    padded = tmp_path / "padded"
+    padded.mkdir()
+    export_onnx(backbone, tok, padded, padding_free=False)
+    batch = tok(["a man is playing a guitar .", "ok", "the quick brown fox jumps over the lazy dog today"],
+                padding=True, return_tensors="np")
+    real = batch["attention_mask"].astype(bool)
+    backbone.padding_free = False
+    with torch.no_grad():
+        want = backbone.eval()(**{k: torch.as_tensor(batch[k]) for k in ("input_ids", "attention_mask")})[0].numpy()
+    out = {}
+    for d, f in ((pdir, "onnx/model.onnx"), (padded, "onnx/model.onnx"), (pdir, INT8_FILE), (padded, INT8_FILE)):
+        session = ort.InferenceSession(str(d / f), providers=["CPUExecutionProvider"])
+        out[d.name, f] = session.run(None, {i.name: batch[i.name] for i in session.get_inputs()})[0]
+    free, stock = out["pruned", "onnx/model.onnx"], out["padded", "onnx/model.onnx"]
+    assert np.abs(free - want)[real].max() < 1e-4 and np.abs(stock - want)[real].max() < 1e-4
+    assert not free[~real].any() and np.abs(stock[~real]).sum() > 0  # the padded graph computes the padding too
+    for name in ("pruned", "padded"):
+        a, b = out[name, INT8_FILE][real], want[real]
+        cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+        assert cos.min() >= INT8_COSINE, name
+    ops = {d.name: [n.op_type for n in onnx.load(str(d / "onnx" / "model.onnx")).graph.node] for d in (pdir, padded)}
+    assert "NonZero" in ops["pruned"] and "Attention" not in ops["pruned"]
+    assert "NonZero" not in ops["padded"] and "Attention" in ops["padded"]

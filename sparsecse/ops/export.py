@@ -109,8 +109,10 @@ def _model_card(meta: dict, results: dict | None, params: dict, onnx_rows: list[
                   f"{EMBEDDING.get(meta.get('pooler'), EMBEDDING['cls_before_pooler'])}. Speed: sentences/s encoding "
                   "256 wiki sentences in length-sorted batches of 64 on the exporting machine; STS-B test: "
                   "Spearman × 100. "
-                  + ("Graph: ONNX Runtime's fused transformer ops (one Attention node per layer with that layer's own "
-                     "head count, SkipLayerNormalization, BiasGelu)."
+                  + ("Graph: ONNX Runtime's fused transformer ops (a MultiHeadAttention node per layer with that "
+                     "layer's own head count, SkipLayerNormalization, BiasGelu), padding-free: every per-token node "
+                     "runs on the real tokens only, attention on the padded layout; `last_hidden_state` is zero at "
+                     "padded positions."
                      if onnx_rows[0]["graph"] == FUSED else f"Graph: unfused ({onnx_rows[0]['graph']}).")
                   + (f" {onnx_rows[0]['int8']}" if onnx_rows[0].get("int8") else ""), "",
                   render(["file", "size (MB)", "sentences/s", "STS-B test"],

@@ -61,8 +61,8 @@ def kept_fp32(onnx_path: str | Path, tokenizer=None) -> list[str]:
     - MatMuls whose weight has a zero-sized dimension: a layer pruned to no heads has 0-wide Q/K/V and a 0-deep
       output projection (torch exporter's graph). ONNX Runtime's MatMulInteger leaves such a product uninitialised
       (garbage, NaN) where fp32 MatMul returns the zeros it should; they hold no weights to quantise anyway.
-    - the first layer's attention projection (the fused Attention node, or the Q|K|V MatMul before MPNet's
-      MultiHeadAttention): it reads the embedding LayerNorm's output, whose dynamic (per-tensor) int8
+    - the first layer's attention projection (the fused Attention node of a padded graph, or the Q|K|V MatMul
+      before a MultiHeadAttention): it reads the embedding LayerNorm's output, whose dynamic (per-tensor) int8
       quantisation cost most of int8's STS-B loss — measured on the 30 % MiniLM export: −0.32 with it quantised,
       −0.01 without (BENCHMARKS row 3), for 1/6 of the QKV work in fp32.
     - with a tokenizer: the MatMuls whose inputs carry outlier activations (`outlier_matmuls`)."""
@@ -83,10 +83,11 @@ def _first_attention_projection(graph) -> str | None:
     for n in graph.node:
         if n.op_type == "Attention":
             return n.name
-        if n.op_type == "MultiHeadAttention":
-            split = producer.get(n.input[0])
-            matmul = producer.get(split.input[0]) if split is not None and split.op_type == "Split" else None
-            return matmul.name if matmul is not None and matmul.op_type == "MatMul" else None
+        if n.op_type == "MultiHeadAttention":  # back from its query through Split (and a padding-free graph's
+            node = producer.get(n.input[0])   # Reshape and ScatterND of the packed rows) to the MatMul
+            while node is not None and node.op_type in ("Split", "Reshape", "ScatterND"):
+                node = producer.get(node.input[2] if node.op_type == "ScatterND" else node.input[0])
+            return node.name if node is not None and node.op_type == "MatMul" else None
     return None
 
 
@@ -192,10 +193,12 @@ def family_of(backbone) -> str:
     return mtype[len("sparsecse_"):].replace("_", "-") if mtype.startswith("sparsecse_") else mtype
 
 
-def export_onnx(backbone, tokenizer, out_dir: str | Path, quantize: bool = True) -> tuple[list[str], str]:
+def export_onnx(backbone, tokenizer, out_dir: str | Path, quantize: bool = True,
+                padding_free: bool = True) -> tuple[list[str], str]:
     """Write `out_dir`/onnx/model.onnx (and model_qint8.onnx) from a backbone (dense or physically pruned); returns
-    the files written and which graph they hold: "fused" (`onnx_fused`: one Attention node per layer with the
-    layer's own head count), or why the family went through torch's exporter instead. The caller writes into a
+    the files written and which graph they hold: "fused" (`onnx_fused`: a MultiHeadAttention node per layer with
+    the layer's own head count; with `padding_free`, the default, every per-token node on the real tokens only),
+    or why the family went through torch's exporter instead. The caller writes into a
     directory it publishes atomically (export.export_model)."""
     _require()
     out_dir = Path(out_dir)
@@ -205,7 +208,7 @@ def export_onnx(backbone, tokenizer, out_dir: str | Path, quantize: bool = True)
     reason = onnx_fused.unsupported(family_of(model), model.config)
     if reason is None:
         with torch.no_grad():
-            onnx_fused.write(model, family_of(model), names, out_dir / FP32_FILE)
+            onnx_fused.write(model, family_of(model), names, out_dir / FP32_FILE, padding_free)
     else:
         _torch_export(model, tokenizer, names, out_dir / FP32_FILE)
     files = [FP32_FILE]
