@@ -263,17 +263,18 @@ def _position_biases(backbone: nn.Module, layers: list, T: int) -> list[torch.Te
 
 def _rotary_and_windows(backbone: nn.Module, layers: list, batch: _Batch, x: torch.Tensor) -> list[tuple]:
     """ModernBERT: per layer, for its attention type, the rotary (cos, sin) at each packed token's position in its
-    row, (N, head_dim) each (transformers' positions: 0 … T−1 along the padded row), and the keys each query sees:
-    the real ones — in a sliding-window layer only those within config.local_attention // 2, inclusive, (B, 1, T, T)."""
+    row, (N, head_dim) each (transformers' positions: 0 … T−1 along the padded row), the keys each query sees —
+    the real ones; in a sliding-window layer only those within config.local_attention // 2, inclusive, (B, 1, T, T)
+    — and the model's apply_rotary_pos_emb."""
     T = batch.T
     pos = torch.arange(T, device=x.device)
     at = batch.idx % T
     window = (pos[:, None] - pos[None]).abs() <= backbone.config.local_attention // 2
-    per_type = {}
+    per_type, rotate = {}, _rotary(layers[0])
     for kind in {layer.attention_type for layer in layers}:
         cos, sin = backbone.rotary_emb(x, pos[None], kind)  # (1, T, d)
         keys = batch.key_mask & window if kind == "sliding_attention" else batch.key_mask
-        per_type[kind] = (cos[0].index_select(0, at), sin[0].index_select(0, at), keys)
+        per_type[kind] = (cos[0].index_select(0, at), sin[0].index_select(0, at), keys, rotate)
     return [per_type[layer.attention_type] for layer in layers]
 
 
@@ -314,6 +315,14 @@ def _attend(sa: nn.Module, q: nn.Linear, k: nn.Linear, v: nn.Linear, x: torch.Te
     return ctx, x
 
 
+def _headless(attention: nn.Module, x: torch.Tensor, batch: _Batch, last: bool
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A physically pruned layer with no heads left (pruned_modeling's stand-in that projects its own output):
+    (residual, its output projection's bias) — with `last`, for each sentence's CLS only."""
+    x = x.index_select(0, batch.starts) if last else x
+    return x, attention(x)[0]
+
+
 def _bert_layer(layer: nn.Module, adapter, x: torch.Tensor, batch: _Batch, last: bool, bias=None) -> torch.Tensor:
     sa = adapter.get(layer, "attn_self")
     if not hasattr(sa, "query"):  # a physically pruned layer with no heads left: empty context
@@ -328,9 +337,8 @@ def _bert_layer(layer: nn.Module, adapter, x: torch.Tensor, batch: _Batch, last:
 def _distilbert_layer(layer: nn.Module, adapter, x: torch.Tensor, batch: _Batch, last: bool, bias=None
                       ) -> torch.Tensor:
     att = layer.attention
-    if not hasattr(att, "q_lin"):  # a physically pruned layer with no heads left: its output projection's bias
-        x = x.index_select(0, batch.starts) if last else x
-        out = att(x)[0]
+    if not hasattr(att, "q_lin"):
+        x, out = _headless(att, x, batch, last)
     else:
         ctx, x = _attend(att, att.q_lin, att.k_lin, att.v_lin, x, batch, last)
         out = att.out_lin(ctx)
@@ -341,9 +349,8 @@ def _distilbert_layer(layer: nn.Module, adapter, x: torch.Tensor, batch: _Batch,
 def _mpnet_layer(layer: nn.Module, adapter, x: torch.Tensor, batch: _Batch, last: bool, bias: torch.Tensor
                  ) -> torch.Tensor:
     sa = layer.attention.attn
-    if not hasattr(sa, "q"):  # a physically pruned layer with no heads left: its output projection's bias
-        x = x.index_select(0, batch.starts) if last else x
-        out = sa(x)[0]
+    if not hasattr(sa, "q"):
+        x, out = _headless(sa, x, batch, last)
     else:
         ctx, x = _attend(sa, sa.q, sa.k, sa.v, x, batch, last, bias)
         out = sa.o(ctx)
@@ -353,16 +360,15 @@ def _mpnet_layer(layer: nn.Module, adapter, x: torch.Tensor, batch: _Batch, last
 
 def _modernbert_layer(layer: nn.Module, adapter, x: torch.Tensor, batch: _Batch, last: bool, rope: tuple
                       ) -> torch.Tensor:
-    cos, sin, keys = rope
+    cos, sin, keys, rotate = rope
     attn = layer.attn
-    if not hasattr(attn, "Wqkv"):  # a physically pruned layer with no heads left: its output projection's bias
-        x = x.index_select(0, batch.starts) if last else x
-        out = attn(x)[0]
+    if not hasattr(attn, "Wqkv"):
+        x, out = _headless(attn, x, batch, last)
     else:
         d = attn.head_dim
         nh = attn.Wqkv.out_features // (3 * d)
         q, k, v = attn.Wqkv(layer.attn_norm(x)).view(-1, 3, nh, d).unbind(1)  # (N, nh, d) each
-        q, k = _rotary(layer)(q, k, cos, sin, unsqueeze_dim=1)
+        q, k = rotate(q, k, cos, sin, unsqueeze_dim=1)
         if last:
             q, x = q.index_select(0, batch.starts), x.index_select(0, batch.starts)
         ctx = _sdpa(q.flatten(1), k.flatten(1), v.flatten(1), d, batch, last, keys, d ** -0.5,

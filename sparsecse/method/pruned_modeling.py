@@ -150,6 +150,8 @@ def _runs_padding_free(model, family, input_ids, attention_mask, args, kwargs) -
     2-D mask, nothing else asked for, not being traced or exported, and a model packed.py recognises."""
     if not getattr(model, "padding_free", False) or args or input_ids is None or attention_mask is None:
         return False
+    if torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
+        return False  # first: a graph export must not branch on the values below
     if attention_mask.dim() != 2 or attention_mask.shape != input_ids.shape or bool(attention_mask.all()):
         return False
     if any(kwargs.get(k) not in (None, False) for k in _STOCK_ONLY) or set(kwargs) - {*_STOCK_ONLY, "token_type_ids",
@@ -157,8 +159,6 @@ def _runs_padding_free(model, family, input_ids, attention_mask, args, kwargs) -
         return False
     types = kwargs.get("token_type_ids")
     if types is not None and bool(types.any()):
-        return False
-    if torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
         return False
     if not hasattr(model, "_padding_free_why_not"):  # the modules' structure, checked once
         model._padding_free_why_not = why_not(model, ADAPTERS[family])

@@ -232,19 +232,11 @@ def _torch_export(model, tokenizer, names: list[str], path: Path) -> None:
     sample = tokenizer(["a short one", "a longer sentence, so that the batch is padded"], padding=True,
                        return_tensors="pt")
     dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")}
-    padding_free = getattr(model, "padding_free", None)  # a pruned model's padding-free forward: not for a graph
-    if padding_free is not None:
-        model.padding_free = False
-    try:
-        with warnings.catch_warnings(), torch.no_grad(), _quiet_logs():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(_LastHidden(model), tuple(sample[n] for n in names), str(path), dynamo=True,
-                              external_data=False, opset_version=OPSET, input_names=names,
-                              output_names=["last_hidden_state"], dynamic_shapes=tuple(dims for _ in names),
-                              verbose=False)
-    finally:
-        if padding_free is not None:
-            model.padding_free = padding_free
+    with warnings.catch_warnings(), torch.no_grad(), _quiet_logs():  # (a pruned model exports its stock forward)
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_LastHidden(model), tuple(sample[n] for n in names), str(path), dynamo=True,
+                          external_data=False, opset_version=OPSET, input_names=names,
+                          output_names=["last_hidden_state"], dynamic_shapes=tuple(dims for _ in names), verbose=False)
 
 
 def measure(model_dir: str | Path, files: list[str], sentences: list[str] | None = None, data_dir: Path | None = None,

@@ -18,8 +18,8 @@ nodes the optimizer would have produced, with that layer's own head count:
                  embeddings (NonZero of the mask); every projection, FFN and residual + LayerNorm runs on those N
                  rows, and each layer's attention is its q|k|v MatMul on them, scattered into the padded
                  (B, T, ·) layout for MultiHeadAttention and gathered back; `last_hidden_state` is zero at padded
-                 positions. ONNX Runtime removes padding itself only on CUDA: on CPU this is 1.27–1.44× faster in
-                 fp32 and 1.11–1.18× in int8 (BENCHMARKS row 3e).
+                 positions. ONNX Runtime removes padding itself only on CUDA: on CPU this is 1.09–1.43× faster in
+                 fp32 and 1.07–1.29× in int8 than the padded graph (BENCHMARKS row 3e).
 
 A layer pruned to no heads (no neurons) keeps only its output projection's bias, exactly as the masked layer does.
 ONNX Runtime's dynamic quantiser turns Attention into QAttention and MatMul into integer matmuls (int8 file).
@@ -202,6 +202,7 @@ class _Packing:
         self.idx = g.op("Squeeze", [found, g.const("axes", np.array([0], np.int64))])
         self.idx2 = g.op("Transpose", [found], perm=[1, 0])
         self.slots, self.shape = g.op("Shape", [flat]), g.op("Shape", ["input_ids"])  # [B·T], [B, T]
+        self._unpacking: dict[int, tuple[str, str]] = {}  # width -> (zeros (B·T, width), shape [B, T, width])
 
     def pack(self, g: _Graph, t: str, width: int) -> str:
         """(B, T, width) -> (N, width): the real tokens' rows."""
@@ -210,9 +211,12 @@ class _Packing:
 
     def unpack(self, g: _Graph, t: str, width: int) -> str:
         """(N, width) -> (B, T, width), zeros at the padding."""
-        w = g.const("width", np.array([width], np.int64))
-        zeros = g.op("ConstantOfShape", [g.op("Concat", [self.slots, w], axis=0)])
-        return g.op("Reshape", [g.op("ScatterND", [zeros, self.idx2, t]), g.op("Concat", [self.shape, w], axis=0)])
+        if width not in self._unpacking:  # once per width: layers of equal head counts share them
+            w = g.const("width", np.array([width], np.int64))
+            self._unpacking[width] = (g.op("ConstantOfShape", [g.op("Concat", [self.slots, w], axis=0)]),
+                                      g.op("Concat", [self.shape, w], axis=0))
+        zeros, shape = self._unpacking[width]
+        return g.op("Reshape", [g.op("ScatterND", [zeros, self.idx2, t]), shape])
 
 
 @dataclass(frozen=True)
